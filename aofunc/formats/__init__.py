@@ -1,0 +1,1 @@
+"""aofunc.formats."""
