@@ -1,1 +1,24 @@
-"""aofunc."""
+"""aofunc: quantization and sparsity for PyTorch as pure functions over parameter trees.
+
+    params  = dict(model.named_parameters())
+    qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(r".*\\.weight", aofunc.Int4WeightOnly(128))]))
+    y       = torch.func.functional_call(model, qparams, (x,))
+"""
+from aofunc import ops as _ops  # noqa: F401  (registers the torch functions a QTensor answers)
+from aofunc.apply import apply
+from aofunc.capture import capture_inputs, record_shapes
+from aofunc.formats import NF4, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, QTensor, Scheme
+from aofunc.io import load, save
+from aofunc.ops import qlinear
+from aofunc.primitives import sqnr
+from aofunc.quantize import dequantize, quantize
+from aofunc.spec import Rule, Spec, SpecReport, SpecWarning
+from aofunc.tree import size_in_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NF4", "Int4WeightOnly", "Int8Dynamic", "Int8DynamicInt4", "Int8WeightOnly", "QTensor", "Rule", "Scheme",
+    "Spec", "SpecReport", "SpecWarning", "apply", "capture_inputs", "dequantize", "load", "qlinear", "quantize",
+    "record_shapes", "save", "size_in_bytes", "sqnr",
+]

@@ -1,0 +1,43 @@
+"""int4 weight-only (W4A16), asymmetric groups along K in the tinygemm convention."""
+from __future__ import annotations
+
+import torch
+
+from aofunc import primitives as P
+from aofunc.formats.scheme import Scheme, check_group_size, register_scheme
+
+
+def padded_k(k: int, group_size: int) -> int:
+    return -(-k // group_size) * group_size
+
+
+@register_scheme
+class Int4WeightOnly(Scheme):
+    """w ≈ (q - 8) * scale + zero per group of `group_size` along K.
+
+    qdata uint8 [N, Kp/2] (codes 0..15, first in the high nibble), scale and zero [N, Kp/g] in the weight's dtype,
+    Kp = K zero-padded to a multiple of the group.
+    """
+
+    group_size: int = 128
+    float_names = ("scale", "zero")
+
+    def __post_init__(self):
+        check_group_size(self, self.group_size)
+
+    def quantize(self, w):
+        q, scale, zero = P.quantize_int4_asymmetric(w, self.group_size)
+        return {"qdata": P.pack_uint4(q), "scale": scale, "zero": zero}
+
+    def dequantize(self, tensors, n, k, dtype):
+        q = P.unpack_uint4(tensors["qdata"])
+        return P.dequantize_int4_asymmetric(q, tensors["scale"], tensors["zero"], k, dtype)
+
+    def rows(self, tensors, index, n, k, dtype):
+        picked = {name: t[index.reshape(-1)] for name, t in tensors.items()}
+        return self.dequantize(picked, index.numel(), k, dtype).reshape(*index.shape, k)
+
+    def stored(self, n, k, dtype):
+        kp = padded_k(k, self.group_size)
+        groups = kp // self.group_size
+        return {"qdata": ((n, kp // 2), torch.uint8), "scale": ((n, groups), dtype), "zero": ((n, groups), dtype)}

@@ -1,0 +1,67 @@
+"""What every quantization scheme provides, and the registry that names them in files."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+SCHEMES: dict[str, type] = {}
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def register_scheme(cls):
+    """Class decorator: a frozen, hashable scheme that files can name by its class name."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    SCHEMES[cls.__name__] = cls
+    return cls
+
+
+def check_group_size(scheme, group_size) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"{type(scheme).__name__}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+
+
+class Scheme:
+    """A quantized weight format for a 2-D weight in canonical orientation [N, K] (N outputs, K inputs).
+
+    Subclasses are frozen dataclasses registered with `register_scheme`; they turn a float [N, K] weight into
+    named tensors and back, and say which stored tensors they hold.
+    """
+
+    #: stored tensors that follow the logical dtype on `.to(dtype)`
+    float_names: ClassVar[tuple[str, ...]] = ()
+    #: stored tensors a weight may carry or not
+    optional_names: ClassVar[tuple[str, ...]] = ()
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stored(self, n: int, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{tensor name: (shape, dtype)} of what a [N, K] weight of this dtype stores, optional names included."""
+        raise NotImplementedError
+
+    def bits_per_weight(self, n: int, k: int, dtype: torch.dtype) -> float:
+        size = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() * 8
+                   for name, (shape, dt) in self.stored(n, k, dtype).items() if name not in self.optional_names)
+        return size / (n * k)
+
+    def rows(self, tensors: dict[str, torch.Tensor], index: torch.Tensor, n: int, k: int,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows w[index] (for embeddings); formats laid out by row gather before dequantizing."""
+        return self.dequantize(tensors, n, k, dtype)[index]
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+
+def scheme_from_dict(d: dict) -> Scheme:
+    """The scheme a file's metadata names: {"type": class name, **fields}."""
+    if not isinstance(d, dict) or d.get("type") not in SCHEMES:
+        raise ValueError(f"unknown scheme {d!r}; known: {sorted(SCHEMES)}")
+    fields = {key: value for key, value in d.items() if key != "type"}
+    return SCHEMES[d["type"]](**fields)

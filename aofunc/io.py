@@ -1,0 +1,151 @@
+"""save and load: quantized params trees in safetensors with a JSON description, no pickle."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aofunc.formats import QTensor, scheme_from_dict
+from aofunc.formats.qtensor import canonical_shape
+from aofunc.tree import check_params
+
+FILE_VERSION = 1
+HEADER_KEY = "aofunc"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"load: {where}: {name!r} is not a floating point dtype")
+    return dtype
+
+
+def _own_storage(t: torch.Tensor, seen: set) -> torch.Tensor:
+    """A contiguous CPU copy safetensors accepts: tensors sharing memory with another one are cloned."""
+    t = t.detach().cpu().contiguous()
+    key = (t.untyped_storage().data_ptr(), t.storage_offset())
+    if t.numel() and key in seen:
+        t = t.clone()
+    seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+    return t
+
+
+def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a (quantized) params tree to a safetensors file: tensor "{name}.{stored name}" for each QTensor,
+    plain tensors under their own name, and the description of each QTensor in the header's "aofunc" entry.
+    The file appears whole or not at all (written to a temporary file, then renamed)."""
+    check_params(qparams, "qparams")
+    tensors, described, seen = {}, {}, set()
+    quantized = {name for name, t in qparams.items() if isinstance(t, QTensor)}
+    for name, t in qparams.items():
+        if isinstance(t, QTensor):
+            described[name] = {"scheme": t.scheme.to_dict(), "shape": list(t.shape),
+                               "dtype": _dtype_name(t.dtype), "transposed": t.transposed}
+            for stored_name, stored in t.tensors.items():
+                tensors[f"{name}.{stored_name}"] = _own_storage(stored, seen)
+        else:
+            owner = next((q for q in quantized if name.startswith(q + ".")), None)
+            if owner is not None:
+                raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r}")
+            tensors[name] = _own_storage(t, seen)
+    header = {HEADER_KEY: json.dumps({"version": FILE_VERSION, "params": described})}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".aofunc-", suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_description(f, path) -> dict:
+    metadata = f.metadata() or {}
+    if HEADER_KEY not in metadata:
+        raise ValueError(f"load: {path} has no {HEADER_KEY!r} header entry; it was not written by aofunc.save")
+    try:
+        description = json.loads(metadata[HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load: {path}: the {HEADER_KEY!r} header entry is not valid JSON ({e})") from None
+    if not isinstance(description, dict) or not isinstance(description.get("params"), dict):
+        raise ValueError(f"load: {path}: the {HEADER_KEY!r} header entry has no 'params' table")
+    version = description.get("version")
+    if version != FILE_VERSION:
+        raise ValueError(f"load: {path} is file version {version!r}; this aofunc reads version {FILE_VERSION}")
+    return description["params"]
+
+
+def _check_entry(name, entry, keys: set, f) -> tuple:
+    """Validate one QTensor's description and stored tensors against each other; returns its parts."""
+    if not isinstance(entry, dict) or not {"scheme", "shape", "dtype"} <= set(entry):
+        raise ValueError(f"load: {name!r}: its description needs scheme, shape and dtype, got {entry!r}")
+    try:
+        scheme = scheme_from_dict(entry["scheme"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load: {name!r}: {e}") from None
+    shape = entry["shape"]
+    transposed = bool(entry.get("transposed", False))
+    if not isinstance(shape, list) or len(shape) not in (2, 4) or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"load: {name!r}: shape {shape!r} is not a 2-D or 4-D shape of positive ints")
+    dtype = _dtype_from_name(entry["dtype"], repr(name))
+    n, k = canonical_shape(tuple(shape), transposed)
+    expected = scheme.stored(n, k, dtype)
+    for stored_name, (stored_shape, stored_dtype) in expected.items():
+        key = f"{name}.{stored_name}"
+        if key not in keys:
+            if stored_name in scheme.optional_names:
+                continue
+            raise ValueError(f"load: {name!r}: the stored tensor {key!r} is missing")
+        found = f.get_slice(key)
+        found_shape, found_dtype = tuple(found.get_shape()), found.get_dtype()
+        if found_shape != tuple(stored_shape) or found_dtype != _safetensors_dtype(stored_dtype):
+            raise ValueError(f"load: {name!r}: {key!r} is {found_dtype}{list(found_shape)}, expected "
+                             f"{_safetensors_dtype(stored_dtype)}{list(stored_shape)} for {scheme} of shape {shape}")
+    extra = sorted(key for key in keys if key.startswith(name + ".") and key[len(name) + 1:] not in expected)
+    if extra:
+        raise ValueError(f"load: {name!r}: unexpected stored tensors {extra}")
+    return scheme, shape, dtype, transposed, [s for s in expected if f"{name}.{s}" in keys]
+
+
+_SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int32: "I32", torch.float64: "F64"}
+
+
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    return _SAFETENSORS_DTYPES.get(dtype, str(dtype))
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Read a file written by `save` onto `device` (default CPU). Every entry is checked against the header
+    (names, dtypes, shapes) before anything is built; a mismatch is refused naming the parameter."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load: no file at {path}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        f = safe_open(path, framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise ValueError(f"load: {path} is not a readable safetensors file ({e})") from None
+    with f:
+        keys = set(f.keys())
+        description = _read_description(f, path)
+        parts = {name: _check_entry(name, entry, keys, f) for name, entry in description.items()}
+        claimed = {f"{name}.{s}" for name, part in parts.items() for s in part[4]}
+        out: dict[str, torch.Tensor] = {}
+        for name, (scheme, shape, dtype, transposed, stored_names) in parts.items():
+            tensors = {s: f.get_tensor(f"{name}.{s}") for s in stored_names}
+            out[name] = QTensor(scheme, tensors, shape, dtype, transposed)
+        for key in sorted(keys - claimed):
+            out[key] = f.get_tensor(key)
+    return out

@@ -1,0 +1,204 @@
+"""qlinear, the pure quantized linear op, and the torch functions a QTensor answers through it."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
+
+from aofunc import primitives as P
+from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
+from aofunc.formats.qtensor import implements
+
+
+def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias with W quantized: any leading batch dims, fp32/fp16/bf16 x, CPU or CUDA.
+
+    Example:
+        >>> w = aofunc.quantize({"w": torch.randn(64, 128)}, aofunc.Spec([aofunc.Rule("w", aofunc.Int8WeightOnly())]))["w"]
+        >>> aofunc.qlinear(torch.randn(2, 5, 128), w).shape
+        torch.Size([2, 5, 64])
+    """
+    if not isinstance(w, QTensor):
+        raise TypeError(f"qlinear: w must be an aofunc.QTensor, got {type(w).__name__}")
+    n, k = w.nk
+    if not x.is_floating_point():
+        raise TypeError(f"qlinear: x must be a floating point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"qlinear: x's last dimension must be the weight's input features {k}, "
+                         f"got x of shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"qlinear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"qlinear: x is on {x.device} but the weight is on {w.device}")
+    x2d = x.reshape(-1, k)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    y = LINEAR[type(w.scheme)](x2d, w, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------- per format
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+def _dequantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = w.nk
+    return F.linear(x, w.scheme.dequantize(w.tensors, n, k, x.dtype), bias)
+
+
+def _int8_weight_only(x, w, bias):
+    if x.device.type == "cpu":
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.qdata, w.scale.to(x.dtype))
+        return _add_bias(y, bias)
+    return _dequantized_linear(x, w, bias)
+
+
+def _int8_dynamic(x, w, bias):
+    dtype = x.dtype
+    if "act_scale" in w.tensors:
+        x = x.float() / w.act_scale.float()
+    xq, sx = P.quantize_per_token_symmetric_int8(x)
+    acc = torch._int_mm(xq, w.qdata.t()) if x.device.type == "cpu" else _exact_int8_matmul(xq, w.qdata)
+    # int32 times both scales in fp32, so fp16 outputs cannot overflow before the cast
+    y = acc.float() * sx[:, None] * w.scale.float()
+    return _add_bias(y.to(dtype), bias)
+
+
+def _exact_int8_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """int32(a @ b.T) for int8 a [M, K], b [N, K]: fp32 sums of at most 1024 int8 products are exact."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    for start in range(0, a.shape[1], chunk):
+        part = a[:, start:start + chunk].float() @ b[:, start:start + chunk].float().t()
+        out += part.to(torch.int32)
+    return out
+
+
+_CPU_INT4_PACKED: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def _cpu_int4_packed(w: QTensor) -> torch.Tensor:
+    """tinygemm's CPU packing of the codes, derived on first use and cached per stored tensor (never saved)."""
+    cached = None if torch.compiler.is_compiling() else _CPU_INT4_PACKED.get(w.qdata)
+    if cached is None:
+        codes = P.unpack_uint4(w.qdata).to(torch.int32)
+        cached = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        if not torch.compiler.is_compiling():
+            _CPU_INT4_PACKED[w.qdata] = cached
+    return cached
+
+
+def _int4_weight_only(x, w, bias):
+    n, k = w.nk
+    if x.device.type == "cpu" and n % 16 == 0:
+        kp = w.qdata.shape[1] * 2
+        scales_and_zeros = torch.stack((w.scale.t(), w.zero.t()), dim=-1).to(x.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            P.pad_to_multiple(x, kp).contiguous(), _cpu_int4_packed(w), w.scheme.group_size, scales_and_zeros)
+        return _add_bias(y, bias)
+    return _dequantized_linear(x, w, bias)
+
+
+def _int8_dynamic_int4(x, w, bias):
+    n, k = w.nk
+    xq, sx, zp = P.quantize_per_token_asymmetric_int8(x)
+    x_dq = (xq.float() - zp[:, None].float()) * sx[:, None]
+    y = F.linear(x_dq, w.scheme.dequantize(w.tensors, n, k, torch.float32))
+    return _add_bias(y.to(x.dtype), bias)
+
+
+def _nf4(x, w, bias):
+    return _dequantized_linear(x, w, bias)
+
+
+LINEAR = {
+    Int8WeightOnly: _int8_weight_only,
+    Int8Dynamic: _int8_dynamic,
+    Int4WeightOnly: _int4_weight_only,
+    Int8DynamicInt4: _int8_dynamic_int4,
+    NF4: _nf4,
+}
+
+
+# ---------------------------------------------------------------------------------------------- torch functions
+
+def _dequantized_call(func, *args, **kwargs):
+    """The correct answer for any use a fast path does not cover: run func on the dequantized weights."""
+    args, kwargs = tree_map_only(QTensor, lambda t: t.dequantize(), (args, kwargs))
+    return func(*args, **kwargs)
+
+
+def _is_linear_weight(w, transposed: bool) -> bool:
+    return isinstance(w, QTensor) and w.dim() == 2 and w.transposed == transposed
+
+
+@implements(F.linear)
+def _linear(input, weight, bias=None):
+    if _is_linear_weight(weight, False) and not isinstance(input, QTensor) and not isinstance(bias, QTensor):
+        return qlinear(input, weight, bias)
+    return _dequantized_call(F.linear, input, weight, bias)
+
+
+@implements(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+def _matmul(input, other, *, out=None):
+    if out is None and _is_linear_weight(other, True) and not isinstance(input, QTensor) and input.dim() >= 1:
+        return qlinear(input, other)
+    return _dequantized_call(torch.matmul, input, other, out=out)
+
+
+@implements(torch.mm, torch.Tensor.mm)
+def _mm(input, mat2, *, out=None):
+    if out is None and _is_linear_weight(mat2, True) and not isinstance(input, QTensor):
+        return qlinear(input, mat2)
+    return _dequantized_call(torch.mm, input, mat2, out=out)
+
+
+@implements(torch.addmm, torch.Tensor.addmm)
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    plain = not isinstance(input, QTensor) and not isinstance(mat1, QTensor)
+    if out is None and beta == 1 and alpha == 1 and plain and _is_linear_weight(mat2, True) and input.dim() <= 1:
+        return qlinear(mat1, mat2, input if input.dim() == 1 else input.expand(mat2.shape[1]))
+    return _dequantized_call(torch.addmm, input, mat1, mat2, beta=beta, alpha=alpha, out=out)
+
+
+def is_pointwise_conv(input, weight, groups=1) -> bool:
+    """A 1x1, ungrouped conv2d over a (C, H, W) or (B, C, H, W) input: a linear over the channels."""
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1)
+            and groups == 1 and isinstance(input, torch.Tensor) and input.dim() in (3, 4))
+
+
+def pointwise_conv_input(input, stride=1, padding=0) -> torch.Tensor:
+    """The channels-last pixels a 1x1 conv2d reads: padded with zeros, subsampled by the stride."""
+    if isinstance(padding, str):
+        ph = pw = 0  # "valid" and "same" both mean no padding for a 1x1 kernel
+    else:
+        ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    x = F.pad(input, (pw, pw, ph, ph)) if ph or pw else input
+    return x[..., ::sh, ::sw].movedim(-3, -1)
+
+
+@implements(F.conv2d)
+def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    if isinstance(input, QTensor) or not is_pointwise_conv(input, weight, groups):
+        return _dequantized_call(F.conv2d, input, weight, bias, stride, padding, dilation, groups)
+    return qlinear(pointwise_conv_input(input, stride, padding), weight, bias).movedim(-1, -3)
+
+
+@implements(F.embedding)
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+               sparse=False):
+    if isinstance(weight, QTensor) and weight.dim() == 2 and not weight.transposed and max_norm is None \
+            and not isinstance(input, QTensor):
+        n, k = weight.nk
+        return weight.scheme.rows(weight.tensors, input, n, k, weight.dtype)
+    return _dequantized_call(F.embedding, input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                             sparse)
+
+
+@implements(torch.embedding)
+def _torch_embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    return _embedding(indices, weight)
