@@ -6,6 +6,8 @@
 """
 from aofunc import ops as _ops  # noqa: F401  (registers the torch functions a QTensor answers)
 from aofunc.apply import apply
+from aofunc.calibrate import *  # noqa: F401,F403  (its __all__ lists the calibrated transforms)
+from aofunc.calibrate import __all__ as _calibrate_all
 from aofunc.capture import capture_inputs, record_shapes
 from aofunc.formats import NF4, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, QTensor, Scheme
 from aofunc.io import load, save
@@ -21,4 +23,4 @@ __all__ = [
     "NF4", "Int4WeightOnly", "Int8Dynamic", "Int8DynamicInt4", "Int8WeightOnly", "QTensor", "Rule", "Scheme",
     "Spec", "SpecReport", "SpecWarning", "apply", "capture_inputs", "dequantize", "load", "qlinear", "quantize",
     "record_shapes", "save", "size_in_bytes", "sqnr",
-]
+] + list(_calibrate_all)
