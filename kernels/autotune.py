@@ -1,0 +1,259 @@
+"""Launch configurations for Triton kernels: shipped defaults, an on-disk cache, and a search run only when asked.
+
+A configuration is a plain dict of launch meta-parameters (block sizes, ``num_warps``, ``num_stages``) that a
+launcher passes straight to ``kernel[grid](..., **config)``. It is keyed on
+``(kernel name, M bucket, N, K, dtypes, device name)``, M rounded up to a power of two.
+
+``choose`` answers, in order: a winner found earlier in this process or stored in the user cache file, a
+winner shipped with the package for this card (``kernels/configs/<device-slug>.json``), a new search when
+tuning is on (``with tune():`` or ``AOFUNC_AUTOTUNE=1``), and otherwise the launcher's default. A search
+checks every candidate against the reference twin before timing it and stores the fastest correct one in the
+user cache (``$AOFUNC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/aofunc/kernels.json``, else
+``~/.cache/aofunc/kernels.json``).
+
+Example::
+
+    key = config_key("w4a16", m, n, k, (x.dtype, scale.dtype), x.device)
+    config = choose(key, default={"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                    candidates=lambda: [...], run=lambda c: launch(c), reference=lambda: twin(), tolerance=1e-2)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+
+import torch
+
+Config = dict  # meta-parameter name -> int (or bool), as passed to a Triton launch
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigKey(NamedTuple):
+    """The identity of one tuning problem; ``str(key)`` (device excluded) names it inside a device's table."""
+
+    kernel: str
+    m_bucket: int
+    n: int
+    k: int
+    dtypes: tuple
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.kernel}|m={self.m_bucket}|n={self.n}|k={self.k}|{','.join(self.dtypes)}"
+
+
+class Trial(NamedTuple):
+    """One candidate of a search: its median time in microseconds, or None with the reason it was rejected."""
+
+    config: Config
+    us: Optional[float]
+    reason: str
+
+
+def m_bucket(m: int) -> int:
+    """The smallest power of two ``>= m``: rows of the activation share a configuration within a bucket."""
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    return 1 << (m - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device) -> str:
+    """The card's marketing name for a CUDA device (``"NVIDIA H100 80GB HBM3"``), the device type otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_slug(name: str) -> str:
+    """The file-name form of a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def config_key(kernel: str, m: int, n: int, k: int, dtypes: Iterable, device) -> ConfigKey:
+    """The key of a launch: kernel name, M bucket, N, K, operand dtypes, and the device (a torch.device or a name)."""
+    name = device_name(device) if isinstance(device, torch.device) else str(device)
+    return ConfigKey(kernel, m_bucket(m), int(n), int(k), tuple(_dtype_name(d) for d in dtypes), name)
+
+
+def cache_path() -> Path:
+    """The user cache file: ``$AOFUNC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/aofunc/kernels.json``, else ``~/.cache``."""
+    explicit = os.environ.get("AOFUNC_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "aofunc" / "kernels.json"
+
+
+def shipped_path(device: str) -> Path:
+    """The file of tuned configurations shipped for a device name."""
+    return SHIPPED_DIR / f"{device_slug(device)}.json"
+
+
+def read_table(path: Path) -> dict:
+    """``{device name: {str(key): config}}`` from a cache or shipped file; empty if the file does not exist."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    if data.get("version") != FORMAT_VERSION or not isinstance(data.get("configs"), dict):
+        raise ValueError(f"{path}: not an aofunc kernel configuration file of version {FORMAT_VERSION}")
+    return data["configs"]
+
+
+def write_table(path: Path, table: dict) -> None:
+    """Write ``{device name: {str(key): config}}`` atomically (a temporary file renamed over the target)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"version": FORMAT_VERSION, "configs": table}, indent=1, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+# Winners known in this process, keyed by ConfigKey; filled from the files lazily, one device at a time.
+_known: dict = {}
+_loaded_devices: set = set()
+_tuning: list = []  # stack of (enabled, retune) set by `tune()`
+
+
+def _load_device(device: str) -> None:
+    if device in _loaded_devices:
+        return
+    _loaded_devices.add(device)
+    for path in (shipped_path(device), cache_path()):  # the user cache overrides shipped entries
+        for text, config in read_table(path).get(device, {}).items():
+            _known[(device, text)] = config
+
+
+def lookup(key: ConfigKey) -> Optional[Config]:
+    """The stored winner for ``key`` (this process, the user cache, or shipped for the card), or None."""
+    _load_device(key.device)
+    return _known.get((key.device, str(key)))
+
+
+def store(key: ConfigKey, config: Config) -> None:
+    """Remember ``config`` for ``key`` in this process and in the user cache file."""
+    _load_device(key.device)
+    _known[(key.device, str(key))] = dict(config)
+    path = cache_path()
+    table = read_table(path)
+    table.setdefault(key.device, {})[str(key)] = dict(config)
+    write_table(path, table)
+
+
+def forget() -> None:
+    """Drop what this process has read or found, so the next ``lookup`` reads the files again."""
+    _known.clear()
+    _loaded_devices.clear()
+
+
+@contextlib.contextmanager
+def tune(enabled: bool = True, *, retune: bool = False) -> Iterator[None]:
+    """Within the block, launches on a key without a stored winner search for one (``retune``: every key)."""
+    _tuning.append((enabled, retune))
+    try:
+        yield
+    finally:
+        _tuning.pop()
+
+
+def tuning_enabled() -> bool:
+    """True inside ``tune()``, else when the environment variable ``AOFUNC_AUTOTUNE`` is ``1``."""
+    if _tuning:
+        return _tuning[-1][0]
+    return os.environ.get("AOFUNC_AUTOTUNE", "0") == "1"
+
+
+def _retuning() -> bool:
+    return bool(_tuning) and _tuning[-1][0] and _tuning[-1][1]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (infinite when ``out`` has a non-finite element ``ref`` lacks)."""
+    out64, ref64 = out.double(), ref.double()
+    if not torch.isfinite(out64).all() and torch.isfinite(ref64).all():
+        return float("inf")
+    return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300))
+
+
+def median_us(fn: Callable[[], object]) -> float:
+    """Median time of ``fn`` in microseconds on the current CUDA device, L2 flushed between runs."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def search(
+    candidates: Iterable[Config],
+    run: Callable[[Config], torch.Tensor],
+    reference: torch.Tensor,
+    tolerance: float,
+    timer: Optional[Callable[[Callable[[], object]], float]] = None,
+) -> tuple[Optional[Config], list[Trial]]:
+    """The fastest candidate whose output is within ``tolerance`` (relative error) of ``reference``, and all trials.
+
+    A candidate that fails to compile or launch (too much shared memory, too many registers) is rejected,
+    as is one whose output differs; the first winner is returned when none beats it. ``(None, trials)``
+    when every candidate was rejected. ``timer`` defaults to ``median_us``.
+    """
+    timer = timer or median_us
+    trials = []
+    for config in candidates:
+        try:
+            out = run(config)
+        except Exception as error:  # a candidate that does not compile or launch on this card is skipped
+            trials.append(Trial(dict(config), None, f"{type(error).__name__}: {error}"[:200]))
+            continue
+        err = relative_error(out, reference)
+        if not err <= tolerance:
+            trials.append(Trial(dict(config), None, f"relative error {err:.3g} > {tolerance:.3g}"))
+            continue
+        trials.append(Trial(dict(config), timer(lambda: run(config)), "ok"))
+    timed = [t for t in trials if t.us is not None]
+    best = min(timed, key=lambda t: t.us).config if timed else None
+    return best, trials
+
+
+def choose(
+    key: ConfigKey,
+    default: Config,
+    candidates: Callable[[], Iterable[Config]],
+    run: Callable[[Config], torch.Tensor],
+    reference: Callable[[], torch.Tensor],
+    tolerance: float,
+) -> Config:
+    """The configuration to launch ``key`` with: stored winner, else a new search when tuning is on, else default.
+
+    ``candidates``, ``run`` and ``reference`` are only called when a search runs; ``default`` is part of
+    every search, so a stored winner is never slower than the default on the card it was measured on.
+    """
+    if not _retuning():
+        known = lookup(key)
+        if known is not None:
+            return known
+    if not tuning_enabled():
+        return default
+    pool = [dict(default)] + [dict(c) for c in candidates() if dict(c) != dict(default)]
+    best, _ = search(pool, run, reference(), tolerance)
+    if best is None:
+        raise RuntimeError(f"no configuration of {key} matched its reference twin, the default included")
+    store(key, best)
+    return best

@@ -1,0 +1,137 @@
+"""The autotuner: keys, the cache files, and a search that rejects wrong or failing candidates."""
+import json
+
+import pytest
+import torch
+
+from aofunc.kernels import autotune
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AOFUNC_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(autotune, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.delenv("AOFUNC_AUTOTUNE", raising=False)
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+def test_m_bucket_is_next_power_of_two():
+    assert [autotune.m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 2048, 2049)] == [1, 2, 4, 4, 8, 16, 32, 2048, 4096]
+    with pytest.raises(ValueError, match="m must be >= 1"):
+        autotune.m_bucket(0)
+
+
+def test_key_buckets_m_and_names_dtypes():
+    key = autotune.config_key("w4a16", 5, 4096, 11008, (torch.bfloat16, torch.float16), "NVIDIA H100 80GB HBM3")
+    assert key == autotune.ConfigKey("w4a16", 8, 4096, 11008, ("bfloat16", "float16"), "NVIDIA H100 80GB HBM3")
+    assert str(key) == "w4a16|m=8|n=4096|k=11008|bfloat16,float16"
+    assert autotune.config_key("w4a16", 7, 1, 2, (), torch.device("cpu")).device == "cpu"
+
+
+def test_device_slug():
+    assert autotune.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert autotune.device_slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_cache_path_follows_environment(monkeypatch, tmp_path):
+    assert autotune.cache_path() == tmp_path / "kernels.json"
+    monkeypatch.delenv("AOFUNC_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_path() == tmp_path / "xdg" / "aofunc" / "kernels.json"
+
+
+def test_store_then_lookup_survives_a_new_process(tmp_path):
+    key = autotune.config_key("k", 1, 8, 8, ("float16",), "card")
+    assert autotune.lookup(key) is None
+    autotune.store(key, {"BLOCK": 32, "num_warps": 4})
+    autotune.forget()  # as a fresh process would: only the file remains
+    assert autotune.lookup(key) == {"BLOCK": 32, "num_warps": 4}
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert data == {"version": 1, "configs": {"card": {"k|m=1|n=8|k=8|float16": {"BLOCK": 32, "num_warps": 4}}}}
+
+
+def test_user_cache_overrides_shipped(tmp_path):
+    key = autotune.config_key("k", 3, 8, 8, ("float16",), "Some Card")
+    autotune.write_table(tmp_path / "shipped" / "some-card.json", {"Some Card": {str(key): {"BLOCK": 16}}})
+    assert autotune.lookup(key) == {"BLOCK": 16}
+    autotune.forget()
+    autotune.write_table(tmp_path / "kernels.json", {"Some Card": {str(key): {"BLOCK": 64}}})
+    assert autotune.lookup(key) == {"BLOCK": 64}
+
+
+def test_malformed_file_is_refused(tmp_path):
+    (tmp_path / "kernels.json").write_text(json.dumps({"version": 99, "configs": {}}))
+    with pytest.raises(ValueError, match="version 1"):
+        autotune.lookup(autotune.config_key("k", 1, 1, 1, (), "card"))
+
+
+def _problem():
+    """A fake kernel: BLOCK=1 is wrong, BLOCK=3 raises, others are right; the timer reads TIMES of the last run."""
+    ref = torch.arange(6.0)
+    last = []
+
+    def run(config):
+        last.append(config["BLOCK"])
+        if config["BLOCK"] == 3:
+            raise RuntimeError("out of resources")
+        return ref + (1.0 if config["BLOCK"] == 1 else 0.0)
+
+    return ref, run, lambda fn: (fn(), TIMES[last[-1]])[1]
+
+
+TIMES = {1: 0.1, 2: 2.0, 4: 3.0, 8: 2.0}
+
+
+def test_search_rejects_wrong_and_failing_candidates():
+    ref, run, timer = _problem()
+    best, trials = autotune.search([{"BLOCK": b} for b in (8, 1, 3, 2)], run, ref, tolerance=1e-6, timer=timer)
+    assert [t.us for t in trials] == [2.0, None, None, 2.0]
+    assert trials[1].reason.startswith("relative error")
+    assert trials[2].reason == "RuntimeError: out of resources"
+    assert best == {"BLOCK": 8}  # equal times: the first one wins
+
+
+def test_choose_default_without_tuning_and_search_with_it(monkeypatch):
+    ref, run, timer = _problem()
+    monkeypatch.setattr(autotune, "median_us", timer)
+    key = autotune.config_key("fake", 1, 6, 6, ("float32",), "card")
+    searched = []
+
+    def candidates():
+        searched.append(True)
+        return [{"BLOCK": 1}, {"BLOCK": 2}]
+
+    args = dict(candidates=candidates, run=run, reference=lambda: ref, tolerance=1e-6)
+    assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 4} and not searched  # tuning off: no search
+    with autotune.tune():
+        assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 2}  # BLOCK=1 is faster but wrong
+    assert autotune.lookup(key) == {"BLOCK": 2} and searched == [True]
+    with autotune.tune():
+        assert autotune.choose(key, {"BLOCK": 8}, **args) == {"BLOCK": 2} and searched == [True]  # stored: no search
+    with autotune.tune(retune=True):
+        assert autotune.choose(key, {"BLOCK": 8}, **args) == {"BLOCK": 8}  # ties go to the default, timed first
+    assert autotune.lookup(key) == {"BLOCK": 8}
+
+
+def test_environment_variable_turns_tuning_on(monkeypatch):
+    assert not autotune.tuning_enabled()
+    monkeypatch.setenv("AOFUNC_AUTOTUNE", "1")
+    assert autotune.tuning_enabled()
+    with autotune.tune(False):
+        assert not autotune.tuning_enabled()
+
+
+def test_choose_raises_when_nothing_matches():
+    ref, run, _ = _problem()
+    key = autotune.config_key("fake", 1, 6, 6, ("float32",), "card")
+    with autotune.tune(), pytest.raises(RuntimeError, match="no configuration"):
+        autotune.choose(key, {"BLOCK": 1}, lambda: [{"BLOCK": 3}], run, lambda: ref, 1e-6)
+
+
+def test_relative_error():
+    a = torch.tensor([3.0, 4.0])
+    assert autotune.relative_error(a, a) == 0.0
+    assert autotune.relative_error(a * 1.5, a) == pytest.approx(0.5)
+    assert autotune.relative_error(torch.tensor([float("nan"), 4.0]), a) == float("inf")
