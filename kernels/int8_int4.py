@@ -1,0 +1,342 @@
+"""8da4w: per-token asymmetric int8 activations times symmetric groupwise int4 weights, integer accumulation.
+
+Math (FEATURES.md; per-token statistics in fp32, eps = float32 machine epsilon, round half to even):
+
+    s[m]      = max((max(x[m], 0) - min(x[m], 0)) / 255, eps)
+    zp[m]     = clamp(round(-128 - min(x[m], 0) / s[m]), -128, 127)
+    xq[m, k]  = clamp(round(x[m, k] / s[m]) + zp[m], -128, 127)
+    y[m, n]   = (s[m] * sum_g scale[n, g] * sum_{k in g} (xq[m, k] - zp[m]) * (u[n, k] - 8)).to(x.dtype) + bias[n]
+
+The weight is ``qdata`` uint8 [N, Kp / 2] of nibbles u = q + 8 (first code in the high nibble), Kp = K rounded up
+to the group size g in {32, 64, 128, 256}, and ``scale`` [N, Kp / g]. Inside a group the sum is an exact integer
+(computed as xq . w - zp * sum(w), w = u - 8, on int8 tensor cores); across groups it is fp32.
+
+Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
+``quantize_per_token_asym_int8(x) -> (xq, s, zp)`` and ``int8_int4_linear(x, qdata, scale, group_size, bias)``.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .w8a8 import check_activation, check_vector, round_half_even
+
+GROUP_SIZES = (32, 64, 128, 256)
+EPS = torch.finfo(torch.float32).eps
+MAX_ONE_PASS_BLOCK_K = 16384
+
+
+@triton.jit
+def _asym_qparams(x_min, x_max, EPS_: tl.constexpr):
+    """(s, zp) from a row's min(x, 0) and max(x, 0), in fp32 exactly as the twin rounds them."""
+    s = tl.maximum(tl.div_rn(x_max - x_min, tl.full(x_min.shape, 255.0, tl.float32)), EPS_)
+    zp = round_half_even(-128.0 - tl.div_rn(x_min, s))
+    return s, tl.minimum(tl.maximum(zp, -128.0), 127.0)
+
+
+@triton.jit
+def _asym_quantize(x, s, zp):
+    """clamp(round(x / s) + zp, -128, 127) as int8, with s and zp broadcast to x."""
+    q = round_half_even(tl.div_rn(x, tl.broadcast_to(s, x.shape))) + zp
+    return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _quantize_per_token_asym_int8_kernel(
+    x_ptr, xq_ptr, s_ptr, zp_ptr,
+    K, stride_xm, stride_xk, stride_qm,
+    EPS_: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = xq_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        mask = offs < K
+        x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        s, zp = _asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
+        tl.store(q_row + offs, _asym_quantize(x, s, zp), mask=mask)
+    else:
+        lo = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        hi = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, x)
+            hi = tl.maximum(hi, x)
+        s, zp = _asym_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), EPS_)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + k0 + offs, _asym_quantize(x, s, zp), mask=mask)
+    tl.store(s_ptr + row, s)
+    tl.store(zp_ptr + row, zp.to(tl.int32))
+
+
+@triton.jit
+def _int8_int4_matmul_kernel(
+    a_ptr, sx_ptr, zp_ptr, q_ptr, scale_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_qn, stride_qk, stride_sn, stride_sg, stride_ym, stride_yn,
+    QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, EPS_: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y tile = s_x * sum_g scale_g * (A_g . W_g - zp * sum_k W_g); A is xq, or float x quantized here."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, GROUP)
+    offs_b = tl.arange(0, GROUP // 2)
+    a_rows = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am
+    q_rows = q_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_qn
+    s_rows = scale_ptr + (offs_n % N).to(tl.int64) * stride_sn
+    num_groups = tl.cdiv(K, GROUP)
+
+    if QUANTIZE_A:
+        lo = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+        hi = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+        for g in range(0, num_groups):
+            k_mask = g * GROUP + offs_k < K
+            x = tl.load(a_rows + (g * GROUP + offs_k)[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
+            lo = tl.minimum(lo, x.to(tl.float32))
+            hi = tl.maximum(hi, x.to(tl.float32))
+        sx, zp_f = _asym_qparams(tl.min(lo, axis=1), tl.max(hi, axis=1), EPS_)
+        zp = zp_f.to(tl.int32)
+    else:
+        sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
+        zp = tl.load(zp_ptr + offs_m, mask=mask_m, other=0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, num_groups):
+        k_mask = g * GROUP + offs_k < K
+        a = tl.load(a_rows + (g * GROUP + offs_k)[None, :] * stride_ak, mask=k_mask[None, :], other=0)
+        if QUANTIZE_A:
+            a = _asym_quantize(a.to(tl.float32), sx[:, None], zp_f[:, None])
+        packed = tl.load(q_rows + (g * (GROUP // 2) + offs_b)[None, :] * stride_qk)
+        w = tl.interleave((packed >> 4).to(tl.int8), (packed & 15).to(tl.int8)) - 8
+        w = tl.where(k_mask[None, :], w, 0).to(tl.int8)
+        isum = tl.dot(a, tl.trans(w)) - zp[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]
+        scale = tl.load(s_rows + g * stride_sg).to(tl.float32)
+        acc += isum.to(tl.float32) * scale[None, :]
+
+    y = (acc * sx[:, None]).to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
+
+
+class Int4MatmulConfig(NamedTuple):
+    """Tile and launch parameters of the 8da4w kernel (its K step is one quantization group)."""
+
+    block_m: int
+    block_n: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+class Int4LinearPlan(NamedTuple):
+    """How ``int8_int4_linear`` runs: quantize activations inside the GEMM (``fused``) or in their own kernel."""
+
+    fused: bool
+    config: Int4MatmulConfig
+
+
+INTERPRETER_CONFIG = Int4MatmulConfig(16, 16, 2, 4, 1)
+FUSED_MAX_M = 16
+_CUDA_CONFIGS = (
+    (16, Int4MatmulConfig(16, 32, 1, 4, 4)),
+    (64, Int4MatmulConfig(64, 64, 4, 4, 4)),
+    (128, Int4MatmulConfig(128, 64, 8, 4, 4)),
+)
+_CUDA_LARGE_M_CONFIG = Int4MatmulConfig(128, 128, 8, 8, 3)
+
+
+def int8_int4_plan(m: int, n: int, k: int, group_size: int, device: torch.device) -> Int4LinearPlan:
+    """The path and tile ``int8_int4_linear`` uses for an [m, k] activation and [n, k] weight on ``device``."""
+    if device.type != "cuda":
+        return Int4LinearPlan(False, INTERPRETER_CONFIG)
+    config = _CUDA_LARGE_M_CONFIG
+    for m_max, c in _CUDA_CONFIGS:
+        if m <= m_max:
+            config = c
+            break
+    return Int4LinearPlan(m <= FUSED_MAX_M, config)
+
+
+def _check_quantize_args(x: torch.Tensor) -> None:
+    check_activation("quantize_per_token_asym_int8", x)
+    if x.shape[1] == 0:
+        raise ValueError("quantize_per_token_asym_int8: x must have at least one column")
+
+
+def _check_linear_args(x, qdata, scale, group_size, bias) -> None:
+    op = "int8_int4_linear"
+    check_activation(op, x)
+    m, k = x.shape
+    if k == 0:
+        raise ValueError(f"{op}: x must have at least one column")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size}")
+    groups = -(-k // group_size)
+    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.shape[1] != groups * group_size // 2:
+        raise ValueError(
+            f"{op}: qdata must be uint8 [N, {groups * group_size // 2}] (K={k} padded to the group size, two codes "
+            f"a byte), got {qdata.dtype} {tuple(qdata.shape)}"
+        )
+    if qdata.device != x.device:
+        raise ValueError(f"{op}: qdata is on {qdata.device} but x is on {x.device}")
+    n = qdata.shape[0]
+    if not scale.is_floating_point() or tuple(scale.shape) != (n, groups):
+        raise ValueError(f"{op}: scale must be a float tensor of shape ({n}, {groups}), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if scale.device != x.device:
+        raise ValueError(f"{op}: scale is on {scale.device} but x is on {x.device}")
+    check_vector(op, "bias", bias, n, x)
+
+
+def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s = max((max(x,0) - min(x,0)) / 255, eps), zp = clamp(round(-128 - min(x,0)/s)), xq = clamp(round(x/s) + zp)."""
+    _check_quantize_args(x)
+    xf = x.float()
+    x_min = xf.amin(dim=1).clamp(max=0)
+    x_max = xf.amax(dim=1).clamp(min=0)
+    s = ((x_max - x_min) / 255).clamp(min=EPS)
+    zp = torch.clamp(torch.round(-128 - x_min / s), -128, 127)
+    xq = torch.clamp(torch.round(xf / s[:, None]) + zp[:, None], -128, 127).to(torch.int8)
+    return xq, s, zp.to(torch.int32)
+
+
+def quantize_per_token_asym_int8_triton(
+    x: torch.Tensor, block_k: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``."""
+    _check_quantize_args(x)
+    m, k = x.shape
+    xq = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    s = torch.empty((m,), device=x.device, dtype=torch.float32)
+    zp = torch.empty((m,), device=x.device, dtype=torch.int32)
+    if m == 0:
+        return xq, s, zp
+    block_k = block_k or min(triton.next_power_of_2(k), MAX_ONE_PASS_BLOCK_K)
+    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    _quantize_per_token_asym_int8_kernel[(m,)](
+        x, xq, s, zp, k, x.stride(0), x.stride(1), xq.stride(0),
+        EPS_=EPS, ONE_PASS=block_k >= k, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return xq, s, zp
+
+
+@torch.library.custom_op("aofunc::quantize_per_token_asym_int8", mutates_args=())
+def quantize_per_token_asym_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(xq int8 [M, K], s fp32 [M], zp int32 [M]): per-token asymmetric int8, xq = clamp(round(x/s) + zp)."""
+    return quantize_per_token_asym_int8_ref(x)
+
+
+@quantize_per_token_asym_int8.register_kernel("cuda")
+def _quantize_per_token_asym_int8_cuda(x):
+    return quantize_per_token_asym_int8_triton(x)
+
+
+@quantize_per_token_asym_int8.register_fake
+def _quantize_per_token_asym_int8_fake(x):
+    _check_quantize_args(x)
+    m = x.shape[0]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.int32))
+
+
+def unpack_int4_codes(qdata: torch.Tensor) -> torch.Tensor:
+    """u [N, 2 * B] in 0..15 from uint8 [N, B], the first code of each byte in its high nibble."""
+    return torch.stack((qdata >> 4, qdata & 15), dim=-1).reshape(qdata.shape[0], -1)
+
+
+def int8_int4_linear_ref(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """y = (s_x * sum_g scale_g * sum_{k in g} (xq - zp)(u - 8)).to(x.dtype) + bias, integer inside each group."""
+    _check_linear_args(x, qdata, scale, group_size, bias)
+    m, k = x.shape
+    xq, s, zp = quantize_per_token_asym_int8_ref(x)
+    xi = (xq.to(torch.int32) - zp[:, None]).double()
+    w = (unpack_int4_codes(qdata).to(torch.int32) - 8)[:, :k].double()
+    acc = torch.zeros((m, qdata.shape[0]), device=x.device, dtype=torch.float32)
+    for g, k0 in enumerate(range(0, k, group_size)):
+        # Products are at most 255 * 8 and a group has at most 256 of them: float64 sums are exact integers.
+        isum = xi[:, k0:k0 + group_size] @ w[:, k0:k0 + group_size].t()
+        acc = acc + isum.float() * scale[:, g].float()[None, :]
+    y = (acc * s[:, None]).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def int8_int4_linear_triton(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+    plan: Optional[Int4LinearPlan] = None,
+) -> torch.Tensor:
+    """The twin's y by Triton; ``plan.fused`` quantizes the activations inside the GEMM."""
+    _check_linear_args(x, qdata, scale, group_size, bias)
+    m, k = x.shape
+    n = qdata.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    plan = plan or int8_int4_plan(m, n, k, group_size, x.device)
+    if plan.fused:
+        a, sx, zp = x, y, y
+    else:
+        a, sx, zp = quantize_per_token_asym_int8_triton(x)
+    cfg = plan.config
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _int8_int4_matmul_kernel[grid](
+        a, sx, zp, qdata, scale, bias if bias is not None else scale, y,
+        m, n, k,
+        a.stride(0), a.stride(1), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
+        y.stride(0), y.stride(1),
+        QUANTIZE_A=plan.fused, HAS_BIAS=bias is not None, EPS_=EPS,
+        GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+@torch.library.custom_op("aofunc::int8_int4_linear", mutates_args=())
+def int8_int4_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """8da4w linear: per-token asymmetric int8 x times groupwise int4 weight, integer sums inside groups."""
+    return int8_int4_linear_ref(x, qdata, scale, group_size, bias)
+
+
+@int8_int4_linear.register_kernel("cuda")
+def _int8_int4_linear_cuda(x, qdata, scale, group_size, bias):
+    return int8_int4_linear_triton(x, qdata, scale, group_size, bias)
+
+
+@int8_int4_linear.register_fake
+def _int8_int4_linear_fake(x, qdata, scale, group_size, bias):
+    _check_linear_args(x, qdata, scale, group_size, bias)
+    return x.new_empty((x.shape[0], qdata.shape[0]))

@@ -1,0 +1,209 @@
+"""Integer matrix multiplication that is never silently wrong: int8 [M, K] @ int8 [K, N] -> int32 [M, N].
+
+``int_mm`` is the public op (``torch.ops.aofunc.int_mm``). On CUDA it calls ``torch._int_mm`` only inside the
+constraints under which cuBLAS is known to be exact (M > 16, K and N positive multiples of 8, both operands
+row-major contiguous; cuBLAS has returned wrong integers for transposed operands on some CUDA releases), and
+the Triton kernel below everywhere else (any M, N, K, any strides). On CPU ``torch._int_mm`` is exact for every
+shape and runs there. Results are exact while every |C[m, n]| stays below 2**31, which holds for K <= 131072.
+
+The Triton kernel also serves the W8A8 linear: with per-row and per-column scales it forms
+``(C * row_scale[m] * col_scale[n])`` in fp32, casts to the output dtype and adds a bias, all in the epilogue.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+class MatmulConfig(NamedTuple):
+    """Tile shape and launch parameters of the int8 GEMM kernels."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Shapes under the interpreter are tiny; these blocks keep CPU tests fast and exercise ragged tiles.
+INTERPRETER_CONFIG = MatmulConfig(16, 16, 32, 2, 4, 1)
+
+# Tiles by M bucket for the int8 GEMM on Hopper (measured on H100; see docs/benchmarks.md).
+_CUDA_CONFIGS = (
+    (16, MatmulConfig(16, 32, 256, 1, 4, 4)),
+    (32, MatmulConfig(32, 64, 256, 1, 4, 4)),
+    (64, MatmulConfig(64, 64, 256, 4, 4, 4)),
+    (128, MatmulConfig(128, 64, 128, 8, 4, 4)),
+    (512, MatmulConfig(128, 128, 128, 8, 8, 4)),
+)
+_CUDA_LARGE_M_CONFIG = MatmulConfig(128, 256, 128, 8, 8, 3)
+
+
+def default_matmul_config(m: int, device: torch.device) -> MatmulConfig:
+    """The tile for an M-row int8 GEMM on ``device`` (the interpreter's small tile off CUDA)."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    for m_max, config in _CUDA_CONFIGS:
+        if m <= m_max:
+            return config
+    return _CUDA_LARGE_M_CONFIG
+
+
+@triton.jit
+def _int8_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share each column tile while it sits in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns wrap onto valid ones so the main loop needs no masks; they are never stored.
+    load_m = (offs_m % M).to(tl.int64)
+    load_n = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + load_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + load_n[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SCALED:
+        row_scale = tl.load(row_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        col_scale = tl.load(col_scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = (acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]).to(c_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            y = (y.to(tl.float32) + bias[None, :]).to(c_ptr.dtype.element_ty)
+        tl.store(c_ptrs, y, mask=mask)
+    else:
+        tl.store(c_ptrs, acc, mask=mask)
+
+
+def int8_matmul_triton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    row_scale: Optional[torch.Tensor] = None,
+    col_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.int32,
+    config: Optional[MatmulConfig] = None,
+) -> torch.Tensor:
+    """C = A @ B in int32, or ((A @ B) * row_scale[:, None] * col_scale[None, :]).to(out_dtype) + bias.
+
+    A is int8 [M, K], B int8 [K, N], any strides. With scales the product is formed in fp32, cast to
+    ``out_dtype``, then the bias (cast to fp32) is added and the sum cast again, exactly as the plain-torch
+    expression ``(c.float() * rs[:, None] * cs[None, :]).to(out_dtype) + bias.to(out_dtype)`` rounds.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    scaled = row_scale is not None
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype if scaled else torch.int32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if not scaled else _scaled_zero(out, bias)
+    config = config or default_matmul_config(m, a.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _int8_matmul_kernel[grid](
+        a, b, out,
+        row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out,
+        m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def _scaled_zero(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The scaled product of an empty inner dimension: zero, plus the bias."""
+    out.zero_()
+    return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+def check_int_mm_args(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise a clear error unless ``a`` [M, K] and ``b`` [K, N] are int8 matrices on one device."""
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != torch.int8:
+            raise TypeError(f"int_mm: {name} must be int8, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"int_mm: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"int_mm: a is {tuple(a.shape)} and b is {tuple(b.shape)}: a.shape[1] must equal b.shape[0]")
+    if a.device != b.device:
+        raise ValueError(f"int_mm: a is on {a.device} and b on {b.device}; both must be on one device")
+
+
+def int_mm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """C = A @ B in int32, exact: the integer products summed in float64 (exact while |C| < 2**53)."""
+    check_int_mm_args(a, b)
+    return (a.double() @ b.double()).to(torch.int32)
+
+
+def int_mm_triton(a: torch.Tensor, b: torch.Tensor, config: Optional[MatmulConfig] = None) -> torch.Tensor:
+    """C = A @ B in int32 by the Triton kernel, for any shape and strides."""
+    check_int_mm_args(a, b)
+    return int8_matmul_triton(a, b, config=config)
+
+
+def cublas_int_mm_is_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._int_mm`` on CUDA takes these operands inside the constraints where it is exact."""
+    m, k = a.shape
+    n = b.shape[1]
+    return (
+        m > 16 and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0
+        and a.is_contiguous() and b.is_contiguous()
+    )
+
+
+@torch.library.custom_op("aofunc::int_mm", mutates_args=())
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """C = A @ B, int8 [M, K] @ int8 [K, N] -> int32 [M, N], exact on every device and shape."""
+    check_int_mm_args(a, b)
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    return int_mm_ref(a, b)
+
+
+@int_mm.register_kernel("cuda")
+def _int_mm_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    check_int_mm_args(a, b)
+    if cublas_int_mm_is_exact(a, b):
+        return torch._int_mm(a, b)
+    return int8_matmul_triton(a, b)
+
+
+@int_mm.register_fake
+def _int_mm_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    check_int_mm_args(a, b)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)

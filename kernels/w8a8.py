@@ -1,0 +1,323 @@
+"""W8A8 ("int8 dynamic"): per-token int8 activation quantization and the int8 linear with a fused epilogue.
+
+Math (all per-token statistics in fp32; FEATURES.md). With ``x' = x / act_scale`` when a SmoothQuant
+``act_scale`` [K] is given, else ``x' = x``:
+
+    s[m]     = clamp(max_k |x'[m, k]|, 1e-5) / 127
+    xq[m, k] = clamp(round(x'[m, k] / s[m]), -127, 127)              (round half to even)
+    y[m, n]  = (int32(xq @ q.T)[m, n] * s[m] * scale[n]).to(x.dtype) + bias[n]
+
+Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
+``quantize_per_token_int8(x, act_scale) -> (xq, s)`` and ``w8a8_linear(x, qdata, scale, bias, act_scale) -> y``.
+On CUDA the linear picks its path by M: up to a few rows one kernel quantizes the activation tile by tile inside
+the GEMM (no launch and no round trip for ``xq``); above that a one-pass quantization kernel feeds the int8 GEMM
+whose epilogue applies both scales, the cast and the bias.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .int_mm import MatmulConfig, default_matmul_config, int8_matmul_triton
+
+# Largest row the quantization kernel keeps in registers for its one-pass form.
+MAX_ONE_PASS_BLOCK_K = 16384
+
+
+@triton.jit
+def round_half_even(x):
+    """rint(x) for fp32 |x| < 2**22: adding and removing 1.5 * 2**23 rounds to an integer, ties to even.
+
+    IEEE adds round to nearest even, so this equals ``torch.round`` on the GPU and under Triton's interpreter,
+    where libdevice is unavailable. Every caller's argument is bounded by a few hundred.
+    """
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _div(x, y):
+    """IEEE-rounded x / y with y broadcast to x's shape (plain ``/`` in Triton is approximate for fp32)."""
+    return tl.div_rn(x, tl.broadcast_to(y, x.shape))
+
+
+@triton.jit
+def _load_smoothed(x_ptrs, act_ptrs, mask, k_mask, HAS_ACT: tl.constexpr):
+    """x' = x / act_scale in fp32 (masked elements are 0)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ACT:
+        x = _div(x, tl.load(act_ptrs, mask=k_mask, other=1.0).to(tl.float32))
+    return x
+
+
+@triton.jit
+def _quantize_per_token_int8_kernel(
+    x_ptr, act_ptr, xq_ptr, s_ptr,
+    K, stride_xm, stride_xk, stride_qm,
+    HAS_ACT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = xq_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        mask = offs < K
+        x = _load_smoothed(x_row + offs * stride_xk, act_ptr + offs, mask, mask, HAS_ACT)
+        s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-5), 127.0)
+        q = tl.minimum(tl.maximum(round_half_even(_div(x, s)), -127.0), 127.0)
+        tl.store(q_row + offs, q.to(tl.int8), mask=mask)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            x = _load_smoothed(x_row + (k0 + offs) * stride_xk, act_ptr + k0 + offs, mask, mask, HAS_ACT)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            x = _load_smoothed(x_row + (k0 + offs) * stride_xk, act_ptr + k0 + offs, mask, mask, HAS_ACT)
+            q = tl.minimum(tl.maximum(round_half_even(_div(x, s)), -127.0), 127.0)
+            tl.store(q_row + k0 + offs, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _w8a8_fused_kernel(
+    x_ptr, act_ptr, q_ptr, scale_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_ym, stride_yn,
+    HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Activation quantization inside the GEMM, for small M: each program rescans its rows' amax."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    q_cols = q_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_qn
+
+    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = k0 + offs_k < K
+        x = _load_smoothed(x_rows + (k0 + offs_k)[None, :] * stride_xk, (act_ptr + k0 + offs_k)[None, :],
+                           mask_m[:, None] & k_mask[None, :], k_mask[None, :], HAS_ACT)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.div_rn(tl.maximum(tl.max(amax, axis=1), 1e-5), 127.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = k0 + offs_k < K
+        x = _load_smoothed(x_rows + (k0 + offs_k)[None, :] * stride_xk, (act_ptr + k0 + offs_k)[None, :],
+                           mask_m[:, None] & k_mask[None, :], k_mask[None, :], HAS_ACT)
+        xq = tl.minimum(tl.maximum(round_half_even(_div(x, s[:, None])), -127.0), 127.0).to(tl.int8)
+        w = tl.load(q_cols + (k0 + offs_k)[:, None] * stride_qk, mask=k_mask[:, None], other=0)
+        acc = tl.dot(xq, w, acc)
+
+    col_scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = (acc.to(tl.float32) * s[:, None] * col_scale[None, :]).to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_activation(op: str, x: torch.Tensor) -> None:
+    """Raise a clear error unless ``x`` is a 2-D fp16/bf16/fp32 activation [M, K]."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [M, K] (flatten leading dims), got shape {tuple(x.shape)}")
+
+
+def check_vector(op: str, name: str, t: Optional[torch.Tensor], length: int, x: torch.Tensor) -> None:
+    """Raise a clear error unless ``t`` is None or a float vector of ``length`` on x's device."""
+    if t is None:
+        return
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) != (length,):
+        raise ValueError(f"{op}: {name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_quantize_args(x: torch.Tensor, act_scale: Optional[torch.Tensor]) -> None:
+    check_activation("quantize_per_token_int8", x)
+    check_vector("quantize_per_token_int8", "act_scale", act_scale, x.shape[1], x)
+
+
+def _check_linear_args(x, qdata, scale, bias, act_scale) -> None:
+    op = "w8a8_linear"
+    check_activation(op, x)
+    if qdata.dtype != torch.int8 or qdata.dim() != 2:
+        raise TypeError(f"{op}: qdata must be a 2-D int8 tensor [N, K], got {qdata.dtype} {tuple(qdata.shape)}")
+    if qdata.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: qdata is {tuple(qdata.shape)} but x has K={x.shape[1]} columns")
+    if qdata.device != x.device:
+        raise ValueError(f"{op}: qdata is on {qdata.device} but x is on {x.device}")
+    n, k = qdata.shape
+    check_vector(op, "scale", scale, n, x)
+    check_vector(op, "bias", bias, n, x)
+    check_vector(op, "act_scale", act_scale, k, x)
+
+
+def quantize_per_token_int8_ref(
+    x: torch.Tensor, act_scale: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """s = clamp(amax|x'|, 1e-5) / 127, xq = clamp(round(x' / s), -127, 127), x' = x / act_scale, per row in fp32."""
+    _check_quantize_args(x, act_scale)
+    xf = x.float()
+    if act_scale is not None:
+        xf = xf / act_scale.float()
+    s = xf.abs().amax(dim=1).clamp(min=1e-5) / 127
+    xq = torch.clamp(torch.round(xf / s[:, None]), -127, 127).to(torch.int8)
+    return xq, s
+
+
+def quantize_per_token_int8_triton(
+    x: torch.Tensor, act_scale: Optional[torch.Tensor], block_k: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The twin's (xq, s) by one Triton program per row; one pass over x when the row fits ``block_k``."""
+    _check_quantize_args(x, act_scale)
+    m, k = x.shape
+    xq = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    s = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return xq, s
+    block_k = block_k or min(triton.next_power_of_2(max(k, 1)), MAX_ONE_PASS_BLOCK_K)
+    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    _quantize_per_token_int8_kernel[(m,)](
+        x, act_scale if act_scale is not None else x, xq, s,
+        k, x.stride(0), x.stride(1), xq.stride(0),
+        HAS_ACT=act_scale is not None, ONE_PASS=block_k >= k, BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return xq, s
+
+
+@torch.library.custom_op("aofunc::quantize_per_token_int8", mutates_args=())
+def quantize_per_token_int8(
+    x: torch.Tensor, act_scale: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(xq int8 [M, K], s fp32 [M]): s = clamp(amax|x / act_scale|, 1e-5) / 127, xq = round(x / act_scale / s)."""
+    return quantize_per_token_int8_ref(x, act_scale)
+
+
+@quantize_per_token_int8.register_kernel("cuda")
+def _quantize_per_token_int8_cuda(x, act_scale):
+    return quantize_per_token_int8_triton(x, act_scale)
+
+
+@quantize_per_token_int8.register_fake
+def _quantize_per_token_int8_fake(x, act_scale):
+    _check_quantize_args(x, act_scale)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+class FusedConfig(NamedTuple):
+    """Tile and launch parameters of the small-M kernel that quantizes activations inside the GEMM."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+class LinearPlan(NamedTuple):
+    """How ``w8a8_linear`` runs one call: ``fused`` (one kernel) or the quantize-then-GEMM ``split`` path."""
+
+    fused: bool
+    config: object
+
+
+INTERPRETER_FUSED_CONFIG = FusedConfig(16, 16, 32, 4, 1)
+# Largest M the single fused kernel takes on CUDA; above it every program rescanning its rows costs too much.
+FUSED_MAX_M = 16
+_CUDA_FUSED_CONFIG = FusedConfig(16, 32, 256, 4, 4)
+
+
+def w8a8_plan(m: int, n: int, k: int, device: torch.device) -> LinearPlan:
+    """The path and tile ``w8a8_linear`` uses for an [m, k] x [n, k] problem on ``device``."""
+    if device.type != "cuda":
+        return LinearPlan(False, default_matmul_config(m, device))
+    if m <= FUSED_MAX_M:
+        return LinearPlan(True, _CUDA_FUSED_CONFIG)
+    return LinearPlan(False, default_matmul_config(m, device))
+
+
+def w8a8_linear_ref(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    act_scale: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """y = (int32(xq @ qdata.T) * s_x[:, None] * scale[None, :]).to(x.dtype) + bias, xq and s_x per token."""
+    _check_linear_args(x, qdata, scale, bias, act_scale)
+    xq, s = quantize_per_token_int8_ref(x, act_scale)
+    acc = (xq.double() @ qdata.double().t()).to(torch.int32)
+    y = (acc.float() * s[:, None] * scale.float()[None, :]).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def w8a8_linear_triton(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    act_scale: Optional[torch.Tensor],
+    plan: Optional[LinearPlan] = None,
+) -> torch.Tensor:
+    """The twin's y by Triton: the fused small-M kernel or quantization + int8 GEMM, as ``plan`` says."""
+    _check_linear_args(x, qdata, scale, bias, act_scale)
+    m, k = x.shape
+    n = qdata.shape[0]
+    plan = plan or w8a8_plan(m, n, k, x.device)
+    if not plan.fused or m == 0 or n == 0 or k == 0:
+        xq, s = quantize_per_token_int8_triton(x, act_scale)
+        return int8_matmul_triton(xq, qdata.t(), row_scale=s, col_scale=scale, bias=bias,
+                                  out_dtype=x.dtype, config=plan.config if not plan.fused else None)
+    cfg = plan.config
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+    _w8a8_fused_kernel[grid](
+        x, act_scale if act_scale is not None else x, qdata, scale, bias if bias is not None else scale, y,
+        m, n, k,
+        x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), y.stride(0), y.stride(1),
+        HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+@torch.library.custom_op("aofunc::w8a8_linear", mutates_args=())
+def w8a8_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    act_scale: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """y = (int32(xq @ qdata.T) * s_x * scale).to(x.dtype) + bias with per-token int8 xq of x / act_scale."""
+    return w8a8_linear_ref(x, qdata, scale, bias, act_scale)
+
+
+@w8a8_linear.register_kernel("cuda")
+def _w8a8_linear_cuda(x, qdata, scale, bias, act_scale):
+    return w8a8_linear_triton(x, qdata, scale, bias, act_scale)
+
+
+@w8a8_linear.register_fake
+def _w8a8_linear_fake(x, qdata, scale, bias, act_scale):
+    _check_linear_args(x, qdata, scale, bias, act_scale)
+    return x.new_empty((x.shape[0], qdata.shape[0]))
