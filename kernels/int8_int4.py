@@ -14,12 +14,13 @@ to the group size g in {32, 64, 128, 256}, and ``scale`` [N, Kp / g]. Inside a g
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_asym_int8(x) -> (xq, s, zp)`` and ``int8_int4_linear(x, qdata, scale, group_size, bias)``.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .w8a8 import check_activation, check_vector, round_half_even
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -137,57 +138,68 @@ def _int8_int4_matmul_kernel(
     tl.store(y_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
 
 
-class Int4MatmulConfig(NamedTuple):
-    """Tile and launch parameters of the 8da4w kernel (its K step is one quantization group)."""
-
-    block_m: int
-    block_n: int
-    group_m: int
-    num_warps: int
-    num_stages: int
-
-
-class Int4LinearPlan(NamedTuple):
-    """How ``int8_int4_linear`` runs: quantize activations inside the GEMM (``fused``) or in their own kernel."""
-
-    fused: bool
-    config: Int4MatmulConfig
-
-
-INTERPRETER_CONFIG = Int4MatmulConfig(16, 16, 2, 4, 1)
+# A configuration (kernels/autotune.py's ``Config``) is the kernel's launch meta-parameters plus ``FUSED``:
+# True quantizes the activations inside the GEMM, False in their own kernel first. The K step is one group.
+INTERPRETER_CONFIG = {"FUSED": False, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
 FUSED_MAX_M = 16
+
+
+def _config(fused, block_m, block_n, group_m, num_warps, num_stages) -> dict:
+    return {"FUSED": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": group_m, "num_warps": num_warps,
+            "num_stages": num_stages}
+
+
+# Default tiles by M bucket on Hopper, each shown correct by the tests.
 _CUDA_CONFIGS = (
-    (16, Int4MatmulConfig(16, 32, 1, 4, 4)),
-    (64, Int4MatmulConfig(64, 64, 4, 4, 4)),
-    (128, Int4MatmulConfig(128, 64, 8, 4, 4)),
+    (16, _config(True, 16, 32, 1, 4, 4)),
+    (64, _config(False, 64, 64, 4, 4, 4)),
+    (128, _config(False, 128, 64, 8, 4, 4)),
 )
-_CUDA_LARGE_M_CONFIG = Int4MatmulConfig(128, 128, 8, 8, 3)
+_CUDA_LARGE_M_CONFIG = _config(False, 128, 128, 8, 8, 3)
 
 
-def int8_int4_plan(m: int, n: int, k: int, group_size: int, device: torch.device) -> Int4LinearPlan:
-    """The path and tile ``int8_int4_linear`` uses for an [m, k] activation and [n, k] weight on ``device``."""
+def default_int8_int4_config(m: int, device: torch.device) -> dict:
+    """The configuration ``int8_int4_linear`` runs an M-row call with on ``device`` when nothing was tuned."""
     if device.type != "cuda":
-        return Int4LinearPlan(False, INTERPRETER_CONFIG)
-    config = _CUDA_LARGE_M_CONFIG
-    for m_max, c in _CUDA_CONFIGS:
+        return dict(INTERPRETER_CONFIG)
+    for m_max, config in _CUDA_CONFIGS:
         if m <= m_max:
-            config = c
-            break
-    return Int4LinearPlan(m <= FUSED_MAX_M, config)
+            return dict(config)
+    return dict(_CUDA_LARGE_M_CONFIG)
+
+
+def int8_int4_candidates(m: int) -> list:
+    """Configurations an autotuning search tries for an M-row call on CUDA."""
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        return [_config(fused, block_m, bn, 1, 4, st)
+                for fused in ((True, False) if m <= FUSED_MAX_M * 2 else (False,))
+                for bn in (16, 32, 64, 128) for st in (3, 4)]
+    if m <= 256:
+        return [_config(False, bm, bn, 8, w, st) for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 4),
+                                                                    (128, 128, 8)) for st in (3, 4)]
+    return [_config(False, *c) for c in ((128, 128, 8, 8, 3), (128, 128, 8, 8, 4), (128, 256, 8, 8, 3),
+                                         (256, 128, 8, 8, 3), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4))]
+
+
+def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, group_size: int, run, reference) -> dict:
+    """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search."""
+    m, k = x.shape
+    if x.device.type != "cuda" or m == 0:
+        return default_int8_int4_config(m, x.device)
+    key = autotune.config_key(f"int8_int4_g{group_size}", m, qdata.shape[0], k, (x.dtype,), x.device)
+    return autotune.choose(key, default_int8_int4_config(m, x.device), lambda: int8_int4_candidates(m), run,
+                           reference, tolerance=1e-3)
 
 
 def _check_quantize_args(x: torch.Tensor) -> None:
     check_activation("quantize_per_token_asym_int8", x)
-    if x.shape[1] == 0:
-        raise ValueError("quantize_per_token_asym_int8: x must have at least one column")
 
 
 def _check_linear_args(x, qdata, scale, group_size, bias) -> None:
     op = "int8_int4_linear"
     check_activation(op, x)
     m, k = x.shape
-    if k == 0:
-        raise ValueError(f"{op}: x must have at least one column")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size}")
     groups = -(-k // group_size)
@@ -291,30 +303,33 @@ def int8_int4_linear_triton(
     scale: torch.Tensor,
     group_size: int,
     bias: Optional[torch.Tensor],
-    plan: Optional[Int4LinearPlan] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
-    """The twin's y by Triton; ``plan.fused`` quantizes the activations inside the GEMM."""
+    """The twin's y by Triton; ``config["FUSED"]`` quantizes the activations inside the GEMM."""
     _check_linear_args(x, qdata, scale, group_size, bias)
     m, k = x.shape
     n = qdata.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
-    plan = plan or int8_int4_plan(m, n, k, group_size, x.device)
-    if plan.fused:
+    if config is None:
+        config = int8_int4_config(
+            x, qdata, group_size, lambda c: int8_int4_linear_triton(x, qdata, scale, group_size, bias, c),
+            lambda: int8_int4_linear_ref(x, qdata, scale, group_size, bias),
+        )
+    launch = dict(config)
+    fused = launch.pop("FUSED")
+    if fused:
         a, sx, zp = x, y, y
     else:
         a, sx, zp = quantize_per_token_asym_int8_triton(x)
-    cfg = plan.config
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
     _int8_int4_matmul_kernel[grid](
         a, sx, zp, qdata, scale, bias if bias is not None else scale, y,
         m, n, k,
         a.stride(0), a.stride(1), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
         y.stride(0), y.stride(1),
-        QUANTIZE_A=plan.fused, HAS_BIAS=bias is not None, EPS_=EPS,
-        GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        QUANTIZE_A=fused, HAS_BIAS=bias is not None, EPS_=EPS, GROUP=group_size, **launch,
     )
     return y
 

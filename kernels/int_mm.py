@@ -9,46 +9,61 @@ shape and runs there. Results are exact while every |C[m, n]| stays below 2**31,
 The Triton kernel also serves the W8A8 linear: with per-row and per-column scales it forms
 ``(C * row_scale[m] * col_scale[n])`` in fp32, casts to the output dtype and adds a bias, all in the epilogue.
 """
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-
-class MatmulConfig(NamedTuple):
-    """Tile shape and launch parameters of the int8 GEMM kernels."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int
-    num_warps: int
-    num_stages: int
+from . import autotune
 
 
-# Shapes under the interpreter are tiny; these blocks keep CPU tests fast and exercise ragged tiles.
-INTERPRETER_CONFIG = MatmulConfig(16, 16, 32, 2, 4, 1)
+# A configuration is a dict of the kernel's launch meta-parameters (kernels/autotune.py's ``Config``).
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
 
-# Tiles by M bucket for the int8 GEMM on Hopper (measured on H100; see docs/benchmarks.md).
+
+def _config(block_m, block_n, block_k, group_m, num_warps, num_stages) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
+            "num_warps": num_warps, "num_stages": num_stages}
+
+
+# Default tiles by M bucket for the int8 GEMM on Hopper, each shown correct by the tests.
 _CUDA_CONFIGS = (
-    (16, MatmulConfig(16, 32, 256, 1, 4, 4)),
-    (32, MatmulConfig(32, 64, 256, 1, 4, 4)),
-    (64, MatmulConfig(64, 64, 256, 4, 4, 4)),
-    (128, MatmulConfig(128, 64, 128, 8, 4, 4)),
-    (512, MatmulConfig(128, 128, 128, 8, 8, 4)),
+    (16, _config(16, 32, 256, 1, 4, 4)),
+    (32, _config(32, 64, 256, 1, 4, 4)),
+    (64, _config(64, 64, 256, 4, 4, 4)),
+    (128, _config(128, 64, 128, 8, 4, 4)),
+    (512, _config(128, 128, 128, 8, 8, 4)),
 )
-_CUDA_LARGE_M_CONFIG = MatmulConfig(128, 256, 128, 8, 8, 3)
+_CUDA_LARGE_M_CONFIG = _config(128, 256, 128, 8, 8, 3)
 
 
-def default_matmul_config(m: int, device: torch.device) -> MatmulConfig:
+def default_matmul_config(m: int, device: torch.device) -> dict:
     """The tile for an M-row int8 GEMM on ``device`` (the interpreter's small tile off CUDA)."""
     if device.type != "cuda":
-        return INTERPRETER_CONFIG
+        return dict(INTERPRETER_CONFIG)
     for m_max, config in _CUDA_CONFIGS:
         if m <= m_max:
-            return config
-    return _CUDA_LARGE_M_CONFIG
+            return dict(config)
+    return dict(_CUDA_LARGE_M_CONFIG)
+
+
+def matmul_candidates(m: int) -> list:
+    """Tiles an autotuning search tries for an M-row int8 GEMM on CUDA."""
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        return [_config(block_m, bn, bk, 1, 4, stages)
+                for bn in (32, 64, 128) for bk in (128, 256) for stages in (3, 4, 5)]
+    if m <= 256:
+        return [_config(bm, bn, bk, 8, warps, stages)
+                for bm, bn, bk, warps in ((64, 64, 256, 4), (64, 128, 128, 4), (128, 64, 128, 4),
+                                          (128, 128, 128, 8), (64, 256, 128, 4))
+                for stages in (3, 4)]
+    return [_config(*c) for c in (
+        (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
+        (128, 128, 128, 8, 8, 4), (128, 128, 256, 8, 8, 3), (128, 256, 64, 8, 8, 4), (64, 256, 128, 8, 4, 4),
+        (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 5),
+    )]
 
 
 @triton.jit
@@ -115,7 +130,7 @@ def int8_matmul_triton(
     col_scale: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.int32,
-    config: Optional[MatmulConfig] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
     """C = A @ B in int32, or ((A @ B) * row_scale[:, None] * col_scale[None, :]).to(out_dtype) + bias.
 
@@ -132,15 +147,13 @@ def int8_matmul_triton(
     if k == 0:
         return out.zero_() if not scaled else _scaled_zero(out, bias)
     config = config or default_matmul_config(m, a.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     _int8_matmul_kernel[grid](
         a, b, out,
         row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % config["BLOCK_K"] == 0, **config,
     )
     return out
 
@@ -170,9 +183,16 @@ def int_mm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double()).to(torch.int32)
 
 
-def int_mm_triton(a: torch.Tensor, b: torch.Tensor, config: Optional[MatmulConfig] = None) -> torch.Tensor:
-    """C = A @ B in int32 by the Triton kernel, for any shape and strides."""
+def int_mm_triton(a: torch.Tensor, b: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
+    """C = A @ B in int32 by the Triton kernel, for any shape and strides (tuned tile unless ``config``)."""
     check_int_mm_args(a, b)
+    if config is None and a.device.type == "cuda" and a.shape[0] > 0:
+        m, k = a.shape
+        key = autotune.config_key("int_mm", m, b.shape[1], k, (a.dtype,), a.device)
+        config = autotune.choose(
+            key, default_matmul_config(m, a.device), lambda: matmul_candidates(m),
+            lambda c: int8_matmul_triton(a, b, config=c), lambda: int_mm_ref(a, b), tolerance=0.0,
+        )
     return int8_matmul_triton(a, b, config=config)
 
 
@@ -200,7 +220,7 @@ def _int_mm_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_int_mm_args(a, b)
     if cublas_int_mm_is_exact(a, b):
         return torch._int_mm(a, b)
-    return int8_matmul_triton(a, b)
+    return int_mm_triton(a, b)
 
 
 @int_mm.register_fake

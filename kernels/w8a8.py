@@ -13,13 +13,14 @@ On CUDA the linear picks its path by M: up to a few rows one kernel quantizes th
 the GEMM (no launch and no round trip for ``xq``); above that a one-pass quantization kernel feeds the int8 GEMM
 whose epilogue applies both scales, the cast and the bias.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .int_mm import MatmulConfig, default_matmul_config, int8_matmul_triton
+from . import autotune
+from .int_mm import default_matmul_config, int8_matmul_triton, matmul_candidates
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
 MAX_ONE_PASS_BLOCK_K = 16384
@@ -135,6 +136,8 @@ def check_activation(op: str, x: torch.Tensor) -> None:
         raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [M, K] (flatten leading dims), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have at least one column (K > 0)")
 
 
 def check_vector(op: str, name: str, t: Optional[torch.Tensor], length: int, x: torch.Tensor) -> None:
@@ -222,36 +225,40 @@ def _quantize_per_token_int8_fake(x, act_scale):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-class FusedConfig(NamedTuple):
-    """Tile and launch parameters of the small-M kernel that quantizes activations inside the GEMM."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-class LinearPlan(NamedTuple):
-    """How ``w8a8_linear`` runs one call: ``fused`` (one kernel) or the quantize-then-GEMM ``split`` path."""
-
-    fused: bool
-    config: object
-
-
-INTERPRETER_FUSED_CONFIG = FusedConfig(16, 16, 32, 4, 1)
-# Largest M the single fused kernel takes on CUDA; above it every program rescanning its rows costs too much.
+# A configuration (kernels/autotune.py's ``Config``) is the kernel's launch meta-parameters plus ``FUSED``:
+# True runs the single small-M kernel, False the quantization kernel followed by the int8 GEMM.
+INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4,
+                            "num_stages": 1}
+# Largest M the default sends to the fused kernel; above it every program rescanning its rows costs too much.
 FUSED_MAX_M = 16
-_CUDA_FUSED_CONFIG = FusedConfig(16, 32, 256, 4, 4)
+_CUDA_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
 
 
-def w8a8_plan(m: int, n: int, k: int, device: torch.device) -> LinearPlan:
-    """The path and tile ``w8a8_linear`` uses for an [m, k] x [n, k] problem on ``device``."""
-    if device.type != "cuda":
-        return LinearPlan(False, default_matmul_config(m, device))
-    if m <= FUSED_MAX_M:
-        return LinearPlan(True, _CUDA_FUSED_CONFIG)
-    return LinearPlan(False, default_matmul_config(m, device))
+def default_w8a8_config(m: int, device: torch.device) -> dict:
+    """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned."""
+    if device.type == "cuda" and m <= FUSED_MAX_M:
+        return dict(_CUDA_FUSED_CONFIG)
+    return {"FUSED": False, **default_matmul_config(m, device)}
+
+
+def w8a8_candidates(m: int) -> list:
+    """Configurations an autotuning search tries for an M-row call on CUDA: fused tiles for small M, then split."""
+    fused = []
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        fused = [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
+                 for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)]
+    return fused + [{"FUSED": False, **c} for c in matmul_candidates(m)]
+
+
+def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
+    """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search."""
+    m, k = x.shape
+    if x.device.type != "cuda" or m == 0:
+        return default_w8a8_config(m, x.device)
+    key = autotune.config_key("w8a8_linear", m, qdata.shape[0], k, (x.dtype,), x.device)
+    return autotune.choose(key, default_w8a8_config(m, x.device), lambda: w8a8_candidates(m), run, reference,
+                           tolerance=1e-6)
 
 
 def w8a8_linear_ref(
@@ -275,27 +282,30 @@ def w8a8_linear_triton(
     scale: torch.Tensor,
     bias: Optional[torch.Tensor],
     act_scale: Optional[torch.Tensor],
-    plan: Optional[LinearPlan] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
-    """The twin's y by Triton: the fused small-M kernel or quantization + int8 GEMM, as ``plan`` says."""
+    """The twin's y by Triton: the fused small-M kernel or quantization + int8 GEMM, as ``config`` says."""
     _check_linear_args(x, qdata, scale, bias, act_scale)
+    if config is None:
+        config = w8a8_config(
+            x, qdata, lambda c: w8a8_linear_triton(x, qdata, scale, bias, act_scale, c),
+            lambda: w8a8_linear_ref(x, qdata, scale, bias, act_scale),
+        )
+    launch = dict(config)
+    fused = launch.pop("FUSED")
     m, k = x.shape
     n = qdata.shape[0]
-    plan = plan or w8a8_plan(m, n, k, x.device)
-    if not plan.fused or m == 0 or n == 0 or k == 0:
+    if not fused or m == 0 or n == 0:
         xq, s = quantize_per_token_int8_triton(x, act_scale)
-        return int8_matmul_triton(xq, qdata.t(), row_scale=s, col_scale=scale, bias=bias,
-                                  out_dtype=x.dtype, config=plan.config if not plan.fused else None)
-    cfg = plan.config
+        return int8_matmul_triton(xq, qdata.t(), row_scale=s, col_scale=scale, bias=bias, out_dtype=x.dtype,
+                                  config=None if fused else launch)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+    grid = (triton.cdiv(n, launch["BLOCK_N"]), triton.cdiv(m, launch["BLOCK_M"]))
     _w8a8_fused_kernel[grid](
         x, act_scale if act_scale is not None else x, qdata, scale, bias if bias is not None else scale, y,
         m, n, k,
         x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), y.stride(0), y.stride(1),
-        HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None, **launch,
     )
     return y
 
