@@ -35,36 +35,60 @@ def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> to
     x2d = x.reshape(-1, k)
     if bias is not None:
         bias = bias.to(x.dtype)
-    y = LINEAR[type(w.scheme)](x2d, w, bias)
+    stored = w.tensors
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _LinearWithInputGrad.apply(x2d, bias, w.scheme, n, k, tuple(stored), *stored.values())
+    else:
+        y = LINEAR[type(w.scheme)](x2d, w.scheme, stored, n, k, bias)
     return y.reshape(*x.shape[:-1], n)
 
 
+class _LinearWithInputGrad(torch.autograd.Function):
+    """The quantized forward, with gradients for x and bias (dL/dx = dL/dy @ W): adapters train on a frozen base."""
+
+    @staticmethod
+    def forward(ctx, x, bias, scheme, n, k, names, *stored):
+        ctx.scheme, ctx.n, ctx.k, ctx.names = scheme, n, k, names
+        ctx.save_for_backward(*stored)
+        return LINEAR[type(scheme)](x, scheme, dict(zip(names, stored)), n, k, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.scheme.dequantize(dict(zip(ctx.names, ctx.saved_tensors)), ctx.n, ctx.k, grad_y.dtype)
+            grad_x = grad_y @ w
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.sum(0)
+        return (grad_x, grad_bias, None, None, None, None) + (None,) * len(ctx.saved_tensors)
+
+
 # ---------------------------------------------------------------------------------------------- per format
+# Each takes x [M, K] and the weight's stored tensors, and returns y [M, N] in x's dtype.
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def _dequantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    n, k = w.nk
-    return F.linear(x, w.scheme.dequantize(w.tensors, n, k, x.dtype), bias)
+def _dequantized_linear(x, scheme, t, n, k, bias):
+    return F.linear(x, scheme.dequantize(t, n, k, x.dtype), bias)
 
 
-def _int8_weight_only(x, w, bias):
+def _int8_weight_only(x, scheme, t, n, k, bias):
     if x.device.type == "cpu":
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.qdata, w.scale.to(x.dtype))
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
         return _add_bias(y, bias)
-    return _dequantized_linear(x, w, bias)
+    return _dequantized_linear(x, scheme, t, n, k, bias)
 
 
-def _int8_dynamic(x, w, bias):
+def _int8_dynamic(x, scheme, t, n, k, bias):
     dtype = x.dtype
-    if "act_scale" in w.tensors:
-        x = x.float() / w.act_scale.float()
+    if "act_scale" in t:
+        x = x.float() / t["act_scale"].float()
     xq, sx = P.quantize_per_token_symmetric_int8(x)
-    acc = torch._int_mm(xq, w.qdata.t()) if x.device.type == "cpu" else _exact_int8_matmul(xq, w.qdata)
+    acc = torch._int_mm(xq, t["qdata"].t()) if x.device.type == "cpu" else _exact_int8_matmul(xq, t["qdata"])
     # int32 times both scales in fp32, so fp16 outputs cannot overflow before the cast
-    y = acc.float() * sx[:, None] * w.scale.float()
+    y = acc.float() * sx[:, None] * t["scale"].float()
     return _add_bias(y.to(dtype), bias)
 
 
@@ -80,38 +104,32 @@ def _exact_int8_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> t
 _CPU_INT4_PACKED: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
-def _cpu_int4_packed(w: QTensor) -> torch.Tensor:
+def _cpu_int4_packed(qdata: torch.Tensor) -> torch.Tensor:
     """tinygemm's CPU packing of the codes, derived on first use and cached per stored tensor (never saved)."""
-    cached = None if torch.compiler.is_compiling() else _CPU_INT4_PACKED.get(w.qdata)
+    compiling = torch.compiler.is_compiling()
+    cached = None if compiling else _CPU_INT4_PACKED.get(qdata)
     if cached is None:
-        codes = P.unpack_uint4(w.qdata).to(torch.int32)
-        cached = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        if not torch.compiler.is_compiling():
-            _CPU_INT4_PACKED[w.qdata] = cached
+        cached = torch.ops.aten._convert_weight_to_int4pack_for_cpu(P.unpack_uint4(qdata).to(torch.int32), 1)
+        if not compiling:
+            _CPU_INT4_PACKED[qdata] = cached
     return cached
 
 
-def _int4_weight_only(x, w, bias):
-    n, k = w.nk
+def _int4_weight_only(x, scheme, t, n, k, bias):
     if x.device.type == "cpu" and n % 16 == 0:
-        kp = w.qdata.shape[1] * 2
-        scales_and_zeros = torch.stack((w.scale.t(), w.zero.t()), dim=-1).to(x.dtype).contiguous()
+        kp = t["qdata"].shape[1] * 2
+        scales_and_zeros = torch.stack((t["scale"].t(), t["zero"].t()), dim=-1).to(x.dtype).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            P.pad_to_multiple(x, kp).contiguous(), _cpu_int4_packed(w), w.scheme.group_size, scales_and_zeros)
+            P.pad_to_multiple(x, kp).contiguous(), _cpu_int4_packed(t["qdata"]), scheme.group_size, scales_and_zeros)
         return _add_bias(y, bias)
-    return _dequantized_linear(x, w, bias)
+    return _dequantized_linear(x, scheme, t, n, k, bias)
 
 
-def _int8_dynamic_int4(x, w, bias):
-    n, k = w.nk
+def _int8_dynamic_int4(x, scheme, t, n, k, bias):
     xq, sx, zp = P.quantize_per_token_asymmetric_int8(x)
     x_dq = (xq.float() - zp[:, None].float()) * sx[:, None]
-    y = F.linear(x_dq, w.scheme.dequantize(w.tensors, n, k, torch.float32))
+    y = F.linear(x_dq, scheme.dequantize(t, n, k, torch.float32))
     return _add_bias(y.to(x.dtype), bias)
-
-
-def _nf4(x, w, bias):
-    return _dequantized_linear(x, w, bias)
 
 
 LINEAR = {
@@ -119,7 +137,7 @@ LINEAR = {
     Int8Dynamic: _int8_dynamic,
     Int4WeightOnly: _int4_weight_only,
     Int8DynamicInt4: _int8_dynamic_int4,
-    NF4: _nf4,
+    NF4: _dequantized_linear,
 }
 
 

@@ -86,6 +86,11 @@ class QTensor(torch.Tensor):
     def __tensor_flatten__(self):
         return list(self._names), (self.scheme, tuple(self.shape), self.dtype, self.transposed)
 
+    def _stable_hash_for_caching(self) -> str:
+        """What compiled-graph caches key on: the format and the layout, not the values."""
+        stored = ",".join(f"{name}:{t.dtype}{list(t.shape)}" for name, t in self.tensors.items())
+        return f"QTensor({self.scheme!r},{list(self.shape)},{self.dtype},{self.transposed},{stored})"
+
     @staticmethod
     def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
         scheme, shape, dtype, transposed = ctx
