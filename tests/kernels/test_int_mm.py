@@ -1,0 +1,118 @@
+"""int_mm: exact int8 @ int8 -> int32 on every shape and layout; the Triton kernel equals the float64 twin.
+
+Runs the Triton kernel on CUDA when there is one, else on CPU tensors under TRITON_INTERPRET=1 (conftest).
+"""
+import pytest
+import torch
+
+from aofunc.kernels.int_mm import (
+    cublas_int_mm_is_exact,
+    int8_matmul_triton,
+    int_mm,
+    int_mm_ref,
+    int_mm_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _int8(*shape, device=DEVICE, generator=None):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator).to(device)
+
+
+def _exact(a, b):
+    """The integer product computed in int64 on the CPU: the ground truth."""
+    return (a.cpu().long() @ b.cpu().long()).to(torch.int32)
+
+
+# The edges of torch._int_mm's CUDA constraints (M > 16, K and N multiples of 8) and of the kernel's tiles.
+EDGE_SHAPES = [(1, 1, 1), (1, 3, 5), (2, 8, 8), (16, 16, 16), (17, 16, 16), (17, 24, 8), (33, 40, 7),
+               (20, 9, 13), (64, 64, 64), (5, 0, 3), (0, 8, 8), (4, 8, 0)]
+
+
+@pytest.mark.parametrize("m,k,n", EDGE_SHAPES)
+@pytest.mark.parametrize("layout", ["row-major", "b transposed", "a sliced"])
+def test_triton_and_op_equal_exact_product(m, k, n, layout):
+    g = torch.Generator().manual_seed(m * 10007 + k * 101 + n)
+    if layout == "a sliced":
+        a = _int8(m, 2 * k, generator=g)[:, ::2]
+    else:
+        a = _int8(m, k, generator=g)
+    b = _int8(n, k, generator=g).t() if layout == "b transposed" else _int8(k, n, generator=g)
+    want = _exact(a, b)
+    assert torch.equal(int_mm_ref(a, b).cpu(), want)
+    assert torch.equal(int_mm_triton(a, b).cpu(), want)
+    assert torch.equal(int_mm(a, b).cpu(), want)
+    assert torch.equal(torch.ops.aofunc.int_mm(a, b).cpu(), want)
+
+
+def test_extreme_values_are_exact():
+    # |C| = 128 * 128 * 64 = 2**20: every product at its largest magnitude.
+    a = torch.full((18, 64), -128, dtype=torch.int8, device=DEVICE)
+    b = torch.full((64, 24), -128, dtype=torch.int8, device=DEVICE)
+    assert torch.equal(int_mm_triton(a, b).cpu(), torch.full((18, 24), 2 ** 20, dtype=torch.int32))
+    b[:, 1::2] = 127
+    assert torch.equal(int_mm(a, b).cpu(), _exact(a, b))
+
+
+def test_inputs_are_not_modified():
+    a, b = _int8(20, 24), _int8(24, 16)
+    a0, b0 = a.clone(), b.clone()
+    int_mm(a, b)
+    int_mm_triton(a, b)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+def test_scaled_epilogue_rounds_like_torch():
+    g = torch.Generator().manual_seed(3)
+    a, b = _int8(21, 40, generator=g), _int8(40, 19, generator=g)
+    row = torch.rand(21, generator=g).to(DEVICE) * 1e-3
+    col = torch.rand(19, generator=g).to(DEVICE, torch.float16)
+    bias = torch.randn(19, generator=g).to(DEVICE, torch.float16)
+    y = int8_matmul_triton(a, b, row_scale=row, col_scale=col, bias=bias, out_dtype=torch.float16)
+    want = (int_mm_ref(a, b).float() * row[:, None] * col.float()[None, :]).to(torch.float16) + bias
+    assert y.dtype == torch.float16
+    assert torch.equal(y, want)
+
+
+def test_cublas_constraints():
+    a, b = torch.empty(17, 16, dtype=torch.int8), torch.empty(16, 8, dtype=torch.int8)
+    assert cublas_int_mm_is_exact(a, b)
+    assert not cublas_int_mm_is_exact(a[:16], b)  # M must exceed 16
+    assert not cublas_int_mm_is_exact(torch.empty(17, 12, dtype=torch.int8), torch.empty(12, 8, dtype=torch.int8))
+    assert not cublas_int_mm_is_exact(a, torch.empty(16, 12, dtype=torch.int8))  # N must be a multiple of 8
+    assert not cublas_int_mm_is_exact(a, torch.empty(8, 16, dtype=torch.int8).t())  # transposed b
+    assert not cublas_int_mm_is_exact(torch.empty(16, 17, dtype=torch.int8).t(), b)  # transposed a
+
+
+@pytest.mark.parametrize("a,b,match", [
+    (torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.int8), "a must be int8"),
+    (torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3, 2, dtype=torch.int32), "b must be int8"),
+    (torch.zeros(2, 3, 1, dtype=torch.int8), torch.zeros(3, 2, dtype=torch.int8), "a must be 2-D"),
+    (torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8), r"a.shape\[1\] must equal"),
+])
+def test_bad_input_is_refused(a, b, match):
+    for fn in (int_mm, int_mm_ref, int_mm_triton):
+        with pytest.raises((TypeError, ValueError), match=match):
+            fn(a, b)
+
+
+def test_op_registration():
+    a, b = torch.randint(-128, 128, (5, 8), dtype=torch.int8), torch.randint(-128, 128, (8, 3), dtype=torch.int8)
+    torch.library.opcheck(torch.ops.aofunc.int_mm.default, (a, b))
+    with torch._subclasses.FakeTensorMode():
+        out = int_mm(torch.empty(5, 8, dtype=torch.int8), torch.empty(8, 3, dtype=torch.int8))
+        assert out.shape == (5, 3) and out.dtype == torch.int32
+
+
+@gpu_only
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 14336, 4096), (17, 4096, 14336), (2048, 4096, 4096),
+                                   (2048, 14336, 4096), (100, 4100, 1000)])
+def test_real_sizes_on_gpu(m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    a, b = _int8(m, k, generator=g), _int8(n, k, generator=g)
+    want = int_mm_ref(a, b.t())
+    assert torch.equal(int_mm_triton(a, b.t()), want)  # weight layout: b is [N, K] transposed
+    assert torch.equal(int_mm(a, b.t()), want)
+    assert torch.equal(int_mm(a, b.t().contiguous()), want)  # torch._int_mm where it is exact

@@ -1,0 +1,173 @@
+"""W8A8: the per-token quantization kernel and the int8 linear equal their plain-torch twins exactly.
+
+Runs the Triton kernels on CUDA when there is one, else on CPU tensors under TRITON_INTERPRET=1 (conftest).
+The interpreter rounds fp32 -> bf16 casts wrongly, so bf16 outputs are compared on the GPU only.
+"""
+import pytest
+import torch
+
+from aofunc.kernels.w8a8 import (
+    INTERPRETER_FUSED_CONFIG,
+    default_w8a8_config,
+    quantize_per_token_int8,
+    quantize_per_token_int8_ref,
+    quantize_per_token_int8_triton,
+    w8a8_candidates,
+    w8a8_linear,
+    w8a8_linear_ref,
+    w8a8_linear_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+LINEAR_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def _activation(m, k, dtype, seed, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    if contiguous:
+        x = torch.randn(m, k, generator=g) * 3
+    else:
+        x = (torch.randn(k, m, generator=g) * 3).t()  # column-major rows
+    return x.to(DEVICE, dtype)
+
+
+def _weight(n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qdata = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g)
+    return qdata.to(DEVICE), scale.to(DEVICE, dtype), bias.to(DEVICE, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("block_k", [None, 16])  # one pass over the row, and the two-pass loop
+def test_quantize_kernel_equals_twin(dtype, smooth, block_k):
+    x = _activation(9, 50, dtype, seed=1, contiguous=block_k is None)
+    act_scale = (torch.rand(50) + 0.25).to(DEVICE, dtype) if smooth else None
+    xq, s = quantize_per_token_int8_triton(x, act_scale, block_k=block_k)
+    xq_ref, s_ref = quantize_per_token_int8_ref(x, act_scale)
+    assert xq.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(xq, xq_ref)
+    assert torch.equal(s, s_ref)
+
+
+def test_quantize_rounds_half_to_even_and_clamps_small_rows():
+    # amax 127 makes s = 1, so x / s lands exactly on the ties; the zero row takes s = 1e-5 / 127.
+    row = [127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -127.0]
+    x = torch.tensor([row, [0.0] * 8, [1e-7] * 8], device=DEVICE)
+    xq, s = quantize_per_token_int8_triton(x, None)
+    assert xq[0].tolist() == [127, 0, 2, 2, 0, -2, 126, -127]
+    assert xq[1].tolist() == [0] * 8
+    assert s[1].item() == pytest.approx(1e-5 / 127)
+    assert torch.equal(xq, quantize_per_token_int8_ref(x, None)[0])
+    assert torch.equal(quantize_per_token_int8(x, None)[0], xq)
+
+
+def test_quantize_error_is_at_most_half_a_step():
+    x = _activation(6, 40, torch.float32, seed=2)
+    xq, s = quantize_per_token_int8_ref(x, None)
+    assert xq.abs().max() <= 127
+    assert ((x / s[:, None] - xq.float()).abs() <= 0.5 + 1e-5).all()
+
+
+# ------------------------------------------------------------------------------------------------ linear
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_linear_kernel_equals_twin(dtype, fused, m):
+    x = _activation(m, 50, dtype, seed=m, contiguous=m != 7)
+    qdata, scale, bias = _weight(37, 50, dtype, seed=m + 1)
+    act_scale = (torch.rand(50) + 0.5).to(DEVICE, dtype) if m == 33 else None
+    if ON_GPU:
+        config = next(c for c in w8a8_candidates(m) if c["FUSED"] == fused)
+    else:
+        config = INTERPRETER_FUSED_CONFIG if fused else default_w8a8_config(m, x.device)
+    for b in (bias, None):
+        y = w8a8_linear_triton(x, qdata, scale, b, act_scale, config)
+        want = w8a8_linear_ref(x, qdata, scale, b, act_scale)
+        assert y.dtype == dtype and y.shape == (m, 37)
+        assert torch.equal(y, want)
+
+
+def test_linear_op_matches_twin_and_dequantized_float():
+    x = _activation(5, 64, torch.float32, seed=7)
+    qdata, scale, bias = _weight(24, 64, torch.float32, seed=8)
+    y = w8a8_linear(x, qdata, scale, bias, None)
+    assert torch.equal(y, w8a8_linear_ref(x, qdata, scale, bias, None))
+    assert torch.equal(torch.ops.aofunc.w8a8_linear(x, qdata, scale, bias, None), y)
+    # Against the unquantized activation: the error is per-token int8 rounding only.
+    exact = x @ (qdata.float() * scale[:, None]).t() + bias
+    rel = (y - exact).norm() / exact.norm()
+    assert rel < 2e-2
+
+
+def test_smoothing_divides_activation_before_quantizing():
+    x = _activation(4, 32, torch.float32, seed=9)
+    qdata, scale, _ = _weight(16, 32, torch.float32, seed=10)
+    act_scale = torch.full((32,), 2.0, device=DEVICE)
+    assert torch.equal(w8a8_linear(x, qdata, scale, None, act_scale), w8a8_linear(x / 2, qdata, scale, None, None))
+
+
+def test_inputs_are_not_modified():
+    x = _activation(3, 32, torch.float16, seed=11)
+    qdata, scale, bias = _weight(16, 32, torch.float16, seed=12)
+    act_scale = (torch.rand(32) + 0.5).to(DEVICE, torch.float16)
+    before = [t.clone() for t in (x, qdata, scale, bias, act_scale)]
+    w8a8_linear_triton(x, qdata, scale, bias, act_scale)
+    quantize_per_token_int8_triton(x, act_scale)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias, act_scale)))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.zeros(2, 8, dtype=torch.int32)), "x must be float16, bfloat16 or float32"),
+    (dict(x=torch.zeros(2, 2, 8)), "x must be 2-D"),
+    (dict(x=torch.zeros(2, 0), qdata=torch.zeros(4, 0, dtype=torch.int8)), "at least one column"),
+    (dict(qdata=torch.zeros(4, 8, dtype=torch.uint8)), "qdata must be a 2-D int8"),
+    (dict(qdata=torch.zeros(4, 9, dtype=torch.int8)), "K=8"),
+    (dict(scale=torch.ones(5)), r"scale must have shape \(4,\)"),
+    (dict(bias=torch.ones(3)), r"bias must have shape \(4,\)"),
+    (dict(act_scale=torch.ones(7)), r"act_scale must have shape \(8,\)"),
+])
+def test_bad_input_is_refused(change, match):
+    args = dict(x=torch.zeros(2, 8), qdata=torch.zeros(4, 8, dtype=torch.int8), scale=torch.ones(4), bias=None,
+                act_scale=None)
+    args.update(change)
+    for fn in (w8a8_linear, w8a8_linear_ref, w8a8_linear_triton):
+        with pytest.raises((TypeError, ValueError), match=match):
+            fn(**args)
+
+
+def test_ops_register_and_compile_as_one_graph():
+    x = torch.randn(3, 16)
+    qdata, scale = torch.randint(-127, 128, (8, 16), dtype=torch.int8), torch.rand(8) * 0.01
+    bias, act_scale = torch.randn(8), torch.rand(16) + 0.5
+    torch.library.opcheck(torch.ops.aofunc.quantize_per_token_int8.default, (x, act_scale))
+    torch.library.opcheck(torch.ops.aofunc.w8a8_linear.default, (x, qdata, scale, bias, act_scale))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return w8a8_linear(x.relu(), qdata, scale, bias, act_scale) * 2
+
+    assert torch.equal(f(x), w8a8_linear_ref(x.relu(), qdata, scale, bias, act_scale) * 2)
+
+
+# ------------------------------------------------------------------------------------------------ GPU, real sizes
+
+@gpu_only
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 128, 2048])
+def test_real_sizes_on_gpu(k, n, m):
+    x = _activation(m, k, torch.bfloat16, seed=m)
+    qdata, scale, bias = _weight(n, k, torch.bfloat16, seed=n)
+    act_scale = (torch.rand(k) + 0.5).to(DEVICE, torch.bfloat16)
+    want = w8a8_linear_ref(x, qdata, scale, bias, act_scale)
+    assert torch.equal(w8a8_linear(x, qdata, scale, bias, act_scale), want)
+    xq, s = quantize_per_token_int8(x, None)
+    xq_ref, s_ref = quantize_per_token_int8_ref(x, None)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
