@@ -1,0 +1,167 @@
+"""8da4w: per-token asymmetric int8 quantization and the int8 x int4 linear equal their plain-torch twins.
+
+Runs the Triton kernels on CUDA when there is one, else on CPU tensors under TRITON_INTERPRET=1 (conftest).
+Integer codes are compared exactly; the linear's fp32 sums across groups to accumulation tolerance.
+"""
+import pytest
+import torch
+
+from aofunc.kernels.int8_int4 import (
+    EPS,
+    int8_int4_candidates,
+    int8_int4_linear,
+    int8_int4_linear_ref,
+    int8_int4_linear_triton,
+    quantize_per_token_asym_int8,
+    quantize_per_token_asym_int8_ref,
+    quantize_per_token_asym_int8_triton,
+    unpack_int4_codes,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+LINEAR_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def _activation(m, k, dtype, seed, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 3 + 1 if contiguous else (torch.randn(k, m, generator=g) * 3 + 1).t()
+    return x.to(DEVICE, dtype)
+
+
+def _weight(n, k, group_size, dtype, seed):
+    """Random nibbles, the padded columns holding code 8 (q = 0) as quantizing a zero-padded weight gives."""
+    g = torch.Generator().manual_seed(seed)
+    kp = -(-k // group_size) * group_size
+    u = torch.randint(0, 16, (n, kp), dtype=torch.uint8, generator=g)
+    u[:, k:] = 8
+    qdata = (u[:, 0::2] << 4) | u[:, 1::2]
+    scale = torch.rand(n, kp // group_size, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g)
+    return qdata.to(DEVICE), scale.to(DEVICE, dtype), bias.to(DEVICE, dtype)
+
+
+def _close(y, want):
+    assert y.dtype == want.dtype and y.shape == want.shape
+    rel = ((y.double() - want.double()).norm() / want.double().norm()).item()
+    assert rel < 1e-3, rel
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_k", [None, 16])
+def test_quantize_kernel_equals_twin(dtype, block_k):
+    x = _activation(9, 50, dtype, seed=3, contiguous=block_k is None)
+    x[1] = x[1].abs()  # a row with no negative values: min(x, 0) = 0
+    x[2] = -x[2].abs()
+    got = quantize_per_token_asym_int8_triton(x, block_k=block_k)
+    want = quantize_per_token_asym_int8_ref(x)
+    assert [t.dtype for t in got] == [torch.int8, torch.float32, torch.int32]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_quantize_reference_values():
+    # min -1, max 254/255*... : s = 255/255 = 1 for a row spanning [-1, 254], zp = round(-128 + 1) = -127.
+    x = torch.tensor([[-1.0, 0.0, 0.5, 1.5, 254.0], [0.0] * 5], device=DEVICE)
+    xq, s, zp = quantize_per_token_asym_int8_triton(x)
+    assert s.tolist() == [1.0, EPS]
+    assert zp.tolist() == [-127, -128]
+    assert xq[0].tolist() == [-128, -127, -127, -125, 127]
+    assert torch.equal(quantize_per_token_asym_int8(x)[0], xq)
+
+
+def test_dequantized_activation_is_within_half_a_step():
+    x = _activation(5, 64, torch.float32, seed=4)
+    xq, s, zp = quantize_per_token_asym_int8_ref(x)
+    dq = (xq.float() - zp[:, None]) * s[:, None]
+    assert ((dq - x).abs() <= s[:, None] * (0.5 + 1e-4)).all()
+
+
+# ------------------------------------------------------------------------------------------------ linear
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("m,k,group_size", [(1, 64, 32), (7, 50, 32), (33, 100, 64)])
+def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
+    x = _activation(m, k, dtype, seed=m, contiguous=m != 7)
+    qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k)
+    if ON_GPU:
+        config = next(c for c in int8_int4_candidates(min(m, 16)) if c["FUSED"] == fused)
+    else:
+        config = {"FUSED": fused, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+    for b in (bias, None):
+        _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
+               int8_int4_linear_ref(x, qdata, scale, group_size, b))
+
+
+def test_linear_matches_fake_quantized_float_reference():
+    """The integer kernel computes what the reference's fake quantization computes, to fp32 rounding."""
+    x = _activation(6, 96, torch.float32, seed=5)
+    qdata, scale, bias = _weight(24, 96, 32, torch.float32, seed=6)
+    xq, s, zp = quantize_per_token_asym_int8_ref(x)
+    x_dq = (xq.float() - zp[:, None]) * s[:, None]
+    w = (unpack_int4_codes(qdata).float() - 8) * scale.repeat_interleave(32, dim=1)
+    _close(int8_int4_linear(x, qdata, scale, 32, bias), x_dq @ w.t() + bias)
+    _close(torch.ops.aofunc.int8_int4_linear(x, qdata, scale, 32, bias), x_dq @ w.t() + bias)
+
+
+def test_padded_columns_do_not_contribute():
+    # K = 40 in groups of 32: the last group has 8 real columns; nonzero codes in the padding must be ignored.
+    x = _activation(3, 40, torch.float32, seed=7)
+    qdata, scale, _ = _weight(16, 40, 32, torch.float32, seed=8)
+    noisy = qdata.clone()
+    noisy[:, 20:] |= 0x77
+    want = int8_int4_linear_ref(x, qdata, scale, 32, None)
+    _close(int8_int4_linear_ref(x, noisy, scale, 32, None), want)
+    _close(int8_int4_linear_triton(x, noisy, scale, 32, None), want)
+
+
+def test_inputs_are_not_modified():
+    x = _activation(3, 64, torch.float16, seed=9)
+    qdata, scale, bias = _weight(16, 64, 32, torch.float16, seed=10)
+    before = [t.clone() for t in (x, qdata, scale, bias)]
+    int8_int4_linear_triton(x, qdata, scale, 32, bias)
+    quantize_per_token_asym_int8_triton(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.zeros(2, 64, dtype=torch.int8)), "x must be float16, bfloat16 or float32"),
+    (dict(group_size=48), "group_size must be one of"),
+    (dict(qdata=torch.zeros(4, 64, dtype=torch.uint8)), r"qdata must be uint8 \[N, 32\]"),
+    (dict(qdata=torch.zeros(4, 32, dtype=torch.int8)), "qdata must be uint8"),
+    (dict(scale=torch.ones(4, 3)), r"scale must be a float tensor of shape \(4, 2\)"),
+    (dict(bias=torch.ones(5)), r"bias must have shape \(4,\)"),
+])
+def test_bad_input_is_refused(change, match):
+    args = dict(x=torch.zeros(2, 64), qdata=torch.zeros(4, 32, dtype=torch.uint8), scale=torch.ones(4, 2),
+                group_size=32, bias=None)
+    args.update(change)
+    for fn in (int8_int4_linear, int8_int4_linear_ref, int8_int4_linear_triton):
+        with pytest.raises((TypeError, ValueError), match=match):
+            fn(**args)
+
+
+def test_ops_register():
+    x = torch.randn(3, 64)
+    qdata, scale, bias = _weight(8, 64, 32, torch.float32, seed=11)
+    torch.library.opcheck(torch.ops.aofunc.quantize_per_token_asym_int8.default, (x.cpu(),))
+    torch.library.opcheck(torch.ops.aofunc.int8_int4_linear.default,
+                          (x.cpu(), qdata.cpu(), scale.cpu(), 32, bias.cpu()))
+
+
+# ------------------------------------------------------------------------------------------------ GPU, real sizes
+
+@gpu_only
+@pytest.mark.parametrize("k,n", [(4096, 4096), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_real_sizes_on_gpu(k, n, m, group_size):
+    x = _activation(m, k, torch.bfloat16, seed=m)
+    qdata, scale, bias = _weight(n, k, group_size, torch.bfloat16, seed=n)
+    _close(int8_int4_linear(x, qdata, scale, group_size, bias), int8_int4_linear_ref(x, qdata, scale, group_size, bias))
+    for a, b in zip(quantize_per_token_asym_int8(x), quantize_per_token_asym_int8_ref(x)):
+        assert torch.equal(a, b)
