@@ -174,7 +174,7 @@ def int8_int4_candidates(m: int) -> list:
         block_m = max(16, triton.next_power_of_2(m))
         return [_config(fused, block_m, bn, 1, 4, st)
                 for fused in ((True, False) if m <= FUSED_MAX_M * 2 else (False,))
-                for bn in (16, 32, 64, 128) for st in (3, 4)]
+                for bn, st in ((16, 4), (32, 4), (64, 4), (128, 3))]
     if m <= 256:
         return [_config(False, bm, bn, 8, w, st) for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 4),
                                                                     (128, 128, 8)) for st in (3, 4)]

@@ -53,7 +53,8 @@ def matmul_candidates(m: int) -> list:
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         return [_config(block_m, bn, bk, 1, 4, stages)
-                for bn in (32, 64, 128) for bk in (128, 256) for stages in (3, 4, 5)]
+                for bn, bk, stages in ((32, 256, 4), (64, 256, 4), (128, 128, 4), (32, 128, 5), (64, 128, 5),
+                                       (16, 256, 4), (32, 512, 3))]
     if m <= 256:
         return [_config(bm, bn, bk, 8, warps, stages)
                 for bm, bn, bk, warps in ((64, 64, 256, 4), (64, 128, 128, 4), (128, 64, 128, 4),

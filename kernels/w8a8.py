@@ -247,7 +247,8 @@ def w8a8_candidates(m: int) -> list:
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         fused = [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
-                 for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)]
+                 for bn, bk, st in ((32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4),
+                                    (32, 512, 3), (64, 512, 3), (128, 128, 4))]
     return fused + [{"FUSED": False, **c} for c in matmul_candidates(m)]
 
 
