@@ -1,0 +1,404 @@
+"""W4A16: int4 groupwise weights (tinygemm convention) times fp16/bf16/fp32 activations.
+
+y = x @ w[:, :K].T + bias,  w[n, k] = (code[n, k] - 8) * scale[n, k // g] + zero[n, k // g]
+
+Layout (DESIGN.md): ``qdata`` uint8 [N, Kp/2], byte j of row n = (code[2j] << 4) | code[2j+1]; ``scale`` and
+``zero`` [N, Kp/g] in the weight's dtype; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}.
+
+Three paths, picked per shape by ``w4a16_linear_triton`` (default thresholds, or a tuned choice):
+``gemv`` for a few rows of x (fp32 FMA per element, split-K), ``gemm`` (``tl.dot`` on dequantized tiles,
+split-K) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) for large M.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from aofunc.kernels import autotune
+
+GROUP_SIZES = (32, 64, 128, 256)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Rows of x up to which the FMA kernel runs, and up to which the tl.dot kernel runs (then dequant + cuBLAS).
+GEMV_MAX_M = 2
+GEMM_MAX_M = 256
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 for CPU tensors under the interpreter)."""
+    return _sm_count(device) if device.type == "cuda" else 4
+
+
+_counters: dict = {}
+
+
+def splitk_counters(device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``count`` arrival counters, kept per device (kernels leave it zeroed)."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
+
+
+def check_w4a16(x, qdata, scale, zero, group_size, bias) -> None:
+    """Raise ValueError naming the argument when the inputs are not a valid W4A16 problem."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    k = x.shape[1]
+    kp = -(-k // group_size) * group_size
+    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.shape[1] != kp // 2:
+        raise ValueError(f"qdata must be uint8 [N, {kp // 2}] for K={k}, g={group_size}; got "
+                         f"{qdata.dtype} of shape {tuple(qdata.shape)}")
+    n = qdata.shape[0]
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.shape != (n, kp // group_size) or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float tensor of shape {(n, kp // group_size)}, got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype not in FLOAT_DTYPES):
+        raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} of shape {tuple(bias.shape)}")
+    for name, t in (("qdata", qdata), ("scale", scale), ("zero", zero), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def w4a16_dequantize_ref(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g], computed in fp32, then cast: [N, k] in dtype."""
+    n = qdata.shape[0]
+    codes = torch.stack([qdata >> 4, qdata & 15], dim=-1).reshape(n, -1).float()
+    s = scale.float().repeat_interleave(group_size, dim=1)
+    z = zero.float().repeat_interleave(group_size, dim=1)
+    return ((codes - 8) * s + z)[:, :k].to(dtype)
+
+
+def w4a16_linear_ref(x, qdata, scale, zero, group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ w.T + bias, all in fp32 (w dequantized in fp32), then cast to x.dtype: the kernels' reference twin."""
+    check_w4a16(x, qdata, scale, zero, group_size, bias)
+    w = w4a16_dequantize_ref(qdata, scale, zero, group_size, x.shape[1], torch.float32)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, ws_stride,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store acc (+ bias) at y_ptr + offs; with split-K the last of a tile's SPLIT_K programs sums the partials.
+
+    Each split writes its fp32 partial at ``ws_ptr + pid_k * ws_stride + offs``, then counts itself in
+    ``cnt_ptr[tile]``; the program that arrives last reads all partials, writes y and zeroes the counter for
+    the next launch. ``acc`` may be [BLOCK_N] or [BLOCK_M, BLOCK_N], with offsets of the same shape.
+    """
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + pid_k * ws_stride + offs, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                acc += tl.load(ws_ptr + s * ws_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def unit_plus_code(q, J: tl.constexpr):
+    """1 + code/16, exactly, for code J (0..7) of int32 words of packed codes (as fp32).
+
+    Code J of a word sits in bits 4*(J^1)..+3 (bytes little-endian, first code of a byte in its high nibble);
+    one shift and one mask-or move it into mantissa bits 19..22 of 1.0, which no int-to-float conversion does
+    as cheaply. Callers recover sum(x * code) as 16 * (sum(x * (1 + code/16)) - sum(x)).
+    """
+    P: tl.constexpr = 4 * (J ^ 1)
+    if P <= 19:
+        t = q << (19 - P)
+    else:
+        t = q >> (P - 19)
+    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
+    # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = GROUP // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored: no masks in the loop
+    offs_g = tl.arange(0, GROUPS)
+    offs_w = tl.arange(0, WORDS)
+    n_groups = tl.cdiv(K, GROUP)
+    n_steps = tl.cdiv(n_groups, GROUPS)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    q_rows = q_ptr + rows[:, None, None] * stride_qn
+    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+        grp = step * GROUPS + offs_g
+        words = grp[:, None] * WORDS + offs_w[None, :]
+        if EVEN_K:
+            q = tl.load(q_rows + words[None, :, :])
+            s = tl.load(s_ptr + rows[:, None] * stride_sn + grp[None, :])
+            z = tl.load(z_ptr + rows[:, None] * stride_zn + grp[None, :])
+        else:
+            g_mask = grp < n_groups
+            q = tl.load(q_rows + words[None, :, :], mask=g_mask[None, :, None], other=0)
+            s = tl.load(s_ptr + rows[:, None] * stride_sn + grp[None, :], mask=g_mask[None, :], other=0.0)
+            z = tl.load(z_ptr + rows[:, None] * stride_zn + grp[None, :], mask=g_mask[None, :], other=0.0)
+        part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            k = words * 8 + j
+            if EVEN_K:
+                xj = tl.load(x_row + k * stride_xk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            part += unit_plus_code(q, j) * xj[None, :, :]
+            x_sum += xj
+        s = s.to(tl.float32)
+        # sum over the step of x * (code - 8) * s + x * z = 16 s (part - x_sum) + (z - 8 s) sum(x)
+        acc += (part - x_sum[None, :, :]) * (16.0 * s)[:, :, None]
+        acc_zero += (z.to(tl.float32) - 8.0 * s) * tl.sum(x_sum, axis=1)[None, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
+                  tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """[ROWS, 8 * WORDS] fp32 tile of 1 + code/16 from [ROWS, WORDS] int32 words (code 8w + j at column 8w + j)."""
+    # tl.join appends its choice as the last axis, so pair codes j and j + 4 first: t[..., a, b, c] = code 4a+2b+c.
+    c04 = tl.join(unit_plus_code(q, 0), unit_plus_code(q, 4))
+    c15 = tl.join(unit_plus_code(q, 1), unit_plus_code(q, 5))
+    c26 = tl.join(unit_plus_code(q, 2), unit_plus_code(q, 6))
+    c37 = tl.join(unit_plus_code(q, 3), unit_plus_code(q, 7))
+    return tl.reshape(tl.join(tl.join(c04, c26), tl.join(c15, c37)), (ROWS, 8 * WORDS))
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y, one group of K per step: d = dot(x, 1 + code/16) in fp32, then
+    # sum(x * w) = s * (16 d - 24 sum(x)) + z * sum(x) per column (1 + code/16 is exact in bf16 and fp16).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = GROUP // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, GROUP)
+    n_groups = tl.cdiv(K, GROUP)
+    per_split = tl.cdiv(n_groups, SPLIT_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_groups)):
+        k = g * GROUP + offs_k
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + g * WORDS + offs_w[None, :])
+        w = units_plus_codes(q, BLOCK_N, WORDS)
+        if DOT_FP32:
+            d = tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            d = tl.dot(xt, tl.trans(w.to(xt.dtype)))
+        s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
+        z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+        xs = tl.sum(xt.to(tl.float32), axis=1)
+        acc += d * (16.0 * s)[None, :] + xs[:, None] * (z - 24.0 * s)[None, :]
+    tile = pid_m * tl.num_programs(0) + pid_n
+    # y is dense [M, N] (stride_ym == N), so the split-K workspace shares its offsets.
+    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
+    offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    # w[n, 8v + j] for BLOCK_N rows and BLOCK_W words of codes.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    shifts = (tl.arange(0, 8) ^ 1) * 4
+    mask = (offs_n < N)[:, None] & (offs_v < tl.cdiv(K, 8))[None, :]
+    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_v[None, :], mask=mask, other=0)
+    grp = offs_v // (GROUP // 8)
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + grp[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_n[:, None] * stride_zn + grp[None, :], mask=mask, other=0.0).to(tl.float32)
+    codes = (((q[:, :, None] >> shifts) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    w = codes * s[:, :, None] + z[:, :, None]
+    k = offs_v[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    tl.store(w_ptr + offs_n[:, None, None] * K + k, w.to(w_ptr.dtype.element_ty),
+             mask=mask[:, :, None] & (k < K))
+
+
+def _words(qdata: torch.Tensor) -> torch.Tensor:
+    """qdata viewed as int32 words (4 bytes of a row each); Kp/2 is a multiple of 16, so rows split evenly."""
+    return qdata.contiguous().view(torch.int32)
+
+
+def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g] in fp32, then cast: [N, k] in dtype (Triton)."""
+    n = qdata.shape[0]
+    w = torch.empty(n, k, dtype=dtype, device=qdata.device)
+    block_n, block_w = 16, 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 8), block_w))
+    _w4a16_dequant_kernel[grid](_words(qdata), scale, zero, w, n, k, qdata.shape[1] // 4, scale.stride(0),
+                                zero.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4)
+    return w
+
+
+def _split_k(programs: int, n_steps: int, device: torch.device) -> int:
+    """Splits of K so that about two programs run per multiprocessor, each with at least two steps of K."""
+    want = max(1, (2 * sm_count(device)) // max(programs, 1))
+    return max(1, min(want, n_steps // 2, 16))
+
+
+def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
+    n_groups = -(-k // group_size)
+    if m <= GEMV_MAX_M:
+        block_n = 16
+        groups = max(1, min(256 // group_size, n_groups))
+        programs = m * triton.cdiv(n, block_n)
+        split = _split_k(programs, triton.cdiv(n_groups, groups), device)
+        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
+    if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        block_n = 64
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = _split_k(programs, n_groups, device)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(path="dequant")
+
+
+def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device):
+    """The search space of the tuner for one key: every path and its block sizes, warps, stages, splits."""
+    n_groups = -(-k // group_size)
+    out = [dict(path="dequant")]
+    if m <= 8:
+        for block_n in (8, 16, 32, 64):
+            for groups in sorted({max(1, min(c // group_size, n_groups)) for c in (128, 256, 512)}):
+                for split in (1, 2, 4, 8):
+                    for warps in (2, 4, 8):
+                        out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                        num_warps=warps, num_stages=3))
+    if m >= 2 and dtype != torch.float32:
+        for block_m in sorted({16, min(64, max(16, triton.next_power_of_2(m)))}):
+            for block_n in (32, 64, 128):
+                for split in (1, 2, 4, 8):
+                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                        out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+                                        num_warps=warps, num_stages=stages))
+    return out
+
+
+def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tensor:
+    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    params = dict(config)
+    path = params.pop("path")
+    if path == "dequant":
+        w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    split = params["SPLIT_K"]
+    if path == "gemv":
+        grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+        kernel, extra = _w4a16_gemv_kernel, dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0)
+    else:
+        grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
+        kernel = _w4a16_gemm_kernel
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
+    kernel[grid](
+        x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
+        m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), zero.stride(0), y.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, **extra, **params,
+    )
+    return y
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error allowed against the fp32 twin: the output rounding, plus x rounded to its dtype in tl.dot."""
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[torch.Tensor] = None, *,
+                        config: Optional[dict] = None) -> torch.Tensor:
+    """y = x @ w.T + bias with Triton kernels (CUDA, or CPU tensors under the interpreter); y in x.dtype.
+
+    ``config`` forces a path and its meta-parameters; otherwise the tuned or default one for the shape is used.
+    """
+    check_w4a16(x, qdata, scale, zero, group_size, bias)
+    if config is None:
+        m, k = x.shape
+        n = qdata.shape[0]
+        key = autotune.config_key(f"w4a16_g{group_size}", m, n, k, (x.dtype, scale.dtype), x.device)
+        config = autotune.choose(
+            key,
+            default_config(m, n, k, group_size, x.dtype, x.device),
+            candidates=lambda: candidate_configs(m, n, k, group_size, x.dtype, x.device),
+            run=lambda c: launch(x, qdata, scale, zero, group_size, bias, c),
+            reference=lambda: w4a16_linear_ref(x, qdata, scale, zero, group_size, bias),
+            tolerance=tolerance(x.dtype),
+        )
+    return launch(x, qdata, scale, zero, group_size, bias, config)
+
+
+@torch.library.custom_op("aofunc::w4a16_linear", mutates_args=())
+def w4a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ w.T + bias, w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g]: y [M, N] in x.dtype.
+
+    One opaque op for ``torch.compile``: Triton kernels on CUDA, the fp32 reference twin elsewhere.
+    """
+    if x.device.type == "cuda":
+        return w4a16_linear_triton(x, qdata, scale, zero, group_size, bias)
+    return w4a16_linear_ref(x, qdata, scale, zero, group_size, bias)
+
+
+@w4a16_linear.register_fake
+def _(x, qdata, scale, zero, group_size, bias=None):
+    check_w4a16(x, qdata, scale, zero, group_size, bias)
+    return x.new_empty(x.shape[0], qdata.shape[0])
