@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import autotune
 
@@ -56,15 +57,13 @@ def matmul_candidates(m: int) -> list:
                 for bn, bk, stages in ((32, 256, 4), (64, 256, 4), (128, 128, 4), (32, 128, 5), (64, 128, 5),
                                        (16, 256, 4), (32, 512, 3))]
     if m <= 256:
-        return [_config(bm, bn, bk, 8, warps, stages)
+        return [dict(_config(bm, bn, bk, 8, warps, stages), TMA=tma)
                 for bm, bn, bk, warps in ((64, 64, 256, 4), (64, 128, 128, 4), (128, 64, 128, 4),
                                           (128, 128, 128, 8), (64, 256, 128, 4))
-                for stages in (3, 4)]
-    return [_config(*c) for c in (
-        (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
-        (128, 128, 128, 8, 8, 4), (128, 128, 256, 8, 8, 3), (128, 256, 64, 8, 8, 4), (64, 256, 128, 8, 4, 4),
-        (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 5),
-    )]
+                for stages in (3, 4) for tma in (False, True)]
+    tiles = ((128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
+             (128, 128, 128, 8, 8, 4), (128, 128, 256, 8, 8, 3), (128, 256, 64, 8, 8, 4), (64, 256, 128, 8, 4, 4))
+    return [dict(_config(*c), TMA=tma) for tma in (False, True) for c in tiles]
 
 
 @triton.jit
@@ -75,16 +74,7 @@ def _int8_matmul_kernel(
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share each column tile while it sits in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap onto valid ones so the main loop needs no masks; they are never stored.
@@ -107,6 +97,46 @@ def _int8_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                SCALED, HAS_BIAS)
+
+
+@triton.jit
+def _int8_matmul_tma_kernel(
+    a_desc, b_desc, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr,
+    M, N, K, stride_cm, stride_cn,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The same product with A [M, K] and B^T [N, K] read through tensor descriptors (Hopper's copy engine)."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                SCALED, HAS_BIAS)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile while it sits in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store the int32 tile, or (acc * row_scale * col_scale).to(out dtype) + bias formed in fp32."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
@@ -147,16 +177,32 @@ def int8_matmul_triton(
         return out
     if k == 0:
         return out.zero_() if not scaled else _scaled_zero(out, bias)
-    config = config or default_matmul_config(m, a.device)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    launch = dict(config or default_matmul_config(m, a.device))
+    tma = launch.pop("TMA", False) and tma_compatible(a, b)
+    grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
+    epilogue = (row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out)
+    if tma:
+        a_desc = TensorDescriptor.from_tensor(a, [launch["BLOCK_M"], launch["BLOCK_K"]])
+        b_desc = TensorDescriptor.from_tensor(b.t(), [launch["BLOCK_N"], launch["BLOCK_K"]])
+        _int8_matmul_tma_kernel[grid](
+            a_desc, b_desc, out, *epilogue, m, n, k, out.stride(0), out.stride(1),
+            SCALED=scaled, HAS_BIAS=bias is not None, **launch,
+        )
+        return out
     _int8_matmul_kernel[grid](
-        a, b, out,
-        row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out,
-        m, n, k,
+        a, b, out, *epilogue, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % config["BLOCK_K"] == 0, **config,
+        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, **launch,
     )
     return out
+
+
+def tma_compatible(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether A [M, K] and B [K, N] can be read through tensor descriptors: K-contiguous rows, 16-byte aligned."""
+    return (
+        a.stride(1) == 1 and b.stride(0) == 1 and a.stride(0) % 16 == 0 and b.stride(1) % 16 == 0
+        and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    )
 
 
 def _scaled_zero(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from aofunc.kernels.int_mm import (
     int_mm,
     int_mm_ref,
     int_mm_triton,
+    tma_compatible,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,6 +75,21 @@ def test_scaled_epilogue_rounds_like_torch():
     want = (int_mm_ref(a, b).float() * row[:, None] * col.float()[None, :]).to(torch.float16) + bias
     assert y.dtype == torch.float16
     assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("m,k,n", [(20, 64, 24), (33, 48, 17), (5, 32, 40)])
+def test_descriptor_path_equals_exact_product(m, k, n):
+    """The tensor-descriptor kernel (zero-filled ragged tiles) on the weight layout, with and without scales."""
+    g = torch.Generator().manual_seed(m + k + n)
+    a, w = _int8(m, k, generator=g), _int8(n, k, generator=g)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 3,
+              "TMA": True}
+    assert tma_compatible(a, w.t())
+    assert torch.equal(int8_matmul_triton(a, w.t(), config=config).cpu(), _exact(a, w.t()))
+    row = torch.rand(m, generator=g).to(DEVICE)
+    col = torch.rand(n, generator=g).to(DEVICE, torch.float16)
+    y = int8_matmul_triton(a, w.t(), row_scale=row, col_scale=col, out_dtype=torch.float16, config=config)
+    assert torch.equal(y, (int_mm_ref(a, w.t()).float() * row[:, None] * col.float()[None, :]).to(torch.float16))
 
 
 def test_cublas_constraints():
