@@ -1,0 +1,161 @@
+"""The calibration fold: run the model over batches under the capture mode and fold what each linear saw into a state.
+
+    state = init(params); for batch: state = update(state, captured(batch)); all-reduce; finalize(state, params)
+
+Statistics are sums and maxima in fp32 whose size does not depend on the number of batches, so data-parallel
+calibration is an all-reduce of the state (each leaf with its own reduction) before `finalize`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from aofunc.capture import linear_calls, run_model
+from aofunc.tree import check_params
+
+Params = Mapping[str, torch.Tensor]
+Captured = dict  # {param name: [input of each linear-like call in one batch, as [tokens, K]]}
+
+REDUCTIONS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class Calibration(NamedTuple):
+    """A calibrated transform in the optax shape: pure functions over a small state.
+
+    `init(params) -> state`, `update(state, captured) -> state` once per batch, `finalize(state, params) -> params`.
+    The state is a tree (dicts, tuples, NamedTuples) of tensors. `reduce` names, per state path, the all-reduce
+    used in data-parallel calibration: "sum" (the default) or "max". A path is the leaf's keys and field names
+    joined by "."; a key covers every leaf at or below it, the longest matching key wins.
+
+    Example:
+        >>> absmax = aofunc.Calibration(
+        ...     init=lambda params: {"fc.weight": torch.zeros(4)},
+        ...     update=lambda state, seen: {"fc.weight": torch.maximum(
+        ...         state["fc.weight"], torch.cat(seen["fc.weight"]).abs().amax(0))},
+        ...     finalize=lambda state, params: state,
+        ...     reduce={"fc.weight": "max"})
+        >>> aofunc.fold(absmax, dict(fc.named_parameters(prefix="fc")), [torch.randn(8, 4)], model=model)
+    """
+
+    init: Callable[[Params], Any]
+    update: Callable[[Any, Captured], Any]
+    finalize: Callable[[Any, Params], Any]
+    reduce: Mapping[str, str] = {}
+
+
+def check_reduce(reduce: Mapping[str, str]) -> None:
+    if not isinstance(reduce, Mapping):
+        raise TypeError(f"Calibration.reduce must be a mapping {{state path: 'sum' | 'max'}}, got {reduce!r}")
+    for path, op in reduce.items():
+        if not isinstance(path, str) or op not in REDUCTIONS:
+            raise ValueError(f"Calibration.reduce[{path!r}] must be one of {sorted(REDUCTIONS)}, got {op!r}")
+
+
+def leaves_with_paths(state: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """[(path, leaf)] of a state tree; paths join mapping keys, NamedTuple fields and sequence indices with '.'."""
+    def join(key) -> str:
+        return f"{prefix}.{key}" if prefix else str(key)
+
+    if isinstance(state, Mapping):
+        return [item for key, value in state.items() for item in leaves_with_paths(value, join(key))]
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return [item for key, value in zip(state._fields, state) for item in leaves_with_paths(value, join(key))]
+    if isinstance(state, (tuple, list)):
+        return [item for i, value in enumerate(state) for item in leaves_with_paths(value, join(i))]
+    return [(prefix, state)]
+
+
+def reduction_for(path: str, reduce: Mapping[str, str]) -> str:
+    """The reduction of the longest key of `reduce` equal to `path` or a '.'-prefix of it; "sum" when none."""
+    best, op = -1, "sum"
+    for key, key_op in reduce.items():
+        if (path == key or path.startswith(key + ".")) and len(key) > best:
+            best, op = len(key), key_op
+    return op
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_state(state: Any, reduce: Mapping[str, str]) -> Any:
+    """Each tensor leaf of the state all-reduced across ranks in place with its own reduction; returns the state."""
+    for path, leaf in leaves_with_paths(state):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"fold: data-parallel calibration all-reduces every state leaf, but {path!r} is a "
+                            f"{type(leaf).__name__}; keep the state's leaves tensors")
+        dist.all_reduce(leaf, op=REDUCTIONS[reduction_for(path, reduce)])
+    return state
+
+
+def check_model_uses(model, params: Params, what: str) -> None:
+    """An nn.Module must own at least one of the given names (functional_call silently ignores unknown keys)."""
+    if isinstance(model, torch.nn.Module):
+        own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+        if not own & set(params):
+            raise ValueError(f"{what}: the model's forward does not use the given params: none of their names "
+                             f"(e.g. {next(iter(params), None)!r}) is a parameter of the model "
+                             f"(e.g. {next(iter(own), None)!r})")
+    elif not callable(model):
+        raise TypeError(f"{what}: model must be an nn.Module or a function f(params, batch), "
+                        f"got {type(model).__name__}")
+
+
+def run_batch(model, params: Params, batch: Any, index: int, what: str):
+    """model on one batch; an exception from the model is re-raised naming the batch."""
+    try:
+        return run_model(model, params, batch)
+    except Exception as e:
+        raise ValueError(f"{what}: the model failed on batch {index} ({type(e).__name__}: {e}); "
+                         "a batch is what the forward takes: a tensor, a tuple of args, or a dict of kwargs") from e
+
+
+def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, names: Iterable[str] | None = None,
+         progress: bool = True, desc: str = "calibrate"):
+    """finalize(all_reduce(update(... update(init(params), captured(batch_0)) ...)), params).
+
+    Runs `model` (an nn.Module through functional_call, or f(params, batch)) on every batch under the capture mode;
+    `update` gets {param name: [inputs of its linear-like calls in this batch]} for the params in `names` (default:
+    all). When torch.distributed is initialized, every rank folds its own batches and the state is all-reduced
+    before `finalize`, so every rank returns the same result. `batches` may be any iterable; it is read once.
+
+    Example:
+        >>> qparams = aofunc.fold(my_calibration, params, calib_batches, model=model)
+    """
+    params = check_params(params)
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"fold: calibration must be an aofunc.Calibration, got {type(calibration).__name__}")
+    check_reduce(calibration.reduce)
+    check_model_uses(model, params, "fold")
+    wanted = list(params) if names is None else list(names)
+    unknown = [name for name in wanted if name not in params]
+    if unknown:
+        raise KeyError(f"fold: names not in params: {unknown[:5]}")
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise TypeError(f"fold: batches must be an iterable of batches, got {type(batches).__name__}") from None
+
+    state = calibration.init(params)
+    seen_batches = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for index, batch in enumerate(tqdm(iterator, desc=desc, total=total, disable=not progress, unit="batch")):
+        captured: Captured = {}
+        with torch.no_grad(), linear_calls(params, lambda name, call: captured.setdefault(name, []).append(call.x),
+                                           wanted):
+            run_batch(model, params, batch, index, "fold")
+        if index == 0 and not captured:
+            raise ValueError("fold: the model's forward made no linear-like call (F.linear, matmul, addmm, 1x1 "
+                             "conv2d) with any of the given params on batch 0; pass the very tensors the model "
+                             "should use, under the names it gives them")
+        state = calibration.update(state, captured)
+        seen_batches += 1
+    if seen_batches == 0:
+        raise ValueError("fold: batches is empty; calibration needs at least one batch")
+    if is_distributed():
+        state = all_reduce_state(state, calibration.reduce)
+    return calibration.finalize(state, params)

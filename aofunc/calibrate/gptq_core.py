@@ -1,0 +1,191 @@
+"""The GPTQ algorithm on one weight: quantize W [N, K] column by column, pushing each column's error onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs. Pure functions on tensors.
+
+    H = (2/t) Σ x xᵀ,  Hinv = chol(chol⁻¹(chol(H + λI)))ᵀ,  err_i = (w_i - q(w_i)) / Hinv[i,i],  W[:, j>i] -= err_i Hinv[i, j]
+"""
+from __future__ import annotations
+
+import torch
+
+from aofunc import primitives as P
+from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, Scheme
+
+
+# ---------------------------------------------------------------------------------------------- Hessians
+
+def hessian_sum_update(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """total + xᵀ x in fp32 for inputs x [tokens, K]: the running Σ x xᵀ (a new tensor)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        # half-precision products are exact in fp32; cuBLAS accumulates them in fp32 without an fp32 copy of x
+        return total + torch.mm(x.t(), x, out_dtype=torch.float32)
+    x32 = x.float()
+    return torch.addmm(total, x32.t(), x32)
+
+
+def hessian(total: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """H = (2/t) Σ x xᵀ from the running sum and the token count t."""
+    return total * (2.0 / tokens.clamp(min=1))
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean(diag H); λ grows tenfold until H + λI
+    factorizes, so near-singular Hessians (tiny calibration sets, collinear inputs) never fail."""
+    k = H.shape[0]
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    damp = percdamp if percdamp > 0 else 1e-6
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return U
+        damp *= 10
+    raise ValueError("gptq: the Hessian does not factorize even with damping 10^7 times the requested; "
+                     "its inputs are degenerate")
+
+
+# ---------------------------------------------------------------------------------------------- group quantizers
+
+class _Asymmetric:
+    """Int4WeightOnly groups: scale = clamp(max - min, 1e-6)/15, zero = min + 8·scale (both rounded to the weight's
+    dtype), code = clamp(round((w - (zero - 8·scale))/scale), 0, 15), w ≈ (code - 8)·scale + zero."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo).clamp(min=1e-6) / 15).to(self.dtype).float()
+        zero = (lo + 8 * scale).to(self.dtype).float()
+        return scale, zero
+
+    @staticmethod
+    def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.round((w - (zero - 8 * scale)) / scale).clamp_(0, 15)
+
+    @staticmethod
+    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (codes - 8) * scale + zero
+
+    def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"qdata": P.pack_uint4(codes.to(torch.uint8)), "scale": scale.to(self.dtype),
+                "zero": zero.to(self.dtype)}
+
+
+class _Symmetric:
+    """Int8DynamicInt4 groups: scale = max(amax/7.5, eps) (rounded to the weight's dtype), q = clamp(round(w/scale),
+    -8, 7), w ≈ q·scale; stored as q + 8."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = P.choose_scale_symmetric_per_row(g, -8, 7).to(self.dtype).float()
+        return scale, torch.zeros_like(scale)
+
+    @staticmethod
+    def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.round(w / scale).clamp_(-8, 7)
+
+    @staticmethod
+    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return codes * scale
+
+    def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"qdata": P.pack_uint4((codes + 8).to(torch.uint8)), "scale": scale.to(self.dtype)}
+
+
+GROUP_QUANTIZERS = {Int4WeightOnly: _Asymmetric, Int8DynamicInt4: _Symmetric}
+
+
+def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The columns of one group, zero-padded to the full group as the stored format pads K."""
+    return P.pad_to_multiple(w, group_size)
+
+
+# ---------------------------------------------------------------------------------------------- the algorithm
+
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int = 128,
+                         percdamp: float = 0.01, act_order: bool = False) -> dict[str, torch.Tensor]:
+    """The stored tensors of `scheme` for W [N, K] (canonical orientation) quantized by GPTQ with Hessian H [K, K].
+
+    Columns whose diag(H) is 0 (dead inputs) get H = 1 and W = 0. Blocks of `blocksize` columns are quantized
+    column by column, each error pushed onto the block's later columns at once and onto the rest of the matrix
+    lazily after the block. Group qparams are chosen when a group starts, from the current (error-updated)
+    weights. With `act_order`, columns go by decreasing diag(H) and the groups are static: their qparams come
+    from the weights before any update, so the stored layout is the usual one. The result has the same names,
+    shapes and dtypes as `scheme.quantize(W)`.
+
+    Example:
+        >>> W, X = torch.randn(64, 256), torch.randn(1024, 256) @ torch.randn(256, 256)
+        >>> parts = gptq_quantize_weight(W, 2 * X.T @ X / 1024, aofunc.Int4WeightOnly(128))
+        >>> sorted(parts)
+        ['qdata', 'scale', 'zero']
+    """
+    if type(scheme) not in GROUP_QUANTIZERS:
+        raise TypeError(f"gptq: scheme must be Int4WeightOnly or Int8DynamicInt4, got {scheme!r}")
+    n, k = W.shape
+    if tuple(H.shape) != (k, k):
+        raise ValueError(f"gptq: H must be [{k}, {k}] for a weight with K = {k}, got {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("gptq: the Hessian has non-finite values; the layer's calibration inputs are not finite")
+    quantizer = GROUP_QUANTIZERS[type(scheme)](W.dtype)
+    gs = scheme.group_size
+    n_groups = -(-k // gs)
+
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scale = torch.zeros(n, n_groups, dtype=torch.float32, device=W.device)
+    zero = torch.zeros_like(scale)
+    if act_order:
+        for g in range(n_groups):
+            scale[:, g], zero[:, g] = quantizer.choose(_group(W[:, g * gs:(g + 1) * gs], gs))
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // gs).tolist()
+    else:
+        perm = None
+        group_of = [c // gs for c in range(k)]
+
+    Hinv = inverse_hessian_factor(H, percdamp)
+    del H
+    codes = torch.empty(n, k, dtype=torch.float32, device=W.device)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = group_of[col]
+            if not act_order and col % gs == 0:
+                # the group's current weights: updated inside this block, and pending this block's errors beyond it
+                end = min(col + gs, k)
+                current = W1[:, i:end - i1]
+                if end > i2:
+                    beyond = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
+                    current = torch.cat([current, beyond], dim=1)
+                scale[:, g], zero[:, g] = quantizer.choose(_group(current, gs))
+            w = W1[:, i]
+            s, z = scale[:, g], zero[:, g]
+            c = quantizer.codes(w, s, z)
+            codes[:, col] = c
+            err = (w - quantizer.dequantize(c, s, z)) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    padded = n_groups * gs
+    if padded > k:
+        # the format pads K with zero weights: their codes are those of 0 in the last group
+        pad = torch.zeros(n, padded - k, dtype=torch.float32, device=W.device)
+        codes = torch.cat([codes, quantizer.codes(pad, scale[:, -1:], zero[:, -1:])], dim=1)
+    return quantizer.stored(codes, scale, zero)
