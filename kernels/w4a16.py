@@ -286,7 +286,7 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     return w
 
 
-def _split_k(programs: int, n_steps: int, device: torch.device) -> int:
+def split_k(programs: int, n_steps: int, device: torch.device) -> int:
     """Splits of K so that about two programs run per multiprocessor, each with at least two steps of K."""
     want = max(1, (2 * sm_count(device)) // max(programs, 1))
     return max(1, min(want, n_steps // 2, 16))
@@ -299,13 +299,13 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
         block_n = 16
         groups = max(1, min(256 // group_size, n_groups))
         programs = m * triton.cdiv(n, block_n)
-        split = _split_k(programs, triton.cdiv(n_groups, groups), device)
+        split = split_k(programs, triton.cdiv(n_groups, groups), device)
         return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
     if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         block_n = 64
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = _split_k(programs, n_groups, device)
+        split = split_k(programs, n_groups, device)
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=3)
     return dict(path="dequant")
 

@@ -1,0 +1,267 @@
+"""W8A16: int8 per-output-channel weights times fp16/bf16/fp32 activations.
+
+y = (x @ q.T) * scale + bias,  q int8 [N, K], scale [N] in the weight's dtype.
+
+Three paths, picked per shape by ``w8a16_linear_triton`` (default thresholds, or a tuned choice): ``gemv``
+(fp32 FMA per element, split-K) for a few rows of x, ``gemm`` (``tl.dot`` on int8 tiles made exact floats,
+split-K) for medium M, and ``dequant`` (q * scale in x.dtype, then cuBLAS) for large M.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from aofunc.kernels import autotune
+from aofunc.kernels.w4a16 import FLOAT_DTYPES, interpreting, split_k, splitk_counters, splitk_finish, tolerance
+
+GEMV_MAX_M = 2
+GEMM_MAX_M = 256
+
+
+def check_w8a16(x, qdata, scale, bias) -> None:
+    """Raise ValueError naming the argument when the inputs are not a valid W8A16 problem."""
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if qdata.dtype != torch.int8 or qdata.dim() != 2 or qdata.shape[1] != x.shape[1]:
+        raise ValueError(f"qdata must be int8 [N, {x.shape[1]}], got {qdata.dtype} of shape {tuple(qdata.shape)}")
+    n = qdata.shape[0]
+    if scale.shape != (n,) or scale.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"scale must be a float tensor of shape ({n},), got {scale.dtype} of shape {tuple(scale.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype not in FLOAT_DTYPES):
+        raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} of shape {tuple(bias.shape)}")
+    for name, t in (("qdata", qdata), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def w8a16_linear_ref(x, qdata, scale, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias, all in fp32, then cast to x.dtype: the kernels' reference twin."""
+    check_w8a16(x, qdata, scale, bias)
+    y = (x.float() @ qdata.float().T) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def unit_plus_byte(q, J: tl.constexpr):
+    """1 + (b + 128)/256, exactly, for int8 b = byte J (0..3) of int32 words (as fp32).
+
+    One shift and one mask-xor-or move the byte into mantissa bits 15..22 of 1.0 with its sign bit flipped
+    (b + 128 as unsigned). Callers recover sum(x * b) as 256 * sum(x * (1 + (b + 128)/256)) - 384 * sum(x).
+    """
+    P: tl.constexpr = 8 * J
+    if P <= 15:
+        t = q << (15 - P)
+    else:
+        t = q >> (P - 15)
+    return (((t & 0x007F8000) ^ 0x00400000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def byte_value(q, J: tl.constexpr):
+    """The int8 byte J (0..3) of int32 words as an exact fp32 value: (b + 128) in the mantissa of 2**23, minus."""
+    return ((((q >> (8 * J)) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _w8a16_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # One row of x, BLOCK_N rows of q, a slice of the steps along K (a step is BLOCK_W int32 words = 4 * BLOCK_W
+    # values of a row). q_ptr is qdata viewed as int32 words when K % 4 == 0 (the launcher pads otherwise).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored: no masks in the loop
+    offs_w = tl.arange(0, BLOCK_W)
+    n_words = tl.cdiv(K, 4)
+    n_steps = tl.cdiv(n_words, BLOCK_W)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    acc_x = tl.zeros([BLOCK_W], dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    q_rows = q_ptr + rows[:, None] * stride_qn
+    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+        words = step * BLOCK_W + offs_w
+        if EVEN_K:
+            q = tl.load(q_rows + words[None, :])
+        else:
+            q = tl.load(q_rows + words[None, :], mask=(words < n_words)[None, :], other=0)
+        for j in tl.static_range(4):
+            k = words * 4 + j
+            if EVEN_K:
+                xj = tl.load(x_row + k * stride_xk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            acc += unit_plus_byte(q, j) * xj[None, :]
+            acc_x += xj
+    s = tl.load(s_ptr + rows).to(tl.float32)
+    y = s * (256.0 * tl.sum(acc, axis=1) - 384.0 * tl.sum(acc_x, axis=0))
+    tile = pid_m * tl.num_programs(0) + pid_n
+    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
+                  tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _w8a16_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y; each step dots x with 4 * BLOCK_W columns of q as exact floats; the
+    # per-row scale is applied once at the end.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    rows = tl.minimum(offs_n, N - 1)
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, 4 * BLOCK_W)
+    n_words = tl.cdiv(K, 4)
+    n_steps = tl.cdiv(n_words, BLOCK_W)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+        k = step * 4 * BLOCK_W + offs_k
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+        words = step * BLOCK_W + offs_w
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + words[None, :], mask=(words < n_words)[None, :], other=0)
+        # tl.join appends its choice as the last axis: t[..., a, b] = byte 2a + b.
+        w = tl.join(tl.join(byte_value(q, 0), byte_value(q, 2)), tl.join(byte_value(q, 1), byte_value(q, 3)))
+        w = tl.reshape(w, (BLOCK_N, 4 * BLOCK_W))
+        if DOT_FP32:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    acc = acc * tl.load(s_ptr + rows).to(tl.float32)[None, :]
+    tile = pid_m * tl.num_programs(0) + pid_n
+    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]  # y is dense [M, N], like the split-K workspace
+    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
+    offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+
+
+def _words(qdata: torch.Tensor) -> torch.Tensor:
+    """qdata as int32 words of 4 values, rows zero-padded to a multiple of 4 values (a copy only then)."""
+    n, k = qdata.shape
+    if k % 4:
+        qdata = torch.nn.functional.pad(qdata, (0, 4 - k % 4))
+    return qdata.contiguous().view(torch.int32)
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
+    n_words = -(-k // 4)
+    if m <= GEMV_MAX_M:
+        block_n, block_w = 64, 64
+        split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_words, block_w), device)
+        return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4, num_stages=3)
+    if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        block_n, block_w = 64, 16
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = split_k(programs, triton.cdiv(n_words, block_w), device)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split,
+                    num_warps=4, num_stages=3)
+    return dict(path="dequant")
+
+
+def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
+    """The search space of the tuner for one key: every path and its block sizes, warps, stages, splits."""
+    out = [dict(path="dequant")]
+    if m <= 8:
+        for block_n in (16, 32, 64, 128):
+            for block_w in (16, 32, 64):
+                for split in (1, 2, 4, 8):
+                    for warps in (4, 8):
+                        out.append(dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split,
+                                        num_warps=warps, num_stages=3))
+    if m >= 2 and dtype != torch.float32:
+        for block_m in sorted({16, min(64, max(16, triton.next_power_of_2(m)))}):
+            for block_n in (32, 64, 128):
+                for block_w in (16, 32):
+                    for split in (1, 2, 4, 8):
+                        for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                            out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
+                                            SPLIT_K=split, num_warps=warps, num_stages=stages))
+    return out
+
+
+def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
+    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    params = dict(config)
+    path = params.pop("path")
+    if path == "dequant":
+        w = (qdata * scale[:, None]).to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    split = params["SPLIT_K"]
+    words = _words(qdata)
+    if path == "gemv":
+        grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+        kernel, extra = _w8a16_gemv_kernel, dict(EVEN_K=k % (4 * params["BLOCK_W"]) == 0)
+    else:
+        grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
+        kernel, extra = _w8a16_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
+    kernel[grid](
+        x, words, scale, bias if bias is not None else y, y, ws, counters,
+        m, n, k, x.stride(0), x.stride(1), words.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, **extra, **params,
+    )
+    return y
+
+
+def w8a16_linear_triton(x, qdata, scale, bias: Optional[torch.Tensor] = None, *,
+                        config: Optional[dict] = None) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias with Triton kernels (CUDA, or CPU tensors under the interpreter).
+
+    ``config`` forces a path and its meta-parameters; otherwise the tuned or default one for the shape is used.
+    """
+    check_w8a16(x, qdata, scale, bias)
+    if config is None:
+        m, k = x.shape
+        n = qdata.shape[0]
+        key = autotune.config_key("w8a16", m, n, k, (x.dtype, scale.dtype), x.device)
+        config = autotune.choose(
+            key,
+            default_config(m, n, k, x.dtype, x.device),
+            candidates=lambda: candidate_configs(m, n, k, x.dtype, x.device),
+            run=lambda c: launch(x, qdata, scale, bias, c),
+            reference=lambda: w8a16_linear_ref(x, qdata, scale, bias),
+            tolerance=tolerance(x.dtype),
+        )
+    return launch(x, qdata, scale, bias, config)
+
+
+@torch.library.custom_op("aofunc::w8a16_linear", mutates_args=())
+def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias: y [M, N] in x.dtype.
+
+    One opaque op for ``torch.compile``: Triton kernels on CUDA, the fp32 reference twin elsewhere.
+    """
+    if x.device.type == "cuda":
+        return w8a16_linear_triton(x, qdata, scale, bias)
+    return w8a16_linear_ref(x, qdata, scale, bias)
+
+
+@w8a16_linear.register_fake
+def _(x, qdata, scale, bias=None):
+    check_w8a16(x, qdata, scale, bias)
+    return x.new_empty(x.shape[0], qdata.shape[0])
