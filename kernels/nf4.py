@@ -1,0 +1,321 @@
+"""NF4 (QLoRA): 4-bit NormalFloat codes with double-quantized block scales; dequantize and a fused linear.
+
+w[i] = NF4_LEVELS[code[i]] * s[i // block_size],  s[b] = scaler_q[b] / scaler_factor[b // scaler_block_size] + mean
+
+Layout (DESIGN.md): the row-major [n, k] weight flattened, zero-padded to P elements (a whole number of
+``block_size * scaler_block_size``); ``qdata`` uint8 [P/2], two codes a byte, first in the high nibble;
+``scaler_q`` int8 [P/block_size]; ``scaler_factor`` fp32 [P/(block_size*scaler_block_size)]; ``scaler_mean``
+fp32 0-d. A block may straddle rows when k % block_size != 0; padding is never read into results.
+
+``nf4_linear`` runs an FMA GEMV for a few rows of x when rows start on whole blocks (k % block_size == 0,
+block_size % 8 == 0), and otherwise dequantizes with the Triton kernel and calls cuBLAS. It has autograd
+with respect to x and bias (grad_x = grad_y @ W), for LoRA fine-tuning over a frozen base weight.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from aofunc.kernels import autotune
+from aofunc.kernels.w4a16 import FLOAT_DTYPES, split_k, splitk_counters, splitk_finish, tolerance
+
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+GEMV_MAX_M = 2
+
+_levels: dict = {}
+
+
+def nf4_levels(device) -> torch.Tensor:
+    """The 16 NF4 levels as an fp32 tensor on ``device`` (kept per device)."""
+    device = torch.device(device)
+    if device not in _levels:
+        _levels[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return _levels[device]
+
+
+def check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
+              scaler_block_size: int) -> None:
+    """Raise ValueError naming the argument when the tensors are not an NF4 weight of logical shape [n, k]."""
+    if n < 1 or k < 1:
+        raise ValueError(f"n and k must be positive, got n={n}, k={k}")
+    if block_size < 2 or block_size % 2 or scaler_block_size < 1:
+        raise ValueError(f"block_size must be even and >= 2 and scaler_block_size >= 1, got {block_size}, "
+                         f"{scaler_block_size}")
+    chunk = block_size * scaler_block_size
+    padded = -(-n * k // chunk) * chunk
+    expected = (("qdata", qdata, torch.uint8, (padded // 2,)),
+                ("scaler_q", scaler_q, torch.int8, (padded // block_size,)),
+                ("scaler_factor", scaler_factor, torch.float32, (padded // chunk,)),
+                ("scaler_mean", scaler_mean, torch.float32, ()))
+    for name, t, dtype, shape in expected:
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {dtype} of shape {shape} for n={n}, k={k}, block_size={block_size}, "
+                             f"scaler_block_size={scaler_block_size}; got {t.dtype} of shape {tuple(t.shape)}")
+        if t.device != qdata.device:
+            raise ValueError(f"{name} is on {t.device} but qdata is on {qdata.device}")
+
+
+def nf4_block_scales_ref(scaler_q, scaler_factor, scaler_mean, scaler_block_size: int) -> torch.Tensor:
+    """s[b] = scaler_q[b] / scaler_factor[b // scaler_block_size] + scaler_mean, in fp32: [P / block_size]."""
+    return scaler_q.float() / scaler_factor.repeat_interleave(scaler_block_size) + scaler_mean
+
+
+def nf4_dequantize_ref(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
+                       scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (the reference twin)."""
+    check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
+    codes = torch.stack([qdata >> 4, qdata & 15], dim=-1).reshape(-1)[: n * k].long()
+    s = nf4_block_scales_ref(scaler_q, scaler_factor, scaler_mean, scaler_block_size)
+    w = nf4_levels(qdata.device)[codes] * s.repeat_interleave(block_size)[: n * k]
+    return w.reshape(n, k).to(dtype)
+
+
+def nf4_linear_ref(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
+                   scaler_block_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ w.T + bias, all in fp32 (w dequantized in fp32), then cast to x.dtype: the reference twin."""
+    _check_linear(x, n, k, bias)
+    w = nf4_dequantize_ref(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size,
+                           torch.float32)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _check_linear(x, n, k, bias) -> None:
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES or x.shape[1] != k:
+        raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor with {k} columns, got {x.dtype} of shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype not in FLOAT_DTYPES or bias.device != x.device):
+        raise ValueError(f"bias must be a float tensor of shape ({n},) on {x.device}, got {bias.dtype} of shape "
+                         f"{tuple(bias.shape)} on {bias.device}")
+
+
+@triton.jit
+def block_scale(sq_ptr, f_ptr, mean, b, SCALER_BLOCK: tl.constexpr):
+    """s[b] = scaler_q[b] / scaler_factor[b // SCALER_BLOCK] + mean, in fp32, for a tensor of block indices b."""
+    return tl.load(sq_ptr + b).to(tl.float32) / tl.load(f_ptr + b // SCALER_BLOCK) + mean
+
+
+@triton.jit
+def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
+                        BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # BLOCK_BYTES bytes of codes -> 2 * BLOCK_BYTES elements of the flat weight; both codes of a byte share a
+    # block because BLOCK is even.
+    # bytes past the weight repeat its last byte (never stored), so every load stays in bounds
+    offs = tl.minimum(tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES), (numel - 1) // 2)
+    byte = tl.load(q_ptr + offs).to(tl.int32)
+    s = block_scale(sq_ptr, f_ptr, tl.load(mean_ptr), (2 * offs) // BLOCK, SCALER_BLOCK)
+    hi = tl.load(lut_ptr + (byte >> 4)) * s
+    lo = tl.load(lut_ptr + (byte & 15)) * s
+    w = tl.reshape(tl.join(hi, lo), (2 * BLOCK_BYTES,))
+    k = 2 * tl.program_id(0) * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+    tl.store(w_ptr + k, w.to(w_ptr.dtype.element_ty), mask=k < numel)
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_ym,
+    BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
+    # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
+    # n*K/8..; word w holds codes 8w..8w+7, code 8w+j in bits 4*(j^1)..+3.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored
+    offs_g = tl.arange(0, GROUPS)
+    offs_w = tl.arange(0, WORDS)
+    row_blocks = K // BLOCK
+    n_steps = tl.cdiv(row_blocks, GROUPS)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    mean = tl.load(mean_ptr)
+    acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+        grp = step * GROUPS + offs_g
+        blocks = rows[:, None] * row_blocks + grp[None, :]
+        words = blocks[:, :, None] * WORDS + offs_w[None, None, :]
+        if EVEN_K:
+            q = tl.load(q_ptr + words)
+            s = block_scale(sq_ptr, f_ptr, mean, blocks, SCALER_BLOCK)
+        else:
+            g_mask = grp < row_blocks
+            q = tl.load(q_ptr + words, mask=g_mask[None, :, None], other=0)
+            s = block_scale(sq_ptr, f_ptr, mean, tl.where(g_mask[None, :], blocks, 0), SCALER_BLOCK)
+        part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            k = (grp[:, None] * WORDS + offs_w[None, :]) * 8 + j
+            if EVEN_K:
+                xj = tl.load(x_row + k * stride_xk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            level = tl.load(lut_ptr + ((q >> ((j ^ 1) * 4)) & 15))
+            part += level * xj[None, :, :]
+        acc += part * s[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
+                  tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+
+
+def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
+                          scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (Triton kernel)."""
+    check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
+    w = torch.empty(n, k, dtype=dtype, device=qdata.device)
+    block_bytes = 1024
+    grid = (triton.cdiv(triton.cdiv(n * k, 2), block_bytes),)
+    _nf4_dequant_kernel[grid](qdata, scaler_q, scaler_factor, scaler_mean, nf4_levels(qdata.device), w, n * k,
+                              BLOCK=block_size, SCALER_BLOCK=scaler_block_size, BLOCK_BYTES=block_bytes,
+                              num_warps=4)
+    return w
+
+
+def gemv_fits(k: int, block_size: int) -> bool:
+    """Whether the GEMV kernel can read rows directly: rows start on whole blocks of whole int32 words."""
+    return k % block_size == 0 and block_size % 8 == 0
+
+
+def default_config(m: int, n: int, k: int, block_size: int, device: torch.device) -> dict:
+    """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
+    if m > GEMV_MAX_M or not gemv_fits(k, block_size):
+        return dict(path="dequant")
+    row_blocks = k // block_size
+    groups = max(1, min(256 // block_size, row_blocks))
+    block_n = 64
+    split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
+    return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
+
+
+def candidate_configs(m: int, n: int, k: int, block_size: int, device: torch.device):
+    """The search space of the tuner for one key."""
+    out = [dict(path="dequant")]
+    if m <= 8 and gemv_fits(k, block_size):
+        row_blocks = k // block_size
+        for block_n in (16, 32, 64, 128):
+            for groups in sorted({max(1, min(c // block_size, row_blocks)) for c in (128, 256, 512)}):
+                for split in (1, 2, 4, 8):
+                    for warps in (4, 8):
+                        out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                        num_warps=warps, num_stages=3))
+    return out
+
+
+def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
+           config: dict) -> torch.Tensor:
+    """Run one path with one configuration (no checks, no tuning): y [M, n] in x.dtype."""
+    params = dict(config)
+    if params.pop("path") == "dequant":
+        w = nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size,
+                                  scaler_block_size, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    split = params["SPLIT_K"]
+    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
+    _nf4_gemv_kernel[grid](
+        x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),
+        bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),
+        BLOCK=block_size, SCALER_BLOCK=scaler_block_size, HAS_BIAS=bias is not None,
+        EVEN_K=(k // block_size) % params["GROUPS"] == 0, **params,
+    )
+    return y
+
+
+def nf4_linear_triton(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
+                      scaler_block_size: int, bias: Optional[torch.Tensor] = None, *,
+                      config: Optional[dict] = None) -> torch.Tensor:
+    """y = x @ w.T + bias with Triton kernels (CUDA, or CPU tensors under the interpreter); y in x.dtype."""
+    check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
+    _check_linear(x, n, k, bias)
+    args = (x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias)
+    if config is None:
+        m = x.shape[0]
+        key = autotune.config_key(f"nf4_b{block_size}_s{scaler_block_size}", m, n, k, (x.dtype,), x.device)
+        config = autotune.choose(
+            key,
+            default_config(m, n, k, block_size, x.device),
+            candidates=lambda: candidate_configs(m, n, k, block_size, x.device),
+            run=lambda c: launch(*args, c),
+            reference=lambda: nf4_linear_ref(*args),
+            tolerance=tolerance(x.dtype),
+        )
+    return launch(*args, config)
+
+
+@torch.library.custom_op("aofunc::nf4_dequantize", mutates_args=())
+def nf4_dequantize(qdata: torch.Tensor, scaler_q: torch.Tensor, scaler_factor: torch.Tensor,
+                   scaler_mean: torch.Tensor, n: int, k: int, block_size: int, scaler_block_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (Triton on CUDA)."""
+    if qdata.device.type == "cuda":
+        return nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size,
+                                     scaler_block_size, dtype)
+    return nf4_dequantize_ref(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size,
+                              dtype)
+
+
+@nf4_dequantize.register_fake
+def _(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, dtype):
+    check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
+    return qdata.new_empty(n, k, dtype=dtype)
+
+
+@torch.library.custom_op("aofunc::nf4_linear", mutates_args=())
+def nf4_linear(x: torch.Tensor, qdata: torch.Tensor, scaler_q: torch.Tensor, scaler_factor: torch.Tensor,
+               scaler_mean: torch.Tensor, n: int, k: int, block_size: int, scaler_block_size: int,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ w.T + bias with w the NF4 weight [n, k]: y [M, n] in x.dtype; differentiable in x and bias.
+
+    One opaque op for ``torch.compile``: Triton kernels on CUDA, the fp32 reference twin elsewhere.
+    """
+    args = (x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias)
+    if x.device.type == "cuda":
+        return nf4_linear_triton(*args)
+    return nf4_linear_ref(*args)
+
+
+@nf4_linear.register_fake
+def _(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias=None):
+    check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
+    _check_linear(x, n, k, bias)
+    return x.new_empty(x.shape[0], n)
+
+
+def _setup_context(ctx, inputs, output):
+    x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias = inputs
+    ctx.save_for_backward(qdata, scaler_q, scaler_factor, scaler_mean)
+    ctx.shape = (n, k, block_size, scaler_block_size)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad_y):
+    # y = x @ W.T + b: grad_x = grad_y @ W, grad_b = sum of grad_y over rows; the quantized weight is frozen.
+    qdata, scaler_q, scaler_factor, scaler_mean = ctx.saved_tensors
+    n, k, block_size, scaler_block_size = ctx.shape
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        w = nf4_dequantize(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size,
+                           grad_y.dtype)
+        grad_x = grad_y @ w
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[9]:
+        grad_b = grad_y.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, None, None, None, grad_b
+
+
+nf4_linear.register_autograd(_backward, setup_context=_setup_context)
