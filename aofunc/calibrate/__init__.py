@@ -1,3 +1,13 @@
-"""Calibrated transforms: folds over calibration batches (GPTQ, SmoothQuant, Wanda) and pruning."""
+"""Calibrated transforms: folds over calibration batches (GPTQ, SmoothQuant, Wanda) and pruning.
 
-__all__: list[str] = []
+Each takes params and returns new params; the fold they are built on is public (`Calibration`, `fold`).
+"""
+from aofunc.calibrate.fold import Calibration, fold
+from aofunc.calibrate.gptq import HessianState, gptq, gptq_calibration
+from aofunc.calibrate.gptq_core import gptq_quantize_weight
+from aofunc.calibrate.smoothquant import SmoothQuantState, smoothquant
+from aofunc.calibrate.sparse import Sparse, prune
+from aofunc.calibrate.wanda import WandaState, wanda
+
+__all__ = ["Calibration", "HessianState", "SmoothQuantState", "Sparse", "WandaState", "fold", "gptq",
+           "gptq_calibration", "gptq_quantize_weight", "prune", "smoothquant", "wanda"]

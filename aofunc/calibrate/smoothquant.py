@@ -1,0 +1,133 @@
+"""SmoothQuant: move activation outliers into the weights before W8A8, per input channel k:
+
+    s_k = max|X_k|^α / max|W_:,k|^(1-α),   X' = X / s,   W' = W * s
+
+The activation maxima are folded over the calibration batches (a "max" all-reduce in data-parallel calibration).
+Linears reading one input share one s (their weights' column maxima taken together). s is folded into the
+per-channel scale that made the input (a LayerNorm/RMSNorm weight, and a LayerNorm's bias) when the calls show one
+feeds exactly those linears; otherwise it is carried in each Int8Dynamic weight as `act_scale`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import torch
+
+from aofunc.calibrate.batches import peek
+from aofunc.calibrate.fold import Calibration, check_model_uses, fold, run_batch
+from aofunc.calibrate.input_groups import InputGroup, recording_inputs
+from aofunc.calibrate.selection import canonical, from_canonical, recording_usage, select
+from aofunc.formats import Int8Dynamic, QTensor
+from aofunc.quantize import quantize_weight
+from aofunc.spec import Rule, Spec
+from aofunc.tree import check_params
+
+
+class SmoothQuantState(NamedTuple):
+    """Per selected weight, the running max over calibration inputs of |x_k| per input channel (fp32 [K])."""
+
+    absmax: dict
+
+
+def absmax_calibration(rules: Mapping[str, Rule]) -> Calibration:
+    """The fold of per-channel activation maxima; `finalize` returns the state itself."""
+    def init(params):
+        return SmoothQuantState({name: torch.zeros(canonical(params[name], rule.transposed).shape[1],
+                                                   dtype=torch.float32, device=params[name].device)
+                                 for name, rule in rules.items()})
+
+    def update(state, captured):
+        absmax = dict(state.absmax)
+        for name, xs in captured.items():
+            if name in absmax:
+                for x in xs:
+                    absmax[name] = torch.maximum(absmax[name], x.detach().abs().amax(dim=0).float())
+        return SmoothQuantState(absmax)
+
+    return Calibration(init, update, lambda state, params: state, reduce={"absmax": "max"})
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = act_absmax^α / weight_absmax^(1-α) per channel, clamped at 1e-5; 1 where either maximum is 0 (a channel
+    that never carries signal is left alone)."""
+    s = act_absmax.pow(alpha) / weight_absmax.pow(1 - alpha)
+    s = s.clamp(min=1e-5)
+    return torch.where((act_absmax > 0) & (weight_absmax > 0), s, torch.ones_like(s))
+
+
+def group_scales(params: Mapping[str, torch.Tensor], rules: Mapping[str, Rule], groups: list[InputGroup],
+                 absmax: Mapping[str, torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """One smoothing vector per group, rounded to the dtype of its weights so that x / s and W * s match."""
+    scales = []
+    for group in groups:
+        act = torch.stack([absmax[name] for name in group.linears]).amax(dim=0)
+        weights = [canonical(params[name].detach(), rules[name].transposed).float() for name in group.linears]
+        w_absmax = torch.cat(weights).abs().amax(dim=0)
+        dtype = params[group.linears[0]].dtype
+        scales.append(smoothing_scale(act, w_absmax, alpha).to(dtype).float())
+    return scales
+
+
+def smoothed(params: Mapping[str, torch.Tensor], rules: Mapping[str, Rule], groups: list[InputGroup],
+             scales: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(float params with each folded group's scaler divided by s and its weights multiplied by s, {name: s} for the
+    weights whose s is carried instead). The folded params compute the same function as `params`."""
+    out = dict(params)
+    carried = {}
+    for group, s in zip(groups, scales):
+        for name in group.linears:
+            w = params[name].detach()
+            out[name] = from_canonical(canonical(w, rules[name].transposed).float() * s, w, rules[name].transposed)
+            if group.scaler is None:
+                carried[name] = s
+        if group.scaler is not None:
+            for scale_name in (group.scaler.weight, group.scaler.bias):
+                if scale_name is not None:
+                    t = params[scale_name].detach()
+                    out[scale_name] = (t.float() / s).to(t.dtype)
+    return out, carried
+
+
+def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alpha: float = 0.5,
+                spec: Spec | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """SmoothQuant W8A8: new params with smoothed Int8Dynamic weights, and the smoothing folded into the preceding
+    LayerNorm/RMSNorm where one feeds the linears directly (those norm tensors are replaced by new ones); `params`
+    is left untouched.
+
+    `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is
+    any iterable of batches, read once. The spec picks Int8Dynamic weights (default: every 2-D weight used in a
+    linear-like call, embeddings excluded).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 32))
+        >>> batches = [torch.randn(16, 64) * torch.linspace(1, 40, 64) for _ in range(4)]
+        >>> qparams = aofunc.smoothquant(dict(model.named_parameters()), batches, model=model, progress=False)
+        >>> qparams["1.weight"].scheme, "act_scale" in qparams["1.weight"].tensors
+        (Int8Dynamic(), False)
+    """
+    params = check_params(params)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+        raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"smoothquant: progress must be True or False, got {progress!r}")
+    check_model_uses(model, params, "smoothquant")
+    first, stream = peek(batches, "smoothquant")
+    with torch.no_grad(), recording_usage(params) as usage, recording_inputs(params) as groups_of:
+        run_batch(model, params, first, 0, "smoothquant")
+    if not usage.transposed:
+        raise ValueError("smoothquant: the model's forward made no linear-like call with any of the given params "
+                         "on batch 0; pass the very tensors the model should use, under the names it gives them")
+    rules = select(params, spec, Int8Dynamic(), usage, "smoothquant", (Int8Dynamic,))
+    groups = groups_of(list(rules))
+    state = fold(absmax_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
+                 desc="smoothquant")
+    scales = group_scales(params, rules, groups, state.absmax, alpha)
+    smooth, carried = smoothed(params, rules, groups, scales)
+    out = dict(smooth)
+    for name, rule in rules.items():
+        q = quantize_weight(smooth[name], rule.scheme, rule.transposed)
+        if name in carried:
+            q = QTensor(q.scheme, {**q.tensors, "act_scale": carried[name].to(q.dtype)}, q.shape, q.dtype,
+                        q.transposed)
+        out[name] = q
+    return out

@@ -1,0 +1,135 @@
+"""Pruning: the Sparse scheme, the masks it asks for, and magnitude pruning (importance |W|, no calibration).
+
+Pruned weights stay dense tensors with zeros, so any format can quantize them afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping
+
+import torch
+
+from aofunc.calibrate.selection import canonical, from_canonical
+from aofunc.formats import Scheme
+from aofunc.quantize import plan
+from aofunc.spec import Rule, Spec
+from aofunc.tree import check_params
+
+_PATTERN = re.compile(r"(\d+):(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparse(Scheme):
+    """Zero the least important weights: a `sparsity` fraction of each output row (`per="row"`, as the Wanda paper
+    ranks) or of the whole weight (`per="layer"`), or with `pattern="N:M"` keep N of every M consecutive weights
+    along K ("2:4", the layout `torch.sparse.to_sparse_semi_structured` takes), so sparsity = 1 - N/M.
+
+    `sparsity` defaults to 0.5, or to 1 - N/M with a pattern; a different value with a pattern is an error. Sparse
+    is a pruning scheme for `aofunc.prune` and `aofunc.wanda`, not a stored format: `aofunc.quantize` refuses it,
+    and files never name it.
+
+    Example:
+        >>> aofunc.Sparse(pattern="2:4")
+        Sparse(sparsity=0.5, pattern='2:4', per='row')
+    """
+
+    sparsity: float | None = None
+    pattern: str | None = None
+    per: str = "row"
+
+    def __post_init__(self):
+        if self.per not in ("row", "layer"):
+            raise ValueError(f"Sparse: per must be 'row' or 'layer', got {self.per!r}")
+        if self.pattern is not None:
+            match = _PATTERN.fullmatch(self.pattern) if isinstance(self.pattern, str) else None
+            if match is None or not 0 < int(match[1]) < int(match[2]):
+                raise ValueError(f"Sparse: pattern must be 'N:M' with 0 < N < M (N kept in every M), "
+                                 f"got {self.pattern!r}")
+            implied = 1 - int(match[1]) / int(match[2])
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"Sparse: sparsity={self.sparsity} conflicts with pattern {self.pattern!r}, which "
+                                 f"keeps {match[1]} of every {match[2]} (sparsity {implied:g}); give one of them")
+            object.__setattr__(self, "sparsity", implied)
+        elif self.sparsity is None:
+            object.__setattr__(self, "sparsity", 0.5)
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not 0 <= self.sparsity < 1:
+            raise ValueError(f"Sparse: sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N kept, M) of an N:M pattern, else None."""
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    def quantize(self, w):
+        raise TypeError("Sparse is a pruning scheme, not a stored format: prune with aofunc.prune or aofunc.wanda, "
+                        "then quantize the pruned weights with a format such as Int4WeightOnly")
+
+
+def check_prunable(name: str, k: int, scheme: Sparse, what: str) -> None:
+    """An N:M pattern needs K to be a multiple of M."""
+    if scheme.n_m is not None and k % scheme.n_m[1]:
+        raise ValueError(f"{what}: {name!r} has K = {k} input features, not a multiple of M = {scheme.n_m[1]} "
+                         f"for the pattern {scheme.pattern!r}")
+
+
+def prune_mask(importance: torch.Tensor, scheme: Sparse) -> torch.Tensor:
+    """True where a weight of importance [N, K] is pruned: the least important per row, per layer, or per run of M
+    along K. Ties go to the earlier index (a stable sort), so the mask is deterministic."""
+    n, k = importance.shape
+    mask = torch.zeros(n, k, dtype=torch.bool, device=importance.device)
+    if scheme.n_m is not None:
+        kept, m = scheme.n_m
+        runs = importance.reshape(n, k // m, m)
+        order = runs.argsort(dim=-1, stable=True)[..., :m - kept]
+        return mask.reshape(n, k // m, m).scatter_(-1, order, True).reshape(n, k)
+    if scheme.per == "row":
+        count = int(k * scheme.sparsity)
+        return mask.scatter_(1, importance.argsort(dim=1, stable=True)[:, :count], True)
+    count = int(n * k * scheme.sparsity)
+    flat = mask.reshape(-1)
+    flat[importance.reshape(-1).argsort(stable=True)[:count]] = True
+    return flat.reshape(n, k)
+
+
+def pruned_weight(w: torch.Tensor, importance: torch.Tensor, scheme: Sparse, transposed: bool) -> torch.Tensor:
+    """A new weight, in w's layout and dtype, with the weights `prune_mask` picks set to zero."""
+    w_nk = canonical(w.detach(), transposed)
+    return from_canonical(w_nk.masked_fill(prune_mask(importance, scheme), 0), w, transposed)
+
+
+def sparse_rules(params: Mapping[str, torch.Tensor], spec: Spec, what: str) -> dict[str, Rule]:
+    """{name: rule} of the weights a Sparse spec selects, checked before any work."""
+    chosen = plan(params, spec)
+    if not chosen:
+        raise ValueError(f"{what}: the spec selects no weight; nothing to prune")
+    for name, rule in chosen.items():
+        if not isinstance(rule.scheme, Sparse):
+            raise TypeError(f"{what}: {name!r} is selected with {rule.scheme}, but {what} takes Sparse rules")
+        check_prunable(name, canonical(params[name], rule.transposed).shape[1], rule.scheme, what)
+    return chosen
+
+
+def prune(params: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
+    """Magnitude pruning: new params whose selected weights have their smallest |W| set to zero as their Sparse
+    rule asks (the calibration-free baseline to Wanda); `params` is left untouched.
+
+    Example:
+        >>> params = {"fc.weight": torch.arange(1., 9.).reshape(1, 8)}
+        >>> aofunc.prune(params, aofunc.Spec([aofunc.Rule(r".*weight", aofunc.Sparse(pattern="2:4"))]))["fc.weight"]
+        tensor([[0., 0., 3., 4., 0., 0., 7., 8.]])
+    """
+    params = check_params(params)
+    if not isinstance(spec, Spec):
+        raise TypeError(f"prune: spec must be an aofunc.Spec of Sparse rules, got {type(spec).__name__}")
+    out = dict(params)
+    for name, rule in sparse_rules(params, spec, "prune").items():
+        w = params[name]
+        importance = canonical(w.detach(), rule.transposed).float().abs()
+        out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)
+    return out

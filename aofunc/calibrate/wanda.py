@@ -1,0 +1,80 @@
+"""Wanda: prune by weight times input norm, importance_nk = |W_nk| · ‖X_k‖ with ‖X_k‖² = Σ x_k² over the
+calibration inputs (a sum in fp32, all-reduced in data-parallel calibration)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import torch
+
+from aofunc.calibrate.batches import peek
+from aofunc.calibrate.fold import Calibration, check_model_uses, fold
+from aofunc.calibrate.selection import canonical, first_use, select
+from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
+from aofunc.spec import Rule, Spec
+from aofunc.tree import check_params
+
+
+class WandaState(NamedTuple):
+    """Per selected weight, Σ x_k² over every calibration input row, per input channel (fp32 [K])."""
+
+    sq_sum: dict
+
+
+def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
+    """The fold of per-channel input energies; `finalize` prunes each weight by |W| · ‖X_k‖."""
+    def init(params):
+        return WandaState({name: torch.zeros(canonical(params[name], rule.transposed).shape[1],
+                                             dtype=torch.float32, device=params[name].device)
+                           for name, rule in rules.items()})
+
+    def update(state, captured):
+        sq_sum = dict(state.sq_sum)
+        for name, xs in captured.items():
+            if name in sq_sum:
+                for x in xs:
+                    sq_sum[name] = sq_sum[name] + x.detach().float().square().sum(dim=0)
+        return WandaState(sq_sum)
+
+    def finalize(state, params):
+        out = dict(params)
+        for name, rule in rules.items():
+            w = params[name]
+            importance = canonical(w.detach(), rule.transposed).float().abs() * state.sq_sum[name].sqrt()
+            out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)
+        return out
+
+    return Calibration(init, update, finalize)
+
+
+def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec | None = None,
+          sparsity: float | None = None, pattern: str | None = None, per: str = "row",
+          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Wanda pruning: new params whose selected weights have their least important entries (|W| · ‖X_k‖) set to
+    zero, still dense; `params` is left untouched.
+
+    `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is
+    any iterable of batches, read once. Without a spec, `Sparse(sparsity, pattern, per)` applies to every 2-D
+    weight used in a linear-like call (embeddings excluded); sparsity defaults to 0.5, or 1 - N/M for an "N:M"
+    pattern.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+        >>> batches = [torch.randn(16, 64) for _ in range(4)]
+        >>> pruned = aofunc.wanda(dict(model.named_parameters()), batches, model=model, pattern="2:4", progress=False)
+        >>> float((pruned["0.weight"] == 0).float().mean())
+        0.5
+    """
+    params = check_params(params)
+    if spec is not None and (sparsity is not None or pattern is not None or per != "row"):
+        raise ValueError("wanda: give either spec= or sparsity/pattern/per (which build the default spec), not both")
+    if not isinstance(progress, bool):
+        raise TypeError(f"wanda: progress must be True or False, got {progress!r}")
+    default = Sparse(sparsity, pattern, per)
+    check_model_uses(model, params, "wanda")
+    first, stream = peek(batches, "wanda")
+    usage = first_use(model, params, first, "wanda")
+    rules = select(params, spec, default, usage, "wanda", (Sparse,))
+    for name, rule in rules.items():
+        check_prunable(name, canonical(params[name], rule.transposed).shape[1], rule.scheme, "wanda")
+    return fold(wanda_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
+                desc="wanda")
