@@ -32,12 +32,14 @@ class Calibration(NamedTuple):
 
     Example:
         >>> absmax = aofunc.Calibration(
-        ...     init=lambda params: {"fc.weight": torch.zeros(4)},
-        ...     update=lambda state, seen: {"fc.weight": torch.maximum(
-        ...         state["fc.weight"], torch.cat(seen["fc.weight"]).abs().amax(0))},
+        ...     init=lambda params: torch.zeros(4),
+        ...     update=lambda state, seen: torch.maximum(state, torch.cat(seen["weight"]).abs().amax(dim=0)),
         ...     finalize=lambda state, params: state,
-        ...     reduce={"fc.weight": "max"})
-        >>> aofunc.fold(absmax, dict(fc.named_parameters(prefix="fc")), [torch.randn(8, 4)], model=model)
+        ...     reduce={"": "max"})
+        >>> fc = torch.nn.Linear(4, 2)
+        >>> batches = [torch.tensor([[1., -5., 2., 0.]]), torch.tensor([[-3., 1., 0., 4.]])]
+        >>> aofunc.fold(absmax, dict(fc.named_parameters()), batches, model=fc, progress=False)
+        tensor([3., 5., 2., 4.])
     """
 
     init: Callable[[Params], Any]
@@ -124,7 +126,13 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
     before `finalize`, so every rank returns the same result. `batches` may be any iterable; it is read once.
 
     Example:
-        >>> qparams = aofunc.fold(my_calibration, params, calib_batches, model=model)
+        >>> count = aofunc.Calibration(init=lambda params: torch.zeros(()),
+        ...                            update=lambda state, seen: state + sum(len(x) for x in seen["weight"]),
+        ...                            finalize=lambda state, params: int(state))
+        >>> fc = torch.nn.Linear(4, 2)
+        >>> aofunc.fold(count, dict(fc.named_parameters()), [torch.randn(3, 4), torch.randn(2, 5, 4)], model=fc,
+        ...             progress=False)
+        13
     """
     params = check_params(params)
     if not isinstance(calibration, Calibration):

@@ -44,8 +44,12 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
     quantized together as one taller matrix. A weight no call used is quantized to nearest, with a warning.
 
     Example:
+        >>> fc = torch.nn.Linear(64, 16)
         >>> rules = {"weight": aofunc.Rule("weight", aofunc.Int4WeightOnly(32))}
-        >>> qparams = aofunc.fold(gptq_calibration(rules), dict(fc.named_parameters()), batches, model=fc)
+        >>> qparams = aofunc.fold(aofunc.gptq_calibration(rules), dict(fc.named_parameters()),
+        ...                       [torch.randn(32, 64)], model=fc, progress=False)
+        >>> qparams["weight"]
+        QTensor(Int4WeightOnly(group_size=32), shape=(16, 64), dtype=torch.float32, device=cpu)
     """
     def init(params):
         return {name: HessianState(
