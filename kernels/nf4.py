@@ -123,9 +123,9 @@ def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
 @triton.jit
 def _nf4_gemv_kernel(
     x_ptr, q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_ym,
+    M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
     # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
@@ -140,7 +140,7 @@ def _nf4_gemv_kernel(
     offs_w = tl.arange(0, WORDS)
     row_blocks = K // BLOCK
     n_steps = tl.cdiv(row_blocks, GROUPS)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
+    per_split = tl.cdiv(n_steps, split_k)
     mean = tl.load(mean_ptr)
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
@@ -168,7 +168,7 @@ def _nf4_gemv_kernel(
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tile = pid_m * tl.num_programs(0) + pid_n
     splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+                  tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
 
 
 def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
@@ -206,11 +206,10 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, device: torch.dev
     if m <= 8 and gemv_fits(k, block_size):
         row_blocks = k // block_size
         for block_n in (16, 32, 64, 128):
-            for groups in sorted({max(1, min(c // block_size, row_blocks)) for c in (128, 256, 512)}):
+            for groups in sorted({max(1, min(c // block_size, row_blocks)) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
-                    for warps in (4, 8):
-                        out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                        num_warps=warps, num_stages=3))
+                    out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4,
+                                    num_stages=3))
     return out
 
 
@@ -224,14 +223,14 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         return torch.nn.functional.linear(x, w, bias)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    split = params["SPLIT_K"]
+    split = params.pop("SPLIT_K")
     grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
     _nf4_gemv_kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),
         bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),
-        BLOCK=block_size, SCALER_BLOCK=scaler_block_size, HAS_BIAS=bias is not None,
+        BLOCK=block_size, SCALER_BLOCK=scaler_block_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None,
         EVEN_K=(k // block_size) % params["GROUPS"] == 0, **params,
     )
     return y

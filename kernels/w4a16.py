@@ -98,21 +98,21 @@ def w4a16_linear_ref(x, qdata, scale, zero, group_size: int, bias: Optional[torc
 
 
 @triton.jit
-def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, ws_stride,
-                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store acc (+ bias) at y_ptr + offs; with split-K the last of a tile's SPLIT_K programs sums the partials.
+def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, ws_stride, split_k,
+                  SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store acc (+ bias) at y_ptr + offs; with SPLIT the last of a tile's split_k programs sums the partials.
 
     Each split writes its fp32 partial at ``ws_ptr + pid_k * ws_stride + offs``, then counts itself in
     ``cnt_ptr[tile]``; the program that arrives last reads all partials, writes y and zeroes the counter for
     the next launch. ``acc`` may be [BLOCK_N] or [BLOCK_M, BLOCK_N], with offsets of the same shape.
     """
-    if SPLIT_K > 1:
+    if SPLIT:
         tl.store(ws_ptr + pid_k * ws_stride + offs, acc, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             acc = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT_K):
+            for s in range(1, split_k):
                 acc += tl.load(ws_ptr + s * ws_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
@@ -143,8 +143,8 @@ def unit_plus_code(q, J: tl.constexpr):
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
@@ -159,7 +159,7 @@ def _w4a16_gemv_kernel(
     offs_w = tl.arange(0, WORDS)
     n_groups = tl.cdiv(K, GROUP)
     n_steps = tl.cdiv(n_groups, GROUPS)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
+    per_split = tl.cdiv(n_steps, split_k)
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
@@ -193,7 +193,7 @@ def _w4a16_gemv_kernel(
     y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
     tile = pid_m * tl.num_programs(0) + pid_n
     splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+                  tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -210,8 +210,8 @@ def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step: d = dot(x, 1 + code/16) in fp32, then
@@ -227,7 +227,7 @@ def _w4a16_gemm_kernel(
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, GROUP)
     n_groups = tl.cdiv(K, GROUP)
-    per_split = tl.cdiv(n_groups, SPLIT_K)
+    per_split = tl.cdiv(n_groups, split_k)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_groups)):
         k = g * GROUP + offs_k
@@ -248,7 +248,7 @@ def _w4a16_gemm_kernel(
     offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
     mask_y = m_mask[:, None] & (offs_n < N)[None, :]
     offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
-    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -315,12 +315,11 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
     n_groups = -(-k // group_size)
     out = [dict(path="dequant")]
     if m <= 8:
-        for block_n in (8, 16, 32, 64):
-            for groups in sorted({max(1, min(c // group_size, n_groups)) for c in (128, 256, 512)}):
+        for block_n in (16, 32, 64, 128):
+            for groups in sorted({max(1, min(c // group_size, n_groups)) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
-                    for warps in (2, 4, 8):
-                        out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                        num_warps=warps, num_stages=3))
+                    out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4,
+                                    num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(64, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
@@ -341,7 +340,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    split = params["SPLIT_K"]
+    split = params.pop("SPLIT_K")
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
         kernel, extra = _w4a16_gemv_kernel, dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0)
@@ -354,7 +353,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), zero.stride(0), y.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, **extra, **params,
+        GROUP=group_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
     return y
 

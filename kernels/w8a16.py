@@ -70,8 +70,8 @@ def byte_value(q, J: tl.constexpr):
 @triton.jit
 def _w8a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of q, a slice of the steps along K (a step is BLOCK_W int32 words = 4 * BLOCK_W
@@ -84,7 +84,7 @@ def _w8a16_gemv_kernel(
     offs_w = tl.arange(0, BLOCK_W)
     n_words = tl.cdiv(K, 4)
     n_steps = tl.cdiv(n_words, BLOCK_W)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
+    per_split = tl.cdiv(n_steps, split_k)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_W], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
@@ -107,14 +107,14 @@ def _w8a16_gemv_kernel(
     y = s * (256.0 * tl.sum(acc, axis=1) - 384.0 * tl.sum(acc_x, axis=0))
     tile = pid_m * tl.num_programs(0) + pid_n
     splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+                  tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
 def _w8a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y; each step dots x with 4 * BLOCK_W columns of q as exact floats; the
@@ -130,7 +130,7 @@ def _w8a16_gemm_kernel(
     offs_k = tl.arange(0, 4 * BLOCK_W)
     n_words = tl.cdiv(K, 4)
     n_steps = tl.cdiv(n_words, BLOCK_W)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
+    per_split = tl.cdiv(n_steps, split_k)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
         k = step * 4 * BLOCK_W + offs_k
@@ -150,7 +150,7 @@ def _w8a16_gemm_kernel(
     offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]  # y is dense [M, N], like the split-K workspace
     mask_y = m_mask[:, None] & (offs_n < N)[None, :]
     offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
-    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, SPLIT_K, HAS_BIAS)
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
 
 
 def _words(qdata: torch.Tensor) -> torch.Tensor:
@@ -183,17 +183,16 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
     out = [dict(path="dequant")]
     if m <= 8:
         for block_n in (16, 32, 64, 128):
-            for block_w in (16, 32, 64):
+            for block_w in (32, 64):
                 for split in (1, 2, 4, 8):
-                    for warps in (4, 8):
-                        out.append(dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split,
-                                        num_warps=warps, num_stages=3))
+                    out.append(dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4,
+                                    num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(64, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for block_w in (16, 32):
                     for split in (1, 2, 4, 8):
-                        for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                        for warps, stages in ((4, 3), (4, 4)):
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
                                             SPLIT_K=split, num_warps=warps, num_stages=stages))
     return out
@@ -209,7 +208,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         w = (qdata * scale[:, None]).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    split = params["SPLIT_K"]
+    split = params.pop("SPLIT_K")
     words = _words(qdata)
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
@@ -222,7 +221,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), words.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, **extra, **params,
+        split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
     return y
 

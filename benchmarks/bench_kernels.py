@@ -1,0 +1,218 @@
+"""Weight-only kernels (W4A16, W8A16, NF4) against bf16 cuBLAS, tinygemm and torchao, in one process on one card.
+
+    python benchmarks/bench_kernels.py --formats w4a16,w8a16 --shapes 4096x4096 --ms 1,16 --tune --check
+    python benchmarks/bench_kernels.py --peers tinygemm,torchao --doc docs/benchmarks.md --json results.json
+
+Shapes are K x N (input x output features). Weights are random codes and scales built with plain torch here
+(speed does not depend on the values). ``--tune`` searches configurations for each timed key first (the
+winners go to the user kernel cache, ``$AOFUNC_KERNEL_CACHE``); ``--check`` compares every path at these sizes
+with the reference twins before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import card_name, markdown_table, median_us, ratio, update_section
+
+SHAPES = ("4096x4096", "4096x14336", "14336x4096", "8192x28672")
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
+GROUP = 128
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+
+
+def int4_weight(n, k, dtype=torch.bfloat16):
+    """Random W4A16 tensors (qdata, scale, zero) for g = GROUP."""
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scale = (torch.rand(n, k // GROUP, device="cuda") * 0.01 + 1e-3).to(dtype)
+    zero = (torch.randn(n, k // GROUP, device="cuda") * 0.01).to(dtype)
+    return q, scale, zero
+
+
+def int8_weight(n, k, dtype=torch.bfloat16):
+    """Random W8A16 tensors (qdata, scale)."""
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    return q, (torch.rand(n, device="cuda") * 1e-3 + 1e-4).to(dtype)
+
+
+def nf4_weight(n, k):
+    """Random NF4 tensors (qdata, scaler_q, scaler_factor, scaler_mean)."""
+    chunk = NF4_BLOCK * NF4_SCALER_BLOCK
+    padded = -(-n * k // chunk) * chunk
+    q = torch.randint(0, 256, (padded // 2,), dtype=torch.uint8, device="cuda")
+    scaler_q = torch.randint(-128, 128, (padded // NF4_BLOCK,), dtype=torch.int8, device="cuda")
+    factor = torch.rand(padded // chunk, device="cuda") * 1e4 + 1e3
+    return q, scaler_q, factor, torch.tensor(0.02, device="cuda")
+
+
+def ours(fmt, n, k):
+    """(run(x), run(x, config), reference(x), key(m)) for one format on a random weight of shape [n, k]."""
+    from aofunc.kernels import autotune, nf4, w4a16, w8a16
+
+    if fmt == "w4a16":
+        q, s, z = int4_weight(n, k)
+        return (lambda x, c=None: w4a16.w4a16_linear_triton(x, q, s, z, GROUP, None, config=c),
+                lambda x: w4a16.w4a16_linear_ref(x, q, s, z, GROUP, None),
+                lambda x: autotune.config_key(f"w4a16_g{GROUP}", x.shape[0], n, k, (x.dtype, s.dtype), x.device),
+                {"tinygemm": (q, s, z)})
+    if fmt == "w8a16":
+        q, s = int8_weight(n, k)
+        return (lambda x, c=None: w8a16.w8a16_linear_triton(x, q, s, None, config=c),
+                lambda x: w8a16.w8a16_linear_ref(x, q, s, None),
+                lambda x: autotune.config_key("w8a16", x.shape[0], n, k, (x.dtype, s.dtype), x.device), {})
+    tensors = nf4_weight(n, k)
+    return (lambda x, c=None: nf4.nf4_linear_triton(x, *tensors, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, None, config=c),
+            lambda x: nf4.nf4_linear_ref(x, *tensors, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, None),
+            lambda x: autotune.config_key(f"nf4_b{NF4_BLOCK}_s{NF4_SCALER_BLOCK}", x.shape[0], n, k, (x.dtype,),
+                                          x.device), {})
+
+
+def forced_configs(fmt, m, n, k):
+    """Each path of a format with its default blocks and a few splits, for the --check pass."""
+    from aofunc.kernels import nf4, w4a16, w8a16
+
+    dev = torch.device("cuda")
+    if fmt == "w4a16":
+        gemv = dict(path="gemv", BLOCK_N=64, GROUPS=2, num_warps=4, num_stages=3)
+        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+        base = [w4a16.default_config(m, n, k, GROUP, torch.bfloat16, dev)]
+    elif fmt == "w8a16":
+        gemv = dict(path="gemv", BLOCK_N=64, BLOCK_W=64, num_warps=4, num_stages=3)
+        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_W=16, num_warps=4, num_stages=3)
+        base = [w8a16.default_config(m, n, k, torch.bfloat16, dev)]
+    else:
+        gemv = dict(path="gemv", BLOCK_N=64, GROUPS=4, num_warps=4, num_stages=3)
+        gemm = None
+        base = [nf4.default_config(m, n, k, NF4_BLOCK, dev)]
+    out = base + [dict(path="dequant")]
+    for split in (1, 3, 8):
+        if m <= 8:
+            out.append(dict(gemv, SPLIT_K=split))
+        if gemm is not None and m >= 2:
+            out.append(dict(gemm, SPLIT_K=split))
+    return out
+
+
+def check(fmts, shapes, dtypes=(torch.bfloat16, torch.float16)):
+    """Every path against the twin at real sizes, fresh random data each time; returns the number of failures."""
+    from aofunc.kernels import autotune
+    from aofunc.kernels.w4a16 import tolerance
+
+    failures = 0
+    for fmt in fmts:
+        for shape in shapes:
+            k, n = map(int, shape.split("x"))
+            run, ref, _, _ = ours(fmt, n, k)
+            for dtype in dtypes:
+                for m in (1, 3, 16, 67):
+                    x = torch.randn(m, k, device="cuda", dtype=dtype)
+                    want = ref(x)
+                    for config in forced_configs(fmt, m, n, k):
+                        for _ in range(2):  # twice: the split-K counters must be left zeroed
+                            err = autotune.relative_error(run(x, config), want)
+                        ok = err <= tolerance(dtype)
+                        failures += not ok
+                        if not ok or m == 1:
+                            print(f"check {fmt} {shape} {dtype} m={m} {config}: rel err {err:.2e} "
+                                  f"{'ok' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def tinygemm(q, s, z):
+    """aten._weight_int4pack_mm on the same codes (inner_k_tiles 8), or None where this torch lacks it."""
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+        scales_zeros = torch.stack([s.t(), z.t()], dim=-1).contiguous()
+        return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros)
+    except (RuntimeError, AttributeError) as error:
+        print(f"tinygemm unavailable: {error}", flush=True)
+        return None
+
+
+def torchao_linear(fmt, n, k):
+    """A compiled nn.Linear quantized by torchao's int4 (tinygemm packing) or int8 weight-only config."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    if fmt == "w4a16":
+        quantize_(lin, Int4WeightOnlyConfig(group_size=GROUP, int4_packing_format="tile_packed_to_4d"))
+    else:
+        quantize_(lin, Int8WeightOnlyConfig())
+    return torch.compile(lin)
+
+
+def bench(fmts, shapes, ms, peers, tune):
+    from aofunc.kernels import autotune
+
+    rows, raw = [], []
+    for shape in shapes:
+        k, n = map(int, shape.split("x"))
+        w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for fmt in fmts:
+            run, _, key, extra = ours(fmt, n, k)
+            tiny = tinygemm(*extra["tinygemm"]) if fmt == "w4a16" and "tinygemm" in peers else None
+            tao = torchao_linear(fmt, n, k) if fmt in ("w4a16", "w8a16") and "torchao" in peers else None
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                start = time.time()
+                if tune:
+                    with autotune.tune():
+                        run(x)
+                config = autotune.lookup(key(x)) or "default"
+                t_bf16 = median_us(lambda: F.linear(x, w_bf16))
+                t_ours = median_us(lambda: run(x))
+                t_tiny = median_us(lambda: tiny(x)) if tiny is not None else None
+                t_tao = median_us(lambda: tao(x)) if tao is not None else None
+                path = config["path"] if isinstance(config, dict) else "default"
+                rows.append([fmt, shape, str(m), t_bf16, t_ours, ratio(t_bf16, t_ours), t_tiny, ratio(t_tiny, t_ours),
+                             t_tao, ratio(t_tao, t_ours), path])
+                raw.append(dict(fmt=fmt, shape=shape, m=m, bf16=t_bf16, ours=t_ours, tinygemm=t_tiny, torchao=t_tao,
+                                config=config))
+                print(f"{fmt} {shape} m={m}: bf16 {t_bf16:.1f} ours {t_ours:.1f} ({t_bf16 / t_ours:.2f}x) "
+                      f"tinygemm {t_tiny} torchao {t_tao} {config} [{time.time() - start:.1f}s]", flush=True)
+    return rows, raw
+
+
+HEADERS = ["format", "K×N", "M", "bf16 µs", "aofunc µs", "× bf16", "tinygemm µs", "× tinygemm", "torchao µs",
+           "× torchao", "path"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="w4a16,w8a16,nf4")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--peers", default="tinygemm", help="comma list of tinygemm, torchao")
+    parser.add_argument("--tune", action="store_true", help="search configurations for every timed key first")
+    parser.add_argument("--check", action="store_true", help="compare every path with its twin first")
+    parser.add_argument("--doc", help="markdown file whose 'Kernels: weight-only' section gets the table")
+    parser.add_argument("--json", help="write the raw numbers here")
+    args = parser.parse_args(argv)
+    fmts, shapes = args.formats.split(","), args.shapes.split(",")
+    ms = [int(m) for m in args.ms.split(",")]
+    torch.manual_seed(0)
+    print(f"card: {card_name()}, torch {torch.__version__}", flush=True)
+    if args.check:
+        failures = check(fmts, shapes)
+        print(f"check: {failures} failures", flush=True)
+        if failures:
+            sys.exit(1)
+    rows, raw = bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, args.tune)
+    table = markdown_table(HEADERS, rows)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card_name(), "torch": torch.__version__, "results": raw}, f, indent=1, default=str)
+    if args.doc:
+        body = (f"Card: {card_name()}; torch {torch.__version__}; `triton.testing.do_bench` median, L2 flushed. "
+                f"Ratios above 1 mean aofunc is faster.\n\n{table}")
+        update_section(args.doc, "Kernels: weight-only", body)
+
+
+if __name__ == "__main__":
+    main()
