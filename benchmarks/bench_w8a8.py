@@ -95,6 +95,20 @@ def tuned(candidates, run, reference, tolerance):
     return median_us(lambda: run(best)), best, len(rejected)
 
 
+def attempt(row, names, measure):
+    """Store measure() under names in row; a failure is printed and stored as an error, the rest goes on."""
+    try:
+        value = measure()
+    except Exception as error:  # one failing path must not lose the other measurements of the run
+        row.setdefault("errors", []).append(f"{names}: {type(error).__name__}: {str(error)[:300]}")
+        print(f"  {names} failed: {type(error).__name__}: {str(error)[:2000]}", flush=True)
+        return
+    if isinstance(names, tuple):
+        row.update(zip(names, value))
+    else:
+        row[names] = value
+
+
 def bench_shape(k, n, ms, search, torchao_ms, int4):
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
@@ -111,33 +125,30 @@ def bench_shape(k, n, ms, search, torchao_ms, int4):
         t0 = time.time()
         x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
         r = {"k": k, "n": n, "m": m}
-        r["bf16"] = median_us(lambda: F.linear(x, w))
+        attempt(r, "bf16", lambda: median_us(lambda: F.linear(x, w)))
         want = w8a8_linear_ref(x, q, scale, None, None)
-        r["exact"] = bool(torch.equal(w8a8_linear(x, q, scale, None, None), want))
-        r["ours"] = median_us(lambda: w8a8_linear(x, q, scale, None, None))
+        attempt(r, "exact", lambda: bool(torch.equal(w8a8_linear(x, q, scale, None, None), want)))
+        attempt(r, "ours", lambda: median_us(lambda: w8a8_linear(x, q, scale, None, None)))
         if m > 16:
             xq, _ = quantize_per_token_int8_ref(x, None)
-            r["int_mm"] = median_us(lambda: torch._int_mm(xq, q.t()))
-            r["int_mm_exact_tn"] = bool(torch.equal(torch._int_mm(xq, q.t()), int_mm_ref(xq, q.t())))
-            r["torch_path"] = median_us(lambda: torch_w8a8(x, q, scale))
+            attempt(r, "int_mm", lambda: median_us(lambda: torch._int_mm(xq, q.t())))
+            attempt(r, "int_mm_exact_tn", lambda: bool(torch.equal(torch._int_mm(xq, q.t()), int_mm_ref(xq, q.t()))))
+            attempt(r, "torch_path", lambda: median_us(lambda: torch_w8a8(x, q, scale)))
         if search:
-            r["ours_tuned"], r["config"], r["rejected"] = tuned(
-                w8a8_candidates(m), lambda c: w8a8_linear_triton(x, q, scale, None, None, c), want, 1e-6)
+            attempt(r, ("ours_tuned", "config", "rejected"), lambda: tuned(
+                w8a8_candidates(m), lambda c: w8a8_linear_triton(x, q, scale, None, None, c), want, 1e-6))
         if ao is not None and m in torchao_ms:
-            try:
-                ao(x)
-                r["torchao"] = median_us(lambda: ao(x))
-            except Exception as error:
-                print(f"  torchao failed at M={m}: {type(error).__name__}: {error}", flush=True)
+            attempt(r, "torchao", lambda: (ao(x), median_us(lambda: ao(x)))[1])
         if int4:
             want4 = int8_int4_linear_ref(x, q4, scale4, GROUP_SIZE, None)
-            got4 = int8_int4_linear(x, q4, scale4, GROUP_SIZE, None)
-            r["int4_err"] = float((got4.double() - want4.double()).norm() / want4.double().norm())
-            r["int4"] = median_us(lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None))
+            attempt(r, "int4_err", lambda: float(
+                (int8_int4_linear(x, q4, scale4, GROUP_SIZE, None).double() - want4.double()).norm()
+                / want4.double().norm()))
+            attempt(r, "int4", lambda: median_us(lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None)))
             if search:
-                r["int4_tuned"], r["int4_config"], r["int4_rejected"] = tuned(
+                attempt(r, ("int4_tuned", "int4_config", "int4_rejected"), lambda: tuned(
                     int8_int4_candidates(m),
-                    lambda c: int8_int4_linear_triton(x, q4, scale4, GROUP_SIZE, None, c), want4, 1e-3)
+                    lambda c: int8_int4_linear_triton(x, q4, scale4, GROUP_SIZE, None, c), want4, 1e-3))
         print(f"  {json.dumps(r)}  ({time.time() - t0:.1f} s)", flush=True)
         rows.append(r)
     return rows
@@ -156,9 +167,9 @@ def markdown(rows, card):
     for r in rows:
         ours = best_of(r, "ours", "ours_tuned")
         int4 = best_of(r, "int4", "int4_tuned")
-        body.append([f"{r['k']}×{r['n']}", str(r["m"]), r["bf16"], ours, ratio(r["bf16"], ours), r.get("int_mm"),
+        body.append([f"{r['k']}×{r['n']}", str(r["m"]), r.get("bf16"), ours, ratio(r.get("bf16"), ours), r.get("int_mm"),
                      r.get("torch_path"), ratio(r.get("torch_path"), ours), r.get("torchao"),
-                     ratio(r.get("torchao"), ours), int4, ratio(r["bf16"], int4)])
+                     ratio(r.get("torchao"), ours), int4, ratio(r.get("bf16"), int4)])
     for row in body:
         for i in (4, 7, 9, 11):
             row[i] = "—" if row[i] is None else f"{row[i]:.2f}"

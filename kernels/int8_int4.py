@@ -126,7 +126,7 @@ def _int8_int4_matmul_kernel(
         packed = tl.load(q_rows + (g * (GROUP // 2) + offs_b)[None, :] * stride_qk)
         w = tl.interleave((packed >> 4).to(tl.int8), (packed & 15).to(tl.int8)) - 8
         w = tl.where(k_mask[None, :], w, 0).to(tl.int8)
-        isum = tl.dot(a, tl.trans(w)) - zp[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]
+        isum = tl.dot(a, tl.trans(w), out_dtype=tl.int32) - zp[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]
         scale = tl.load(s_rows + g * stride_sg).to(tl.float32)
         acc += isum.to(tl.float32) * scale[None, :]
 

@@ -93,7 +93,7 @@ def _int8_matmul_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -114,7 +114,7 @@ def _int8_matmul_tma_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,

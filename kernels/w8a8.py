@@ -116,7 +116,7 @@ def _w8a8_fused_kernel(
                            mask_m[:, None] & k_mask[None, :], k_mask[None, :], HAS_ACT)
         xq = tl.minimum(tl.maximum(round_half_even(_div(x, s[:, None])), -127.0), 127.0).to(tl.int8)
         w = tl.load(q_cols + (k0 + offs_k)[:, None] * stride_qk, mask=k_mask[:, None], other=0)
-        acc = tl.dot(xq, w, acc)
+        acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
 
     col_scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = (acc.to(tl.float32) * s[:, None] * col_scale[None, :]).to(y_ptr.dtype.element_ty)
