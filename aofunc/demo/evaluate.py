@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,3 +30,32 @@ def perplexity(model, params, windows: torch.Tensor, *, batch_size: int = 16, pr
             total += nll.item()
             count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def decode_tokens_per_second(model, params, steps: int, *, warmup: int = 4) -> float:
+    """Greedy decoding speed of one sequence with the key/value cache: ``steps / seconds`` after ``warmup`` steps.
+
+    Each step runs the model on one new token through ``functional_call``; on CUDA the clock is read after
+    synchronizing.
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if warmup + steps > model.config.max_seq_len:
+        raise ValueError(f"warmup + steps ({warmup + steps}) exceeds the model's max_seq_len ({model.config.max_seq_len})")
+    device = next(iter(params.values())).device
+    model.setup_cache(batch=1, max_len=warmup + steps)
+    try:
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            for i in range(warmup + steps):
+                if i == warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                pos = torch.tensor([i], device=device)
+                token = functional_call(model, params, (token, pos))[:, -1:].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return steps / (time.perf_counter() - start)
+    finally:
+        model.remove_cache()

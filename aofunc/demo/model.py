@@ -155,6 +155,11 @@ class Llama(nn.Module):
                 batch, self.config.n_heads, max_len, self.config.head_dim, dtype, self.rope_cos.device
             )
 
+    def remove_cache(self):
+        """Frees the decode caches."""
+        for block in self.layers:
+            block.attn.cache = None
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[-1]
         if pos is None:

@@ -1,0 +1,9 @@
+"""Placeholder: evaluate."""
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args) -> int:
+    raise NotImplementedError

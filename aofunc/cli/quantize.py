@@ -1,0 +1,9 @@
+"""Placeholder: quantize."""
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args) -> int:
+    raise NotImplementedError
