@@ -17,7 +17,7 @@ from aofunc.calibrate.batches import Reiterable
 from aofunc.calibrate.blocks import (block_params, capture_block_inputs, first_output, probe, stopping_before,
                                      to_device, with_carried)
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
-from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, hessian_sum_update
+from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, input_gram
 from aofunc.calibrate.selection import canonical, input_key, select
 from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, QTensor
 from aofunc.quantize import quantize_weight
@@ -67,7 +67,7 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
             for x in xs:
                 key = input_key(x)
                 if key not in products:
-                    products[key] = hessian_sum_update(torch.zeros_like(total), x)
+                    products[key] = input_gram(x)
                 total = total + products[key]
                 tokens = tokens + x.shape[0]
             state[name] = HessianState(total, tokens)
@@ -113,7 +113,7 @@ def _equal_hessian_groups(names, state, params, rules) -> list[list[str]]:
     return groups
 
 
-def _input_groups(names: list[str], first_input: Mapping[str, tuple]) -> list[list[str]]:
+def _input_groups(names: list[str], first_input: Mapping[str, int]) -> list[list[str]]:
     """Consecutive names (in execution order) that read the same input, e.g. [[q, k, v], [o], ...]."""
     groups: list[list[str]] = []
     for name in names:

@@ -5,6 +5,8 @@ columns not yet quantized through the inverse Hessian of the layer's inputs. Pur
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from aofunc import primitives as P
@@ -13,13 +15,24 @@ from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, Scheme
 
 # ---------------------------------------------------------------------------------------------- Hessians
 
-def hessian_sum_update(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """total + xᵀ x in fp32 for inputs x [tokens, K]: the running Σ x xᵀ (a new tensor)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        # half-precision products are exact in fp32; cuBLAS accumulates them in fp32 without an fp32 copy of x
-        return total + torch.mm(x.t(), x, out_dtype=torch.float32)
+@functools.cache
+def _mm_accumulates_to_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=torch.float32) takes half-precision inputs on this device."""
+    probe = torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def input_gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀ x in fp32 for layer inputs x [tokens, K]: one call's share of Σ x xᵀ."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _mm_accumulates_to_fp32(x.device, x.dtype):
+        # half-precision products are exact in fp32, so accumulating them there loses nothing, without a copy of x
+        return torch.mm(x.t(), x, out_dtype=torch.float32)
     x32 = x.float()
-    return torch.addmm(total, x32.t(), x32)
+    return x32.t() @ x32
 
 
 def hessian(total: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from aofunc.spec import Rule, Spec, SpecWarning
 
 
 def input_key(x: torch.Tensor) -> tuple:
-    """Identifies the memory a call read (q, k and v reading one activation share it)."""
+    """Identifies the memory a call read (q, k and v reading one activation share it); only meaningful while
+    the tensors compared are alive, since freed memory is reused."""
     return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
 
@@ -30,7 +31,7 @@ class Usage:
 
     order: list[str] = dataclasses.field(default_factory=list)        # names, by their first linear call
     transposed: dict[str, bool] = dataclasses.field(default_factory=dict)
-    first_input: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    first_input: dict[str, int] = dataclasses.field(default_factory=dict)  # calls in a row on one input share it
     contexts: dict[str, set] = dataclasses.field(default_factory=dict)  # where each name was called
     embedded: set[str] = dataclasses.field(default_factory=set)
 
@@ -57,11 +58,16 @@ def recording_usage(params: Mapping[str, torch.Tensor], context: Callable[[], An
     """Within the block, the model's uses of `params` are recorded into the yielded Usage; `context()` tells
     where the model is when a call happens (e.g. which block)."""
     usage = Usage()
+    # the previous call's input stays referenced, so a new input cannot reuse its memory and look the same
+    previous = {"x": None, "input": -1}
 
     def on_call(name, call):
+        if previous["x"] is None or input_key(previous["x"]) != input_key(call.x):
+            previous["input"] += 1
+        previous["x"] = call.x
         if name not in usage.transposed:
             usage.order.append(name)
-            usage.first_input[name] = input_key(call.x)
+            usage.first_input[name] = previous["input"]
         usage.contexts.setdefault(name, set()).add(context())
         usage.transposed[name] = usage.transposed.get(name, False) or call.orientation == "in_out"
 

@@ -249,3 +249,15 @@ def test_bad_input(llama):
     nan["layers.0.up.weight"] = torch.full_like(params["layers.0.up.weight"], float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
         aofunc.gptq(nan, calib, model=model, spec=INT4, progress=False)
+
+
+def test_weights_reading_one_input_are_grouped():
+    model = tiny_llama(layers=1)
+    usage, _ = probe(model, dict(model.named_parameters()), correlated(2), None, "gptq")
+    same = {}
+    for name in usage.order:
+        same.setdefault(usage.first_input[name], []).append(name.split(".")[-2])
+    assert sorted(same.values()) == sorted([["inp"], ["q", "k", "v"], ["o"], ["gate", "up"], ["down"], ["head"]])
+    seq = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(16, 16), nn.GELU())))
+    usage, structure = probe(seq, dict(seq.named_parameters()), torch.randn(8, 16), None, "gptq")
+    assert structure is None and len(set(usage.first_input.values())) == 4

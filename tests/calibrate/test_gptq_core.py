@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aofunc
-from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, hessian_sum_update, inverse_hessian_factor
+from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, input_gram, inverse_hessian_factor
 
 SCHEMES = [aofunc.Int4WeightOnly(32), aofunc.Int8DynamicInt4(32)]
 
@@ -130,10 +130,11 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse():
     assert torch.equal(U, U.triu())
 
 
-def test_hessian_sum():
-    x1, x2 = torch.randn(5, 8), torch.randn(3, 8)
-    total = hessian_sum_update(hessian_sum_update(torch.zeros(8, 8), x1), x2.to(torch.bfloat16))
-    torch.testing.assert_close(total, x1.T @ x1 + x2.bfloat16().float().T @ x2.bfloat16().float())
+def test_hessian_from_input_grams():
+    x1, x2 = torch.randn(5, 8), torch.randn(3, 8).to(torch.bfloat16)
+    total = input_gram(x1) + input_gram(x2)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, x1.T @ x1 + x2.float().T @ x2.float())
     torch.testing.assert_close(hessian(total, torch.tensor(8)), total / 4)
 
 
