@@ -83,8 +83,7 @@ def time_gptq(layers: int, args) -> dict:
     params = {n: p.detach() for n, p in model.named_parameters()}
     batches = [torch.randint(0, 1024, (args.batch, args.seq_len), device=device)
                for _ in range(args.sequences // args.batch)]
-    spec = aofunc.Spec([aofunc.Rule(r"lm_head\.weight", None),
-                        aofunc.Rule(r"layers\..*\.weight", aofunc.Int4WeightOnly(128))])
+    spec = aofunc.Spec([aofunc.Rule(r"layers\..*\.(q|k|v|o|gate|up|down)\.weight", aofunc.Int4WeightOnly(128))])
     torch.cuda.synchronize() if device.type == "cuda" else None
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     start = time.perf_counter()

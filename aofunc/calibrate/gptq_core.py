@@ -63,24 +63,23 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 class _Asymmetric:
     """Int4WeightOnly groups: scale = clamp(max - min, 1e-6)/15, zero = min + 8·scale (both rounded to the weight's
-    dtype), code = clamp(round((w - (zero - 8·scale))/scale), 0, 15), w ≈ (code - 8)·scale + zero."""
+    dtype), code = clamp(round((w - base)/scale), 0, 15) with base = zero - 8·scale, w ≈ code·scale + base."""
+
+    lowest, highest = 0, 15
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
 
     def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of each row of a group g [N, group], as stored (rounded to the weight's dtype)."""
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = ((hi - lo).clamp(min=1e-6) / 15).to(self.dtype).float()
         zero = (lo + 8 * scale).to(self.dtype).float()
         return scale, zero
 
     @staticmethod
-    def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return torch.round((w - (zero - 8 * scale)) / scale).clamp_(0, 15)
-
-    @staticmethod
-    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return (codes - 8) * scale + zero
+    def base(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return zero - 8 * scale
 
     def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"qdata": P.pack_uint4(codes.to(torch.uint8)), "scale": scale.to(self.dtype),
@@ -91,6 +90,8 @@ class _Symmetric:
     """Int8DynamicInt4 groups: scale = max(amax/7.5, eps) (rounded to the weight's dtype), q = clamp(round(w/scale),
     -8, 7), w ≈ q·scale; stored as q + 8."""
 
+    lowest, highest = -8, 7
+
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
 
@@ -99,12 +100,8 @@ class _Symmetric:
         return scale, torch.zeros_like(scale)
 
     @staticmethod
-    def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return torch.round(w / scale).clamp_(-8, 7)
-
-    @staticmethod
-    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return codes * scale
+    def base(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return zero
 
     def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"qdata": P.pack_uint4((codes + 8).to(torch.uint8)), "scale": scale.to(self.dtype)}
@@ -154,25 +151,29 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, block
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    scale = torch.zeros(n, n_groups, dtype=torch.float32, device=W.device)
+    # column c of W is row c of Wt: each step reads and updates contiguous memory
+    scale = torch.zeros(n_groups, n, dtype=torch.float32, device=W.device)
     zero = torch.zeros_like(scale)
     if act_order:
         for g in range(n_groups):
-            scale[:, g], zero[:, g] = quantizer.choose(_group(W[:, g * gs:(g + 1) * gs], gs))
+            scale[g], zero[g] = quantizer.choose(_group(W[:, g * gs:(g + 1) * gs], gs))
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
         group_of = (perm // gs).tolist()
     else:
         perm = None
         group_of = [c // gs for c in range(k)]
+    base = quantizer.base(scale, zero)
+    Wt = W.t().contiguous()
+    del W
 
     Hinv = inverse_hessian_factor(H, percdamp)
     del H
-    codes = torch.empty(n, k, dtype=torch.float32, device=W.device)
+    codes = torch.empty(k, n, dtype=torch.float32, device=Wt.device)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -180,25 +181,25 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, block
             if not act_order and col % gs == 0:
                 # the group's current weights: updated inside this block, and pending this block's errors beyond it
                 end = min(col + gs, k)
-                current = W1[:, i:end - i1]
+                current = W1[i:end - i1]
                 if end > i2:
-                    beyond = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
-                    current = torch.cat([current, beyond], dim=1)
-                scale[:, g], zero[:, g] = quantizer.choose(_group(current, gs))
-            w = W1[:, i]
-            s, z = scale[:, g], zero[:, g]
-            c = quantizer.codes(w, s, z)
-            codes[:, col] = c
-            err = (w - quantizer.dequantize(c, s, z)) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+                    current = torch.cat([current, Wt[i2:end] - Hinv[i1:col, i2:end].t() @ Err1[:i]])
+                scale[g], zero[g] = quantizer.choose(_group(current.t(), gs))
+                base[g] = quantizer.base(scale[g], zero[g])
+            w, c, s, b = W1[i], codes[col], scale[g], base[g]
+            torch.div(w - b, s, out=c)
+            c.round_().clamp_(quantizer.lowest, quantizer.highest)
+            torch.div(w - torch.addcmul(b, c, s), Hinv1[i, i], out=Err1[i])
+            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
+    codes, scale, zero = codes.t(), scale.t(), zero.t()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     padded = n_groups * gs
     if padded > k:
         # the format pads K with zero weights: their codes are those of 0 in the last group
-        pad = torch.zeros(n, padded - k, dtype=torch.float32, device=W.device)
-        codes = torch.cat([codes, quantizer.codes(pad, scale[:, -1:], zero[:, -1:])], dim=1)
+        last_s, last_b = scale[:, -1:], quantizer.base(scale[:, -1:], zero[:, -1:])
+        pad = torch.round((0 - last_b) / last_s).clamp_(quantizer.lowest, quantizer.highest)
+        codes = torch.cat([codes, pad.expand(n, padded - k)], dim=1)
     return quantizer.stored(codes, scale, zero)

@@ -50,9 +50,10 @@ class TinyLlama(nn.Module):
     def forward(self, x):
         t = x.shape[1]
         head_dim = x.shape[-1] // self.heads
-        angles = torch.arange(t, dtype=x.dtype)[:, None] * torch.linspace(0.1, 1, head_dim, dtype=x.dtype)
+        angles = torch.arange(t, dtype=x.dtype, device=x.device)[:, None] \
+            * torch.linspace(0.1, 1, head_dim, dtype=x.dtype, device=x.device)
         rope = (angles.cos(), angles.sin())
-        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         x = self.inp(x)
         for layer in self.layers:
             x = layer(x, rope, mask=mask)
