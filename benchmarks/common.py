@@ -1,6 +1,6 @@
 """Timing and reporting helpers shared by the benchmark scripts.
 
-    us = median_us(lambda: F.linear(x, w))          # median of do_bench, L2 flushed before every run
+    us = cold_us(lambda: F.linear(x, w))            # L2 cold, CUDA graphs, launch overhead excluded
     print(markdown_table(["shape", "us"], rows))
     update_section("docs/benchmarks.md", "Kernels: weight-only", text)
 """
@@ -15,32 +15,20 @@ import torch
 
 
 def median_us(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median time of ``fn`` in microseconds: ``triton.testing.do_bench``, which flushes L2 before every run."""
+    """Median time of ``fn`` in microseconds: ``triton.testing.do_bench``, which flushes L2 before every run.
+
+    Launch overhead on the host counts when it exceeds the flush: prefer ``cold_us`` for small kernels.
+    """
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def graph_us(fn: Callable[[], object], replays: int = 200) -> float:
-    """Mean time of ``fn`` in microseconds, captured once in a CUDA graph and replayed (launch gaps removed, L2 warm)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / replays
+def cold_us(fn: Callable[[], object]) -> float:
+    """Time of one call of ``fn`` in microseconds, L2 cold, in CUDA graphs (no launch overhead): see autotune."""
+    from aofunc.kernels.autotune import cold_us as timer
+
+    return timer(fn)
 
 
 def card_name() -> str:

@@ -194,11 +194,40 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300))
 
 
-def median_us(fn: Callable[[], object]) -> float:
-    """Median time of ``fn`` in microseconds on the current CUDA device, L2 flushed between runs."""
-    import triton.testing
+def cold_us(fn: Callable[[], object], calls: int = 8, replays: int = 10) -> float:
+    """Time of one call of ``fn`` in microseconds with a cold L2 cache, free of launch overhead.
 
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    Two CUDA graphs are replayed: ``calls`` times (read a 256 MB buffer, then ``fn``) and ``calls`` times the
+    read alone; the difference of their medians over ``replays`` replays, per call. Reading (not writing)
+    evicts L2 without leaving dirty lines for ``fn`` to write back.
+    """
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside capture: compilation, workspaces, cached buffers
+        fn()
+        flush.max()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+    with torch.cuda.graph(graphs[0]):
+        for _ in range(calls):
+            flush.max()
+            fn()
+    with torch.cuda.graph(graphs[1]):
+        for _ in range(calls):
+            flush.max()
+    times = ([], [])
+    for _ in range(replays):
+        for graph, out in zip(graphs, times):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+    median = [sorted(t)[len(t) // 2] for t in times]
+    return 1e3 * (median[0] - median[1]) / calls
 
 
 def search(
@@ -212,9 +241,9 @@ def search(
 
     A candidate that fails to compile or launch (too much shared memory, too many registers) is rejected,
     as is one whose output differs; the first winner is returned when none beats it. ``(None, trials)``
-    when every candidate was rejected. ``timer`` defaults to ``median_us``.
+    when every candidate was rejected. ``timer`` defaults to ``cold_us``.
     """
-    timer = timer or median_us
+    timer = timer or cold_us
     trials = []
     for config in candidates:
         try:

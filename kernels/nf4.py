@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
-from aofunc.kernels.w4a16 import FLOAT_DTYPES, split_k, splitk_counters, splitk_finish, tolerance
+from aofunc.kernels.w4a16 import FLOAT_DTYPES, interpreting, pow2_at_most, split_k, splitk_counters, splitk_finish, tolerance
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -105,6 +105,28 @@ def block_scale(sq_ptr, f_ptr, mean, b, SCALER_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def lane_levels(lut_ptr, like, USE_SHFL: tl.constexpr):
+    """NF4_LEVELS[lane % 16] for this thread's lane, shaped like ``like`` (what ``nf4_level`` shuffles from)."""
+    if USE_SHFL:
+        zero = tl.full(like.shape, 0, tl.int32)  # identical operands everywhere, so every copy folds into one
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [zero], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+        return tl.load(lut_ptr + (lane & 15))
+    else:
+        return tl.zeros(like.shape, tl.float32)
+
+
+@triton.jit
+def nf4_level(code, lut_ptr, lanes, USE_SHFL: tl.constexpr):
+    """NF4_LEVELS[code]: a warp shuffle from the lane holding that level (CUDA), or a table load (interpreter)."""
+    if USE_SHFL:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                         [lanes, code], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(lut_ptr + code)
+
+
+@triton.jit
 def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
                         BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
     # BLOCK_BYTES bytes of codes -> 2 * BLOCK_BYTES elements of the flat weight; both codes of a byte share a
@@ -125,7 +147,7 @@ def _nf4_gemv_kernel(
     x_ptr, q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
     # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
@@ -143,6 +165,7 @@ def _nf4_gemv_kernel(
     per_split = tl.cdiv(n_steps, split_k)
     mean = tl.load(mean_ptr)
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    lanes = lane_levels(lut_ptr, acc, USE_SHFL)
     x_row = x_ptr + pid_m * stride_xm
     for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
         grp = step * GROUPS + offs_g
@@ -162,7 +185,7 @@ def _nf4_gemv_kernel(
                 xj = tl.load(x_row + k * stride_xk).to(tl.float32)
             else:
                 xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-            level = tl.load(lut_ptr + ((q >> ((j ^ 1) * 4)) & 15))
+            level = nf4_level((q >> ((j ^ 1) * 4)) & 15, lut_ptr, lanes, USE_SHFL)
             part += level * xj[None, :, :]
         acc += part * s[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -194,7 +217,7 @@ def default_config(m: int, n: int, k: int, block_size: int, device: torch.device
     if m > GEMV_MAX_M or not gemv_fits(k, block_size):
         return dict(path="dequant")
     row_blocks = k // block_size
-    groups = max(1, min(256 // block_size, row_blocks))
+    groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
     block_n = 64
     split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
     return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
@@ -206,7 +229,7 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, device: torch.dev
     if m <= 8 and gemv_fits(k, block_size):
         row_blocks = k // block_size
         for block_n in (16, 32, 64, 128):
-            for groups in sorted({max(1, min(c // block_size, row_blocks)) for c in (256, 512)}):
+            for groups in sorted({pow2_at_most(max(1, min(c // block_size, row_blocks))) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
                     out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4,
                                     num_stages=3))
@@ -231,7 +254,7 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),
         bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),
         BLOCK=block_size, SCALER_BLOCK=scaler_block_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None,
-        EVEN_K=(k // block_size) % params["GROUPS"] == 0, **params,
+        EVEN_K=(k // block_size) % params["GROUPS"] == 0, USE_SHFL=not interpreting(), **params,
     )
     return y
 

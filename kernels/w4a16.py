@@ -141,14 +141,33 @@ def unit_plus_code(q, J: tl.constexpr):
 
 
 @triton.jit
+def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS: tl.constexpr,
+                     WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+    # The codes [BLOCK_N, GROUPS, WORDS], scales and zeros [BLOCK_N, GROUPS] of one step.
+    grp = step * GROUPS + offs_g
+    words = grp[:, None] * WORDS + offs_w[None, :]
+    if EVEN_K:
+        q = tl.load(q_rows + words[None, :, :])
+        s = tl.load(s_rows + grp[None, :])
+        z = tl.load(z_rows + grp[None, :])
+    else:
+        g_mask = grp < n_groups
+        q = tl.load(q_rows + words[None, :, :], mask=g_mask[None, :, None], other=0)
+        s = tl.load(s_rows + grp[None, :], mask=g_mask[None, :], other=0.0)
+        z = tl.load(z_rows + grp[None, :], mask=g_mask[None, :], other=0.0)
+    return q, s, z
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
+    # PREFETCH: the next step's codes are loaded before this step's arithmetic.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -160,22 +179,25 @@ def _w4a16_gemv_kernel(
     n_groups = tl.cdiv(K, GROUP)
     n_steps = tl.cdiv(n_groups, GROUPS)
     per_split = tl.cdiv(n_steps, split_k)
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, n_steps) - 1
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     q_rows = q_ptr + rows[:, None, None] * stride_qn
-    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
-        grp = step * GROUPS + offs_g
-        words = grp[:, None] * WORDS + offs_w[None, :]
-        if EVEN_K:
-            q = tl.load(q_rows + words[None, :, :])
-            s = tl.load(s_ptr + rows[:, None] * stride_sn + grp[None, :])
-            z = tl.load(z_ptr + rows[:, None] * stride_zn + grp[None, :])
+    s_rows = s_ptr + rows[:, None] * stride_sn
+    z_rows = z_ptr + rows[:, None] * stride_zn
+    if PREFETCH:
+        q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(first, n_steps - 1), offs_g,
+                                                  offs_w, n_groups, GROUPS, WORDS, EVEN_K)
+    for step in range(first, last + 1):
+        if PREFETCH:
+            q, s, z = q_next, s_next, z_next
+            q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(step + 1, last), offs_g,
+                                                      offs_w, n_groups, GROUPS, WORDS, EVEN_K)
         else:
-            g_mask = grp < n_groups
-            q = tl.load(q_rows + words[None, :, :], mask=g_mask[None, :, None], other=0)
-            s = tl.load(s_ptr + rows[:, None] * stride_sn + grp[None, :], mask=g_mask[None, :], other=0.0)
-            z = tl.load(z_ptr + rows[:, None] * stride_zn + grp[None, :], mask=g_mask[None, :], other=0.0)
+            q, s, z = _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS, WORDS, EVEN_K)
+        words = (step * GROUPS + offs_g)[:, None] * WORDS + offs_w[None, :]
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         for j in tl.static_range(8):
@@ -212,7 +234,7 @@ def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step: d = dot(x, 1 + code/16) in fp32, then
     # sum(x * w) = s * (16 d - 24 sum(x)) + z * sum(x) per column (1 + code/16 is exact in bf16 and fp16).
@@ -235,14 +257,21 @@ def _w4a16_gemm_kernel(
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qn + g * WORDS + offs_w[None, :])
         w = units_plus_codes(q, BLOCK_N, WORDS)
-        if DOT_FP32:
-            d = tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            d = tl.dot(xt, tl.trans(w.to(xt.dtype)))
         s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
         z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
         xs = tl.sum(xt.to(tl.float32), axis=1)
-        acc += d * (16.0 * s)[None, :] + xs[:, None] * (z - 24.0 * s)[None, :]
+        if SWAP:  # y.T tile = dot(w, x.T): the dequantized tile is the left operand, kept in registers
+            if DOT_FP32:
+                d = tl.dot(w, tl.trans(xt.to(tl.float32)), input_precision="ieee")
+            else:
+                d = tl.dot(w.to(xt.dtype), tl.trans(xt))
+            acc += tl.trans(d * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None] * xs[None, :])
+        else:
+            if DOT_FP32:
+                d = tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:
+                d = tl.dot(xt, tl.trans(w.to(xt.dtype)))
+            acc += d * (16.0 * s)[None, :] + xs[:, None] * (z - 24.0 * s)[None, :]
     tile = pid_m * tl.num_programs(0) + pid_n
     # y is dense [M, N] (stride_ym == N), so the split-K workspace shares its offsets.
     offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -286,6 +315,11 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     return w
 
 
+def pow2_at_most(n: int) -> int:
+    """The largest power of two <= n (n >= 1): block shapes in Triton are powers of two."""
+    return 1 << (n.bit_length() - 1)
+
+
 def split_k(programs: int, n_steps: int, device: torch.device) -> int:
     """Splits of K so that about two programs run per multiprocessor, each with at least two steps of K."""
     want = max(1, (2 * sm_count(device)) // max(programs, 1))
@@ -297,16 +331,18 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
     n_groups = -(-k // group_size)
     if m <= GEMV_MAX_M:
         block_n = 16
-        groups = max(1, min(256 // group_size, n_groups))
+        groups = pow2_at_most(max(1, min(256 // group_size, n_groups)))
         programs = m * triton.cdiv(n, block_n)
         split = split_k(programs, triton.cdiv(n_groups, groups), device)
-        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
+        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, PREFETCH=False, num_warps=4,
+                    num_stages=3)
     if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         block_n = 64
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = split_k(programs, n_groups, device)
-        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=3)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=False, num_warps=4,
+                    num_stages=3)
     return dict(path="dequant")
 
 
@@ -316,17 +352,19 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
     out = [dict(path="dequant")]
     if m <= 8:
         for block_n in (16, 32, 64, 128):
-            for groups in sorted({max(1, min(c // group_size, n_groups)) for c in (256, 512)}):
+            for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
-                    out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4,
-                                    num_stages=3))
+                    for prefetch in (False, True):
+                        out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                        PREFETCH=prefetch, num_warps=4, num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(64, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
-                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                        out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-                                        num_warps=warps, num_stages=stages))
+                    for swap in (False, True):
+                        for warps, stages in ((4, 3), (4, 4)):
+                            out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+                                            SWAP=swap, num_warps=warps, num_stages=stages))
     return out
 
 

@@ -205,7 +205,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
-        w = (qdata * scale[:, None]).to(x.dtype)
+        w = (qdata * scale.float()[:, None]).to(x.dtype)  # rounded once, like the twin's fp32 weight
         return torch.nn.functional.linear(x, w, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")

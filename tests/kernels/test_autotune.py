@@ -95,7 +95,7 @@ def test_search_rejects_wrong_and_failing_candidates():
 
 def test_choose_default_without_tuning_and_search_with_it(monkeypatch):
     ref, run, timer = _problem()
-    monkeypatch.setattr(autotune, "median_us", timer)
+    monkeypatch.setattr(autotune, "cold_us", timer)
     key = autotune.config_key("fake", 1, 6, 6, ("float32",), "card")
     searched = []
 

@@ -1,0 +1,94 @@
+"""NF4 kernels equal their fp32 twin; the linear has autograd in x and bias (Triton's interpreter on CPU)."""
+import pytest
+import torch
+
+from aofunc.kernels import autotune, nf4
+from aofunc.kernels.nf4 import NF4_LEVELS, nf4_dequantize, nf4_dequantize_ref, nf4_linear, nf4_linear_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weight(n, k, block, scaler_block, device=DEVICE):
+    chunk = block * scaler_block
+    padded = -(-n * k // chunk) * chunk
+    q = torch.randint(0, 256, (padded // 2,), dtype=torch.uint8, device=device)
+    scaler_q = torch.randint(-128, 128, (padded // block,), dtype=torch.int8, device=device)
+    factor = torch.rand(padded // chunk, device=device) * 100 + 50
+    return q, scaler_q, factor, torch.tensor(0.05, device=device)
+
+
+@pytest.mark.parametrize("m,n,k,block,scaler_block", [(1, 17, 64, 64, 4), (3, 9, 40, 16, 4), (2, 8, 256, 64, 2),
+                                                      (1, 5, 30, 8, 3), (17, 6, 32, 32, 2)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
+    tensors = weight(n, k, block, scaler_block)
+    inputs = [t.clone() for t in tensors]
+    x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
+    b = torch.randn(n, device=DEVICE, dtype=x_dtype)
+    args = (*tensors, n, k, block, scaler_block)
+    want = nf4_linear_ref(x, *args, b)
+    configs = [nf4.default_config(m, n, k, block, x.device), dict(path="dequant")]
+    if nf4.gemv_fits(k, block) and m <= 3:
+        configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=3, num_warps=2, num_stages=1))
+    for config in configs:
+        y = nf4.nf4_linear_triton(x, *args, b, config=config)
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        assert autotune.relative_error(y, want) <= nf4.tolerance(x_dtype), config
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(nf4.nf4_dequantize_triton(*args, dtype), nf4_dequantize_ref(*args, dtype))
+    for before, after in zip(inputs, tensors):
+        assert torch.equal(before, after)
+
+
+def test_twin_follows_the_format_math():
+    # two blocks of 2 (block_size=2, scaler_block_size=2): s = q / f + mean
+    codes = torch.tensor([0, 15, 7, 9], dtype=torch.uint8)
+    q = codes[0::2] << 4 | codes[1::2]
+    scaler_q, factor, mean = torch.tensor([4, -2], dtype=torch.int8), torch.tensor([2.0]), torch.tensor(0.5)
+    w = nf4_dequantize_ref(q, scaler_q, factor, mean, 2, 2, 2, 2, torch.float32)
+    s = [4 / 2 + 0.5, -2 / 2 + 0.5]
+    assert w.tolist() == [[NF4_LEVELS[0] * s[0], NF4_LEVELS[15] * s[0]], [NF4_LEVELS[7] * s[1], NF4_LEVELS[9] * s[1]]]
+
+
+def test_autograd_in_x_and_bias():
+    tensors = weight(8, 64, 64, 2, device="cpu")
+    args = (*tensors, 8, 64, 64, 2)
+    x = torch.randn(3, 64, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    grad_y = torch.randn(3, 8)
+    nf4_linear(x, *args, b).backward(grad_y)
+    w = nf4_dequantize_ref(*args, torch.float32)
+    torch.testing.assert_close(x.grad, grad_y @ w)
+    torch.testing.assert_close(b.grad, grad_y.sum(0))
+    torch.library.opcheck(torch.ops.aofunc.nf4_linear.default, (x.detach(), *args, b.detach()))
+    torch.library.opcheck(torch.ops.aofunc.nf4_dequantize.default, (*args, torch.float16))
+    assert torch.equal(nf4_dequantize(*args, torch.float32), w)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="real sizes and bf16 run on the GPU only")
+def test_real_sizes_bf16():
+    tensors = weight(4096, 4096, 64, 256)
+    args = (*tensors, 4096, 4096, 64, 256)
+    for m in (1, 2, 16):
+        x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        y = nf4_linear(x, *args, None)
+        assert autotune.relative_error(y, nf4_linear_ref(x, *args, None)) <= nf4.tolerance(torch.bfloat16)
+        y.float().sum().backward()
+        w = nf4_dequantize_ref(*args, torch.float32)
+        assert autotune.relative_error(x.grad, (torch.ones(m, 4096, device=DEVICE) @ w).to(x.dtype)) <= 1e-2
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(qdata=torch.zeros(3, dtype=torch.uint8)), "qdata must be"),
+    (dict(scaler_q=torch.zeros(4, dtype=torch.float32)), "scaler_q must be"),
+    (dict(scaler_factor=torch.ones(2)), "scaler_factor must be"),
+    (dict(scaler_mean=torch.ones(1)), "scaler_mean must be"),
+    (dict(block_size=3), "block_size must be even"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    q, scaler_q, factor, mean = weight(8, 64, 64, 2, device="cpu")
+    args = dict(qdata=q, scaler_q=scaler_q, scaler_factor=factor, scaler_mean=mean, n=8, k=64, block_size=64,
+                scaler_block_size=2, dtype=torch.float32)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        nf4_dequantize_ref(**args)

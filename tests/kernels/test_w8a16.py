@@ -1,0 +1,80 @@
+"""W8A16 kernels equal their fp32 twin (Triton's interpreter on CPU, the real kernels on a GPU)."""
+import pytest
+import torch
+
+from aofunc.kernels import autotune, w8a16
+from aofunc.kernels.w8a16 import w8a16_linear, w8a16_linear_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weight(n, k, dtype=torch.float32, device=DEVICE):
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    return q, (torch.rand(n, device=device) * 0.01 + 1e-3).to(dtype)
+
+
+def run_all_paths(m, n, k, x_dtype, w_dtype, bias, strided):
+    q, scale = weight(n, k, w_dtype)
+    x = torch.randn(m, 2 * k if strided else k, device=DEVICE, dtype=x_dtype)
+    x = x[:, ::2] if strided else x
+    b = torch.randn(n, device=DEVICE, dtype=x_dtype) if bias else None
+    inputs = [t.clone() for t in (x, q, scale)]
+    want = w8a16_linear_ref(x, q, scale, b)
+    configs = [w8a16.default_config(m, n, k, x_dtype, x.device), dict(path="dequant"),
+               dict(path="gemv", BLOCK_N=8, BLOCK_W=4, SPLIT_K=3, num_warps=2, num_stages=1),
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, num_warps=2, num_stages=1)]
+    for config in configs:
+        if config["path"] == "gemv" and m > 3:
+            continue  # one program per row of x: slow under the interpreter and not a path used for large M
+        y = w8a16.w8a16_linear_triton(x, q, scale, b, config=config)
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        err = autotune.relative_error(y, want)
+        assert err <= w8a16.tolerance(x_dtype), (config, err)
+    for before, after in zip(inputs, (x, q, scale)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 17, 40), (3, 33, 64), (17, 31, 102), (2, 8, 256), (1, 5, 7)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_kernels_equal_twin(m, n, k, x_dtype):
+    run_all_paths(m, n, k, x_dtype, torch.float32, bias=True, strided=False)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_strided_x_mixed_weight_dtype_no_bias(m):
+    run_all_paths(m, 24, 96, torch.float16, torch.bfloat16, bias=False, strided=True)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter gets bf16 tl.dot wrong (triton issue 11584)")
+def test_bf16_activations_and_real_sizes():
+    run_all_paths(5, 40, 200, torch.bfloat16, torch.bfloat16, bias=True, strided=False)
+    for m in (1, 16, 300):
+        run_all_paths(m, 4096, 4096, torch.bfloat16, torch.bfloat16, bias=True, strided=False)
+
+
+def test_twin_follows_the_format_math():
+    q = torch.tensor([[1, -2, 127, -128]], dtype=torch.int8)
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    y = w8a16_linear_ref(x, q, torch.tensor([0.5]), torch.tensor([1.0]))
+    assert y.tolist() == [[(1 - 2 + 127 - 128) * 0.5 + 1.0], [-128 * 0.5 + 1.0]]
+
+
+def test_custom_op_and_fake():
+    q, scale = weight(8, 64, device="cpu")
+    x = torch.randn(3, 64)
+    assert torch.equal(w8a16_linear(x, q, scale, None), w8a16_linear_ref(x, q, scale, None))
+    torch.library.opcheck(torch.ops.aofunc.w8a16_linear.default, (x, q, scale, None))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(2, 63)), "qdata must be int8"),
+    (dict(qdata=torch.zeros(8, 64, dtype=torch.uint8)), "qdata must be int8"),
+    (dict(scale=torch.ones(7)), "scale must be"),
+    (dict(bias=torch.ones(8, 1)), "bias must be"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    q, scale = weight(8, 64, device="cpu")
+    args = dict(x=torch.randn(2, 64), qdata=q, scale=scale, bias=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        w8a16.w8a16_linear_triton(**args)
