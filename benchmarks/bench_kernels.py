@@ -1,12 +1,12 @@
 """Weight-only kernels (W4A16, W8A16, NF4) against bf16 cuBLAS, tinygemm and torchao, in one process on one card.
 
-    python benchmarks/bench_kernels.py --formats w4a16,w8a16 --shapes 4096x4096 --ms 1,16 --tune --check
+    python benchmarks/bench_kernels.py --formats w4a16,w8a16 --shapes 4096x4096 --ms 1,16 --tune-ms 1 --check
     python benchmarks/bench_kernels.py --peers tinygemm,torchao --doc docs/benchmarks.md --json results.json
 
 Shapes are K x N (input x output features). Weights are random codes and scales built with plain torch here
-(speed does not depend on the values). ``--tune`` searches configurations for each timed key first (the
-winners go to the user kernel cache, ``$AOFUNC_KERNEL_CACHE``); ``--check`` compares every path at these sizes
-with the reference twins before timing.
+(speed does not depend on the values). Times are ``cold_us``: CUDA graphs, L2 cold, launch overhead excluded.
+``--tune-ms`` searches configurations for those M first (the winners go to the user kernel cache,
+``$AOFUNC_KERNEL_CACHE``); ``--check`` compares every path at these sizes with the reference twins first.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import card_name, markdown_table, median_us, ratio, update_section
+from common import card_name, cold_us, markdown_table, median_us, ratio, update_section
 
 SHAPES = ("4096x4096", "4096x14336", "14336x4096", "8192x28672")
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
@@ -146,7 +146,17 @@ def torchao_linear(fmt, n, k):
     return torch.compile(lin)
 
 
-def bench(fmts, shapes, ms, peers, tune):
+def timed(fn):
+    """cold_us, or do_bench's median for what cannot be captured in a CUDA graph (None if it fails)."""
+    try:
+        return cold_us(fn)
+    except RuntimeError as error:
+        print(f"graph timing failed ({str(error)[:80]}); do_bench instead", flush=True)
+        torch.cuda.synchronize()
+        return median_us(fn)
+
+
+def bench(fmts, shapes, ms, peers, tune_ms):
     from aofunc.kernels import autotune
 
     rows, raw = [], []
@@ -160,14 +170,14 @@ def bench(fmts, shapes, ms, peers, tune):
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 start = time.time()
-                if tune:
+                if m in tune_ms:
                     with autotune.tune():
                         run(x)
                 config = autotune.lookup(key(x)) or "default"
-                t_bf16 = median_us(lambda: F.linear(x, w_bf16))
-                t_ours = median_us(lambda: run(x))
-                t_tiny = median_us(lambda: tiny(x)) if tiny is not None else None
-                t_tao = median_us(lambda: tao(x)) if tao is not None else None
+                t_bf16 = timed(lambda: F.linear(x, w_bf16))
+                t_ours = timed(lambda: run(x))
+                t_tiny = timed(lambda: tiny(x)) if tiny is not None else None
+                t_tao = timed(lambda: tao(x)) if tao is not None else None
                 path = config["path"] if isinstance(config, dict) else "default"
                 rows.append([fmt, shape, str(m), t_bf16, t_ours, ratio(t_bf16, t_ours), t_tiny, ratio(t_tiny, t_ours),
                              t_tao, ratio(t_tao, t_ours), path])
@@ -188,7 +198,7 @@ def main(argv=None):
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--peers", default="tinygemm", help="comma list of tinygemm, torchao")
-    parser.add_argument("--tune", action="store_true", help="search configurations for every timed key first")
+    parser.add_argument("--tune-ms", default="", help="comma list of M whose keys are tuned before timing")
     parser.add_argument("--check", action="store_true", help="compare every path with its twin first")
     parser.add_argument("--doc", help="markdown file whose 'Kernels: weight-only' section gets the table")
     parser.add_argument("--json", help="write the raw numbers here")
@@ -202,14 +212,15 @@ def main(argv=None):
         print(f"check: {failures} failures", flush=True)
         if failures:
             sys.exit(1)
-    rows, raw = bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, args.tune)
+    tune_ms = {int(m) for m in args.tune_ms.split(",") if m}
+    rows, raw = bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, tune_ms)
     table = markdown_table(HEADERS, rows)
     print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": card_name(), "torch": torch.__version__, "results": raw}, f, indent=1, default=str)
     if args.doc:
-        body = (f"Card: {card_name()}; torch {torch.__version__}; `triton.testing.do_bench` median, L2 flushed. "
+        body = (f"Card: {card_name()}; torch {torch.__version__}; CUDA graphs, L2 cold (benchmarks/common.py `cold_us`). "
                 f"Ratios above 1 mean aofunc is faster.\n\n{table}")
         update_section(args.doc, "Kernels: weight-only", body)
 
