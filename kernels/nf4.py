@@ -228,10 +228,10 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, device: torch.dev
     out = [dict(path="dequant")]
     if m <= 8 and gemv_fits(k, block_size):
         row_blocks = k // block_size
-        for block_n in (16, 32, 64, 128):
+        for block_n, warps in ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8)):
             for groups in sorted({pow2_at_most(max(1, min(c // block_size, row_blocks))) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
-                    out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4,
+                    out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=warps,
                                     num_stages=3))
     return out
 

@@ -351,12 +351,12 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
     n_groups = -(-k // group_size)
     out = [dict(path="dequant")]
     if m <= 8:
-        for block_n in (16, 32, 64, 128):
+        for block_n, warps in ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8)):
             for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
                     for prefetch in (False, True):
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                        PREFETCH=prefetch, num_warps=4, num_stages=3))
+                                        PREFETCH=prefetch, num_warps=warps, num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(64, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
