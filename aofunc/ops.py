@@ -1,11 +1,10 @@
 """qlinear, the pure quantized linear op, and the torch functions a QTensor answers through it."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
 
 from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
@@ -75,7 +74,8 @@ def _dequantized_linear(x, scheme, t, n, k, bias):
 
 
 def _int8_weight_only(x, scheme, t, n, k, bias):
-    if x.device.type == "cpu":
+    # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
+    if x.device.type == "cpu" and k % 16 == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
@@ -86,7 +86,9 @@ def _int8_dynamic(x, scheme, t, n, k, bias):
     if "act_scale" in t:
         x = x.float() / t["act_scale"].float()
     xq, sx = P.quantize_per_token_symmetric_int8(x)
-    acc = torch._int_mm(xq, t["qdata"].t()) if x.device.type == "cpu" else _exact_int8_matmul(xq, t["qdata"])
+    # torch's CPU _int_mm is wrong for K == 1
+    cpu_int_mm = x.device.type == "cpu" and k > 1
+    acc = torch._int_mm(xq, t["qdata"].t()) if cpu_int_mm else _exact_int8_matmul(xq, t["qdata"])
     # int32 times both scales in fp32, so fp16 outputs cannot overflow before the cast
     y = acc.float() * sx[:, None] * t["scale"].float()
     return _add_bias(y.to(dtype), bias)
@@ -101,7 +103,7 @@ def _exact_int8_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> t
     return out
 
 
-_CPU_INT4_PACKED: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
+_CPU_INT4_PACKED = WeakIdKeyDictionary()
 
 
 def _cpu_int4_packed(qdata: torch.Tensor) -> torch.Tensor:

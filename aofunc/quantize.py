@@ -32,7 +32,7 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, transposed: bool = False) -
     """One weight to a QTensor; w keeps its logical shape ([N, K], [K, N] if transposed, [N, K, 1, 1])."""
     w = w.detach()
     n, k = canonical_shape(tuple(w.shape), transposed)
-    canonical = w.t() if transposed else w.reshape(n, k)
+    canonical = (w.t() if transposed else w.reshape(n, k)).contiguous()
     return QTensor(scheme, scheme.quantize(canonical), w.shape, w.dtype, transposed)
 
 

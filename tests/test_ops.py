@@ -1,0 +1,179 @@
+"""qlinear and the torch functions a QTensor answers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import aofunc
+from aofunc.quantize import quantize_weight
+from tests.models import ALL_SCHEMES
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def relative_error(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+@st.composite
+def linear_case(draw):
+    scheme = draw(st.sampled_from(ALL_SCHEMES + [aofunc.Int4WeightOnly(128)]))
+    n = draw(st.sampled_from([1, 16, 24, 48]))
+    k = draw(st.integers(1, 160))
+    lead = draw(st.sampled_from([(), (1,), (3,), (2, 5)]))
+    dtype = draw(st.sampled_from(FLOATS))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if draw(st.booleans()) else None
+    return scheme, w, x, bias
+
+
+def reference_linear(x, qw, bias):
+    """The same math in float64: activations fake-quantized where the scheme quantizes them."""
+    from aofunc import primitives as P
+    w = qw.dequantize().double()
+    x64 = x.double()
+    if isinstance(qw.scheme, aofunc.Int8Dynamic):
+        xq, s = P.quantize_per_token_symmetric_int8(x.reshape(-1, x.shape[-1]))
+        x64 = (xq.double() * s.double()[:, None]).reshape(x.shape)
+    if isinstance(qw.scheme, aofunc.Int8DynamicInt4):
+        xq, s, zp = P.quantize_per_token_asymmetric_int8(x.reshape(-1, x.shape[-1]))
+        x64 = ((xq.double() - zp.double()[:, None]) * s.double()[:, None]).reshape(x.shape)
+    y = x64 @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+@given(linear_case())
+def test_qlinear_equals_the_dequantized_linear(case):
+    scheme, w, x, bias = case
+    qw = quantize_weight(w, scheme)
+    y = aofunc.qlinear(x, qw, bias)
+    assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == x.dtype
+    expected = reference_linear(x, qw, bias)
+    assert relative_error(y, expected) <= TOLERANCE[x.dtype]
+
+
+@given(linear_case())
+def test_qlinear_is_pure_and_deterministic(case):
+    scheme, w, x, bias = case
+    qw = quantize_weight(w, scheme)
+    x_before, stored_before = x.clone(), {k: v.clone() for k, v in qw.tensors.items()}
+    a, b = aofunc.qlinear(x, qw, bias), aofunc.qlinear(x, qw, bias)
+    assert torch.equal(a, b) and torch.equal(x, x_before)
+    assert all(torch.equal(qw.tensors[k], v) for k, v in stored_before.items())
+
+
+@pytest.mark.parametrize("scheme, k, bound", [
+    (aofunc.Int8Dynamic(), 256, 35), (aofunc.Int8WeightOnly(), 256, 40), (aofunc.Int4WeightOnly(128), 256, 10),
+    (aofunc.Int4WeightOnly(128), 4096, 14), (aofunc.NF4(), 256, 15), (aofunc.Int8DynamicInt4(32), 256, 14),
+])
+def test_output_sqnr_meets_the_reference_thresholds(scheme, k, bound):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, k, generator=g), torch.randn(32, k, generator=g)
+    y = aofunc.qlinear(x, quantize_weight(w, scheme))
+    assert aofunc.sqnr(x @ w.t(), y) > bound
+
+
+def test_int4_on_cpu_uses_the_packed_kernel_and_agrees_with_the_fallback():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 200, generator=g, dtype=torch.bfloat16)
+    x = torch.randn(5, 200, generator=g, dtype=torch.bfloat16)
+    qw = quantize_weight(w, aofunc.Int4WeightOnly(64))
+    fast = aofunc.qlinear(x, qw)  # N % 16 == 0: aten._weight_int4pack_mm_for_cpu, K padded 200 -> 256
+    slow = F.linear(x.float(), qw.dequantize().float())
+    assert relative_error(fast, slow) < 1e-2
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda w: aofunc.qlinear(torch.randn(2, 7), w), "input features 8"),
+    (lambda w: aofunc.qlinear(torch.ones(2, 8, dtype=torch.int32), w), "floating point"),
+    (lambda w: aofunc.qlinear(torch.randn(2, 8), w, torch.zeros(3)), r"bias must have shape \(4,\)"),
+    (lambda w: aofunc.qlinear(torch.randn(2, 8), w.dequantize()), "QTensor"),
+])
+def test_qlinear_refuses_bad_input(bad, match):
+    w = quantize_weight(torch.randn(4, 8), aofunc.Int8WeightOnly())
+    with pytest.raises((TypeError, ValueError), match=match):
+        bad(w)
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+def test_matmul_mm_addmm_and_linear_route_to_qlinear(scheme):
+    g = torch.Generator().manual_seed(1)
+    w, x, b = torch.randn(16, 32, generator=g), torch.randn(5, 32, generator=g), torch.randn(16, generator=g)
+    qw = quantize_weight(w, scheme)
+    expected = aofunc.qlinear(x, qw, b)
+    qt = quantize_weight(w.t().contiguous(), scheme, transposed=True)  # stored [in, out]
+    assert torch.equal(qt.dequantize(), qw.dequantize().t())
+    assert torch.equal(F.linear(x, qw, b), expected)
+    assert torch.equal(torch.matmul(x, qt) + b, aofunc.qlinear(x, qw) + b)
+    assert torch.equal(x @ qw.t(), aofunc.qlinear(x, qw))
+    assert torch.equal(torch.mm(x, qt), aofunc.qlinear(x, qw))
+    assert torch.equal(torch.addmm(b, x, qt), expected)
+
+
+def test_uses_no_fast_path_covers_run_on_the_dequantized_weight():
+    g = torch.Generator().manual_seed(4)
+    qw = quantize_weight(torch.randn(16, 32, generator=g), aofunc.Int8WeightOnly())
+    dq = qw.dequantize()
+    x, m, c = torch.randn(3, 16, generator=g), torch.randn(3, 32, generator=g), torch.randn(3, 16, generator=g)
+    assert torch.equal(x @ qw, x @ dq)  # contraction over N
+    assert torch.equal(torch.addmm(c, m, qw.t(), beta=0.5), torch.addmm(c, m, dq.t(), beta=0.5))
+    assert torch.equal(F.linear(m, qw.t().t()), F.linear(m, dq))
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (2, 0), (1, 1), ((2, 1), (0, 2)), (1, "same")])
+def test_pointwise_conv2d_runs_as_a_linear_over_channels(stride, padding):
+    g = torch.Generator().manual_seed(2)
+    conv = torch.nn.Conv2d(32, 16, 1, stride=stride, padding=padding)
+    x = torch.randn(2, 32, 5, 6, generator=g)
+    qw = quantize_weight(conv.weight, aofunc.Int8WeightOnly())
+    y = F.conv2d(x, qw, conv.bias, conv.stride, conv.padding)
+    expected = F.conv2d(x, qw.dequantize(), conv.bias, conv.stride, conv.padding)
+    assert y.shape == expected.shape and relative_error(y, expected) < 1e-5
+    assert relative_error(F.conv2d(x[0], qw, None), F.conv2d(x[0], qw.dequantize(), None)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+def test_embedding_gathers_rows_then_dequantizes(scheme):
+    w = torch.randn(50, 24, dtype=torch.bfloat16)
+    qw = quantize_weight(w, scheme)
+    ids = torch.tensor([[3, 49, 0], [7, 7, 1]])
+    out = F.embedding(ids, qw)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, qw.dequantize()[ids])
+
+
+def test_nf4_lora_trains_on_a_frozen_base_with_torch_func_grad():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g)
+    base = quantize_weight(w, aofunc.NF4())
+    x = torch.randn(256, 64, generator=g)
+    delta = torch.randn(32, 4, generator=g) @ torch.randn(4, 64, generator=g) * 0.3  # a rank-4 change to learn
+    target = x @ (w + delta).t()
+    lora = {"a": torch.randn(4, 64, generator=g) * 0.1, "b": torch.zeros(32, 4)}
+
+    def loss(adapter):
+        y = aofunc.qlinear(x, base) + (x @ adapter["a"].t()) @ adapter["b"].t()
+        return ((y - target) ** 2).mean()
+
+    start = loss(lora).item()
+    for _ in range(60):
+        grads = torch.func.grad(loss)(lora)
+        lora = {k: v - 0.2 * grads[k] for k, v in lora.items()}
+    assert loss(lora).item() < 0.05 * start
+    assert torch.equal(base.dequantize(), quantize_weight(w, aofunc.NF4()).dequantize())  # the base stayed frozen
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+def test_gradient_wrt_the_input_is_the_dequantized_weight(scheme):
+    w = torch.randn(8, 16)
+    qw = quantize_weight(w, scheme)
+    x = torch.randn(3, 16, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    aofunc.qlinear(x, qw, b).sum().backward()
+    assert torch.allclose(x.grad, qw.dequantize().sum(0).expand(3, 16), atol=1e-5)
+    assert torch.equal(b.grad, torch.full((8,), 3.0))
