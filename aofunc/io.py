@@ -30,12 +30,13 @@ def _dtype_from_name(name: str, where: str) -> torch.dtype:
 
 
 def _own_storage(t: torch.Tensor, seen: set) -> torch.Tensor:
-    """A contiguous CPU copy safetensors accepts: tensors sharing memory with another one are cloned."""
+    """A contiguous CPU tensor with memory of its own, as safetensors needs: one sharing storage is cloned."""
     t = t.detach().cpu().contiguous()
-    key = (t.untyped_storage().data_ptr(), t.storage_offset())
-    if t.numel() and key in seen:
+    storage = t.untyped_storage().data_ptr()
+    if t.numel() and storage in seen:
         t = t.clone()
-    seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        storage = t.untyped_storage().data_ptr()
+    seen.add(storage)
     return t
 
 
