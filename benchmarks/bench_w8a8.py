@@ -160,18 +160,20 @@ def best_of(r, *names):
 
 
 def markdown(rows, card):
-    """The results section: µs and ratios to bf16 (> 1 is faster than bf16)."""
-    headers = ["K×N", "M", "bf16 µs", "W8A8 µs", "×bf16", "int_mm µs", "torch path µs", "×torch path",
-               "torchao µs", "×torchao", "8da4w µs", "8da4w ×bf16"]
+    """The results table: µs, and ratios ``baseline / ours`` (> 1: ours is faster)."""
+    headers = ["K×N", "M", "bf16 µs", "W8A8 default µs", "W8A8 best µs", "×bf16", "int_mm alone µs",
+               "torch path µs", "×torch path", "torchao µs", "×torchao", "8da4w best µs", "8da4w ×bf16"]
     body = []
     for r in rows:
         ours = best_of(r, "ours", "ours_tuned")
         int4 = best_of(r, "int4", "int4_tuned")
-        body.append([f"{r['k']}×{r['n']}", str(r["m"]), r.get("bf16"), ours, ratio(r.get("bf16"), ours), r.get("int_mm"),
-                     r.get("torch_path"), ratio(r.get("torch_path"), ours), r.get("torchao"),
+        torchao_failed = any(e.startswith("torchao") for e in r.get("errors", []))
+        body.append([f"{r['k']}×{r['n']}", str(r["m"]), r.get("bf16"), r.get("ours"), ours,
+                     ratio(r.get("bf16"), ours), r.get("int_mm"), r.get("torch_path"),
+                     ratio(r.get("torch_path"), ours), "fails" if torchao_failed else r.get("torchao"),
                      ratio(r.get("torchao"), ours), int4, ratio(r.get("bf16"), int4)])
     for row in body:
-        for i in (4, 7, 9, 11):
+        for i in (5, 8, 10, 12):
             row[i] = "—" if row[i] is None else f"{row[i]:.2f}"
     return f"Card: {card}.\n\n" + markdown_table(headers, body)
 
@@ -185,7 +187,13 @@ def main():
     parser.add_argument("--no-int4", action="store_true", help="skip the 8da4w kernel")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--markdown", help="write the results table here")
+    parser.add_argument("--table-from", help="only print the table of an earlier --json file")
     args = parser.parse_args()
+    if args.table_from:
+        with open(args.table_from) as f:
+            data = json.load(f)
+        print(markdown(data["rows"], data["card"]))
+        return
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     torchao_ms = {int(v) for v in args.torchao_m.split(",") if v}

@@ -141,7 +141,8 @@ def _int8_int4_matmul_kernel(
 # A configuration (kernels/autotune.py's ``Config``) is the kernel's launch meta-parameters plus ``FUSED``:
 # True quantizes the activations inside the GEMM, False in their own kernel first. The K step is one group.
 INTERPRETER_CONFIG = {"FUSED": False, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
-FUSED_MAX_M = 16
+# Largest M for which a search tries quantizing the activations inside the GEMM.
+FUSED_MAX_M = 32
 
 
 def _config(fused, block_m, block_n, group_m, num_warps, num_stages) -> dict:
@@ -149,13 +150,15 @@ def _config(fused, block_m, block_n, group_m, num_warps, num_stages) -> dict:
             "num_stages": num_stages}
 
 
-# Default tiles by M bucket on Hopper, each shown correct by the tests.
+# Default tiles by M bucket on Hopper: the winners of benchmarks/bench_w8a8.py's searches on an H100
+# (docs/benchmarks.md), each shown correct by the tests.
 _CUDA_CONFIGS = (
-    (16, _config(True, 16, 32, 1, 4, 4)),
-    (64, _config(False, 64, 64, 4, 4, 4)),
+    (16, _config(False, 16, 32, 1, 4, 4)),
+    (32, _config(False, 32, 16, 1, 4, 4)),
+    (64, _config(False, 64, 16, 1, 4, 4)),
     (128, _config(False, 128, 64, 8, 4, 4)),
 )
-_CUDA_LARGE_M_CONFIG = _config(False, 128, 128, 8, 8, 3)
+_CUDA_LARGE_M_CONFIG = _config(False, 128, 64, 8, 4, 4)
 
 
 def default_int8_int4_config(m: int, device: torch.device) -> dict:
@@ -173,7 +176,7 @@ def int8_int4_candidates(m: int) -> list:
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         return [_config(fused, block_m, bn, 1, 4, st)
-                for fused in ((True, False) if m <= FUSED_MAX_M * 2 else (False,))
+                for fused in ((True, False) if m <= FUSED_MAX_M else (False,))
                 for bn, st in ((16, 4), (32, 4), (64, 4), (128, 3))]
     if m <= 256:
         return [_config(False, bm, bn, 8, w, st) for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 4),
@@ -225,7 +228,9 @@ def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, tor
     xf = x.float()
     x_min = xf.amin(dim=1).clamp(max=0)
     x_max = xf.amax(dim=1).clamp(min=0)
-    s = ((x_max - x_min) / 255).clamp(min=EPS)
+    span = x_max - x_min
+    # A tensor divisor keeps the division IEEE-rounded on CUDA too (see quantize_per_token_int8_ref).
+    s = (span / span.new_full((), 255.0)).clamp(min=EPS)
     zp = torch.clamp(torch.round(-128 - x_min / s), -128, 127)
     xq = torch.clamp(torch.round(xf / s[:, None]) + zp[:, None], -128, 127).to(torch.int8)
     return xq, s, zp.to(torch.int32)

@@ -28,9 +28,10 @@ def _config(block_m, block_n, block_k, group_m, num_warps, num_stages) -> dict:
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-# Default tiles by M bucket for the int8 GEMM on Hopper, each shown correct by the tests.
+# Default tiles by M bucket for the int8 GEMM on Hopper, each shown correct by the tests; the M <= 16 and
+# M > 512 tiles won the searches of benchmarks/bench_w8a8.py on an H100 (docs/benchmarks.md).
 _CUDA_CONFIGS = (
-    (16, _config(16, 32, 256, 1, 4, 4)),
+    (16, _config(16, 64, 256, 1, 4, 4)),
     (32, _config(32, 64, 256, 1, 4, 4)),
     (64, _config(64, 64, 256, 4, 4, 4)),
     (128, _config(128, 64, 128, 8, 4, 4)),
@@ -168,7 +169,11 @@ def int8_matmul_triton(
     A is int8 [M, K], B int8 [K, N], any strides. With scales the product is formed in fp32, cast to
     ``out_dtype``, then the bias (cast to fp32) is added and the sum cast again, exactly as the plain-torch
     expression ``(c.float() * rs[:, None] * cs[None, :]).to(out_dtype) + bias.to(out_dtype)`` rounds.
+    An A whose rows are not contiguous along K is copied first: on Triton 3.6 / H100 a K-strided A with
+    32-row tiles gave wrong columns, while every K-contiguous A tested exact.
     """
+    if a.stride(1) != 1:
+        a = a.contiguous()
     m, k = a.shape
     n = b.shape[1]
     scaled = row_scale is not None

@@ -9,9 +9,9 @@ Math (all per-token statistics in fp32; FEATURES.md). With ``x' = x / act_scale`
 
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_int8(x, act_scale) -> (xq, s)`` and ``w8a8_linear(x, qdata, scale, bias, act_scale) -> y``.
-On CUDA the linear picks its path by M: up to a few rows one kernel quantizes the activation tile by tile inside
-the GEMM (no launch and no round trip for ``xq``); above that a one-pass quantization kernel feeds the int8 GEMM
-whose epilogue applies both scales, the cast and the bias.
+On CUDA the linear runs a one-pass quantization kernel feeding the int8 GEMM whose epilogue applies both scales,
+the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py). A second path, one kernel that
+quantizes the activation tile by tile inside the GEMM, is a tuning candidate for small M.
 """
 from typing import Optional, Tuple
 
@@ -175,12 +175,18 @@ def _check_linear_args(x, qdata, scale, bias, act_scale) -> None:
 def quantize_per_token_int8_ref(
     x: torch.Tensor, act_scale: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """s = clamp(amax|x'|, 1e-5) / 127, xq = clamp(round(x' / s), -127, 127), x' = x / act_scale, per row in fp32."""
+    """s = clamp(amax|x'|, 1e-5) / 127, xq = clamp(round(x' / s), -127, 127), x' = x / act_scale, per row in fp32.
+
+    Every division is IEEE-rounded fp32, on every device, as the Triton kernels compute it.
+    """
     _check_quantize_args(x, act_scale)
     xf = x.float()
     if act_scale is not None:
         xf = xf / act_scale.float()
-    s = xf.abs().amax(dim=1).clamp(min=1e-5) / 127
+    amax = xf.abs().amax(dim=1).clamp(min=1e-5)
+    # A tensor divisor keeps the division IEEE-rounded on CUDA too (a Python-scalar divisor makes torch's CUDA
+    # kernel multiply by the rounded reciprocal, which differs in the last bit).
+    s = amax / amax.new_full((), 127.0)
     xq = torch.clamp(torch.round(xf / s[:, None]), -127, 127).to(torch.int8)
     return xq, s
 
@@ -229,15 +235,14 @@ def _quantize_per_token_int8_fake(x, act_scale):
 # True runs the single small-M kernel, False the quantization kernel followed by the int8 GEMM.
 INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4,
                             "num_stages": 1}
-# Largest M the default sends to the fused kernel; above it every program rescanning its rows costs too much.
-FUSED_MAX_M = 16
-_CUDA_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
 
 
 def default_w8a8_config(m: int, device: torch.device) -> dict:
-    """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned."""
-    if device.type == "cuda" and m <= FUSED_MAX_M:
-        return dict(_CUDA_FUSED_CONFIG)
+    """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned.
+
+    Quantization kernel + int8 GEMM for every M: on an H100 the fused kernel lost to it at K >= 8192 for every
+    M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning candidate only.
+    """
     return {"FUSED": False, **default_matmul_config(m, device)}
 
 

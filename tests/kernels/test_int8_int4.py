@@ -73,6 +73,15 @@ def test_quantize_reference_values():
     assert torch.equal(quantize_per_token_asym_int8(x)[0], xq)
 
 
+def test_scale_is_the_ieee_quotient_on_every_device():
+    # torch's CUDA division by a Python scalar multiplies by the reciprocal; the twin and kernel must not.
+    x = _activation(64, 48, torch.bfloat16, seed=6).float()
+    span = x.amax(dim=1).clamp(min=0) - x.amin(dim=1).clamp(max=0)
+    want = (span.double() / 255).float()
+    assert torch.equal(quantize_per_token_asym_int8_ref(x)[1], want)
+    assert torch.equal(quantize_per_token_asym_int8_triton(x)[1], want)
+
+
 def test_dequantized_activation_is_within_half_a_step():
     x = _activation(5, 64, torch.float32, seed=4)
     xq, s, zp = quantize_per_token_asym_int8_ref(x)

@@ -68,6 +68,14 @@ def test_quantize_rounds_half_to_even_and_clamps_small_rows():
     assert torch.equal(quantize_per_token_int8(x, None)[0], xq)
 
 
+def test_scale_is_the_ieee_quotient_on_every_device():
+    # torch's CUDA division by a Python scalar multiplies by the reciprocal; the twin and kernel must not.
+    x = _activation(64, 48, torch.bfloat16, seed=5)
+    want = (x.float().abs().amax(dim=1).double() / 127).float()
+    assert torch.equal(quantize_per_token_int8_ref(x, None)[1], want)
+    assert torch.equal(quantize_per_token_int8_triton(x, None)[1], want)
+
+
 def test_quantize_error_is_at_most_half_a_step():
     x = _activation(6, 40, torch.float32, seed=2)
     xq, s = quantize_per_token_int8_ref(x, None)
