@@ -9,6 +9,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
 from aofunc.formats.qtensor import implements
+from aofunc.kernels import int8_int4, nf4, w4a16, w8a8, w8a16
 
 
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,6 +75,8 @@ def _dequantized_linear(x, scheme, t, n, k, bias):
 
 
 def _int8_weight_only(x, scheme, t, n, k, bias):
+    if x.is_cuda:
+        return w8a16.w8a16_linear(x, t["qdata"], t["scale"], bias)
     # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
     if x.device.type == "cpu" and k % 16 == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
@@ -82,6 +85,8 @@ def _int8_weight_only(x, scheme, t, n, k, bias):
 
 
 def _int8_dynamic(x, scheme, t, n, k, bias):
+    if x.is_cuda:
+        return w8a8.w8a8_linear(x, t["qdata"], t["scale"], bias, t.get("act_scale"))
     dtype = x.dtype
     if "act_scale" in t:
         x = x.float() / t["act_scale"].float()
@@ -118,6 +123,8 @@ def _cpu_int4_packed(qdata: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_weight_only(x, scheme, t, n, k, bias):
+    if x.is_cuda:
+        return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t["zero"], scheme.group_size, bias)
     if x.device.type == "cpu" and n % 16 == 0:
         kp = t["qdata"].shape[1] * 2
         scales_and_zeros = torch.stack((t["scale"].t(), t["zero"].t()), dim=-1).to(x.dtype).contiguous()
@@ -128,10 +135,19 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
 
 
 def _int8_dynamic_int4(x, scheme, t, n, k, bias):
+    if x.is_cuda:
+        return int8_int4.int8_int4_linear(x, t["qdata"], t["scale"], scheme.group_size, bias)
     xq, sx, zp = P.quantize_per_token_asymmetric_int8(x)
     x_dq = (xq.float() - zp[:, None].float()) * sx[:, None]
     y = F.linear(x_dq, scheme.dequantize(t, n, k, torch.float32))
     return _add_bias(y.to(x.dtype), bias)
+
+
+def _nf4(x, scheme, t, n, k, bias):
+    if x.is_cuda:
+        return nf4.nf4_linear(x, t["qdata"], t["scaler_q"], t["scaler_factor"], t["scaler_mean"], n, k,
+                              scheme.block_size, scheme.scaler_block_size, bias)
+    return _dequantized_linear(x, scheme, t, n, k, bias)
 
 
 LINEAR = {
@@ -139,7 +155,7 @@ LINEAR = {
     Int8Dynamic: _int8_dynamic,
     Int4WeightOnly: _int4_weight_only,
     Int8DynamicInt4: _int8_dynamic_int4,
-    NF4: _dequantized_linear,
+    NF4: _nf4,
 }
 
 

@@ -132,3 +132,10 @@ def test_real_sizes_on_gpu(m, k, n):
     assert torch.equal(int_mm_triton(a, b.t()), want)  # weight layout: b is [N, K] transposed
     assert torch.equal(int_mm(a, b.t()), want)
     assert torch.equal(int_mm(a, b.t().contiguous()), want)  # torch._int_mm where it is exact
+
+
+@pytest.mark.parametrize("n", [1, 16, 17])
+def test_int_mm_is_exact_on_cpu_for_a_single_column_of_k(n):
+    a = torch.randint(-128, 128, (5, 1), dtype=torch.int8)
+    b = torch.randint(-128, 128, (1, n), dtype=torch.int8)
+    assert torch.equal(int_mm(a, b), (a.long() @ b.long()).to(torch.int32))
