@@ -79,11 +79,11 @@ def forced_configs(fmt, m, n, k):
     dev = torch.device("cuda")
     if fmt == "w4a16":
         gemv = dict(path="gemv", BLOCK_N=64, GROUPS=2, PREFETCH=True, num_warps=4, num_stages=3)
-        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SWAP=True, num_warps=4, num_stages=3)
+        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SWAP=False, num_warps=4, num_stages=3)
         base = [w4a16.default_config(m, n, k, GROUP, torch.bfloat16, dev)]
     elif fmt == "w8a16":
         gemv = dict(path="gemv", BLOCK_N=64, BLOCK_W=64, num_warps=4, num_stages=3)
-        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_W=16, num_warps=4, num_stages=3)
+        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_W=32, SWAP=False, num_warps=4, num_stages=3)
         base = [w8a16.default_config(m, n, k, torch.bfloat16, dev)]
     else:
         gemv = dict(path="gemv", BLOCK_N=64, GROUPS=4, num_warps=4, num_stages=3)

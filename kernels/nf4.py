@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -104,42 +106,51 @@ def block_scale(sq_ptr, f_ptr, mean, b, SCALER_BLOCK: tl.constexpr):
     return tl.load(sq_ptr + b).to(tl.float32) / tl.load(f_ptr + b // SCALER_BLOCK) + mean
 
 
-@triton.jit
-def lane_levels(lut_ptr, like, USE_SHFL: tl.constexpr):
-    """NF4_LEVELS[lane % 16] for this thread's lane, shaped like ``like`` (what ``nf4_level`` shuffles from)."""
-    if USE_SHFL:
-        zero = tl.full(like.shape, 0, tl.int32)  # identical operands everywhere, so every copy folds into one
-        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [zero], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-        return tl.load(lut_ptr + (lane & 15))
-    else:
-        return tl.zeros(like.shape, tl.float32)
+def _shuffle_asm() -> str:
+    """PTX for NF4_LEVELS[$1]: lane l holds level l % 16 (selected from immediates), a shuffle reads lane $1.
+
+    The selection depends only on the lane id, so the compiler computes it once per loop step, and each
+    lookup is one shuffle: no table in memory, and no tensor whose layout could carry a lane's value to
+    another thread.
+    """
+    bits = [struct.unpack("<I", struct.pack("<f", v))[0] for v in NF4_LEVELS]
+    lines = ["{", ".reg .u32 l;", ".reg .b32 v;", ".reg .pred p;", "mov.u32 l, %laneid;", "and.b32 l, l, 15;",
+             f"mov.b32 v, 0f{bits[0]:08X};"]
+    for i in range(1, 16):
+        lines += [f"setp.eq.u32 p, l, {i};", f"@p mov.b32 v, 0f{bits[i]:08X};"]
+    lines += ["shfl.sync.idx.b32 $0, v, $1, 0x1f, 0xffffffff;", "}"]
+    return "\n".join(lines)
+
+
+SHUFFLE_ASM = tl.constexpr(_shuffle_asm())
 
 
 @triton.jit
-def nf4_level(code, lut_ptr, lanes, USE_SHFL: tl.constexpr):
+def nf4_level(code, lut_ptr, USE_SHFL: tl.constexpr):
     """NF4_LEVELS[code]: a warp shuffle from the lane holding that level (CUDA), or a table load (interpreter)."""
     if USE_SHFL:
-        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
-                                         [lanes, code], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(SHUFFLE_ASM, "=r,r", [code], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.load(lut_ptr + code)
 
 
 @triton.jit
 def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
-                        BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    # BLOCK_BYTES bytes of codes -> 2 * BLOCK_BYTES elements of the flat weight; both codes of a byte share a
-    # block because BLOCK is even.
-    # bytes past the weight repeat its last byte (never stored), so every load stays in bounds
-    offs = tl.minimum(tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES), (numel - 1) // 2)
+                        BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
+                        HALF_P2: tl.constexpr, USE_SHFL: tl.constexpr):
+    # BLOCKS NF4 blocks of the flat weight: a [BLOCKS, BLOCK / 2] tile of bytes (HALF_P2 = BLOCK / 2 rounded up
+    # to a power of two), one scale per block. Bytes past the weight repeat its last byte and are never stored.
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    offs_j = tl.arange(0, HALF_P2)
+    n_blocks = tl.cdiv(numel, BLOCK)
+    offs = tl.minimum(tl.minimum(blocks, n_blocks - 1)[:, None] * (BLOCK // 2) + offs_j[None, :], (numel - 1) // 2)
     byte = tl.load(q_ptr + offs).to(tl.int32)
-    s = block_scale(sq_ptr, f_ptr, tl.load(mean_ptr), (2 * offs) // BLOCK, SCALER_BLOCK)
-    hi = tl.load(lut_ptr + (byte >> 4)) * s
-    lo = tl.load(lut_ptr + (byte & 15)) * s
-    w = tl.reshape(tl.join(hi, lo), (2 * BLOCK_BYTES,))
-    k = 2 * tl.program_id(0) * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
-    tl.store(w_ptr + k, w.to(w_ptr.dtype.element_ty), mask=k < numel)
+    s = block_scale(sq_ptr, f_ptr, tl.load(mean_ptr), tl.minimum(blocks, n_blocks - 1), SCALER_BLOCK)[:, None]
+    w = tl.join(nf4_level(byte >> 4, lut_ptr, USE_SHFL) * s, nf4_level(byte & 15, lut_ptr, USE_SHFL) * s)
+    w = tl.reshape(w, (BLOCKS, 2 * HALF_P2))
+    k = blocks[:, None] * BLOCK + tl.arange(0, 2 * HALF_P2)[None, :]
+    mask = (tl.arange(0, 2 * HALF_P2) < BLOCK)[None, :] & (k < numel)
+    tl.store(w_ptr + k, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,7 +176,6 @@ def _nf4_gemv_kernel(
     per_split = tl.cdiv(n_steps, split_k)
     mean = tl.load(mean_ptr)
     acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
-    lanes = lane_levels(lut_ptr, acc, USE_SHFL)
     x_row = x_ptr + pid_m * stride_xm
     for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
         grp = step * GROUPS + offs_g
@@ -185,7 +195,7 @@ def _nf4_gemv_kernel(
                 xj = tl.load(x_row + k * stride_xk).to(tl.float32)
             else:
                 xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-            level = nf4_level((q >> ((j ^ 1) * 4)) & 15, lut_ptr, lanes, USE_SHFL)
+            level = nf4_level((q >> ((j ^ 1) * 4)) & 15, lut_ptr, USE_SHFL)
             part += level * xj[None, :, :]
         acc += part * s[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -199,11 +209,12 @@ def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k
     """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (Triton kernel)."""
     check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
-    block_bytes = 1024
-    grid = (triton.cdiv(triton.cdiv(n * k, 2), block_bytes),)
+    half_p2 = triton.next_power_of_2(block_size // 2)
+    blocks = max(1, 1024 // half_p2)
+    grid = (triton.cdiv(triton.cdiv(n * k, block_size), blocks),)
     _nf4_dequant_kernel[grid](qdata, scaler_q, scaler_factor, scaler_mean, nf4_levels(qdata.device), w, n * k,
-                              BLOCK=block_size, SCALER_BLOCK=scaler_block_size, BLOCK_BYTES=block_bytes,
-                              num_warps=4)
+                              BLOCK=block_size, SCALER_BLOCK=scaler_block_size, BLOCKS=blocks, HALF_P2=half_p2,
+                              USE_SHFL=not interpreting(), num_warps=4)
     return w
 
 
@@ -218,7 +229,7 @@ def default_config(m: int, n: int, k: int, block_size: int, device: torch.device
         return dict(path="dequant")
     row_blocks = k // block_size
     groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
-    block_n = 64
+    block_n = 128
     split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
     return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
 
