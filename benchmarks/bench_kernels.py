@@ -1,7 +1,8 @@
 """Weight-only kernels (W4A16, W8A16, NF4) against bf16 cuBLAS, tinygemm and torchao, in one process on one card.
 
     python benchmarks/bench_kernels.py --formats w4a16,w8a16 --shapes 4096x4096 --ms 1,16 --tune-ms 1 --check
-    python benchmarks/bench_kernels.py --peers tinygemm,torchao --doc docs/benchmarks.md --json results.json
+    python benchmarks/bench_kernels.py --peers tinygemm,torchao --json results.json
+    python benchmarks/bench_kernels.py --render results.json --doc docs/benchmarks.md   # no GPU needed
 
 Shapes are K x N (input x output features). Weights are random codes and scales built with plain torch here
 (speed does not depend on the values). Times are ``cold_us``: CUDA graphs, L2 cold, launch overhead excluded.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common import card_name, cold_us, markdown_table, median_us, ratio, update_section
+from common import fmt as cell
 
 SHAPES = ("4096x4096", "4096x14336", "14336x4096", "8192x28672")
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
@@ -51,7 +53,7 @@ def nf4_weight(n, k):
 
 
 def ours(fmt, n, k):
-    """(run(x), run(x, config), reference(x), key(m)) for one format on a random weight of shape [n, k]."""
+    """(run(x, config=None), reference(x), key(x), peers' tensors, default config(x)) for a random [n, k] weight."""
     from aofunc.kernels import autotune, nf4, w4a16, w8a16
 
     if fmt == "w4a16":
@@ -59,17 +61,20 @@ def ours(fmt, n, k):
         return (lambda x, c=None: w4a16.w4a16_linear_triton(x, q, s, z, GROUP, None, config=c),
                 lambda x: w4a16.w4a16_linear_ref(x, q, s, z, GROUP, None),
                 lambda x: autotune.config_key(f"w4a16_g{GROUP}", x.shape[0], n, k, (x.dtype, s.dtype), x.device),
-                {"tinygemm": (q, s, z)})
+                {"tinygemm": (q, s, z)},
+                lambda x: w4a16.default_config(x.shape[0], n, k, GROUP, x.dtype, x.device))
     if fmt == "w8a16":
         q, s = int8_weight(n, k)
         return (lambda x, c=None: w8a16.w8a16_linear_triton(x, q, s, None, config=c),
                 lambda x: w8a16.w8a16_linear_ref(x, q, s, None),
-                lambda x: autotune.config_key("w8a16", x.shape[0], n, k, (x.dtype, s.dtype), x.device), {})
+                lambda x: autotune.config_key("w8a16", x.shape[0], n, k, (x.dtype, s.dtype), x.device), {},
+                lambda x: w8a16.default_config(x.shape[0], n, k, x.dtype, x.device))
     tensors = nf4_weight(n, k)
     return (lambda x, c=None: nf4.nf4_linear_triton(x, *tensors, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, None, config=c),
             lambda x: nf4.nf4_linear_ref(x, *tensors, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, None),
             lambda x: autotune.config_key(f"nf4_b{NF4_BLOCK}_s{NF4_SCALER_BLOCK}", x.shape[0], n, k, (x.dtype,),
-                                          x.device), {})
+                                          x.device), {},
+            lambda x: nf4.default_config(x.shape[0], n, k, NF4_BLOCK, x.device))
 
 
 def forced_configs(fmt, m, n, k):
@@ -107,7 +112,7 @@ def check(fmts, shapes, dtypes=(torch.bfloat16, torch.float16)):
     for fmt in fmts:
         for shape in shapes:
             k, n = map(int, shape.split("x"))
-            run, ref, _, _ = ours(fmt, n, k)
+            run, ref, _, _, _ = ours(fmt, n, k)
             for dtype in dtypes:
                 for m in (1, 3, 16, 67):
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -159,12 +164,12 @@ def timed(fn):
 def bench(fmts, shapes, ms, peers, tune_ms):
     from aofunc.kernels import autotune
 
-    rows, raw = [], []
+    raw = []
     for shape in shapes:
         k, n = map(int, shape.split("x"))
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for fmt in fmts:
-            run, _, key, extra = ours(fmt, n, k)
+            run, _, key, extra, default = ours(fmt, n, k)
             tiny = tinygemm(*extra["tinygemm"]) if fmt == "w4a16" and "tinygemm" in peers else None
             tao = torchao_linear(fmt, n, k) if fmt in ("w4a16", "w8a16") and "torchao" in peers else None
             for m in ms:
@@ -173,19 +178,29 @@ def bench(fmts, shapes, ms, peers, tune_ms):
                 if m in tune_ms:
                     with autotune.tune():
                         run(x)
-                config = autotune.lookup(key(x)) or "default"
+                tuned = autotune.lookup(key(x))
+                config = dict(tuned or default(x), tuned=tuned is not None)
                 t_bf16 = timed(lambda: F.linear(x, w_bf16))
                 t_ours = timed(lambda: run(x))
                 t_tiny = timed(lambda: tiny(x)) if tiny is not None else None
                 t_tao = timed(lambda: tao(x)) if tao is not None else None
-                path = config["path"] if isinstance(config, dict) else "default"
-                rows.append([fmt, shape, str(m), t_bf16, t_ours, ratio(t_bf16, t_ours), t_tiny, ratio(t_tiny, t_ours),
-                             t_tao, ratio(t_tao, t_ours), path])
                 raw.append(dict(fmt=fmt, shape=shape, m=m, bf16=t_bf16, ours=t_ours, tinygemm=t_tiny, torchao=t_tao,
                                 config=config))
                 print(f"{fmt} {shape} m={m}: bf16 {t_bf16:.1f} ours {t_ours:.1f} ({t_bf16 / t_ours:.2f}x) "
                       f"tinygemm {t_tiny} torchao {t_tao} {config} [{time.time() - start:.1f}s]", flush=True)
-    return rows, raw
+    return raw
+
+
+def rows_of(raw):
+    """Table rows from raw results (dicts as written to --json)."""
+    out = []
+    for r in raw:
+        config = r["config"]
+        path = config["path"] + (" (tuned)" if config.get("tuned") else "") if isinstance(config, dict) else config
+        out.append([r["fmt"], r["shape"], str(r["m"]), r["bf16"], r["ours"], cell(ratio(r["bf16"], r["ours"]), 2),
+                    r["tinygemm"], cell(ratio(r["tinygemm"], r["ours"]), 2), r["torchao"],
+                    cell(ratio(r["torchao"], r["ours"]), 2), path])
+    return out
 
 
 HEADERS = ["format", "K×N", "M", "bf16 µs", "aofunc µs", "× bf16", "tinygemm µs", "× tinygemm", "torchao µs",
@@ -202,7 +217,27 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="compare every path with its twin first")
     parser.add_argument("--doc", help="markdown file whose 'Kernels: weight-only' section gets the table")
     parser.add_argument("--json", help="write the raw numbers here")
+    parser.add_argument("--render", nargs="+", help="make the table from --json files instead of measuring")
     args = parser.parse_args(argv)
+    if args.render:
+        runs = [json.load(open(path)) for path in args.render]
+        card = ", ".join(sorted({run["card"] for run in runs}))
+        version = ", ".join(sorted({run["torch"] for run in runs}))
+        raw = [r for run in runs for r in run["results"]]
+    else:
+        raw, card, version = measure(args), card_name(), torch.__version__
+    table = markdown_table(HEADERS, rows_of(raw))
+    print(table)
+    if args.json and not args.render:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "torch": version, "results": raw}, f, indent=1, default=str)
+    if args.doc:
+        body = (f"Card: {card}; torch {version}; CUDA graphs, L2 cold (benchmarks/common.py `cold_us`), "
+                f"bf16 activations. Ratios above 1 mean aofunc is faster.\n\n{table}")
+        update_section(args.doc, "Kernels: weight-only", body)
+
+
+def measure(args):
     fmts, shapes = args.formats.split(","), args.shapes.split(",")
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
@@ -213,16 +248,7 @@ def main(argv=None):
         if failures:
             sys.exit(1)
     tune_ms = {int(m) for m in args.tune_ms.split(",") if m}
-    rows, raw = bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, tune_ms)
-    table = markdown_table(HEADERS, rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card_name(), "torch": torch.__version__, "results": raw}, f, indent=1, default=str)
-    if args.doc:
-        body = (f"Card: {card_name()}; torch {torch.__version__}; CUDA graphs, L2 cold (benchmarks/common.py `cold_us`). "
-                f"Ratios above 1 mean aofunc is faster.\n\n{table}")
-        update_section(args.doc, "Kernels: weight-only", body)
+    return bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, tune_ms)
 
 
 if __name__ == "__main__":
