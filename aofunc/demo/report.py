@@ -20,7 +20,7 @@ COLUMNS = (
 def rows_with_increase(results: list[dict]) -> list[dict]:
     """The results with ``increase`` = perplexity / float perplexity - 1 (None without a float row)."""
     base = next((r["perplexity"] for r in results if r["method"] == "float"), None)
-    return [r | {"increase": None if base is None or r["perplexity"] is None else r["perplexity"] / base - 1}
+    return [r | {"increase": None if base is None or r.get("perplexity") is None else r["perplexity"] / base - 1}
             for r in results]
 
 
@@ -67,19 +67,26 @@ def plot(results: list[dict], path: Path, title: str) -> str | None:
     except ImportError:
         return "matplotlib is not installed, so no plot was drawn (pip install 'aofunc[plot]')"
     points = [r for r in results if r.get("error") is None and r.get("perplexity") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in points:
-        ax.scatter(r["bits_per_weight"], r["perplexity"], s=24)
-        ax.annotate(r["method"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
-                    xytext=(4, 3), fontsize=8)
     base = next((r["perplexity"] for r in points if r["method"] == "float"), None)
-    if base is not None:
-        ax.axhline(base, color="gray", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("bits per weight (block linears)")
-    ax.set_ylabel("held-out perplexity per byte")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    low_bit = [r for r in points if r["bits_per_weight"] < 16]
+    fig, axes = plt.subplots(1, 2 if low_bit else 1, figsize=(11, 4.8) if low_bit else (6, 4.8), dpi=120,
+                             squeeze=False)
+    markers = "osD^v<>ph*XP"
+    for ax, shown, subtitle in zip(axes[0], (points, low_bit), ("every method", "quantized formats (zoom)")):
+        for i, r in enumerate(points):
+            if r in shown:
+                ax.scatter(r["bits_per_weight"], r["perplexity"], s=36, marker=markers[i % len(markers)],
+                           color=plt.cm.tab20(i % 20), label=r["method"])
+        if base is not None:
+            ax.axhline(base, color="gray", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("bits per weight (block linears)")
+        ax.set_ylabel("held-out perplexity per byte")
+        ax.set_title(subtitle, fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
     os.close(fd)
     try:

@@ -25,7 +25,7 @@ class Budget:
     decode_steps: int
 
 
-FULL = Budget(eval_windows=128, calib_windows=64, seq_len=256, batch_size=16, decode_steps=128)
+FULL = Budget(eval_windows=64, calib_windows=32, seq_len=256, batch_size=16, decode_steps=128)
 QUICK = Budget(eval_windows=4, calib_windows=4, seq_len=64, batch_size=4, decode_steps=8)
 
 
@@ -39,6 +39,7 @@ class Result:
     size_bytes: int | None = None
     perplexity: float | None = None
     quantize_seconds: float | None = None
+    eval_seconds: float | None = None
     decode_tokens_per_second: float | None = None
     error: str | None = None
 
@@ -63,8 +64,10 @@ def measure(method: Method, setup: Setup, windows: torch.Tensor, budget: Budget,
         result.quantize_seconds = time.perf_counter() - start
         result.bits_per_weight = bits_per_weight(qparams, setup.params)
         result.size_bytes = aofunc.size_in_bytes(qparams)
+        start = time.perf_counter()
         result.perplexity = perplexity(setup.model, qparams, windows, batch_size=budget.batch_size,
                                        progress=progress, desc=f"eval {method.name}")
+        result.eval_seconds = time.perf_counter() - start
         if setup.params[next(iter(setup.params))].is_cuda:
             result.decode_tokens_per_second = decode_tokens_per_second(setup.model, qparams, budget.decode_steps)
     except Exception as e:  # noqa: BLE001  (one failing method must not hide the others' numbers)
@@ -96,7 +99,8 @@ def run(*, size: str = "small", device: str = "cpu", quick: bool = False, method
     for method in methods:
         result = measure(method, setup, windows, budget, progress)
         results.append(result)
-        log(f"  {method.name:14s} " + (f"perplexity {result.perplexity:.4f}, {result.quantize_seconds:.1f} s"
+        log(f"  {method.name:14s} " + (f"perplexity {result.perplexity:.4f}, quantized in {result.quantize_seconds:.1f} s, "
+                                        f"evaluated in {result.eval_seconds:.1f} s"
                                         if result.error is None else f"failed: {result.error}"))
     return {
         "model": {"size": size, "parameters": n_params, "source": source, "recipe": recipe.to_dict(),
