@@ -104,10 +104,12 @@ def target_spec(model, params, example, scheme):
     import aofunc
     from aofunc.capture import detect_transposed
 
-    keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    keep = {name_of.get(id(m.weight)) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if m is not None}
     used = detect_transposed(model, params, example)
     rules = [aofunc.Rule(re.escape(name), scheme, transposed) for name, transposed in used.items()
-             if params[name].dim() == 2 and id(params[name]) not in keep]
+             if params[name].dim() == 2 and name not in keep]
     if not rules:
         raise UsageError("the model makes no linear-like call with a weight other than its embeddings and output head")
     return aofunc.Spec(rules)
