@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,12 +53,11 @@ def bits_per_weight(qparams, params) -> float:
 def measure(method: Method, setup: Setup, windows: torch.Tensor, budget: Budget, progress: bool) -> Result:
     """Runs one method and measures what it gives; an exception becomes the row's ``error``."""
     result = Result(method.name, method.description)
+    on_cuda = next(iter(setup.params.values())).is_cuda
     try:
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", aofunc.SpecWarning)
-            qparams = method.transform(setup)
-        if setup.params[next(iter(setup.params))].is_cuda:
+        qparams = method.transform(setup)
+        if on_cuda:
             torch.cuda.synchronize()
         result.quantize_seconds = time.perf_counter() - start
         result.bits_per_weight = bits_per_weight(qparams, setup.params)
@@ -68,7 +66,7 @@ def measure(method: Method, setup: Setup, windows: torch.Tensor, budget: Budget,
         result.perplexity = perplexity(setup.model, qparams, windows, batch_size=budget.batch_size,
                                        progress=progress, desc=f"eval {method.name}")
         result.eval_seconds = time.perf_counter() - start
-        if setup.params[next(iter(setup.params))].is_cuda:
+        if on_cuda:
             result.decode_tokens_per_second = decode_tokens_per_second(setup.model, qparams, budget.decode_steps)
     except Exception as e:  # noqa: BLE001  (one failing method must not hide the others' numbers)
         result.error = f"{type(e).__name__}: {e}"
