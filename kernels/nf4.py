@@ -103,7 +103,8 @@ def _check_linear(x, n, k, bias) -> None:
 @triton.jit
 def block_scale(sq_ptr, f_ptr, mean, b, SCALER_BLOCK: tl.constexpr):
     """s[b] = scaler_q[b] / scaler_factor[b // SCALER_BLOCK] + mean, in fp32, for a tensor of block indices b."""
-    return tl.load(sq_ptr + b).to(tl.float32) / tl.load(f_ptr + b // SCALER_BLOCK) + mean
+    # div_rn: an IEEE-rounded quotient (Triton's / is approximate), so the weights equal the twin's exactly
+    return tl.math.div_rn(tl.load(sq_ptr + b).to(tl.float32), tl.load(f_ptr + b // SCALER_BLOCK)) + mean
 
 
 def _shuffle_asm() -> str:
