@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=list(RECIPES), default="small",
                    help="model size: 'small' is shipped; others are trained on first use and cached")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of: " + ", ".join(m.name for m in METHODS))
+                   help="comma-separated subset of: " + ", ".join(m.name for m in METHODS).replace("%", "%%"))
     p.add_argument("--out", default="aofunc-demo", help="directory for results.json and the plot (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

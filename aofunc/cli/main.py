@@ -1,4 +1,4 @@
-"""``python -m aofunc COMMAND``: the demo, and quantizing and evaluating Hugging Face checkpoints."""
+"""python -m aofunc COMMAND: the demo, and quantizing and evaluating Hugging Face checkpoints."""
 from __future__ import annotations
 
 import argparse

@@ -89,7 +89,7 @@ def run(*, size: str = "small", device: str = "cpu", quick: bool = False, method
     batches = list(calib.split(budget.batch_size))
     n_params = sum(p.numel() for p in params.values())
     log(f"model: {size}, {n_params / 1e6:.2f} M parameters ({source}); {dtype} on {device}")
-    log(f"corpus: Python {data.stdlib_root()} — {train_tokens.numel():,} training bytes, "
+    log(f"corpus: the standard library at {data.stdlib_root()}: {train_tokens.numel():,} training bytes, "
         f"{heldout_tokens.numel():,} held-out bytes; evaluating {windows.shape[0]} windows of {seq_len} bytes, "
         f"calibrating on {calib.shape[0]}")
     setup = Setup(model, params, batches, progress)
