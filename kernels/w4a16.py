@@ -48,7 +48,11 @@ _counters: dict = {}
 
 
 def splitk_counters(device: torch.device, count: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``count`` arrival counters, kept per device (kernels leave it zeroed)."""
+    """A zeroed int32 buffer of at least ``count`` arrival counters, kept per device (kernels leave it zeroed).
+
+    Split-K launches that run at the same time on several streams of one device would share these counters;
+    launches on one stream (the usual case, CUDA graphs included) never overlap.
+    """
     buf = _counters.get(device)
     if buf is None or buf.numel() < count:
         buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
