@@ -24,7 +24,7 @@ class LinearCall(NamedTuple):
     orientation: str
 
 
-def _weight_and_input(func, args, kwargs):
+def linear_operands(func, args, kwargs):
     """(weight, input rows, input shape, orientation) for a linear-like call, else None."""
     if func is F.linear and len(args) >= 2:
         x, w = args[0], args[1]
@@ -52,7 +52,7 @@ class _CallRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        found = _weight_and_input(func, args, kwargs)
+        found = linear_operands(func, args, kwargs)
         if found is not None:
             weight, x, orientation = found
             name = self.by_id.get(id(weight))

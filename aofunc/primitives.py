@@ -59,6 +59,14 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, group_size)
 
 
+def choose_qparams_int4_asymmetric(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of g [..., group]: scale = clamp(max - min, 1e-6) / 15, zero = min + 8 * scale, stored in dtype."""
+    g = g.float()
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype)
+    return scale, (lo + 8 * scale.float()).to(dtype)
+
+
 def quantize_int4_asymmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric groupwise int4, the tinygemm convention: w ≈ (q - 8) * scale + zero.
 
@@ -67,9 +75,7 @@ def quantize_int4_asymmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Te
     Returns codes uint8 [N, Kp], scale and zero [N, Kp/g], where Kp is K padded to a multiple of g.
     """
     g = grouped(w.float(), group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo).clamp(min=1e-6) / 15).to(w.dtype)
-    zero = (lo + 8 * scale.float()).to(w.dtype)
+    scale, zero = choose_qparams_int4_asymmetric(g, w.dtype)
     s, z = scale.float()[..., None], zero.float()[..., None]
     q = torch.round((g - (z - 8 * s)) / s).clamp_(0, 15).to(torch.uint8)
     return q.reshape(w.shape[0], -1), scale, zero

@@ -71,6 +71,10 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
         >>> qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(r".*\\.weight", aofunc.Int8WeightOnly())]))
         >>> y = torch.func.functional_call(model, qparams, (x,))
     """
+    for rule in getattr(spec, "rules", ()):
+        if rule.scheme is not None and not rule.scheme.is_stored_format:
+            raise TypeError(f"quantize: rule {rule.pattern!r} has {rule.scheme}, which is not a stored format; "
+                            "apply it with its own transform (aofunc.prune or aofunc.wanda for Sparse)")
     chosen = plan(params, spec, model=model, example=example)
     if progress is None:
         progress = sum(params[name].numel() for name in chosen) > PROGRESS_NUMEL

@@ -222,3 +222,11 @@ def test_sqnr():
     assert math.isclose(P.sqnr(x, torch.tensor([3.0, 4.5])), 20 * math.log10(5 / 0.5))
     with pytest.raises(ValueError, match="shapes"):
         P.sqnr(x, torch.zeros(3))
+
+
+def test_choose_qparams_int4_asymmetric_rounds_to_the_stored_dtype():
+    g = torch.tensor([[0.0, 1.5], [2.0, 2.0]])
+    scale, zero = P.choose_qparams_int4_asymmetric(g, torch.bfloat16)
+    assert scale.dtype == zero.dtype == torch.bfloat16
+    assert torch.equal(scale, torch.tensor([0.1, 1e-6 / 15]).to(torch.bfloat16))
+    assert torch.equal(zero, (torch.tensor([0.0, 2.0]) + 8 * scale.float()).to(torch.bfloat16))

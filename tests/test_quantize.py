@@ -103,3 +103,8 @@ def test_bf16_model_keeps_bf16_scales_and_outputs():
         assert functional_call(model, q, (ids,)).dtype == torch.bfloat16
     q32 = {n: t.to(torch.float32) for n, t in q.items()}
     assert q32["layers.0.up.weight"].scale.dtype == torch.float32
+
+
+def test_quantize_refuses_a_pruning_scheme_before_any_work():
+    with pytest.raises(TypeError, match=r"not a stored format.*aofunc.prune"):
+        aofunc.quantize({"w": torch.randn(4, 8)}, Spec([Rule("w", aofunc.Sparse(pattern="2:4"))]))

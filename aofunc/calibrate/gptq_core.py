@@ -72,10 +72,8 @@ class _Asymmetric:
 
     def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) of each row of a group g [N, group], as stored (rounded to the weight's dtype)."""
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo).clamp(min=1e-6) / 15).to(self.dtype).float()
-        zero = (lo + 8 * scale).to(self.dtype).float()
-        return scale, zero
+        scale, zero = P.choose_qparams_int4_asymmetric(g, self.dtype)
+        return scale.float(), zero.float()
 
     @staticmethod
     def base(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

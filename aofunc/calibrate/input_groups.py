@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from aofunc.capture import _weight_and_input
+from aofunc.capture import linear_operands
 
 _MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
@@ -89,7 +89,7 @@ class _Graph(TorchFunctionMode):
         if _reads_metadata(func):
             return out
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        found = _weight_and_input(func, args, kwargs)
+        found = linear_operands(func, args, kwargs)
         linear = self._param(found[0]) if found is not None else None
         if linear is not None:
             x = found[1]

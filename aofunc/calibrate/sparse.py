@@ -37,6 +37,7 @@ class Sparse(Scheme):
     sparsity: float | None = None
     pattern: str | None = None
     per: str = "row"
+    is_stored_format = False
 
     def __post_init__(self):
         if self.per not in ("row", "layer"):

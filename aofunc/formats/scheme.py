@@ -34,6 +34,8 @@ class Scheme:
     float_names: ClassVar[tuple[str, ...]] = ()
     #: stored tensors a weight may carry or not
     optional_names: ClassVar[tuple[str, ...]] = ()
+    #: False for schemes that transform weights in place of storing them (pruning): quantize refuses those
+    is_stored_format: ClassVar[bool] = True
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
