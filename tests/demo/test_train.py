@@ -72,3 +72,13 @@ def test_bad_checkpoints_are_refused(tmp_path):
         checkpoint.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="size must be one of"):
         checkpoint.pretrained("huge")
+
+
+def test_shipped_checkpoint_is_small_matches_its_recipe_and_predicts_heldout_code(corpus):
+    path = checkpoint.SHIPPED["small"]
+    assert path.stat().st_size <= 5_000_000
+    model, recipe, meta = checkpoint.load(path)
+    assert recipe == RECIPES["small"]
+    assert {"python", "torch", "device", "train_seconds"} <= meta.keys()
+    ppl = perplexity(model, dict(model.named_parameters()), data.even_windows(corpus[1], 8, 128), progress=False)
+    assert ppl < 4.0  # bytes of unseen standard-library files, against 256 for a uniform guess
