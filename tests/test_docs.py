@@ -29,12 +29,19 @@ def python_blocks(page: str) -> list[str]:
 
 
 def run_page(page: str) -> dict:
-    """Every Python block of the page, in order, in one namespace; returns the namespace."""
+    """Every Python block of the page, in order, in one namespace; returns the namespace.
+
+    One intra-op thread: the snippets are tiny, and on a small shared machine more threads only contend."""
     namespace = {"__name__": "__docs__"}
     blocks = python_blocks(page)
     assert blocks, f"{page} has no python blocks"
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{page}, python block {i + 1}", "exec"), namespace)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"{page}, python block {i + 1}", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
     return namespace
 
 
