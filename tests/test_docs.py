@@ -107,8 +107,8 @@ def test_page_python_blocks_run(page, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- links and the CLI
 
 def github_anchor(heading: str) -> str:
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
-    return "".join(c for c in text.replace(" ", "-") if c.isalnum() or c in "-")
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return "".join(c for c in text.replace(" ", "-") if c.isalnum() or c in "-_")
 
 
 def anchors(path: Path) -> set[str]:
