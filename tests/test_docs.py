@@ -2,8 +2,10 @@
 name has its own docstring, the Python blocks of the pages run, links between pages resolve, and the command
 line page names exactly the flags the commands take."""
 import dataclasses
+import doctest
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,28 @@ def test_generated_docstrings_do_not_count_as_docstrings():
 
     assert api.own_docstring(Undocumented) is None
     assert api.own_docstring(aofunc.HessianState).startswith("Σ x xᵀ")
+
+
+def test_the_examples_the_api_page_shows_run():
+    """Each docstring example of a public name, in its module's namespace plus the public names (the page shows
+    them unqualified); examples that continue a session (``model``, ``x``, ``qparams``) get a small linear model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    session = {**{name: getattr(aofunc, name) for name in aofunc.__all__},
+               "aofunc": aofunc, "torch": torch, "nn": torch.nn, "model": model, "x": torch.randn(3, 64),
+               "qparams": aofunc.quantize(dict(model.named_parameters()),
+                                          aofunc.Spec([aofunc.Rule(r"0\.weight", aofunc.Int8WeightOnly())]))}
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    attempted = set()
+    for name in aofunc.__all__:
+        obj = getattr(aofunc, name)
+        globs = {**vars(sys.modules[obj.__module__]), **session}
+        for test in doctest.DocTestFinder().find(obj, name, globs=globs):
+            if test.examples:
+                attempted.add(test.name)
+                runner.run(test)
+    assert runner.failures == 0
+    assert {"quantize", "Spec", "fold", "gptq", "qlinear"} <= attempted
 
 
 def test_doctest_examples_become_fenced_blocks():
