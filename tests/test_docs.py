@@ -79,10 +79,10 @@ def test_generated_docstrings_do_not_count_as_docstrings():
 
 def test_the_examples_the_api_page_shows_run():
     """Each docstring example of a public name, in its module's namespace plus the public names (the page shows
-    them unqualified); examples that continue a session (``model``, ``x``, ``qparams``) get a small linear model."""
+    them unqualified); examples that use names defined before them (``model``, ``x``, ``qparams``) get a small linear model."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
-    session = {**{name: getattr(aofunc, name) for name in aofunc.__all__},
+    context = {**{name: getattr(aofunc, name) for name in aofunc.__all__},
                "aofunc": aofunc, "torch": torch, "nn": torch.nn, "model": model, "x": torch.randn(3, 64),
                "qparams": aofunc.quantize(dict(model.named_parameters()),
                                           aofunc.Spec([aofunc.Rule(r"0\.weight", aofunc.Int8WeightOnly())]))}
@@ -90,7 +90,7 @@ def test_the_examples_the_api_page_shows_run():
     attempted = set()
     for name in aofunc.__all__:
         obj = getattr(aofunc, name)
-        globs = {**vars(sys.modules[obj.__module__]), **session}
+        globs = {**vars(sys.modules[obj.__module__]), **context}
         for test in doctest.DocTestFinder().find(obj, name, globs=globs):
             if test.examples:
                 attempted.add(test.name)
