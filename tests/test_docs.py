@@ -79,7 +79,8 @@ def test_generated_docstrings_do_not_count_as_docstrings():
 
 def test_the_examples_the_api_page_shows_run():
     """Each docstring example of a public name, in its module's namespace plus the public names (the page shows
-    them unqualified); examples that use names defined before them (``model``, ``x``, ``qparams``) get a small linear model."""
+    them unqualified); examples that use names defined before them (``model``, ``x``, ``qparams``) get a small
+    linear model."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
     context = {**{name: getattr(aofunc, name) for name in aofunc.__all__},
