@@ -74,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--variants", default="bf16,int4,int8wo,nf4")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each step (inductor) before capture")
     parser.add_argument("--doc", default=None, help="write the table into this markdown file")
     args = parser.parse_args(argv)
     shape = LlamaShape(layers=args.layers)
@@ -98,31 +99,36 @@ def main(argv=None):
             step, size = tao, None
         else:
             raise SystemExit(f"unknown variant {variant!r}")
-        prepared = time.perf_counter() - t0
+        if args.compile:
+            step = torch.compile(step, fullgraph=not variant.startswith("torchao-"))
         try:
             tps = graph_decode_tokens_per_s(step, args.tokens, shape.max_seq)
             note = ""
+            prepared = time.perf_counter() - t0
         except Exception as e:  # report and continue with the other variants
             tps, note = None, f"{type(e).__name__}: {str(e)[:80]}"
         if variant == "bf16":
             bf16 = tps
         ratio = tps / bf16 if tps and bf16 else None
-        rows.append([variant, size / 2**30 if size else None, tps, ratio, note or f"prepared in {prepared:.0f} s"])
+        rows.append([variant, f"{size / 2**30:.1f}" if size else "—", tps, f"{ratio:.2f}" if ratio else "—",
+                     note or f"{prepared:.0f} s"])
         print(f"{variant:14s} {fmt_row(rows[-1])}", flush=True)
         step = qparams = None
         gc.collect()
         torch.cuda.empty_cache()
-    table = markdown_table(["variant", "weights GiB", "tokens/s", "× bf16", "note"], rows)
+    table = markdown_table(["variant", "weights GiB", "tokens/s", "× bf16", "wall s (setup and run)"], rows)
     text = (f"Card: {card_name()}. Llama-3-8B shapes ({shape.layers} layers, random bf16 weights), batch 1, one "
             f"token per step with a static KV cache of {shape.max_seq}, each step one CUDA graph replay, "
-            f"{args.tokens} tokens timed, eager (uncompiled) model. `python benchmarks/decode.py`.\n\n{table}")
+            f"{args.tokens} tokens timed, " + ("compiled with torch.compile (inductor) before capture. "
+            "`python benchmarks/decode.py --compile`." if args.compile else
+            "eager (uncompiled) model. `python benchmarks/decode.py`.") + f"\n\n{table}")
     print(text)
     if args.doc:
-        update_section(args.doc, "Decode", text)
+        update_section(args.doc, "Decode, compiled" if args.compile else "Decode, eager", text)
 
 
 def fmt_row(row):
-    return " ".join("—" if c is None else f"{c:.2f}" if isinstance(c, float) else str(c) for c in row[1:])
+    return " ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in row[1:])
 
 
 if __name__ == "__main__":
