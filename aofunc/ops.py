@@ -44,13 +44,18 @@ def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> to
 
 
 class _LinearWithInputGrad(torch.autograd.Function):
-    """The quantized forward, with gradients for x and bias (dL/dx = dL/dy @ W): adapters train on a frozen base."""
+    """The quantized forward, with gradients for x and bias (dL/dx = dL/dy @ W): adapters train on a frozen base,
+    through .backward() and through torch.func transforms alike."""
 
     @staticmethod
-    def forward(ctx, x, bias, scheme, n, k, names, *stored):
+    def forward(x, bias, scheme, n, k, names, *stored):
+        return LINEAR[type(scheme)](x, scheme, dict(zip(names, stored)), n, k, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, scheme, n, k, names, *stored = inputs
         ctx.scheme, ctx.n, ctx.k, ctx.names = scheme, n, k, names
         ctx.save_for_backward(*stored)
-        return LINEAR[type(scheme)](x, scheme, dict(zip(names, stored)), n, k, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -74,11 +79,16 @@ def _dequantized_linear(x, scheme, t, n, k, bias):
     return F.linear(x, scheme.dequantize(t, n, k, x.dtype), bias)
 
 
+#: torch's CPU weight-only kernels reread the weight for every row of x: beyond a few rows (decode), dequantizing
+#: once and running the float matmul is faster (4x at 16 rows of a 4096x4096 int4 weight).
+CPU_PACKED_MAX_M = 4
+
+
 def _int8_weight_only(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w8a16.w8a16_linear(x, t["qdata"], t["scale"], bias)
     # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
-    if x.device.type == "cpu" and k % 16 == 0:
+    if x.device.type == "cpu" and k % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M:
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
@@ -125,7 +135,7 @@ def _cpu_int4_packed(qdata: torch.Tensor) -> torch.Tensor:
 def _int4_weight_only(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t["zero"], scheme.group_size, bias)
-    if x.device.type == "cpu" and n % 16 == 0:
+    if x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M:
         kp = t["qdata"].shape[1] * 2
         scales_and_zeros = torch.stack((t["scale"].t(), t["zero"].t()), dim=-1).to(x.dtype).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(

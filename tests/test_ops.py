@@ -177,3 +177,29 @@ def test_gradient_wrt_the_input_is_the_dequantized_weight(scheme):
     aofunc.qlinear(x, qw, b).sum().backward()
     assert torch.allclose(x.grad, qw.dequantize().sum(0).expand(3, 16), atol=1e-5)
     assert torch.equal(b.grad, torch.full((8,), 3.0))
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+def test_torch_func_grad_flows_through_stacked_quantized_layers(scheme):
+    g = torch.Generator().manual_seed(5)
+    first, second = (quantize_weight(torch.randn(32, 32, generator=g), scheme) for _ in range(2))
+    x = torch.randn(6, 32, generator=g)
+    a = torch.randn(32, 32, generator=g) * 0.1
+
+    def loss(adapter):
+        return aofunc.qlinear(torch.relu(aofunc.qlinear(x @ adapter, first)), second).pow(2).sum()
+
+    grad = torch.func.grad(loss)(a)
+    a_eager = a.clone().requires_grad_()
+    loss(a_eager).backward()
+    assert torch.allclose(grad, a_eager.grad, rtol=1e-5, atol=1e-5)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 64])
+@pytest.mark.parametrize("scheme", [aofunc.Int4WeightOnly(32), aofunc.Int8WeightOnly()], ids=repr)
+def test_cpu_weight_only_paths_agree_across_batch_sizes(scheme, m):
+    g = torch.Generator().manual_seed(m)
+    qw = quantize_weight(torch.randn(32, 64, generator=g), scheme)
+    x = torch.randn(m, 64, generator=g)
+    assert relative_error(aofunc.qlinear(x, qw), x @ qw.dequantize().t()) < 1e-5
