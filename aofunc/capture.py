@@ -111,7 +111,7 @@ def record_shapes(model, params: Mapping[str, torch.Tensor], *args, **kwargs) ->
     """{param name: [input shape of each linear-like call]} for one run of model(*args, **kwargs) with params.
 
     Example:
-        >>> aofunc.record_shapes(nn.Linear(4, 3), {"weight": torch.randn(3, 4)}, torch.randn(2, 5, 4))
+        >>> aofunc.record_shapes(torch.nn.Linear(4, 3), {"weight": torch.randn(3, 4)}, torch.randn(2, 5, 4))
         {'weight': [(2, 5, 4)]}
     """
     calls = record_calls(model, params, args, kwargs)
@@ -119,7 +119,18 @@ def record_shapes(model, params: Mapping[str, torch.Tensor], *args, **kwargs) ->
 
 
 def capture_inputs(model, params: Mapping[str, torch.Tensor], batch: Any, names=None) -> dict[str, list]:
-    """{param name: [input of each linear-like call, as [tokens, K]]} for one run of the model on `batch`."""
+    """{param name: [input of each linear-like call, as [tokens, K]]} for one run of the model on `batch`.
+
+    `model` is an nn.Module (run through functional_call with `params`) or a function f(params, batch); a batch is a
+    tensor, a tuple of positional arguments or a dict of keyword arguments. `names` limits the capture to those
+    parameters (default: all of `params`).
+
+    Example:
+        >>> fc = torch.nn.Linear(4, 2)
+        >>> seen = aofunc.capture_inputs(fc, dict(fc.named_parameters()), torch.randn(3, 5, 4))
+        >>> [x.shape for x in seen["weight"]]
+        [torch.Size([15, 4])]
+    """
     captured: dict[str, list] = {}
     with torch.no_grad(), linear_calls(params, lambda name, call: captured.setdefault(name, []).append(call.x),
                                        names):

@@ -15,6 +15,9 @@ from aofunc.kernels import int8_int4, nf4, w4a16, w8a8, w8a16
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + bias with W quantized: any leading batch dims, fp32/fp16/bf16 x, CPU or CUDA.
 
+    Differentiable in x and bias (dL/dx = dL/dy @ W, the dequantized weight), through .backward() and torch.func,
+    so adapters train on a frozen quantized base. On CUDA the Triton kernels of `aofunc.kernels` run.
+
     Example:
         >>> w = aofunc.quantize({"w": torch.randn(64, 128)}, aofunc.Spec([aofunc.Rule("w", aofunc.Int8WeightOnly())]))["w"]
         >>> aofunc.qlinear(torch.randn(2, 5, 128), w).shape

@@ -20,6 +20,10 @@ class Rule:
     """Parameters whose name `re.fullmatch`es `pattern` get `scheme` (None keeps them in full precision).
 
     `transposed=True` says the model stores the weight as [in, out] (GPT-2's Conv1D), so groups run along dim 0.
+
+    Example:
+        >>> aofunc.Rule(r".*\.weight", aofunc.Int8WeightOnly()).matches("layers.0.fc.weight")
+        True
     """
 
     pattern: str
@@ -38,6 +42,7 @@ class Rule:
                             f"got {self.scheme!r}")
 
     def matches(self, name: str) -> bool:
+        """Whether the pattern matches the whole name."""
         return re.fullmatch(self.pattern, name) is not None
 
 
@@ -71,7 +76,8 @@ class Spec:
     """An ordered list of rules; the first rule whose pattern fully matches a name decides.
 
     Example:
-        >>> spec = Spec([Rule(r"lm_head\\.weight", None), Rule(r".*\\.weight", Int4WeightOnly(group_size=128))])
+        >>> spec = aofunc.Spec([aofunc.Rule(r"lm_head\\.weight", None),
+        ...                     aofunc.Rule(r".*\\.weight", aofunc.Int4WeightOnly(group_size=128))])
         >>> spec.labels({"fc.weight": torch.randn(8, 256), "fc.bias": torch.randn(8)})
         {'fc.weight': Int4WeightOnly(group_size=128), 'fc.bias': None}
     """

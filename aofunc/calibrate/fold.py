@@ -124,6 +124,7 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
     `update` gets {param name: [inputs of its linear-like calls in this batch]} for the params in `names` (default:
     all). When torch.distributed is initialized, every rank folds its own batches and the state is all-reduced
     before `finalize`, so every rank returns the same result. `batches` may be any iterable; it is read once.
+    `progress` shows a bar labelled `desc`.
 
     Example:
         >>> count = aofunc.Calibration(init=lambda params: torch.zeros(()),

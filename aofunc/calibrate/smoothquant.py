@@ -96,7 +96,9 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
 
     `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is
     any iterable of batches, read once. The spec picks Int8Dynamic weights (default: every 2-D weight used in a
-    linear-like call, embeddings excluded).
+    linear-like call, embeddings excluded). Per input channel s = amax|X|^alpha / amax|W|^(1 - alpha); linears reading
+    the same input share one s. Where no norm can absorb 1/s, the weight carries it as its `act_scale` tensor and
+    the layer divides its input by it when it runs.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 32))

@@ -28,12 +28,18 @@ class _Int8PerRow(Scheme):
 
 @register_scheme
 class Int8WeightOnly(_Int8PerRow):
-    """int8 weights, float activations: y = (x @ qdata.T) * scale + bias."""
+    """int8 weights, float activations (W8A16): w ≈ qdata * scale[n], y = (x @ qdata.T) * scale + bias.
+
+    Stores qdata int8 [N, K] and scale [N] in the weight's dtype: symmetric per output row, scale = amax / 127.5.
+    """
 
 
 @register_scheme
 class Int8Dynamic(_Int8PerRow):
-    """int8 weights and per-token int8 activations: y = int32(xq @ qdata.T) * s_x * scale + bias.
+    """int8 weights and per-token int8 activations (W8A8): y = int32(xq @ qdata.T) * s_x * scale + bias.
+
+    Stores qdata int8 [N, K] and scale [N] as Int8WeightOnly does (w ≈ qdata * scale[n]); each token x is quantized
+    when the layer runs, s_x = max(amax|x|, 1e-5) / 127, xq = round(x / s_x).
 
     A SmoothQuant weight carries `act_scale` [K]: the layer computes with x / act_scale (the smoothing the
     preceding op could not absorb), and w ≈ qdata * scale[n] is the smoothed weight W * act_scale.

@@ -11,6 +11,9 @@ from aofunc.formats.scheme import Scheme, register_scheme
 class NF4(Scheme):
     """w ≈ LEVELS[code] * (scaler_q / scaler_factor + scaler_mean), one scaler per block of `block_size`.
 
+    LEVELS are the 16 NormalFloat4 values (`aofunc.primitives.NF4_LEVELS`); a code is the nearest level to w / absmax
+    of its block.
+
     The row-major [N, K] weight is flattened and zero-padded to whole scaler blocks (block_size * scaler_block_size
     elements): qdata uint8 [P/2] (first code in the high nibble), scaler_q int8 [P/block_size], scaler_factor fp32
     [P/(block_size * scaler_block_size)], scaler_mean fp32 scalar.

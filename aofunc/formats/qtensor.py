@@ -80,6 +80,7 @@ class QTensor(torch.Tensor):
                 + (", transposed=True" if self.transposed else "") + ")")
 
     def with_tensors(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> "QTensor":
+        """The same weight (scheme, shape, orientation) over other stored tensors, and optionally another dtype."""
         return QTensor(self.scheme, tensors, self.shape, dtype or self.dtype, self.transposed)
 
     # ------------------------------------------------------------------------------------------ torch.compile

@@ -26,8 +26,10 @@ def check_group_size(scheme, group_size) -> None:
 class Scheme:
     """A quantized weight format for a 2-D weight in canonical orientation [N, K] (N outputs, K inputs).
 
-    Subclasses are frozen dataclasses registered with `register_scheme`; they turn a float [N, K] weight into
-    named tensors and back, and say which stored tensors they hold.
+    A scheme is a frozen dataclass (its fields are its settings, e.g. `group_size`) that turns a float [N, K] weight
+    into named tensors and back and says which stored tensors it holds; a new format subclasses Scheme, implements
+    `quantize`, `dequantize` and `stored`, and is decorated with `aofunc.formats.scheme.register_scheme` so that
+    files can name it.
     """
 
     #: stored tensors that follow the logical dtype on `.to(dtype)`
@@ -38,9 +40,11 @@ class Scheme:
     is_stored_format: ClassVar[bool] = True
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of a float weight w [N, K] (canonical orientation, groups along K)."""
         raise NotImplementedError
 
     def dequantize(self, tensors: dict[str, torch.Tensor], n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight [N, K] in `dtype` that the stored tensors describe (what every kernel computes with)."""
         raise NotImplementedError
 
     def stored(self, n: int, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -48,6 +52,7 @@ class Scheme:
         raise NotImplementedError
 
     def bits_per_weight(self, n: int, k: int, dtype: torch.dtype) -> float:
+        """Stored bits per weight of an [N, K] weight of this dtype, scales and padding included."""
         size = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() * 8
                    for name, (shape, dt) in self.stored(n, k, dtype).items() if name not in self.optional_names)
         return size / (n * k)
@@ -58,6 +63,7 @@ class Scheme:
         return self.dequantize(tensors, n, k, dtype)[index]
 
     def to_dict(self) -> dict:
+        """{"type": class name, **fields}: how files name the scheme."""
         return {"type": type(self).__name__, **dataclasses.asdict(self)}
 
 
