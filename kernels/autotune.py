@@ -64,6 +64,14 @@ def m_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
+def config_for_m(m: int, device, by_m_max, larger: Config, interpreter: Config) -> Config:
+    """A copy of the first config of ((m_max, config), ...) whose m_max >= m on CUDA, else `larger`;
+    `interpreter` off CUDA (small tiles that Triton's interpreter runs quickly)."""
+    if torch.device(device).type != "cuda":
+        return dict(interpreter)
+    return dict(next((config for m_max, config in by_m_max if m <= m_max), larger))
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)

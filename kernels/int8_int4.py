@@ -163,12 +163,7 @@ _CUDA_LARGE_M_CONFIG = _config(False, 128, 64, 8, 4, 4)
 
 def default_int8_int4_config(m: int, device: torch.device) -> dict:
     """The configuration ``int8_int4_linear`` runs an M-row call with on ``device`` when nothing was tuned."""
-    if device.type != "cuda":
-        return dict(INTERPRETER_CONFIG)
-    for m_max, config in _CUDA_CONFIGS:
-        if m <= m_max:
-            return dict(config)
-    return dict(_CUDA_LARGE_M_CONFIG)
+    return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
 
 
 def int8_int4_candidates(m: int) -> list:

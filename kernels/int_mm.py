@@ -42,12 +42,7 @@ _CUDA_LARGE_M_CONFIG = _config(128, 256, 128, 8, 8, 3)
 
 def default_matmul_config(m: int, device: torch.device) -> dict:
     """The tile for an M-row int8 GEMM on ``device`` (the interpreter's small tile off CUDA)."""
-    if device.type != "cuda":
-        return dict(INTERPRETER_CONFIG)
-    for m_max, config in _CUDA_CONFIGS:
-        if m <= m_max:
-            return dict(config)
-    return dict(_CUDA_LARGE_M_CONFIG)
+    return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
 
 
 def matmul_candidates(m: int) -> list:

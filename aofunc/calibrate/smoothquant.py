@@ -14,6 +14,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from aofunc.calibrate.batches import peek
+from aofunc.calibrate.channel_stats import fold_per_input_channel, zeros_per_input_channel
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold, run_batch
 from aofunc.calibrate.input_groups import InputGroup, recording_inputs
 from aofunc.calibrate.selection import canonical, from_canonical, recording_usage, select
@@ -32,17 +33,11 @@ class SmoothQuantState(NamedTuple):
 def absmax_calibration(rules: Mapping[str, Rule]) -> Calibration:
     """The fold of per-channel activation maxima; `finalize` returns the state itself."""
     def init(params):
-        return SmoothQuantState({name: torch.zeros(canonical(params[name], rule.transposed).shape[1],
-                                                   dtype=torch.float32, device=params[name].device)
-                                 for name, rule in rules.items()})
+        return SmoothQuantState(zeros_per_input_channel(params, rules))
 
     def update(state, captured):
-        absmax = dict(state.absmax)
-        for name, xs in captured.items():
-            if name in absmax:
-                for x in xs:
-                    absmax[name] = torch.maximum(absmax[name], x.detach().abs().amax(dim=0).float())
-        return SmoothQuantState(absmax)
+        return SmoothQuantState(fold_per_input_channel(state.absmax, captured, lambda x: x.abs().amax(dim=0).float(),
+                                                       torch.maximum))
 
     return Calibration(init, update, lambda state, params: state, reduce={"absmax": "max"})
 

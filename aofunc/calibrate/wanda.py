@@ -7,6 +7,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from aofunc.calibrate.batches import peek
+from aofunc.calibrate.channel_stats import fold_per_input_channel, zeros_per_input_channel
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
 from aofunc.calibrate.selection import canonical, first_use, select
 from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
@@ -23,17 +24,11 @@ class WandaState(NamedTuple):
 def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
     """The fold of per-channel input energies; `finalize` prunes each weight by |W| · ‖X_k‖."""
     def init(params):
-        return WandaState({name: torch.zeros(canonical(params[name], rule.transposed).shape[1],
-                                             dtype=torch.float32, device=params[name].device)
-                           for name, rule in rules.items()})
+        return WandaState(zeros_per_input_channel(params, rules))
 
     def update(state, captured):
-        sq_sum = dict(state.sq_sum)
-        for name, xs in captured.items():
-            if name in sq_sum:
-                for x in xs:
-                    sq_sum[name] = sq_sum[name] + x.detach().float().square().sum(dim=0)
-        return WandaState(sq_sum)
+        return WandaState(fold_per_input_channel(state.sq_sum, captured, lambda x: x.float().square().sum(dim=0),
+                                                 torch.add))
 
     def finalize(state, params):
         out = dict(params)
