@@ -6,8 +6,8 @@ from aofunc.calibrate.fold import Calibration, fold
 from aofunc.calibrate.gptq import HessianState, gptq, gptq_calibration
 from aofunc.calibrate.gptq_core import gptq_quantize_weight
 from aofunc.calibrate.smoothquant import SmoothQuantState, smoothquant
-from aofunc.calibrate.sparse import Sparse, prune
+from aofunc.calibrate.sparse import Sparse, prune, semi_structured
 from aofunc.calibrate.wanda import WandaState, wanda
 
 __all__ = ["Calibration", "HessianState", "SmoothQuantState", "Sparse", "WandaState", "fold", "gptq",
-           "gptq_calibration", "gptq_quantize_weight", "prune", "smoothquant", "wanda"]
+           "gptq_calibration", "gptq_quantize_weight", "prune", "semi_structured", "smoothquant", "wanda"]

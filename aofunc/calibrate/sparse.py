@@ -134,3 +134,36 @@ def prune(params: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Ten
         importance = canonical(w.detach(), rule.transposed).float().abs()
         out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)
     return out
+
+
+def is_two_four(w: torch.Tensor) -> bool:
+    """Whether every run of 4 consecutive weights along the last dimension has at least 2 zeros."""
+    return w.shape[-1] % 4 == 0 and bool(((w.reshape(*w.shape[:-1], -1, 4) == 0).sum(-1) >= 2).all())
+
+
+def semi_structured(params: Mapping[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
+    """New params whose 2:4-pruned [N, K] weights are `torch.sparse.to_sparse_semi_structured` tensors, which
+    F.linear runs with the GPU's sparse tensor cores; `params` is left untouched.
+
+    `names` picks the weights (default: every 2-D fp16/bf16 CUDA weight whose runs of 4 along K hold 2 zeros).
+    A named weight that cannot be converted (not on CUDA, not fp16/bf16, not 2:4) is an error naming it. Use it on
+    weights pruned with `Sparse(pattern="2:4")` by `aofunc.prune` or `aofunc.wanda`; the semi-structured layout
+    needs a card with sparse tensor cores (compute capability 8.0 or newer).
+    """
+    params = check_params(params)
+    explicit = names is not None
+    wanted = list(names) if explicit else [name for name, w in params.items() if w.dim() == 2]
+    out = dict(params)
+    for name in wanted:
+        if name not in params:
+            raise KeyError(f"semi_structured: no parameter named {name!r}")
+        w = params[name]
+        reason = ("not on a CUDA device" if w.device.type != "cuda" else
+                  f"{w.dtype}, not fp16/bf16" if w.dtype not in (torch.float16, torch.bfloat16) else
+                  "not 2-D" if w.dim() != 2 else
+                  "not 2:4 sparse along K (every run of 4 needs 2 zeros)" if not is_two_four(w) else None)
+        if reason is None:
+            out[name] = torch.sparse.to_sparse_semi_structured(w.detach())
+        elif explicit:
+            raise ValueError(f"semi_structured: {name!r} cannot take the semi-structured layout: {reason}")
+    return out

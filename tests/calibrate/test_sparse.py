@@ -106,3 +106,24 @@ def test_bad_input():
             aofunc.prune(w, aofunc.Spec([aofunc.Rule("x", aofunc.Sparse())]))
     with pytest.raises(TypeError, match="floating point"):
         aofunc.prune({"w": torch.ones(4, 8, dtype=torch.int32)}, aofunc.Spec([aofunc.Rule("w", aofunc.Sparse())]))
+
+
+def test_semi_structured_refuses_what_it_cannot_convert_by_name():
+    from aofunc.calibrate.sparse import is_two_four
+    pruned = aofunc.prune({"w": torch.randn(8, 16)}, aofunc.Spec([aofunc.Rule("w", aofunc.Sparse(pattern="2:4"))]))
+    assert is_two_four(pruned["w"]) and not is_two_four(torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"'w'.*not on a CUDA device"):
+        aofunc.semi_structured(pruned, names=["w"])
+    with pytest.raises(KeyError, match="'v'"):
+        aofunc.semi_structured(pruned, names=["v"])
+    assert aofunc.semi_structured(pruned)["w"] is pruned["w"]  # nothing convertible on the CPU: left as it was
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_semi_structured_weights_run_in_f_linear_on_cuda():
+    w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    pruned = aofunc.prune({"w": w}, aofunc.Spec([aofunc.Rule("w", aofunc.Sparse(pattern="2:4"))]))
+    sparse = aofunc.semi_structured(pruned)["w"]
+    assert type(sparse) is not torch.Tensor
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(torch.nn.functional.linear(x, sparse), x @ pruned["w"].t(), rtol=2e-3, atol=2e-2)
