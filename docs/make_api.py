@@ -24,7 +24,7 @@ SECTIONS = (
      ("Int8WeightOnly", "Int8Dynamic", "Int4WeightOnly", "Int8DynamicInt4", "NF4", "Scheme", "QTensor")),
     ("Specs", ("Rule", "Spec", "SpecReport", "SpecWarning")),
     ("Round-to-nearest", ("quantize", "dequantize")),
-    ("Calibrated transforms", ("gptq", "smoothquant", "wanda", "prune", "Sparse")),
+    ("Calibrated transforms", ("gptq", "smoothquant", "wanda", "prune", "Sparse", "semi_structured")),
     ("The fold and the capture mode", ("Calibration", "fold", "capture_inputs", "record_shapes")),
     ("Building blocks of the calibrated transforms",
      ("gptq_calibration", "gptq_quantize_weight", "HessianState", "SmoothQuantState", "WandaState")),
