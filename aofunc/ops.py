@@ -9,7 +9,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
 from aofunc.formats.qtensor import implements
-from aofunc.kernels import int8_int4, nf4, w4a16, w8a8, w8a16
+from aofunc.kernels import int8_int4, int_mm, nf4, w4a16, w8a8, w8a16
 
 
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,25 +100,11 @@ def _int8_weight_only(x, scheme, t, n, k, bias):
 def _int8_dynamic(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w8a8.w8a8_linear(x, t["qdata"], t["scale"], bias, t.get("act_scale"))
-    dtype = x.dtype
-    if "act_scale" in t:
-        x = x.float() / t["act_scale"].float()
-    xq, sx = P.quantize_per_token_symmetric_int8(x)
-    # torch's CPU _int_mm is wrong for K == 1
-    cpu_int_mm = x.device.type == "cpu" and k > 1
-    acc = torch._int_mm(xq, t["qdata"].t()) if cpu_int_mm else _exact_int8_matmul(xq, t["qdata"])
+    xq, sx = w8a8.quantize_per_token_int8(x, t.get("act_scale"))
+    acc = int_mm.int_mm(xq, t["qdata"].t())
     # int32 times both scales in fp32, so fp16 outputs cannot overflow before the cast
     y = acc.float() * sx[:, None] * t["scale"].float()
-    return _add_bias(y.to(dtype), bias)
-
-
-def _exact_int8_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """int32(a @ b.T) for int8 a [M, K], b [N, K]: fp32 sums of at most 1024 int8 products are exact."""
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
-    for start in range(0, a.shape[1], chunk):
-        part = a[:, start:start + chunk].float() @ b[:, start:start + chunk].float().t()
-        out += part.to(torch.int32)
-    return out
+    return _add_bias(y.to(x.dtype), bias)
 
 
 _CPU_INT4_PACKED = WeakIdKeyDictionary()

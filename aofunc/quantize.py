@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from aofunc.capture import detect_transposed
 from aofunc.formats import QTensor, Scheme
-from aofunc.formats.qtensor import canonical_shape
+from aofunc.formats.qtensor import canonical
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params
 
@@ -31,9 +31,7 @@ def check_weight(name: str, w: torch.Tensor) -> None:
 def quantize_weight(w: torch.Tensor, scheme: Scheme, transposed: bool = False) -> QTensor:
     """One weight to a QTensor; w keeps its logical shape ([N, K], [K, N] if transposed, [N, K, 1, 1])."""
     w = w.detach()
-    n, k = canonical_shape(tuple(w.shape), transposed)
-    canonical = (w.t() if transposed else w.reshape(n, k)).contiguous()
-    return QTensor(scheme, scheme.quantize(canonical), w.shape, w.dtype, transposed)
+    return QTensor(scheme, scheme.quantize(canonical(w, transposed).contiguous()), w.shape, w.dtype, transposed)
 
 
 def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=None) -> dict[str, Rule]:

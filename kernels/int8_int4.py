@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
+from .packing import unpack_uint4
 from .w8a8 import check_activation, check_vector, round_half_even
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -270,11 +271,6 @@ def _quantize_per_token_asym_int8_fake(x):
             x.new_empty((m,), dtype=torch.int32))
 
 
-def unpack_int4_codes(qdata: torch.Tensor) -> torch.Tensor:
-    """u [N, 2 * B] in 0..15 from uint8 [N, B], the first code of each byte in its high nibble."""
-    return torch.stack((qdata >> 4, qdata & 15), dim=-1).reshape(qdata.shape[0], -1)
-
-
 def int8_int4_linear_ref(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -287,7 +283,7 @@ def int8_int4_linear_ref(
     m, k = x.shape
     xq, s, zp = quantize_per_token_asym_int8_ref(x)
     xi = (xq.to(torch.int32) - zp[:, None]).double()
-    w = (unpack_int4_codes(qdata).to(torch.int32) - 8)[:, :k].double()
+    w = (unpack_uint4(qdata).to(torch.int32) - 8)[:, :k].double()
     acc = torch.zeros((m, qdata.shape[0]), device=x.device, dtype=torch.float32)
     for g, k0 in enumerate(range(0, k, group_size)):
         # Products are at most 255 * 8 and a group has at most 256 of them: float64 sums are exact integers.

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
+from aofunc.kernels.packing import unpack_uint4
 from aofunc.kernels.w4a16 import FLOAT_DTYPES, interpreting, pow2_at_most, split_k, splitk_counters, splitk_finish, tolerance
 
 NF4_LEVELS = (
@@ -73,7 +74,7 @@ def nf4_dequantize_ref(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: i
                        scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (the reference twin)."""
     check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
-    codes = torch.stack([qdata >> 4, qdata & 15], dim=-1).reshape(-1)[: n * k].long()
+    codes = unpack_uint4(qdata)[: n * k].long()
     s = nf4_block_scales_ref(scaler_q, scaler_factor, scaler_mean, scaler_block_size)
     w = nf4_levels(qdata.device)[codes] * s.repeat_interleave(block_size)[: n * k]
     return w.reshape(n, k).to(dtype)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
+from aofunc.kernels.packing import unpack_uint4
 
 GROUP_SIZES = (32, 64, 128, 256)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,8 +86,7 @@ def check_w4a16(x, qdata, scale, zero, group_size, bias) -> None:
 
 def w4a16_dequantize_ref(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g], computed in fp32, then cast: [N, k] in dtype."""
-    n = qdata.shape[0]
-    codes = torch.stack([qdata >> 4, qdata & 15], dim=-1).reshape(n, -1).float()
+    codes = unpack_uint4(qdata).float()
     s = scale.float().repeat_interleave(group_size, dim=1)
     z = zero.float().repeat_interleave(group_size, dim=1)
     return ((codes - 8) * s + z)[:, :k].to(dtype)

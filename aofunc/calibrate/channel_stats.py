@@ -5,7 +5,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from aofunc.calibrate.selection import canonical
+from aofunc.formats.qtensor import canonical
 from aofunc.spec import Rule
 
 

@@ -8,18 +8,26 @@ one pass over the batches per group of weights reading the same input.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from aofunc.calibrate.batches import Reiterable
-from aofunc.calibrate.blocks import (block_params, capture_block_inputs, first_output, probe, stopping_before,
-                                     to_device, with_carried)
+from aofunc.calibrate.blocks import (
+    block_params,
+    capture_block_inputs,
+    first_output,
+    probe,
+    stopping_before,
+    to_device,
+    with_carried,
+)
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
 from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, input_gram
-from aofunc.calibrate.selection import canonical, input_key, select
+from aofunc.calibrate.selection import input_key, select
 from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, QTensor
+from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params

@@ -12,7 +12,6 @@ import torch
 from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, Scheme
 
-
 # ---------------------------------------------------------------------------------------------- Hessians
 
 @functools.cache

@@ -108,11 +108,6 @@ def select(params: Mapping[str, torch.Tensor], spec: Spec | None, default: Schem
                        chosen[name].transposed or usage.transposed[name]) for name in ordered}
 
 
-def canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The weight as [N, K] (outputs, inputs): transposed for [in, out] storage, flattened for 1x1 convs."""
-    return w.t() if transposed else w.reshape(w.shape[0], -1)
-
-
 def from_canonical(w: torch.Tensor, like: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Back from [N, K] to the layout of `like`, as a new contiguous tensor of its dtype."""
     out = w.t() if transposed else w.reshape(like.shape)

@@ -14,11 +14,15 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from aofunc.calibrate.batches import peek
-from aofunc.calibrate.channel_stats import fold_per_input_channel, zeros_per_input_channel
+from aofunc.calibrate.channel_stats import (
+    fold_per_input_channel,
+    zeros_per_input_channel,
+)
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold, run_batch
 from aofunc.calibrate.input_groups import InputGroup, recording_inputs
-from aofunc.calibrate.selection import canonical, from_canonical, recording_usage, select
+from aofunc.calibrate.selection import from_canonical, recording_usage, select
 from aofunc.formats import Int8Dynamic, QTensor
+from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params

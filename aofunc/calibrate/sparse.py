@@ -10,8 +10,9 @@ from typing import Mapping
 
 import torch
 
-from aofunc.calibrate.selection import canonical, from_canonical
+from aofunc.calibrate.selection import from_canonical
 from aofunc.formats import Scheme
+from aofunc.formats.qtensor import canonical
 from aofunc.quantize import plan
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params

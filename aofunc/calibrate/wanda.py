@@ -7,10 +7,14 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from aofunc.calibrate.batches import peek
-from aofunc.calibrate.channel_stats import fold_per_input_channel, zeros_per_input_channel
+from aofunc.calibrate.channel_stats import (
+    fold_per_input_channel,
+    zeros_per_input_channel,
+)
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
-from aofunc.calibrate.selection import canonical, first_use, select
+from aofunc.calibrate.selection import first_use, select
 from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
+from aofunc.formats.qtensor import canonical
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params
 

@@ -30,6 +30,11 @@ def canonical_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]
     return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
 
 
+def canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A weight as [N, K] (outputs, inputs): transposed for [in, out] storage, flattened for 1x1 convs (a view)."""
+    return w.t() if transposed else w.reshape(w.shape[0], -1)
+
+
 class QTensor(torch.Tensor):
     """A quantized weight: a scheme, its named stored tensors, and the logical shape and dtype the model expects.
 

@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.models import Conv1D
+
 
 class Attention(nn.Module):
     def __init__(self, d, heads):
@@ -77,18 +79,6 @@ def correlated(n, t=16, d=64, rank=8, seed=0, outliers=()):
     for c in outliers:
         x[..., c] *= 50
     return x
-
-
-class Conv1D(nn.Module):
-    """GPT-2's linear: weight stored [in, out], applied as addmm(bias, x, weight)."""
-
-    def __init__(self, n_in, n_out):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_in, n_out) * n_in ** -0.5)
-        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
 
 
 class GPT2Block(nn.Module):

@@ -15,13 +15,10 @@ from aofunc.kernels.int8_int4 import (
     quantize_per_token_asym_int8,
     quantize_per_token_asym_int8_ref,
     quantize_per_token_asym_int8_triton,
-    unpack_int4_codes,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_GPU = DEVICE == "cuda"
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-LINEAR_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+from aofunc.kernels.packing import unpack_uint4
+from tests.kernels.devices import DEVICE, LINEAR_DTYPES, ON_GPU, gpu_only
 
 
 def _activation(m, k, dtype, seed, contiguous=True):
@@ -112,7 +109,7 @@ def test_linear_matches_fake_quantized_float_reference():
     qdata, scale, bias = _weight(24, 96, 32, torch.float32, seed=6)
     xq, s, zp = quantize_per_token_asym_int8_ref(x)
     x_dq = (xq.float() - zp[:, None]) * s[:, None]
-    w = (unpack_int4_codes(qdata).float() - 8) * scale.repeat_interleave(32, dim=1)
+    w = (unpack_uint4(qdata).float() - 8) * scale.repeat_interleave(32, dim=1)
     _close(int8_int4_linear(x, qdata, scale, 32, bias), x_dq @ w.t() + bias)
     _close(torch.ops.aofunc.int8_int4_linear(x, qdata, scale, 32, bias), x_dq @ w.t() + bias)
 

@@ -14,8 +14,7 @@ from aofunc.kernels.int_mm import (
     tma_compatible,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from tests.kernels.devices import DEVICE, gpu_only
 
 
 def _int8(*shape, device=DEVICE, generator=None):

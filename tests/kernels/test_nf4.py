@@ -5,7 +5,7 @@ import torch
 from aofunc.kernels import autotune, nf4
 from aofunc.kernels.nf4 import NF4_LEVELS, nf4_dequantize, nf4_dequantize_ref, nf4_linear, nf4_linear_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.kernels.devices import DEVICE
 
 
 def weight(n, k, block, scaler_block, device=DEVICE):

@@ -5,7 +5,7 @@ import torch
 from aofunc.kernels import autotune, w4a16
 from aofunc.kernels.w4a16 import w4a16_dequantize, w4a16_dequantize_ref, w4a16_linear, w4a16_linear_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.kernels.devices import DEVICE
 
 
 def weight(n, k, g, dtype=torch.float32, device=DEVICE):

@@ -5,7 +5,7 @@ import torch
 from aofunc.kernels import autotune, w8a16
 from aofunc.kernels.w8a16 import w8a16_linear, w8a16_linear_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.kernels.devices import DEVICE
 
 
 def weight(n, k, dtype=torch.float32, device=DEVICE):

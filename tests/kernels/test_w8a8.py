@@ -18,10 +18,7 @@ from aofunc.kernels.w8a8 import (
     w8a8_linear_triton,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_GPU = DEVICE == "cuda"
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-LINEAR_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+from tests.kernels.devices import DEVICE, LINEAR_DTYPES, ON_GPU, gpu_only
 
 
 def _activation(m, k, dtype, seed, contiguous=True):
