@@ -17,7 +17,7 @@ class SpecWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Parameters whose name `re.fullmatch`es `pattern` get `scheme` (None keeps them in full precision).
+    r"""Parameters whose name `re.fullmatch`es `pattern` get `scheme` (None keeps them in full precision).
 
     `transposed=True` says the model stores the weight as [in, out] (GPT-2's Conv1D), so groups run along dim 0.
 
