@@ -74,7 +74,7 @@ def ours(fmt, n, k):
             lambda x: nf4.nf4_linear_ref(x, *tensors, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, None),
             lambda x: autotune.config_key(f"nf4_b{NF4_BLOCK}_s{NF4_SCALER_BLOCK}", x.shape[0], n, k, (x.dtype,),
                                           x.device), {},
-            lambda x: nf4.default_config(x.shape[0], n, k, NF4_BLOCK, x.device))
+            lambda x: nf4.default_config(x.shape[0], n, k, NF4_BLOCK, x.dtype, x.device))
 
 
 def forced_configs(fmt, m, n, k):
@@ -92,8 +92,8 @@ def forced_configs(fmt, m, n, k):
         base = [w8a16.default_config(m, n, k, torch.bfloat16, dev)]
     else:
         gemv = dict(path="gemv", BLOCK_N=64, GROUPS=4, num_warps=4, num_stages=3)
-        gemm = None
-        base = [nf4.default_config(m, n, k, NF4_BLOCK, dev)]
+        gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SWAP=False, num_warps=4, num_stages=3)
+        base = [nf4.default_config(m, n, k, NF4_BLOCK, torch.bfloat16, dev)]
     out = base + [dict(path="dequant")]
     for split in (1, 3, 8):
         if m <= 8:

@@ -7,8 +7,9 @@ Layout (DESIGN.md): the row-major [n, k] weight flattened, zero-padded to P elem
 ``scaler_q`` int8 [P/block_size]; ``scaler_factor`` fp32 [P/(block_size*scaler_block_size)]; ``scaler_mean``
 fp32 0-d. A block may straddle rows when k % block_size != 0; padding is never read into results.
 
-``nf4_linear`` runs an FMA GEMV for a few rows of x when rows start on whole blocks (k % block_size == 0,
-block_size % 8 == 0), and otherwise dequantizes with the Triton kernel and calls cuBLAS. It has autograd
+``nf4_linear`` runs, when rows start on whole blocks (k % block_size == 0), an FMA GEMV for a few rows of x
+(block_size % 8 == 0), a ``tl.dot`` GEMM on dequantized tiles for medium M (block_size a power of two >= 16),
+and otherwise dequantizes with the Triton kernel and calls cuBLAS. It has autograd
 with respect to x and bias (grad_x = grad_y @ W), for LoRA fine-tuning over a frozen base weight.
 """
 from __future__ import annotations
@@ -23,14 +24,17 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
-from aofunc.kernels.w4a16 import FLOAT_DTYPES, interpreting, pow2_at_most, split_k, splitk_counters, splitk_finish, tolerance
+from aofunc.kernels.w4a16 import (FLOAT_DTYPES, interleave8, interpreting, pow2_at_most, split_k, splitk_counters,
+                                  splitk_finish, tolerance)
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+# Rows of x up to which the FMA GEMV runs by default, and up to which the tl.dot GEMM runs (then dequant + cuBLAS).
 GEMV_MAX_M = 2
+GEMM_MAX_M = 64
 
 _levels: dict = {}
 
@@ -206,6 +210,65 @@ def _nf4_gemv_kernel(
                   tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
 
 
+@triton.jit
+def nf4_levels_tile(q, lut_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, USE_SHFL: tl.constexpr):
+    """[ROWS, 8 * WORDS] fp32 tile of NF4 levels from [ROWS, WORDS] int32 words (code 8w + j at column 8w + j)."""
+    return interleave8(nf4_level((q >> 4) & 15, lut_ptr, USE_SHFL), nf4_level(q & 15, lut_ptr, USE_SHFL),
+                       nf4_level((q >> 12) & 15, lut_ptr, USE_SHFL), nf4_level((q >> 8) & 15, lut_ptr, USE_SHFL),
+                       nf4_level((q >> 20) & 15, lut_ptr, USE_SHFL), nf4_level((q >> 16) & 15, lut_ptr, USE_SHFL),
+                       nf4_level((q >> 28) & 15, lut_ptr, USE_SHFL), nf4_level((q >> 24) & 15, lut_ptr, USE_SHFL),
+                       ROWS, WORDS)
+
+
+@triton.jit
+def _nf4_gemm_kernel(
+    x_ptr, q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_ym, split_k,
+    BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, USE_SHFL: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
+    # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. .
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, BLOCK)
+    row_blocks = K // BLOCK
+    per_split = tl.cdiv(row_blocks, split_k)
+    mean = tl.load(mean_ptr)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, row_blocks)):
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK + offs_k)[None, :] * stride_xk,
+                     mask=m_mask[:, None], other=0.0)
+        blocks = rows * row_blocks + g
+        w = nf4_levels_tile(tl.load(q_ptr + blocks[:, None] * WORDS + offs_w[None, :]), lut_ptr, BLOCK_N, WORDS,
+                            USE_SHFL)
+        s = block_scale(sq_ptr, f_ptr, mean, blocks, SCALER_BLOCK)
+        if SWAP:  # y.T tile = dot(w, x.T): the dequantized tile is the left operand, kept in registers
+            if DOT_FP32:
+                d = tl.dot(w, tl.trans(xt.to(tl.float32)), input_precision="ieee")
+            else:
+                d = tl.dot(w.to(xt.dtype), tl.trans(xt))
+            acc += tl.trans(d * s[:, None])
+        else:
+            if DOT_FP32:
+                d = tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:
+                d = tl.dot(xt, tl.trans(w.to(xt.dtype)))
+            acc += d * s[None, :]
+    tile = pid_m * tl.num_programs(0) + pid_n
+    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
+    offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+
+
 def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
                           scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (Triton kernel)."""
@@ -225,18 +288,30 @@ def gemv_fits(k: int, block_size: int) -> bool:
     return k % block_size == 0 and block_size % 8 == 0
 
 
-def default_config(m: int, n: int, k: int, block_size: int, device: torch.device) -> dict:
+def gemm_fits(k: int, block_size: int) -> bool:
+    """Whether the GEMM kernel can take whole blocks as steps of K: rows start on whole blocks, and a block is a
+    power of two of at least 16 codes (the smallest tl.dot depth)."""
+    return k % block_size == 0 and block_size >= 16 and block_size & (block_size - 1) == 0
+
+
+def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
-    if m > GEMV_MAX_M or not gemv_fits(k, block_size):
-        return dict(path="dequant")
-    row_blocks = k // block_size
-    groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
-    block_n = 128
-    split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
-    return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
+    if m <= GEMV_MAX_M and gemv_fits(k, block_size):
+        row_blocks = k // block_size
+        groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
+        block_n = 128
+        split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
+        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
+    if m <= GEMM_MAX_M and gemm_fits(k, block_size) and not (dtype == torch.float32 and device.type == "cuda"):
+        block_m = min(128, max(16, triton.next_power_of_2(m)))
+        block_n = 64
+        split = split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k // block_size, device)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True, num_warps=4,
+                    num_stages=3)
+    return dict(path="dequant")
 
 
-def candidate_configs(m: int, n: int, k: int, block_size: int, device: torch.device):
+def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, device: torch.device):
     """The search space of the tuner for one key."""
     out = [dict(path="dequant")]
     if m <= 8 and gemv_fits(k, block_size):
@@ -246,6 +321,14 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, device: torch.dev
                 for split in (1, 2, 4, 8):
                     out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=warps,
                                     num_stages=3))
+    if m >= 2 and gemm_fits(k, block_size) and dtype != torch.float32:
+        for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
+            for block_n in (32, 64, 128):
+                for split in (1, 2, 4, 8):
+                    for swap in (False, True):
+                        for warps, stages in ((4, 3), (4, 4)):
+                            out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+                                            SWAP=swap, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -253,21 +336,27 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
            config: dict) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, n] in x.dtype."""
     params = dict(config)
-    if params.pop("path") == "dequant":
+    path = params.pop("path")
+    if path == "dequant":
         w = nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size,
                                   scaler_block_size, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
-    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+    if path == "gemv":
+        grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+        kernel, extra = _nf4_gemv_kernel, dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0)
+    else:
+        grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
+        kernel, extra = _nf4_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
-    _nf4_gemv_kernel[grid](
+    kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),
         bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),
         BLOCK=block_size, SCALER_BLOCK=scaler_block_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None,
-        EVEN_K=(k // block_size) % params["GROUPS"] == 0, USE_SHFL=not interpreting(), **params,
+        USE_SHFL=not interpreting(), **extra, **params,
     )
     return y
 
@@ -284,8 +373,8 @@ def nf4_linear_triton(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, k:
         key = autotune.config_key(f"nf4_b{block_size}_s{scaler_block_size}", m, n, k, (x.dtype,), x.device)
         config = autotune.choose(
             key,
-            default_config(m, n, k, block_size, x.device),
-            candidates=lambda: candidate_configs(m, n, k, block_size, x.device),
+            default_config(m, n, k, block_size, x.dtype, x.device),
+            candidates=lambda: candidate_configs(m, n, k, block_size, x.dtype, x.device),
             run=lambda c: launch(*args, c),
             reference=lambda: nf4_linear_ref(*args),
             tolerance=tolerance(x.dtype),

@@ -224,14 +224,22 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
+def interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """[ROWS, 8 * WORDS] tile whose column 8w + j is cj[:, w], from eight [ROWS, WORDS] tiles (one per code j)."""
+    # tl.join appends its choice as the last axis, so pair codes j and j + 4 first: t[..., a, b, c] = code 4a+2b+c.
+    c04 = tl.join(c0, c4)
+    c15 = tl.join(c1, c5)
+    c26 = tl.join(c2, c6)
+    c37 = tl.join(c3, c7)
+    return tl.reshape(tl.join(tl.join(c04, c26), tl.join(c15, c37)), (ROWS, 8 * WORDS))
+
+
+@triton.jit
 def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """[ROWS, 8 * WORDS] fp32 tile of 1 + code/16 from [ROWS, WORDS] int32 words (code 8w + j at column 8w + j)."""
-    # tl.join appends its choice as the last axis, so pair codes j and j + 4 first: t[..., a, b, c] = code 4a+2b+c.
-    c04 = tl.join(unit_plus_code(q, 0), unit_plus_code(q, 4))
-    c15 = tl.join(unit_plus_code(q, 1), unit_plus_code(q, 5))
-    c26 = tl.join(unit_plus_code(q, 2), unit_plus_code(q, 6))
-    c37 = tl.join(unit_plus_code(q, 3), unit_plus_code(q, 7))
-    return tl.reshape(tl.join(tl.join(c04, c26), tl.join(c15, c37)), (ROWS, 8 * WORDS))
+    return interleave8(unit_plus_code(q, 0), unit_plus_code(q, 1), unit_plus_code(q, 2), unit_plus_code(q, 3),
+                       unit_plus_code(q, 4), unit_plus_code(q, 5), unit_plus_code(q, 6), unit_plus_code(q, 7),
+                       ROWS, WORDS)
 
 
 @triton.jit

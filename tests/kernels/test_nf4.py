@@ -18,7 +18,7 @@ def weight(n, k, block, scaler_block, device=DEVICE):
 
 
 @pytest.mark.parametrize("m,n,k,block,scaler_block", [(1, 17, 64, 64, 4), (3, 9, 40, 16, 4), (2, 8, 256, 64, 2),
-                                                      (1, 5, 30, 8, 3), (17, 6, 32, 32, 2)])
+                                                      (1, 5, 30, 8, 3), (17, 6, 32, 32, 2), (5, 19, 64, 16, 3)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
 def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
     tensors = weight(n, k, block, scaler_block)
@@ -27,9 +27,13 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
     b = torch.randn(n, device=DEVICE, dtype=x_dtype)
     args = (*tensors, n, k, block, scaler_block)
     want = nf4_linear_ref(x, *args, b)
-    configs = [nf4.default_config(m, n, k, block, x.device), dict(path="dequant")]
+    configs = [nf4.default_config(m, n, k, block, x_dtype, x.device), dict(path="dequant")]
     if nf4.gemv_fits(k, block) and m <= 3:
         configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=3, num_warps=2, num_stages=1))
+    if nf4.gemm_fits(k, block):
+        for swap in (False, True):
+            configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, num_warps=2,
+                                num_stages=1))
     for config in configs:
         y = nf4.nf4_linear_triton(x, *args, b, config=config)
         assert y.dtype == x_dtype and y.shape == (m, n)
@@ -69,7 +73,7 @@ def test_autograd_in_x_and_bias():
 def test_real_sizes_bf16():
     tensors = weight(4096, 4096, 64, 256)
     args = (*tensors, 4096, 4096, 64, 256)
-    for m in (1, 2, 16):
+    for m in (1, 2, 5, 16, 64):
         x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         y = nf4_linear(x, *args, None)
         assert autotune.relative_error(y, nf4_linear_ref(x, *args, None)) <= nf4.tolerance(torch.bfloat16)
