@@ -33,8 +33,8 @@ NF4_LEVELS = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 # Rows of x up to which the FMA GEMV runs by default, and up to which the tl.dot GEMM runs (then dequant + cuBLAS).
-GEMV_MAX_M = 2
-GEMM_MAX_M = 64
+GEMV_MAX_M = 1
+GEMM_MAX_M = 128
 
 _levels: dict = {}
 
