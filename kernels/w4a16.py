@@ -28,6 +28,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # cuBLAS); measured on an H100, where two rows already run faster through the tl.dot kernel.
 GEMV_MAX_M = 1
 GEMM_MAX_M = 256
+# The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
+SPLIT_X_MIN_GROUP = 128
 
 
 def interpreting() -> bool:
@@ -243,14 +245,57 @@ def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def split_by_code(xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """The eight [ROWS, WORDS] tiles xt[:, 8w + j], j = 0..7, of a [ROWS, 8 * WORDS] tile (interleave8 undone)."""
+    t = tl.reshape(xt, (ROWS, WORDS, 2, 2, 2))  # t[r, w, a, b, c] = xt[r, 8w + 4a + 2b + c]
+    c0, c1 = tl.split(t)
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def dot_acc(acc, w, xt, SWAP: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + w @ xt.T with SWAP (the weight tile is the left operand, kept in registers), else acc + xt @ w.T.
+
+    DOT_FP32: fp32 operands with IEEE products (fp32 x, and the interpreter); else in xt's dtype.
+    """
+    if DOT_FP32:
+        if SWAP:
+            return tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            return tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        if SWAP:
+            return tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
+        else:
+            return tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
+
+
+@triton.jit
+def dot_tile_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """A zeroed fp32 accumulator of a dot_acc chain: [BLOCK_N, BLOCK_M] with SWAP, else [BLOCK_M, BLOCK_N]."""
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step: d = dot(x, 1 + code/16) in fp32, then
     # sum(x * w) = s * (16 d - 24 sum(x)) + z * sum(x) per column (1 + code/16 is exact in bf16 and fp16).
+    # SPLIT_X: eight dots of depth GROUP/8, codes j of every word against x's columns 8w + j, in place of one
+    # dot over the interleaved weight tile.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -269,21 +314,25 @@ def _w4a16_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qn + g * WORDS + offs_w[None, :])
-        w = units_plus_codes(q, BLOCK_N, WORDS)
         s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+        z = tl.load(z_ptr + rows * stride_sn + g).to(tl.float32)
         xs = tl.sum(xt.to(tl.float32), axis=1)
-        if SWAP:  # y.T tile = dot(w, x.T): the dequantized tile is the left operand, kept in registers
-            if DOT_FP32:
-                d = tl.dot(w, tl.trans(xt.to(tl.float32)), input_precision="ieee")
-            else:
-                d = tl.dot(w.to(xt.dtype), tl.trans(xt))
+        d = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
+        if SPLIT_X:
+            x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
+            d = dot_acc(d, unit_plus_code(q, 0), x0, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 1), x1, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 2), x2, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 3), x3, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 4), x4, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 5), x5, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 6), x6, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 7), x7, SWAP, DOT_FP32)
+        else:
+            d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
+        if SWAP:
             acc += tl.trans(d * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None] * xs[None, :])
         else:
-            if DOT_FP32:
-                d = tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                d = tl.dot(xt, tl.trans(w.to(xt.dtype)))
             acc += d * (16.0 * s)[None, :] + xs[:, None] * (z - 24.0 * s)[None, :]
     tile = pid_m * tl.num_programs(0) + pid_n
     # y is dense [M, N] (stride_ym == N), so the split-K workspace shares its offsets.
@@ -351,11 +400,12 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
                     num_stages=3)
     if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = min(128, max(16, triton.next_power_of_2(m)))
-        block_n = 64
+        block_n = 128 if m <= 16 else 64
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = split_k(programs, n_groups, device)
-        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True, num_warps=4,
-                    num_stages=3)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
+                    SPLIT_X=m <= 16 and group_size >= SPLIT_X_MIN_GROUP,
+                    num_warps=4, num_stages=3)
     return dict(path="dequant")
 
 
@@ -364,8 +414,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
     n_groups = -(-k // group_size)
     out = [dict(path="dequant")]
     if m <= 8:
-        for block_n, warps in ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8)):
-            for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (256, 512)}):
+        for block_n, warps in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
+            for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (128, 256, 512)}):
                 for split in (1, 2, 4, 8):
                     for prefetch in (False, True):
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
@@ -374,10 +424,12 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
-                    for swap in (False, True):
+                    for swap, split_x in ((False, False), (True, False), (True, True)):
+                        if split_x and group_size < SPLIT_X_MIN_GROUP:
+                            continue
                         for warps, stages in ((4, 3), (4, 4)):
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-                                            SWAP=swap, num_warps=warps, num_stages=stages))
+                                            SWAP=swap, SPLIT_X=split_x, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -398,7 +450,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel = _w4a16_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False))
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
     kernel[grid](

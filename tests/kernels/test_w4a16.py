@@ -26,6 +26,9 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
     configs = [w4a16.default_config(m, n, k, g, x_dtype, x.device), dict(path="dequant"),
                dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=3, PREFETCH=True, num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1)]
+    if g >= w4a16.SPLIT_X_MIN_GROUP:
+        configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, num_warps=2,
+                         num_stages=1) for swap in (False, True)]
     for config in configs:
         if config["path"] == "gemv" and m > 3:
             continue  # one program per row of x: slow under the interpreter and not a path used for large M
@@ -38,7 +41,7 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
 
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 17, 40, 32), (3, 33, 64, 32), (17, 31, 100, 64), (2, 8, 256, 128),
-                                     (1, 9, 256, 256)])
+                                     (1, 9, 256, 256), (18, 20, 300, 128)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
 def test_kernels_equal_twin(m, n, k, g, x_dtype):
     run_all_paths(m, n, k, g, x_dtype, torch.float32, bias=True, strided=False)
