@@ -170,11 +170,13 @@ def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
-    # PREFETCH: the next step's codes are loaded before this step's arithmetic.
+    # PREFETCH: the next step's codes are loaded before this step's arithmetic. REDUCE_W: each step's products
+    # are summed over the words of a group before scaling, so the accumulator holds one value per (row, group)
+    # rather than per word (fewer registers, a reduction a step).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -188,7 +190,10 @@ def _w4a16_gemv_kernel(
     per_split = tl.cdiv(n_steps, split_k)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, n_steps) - 1
-    acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    if REDUCE_W:
+        acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     q_rows = q_ptr + rows[:, None, None] * stride_qn
@@ -217,9 +222,16 @@ def _w4a16_gemv_kernel(
             x_sum += xj
         s = s.to(tl.float32)
         # sum over the step of x * (code - 8) * s + x * z = 16 s (part - x_sum) + (z - 8 s) sum(x)
-        acc += (part - x_sum[None, :, :]) * (16.0 * s)[:, :, None]
-        acc_zero += (z.to(tl.float32) - 8.0 * s) * tl.sum(x_sum, axis=1)[None, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
+        x_group = tl.sum(x_sum, axis=1)
+        if REDUCE_W:
+            acc += (tl.sum(part, axis=2) - x_group[None, :]) * (16.0 * s)
+        else:
+            acc += (part - x_sum[None, :, :]) * (16.0 * s)[:, :, None]
+        acc_zero += (z.to(tl.float32) - 8.0 * s) * x_group[None, :]
+    if REDUCE_W:
+        y = tl.sum(acc + acc_zero, axis=1)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
     tile = pid_m * tl.num_programs(0) + pid_n
     splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
                   tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
@@ -417,9 +429,9 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
         for block_n, warps in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
             for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (128, 256, 512)}):
                 for split in (1, 2, 4, 8):
-                    for prefetch in (False, True):
+                    for prefetch, reduce_w in ((False, False), (True, False), (False, True), (True, True)):
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                        PREFETCH=prefetch, num_warps=warps, num_stages=3))
+                                        PREFETCH=prefetch, REDUCE_W=reduce_w, num_warps=warps, num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
@@ -446,7 +458,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     split = params.pop("SPLIT_K")
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-        kernel, extra = _w4a16_gemv_kernel, dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0)
+        kernel = _w4a16_gemv_kernel
+        extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False))
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel = _w4a16_gemm_kernel
