@@ -24,8 +24,8 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
-from aofunc.kernels.w4a16 import (FLOAT_DTYPES, interleave8, interpreting, pow2_at_most, split_k, splitk_counters,
-                                  splitk_finish, tolerance)
+from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, interleave8,
+                                  interpreting, pow2_at_most, split_k, splitk_counters, splitk_finish, tolerance)
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -229,14 +229,9 @@ def _nf4_gemm_kernel(
 ):
     # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
     # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. .
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK)
     row_blocks = K // BLOCK
@@ -250,23 +245,12 @@ def _nf4_gemm_kernel(
         w = nf4_levels_tile(tl.load(q_ptr + blocks[:, None] * WORDS + offs_w[None, :]), lut_ptr, BLOCK_N, WORDS,
                             USE_SHFL)
         s = block_scale(sq_ptr, f_ptr, mean, blocks, SCALER_BLOCK)
-        if SWAP:  # y.T tile = dot(w, x.T): the dequantized tile is the left operand, kept in registers
-            if DOT_FP32:
-                d = tl.dot(w, tl.trans(xt.to(tl.float32)), input_precision="ieee")
-            else:
-                d = tl.dot(w.to(xt.dtype), tl.trans(xt))
+        d = dot_acc(dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP), w, xt, SWAP, DOT_FP32)
+        if SWAP:
             acc += tl.trans(d * s[:, None])
         else:
-            if DOT_FP32:
-                d = tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                d = tl.dot(xt, tl.trans(w.to(xt.dtype)))
             acc += d * s[None, :]
-    tile = pid_m * tl.num_programs(0) + pid_n
-    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
-    offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
-    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,

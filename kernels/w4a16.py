@@ -298,6 +298,28 @@ def dot_tile_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.conste
 
 
 @triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of y [M, N]: rows of x (offs_m) and their mask, and rows of w (offs_n, and ``rows``:
+    offs_n clamped to N - 1, so rows past N repeat row N - 1 and are never stored)."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_m < M, offs_n, tl.minimum(offs_n, N - 1)
+
+
+@triton.jit
+def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k,
+                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store the [BLOCK_M, BLOCK_N] tile ``acc`` (+ bias) of gemm_tile's tile of a dense y [M, N] (stride_ym == N),
+    through the split-K workspace with SPLIT (it shares y's offsets)."""
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
+    offs_b = offs_n[None, :] + 0 * offs_m[:, None]
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, tl.program_id(2), M * N, split_k,
+                  SPLIT, HAS_BIAS)
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
@@ -308,14 +330,9 @@ def _w4a16_gemm_kernel(
     # sum(x * w) = s * (16 d - 24 sum(x)) + z * sum(x) per column (1 + code/16 is exact in bf16 and fp16).
     # SPLIT_X: eight dots of depth GROUP/8, codes j of every word against x's columns 8w + j, in place of one
     # dot over the interleaved weight tile.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, GROUP)
     n_groups = tl.cdiv(K, GROUP)
@@ -346,12 +363,7 @@ def _w4a16_gemm_kernel(
             acc += tl.trans(d * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None] * xs[None, :])
         else:
             acc += d * (16.0 * s)[None, :] + xs[:, None] * (z - 24.0 * s)[None, :]
-    tile = pid_m * tl.num_programs(0) + pid_n
-    # y is dense [M, N] (stride_ym == N), so the split-K workspace shares its offsets.
-    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
-    offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
-    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit

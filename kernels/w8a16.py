@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
-from aofunc.kernels.w4a16 import FLOAT_DTYPES, interpreting, split_k, splitk_counters, splitk_finish, tolerance
+from aofunc.kernels.w4a16 import (FLOAT_DTYPES, gemm_finish, gemm_tile, interpreting, split_k, splitk_counters,
+                                  splitk_finish, tolerance)
 
 GEMV_MAX_M = 1  # measured on an H100: two rows already run faster through the tl.dot kernel
 GEMM_MAX_M = 256
@@ -120,13 +121,8 @@ def _w8a16_gemm_kernel(
     # A BLOCK_M x BLOCK_N tile of y (SWAP: computed as dot(w, x.T), the converted weight tile in registers as
     # the left operand); each step dots x with 4 * BLOCK_W columns of q as exact floats; the
     # per-row scale is applied once at the end.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    rows = tl.minimum(offs_n, N - 1)
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_W)
     offs_k = tl.arange(0, 4 * BLOCK_W)
     n_words = tl.cdiv(K, 4)
@@ -153,11 +149,7 @@ def _w8a16_gemm_kernel(
             else:
                 acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
     acc = acc * tl.load(s_ptr + rows).to(tl.float32)[None, :]
-    tile = pid_m * tl.num_programs(0) + pid_n
-    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]  # y is dense [M, N], like the split-K workspace
-    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
-    offs_b = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + offs_n[None, :]
-    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
