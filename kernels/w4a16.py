@@ -6,8 +6,10 @@ Layout (DESIGN.md): ``qdata`` uint8 [N, Kp/2], byte j of row n = (code[2j] << 4)
 ``zero`` [N, Kp/g] in the weight's dtype; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}.
 
 Three paths, picked per shape by ``w4a16_linear_triton`` (default thresholds, or a tuned choice):
-``gemv`` for a few rows of x (fp32 FMA per element, split-K), ``gemm`` (``tl.dot`` on dequantized tiles,
-split-K) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) for large M.
+``gemv`` for a few rows of x (fp32 FMA per element, split-K; ``REDUCE_W`` keeps one accumulator per row and
+group), ``gemm`` (``tl.dot`` on dequantized tiles, split-K; ``SPLIT_X`` makes eight dots, one per code position of
+the packed words, instead of interleaving the weight tile) for medium M, and ``dequant`` (one dequantization
+kernel, then cuBLAS) for large M.
 """
 from __future__ import annotations
 
