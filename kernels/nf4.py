@@ -24,8 +24,9 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
-from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, interleave8,
-                                  interpreting, pow2_at_most, split_k, splitk_counters, splitk_finish, tolerance)
+from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, gemv_finish,
+                                  gemv_rows, interleave8, interpreting, load_x, pow2_at_most, split_k, splitk_buffers,
+                                  tolerance)
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -169,12 +170,10 @@ def _nf4_gemv_kernel(
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
     # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
     # n*K/8..; word w holds codes 8w..8w+7, code 8w+j in bits 4*(j^1)..+3.
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored
+    offs_n, rows = gemv_rows(N, BLOCK_N)
     offs_g = tl.arange(0, GROUPS)
     offs_w = tl.arange(0, WORDS)
     row_blocks = K // BLOCK
@@ -197,17 +196,12 @@ def _nf4_gemv_kernel(
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         for j in tl.static_range(8):
             k = (grp[:, None] * WORDS + offs_w[None, :]) * 8 + j
-            if EVEN_K:
-                xj = tl.load(x_row + k * stride_xk).to(tl.float32)
-            else:
-                xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            xj = load_x(x_row, k, stride_xk, K, EVEN_K)
             level = nf4_level((q >> ((j ^ 1) * 4)) & 15, lut_ptr, USE_SHFL)
             part += level * xj[None, :, :]
         acc += part * s[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tile = pid_m * tl.num_programs(0) + pid_n
-    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+    gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -334,8 +328,7 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel, extra = _nf4_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),
         bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),

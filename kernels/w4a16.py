@@ -150,6 +150,43 @@ def unit_plus_code(q, J: tl.constexpr):
 
 
 @triton.jit
+def gemv_rows(N, BLOCK_N: tl.constexpr):
+    """This GEMV program's rows of w: offs_n, and ``rows`` (offs_n clamped to N - 1: rows past N repeat row
+    N - 1 and are never stored, so loops need no masks)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, tl.minimum(offs_n, N - 1)
+
+
+@triton.jit
+def load_x(x_row, k, stride_xk, K, EVEN_K: tl.constexpr):
+    """x_row[k] in fp32 for a tensor of column indices k; columns past K read 0 unless EVEN_K says none are."""
+    if EVEN_K:
+        return tl.load(x_row + k * stride_xk).to(tl.float32)
+    else:
+        return tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """Store this GEMV program's [BLOCK_N] outputs y (+ bias) in its row of x's output (program axis 1), through
+    the split-K workspace with SPLIT."""
+    pid_m = tl.program_id(1)
+    tile = pid_m * tl.num_programs(0) + tl.program_id(0)
+    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
+                  tile, tl.program_id(2), M * N, split_k, SPLIT, HAS_BIAS)
+
+
+def splitk_buffers(y: torch.Tensor, split: int, tiles: int):
+    """(fp32 workspace [split, M, N], arrival counters for ``tiles`` tiles) of a split-K launch writing y, or
+    (y, y) as unused placeholders when split == 1."""
+    if split == 1:
+        return y, y
+    m, n = y.shape
+    return torch.empty(split, m, n, dtype=torch.float32, device=y.device), splitk_counters(y.device, tiles)
+
+
+@triton.jit
 def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS: tl.constexpr,
                      WORDS: tl.constexpr, EVEN_K: tl.constexpr):
     # The codes [BLOCK_N, GROUPS, WORDS], scales and zeros [BLOCK_N, GROUPS] of one step.
@@ -179,12 +216,10 @@ def _w4a16_gemv_kernel(
     # PREFETCH: the next step's codes are loaded before this step's arithmetic. REDUCE_W: each step's products
     # are summed over the words of a group before scaling, so the accumulator holds one value per (row, group)
     # rather than per word (fewer registers, a reduction a step).
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored: no masks in the loop
+    offs_n, rows = gemv_rows(N, BLOCK_N)
     offs_g = tl.arange(0, GROUPS)
     offs_w = tl.arange(0, WORDS)
     n_groups = tl.cdiv(K, GROUP)
@@ -216,10 +251,7 @@ def _w4a16_gemv_kernel(
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         for j in tl.static_range(8):
             k = words * 8 + j
-            if EVEN_K:
-                xj = tl.load(x_row + k * stride_xk).to(tl.float32)
-            else:
-                xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            xj = load_x(x_row, k, stride_xk, K, EVEN_K)
             part += unit_plus_code(q, j) * xj[None, :, :]
             x_sum += xj
         s = s.to(tl.float32)
@@ -234,9 +266,7 @@ def _w4a16_gemv_kernel(
         y = tl.sum(acc + acc_zero, axis=1)
     else:
         y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
-    tile = pid_m * tl.num_programs(0) + pid_n
-    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+    gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -478,8 +508,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel = _w4a16_gemm_kernel
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False))
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), zero.stride(0), y.stride(0),

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
-from aofunc.kernels.w4a16 import (FLOAT_DTYPES, gemm_finish, gemm_tile, interpreting, split_k, splitk_counters,
-                                  splitk_finish, tolerance)
+from aofunc.kernels.w4a16 import (FLOAT_DTYPES, gemm_finish, gemm_tile, gemv_finish, gemv_rows, interpreting,
+                                  load_x, split_k, splitk_buffers, tolerance)
 
 GEMV_MAX_M = 1  # measured on an H100: two rows already run faster through the tl.dot kernel
 GEMM_MAX_M = 256
@@ -77,11 +77,9 @@ def _w8a16_gemv_kernel(
 ):
     # One row of x, BLOCK_N rows of q, a slice of the steps along K (a step is BLOCK_W int32 words = 4 * BLOCK_W
     # values of a row). q_ptr is qdata viewed as int32 words when K % 4 == 0 (the launcher pads otherwise).
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)  # rows past N repeat row N - 1 and are never stored: no masks in the loop
+    offs_n, rows = gemv_rows(N, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_W)
     n_words = tl.cdiv(K, 4)
     n_steps = tl.cdiv(n_words, BLOCK_W)
@@ -98,17 +96,12 @@ def _w8a16_gemv_kernel(
             q = tl.load(q_rows + words[None, :], mask=(words < n_words)[None, :], other=0)
         for j in tl.static_range(4):
             k = words * 4 + j
-            if EVEN_K:
-                xj = tl.load(x_row + k * stride_xk).to(tl.float32)
-            else:
-                xj = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            xj = load_x(x_row, k, stride_xk, K, EVEN_K)
             acc += unit_plus_byte(q, j) * xj[None, :]
             acc_x += xj
     s = tl.load(s_ptr + rows).to(tl.float32)
     y = s * (256.0 * tl.sum(acc, axis=1) - 384.0 * tl.sum(acc_x, axis=0))
-    tile = pid_m * tl.num_programs(0) + pid_n
-    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, pid_k, M * N, split_k, SPLIT, HAS_BIAS)
+    gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -235,8 +228,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel, extra = _w8a16_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    counters = splitk_counters(x.device, grid[0] * grid[1]) if split > 1 else y
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), words.stride(0), y.stride(0),
