@@ -166,8 +166,11 @@ def _nf4_gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_SHFL: tl.constexpr,
+    REDUCE_W: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
+    # REDUCE_W: each step's products are summed over the words of a block before scaling, so the accumulator
+    # holds one value per (row, block) rather than per word.
     # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
     # n*K/8..; word w holds codes 8w..8w+7, code 8w+j in bits 4*(j^1)..+3.
     pid_m = tl.program_id(1)
@@ -180,7 +183,10 @@ def _nf4_gemv_kernel(
     n_steps = tl.cdiv(row_blocks, GROUPS)
     per_split = tl.cdiv(n_steps, split_k)
     mean = tl.load(mean_ptr)
-    acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    if REDUCE_W:
+        acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
         grp = step * GROUPS + offs_g
@@ -199,8 +205,14 @@ def _nf4_gemv_kernel(
             xj = load_x(x_row, k, stride_xk, K, EVEN_K)
             level = nf4_level((q >> ((j ^ 1) * 4)) & 15, lut_ptr, USE_SHFL)
             part += level * xj[None, :, :]
-        acc += part * s[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if REDUCE_W:
+            acc += tl.sum(part, axis=2) * s
+        else:
+            acc += part * s[:, :, None]
+    if REDUCE_W:
+        y = tl.sum(acc, axis=1)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
     gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
@@ -297,8 +309,9 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
         for block_n, warps in ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8)):
             for groups in sorted({pow2_at_most(max(1, min(c // block_size, row_blocks))) for c in (256, 512)}):
                 for split in (1, 2, 4, 8):
-                    out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=warps,
-                                    num_stages=3))
+                    for reduce_w in (False, True):
+                        out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                        REDUCE_W=reduce_w, num_warps=warps, num_stages=3))
     if m >= 2 and gemm_fits(k, block_size) and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
@@ -324,7 +337,8 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
     split = params.pop("SPLIT_K")
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-        kernel, extra = _nf4_gemv_kernel, dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0)
+        kernel = _nf4_gemv_kernel
+        extra = dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0, REDUCE_W=params.pop("REDUCE_W", False))
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel, extra = _nf4_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())

@@ -133,9 +133,14 @@ def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, til
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# The bits of fp32 1.0, passed to the kernels as an argument: the compiler then emits (t & mask) | ONE_BITS as one
+# lop3 instruction, against an and and an or when both operands are constants.
+ONE_BITS = 0x3F800000
+
+
 @triton.jit
-def unit_plus_code(q, J: tl.constexpr):
-    """1 + code/16, exactly, for code J (0..7) of int32 words of packed codes (as fp32).
+def unit_plus_code(q, J: tl.constexpr, one_bits):
+    """1 + code/16, exactly, for code J (0..7) of int32 words of packed codes (as fp32); one_bits = ONE_BITS.
 
     Code J of a word sits in bits 4*(J^1)..+3 (bytes little-endian, first code of a byte in its high nibble);
     one shift and one mask-or move it into mantissa bits 19..22 of 1.0, which no int-to-float conversion does
@@ -146,7 +151,31 @@ def unit_plus_code(q, J: tl.constexpr):
         t = q << (19 - P)
     else:
         t = q >> (P - 19)
-    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((t & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def coarse_unit(q, J: tl.constexpr, one_bits):
+    """Code J (0..7) of int32 words q as fp32, exactly: 1 + code/2**11 for even J, 1 + code/2**7 for odd J.
+
+    Three shifts of a word (left 8, right 8, rotate 16) put every code in bits 12..15 or 16..19, so the eight
+    codes of a word cost three shifts and eight mask-ors, against eight shifts for unit_plus_code. The coarser
+    steps cost precision in sum(x * unit) - sum(x): enough for 16-bit activations, not for fp32.
+    """
+    u = q.to(tl.uint32, bitcast=True)
+    if J == 2 or J == 5:
+        t = u
+    elif J == 0 or J == 3:
+        t = u << 8
+    elif J == 4 or J == 7:
+        t = u >> 8
+    else:
+        t = (u << 16) | (u >> 16)
+    if J % 2 == 0:
+        bits = (t.to(tl.int32, bitcast=True) & 0xF000) | one_bits
+    else:
+        bits = (t.to(tl.int32, bitcast=True) & 0xF0000) | one_bits
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -207,21 +236,25 @@ def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GRO
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
+    COARSE: tl.constexpr, XVEC: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
     # PREFETCH: the next step's codes are loaded before this step's arithmetic. REDUCE_W: each step's products
     # are summed over the words of a group before scaling, so the accumulator holds one value per (row, group)
-    # rather than per word (fewer registers, a reduction a step).
+    # rather than per word (fewer registers, a reduction a step). COARSE (16-bit x only): codes through
+    # coarse_unit, fewer integer operations. XVEC: x loaded once a step as contiguous vectors and split by code
+    # position, in place of eight strided loads.
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
     offs_n, rows = gemv_rows(N, BLOCK_N)
     offs_g = tl.arange(0, GROUPS)
     offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, GROUP)
     n_groups = tl.cdiv(K, GROUP)
     n_steps = tl.cdiv(n_groups, GROUPS)
     per_split = tl.cdiv(n_steps, split_k)
@@ -249,18 +282,39 @@ def _w4a16_gemv_kernel(
         words = (step * GROUPS + offs_g)[:, None] * WORDS + offs_w[None, :]
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
+        xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
+        if XVEC:
+            x_codes = split_by_code(load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP + offs_k[None, :],
+                                           stride_xk, K, EVEN_K), GROUPS, WORDS)
         for j in tl.static_range(8):
-            k = words * 8 + j
-            xj = load_x(x_row, k, stride_xk, K, EVEN_K)
-            part += unit_plus_code(q, j) * xj[None, :, :]
+            if XVEC:
+                xj = x_codes[j]
+            else:
+                xj = load_x(x_row, words * 8 + j, stride_xk, K, EVEN_K)
+            if COARSE:
+                # part = sum(xu * unit) with xu = 16 x for even codes: sum(x * code) = 128 (part - sum(xu))
+                if j % 2 == 0:
+                    xu = 16.0 * xj
+                else:
+                    xu = xj
+                part += coarse_unit(q, j, one_bits) * xu[None, :, :]
+                xu_sum += xu
+            else:
+                # sum(x * code) = 16 (part - sum(x))
+                part += unit_plus_code(q, j, one_bits) * xj[None, :, :]
             x_sum += xj
+        if COARSE:
+            unit = 128.0
+        else:
+            unit = 16.0
+            xu_sum = x_sum
         s = s.to(tl.float32)
-        # sum over the step of x * (code - 8) * s + x * z = 16 s (part - x_sum) + (z - 8 s) sum(x)
+        # sum over the step of x * (code - 8) * s + x * z = unit s (part - sum(xu)) + (z - 8 s) sum(x)
         x_group = tl.sum(x_sum, axis=1)
         if REDUCE_W:
-            acc += (tl.sum(part, axis=2) - x_group[None, :]) * (16.0 * s)
+            acc += (tl.sum(part, axis=2) - tl.sum(xu_sum, axis=1)[None, :]) * (unit * s)
         else:
-            acc += (part - x_sum[None, :, :]) * (16.0 * s)[:, :, None]
+            acc += (part - xu_sum[None, :, :]) * (unit * s)[:, :, None]
         acc_zero += (z.to(tl.float32) - 8.0 * s) * x_group[None, :]
     if REDUCE_W:
         y = tl.sum(acc + acc_zero, axis=1)
@@ -281,11 +335,12 @@ def interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, WORDS: tl.co
 
 
 @triton.jit
-def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
+def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr, one_bits):
     """[ROWS, 8 * WORDS] fp32 tile of 1 + code/16 from [ROWS, WORDS] int32 words (code 8w + j at column 8w + j)."""
-    return interleave8(unit_plus_code(q, 0), unit_plus_code(q, 1), unit_plus_code(q, 2), unit_plus_code(q, 3),
-                       unit_plus_code(q, 4), unit_plus_code(q, 5), unit_plus_code(q, 6), unit_plus_code(q, 7),
-                       ROWS, WORDS)
+    return interleave8(unit_plus_code(q, 0, one_bits), unit_plus_code(q, 1, one_bits),
+                       unit_plus_code(q, 2, one_bits), unit_plus_code(q, 3, one_bits),
+                       unit_plus_code(q, 4, one_bits), unit_plus_code(q, 5, one_bits),
+                       unit_plus_code(q, 6, one_bits), unit_plus_code(q, 7, one_bits), ROWS, WORDS)
 
 
 @triton.jit
@@ -354,7 +409,7 @@ def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_p
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
 ):
@@ -381,16 +436,16 @@ def _w4a16_gemm_kernel(
         d = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
         if SPLIT_X:
             x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
-            d = dot_acc(d, unit_plus_code(q, 0), x0, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 1), x1, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 2), x2, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 3), x3, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 4), x4, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 5), x5, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 6), x6, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 7), x7, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 0, one_bits), x0, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 1, one_bits), x1, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 2, one_bits), x2, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 3, one_bits), x3, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 4, one_bits), x4, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 5, one_bits), x5, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 6, one_bits), x6, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 7, one_bits), x7, SWAP, DOT_FP32)
         else:
-            d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
+            d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS, one_bits), xt, SWAP, DOT_FP32)
         if SWAP:
             acc += tl.trans(d * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None] * xs[None, :])
         else:
@@ -452,8 +507,8 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
         groups = pow2_at_most(max(1, min(256 // group_size, n_groups)))
         programs = m * triton.cdiv(n, block_n)
         split = split_k(programs, triton.cdiv(n_groups, groups), device)
-        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, PREFETCH=True, num_warps=4,
-                    num_stages=3)
+        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, PREFETCH=True, COARSE=True,
+                    num_warps=4, num_stages=3)
     if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n = 128 if m <= 16 else 64
@@ -473,9 +528,12 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
         for block_n, warps in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
             for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (128, 256, 512)}):
                 for split in (1, 2, 4, 8):
-                    for prefetch, reduce_w in ((False, False), (True, False), (False, True), (True, True)):
+                    for prefetch, reduce_w, xvec in ((False, False, False), (True, False, False),
+                                                     (False, True, False), (True, True, False),
+                                                     (False, True, True), (True, True, True)):
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                        PREFETCH=prefetch, REDUCE_W=reduce_w, num_warps=warps, num_stages=3))
+                                        PREFETCH=prefetch, REDUCE_W=reduce_w, XVEC=xvec, COARSE=True,
+                                        num_warps=warps, num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
@@ -503,7 +561,9 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
         kernel = _w4a16_gemv_kernel
-        extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False))
+        extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False),
+                     COARSE=params.pop("COARSE", False) and x.dtype != torch.float32,
+                     XVEC=params.pop("XVEC", False))
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel = _w4a16_gemm_kernel
@@ -512,7 +572,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), zero.stride(0), y.stride(0),
-        GROUP=group_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
+        split, ONE_BITS, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
     return y
 
