@@ -166,11 +166,12 @@ def _nf4_gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_SHFL: tl.constexpr,
-    REDUCE_W: tl.constexpr,
+    REDUCE_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
     # REDUCE_W: each step's products are summed over the words of a block before scaling, so the accumulator
-    # holds one value per (row, block) rather than per word.
+    # holds one value per (row, block) rather than per word. LOOP_STAGES > 1: the codes of the next steps are
+    # copied into shared memory asynchronously by the compiler's software pipeline.
     # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
     # n*K/8..; word w holds codes 8w..8w+7, code 8w+j in bits 4*(j^1)..+3.
     pid_m = tl.program_id(1)
@@ -188,7 +189,8 @@ def _nf4_gemv_kernel(
     else:
         acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
-    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+    for step in tl.range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps),
+                         num_stages=LOOP_STAGES):
         grp = step * GROUPS + offs_g
         blocks = rows[:, None] * row_blocks + grp[None, :]
         words = blocks[:, :, None] * WORDS + offs_w[None, None, :]
@@ -338,7 +340,8 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
         kernel = _nf4_gemv_kernel
-        extra = dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0, REDUCE_W=params.pop("REDUCE_W", False))
+        extra = dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0, REDUCE_W=params.pop("REDUCE_W", False),
+                     LOOP_STAGES=params.pop("LOOP_STAGES", 1))
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel, extra = _nf4_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())

@@ -239,7 +239,7 @@ def _w4a16_gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
-    COARSE: tl.constexpr, XVEC: tl.constexpr,
+    COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
@@ -247,7 +247,8 @@ def _w4a16_gemv_kernel(
     # are summed over the words of a group before scaling, so the accumulator holds one value per (row, group)
     # rather than per word (fewer registers, a reduction a step). COARSE (16-bit x only): codes through
     # coarse_unit, fewer integer operations. XVEC: x loaded once a step as contiguous vectors and split by code
-    # position, in place of eight strided loads.
+    # position, in place of eight strided loads. LOOP_STAGES > 1: the compiler's software pipeline copies the
+    # codes of the next steps into shared memory asynchronously (more bytes in flight, fewer registers).
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -272,7 +273,7 @@ def _w4a16_gemv_kernel(
     if PREFETCH:
         q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(first, n_steps - 1), offs_g,
                                                   offs_w, n_groups, GROUPS, WORDS, EVEN_K)
-    for step in range(first, last + 1):
+    for step in tl.range(first, last + 1, num_stages=LOOP_STAGES):
         if PREFETCH:
             q, s, z = q_next, s_next, z_next
             q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(step + 1, last), offs_g,
@@ -563,7 +564,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         kernel = _w4a16_gemv_kernel
         extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False),
                      COARSE=params.pop("COARSE", False) and x.dtype != torch.float32,
-                     XVEC=params.pop("XVEC", False))
+                     XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", 1))
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel = _w4a16_gemm_kernel

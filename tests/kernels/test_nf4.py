@@ -30,7 +30,8 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
     configs = [nf4.default_config(m, n, k, block, x_dtype, x.device), dict(path="dequant")]
     if nf4.gemv_fits(k, block) and m <= 3:
         configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=3, num_warps=2, num_stages=1))
-        configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=2, REDUCE_W=True, num_warps=2, num_stages=1))
+        configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=2, REDUCE_W=True, LOOP_STAGES=3, num_warps=2,
+                            num_stages=1))
     if nf4.gemm_fits(k, block):
         for swap in (False, True):
             configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, num_warps=2,

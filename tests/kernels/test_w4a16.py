@@ -31,6 +31,8 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
                     num_warps=2, num_stages=1),
                dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=1, PREFETCH=False, COARSE=True, XVEC=True, num_warps=2,
                     num_stages=1),
+               dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=2, PREFETCH=False, REDUCE_W=True, COARSE=True,
+                    LOOP_STAGES=3, num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1)]
     if g >= w4a16.SPLIT_X_MIN_GROUP:
         configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, num_warps=2,
