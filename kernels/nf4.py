@@ -25,8 +25,8 @@ import triton.language as tl
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
 from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, gemv_finish,
-                                  gemv_rows, interleave8, interpreting, load_x, pow2_at_most, split_k, splitk_buffers,
-                                  tolerance)
+                                  gemv_rows, gemv_split_k, interleave8, interpreting, load_x, pow2_at_most, split_k,
+                                  splitk_buffers, tolerance)
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -290,10 +290,11 @@ def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, 
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     if m <= GEMV_MAX_M and gemv_fits(k, block_size):
         row_blocks = k // block_size
-        groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
-        block_n = 128
-        split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
-        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, num_warps=4, num_stages=3)
+        groups = pow2_at_most(max(1, min(128 // block_size, row_blocks)))
+        block_n = 32
+        split = gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
+        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, REDUCE_W=True, num_warps=1,
+                    num_stages=3)
     if m <= GEMM_MAX_M and gemm_fits(k, block_size) and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n = 64
