@@ -133,9 +133,10 @@ def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, til
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# The bits of fp32 1.0, passed to the kernels as an argument: the compiler then emits (t & mask) | ONE_BITS as one
-# lop3 instruction, against an and and an or when both operands are constants.
-ONE_BITS = 0x3F800000
+# The bits of fp32 1.0. The GEMV takes them as an argument: the compiler then emits (t & mask) | one_bits as one
+# lop3 instruction, against an and and an or when both operands are constants. The GEMM uses the constant: its
+# dequantized tiles ran slower with the operand (H100).
+ONE_BITS: tl.constexpr = tl.constexpr(0x3F800000)
 
 
 @triton.jit
@@ -410,7 +411,7 @@ def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_p
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
 ):
@@ -437,16 +438,16 @@ def _w4a16_gemm_kernel(
         d = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
         if SPLIT_X:
             x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
-            d = dot_acc(d, unit_plus_code(q, 0, one_bits), x0, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 1, one_bits), x1, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 2, one_bits), x2, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 3, one_bits), x3, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 4, one_bits), x4, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 5, one_bits), x5, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 6, one_bits), x6, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 7, one_bits), x7, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 0, ONE_BITS), x0, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 1, ONE_BITS), x1, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 2, ONE_BITS), x2, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 3, ONE_BITS), x3, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 4, ONE_BITS), x4, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 5, ONE_BITS), x5, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 6, ONE_BITS), x6, SWAP, DOT_FP32)
+            d = dot_acc(d, unit_plus_code(q, 7, ONE_BITS), x7, SWAP, DOT_FP32)
         else:
-            d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS, one_bits), xt, SWAP, DOT_FP32)
+            d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS), xt, SWAP, DOT_FP32)
         if SWAP:
             acc += tl.trans(d * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None] * xs[None, :])
         else:
@@ -568,7 +569,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         kernel = _w4a16_gemv_kernel
         extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False),
                      COARSE=params.pop("COARSE", False) and x.dtype != torch.float32,
-                     XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", 1))
+                     XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", 1),
+                     one_bits=ONE_BITS.value)
     else:
         grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
         kernel = _w4a16_gemm_kernel
@@ -577,7 +579,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), zero.stride(0), y.stride(0),
-        split, ONE_BITS, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
+        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
     return y
 
