@@ -290,11 +290,11 @@ def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, 
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     if m <= GEMV_MAX_M and gemv_fits(k, block_size):
         row_blocks = k // block_size
-        groups = pow2_at_most(max(1, min(128 // block_size, row_blocks)))
+        groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
         block_n = 32
         split = gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
-        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, REDUCE_W=True, num_warps=1,
-                    num_stages=3)
+        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, REDUCE_W=True, LOOP_STAGES=3,
+                    num_warps=1, num_stages=3)
     if m <= GEMM_MAX_M and gemm_fits(k, block_size) and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n = 64

@@ -502,7 +502,7 @@ def split_k(programs: int, n_steps: int, device: torch.device) -> int:
 
 
 def gemv_split_k(programs: int, n_steps: int, device: torch.device) -> int:
-    """Splits of K for a one-warp GEMV: about six programs per multiprocessor, each with at least two steps."""
+    """Splits of K for a GEMV of small programs: about six per multiprocessor, each with at least two steps."""
     return max(1, min((6 * sm_count(device)) // max(programs, 1), n_steps // 2, 8))
 
 
@@ -511,10 +511,10 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
     n_groups = -(-k // group_size)
     if m <= GEMV_MAX_M:
         block_n = 32
-        groups = pow2_at_most(max(1, min(256 // group_size, n_groups)))
+        groups = pow2_at_most(max(1, min(512 // group_size, n_groups)))
         return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups,
                     SPLIT_K=gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_groups, groups), device),
-                    PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3, num_warps=1, num_stages=3)
+                    PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3, num_warps=2, num_stages=3)
     if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n = 128 if m <= 16 else 64
