@@ -1,8 +1,11 @@
 """W4A16 kernels equal their fp32 twin (Triton's interpreter on CPU, the real kernels on a GPU)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from aofunc.kernels import autotune, w4a16
+from aofunc.kernels.packing import unpack_uint4
 from aofunc.kernels.w4a16 import w4a16_dequantize, w4a16_dequantize_ref, w4a16_linear, w4a16_linear_ref
 
 from tests.kernels.devices import DEVICE
@@ -118,3 +121,32 @@ def test_bad_input_names_the_argument(bad, match):
         w4a16.w4a16_linear_triton(**args)
     with pytest.raises(ValueError, match=match):
         w4a16_linear_ref(**args)
+
+
+@triton.jit
+def _code_units_kernel(q_ptr, out_ptr, one_bits, COARSE: tl.constexpr):
+    # out[j, i] = the fp32 unit of code j of word i, through the helper the GEMV uses
+    offs = tl.arange(0, 256)
+    q = tl.load(q_ptr + offs)
+    for j in tl.static_range(8):
+        if COARSE:
+            u = w4a16.coarse_unit(q, j, one_bits)
+        else:
+            u = w4a16.unit_plus_code(q, j, one_bits)
+        tl.store(out_ptr + j * 256 + offs, u)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_code_units_are_exact(coarse):
+    # every code of random words (and all-zero / all-ones words) decodes to 1 + code * step exactly
+    words = torch.randint(-2**31, 2**31 - 1, (256,), dtype=torch.int64)
+    words[:2] = torch.tensor([0, -1])
+    q = words.to(torch.int32).to(DEVICE)
+    out = torch.empty(8, 256, dtype=torch.float32, device=DEVICE)
+    _code_units_kernel[(1,)](q, out, w4a16.ONE_BITS.value, COARSE=coarse)
+    codes = unpack_uint4(q.view(torch.uint8).view(256, 4)).view(256, 8).T.double().cpu()  # [8, 256]
+    if coarse:
+        step = torch.tensor([2.0**-11, 2.0**-7] * 4, dtype=torch.float64)[:, None]
+    else:
+        step = torch.full((8, 1), 1 / 16, dtype=torch.float64)
+    assert torch.equal(out.double().cpu(), 1 + codes * step)
