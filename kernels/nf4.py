@@ -24,9 +24,9 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
-from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, gemv_finish,
-                                  gemv_rows, gemv_split_k, interleave8, interpreting, load_x, pow2_at_most, split_k,
-                                  splitk_buffers, tolerance)
+from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, gemv_accumulator,
+                                  gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting, load_x, pow2_at_most,
+                                  split_k, splitk_buffers, tolerance)
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -184,10 +184,7 @@ def _nf4_gemv_kernel(
     n_steps = tl.cdiv(row_blocks, GROUPS)
     per_split = tl.cdiv(n_steps, split_k)
     mean = tl.load(mean_ptr)
-    if REDUCE_W:
-        acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    acc = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
     x_row = x_ptr + pid_m * stride_xm
     for step in tl.range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps),
                          num_stages=LOOP_STAGES):

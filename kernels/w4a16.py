@@ -197,6 +197,16 @@ def load_x(x_row, k, stride_xk, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def gemv_accumulator(BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr, REDUCE_W: tl.constexpr):
+    """A GEMV program's zeroed fp32 accumulator: one value per row and group of a step with REDUCE_W, else one per
+    row, group and word."""
+    if REDUCE_W:
+        return tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+
+
+@triton.jit
 def gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
     """Store this GEMV program's [BLOCK_N] outputs y (+ bias) in its row of x's output (program axis 1), through
@@ -262,10 +272,7 @@ def _w4a16_gemv_kernel(
     per_split = tl.cdiv(n_steps, split_k)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, n_steps) - 1
-    if REDUCE_W:
-        acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+    acc = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     q_rows = q_ptr + rows[:, None, None] * stride_qn
@@ -284,7 +291,8 @@ def _w4a16_gemv_kernel(
         words = (step * GROUPS + offs_g)[:, None] * WORDS + offs_w[None, :]
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
-        xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
+        if COARSE:
+            xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if XVEC:
             x_codes = split_by_code(load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP + offs_k[None, :],
                                            stride_xk, K, EVEN_K), GROUPS, WORDS)
@@ -309,7 +317,7 @@ def _w4a16_gemv_kernel(
             unit = 128.0
         else:
             unit = 16.0
-            xu_sum = x_sum
+            xu_sum = x_sum  # the fine units need no weighting of x
         s = s.to(tl.float32)
         # sum over the step of x * (code - 8) * s + x * z = unit s (part - sum(xu)) + (z - 8 s) sum(x)
         x_group = tl.sum(x_sum, axis=1)
