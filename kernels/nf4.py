@@ -24,9 +24,9 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
-from aofunc.kernels.w4a16 import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_tile, gemv_accumulator,
-                                  gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting, load_x, pow2_at_most,
-                                  split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
+                                  load_x, pow2_at_most, split_k, splitk_buffers, tolerance)
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -231,18 +231,19 @@ def _nf4_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, USE_SHFL: tl.constexpr,
+    M_FAST: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
     # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. .
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
-    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N)
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK)
     row_blocks = K // BLOCK
     per_split = tl.cdiv(row_blocks, split_k)
     mean = tl.load(mean_ptr)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, row_blocks)):
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK + offs_k)[None, :] * stride_xk,
                      mask=m_mask[:, None], other=0.0)
@@ -252,10 +253,11 @@ def _nf4_gemm_kernel(
         s = block_scale(sq_ptr, f_ptr, mean, blocks, SCALER_BLOCK)
         d = dot_acc(dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP), w, xt, SWAP, DOT_FP32)
         if SWAP:
-            acc += tl.trans(d * s[:, None])
+            acc += d * s[:, None]
         else:
             acc += d * s[None, :]
-    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
+                SWAP)
 
 
 def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
@@ -341,8 +343,9 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         extra = dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0, REDUCE_W=params.pop("REDUCE_W", False),
                      LOOP_STAGES=params.pop("LOOP_STAGES", 1))
     else:
-        grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
-        kernel, extra = _nf4_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
+        grid = gemm_grid(m, n, params, split)
+        kernel = _nf4_gemm_kernel
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),

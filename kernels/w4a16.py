@@ -13,8 +13,6 @@ kernel, then cuBLAS) for large M.
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
@@ -23,46 +21,17 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
+                                  load_x, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
 
 GROUP_SIZES = (32, 64, 128, 256)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Rows of x up to which the FMA kernel runs by default, and up to which the tl.dot kernel runs (then dequant +
 # cuBLAS); measured on an H100, where two rows already run faster through the tl.dot kernel.
 GEMV_MAX_M = 1
 GEMM_MAX_M = 256
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
 SPLIT_X_MIN_GROUP = 128
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (4 for CPU tensors under the interpreter)."""
-    return _sm_count(device) if device.type == "cuda" else 4
-
-
-_counters: dict = {}
-
-
-def splitk_counters(device: torch.device, count: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``count`` arrival counters, kept per device (kernels leave it zeroed).
-
-    Split-K launches that run at the same time on several streams of one device would share these counters;
-    launches on one stream (the usual case, CUDA graphs included) never overlap.
-    """
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < count:
-        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _counters[device] = buf
-    return buf
 
 
 def check_w4a16(x, qdata, scale, zero, group_size, bias) -> None:
@@ -104,33 +73,6 @@ def w4a16_linear_ref(x, qdata, scale, zero, group_size: int, bias: Optional[torc
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-@triton.jit
-def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, ws_stride, split_k,
-                  SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store acc (+ bias) at y_ptr + offs; with SPLIT the last of a tile's split_k programs sums the partials.
-
-    Each split writes its fp32 partial at ``ws_ptr + pid_k * ws_stride + offs``, then counts itself in
-    ``cnt_ptr[tile]``; the program that arrives last reads all partials, writes y and zeroes the counter for
-    the next launch. ``acc`` may be [BLOCK_N] or [BLOCK_M, BLOCK_N], with offsets of the same shape.
-    """
-    if SPLIT:
-        tl.store(ws_ptr + pid_k * ws_stride + offs, acc, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            acc = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, split_k):
-                acc += tl.load(ws_ptr + s * ws_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # The bits of fp32 1.0. The GEMV takes them as an argument: the compiler then emits (t & mask) | one_bits as one
@@ -178,52 +120,6 @@ def coarse_unit(q, J: tl.constexpr, one_bits):
         bits = (t.to(tl.int32, bitcast=True) & 0xF0000) | one_bits
     return bits.to(tl.float32, bitcast=True)
 
-
-@triton.jit
-def gemv_rows(N, BLOCK_N: tl.constexpr):
-    """This GEMV program's rows of w: offs_n, and ``rows`` (offs_n clamped to N - 1: rows past N repeat row
-    N - 1 and are never stored, so loops need no masks)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_n, tl.minimum(offs_n, N - 1)
-
-
-@triton.jit
-def load_x(x_row, k, stride_xk, K, EVEN_K: tl.constexpr):
-    """x_row[k] in fp32 for a tensor of column indices k; columns past K read 0 unless EVEN_K says none are."""
-    if EVEN_K:
-        return tl.load(x_row + k * stride_xk).to(tl.float32)
-    else:
-        return tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def gemv_accumulator(BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr, REDUCE_W: tl.constexpr):
-    """A GEMV program's zeroed fp32 accumulator: one value per row and group of a step with REDUCE_W, else one per
-    row, group and word."""
-    if REDUCE_W:
-        return tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    else:
-        return tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
-
-
-@triton.jit
-def gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
-    """Store this GEMV program's [BLOCK_N] outputs y (+ bias) in its row of x's output (program axis 1), through
-    the split-K workspace with SPLIT."""
-    pid_m = tl.program_id(1)
-    tile = pid_m * tl.num_programs(0) + tl.program_id(0)
-    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
-                  tile, tl.program_id(2), M * N, split_k, SPLIT, HAS_BIAS)
-
-
-def splitk_buffers(y: torch.Tensor, split: int, tiles: int):
-    """(fp32 workspace [split, M, N], arrival counters for ``tiles`` tiles) of a split-K launch writing y, or
-    (y, y) as unused placeholders when split == 1."""
-    if split == 1:
-        return y, y
-    m, n = y.shape
-    return torch.empty(split, m, n, dtype=torch.float32, device=y.device), splitk_counters(y.device, tiles)
 
 
 @triton.jit
@@ -334,17 +230,6 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, WORDS: tl.constexpr):
-    """[ROWS, 8 * WORDS] tile whose column 8w + j is cj[:, w], from eight [ROWS, WORDS] tiles (one per code j)."""
-    # tl.join appends its choice as the last axis, so pair codes j and j + 4 first: t[..., a, b, c] = code 4a+2b+c.
-    c04 = tl.join(c0, c4)
-    c15 = tl.join(c1, c5)
-    c26 = tl.join(c2, c6)
-    c37 = tl.join(c3, c7)
-    return tl.reshape(tl.join(tl.join(c04, c26), tl.join(c15, c37)), (ROWS, 8 * WORDS))
-
-
-@triton.jit
 def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr, one_bits):
     """[ROWS, 8 * WORDS] fp32 tile of 1 + code/16 from [ROWS, WORDS] int32 words (code 8w + j at column 8w + j)."""
     return interleave8(unit_plus_code(q, 0, one_bits), unit_plus_code(q, 1, one_bits),
@@ -354,113 +239,71 @@ def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr, one_bits):
 
 
 @triton.jit
-def split_by_code(xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
-    """The eight [ROWS, WORDS] tiles xt[:, 8w + j], j = 0..7, of a [ROWS, 8 * WORDS] tile (interleave8 undone)."""
-    t = tl.reshape(xt, (ROWS, WORDS, 2, 2, 2))  # t[r, w, a, b, c] = xt[r, 8w + 4a + 2b + c]
-    c0, c1 = tl.split(t)
-    b00, b01 = tl.split(c0)
-    b10, b11 = tl.split(c1)
-    x0, x4 = tl.split(b00)
-    x2, x6 = tl.split(b01)
-    x1, x5 = tl.split(b10)
-    x3, x7 = tl.split(b11)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def dot_acc(acc, w, xt, SWAP: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc + w @ xt.T with SWAP (the weight tile is the left operand, kept in registers), else acc + xt @ w.T.
-
-    DOT_FP32: fp32 operands with IEEE products (fp32 x, and the interpreter); else in xt's dtype.
-    """
-    if DOT_FP32:
-        if SWAP:
-            return tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            return tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    else:
-        if SWAP:
-            return tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
-        else:
-            return tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
-
-
-@triton.jit
-def dot_tile_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
-    """A zeroed fp32 accumulator of a dot_acc chain: [BLOCK_N, BLOCK_M] with SWAP, else [BLOCK_M, BLOCK_N]."""
-    if SWAP:
-        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-
-
-@triton.jit
-def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's tile of y [M, N]: rows of x (offs_m) and their mask, and rows of w (offs_n, and ``rows``:
-    offs_n clamped to N - 1, so rows past N repeat row N - 1 and are never stored)."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_m < M, offs_n, tl.minimum(offs_n, N - 1)
-
-
-@triton.jit
-def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k,
-                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store the [BLOCK_M, BLOCK_N] tile ``acc`` (+ bias) of gemm_tile's tile of a dense y [M, N] (stride_ym == N),
-    through the split-K workspace with SPLIT (it shares y's offsets)."""
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask_y = m_mask[:, None] & (offs_n < N)[None, :]
-    offs_b = offs_n[None, :] + 0 * offs_m[:, None]
-    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, tl.program_id(2), M * N, split_k,
-                  SPLIT, HAS_BIAS)
-
-
-@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
+    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr,
 ):
-    # A BLOCK_M x BLOCK_N tile of y, one group of K per step: d = dot(x, 1 + code/16) in fp32, then
-    # sum(x * w) = s * (16 d - 24 sum(x)) + z * sum(x) per column (1 + code/16 is exact in bf16 and fp16).
-    # SPLIT_X: eight dots of depth GROUP/8, codes j of every word against x's columns 8w + j, in place of one
-    # dot over the interleaved weight tile.
+    # A BLOCK_M x BLOCK_N tile of y, one group of K per step. With units u = 1 + code/16 (exact in bf16 and
+    # fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is dequantized that way (one FMA an element) and
+    # every step's dot accumulates straight into the tile. Otherwise d = dot(x, u) per step and
+    # sum(x * w) = 16 s d + (z - 24 s) sum(x) per column. SPLIT_X: eight dots of depth GROUP/8, codes j of every
+    # word against x's columns 8w + j, in place of one dot over the interleaved weight tile. SWAP: the tile is
+    # computed as w @ x.T, in that orientation to the end.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
-    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N)
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, GROUP)
     n_groups = tl.cdiv(K, GROUP)
     per_split = tl.cdiv(n_groups, split_k)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_groups)):
         k = g * GROUP + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qn + g * WORDS + offs_w[None, :])
         s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_sn + g).to(tl.float32)
-        xs = tl.sum(xt.to(tl.float32), axis=1)
-        d = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
-        if SPLIT_X:
-            x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
-            d = dot_acc(d, unit_plus_code(q, 0, ONE_BITS), x0, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 1, ONE_BITS), x1, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 2, ONE_BITS), x2, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 3, ONE_BITS), x3, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 4, ONE_BITS), x4, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 5, ONE_BITS), x5, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 6, ONE_BITS), x6, SWAP, DOT_FP32)
-            d = dot_acc(d, unit_plus_code(q, 7, ONE_BITS), x7, SWAP, DOT_FP32)
+        z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+        s16 = 16.0 * s
+        z24 = z - 24.0 * s
+        if FULL_DQ:
+            if SPLIT_X:
+                x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
+                acc = dot_acc(acc, unit_plus_code(q, 0, ONE_BITS) * s16[:, None] + z24[:, None], x0, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 1, ONE_BITS) * s16[:, None] + z24[:, None], x1, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 2, ONE_BITS) * s16[:, None] + z24[:, None], x2, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 3, ONE_BITS) * s16[:, None] + z24[:, None], x3, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 4, ONE_BITS) * s16[:, None] + z24[:, None], x4, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 5, ONE_BITS) * s16[:, None] + z24[:, None], x5, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 6, ONE_BITS) * s16[:, None] + z24[:, None], x6, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 7, ONE_BITS) * s16[:, None] + z24[:, None], x7, SWAP, DOT_FP32)
+            else:
+                acc = dot_acc(acc, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS) * s16[:, None] + z24[:, None],
+                              xt, SWAP, DOT_FP32)
         else:
-            d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS), xt, SWAP, DOT_FP32)
-        if SWAP:
-            acc += tl.trans(d * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None] * xs[None, :])
-        else:
-            acc += d * (16.0 * s)[None, :] + xs[:, None] * (z - 24.0 * s)[None, :]
-    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+            xs = tl.sum(xt.to(tl.float32), axis=1)
+            d = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
+            if SPLIT_X:
+                x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
+                d = dot_acc(d, unit_plus_code(q, 0, ONE_BITS), x0, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 1, ONE_BITS), x1, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 2, ONE_BITS), x2, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 3, ONE_BITS), x3, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 4, ONE_BITS), x4, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 5, ONE_BITS), x5, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 6, ONE_BITS), x6, SWAP, DOT_FP32)
+                d = dot_acc(d, unit_plus_code(q, 7, ONE_BITS), x7, SWAP, DOT_FP32)
+            else:
+                d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS), xt, SWAP, DOT_FP32)
+            if SWAP:
+                acc += d * s16[:, None] + z24[:, None] * xs[None, :]
+            else:
+                acc += d * s16[None, :] + xs[:, None] * z24[None, :]
+    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
+                SWAP)
 
 
 @triton.jit
@@ -496,22 +339,6 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     _w4a16_dequant_kernel[grid](_words(qdata), scale, zero, w, n, k, qdata.shape[1] // 4, scale.stride(0),
                                 zero.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4)
     return w
-
-
-def pow2_at_most(n: int) -> int:
-    """The largest power of two <= n (n >= 1): block shapes in Triton are powers of two."""
-    return 1 << (n.bit_length() - 1)
-
-
-def split_k(programs: int, n_steps: int, device: torch.device) -> int:
-    """Splits of K so that about two programs run per multiprocessor, each with at least two steps of K."""
-    want = max(1, (2 * sm_count(device)) // max(programs, 1))
-    return max(1, min(want, n_steps // 2, 16))
-
-
-def gemv_split_k(programs: int, n_steps: int, device: torch.device) -> int:
-    """Splits of K for a GEMV of small programs: about six per multiprocessor, each with at least two steps."""
-    return max(1, min((6 * sm_count(device)) // max(programs, 1), n_steps // 2, 8))
 
 
 def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -580,9 +407,10 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
                      XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", 1),
                      one_bits=ONE_BITS.value)
     else:
-        grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
+        grid = gemm_grid(m, n, params, split)
         kernel = _w4a16_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False))
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
+                     FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
@@ -590,11 +418,6 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
     return y
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative error allowed against the fp32 twin: the output rounding, plus x rounded to its dtype in tl.dot."""
-    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
 def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[torch.Tensor] = None, *,

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
-from aofunc.kernels.w4a16 import (FLOAT_DTYPES, gemm_finish, gemm_tile, gemv_finish, gemv_rows, interpreting,
-                                  load_x, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_finish, gemv_rows, interpreting, load_x, split_k, splitk_buffers, tolerance)
 
 GEMV_MAX_M = 1  # measured on an H100: two rows already run faster through the tl.dot kernel
 GEMM_MAX_M = 256
@@ -109,19 +109,19 @@ def _w8a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, M_FAST: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y (SWAP: computed as dot(w, x.T), the converted weight tile in registers as
-    # the left operand); each step dots x with 4 * BLOCK_W columns of q as exact floats; the
-    # per-row scale is applied once at the end.
+    # the left operand, in that orientation to the end); each step dots x with 4 * BLOCK_W columns of q as exact
+    # floats; the per-row scale is applied once at the end.
     pid_k = tl.program_id(2)
-    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N)
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     offs_w = tl.arange(0, BLOCK_W)
     offs_k = tl.arange(0, 4 * BLOCK_W)
     n_words = tl.cdiv(K, 4)
     n_steps = tl.cdiv(n_words, BLOCK_W)
     per_split = tl.cdiv(n_steps, split_k)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
         k = step * 4 * BLOCK_W + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -130,19 +130,14 @@ def _w8a16_gemm_kernel(
         q = tl.load(q_ptr + rows[:, None] * stride_qn + words[None, :], mask=(words < n_words)[None, :], other=0)
         # tl.join appends its choice as the last axis: t[..., a, b] = byte 2a + b.
         w = tl.join(tl.join(byte_value(q, 0), byte_value(q, 2)), tl.join(byte_value(q, 1), byte_value(q, 3)))
-        w = tl.reshape(w, (BLOCK_N, 4 * BLOCK_W))
-        if SWAP:
-            if DOT_FP32:
-                acc += tl.trans(tl.dot(w, tl.trans(xt.to(tl.float32)), input_precision="ieee"))
-            else:
-                acc += tl.trans(tl.dot(w.to(xt.dtype), tl.trans(xt)))
-        else:
-            if DOT_FP32:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
-    acc = acc * tl.load(s_ptr + rows).to(tl.float32)[None, :]
-    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+        acc = dot_acc(acc, tl.reshape(w, (BLOCK_N, 4 * BLOCK_W)), xt, SWAP, DOT_FP32)
+    s = tl.load(s_ptr + rows).to(tl.float32)
+    if SWAP:
+        acc = acc * s[:, None]
+    else:
+        acc = acc * s[None, :]
+    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
+                SWAP)
 
 
 @triton.jit
@@ -226,8 +221,9 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
         kernel, extra = _w8a16_gemv_kernel, dict(EVEN_K=k % (4 * params["BLOCK_W"]) == 0)
     else:
-        grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]), split)
-        kernel, extra = _w8a16_gemm_kernel, dict(DOT_FP32=x.dtype == torch.float32 or interpreting())
+        grid = gemm_grid(m, n, params, split)
+        kernel = _w8a16_gemm_kernel
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters,

@@ -34,7 +34,7 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
                             num_stages=1))
     if nf4.gemm_fits(k, block):
         for swap in (False, True):
-            configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, num_warps=2,
+            configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, M_FAST=swap, num_warps=2,
                                 num_stages=1))
     for config in configs:
         y = nf4.nf4_linear_triton(x, *args, b, config=config)

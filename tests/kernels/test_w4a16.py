@@ -36,10 +36,13 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
                     num_stages=1),
                dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=2, PREFETCH=False, REDUCE_W=True, COARSE=True,
                     LOOP_STAGES=3, num_warps=2, num_stages=1),
-               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1)]
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1),
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=False, num_warps=2, num_stages=1)]
+    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, FULL_DQ=True, M_FAST=m_fast,
+                     num_warps=2, num_stages=1) for swap, split, m_fast in ((True, 2, True), (False, 1, False))]
     if g >= w4a16.SPLIT_X_MIN_GROUP:
-        configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, num_warps=2,
-                         num_stages=1) for swap in (False, True)]
+        configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, FULL_DQ=full,
+                         num_warps=2, num_stages=1) for swap in (False, True) for full in (False, True)]
     for config in configs:
         if config["path"] == "gemv" and m > 3:
             continue  # one program per row of x: slow under the interpreter and not a path used for large M
@@ -68,14 +71,15 @@ def test_bf16_activations():
     run_all_paths(5, 40, 200, 64, torch.bfloat16, torch.bfloat16, bias=True, strided=False)
 
 
-def test_split_k_counters_are_left_zeroed():
+def test_split_k_repeats_exactly():
     q, scale, zero = weight(16, 256, 32)
     x = torch.randn(2, 256, device=DEVICE)
-    config = dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=4, PREFETCH=False, num_warps=2, num_stages=1)
-    first = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, None, config=config)
-    second = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, None, config=config)
-    assert torch.equal(first, second)
-    assert not w4a16.splitk_counters(x.device, 1).any()
+    for config in (dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=4, PREFETCH=False, num_warps=2, num_stages=1),
+                   dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=4, SWAP=True, FULL_DQ=True, num_warps=2,
+                        num_stages=1)):
+        first = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, None, config=config)
+        second = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, None, config=config)
+        assert torch.equal(first, second), config
 
 
 def test_dequantize_equals_twin():

@@ -22,7 +22,9 @@ def run_all_paths(m, n, k, x_dtype, w_dtype, bias, strided):
     want = w8a16_linear_ref(x, q, scale, b)
     configs = [w8a16.default_config(m, n, k, x_dtype, x.device), dict(path="dequant"),
                dict(path="gemv", BLOCK_N=8, BLOCK_W=4, SPLIT_K=3, num_warps=2, num_stages=1),
-               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1)]
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1),
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=1, SWAP=False, M_FAST=True, num_warps=2,
+                    num_stages=1)]
     for config in configs:
         if config["path"] == "gemv" and m > 3:
             continue  # one program per row of x: slow under the interpreter and not a path used for large M

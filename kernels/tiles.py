@@ -1,0 +1,238 @@
+"""The pieces every quantized-weight kernel shares: split-K reduction, tiles of y, dot helpers, launch sizing.
+
+A split-K launch runs ``SPLIT_K`` programs along K for each tile of y; each writes an fp32 partial to a workspace
+and the last to arrive sums them (``splitk_finish``). GEMV programs own ``BLOCK_N`` outputs of one row of x
+(``gemv_rows``, ``gemv_finish``); GEMM programs own a ``BLOCK_M x BLOCK_N`` tile (``gemm_tile``, ``gemm_finish``),
+computed as ``x @ w.T`` or, with ``SWAP``, as ``(w @ x.T)`` so the dequantized weight tile is the MMA's left
+operand, kept in registers.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 for CPU tensors under the interpreter)."""
+    return _sm_count(device) if device.type == "cuda" else 4
+
+
+
+@triton.jit
+def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, ws_stride, split_k,
+                  SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store acc (+ bias) at y_ptr + offs; with SPLIT the last of a tile's split_k programs sums the partials.
+
+    Each split writes its fp32 partial at ``ws_ptr + pid_k * ws_stride + offs``, then counts itself in
+    ``cnt_ptr[tile]`` (zeroed by splitk_buffers for this launch); the program that arrives last reads all
+    partials and writes y. ``acc`` may be of any shape, with offsets and mask of the same shape.
+    """
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * ws_stride + offs, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            acc = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, split_k):
+                acc += tl.load(ws_ptr + s * ws_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+
+
+@triton.jit
+def gemv_rows(N, BLOCK_N: tl.constexpr):
+    """This GEMV program's rows of w: offs_n, and ``rows`` (offs_n clamped to N - 1: rows past N repeat row
+    N - 1 and are never stored, so loops need no masks)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, tl.minimum(offs_n, N - 1)
+
+
+@triton.jit
+def load_x(x_row, k, stride_xk, K, EVEN_K: tl.constexpr):
+    """x_row[k] in fp32 for a tensor of column indices k; columns past K read 0 unless EVEN_K says none are."""
+    if EVEN_K:
+        return tl.load(x_row + k * stride_xk).to(tl.float32)
+    else:
+        return tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def gemv_accumulator(BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr, REDUCE_W: tl.constexpr):
+    """A GEMV program's zeroed fp32 accumulator: one value per row and group of a step with REDUCE_W, else one per
+    row, group and word."""
+    if REDUCE_W:
+        return tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+
+
+@triton.jit
+def gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """Store this GEMV program's [BLOCK_N] outputs y (+ bias) in its row of x's output (program axis 1), through
+    the split-K workspace with SPLIT."""
+    pid_m = tl.program_id(1)
+    tile = pid_m * tl.num_programs(0) + tl.program_id(0)
+    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
+                  tile, tl.program_id(2), M * N, split_k, SPLIT, HAS_BIAS)
+
+
+def splitk_buffers(y: torch.Tensor, split: int, tiles: int):
+    """(fp32 workspace [split, M, N], zeroed arrival counters for ``tiles`` tiles) of a split-K launch writing y,
+    or (y, y) as unused placeholders when split == 1.
+
+    Both are allocated for this call: no buffer outlives it, so CUDA-graph trees and launches on several
+    streams never share state.
+    """
+    if split == 1:
+        return y, y
+    m, n = y.shape
+    return (torch.empty(split, m, n, dtype=torch.float32, device=y.device),
+            torch.zeros(tiles, dtype=torch.int32, device=y.device))
+
+
+
+@triton.jit
+def interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """[ROWS, 8 * WORDS] tile whose column 8w + j is cj[:, w], from eight [ROWS, WORDS] tiles (one per code j)."""
+    # tl.join appends its choice as the last axis, so pair codes j and j + 4 first: t[..., a, b, c] = code 4a+2b+c.
+    c04 = tl.join(c0, c4)
+    c15 = tl.join(c1, c5)
+    c26 = tl.join(c2, c6)
+    c37 = tl.join(c3, c7)
+    return tl.reshape(tl.join(tl.join(c04, c26), tl.join(c15, c37)), (ROWS, 8 * WORDS))
+
+
+
+
+@triton.jit
+def split_by_code(xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """The eight [ROWS, WORDS] tiles xt[:, 8w + j], j = 0..7, of a [ROWS, 8 * WORDS] tile (interleave8 undone)."""
+    t = tl.reshape(xt, (ROWS, WORDS, 2, 2, 2))  # t[r, w, a, b, c] = xt[r, 8w + 4a + 2b + c]
+    c0, c1 = tl.split(t)
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def dot_acc(acc, w, xt, SWAP: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + w @ xt.T with SWAP (the weight tile is the left operand, kept in registers), else acc + xt @ w.T.
+
+    DOT_FP32: fp32 operands with IEEE products (fp32 x, and the interpreter); else in xt's dtype.
+    """
+    if DOT_FP32:
+        if SWAP:
+            return tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            return tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        if SWAP:
+            return tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
+        else:
+            return tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
+
+
+@triton.jit
+def dot_tile_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """A zeroed fp32 accumulator of a dot_acc chain: [BLOCK_N, BLOCK_M] with SWAP, else [BLOCK_M, BLOCK_N]."""
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FAST: tl.constexpr):
+    """This program's tile of y [M, N]: rows of x (offs_m) and their mask, and rows of w (offs_n, and ``rows``:
+    offs_n clamped to N - 1, so rows past N repeat row N - 1 and are never stored).
+
+    Program axis 0 runs over tiles of N, axis 1 over tiles of M; M_FAST swaps them, so the programs that share
+    one tile of the weight run together and read it from L2 (large M).
+    """
+    if M_FAST:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_m < M, offs_n, tl.minimum(offs_n, N - 1)
+
+
+@triton.jit
+def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k,
+                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr):
+    """Store the tile ``acc`` (+ bias) of gemm_tile's tile of a dense y [M, N] (stride_ym == N), through the
+    split-K workspace with SPLIT (it shares y's offsets). ``acc`` is [BLOCK_N, BLOCK_M] (y transposed) with SWAP,
+    else [BLOCK_M, BLOCK_N]: the store follows the accumulator's orientation, so no tile is ever transposed."""
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if SWAP:
+        offs_y = offs_m[None, :] * stride_ym + offs_n[:, None]
+        mask_y = m_mask[None, :] & (offs_n < N)[:, None]
+        offs_b = offs_n[:, None] + 0 * offs_m[None, :]
+    else:
+        offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask_y = m_mask[:, None] & (offs_n < N)[None, :]
+        offs_b = offs_n[None, :] + 0 * offs_m[:, None]
+    splitk_finish(acc, offs_y, mask_y, offs_b, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, tl.program_id(2), M * N, split_k,
+                  SPLIT, HAS_BIAS)
+
+
+
+
+def gemm_grid(m: int, n: int, config: dict, split: int) -> tuple[int, int, int]:
+    """The launch grid of a GEMM configuration: tiles of N, tiles of M (swapped with M_FAST) and splits of K."""
+    n_tiles, m_tiles = triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"])
+    return (m_tiles, n_tiles, split) if config.get("M_FAST") else (n_tiles, m_tiles, split)
+
+
+def pow2_at_most(n: int) -> int:
+    """The largest power of two <= n (n >= 1): block shapes in Triton are powers of two."""
+    return 1 << (n.bit_length() - 1)
+
+
+def split_k(programs: int, n_steps: int, device: torch.device) -> int:
+    """Splits of K so that about two programs run per multiprocessor, each with at least two steps of K."""
+    want = max(1, (2 * sm_count(device)) // max(programs, 1))
+    return max(1, min(want, n_steps // 2, 16))
+
+
+def gemv_split_k(programs: int, n_steps: int, device: torch.device) -> int:
+    """Splits of K for a GEMV of small programs: about six per multiprocessor, each with at least two steps."""
+    return max(1, min((6 * sm_count(device)) // max(programs, 1), n_steps // 2, 8))
+
+
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error allowed against the fp32 twin: the output rounding, plus x rounded to its dtype in tl.dot."""
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
