@@ -88,3 +88,12 @@ def test_repr_names_the_scheme(qweight):
 def test_size_in_bytes_counts_stored_tensors(qweight):
     expected = sum(t.numel() * t.element_size() for t in qweight.tensors.values())
     assert aofunc.size_in_bytes({"w": qweight, "tied": qweight}) == expected
+
+
+def test_compiled_functions_read_quantized_weights_in_place(qweight):
+    # The compiler's own reader of mark_static_address: weights marked so are not copied into CUDA-graph buffers
+    # on every call under mode="reduce-overhead", and the mark survives copies, moves and casts.
+    from torch._dynamo.utils import get_static_address_type
+
+    for w in (qweight, qweight.detach(), qweight.to(torch.float16), qweight.clone()):
+        assert get_static_address_type(w) == "unguarded"

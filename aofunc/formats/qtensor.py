@@ -30,6 +30,19 @@ def canonical_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]
     return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
 
 
+def keep_address_static(t: torch.Tensor) -> torch.Tensor:
+    """Mark t as a tensor whose storage stays put between calls (a weight), as torch._dynamo.mark_static_address
+    does, without importing the compiler: a compiled function then reads it in place. Returns t.
+
+    Under `torch.compile(mode="reduce-overhead")` CUDA graphs copy every input not so marked into their own
+    buffers on each call; a module's own Parameters are marked by the compiler itself, but the tensors of a params
+    tree are not, so without this every quantized weight would be copied on every step. The mark is unguarded: a
+    tree with other tensors runs correctly (CUDA graphs are re-recorded for new addresses, never reused stale).
+    """
+    t._dynamo_static_input_type = "unguarded"
+    return t
+
+
 def canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """A weight as [N, K] (outputs, inputs): transposed for [in, out] storage, flattened for 1x1 convs (a view)."""
     return w.t() if transposed else w.reshape(w.shape[0], -1)
@@ -60,6 +73,7 @@ class QTensor(torch.Tensor):
         self._names = tuple(tensors)
         for name, tensor in tensors.items():
             setattr(self, name, tensor)
+        keep_address_static(self)
 
     # ------------------------------------------------------------------------------------------ accessors
     @property
