@@ -330,14 +330,17 @@ def _words(qdata: torch.Tensor) -> torch.Tensor:
     return qdata.contiguous().view(torch.int32)
 
 
-def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g] in fp32, then cast: [N, k] in dtype (Triton)."""
+def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype, *, block_n: int = 16,
+                     block_w: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g] in fp32, then cast: [N, k] in dtype (Triton).
+
+    Each program writes block_n rows by 8 * block_w columns."""
     n = qdata.shape[0]
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
-    block_n, block_w = 16, 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 8), block_w))
     _w4a16_dequant_kernel[grid](_words(qdata), scale, zero, w, n, k, qdata.shape[1] // 4, scale.stride(0),
-                                zero.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4)
+                                zero.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w,
+                                num_warps=num_warps)
     return w
 
 
@@ -395,7 +398,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
-        w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype)
+        w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block_n=params.get("BLOCK_N", 16),
+                             block_w=params.get("BLOCK_W", 64), num_warps=params.get("num_warps", 4))
         return torch.nn.functional.linear(x, w, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")

@@ -1,0 +1,128 @@
+"""Search the weight-only GEMM forms for M > 1 on this card and write the winners as a shipped configuration table.
+
+    python benchmarks/sweep_gemm.py --formats w4a16,w8a16,nf4 --shapes 4096x14336,8192x28672 --ms 16,64,256,2048 \
+        --out kernels/configs/<card-slug>.json
+
+Each (format, K x N, M) key times bf16 cuBLAS, the launcher's default and a focused list of candidates (every one
+checked against the reference twin first, through the tuner's own ``search``), prints one line per key, and merges
+the fastest correct configuration into ``--out`` (a shipped table: ``kernels/configs/<card>.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from aofunc.kernels import autotune, nf4, w4a16, w8a16  # noqa: E402
+from aofunc.kernels.tiles import split_k  # noqa: E402
+from bench_kernels import int4_weight, int8_weight, nf4_weight, GROUP, NF4_BLOCK, NF4_SCALER_BLOCK  # noqa: E402
+
+
+def gemm_forms(m: int, fmt: str):
+    """Block shapes and forms worth timing for M rows (every config also names its split of K later)."""
+    if m <= 16:
+        tiles = [(16, 64, 4), (16, 128, 4)]
+    elif m <= 64:
+        tiles = [(m, 64, 4), (m, 128, 4), (m, 128, 8)]
+    elif m <= 256:
+        tiles = [(64, 128, 4), (128, 128, 8), (128, 64, 4)]
+    else:
+        tiles = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (64, 128, 4)]
+    forms = [dict()]
+    if fmt == "w4a16":
+        forms = [dict(FULL_DQ=True, SPLIT_X=False), dict(FULL_DQ=True, SPLIT_X=True)]
+        forms.append(dict(FULL_DQ=False, SPLIT_X=m <= 16))
+    for block_m, block_n, warps in tiles:
+        for form in forms:
+            for stages in ((3, 4) if m > 256 and (block_m, block_n) == (128, 128) else (3,)):
+                yield dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SWAP=True, M_FAST=m > 64,
+                           num_warps=warps, num_stages=stages, **form)
+
+
+def candidates(fmt, m, n, k, device):
+    out = []
+    steps = {"w4a16": k // GROUP, "w8a16": k // 128, "nf4": k // NF4_BLOCK}[fmt]
+    for config in gemm_forms(m, fmt):
+        programs = -(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"])
+        base = split_k(programs, steps, device)
+        for split in sorted({base, max(1, base // 2)}):
+            c = dict(config, SPLIT_K=split)
+            if fmt == "w8a16":
+                c["BLOCK_W"] = 32
+            out.append(c)
+    if m >= 256:
+        out.append(dict(path="dequant"))
+        if fmt == "w4a16":
+            out += [dict(path="dequant", BLOCK_N=bn, BLOCK_W=bw, num_warps=wp)
+                    for bn, bw, wp in ((32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8))]
+    return out
+
+
+def problem(fmt, n, k, m):
+    """(run(config), reference output, key, default config) for a random weight of this format."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dev = x.device
+    if fmt == "w4a16":
+        q, s, z = int4_weight(n, k)
+        run = lambda c: w4a16.w4a16_linear_triton(x, q, s, z, GROUP, config=c)  # noqa: E731
+        ref = w4a16.w4a16_linear_ref(x, q, s, z, GROUP)
+        key = autotune.config_key(f"w4a16_g{GROUP}", m, n, k, (x.dtype, s.dtype), dev)
+        default = w4a16.default_config(m, n, k, GROUP, x.dtype, dev)
+        tol = w4a16.tolerance(x.dtype)
+    elif fmt == "w8a16":
+        q, s = int8_weight(n, k)
+        run = lambda c: w8a16.w8a16_linear_triton(x, q, s, config=c)  # noqa: E731
+        ref = w8a16.w8a16_linear_ref(x, q, s)
+        key = autotune.config_key("w8a16", m, n, k, (x.dtype, s.dtype), dev)
+        default = w8a16.default_config(m, n, k, x.dtype, dev)
+        tol = w8a16.tolerance(x.dtype)
+    else:
+        args = nf4_weight(n, k)
+        run = lambda c: nf4.nf4_linear_triton(x, *args, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, config=c)  # noqa: E731
+        ref = nf4.nf4_linear_ref(x, *args, n, k, NF4_BLOCK, NF4_SCALER_BLOCK)
+        key = autotune.config_key(f"nf4_b{NF4_BLOCK}_s{NF4_SCALER_BLOCK}", m, n, k, (x.dtype,), dev)
+        default = nf4.default_config(m, n, k, NF4_BLOCK, x.dtype, dev)
+        tol = nf4.tolerance(x.dtype)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    bf16_us = autotune.cold_us(lambda: F.linear(x, w))
+    return run, ref, key, default, tol, bf16_us
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="w4a16,w8a16,nf4")
+    parser.add_argument("--shapes", default="4096x14336,8192x28672")
+    parser.add_argument("--ms", default="16,64,256,2048")
+    parser.add_argument("--out", required=True, help="shipped configuration table to merge the winners into")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    name = autotune.device_name(device)
+    table = autotune.read_table(args.out) if os.path.exists(args.out) else {}
+    print(f"card: {name}")
+    print(f"{'format':6s} {'KxN':>11s} {'M':>5s} {'bf16':>8s} {'default':>8s} {'best':>8s} {'x bf16':>6s}  best config")
+    for fmt in args.formats.split(","):
+        for shape in args.shapes.split(","):
+            k, n = map(int, shape.split("x"))
+            for m in map(int, args.ms.split(",")):
+                run, ref, key, default, tol, bf16_us = problem(fmt, n, k, m)
+                pool = [default] + [c for c in candidates(fmt, m, n, k, device) if c != default]
+                best, trials = autotune.search(pool, run, ref, tol)
+                default_us = trials[0].us
+                rejected = [t for t in trials if t.us is None]
+                best_us = min(t.us for t in trials if t.us is not None) if best else None
+                print(f"{fmt:6s} {shape:>11s} {m:5d} {bf16_us:8.1f} {default_us or float('nan'):8.1f} "
+                      f"{best_us or float('nan'):8.1f} {bf16_us / best_us if best_us else 0:6.2f}  {best}"
+                      f"  ({len(rejected)} rejected{': ' + rejected[0].reason[:80] if rejected else ''})",
+                      flush=True)
+                if best is not None:
+                    table.setdefault(name, {})[str(key)] = best
+                autotune.write_table(autotune.Path(args.out), table)
+
+
+if __name__ == "__main__":
+    main()
