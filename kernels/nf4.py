@@ -24,6 +24,9 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.selector import Problem, default_path
+from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
+from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
                                   load_x, pow2_at_most, split_k, splitk_buffers, tolerance)
@@ -33,19 +36,17 @@ NF4_LEVELS = (
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-# Rows of x up to which the FMA GEMV runs by default, and up to which the tl.dot GEMM runs (then dequant + cuBLAS).
-GEMV_MAX_M = 1
-GEMM_MAX_M = 128
-
-_levels: dict = {}
-
 
 def nf4_levels(device) -> torch.Tensor:
-    """The 16 NF4 levels as an fp32 tensor on ``device`` (kept per device)."""
-    device = torch.device(device)
-    if device not in _levels:
-        _levels[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
-    return _levels[device]
+    """The 16 NF4 levels as a new fp32 tensor on ``device``."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def levels_operand(like: torch.Tensor) -> torch.Tensor:
+    """The kernels' table operand: the levels under the interpreter, which loads them; on CUDA the kernels read
+    them from a warp shuffle (SHUFFLE_ASM), so any tensor on the device stands in and no table is copied (a
+    host-to-device copy has no place in a CUDA graph)."""
+    return nf4_levels(like.device) if interpreting() else like
 
 
 def check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
@@ -268,33 +269,23 @@ def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k
     half_p2 = triton.next_power_of_2(block_size // 2)
     blocks = max(1, 1024 // half_p2)
     grid = (triton.cdiv(triton.cdiv(n * k, block_size), blocks),)
-    _nf4_dequant_kernel[grid](qdata, scaler_q, scaler_factor, scaler_mean, nf4_levels(qdata.device), w, n * k,
+    _nf4_dequant_kernel[grid](qdata, scaler_q, scaler_factor, scaler_mean, levels_operand(qdata), w, n * k,
                               BLOCK=block_size, SCALER_BLOCK=scaler_block_size, BLOCKS=blocks, HALF_P2=half_p2,
                               USE_SHFL=not interpreting(), num_warps=4)
     return w
 
 
-def gemv_fits(k: int, block_size: int) -> bool:
-    """Whether the GEMV kernel can read rows directly: rows start on whole blocks of whole int32 words."""
-    return k % block_size == 0 and block_size % 8 == 0
-
-
-def gemm_fits(k: int, block_size: int) -> bool:
-    """Whether the GEMM kernel can take whole blocks as steps of K: rows start on whole blocks, and a block is a
-    power of two of at least 16 codes (the smallest tl.dot depth)."""
-    return k % block_size == 0 and block_size >= 16 and block_size & (block_size - 1) == 0
-
-
 def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
-    if m <= GEMV_MAX_M and gemv_fits(k, block_size):
+    path = default_path("nf4", Problem(m, n, k, dtype, device, block_size))
+    if path == "gemv":
         row_blocks = k // block_size
         groups = pow2_at_most(max(1, min(256 // block_size, row_blocks)))
         block_n = 32
         split = gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(row_blocks, groups), device)
         return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, REDUCE_W=True, LOOP_STAGES=3,
                     num_warps=1, num_stages=3)
-    if m <= GEMM_MAX_M and gemm_fits(k, block_size) and not (dtype == torch.float32 and device.type == "cuda"):
+    if path == "gemm":
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n = 64
         split = split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k // block_size, device)
@@ -348,7 +339,7 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
-        x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, nf4_levels(x.device),
+        x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, levels_operand(x),
         bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),
         BLOCK=block_size, SCALER_BLOCK=scaler_block_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None,
         USE_SHFL=not interpreting(), **extra, **params,

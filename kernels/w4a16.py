@@ -5,7 +5,7 @@ y = x @ w[:, :K].T + bias,  w[n, k] = (code[n, k] - 8) * scale[n, k // g] + zero
 Layout (DESIGN.md): ``qdata`` uint8 [N, Kp/2], byte j of row n = (code[2j] << 4) | code[2j+1]; ``scale`` and
 ``zero`` [N, Kp/g] in the weight's dtype; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}.
 
-Three paths, picked per shape by ``w4a16_linear_triton`` (default thresholds, or a tuned choice):
+Three paths, picked per shape by ``w4a16_linear_triton`` (the selector's table, or a tuned choice):
 ``gemv`` for a few rows of x (fp32 FMA per element, split-K; ``REDUCE_W`` keeps one accumulator per row and
 group), ``gemm`` (``tl.dot`` on dequantized tiles, split-K; ``SPLIT_X`` makes eight dots, one per code position of
 the packed words, instead of interleaving the weight tile) for medium M, and ``dequant`` (one dequantization
@@ -21,15 +21,12 @@ import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
                                   load_x, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
 
 GROUP_SIZES = (32, 64, 128, 256)
-# Rows of x up to which the FMA kernel runs by default, and up to which the tl.dot kernel runs (then dequant +
-# cuBLAS); measured on an H100, where two rows already run faster through the tl.dot kernel.
-GEMV_MAX_M = 1
-GEMM_MAX_M = 256
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
 SPLIT_X_MIN_GROUP = 128
 
@@ -347,13 +344,14 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
 def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     n_groups = -(-k // group_size)
-    if m <= GEMV_MAX_M:
+    path = default_path("w4a16", Problem(m, n, k, dtype, device, group_size))
+    if path == "gemv":
         block_n = 32
         groups = pow2_at_most(max(1, min(512 // group_size, n_groups)))
         return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups,
                     SPLIT_K=gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_groups, groups), device),
                     PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3, num_warps=2, num_stages=3)
-    if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
+    if path == "gemm":
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n = 128 if m <= 16 else 64
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

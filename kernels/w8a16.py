@@ -15,11 +15,9 @@ import triton
 import triton.language as tl
 
 from aofunc.kernels import autotune
+from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_finish, gemv_rows, interpreting, load_x, split_k, splitk_buffers, tolerance)
-
-GEMV_MAX_M = 1  # measured on an H100: two rows already run faster through the tl.dot kernel
-GEMM_MAX_M = 256
 
 
 def check_w8a16(x, qdata, scale, bias) -> None:
@@ -172,11 +170,12 @@ def _words(qdata: torch.Tensor) -> torch.Tensor:
 def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     n_words = -(-k // 4)
-    if m <= GEMV_MAX_M:
+    path = default_path("w8a16", Problem(m, n, k, dtype, device))
+    if path == "gemv":
         block_n, block_w = 64, 64
         split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_words, block_w), device)
         return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4, num_stages=3)
-    if m <= GEMM_MAX_M and not (dtype == torch.float32 and device.type == "cuda"):
+    if path == "gemm":
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n, block_w = 64, 32
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

@@ -1,0 +1,97 @@
+"""Which kernel runs a quantized linear: one table for every format, read top to bottom, first match wins.
+
+A tuned configuration (the user cache, or the table shipped for the card) names its own path and overrides this
+table; the table gives each format's default for a problem nobody tuned. Paths:
+
+- ``gemv``: one program per row of x and block of outputs, fp32 multiply-adds, split along K (decode).
+- ``gemm``: ``tl.dot`` on weight tiles dequantized in registers, split along K when the tiles are too few.
+- ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
+- ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
+  int8 GEMM (W8A8 and 8da4w).
+
+Constraints in ``when`` are also checked in code (``fits``); a route whose constraint fails is skipped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+
+class Problem(NamedTuple):
+    """What the choice depends on: rows of x, the weight's shape, x's dtype, the device, the format's block
+    (int4 group size, NF4 block size; 0 where a format has none)."""
+
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    device: torch.device
+    block: int = 0
+
+
+class Route(NamedTuple):
+    format: str
+    path: str
+    m_max: float  # the largest M this route takes
+    when: str  # its constraint, in words
+    fits: Callable[[Problem], bool]
+
+
+def _any(p: Problem) -> bool:
+    return True
+
+
+def _sixteen_bit_or_interpreted(p: Problem) -> bool:
+    # fp32 x on CUDA would run tl.dot in tf32, or at a quarter of the rate in IEEE fp32: cuBLAS is better there
+    return not (p.dtype == torch.float32 and p.device.type == "cuda")
+
+
+def nf4_gemv_fits(k: int, block_size: int) -> bool:
+    """Whether the NF4 GEMV can read rows directly: rows start on whole blocks of whole int32 words."""
+    return k % block_size == 0 and block_size % 8 == 0
+
+
+def nf4_gemm_fits(k: int, block_size: int) -> bool:
+    """Whether the NF4 GEMM can take whole blocks as steps of K: rows start on whole blocks, and a block is a
+    power of two of at least 16 codes (the smallest tl.dot depth)."""
+    return k % block_size == 0 and block_size >= 16 and block_size & (block_size - 1) == 0
+
+
+ROUTES = (
+    Route("w4a16", "gemv", 1, "any x", _any),
+    Route("w4a16", "gemm", 256, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("w4a16", "dequant", math.inf, "any x", _any),
+    Route("w8a16", "gemv", 1, "any x", _any),
+    Route("w8a16", "gemm", 256, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("w8a16", "dequant", math.inf, "any x", _any),
+    Route("nf4", "gemv", 1, "K a whole number of blocks, blocks of whole words",
+          lambda p: nf4_gemv_fits(p.k, p.block)),
+    Route("nf4", "gemm", 128, "as gemv, blocks a power of two >= 16, 16-bit x on CUDA",
+          lambda p: nf4_gemm_fits(p.k, p.block) and _sixteen_bit_or_interpreted(p)),
+    Route("nf4", "dequant", math.inf, "any x", _any),
+    Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
+    Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
+)
+
+
+def default_path(fmt: str, problem: Problem) -> str:
+    """The path of the first route of ``fmt`` whose M range and constraint admit ``problem``."""
+    for route in ROUTES:
+        if route.format == fmt and problem.m <= route.m_max and route.fits(problem):
+            return route.path
+    raise ValueError(f"no kernel route for format {fmt!r}: expected one of {sorted({r.format for r in ROUTES})}")
+
+
+def routes_table() -> str:
+    """The routes as a markdown table (format, path, rows of x, constraint), for the docs."""
+    lines = ["| format | path | rows of x | when |", "|---|---|---|---|"]
+    low = {}
+    for route in ROUTES:
+        first = low.get(route.format, 1)
+        upper = "and up" if math.isinf(route.m_max) else f"to {int(route.m_max)}"
+        lines.append(f"| {route.format} | {route.path} | {first} {upper} | {route.when} |")
+        if not math.isinf(route.m_max):
+            low[route.format] = int(route.m_max) + 1
+    return "\n".join(lines)

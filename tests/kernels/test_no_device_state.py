@@ -1,0 +1,69 @@
+"""Kernels keep no tensors between calls: nothing a launch allocates outlives it in a module of aofunc.kernels.
+
+A tensor kept in a module global (a lazily made split-K buffer, a cached table) would land in a CUDA-graph pool
+when first made during capture, and would be shared by launches on several streams.
+"""
+import sys
+
+import torch
+
+from aofunc.kernels import int8_int4, int_mm, nf4, w4a16, w8a8, w8a16
+
+from tests.kernels.devices import DEVICE
+
+
+def tensors_in(value, seen) -> list:
+    """Every tensor reachable from value through dicts, lists, tuples and sets."""
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.items() for part in item for t in tensors_in(part, seen)]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [t for item in value for t in tensors_in(item, seen)]
+    return []
+
+
+def run_every_launcher():
+    torch.manual_seed(0)
+    x = torch.randn(3, 128, device=DEVICE)
+    q4 = torch.randint(0, 256, (32, 64), dtype=torch.uint8, device=DEVICE)
+    s4 = torch.rand(32, 4, device=DEVICE) * 0.1
+    z4 = torch.randn(32, 4, device=DEVICE) * 0.1
+    for config in (dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=2, PREFETCH=False, num_warps=2, num_stages=1),
+                   dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, FULL_DQ=True, num_warps=2,
+                        num_stages=1),
+                   dict(path="dequant")):
+        w4a16.w4a16_linear_triton(x[:1] if config["path"] == "gemv" else x, q4, s4, z4, 32, config=config)
+    q8 = torch.randint(-128, 128, (32, 128), dtype=torch.int8, device=DEVICE)
+    s8 = torch.rand(32, device=DEVICE) * 0.01
+    for config in (dict(path="gemv", BLOCK_N=8, BLOCK_W=4, SPLIT_K=2, num_warps=2, num_stages=1),
+                   dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, num_warps=2,
+                        num_stages=1),
+                   dict(path="dequant")):
+        w8a16.w8a16_linear_triton(x[:1] if config["path"] == "gemv" else x, q8, s8, config=config)
+    n, k, block, scaler_block = 32, 128, 64, 4
+    qn = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=DEVICE)
+    sq = torch.randint(-128, 128, (n * k // block,), dtype=torch.int8, device=DEVICE)
+    factor = torch.rand(n * k // block // scaler_block, device=DEVICE) * 100 + 10
+    mean = torch.tensor(0.01, device=DEVICE)
+    for config in (dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=2, num_warps=2, num_stages=1),
+                   dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1),
+                   dict(path="dequant")):
+        nf4.nf4_linear_triton(x[:1] if config["path"] == "gemv" else x, qn, sq, factor, mean, n, k, block,
+                              scaler_block, config=config)
+    w8a8.w8a8_linear_triton(x, q8, s8, None, None)
+    w8a8.quantize_per_token_int8_triton(x, None)
+    int8_int4.int8_int4_linear_triton(x, q4, s4, 32, None)
+    int_mm.int_mm_triton(q8[:16, :], q8.t().contiguous()[:, :16].contiguous())
+
+
+def test_no_kernel_module_keeps_a_tensor():
+    run_every_launcher()
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("aofunc.kernels") and m is not None]
+    assert len(modules) >= 8
+    found = {name: len(tensors_in(value, set())) for m in modules for name, value in vars(m).items()
+             if not name.startswith("__") and tensors_in(value, set())}
+    assert found == {}

@@ -1,0 +1,58 @@
+"""The route table: one default path per (format, rows of x, constraints), and the launchers follow it."""
+import math
+
+import pytest
+import torch
+
+from aofunc.kernels import nf4, selector, w4a16, w8a16
+from aofunc.kernels.selector import Problem, default_path
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+def test_every_format_ends_in_a_route_for_any_m():
+    for fmt in {r.format for r in selector.ROUTES}:
+        last = [r for r in selector.ROUTES if r.format == fmt][-1]
+        assert math.isinf(last.m_max), fmt
+        assert default_path(fmt, Problem(10**6, 8, 8, torch.float32, CUDA, 64)) == last.path
+
+
+def test_unknown_format_is_refused_by_name():
+    with pytest.raises(ValueError, match="'w3a16'"):
+        default_path("w3a16", Problem(1, 8, 8, torch.float16, CUDA))
+
+
+@pytest.mark.parametrize("m,dtype,device,want", [
+    (1, torch.float32, CUDA, "gemv"), (2, torch.bfloat16, CUDA, "gemm"), (256, torch.float16, CUDA, "gemm"),
+    (257, torch.bfloat16, CUDA, "dequant"), (2, torch.float32, CUDA, "dequant"), (2, torch.float32, CPU, "gemm")])
+def test_int4_and_int8_routes(m, dtype, device, want):
+    for fmt in ("w4a16", "w8a16"):
+        assert default_path(fmt, Problem(m, 64, 256, dtype, device, 128)) == want
+
+
+def test_nf4_constraints_send_odd_shapes_to_dequant():
+    assert default_path("nf4", Problem(1, 8, 128, torch.float16, CUDA, 64)) == "gemv"
+    assert default_path("nf4", Problem(1, 8, 100, torch.float16, CUDA, 64)) == "dequant"  # K not whole blocks
+    assert default_path("nf4", Problem(2, 8, 96, torch.float16, CUDA, 48)) == "dequant"  # block not a power of 2
+    assert default_path("nf4", Problem(2, 8, 128, torch.float16, CUDA, 64)) == "gemm"
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 200, 256, 300, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_launchers_default_to_the_table(m, dtype):
+    for device in (CPU, CUDA) if torch.cuda.is_available() else (CPU,):  # launch sizing reads the card
+        assert w4a16.default_config(m, 64, 512, 128, dtype, device)["path"] == \
+            default_path("w4a16", Problem(m, 64, 512, dtype, device, 128))
+        assert w8a16.default_config(m, 64, 512, dtype, device)["path"] == \
+            default_path("w8a16", Problem(m, 64, 512, dtype, device))
+        assert nf4.default_config(m, 64, 512, 64, dtype, device)["path"] == \
+            default_path("nf4", Problem(m, 64, 512, dtype, device, 64))
+
+
+def test_routes_table_lists_every_route_with_its_range():
+    text = selector.routes_table()
+    assert len(text.splitlines()) == 2 + len(selector.ROUTES)
+    assert "| w4a16 | gemv | 1 to 1 |" in text
+    assert "| w4a16 | gemm | 2 to 256 |" in text
+    assert "| w4a16 | dequant | 257 and up |" in text
