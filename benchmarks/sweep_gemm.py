@@ -44,7 +44,23 @@ def gemm_forms(m: int, fmt: str):
                            num_warps=warps, num_stages=stages, **form)
 
 
+def gemv_forms(fmt: str):
+    """GEMV shapes worth timing at M = 1 (W4A16: the accumulator-per-group form with vector x and coarse units)."""
+    for block_n in (32, 64):
+        for groups in (2, 4):
+            for warps in (1, 2):
+                for stages in (3, 4):
+                    if fmt == "w4a16":
+                        yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, PREFETCH=False, REDUCE_W=True,
+                                   XVEC=True, COARSE=True, LOOP_STAGES=stages, num_warps=warps, num_stages=3)
+                    elif fmt == "nf4":
+                        yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, REDUCE_W=True, LOOP_STAGES=stages,
+                                   num_warps=warps, num_stages=3)
+
+
 def candidates(fmt, m, n, k, device):
+    if m == 1:
+        return [dict(c, SPLIT_K=split) for c in gemv_forms(fmt) for split in (1, 2, 4, 8)]
     out = []
     steps = {"w4a16": k // GROUP, "w8a16": k // 128, "nf4": k // NF4_BLOCK}[fmt]
     for config in gemm_forms(m, fmt):
