@@ -10,7 +10,7 @@ from aofunc.capture import detect_transposed
 from aofunc.formats import QTensor, Scheme
 from aofunc.formats.qtensor import canonical
 from aofunc.spec import Rule, Spec
-from aofunc.tree import check_params
+from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_tensor
 
 #: quantizing more elements than this shows a progress bar unless asked otherwise
 PROGRESS_NUMEL = 1 << 27
@@ -47,8 +47,10 @@ def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=
     for name, rule in chosen.items():
         check_weight(name, params[name])
     if model is not None:
-        used_as_in_out = detect_transposed(model, params, example, names=chosen)
-        chosen = {name: Rule(rule.pattern, rule.scheme, rule.transposed or used_as_in_out.get(name, False))
+        # the calls name one of a tied weight's names; the orientation holds for all of them
+        used_as_in_out = {id(params[name]) for name, flag in
+                          detect_transposed(model, params, example, names=chosen).items() if flag}
+        chosen = {name: Rule(rule.pattern, rule.scheme, rule.transposed or id(params[name]) in used_as_in_out)
                   for name, rule in chosen.items()}
     for name, rule in chosen.items():
         if rule.transposed and params[name].dim() != 2:
@@ -62,7 +64,9 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
 
     The spec's first matching rule picks each weight's scheme. A weight stored [in, out] is quantized along its
     input dimension when its rule says `transposed=True`, or when running `model` once on `example` shows it used
-    as x @ W. `progress` shows a bar (default: only for large trees).
+    as x @ W. Names holding one tensor (tied weights) get one QTensor object. Every other entry comes back as a
+    detached alias of the given tensor (same storage and requires_grad, never the module's own nn.Parameter, one
+    alias per tensor). `progress` shows a bar (default: only for large trees).
 
     Example:
         >>> params = dict(model.named_parameters())
@@ -76,14 +80,20 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
     chosen = plan(params, spec, model=model, example=example)
     if progress is None:
         progress = sum(params[name].numel() for name in chosen) > PROGRESS_NUMEL
-    out = dict(params)
-    for name in tqdm(list(chosen), desc="quantize", disable=not progress, unit="weight"):
+    out = detached_aliases(params)
+    once = unique_by_tensor(params, chosen)
+    for name in tqdm(once, desc="quantize", disable=not progress, unit="weight"):
         rule = chosen[name]
         out[name] = quantize_weight(params[name], rule.scheme, rule.transposed)
-    return out
+    return share_tied(out, params, once)
 
 
 def dequantize(qparams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new params dict with every QTensor replaced by its float weight in its logical shape and dtype."""
+    """A new params dict with every QTensor replaced by its float weight in its logical shape and dtype (names
+    holding one QTensor get one float tensor); other entries come back as detached aliases, as from `quantize`."""
     check_params(qparams, "qparams")
-    return {name: t.dequantize() if isinstance(t, QTensor) else t for name, t in qparams.items()}
+    out = detached_aliases(qparams)
+    once = unique_by_tensor(qparams, [name for name, t in qparams.items() if isinstance(t, QTensor)])
+    for name in once:
+        out[name] = qparams[name].dequantize()
+    return share_tied(out, qparams, once)

@@ -9,6 +9,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from aofunc.formats import Scheme
+from aofunc.tree import tied_groups
 
 
 class SpecWarning(UserWarning):
@@ -72,6 +73,16 @@ def unsupported_reason(tensor: torch.Tensor, rule: Rule) -> str | None:
     return None
 
 
+def _choice(rule: Rule | None) -> tuple | None:
+    return None if rule is None else (rule.scheme, rule.transposed)
+
+
+def _describe(rule: Rule | None) -> str:
+    if rule is None:
+        return "full precision"
+    return f"{rule.scheme}" + (" (transposed)" if rule.transposed else "")
+
+
 class Spec:
     """An ordered list of rules; the first rule whose pattern fully matches a name decides.
 
@@ -98,13 +109,32 @@ class Spec:
         return next((rule for rule in self.rules if rule.matches(name)), None)
 
     def selected(self, params: Mapping[str, torch.Tensor]) -> dict[str, Rule]:
-        """{name: rule} for the parameters whose rule has a scheme that can take them."""
-        chosen = {}
+        """{name: rule} for the parameters whose rule has a scheme that can take them.
+
+        Names holding one tensor object (tied weights) are one weight: the rule of any of them applies to all, and
+        rules that give them different schemes (a scheme and None, or two schemes) are an error.
+        """
+        decided: dict[str, Rule | None] = {}
         for name, tensor in params.items():
             rule = self.rule_for(name)
-            if rule is not None and rule.scheme is not None and unsupported_reason(tensor, rule) is None:
-                chosen[name] = rule
-        return chosen
+            if rule is not None:
+                takes = rule.scheme is not None and unsupported_reason(tensor, rule) is None
+                decided[name] = rule if takes else None
+        chosen = {name: rule for name, rule in decided.items() if rule is not None}
+        for names in tied_groups(params):
+            ruled = [name for name in names if name in decided]
+            if not ruled:
+                continue
+            first = decided[ruled[0]]
+            for name in ruled[1:]:
+                if _choice(decided[name]) != _choice(first):
+                    raise ValueError(
+                        f"aofunc spec: {ruled[0]!r} and {name!r} are one tensor (tied weights), but the spec gives "
+                        f"{ruled[0]!r} {_describe(first)} and {name!r} {_describe(decided[name])}; a tied weight "
+                        "takes one scheme, so give all its names the same one (or untie them)")
+            if first is not None:
+                chosen.update({name: first for name in names if name not in chosen})
+        return {name: chosen[name] for name in params if name in chosen}
 
     def labels(self, params: Mapping[str, torch.Tensor]) -> dict:
         """{name: scheme or None}: the scheme each parameter gets (None: kept in full precision)."""

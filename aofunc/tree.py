@@ -1,7 +1,12 @@
-"""Parameter trees: the optree namespace that opens QTensors, and helpers over {name: tensor} dicts."""
+"""Parameter trees: the optree namespace that opens QTensors, and helpers over {name: tensor} dicts.
+
+Trees a transform returns never hold the module's own `nn.Parameter` objects: `torch.compile` treats those as part
+of the module, so a compiled `functional_call` handed such a tree could go on using their values when later called
+with another tree. Entries a transform passes through are detached aliases instead (same storage, new objects).
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import optree
 import torch
@@ -42,6 +47,54 @@ def check_params(params: Any, what: str = "params") -> Mapping[str, torch.Tensor
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{what}[{name!r}] must be a tensor, got {type(value).__name__}")
     return params
+
+
+def detached_aliases(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new dict whose plain tensors are detached aliases of the given ones: the same storage (no copy) and the
+    same `requires_grad`, but new objects, never an `nn.Parameter`. Names holding one tensor object (tied weights)
+    get one alias, so they still hold one object. QTensors and other tensor subclasses are kept as they are."""
+    made: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in params.items():
+        if isinstance(t, torch.nn.Parameter) or type(t) is torch.Tensor:
+            if id(t) not in made:
+                made[id(t)] = t.detach().requires_grad_(t.requires_grad)
+            out[name] = made[id(t)]
+        else:
+            out[name] = t
+    return out
+
+
+def tied_groups(params: Mapping[str, Any]) -> list[list[str]]:
+    """The names that hold one object (tied weights, as `named_parameters(remove_duplicate=False)` lists them),
+    in groups of two or more, each in the tree's order."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in params.items():
+        by_id.setdefault(id(t), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def unique_by_tensor(params: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+    """The first of `names` for each tensor object of `params` they hold: a transform computes each tensor once."""
+    seen: set[int] = set()
+    out = []
+    for name in names:
+        if id(params[name]) not in seen:
+            seen.add(id(params[name]))
+            out.append(name)
+    return out
+
+
+def share_tied(out: dict[str, Any], params: Mapping[str, Any], written: Iterable[str]) -> dict[str, Any]:
+    """`out` (changed and returned) with each name of `written` lending its new value to every name tied to it in
+    `params`, so that one tensor of the input stays one object of the output."""
+    names_of: dict[int, list[str]] = {}
+    for name, t in params.items():
+        names_of.setdefault(id(t), []).append(name)
+    for name in written:
+        for other in names_of.get(id(params[name]), ()):
+            out[other] = out[name]
+    return out
 
 
 def is_quantized(value: Any) -> bool:

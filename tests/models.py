@@ -61,6 +61,14 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
+def is_detached_alias(out, given) -> bool:
+    """Whether a transform passed `given` through as it should: a new plain tensor (never an nn.Parameter) on the
+    same memory, with the same shape, strides and requires_grad."""
+    return (type(out) is torch.Tensor and out is not given and out.data_ptr() == given.data_ptr()
+            and out.shape == given.shape and out.stride() == given.stride()
+            and out.requires_grad == given.requires_grad)
+
+
 def tiny_transformer(seed=0, **kwargs):
     torch.manual_seed(seed)
     return TinyTransformer(**kwargs).eval()

@@ -114,7 +114,8 @@ def test_quickstart_runs_and_says_what_it_shows(tmp_path, monkeypatch):
     qparams, params = ns["qparams"], ns["params"]
     assert isinstance(qparams["up.weight"], aofunc.QTensor) and not isinstance(qparams["head.weight"], aofunc.QTensor)
     assert all(params[name] is p for name, p in ns["model"].named_parameters())  # the input tree is untouched
-    assert qparams["up.bias"] is params["up.bias"]
+    assert qparams["up.bias"] is not params["up.bias"] and type(qparams["up.bias"]) is torch.Tensor
+    assert qparams["up.bias"].data_ptr() == params["up.bias"].data_ptr()  # an alias, not a copy
     assert torch.equal(ns["loaded"]["down.weight"].dequantize(), qparams["down.weight"].dequantize())
     assert 50 < aofunc.sqnr(ns["y_float"], ns["y"]) < 70                   # "about 57 dB"
     assert aofunc.size_in_bytes(params) == 135464 and aofunc.size_in_bytes(qparams) == 38440

@@ -1,11 +1,13 @@
 """quantize/dequantize over whole models, run unmodified through functional_call."""
+import sys
+
 import pytest
 import torch
 from torch.func import functional_call
 
 import aofunc
 from aofunc import Rule, Spec
-from tests.models import ALL_SCHEMES, Conv1D, tiny_transformer
+from tests.models import ALL_SCHEMES, Conv1D, is_detached_alias, tiny_transformer
 
 ALL_WEIGHTS = r".*\.weight"
 
@@ -48,7 +50,7 @@ def test_quantize_is_pure_and_deterministic():
         if isinstance(a[name], aofunc.QTensor):
             assert all(torch.equal(x, y) for x, y in zip(a[name].tensors.values(), b[name].tensors.values()))
         else:
-            assert a[name] is params[name]
+            assert is_detached_alias(a[name], params[name])
 
 
 def test_rule_transposed_quantizes_along_the_input_dimension():
@@ -65,7 +67,7 @@ def test_dequantize_restores_float_weights():
     params = {"w": torch.randn(8, 64), "b": torch.randn(8)}
     q = aofunc.quantize(params, Spec([Rule("w", aofunc.Int8WeightOnly())]))
     dq = aofunc.dequantize(q)
-    assert type(dq["w"]) is torch.Tensor and dq["b"] is params["b"]
+    assert type(dq["w"]) is torch.Tensor and is_detached_alias(dq["b"], q["b"])
     assert aofunc.sqnr(params["w"], dq["w"]) > 40
 
 
@@ -108,3 +110,45 @@ def test_bf16_model_keeps_bf16_scales_and_outputs():
 def test_quantize_refuses_a_pruning_scheme_before_any_work():
     with pytest.raises(TypeError, match=r"not a stored format.*aofunc.prune"):
         aofunc.quantize({"w": torch.randn(4, 8)}, Spec([Rule("w", aofunc.Sparse(pattern="2:4"))]))
+
+
+def test_tied_names_get_one_quantized_weight_and_the_tied_model_runs():
+    model = tiny_transformer()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert params["head.weight"] is params["embed.weight"]
+    q = aofunc.quantize(params, Spec([Rule(r"embed\.weight", aofunc.Int8WeightOnly())]))  # a rule for one name
+    assert isinstance(q["head.weight"], aofunc.QTensor) and q["head.weight"] is q["embed.weight"]
+    with torch.no_grad():
+        y = functional_call(model, q, (ids,))
+        untied_names = aofunc.quantize(dict(model.named_parameters()), Spec([Rule(r"embed\.weight",
+                                                                                   aofunc.Int8WeightOnly())]))
+        assert torch.equal(y, functional_call(model, untied_names, (ids,)))
+        assert torch.equal(aofunc.apply(model, q, ids), y)
+
+
+def test_tied_names_are_quantized_once(monkeypatch):
+    calls = []
+    module = sys.modules["aofunc.quantize"]
+    original = module.quantize_weight
+    monkeypatch.setattr(module, "quantize_weight", lambda *args: calls.append(1) or original(*args))
+    w = torch.randn(16, 64)
+    q = aofunc.quantize({"a": w, "b": w, "c": torch.randn(16, 64)}, Spec([Rule(".*", aofunc.NF4())]))
+    assert len(calls) == 2 and q["a"] is q["b"] and q["c"] is not q["a"]
+
+
+def test_tied_names_with_different_rules_are_refused_naming_both():
+    w = torch.randn(16, 64)
+    for rules in ([Rule("head", None), Rule(".*", aofunc.Int8WeightOnly())],
+                  [Rule("head", aofunc.NF4()), Rule(".*", aofunc.Int8WeightOnly())],
+                  [Rule("head", aofunc.Int8WeightOnly(), transposed=True), Rule(".*", aofunc.Int8WeightOnly())]):
+        with pytest.raises(ValueError, match=r"'embed' and 'head' are one tensor \(tied weights\)"):
+            aofunc.quantize({"embed": w, "head": w}, Spec(rules))
+
+
+def test_a_tied_weight_used_as_x_at_w_under_one_name_is_transposed_under_every_name():
+    layer = Conv1D(64, 16)
+    params = {"weight": layer.weight, "bias": layer.bias, "alias": layer.weight}
+    q = aofunc.quantize(params, Spec([Rule("weight|alias", aofunc.Int8WeightOnly())]), model=layer,
+                        example=torch.randn(2, 64))
+    assert q["weight"] is q["alias"] and q["weight"].transposed

@@ -46,7 +46,8 @@ def test_quantize_warns_about_what_it_cannot_do_and_leaves_it_in_full_precision(
     spec = Spec([Rule(r".*", aofunc.Int8WeightOnly())])
     with pytest.warns(SpecWarning, match="layers.0.conv.weight"):
         q = aofunc.quantize(PARAMS, spec)
-    assert q["layers.0.conv.weight"] is PARAMS["layers.0.conv.weight"]
+    assert torch.equal(q["layers.0.conv.weight"], PARAMS["layers.0.conv.weight"])
+    assert q["layers.0.conv.weight"].data_ptr() == PARAMS["layers.0.conv.weight"].data_ptr()
     assert isinstance(q["lm_head.weight"], aofunc.QTensor)
 
 
@@ -75,3 +76,12 @@ def test_rules_are_checked_when_made():
 def test_transposed_is_refused_for_conv_weights():
     spec = Spec([Rule(r".*pointwise.*", aofunc.Int8WeightOnly(), transposed=True)])
     assert "transposed" in str(spec.report(PARAMS))
+
+
+def test_a_rule_for_one_tied_name_labels_every_name_of_the_tensor():
+    w = torch.randn(16, 64)
+    spec = Spec([Rule("embed", aofunc.Int8WeightOnly())])
+    assert spec.labels({"embed": w, "head": w, "other": torch.randn(16, 64)}) == {
+        "embed": aofunc.Int8WeightOnly(), "head": aofunc.Int8WeightOnly(), "other": None}
+    with pytest.raises(ValueError, match=r"'embed' and 'head' are one tensor.*Int8WeightOnly\(\).*full precision"):
+        Spec([Rule("embed", aofunc.Int8WeightOnly()), Rule("head", None)]).labels({"embed": w, "head": w})

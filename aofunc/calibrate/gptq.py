@@ -30,7 +30,7 @@ from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, QTensor
 from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
 from aofunc.spec import Rule, Spec
-from aofunc.tree import check_params
+from aofunc.tree import check_params, detached_aliases, share_tied
 
 
 class HessianState(NamedTuple):
@@ -82,7 +82,7 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
         return state
 
     def finalize(state, params):
-        out = dict(params)
+        out = detached_aliases(params)
         unseen = [name for name in rules if int(state[name].tokens) == 0]
         if unseen:
             warnings.warn(f"gptq: {unseen[:5]} saw no calibration input; quantized to nearest", stacklevel=2)
@@ -186,17 +186,19 @@ def gptq(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec 
     steps = len(pre_groups) + len(post_groups) + (len(structure.blocks) if structure is not None else 0)
     bar = tqdm(total=steps, desc="gptq", disable=not progress, unit="step")
 
-    qparams = dict(params)
+    qparams = detached_aliases(params)
     try:
         if structure is None:
             qparams = _op_by_op(qparams, pre_groups + post_groups, rules, source, model, options, bar)
-            return qparams
-        first_block = structure.blocks[0][1]
-        qparams = _op_by_op(qparams, pre_groups, rules, source, stopping_before(model, first_block), options, bar)
-        qparams = _blocks(qparams, structure, block_of, rules, source, model, options, offload, bar)
-        return _op_by_op(qparams, post_groups, rules, source, model, options, bar)
+        else:
+            first_block = structure.blocks[0][1]
+            qparams = _op_by_op(qparams, pre_groups, rules, source, stopping_before(model, first_block), options,
+                                bar)
+            qparams = _blocks(qparams, structure, block_of, rules, source, model, options, offload, bar)
+            qparams = _op_by_op(qparams, post_groups, rules, source, model, options, bar)
     finally:
         bar.close()
+    return share_tied(qparams, params, rules)
 
 
 def _op_by_op(qparams, groups, rules, source, model, options, bar) -> dict:

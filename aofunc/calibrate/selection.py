@@ -87,7 +87,8 @@ def select(params: Mapping[str, torch.Tensor], spec: Spec | None, default: Schem
     """{name: rule} the transform takes, in execution order, orientation resolved from the model's calls.
 
     Weights the spec selects but the model never uses in a linear-like call are left as given (SpecWarning);
-    a spec that leaves nothing to do is an error.
+    a spec that leaves nothing to do is an error. Of names holding one tensor (tied weights) only the one the
+    model's calls name is returned; the transform shares its result with the others (`aofunc.tree.share_tied`).
     """
     if spec is None:
         spec = default_spec(params, usage, default)
@@ -96,7 +97,8 @@ def select(params: Mapping[str, torch.Tensor], spec: Spec | None, default: Schem
         if not isinstance(rule.scheme, allowed):
             raise TypeError(f"{what}: {name!r} is selected with {rule.scheme}, but {what} takes "
                             f"{' or '.join(cls.__name__ for cls in allowed)} weights")
-    unused = [name for name in chosen if name not in usage.transposed]
+    used = {id(params[name]) for name in usage.transposed}
+    unused = [name for name in chosen if id(params[name]) not in used]
     if unused:
         warnings.warn(f"{what}: the model never uses {unused[:5]} in a linear-like call on the first batch, so "
                       "there is nothing to calibrate them with; they are left as given", SpecWarning, stacklevel=3)

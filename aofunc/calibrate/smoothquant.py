@@ -25,7 +25,7 @@ from aofunc.formats import Int8Dynamic, QTensor
 from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
 from aofunc.spec import Rule, Spec
-from aofunc.tree import check_params
+from aofunc.tree import check_params, detached_aliases, share_tied
 
 
 class SmoothQuantState(NamedTuple):
@@ -124,11 +124,12 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
                  desc="smoothquant")
     scales = group_scales(params, rules, groups, state.absmax, alpha)
     smooth, carried = smoothed(params, rules, groups, scales)
-    out = dict(smooth)
+    written = [name for name in smooth if smooth[name] is not params[name]]
+    out = detached_aliases(smooth)
     for name, rule in rules.items():
         q = quantize_weight(smooth[name], rule.scheme, rule.transposed)
         if name in carried:
             q = QTensor(q.scheme, {**q.tensors, "act_scale": carried[name].to(q.dtype)}, q.shape, q.dtype,
                         q.transposed)
         out[name] = q
-    return out
+    return share_tied(out, params, written)

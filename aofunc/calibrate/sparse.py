@@ -15,7 +15,7 @@ from aofunc.formats import Scheme
 from aofunc.formats.qtensor import canonical
 from aofunc.quantize import plan
 from aofunc.spec import Rule, Spec
-from aofunc.tree import check_params
+from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_tensor
 
 _PATTERN = re.compile(r"(\d+):(\d+)")
 
@@ -129,12 +129,14 @@ def prune(params: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Ten
     params = check_params(params)
     if not isinstance(spec, Spec):
         raise TypeError(f"prune: spec must be an aofunc.Spec of Sparse rules, got {type(spec).__name__}")
-    out = dict(params)
-    for name, rule in sparse_rules(params, spec, "prune").items():
-        w = params[name]
+    rules = sparse_rules(params, spec, "prune")
+    out = detached_aliases(params)
+    once = unique_by_tensor(params, rules)
+    for name in once:
+        w, rule = params[name], rules[name]
         importance = canonical(w.detach(), rule.transposed).float().abs()
         out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)
-    return out
+    return share_tied(out, params, once)
 
 
 def is_two_four(w: torch.Tensor) -> bool:
@@ -154,17 +156,22 @@ def semi_structured(params: Mapping[str, torch.Tensor], names=None) -> dict[str,
     params = check_params(params)
     explicit = names is not None
     wanted = list(names) if explicit else [name for name, w in params.items() if w.dim() == 2]
-    out = dict(params)
+    out = detached_aliases(params)
+    converted, done = [], set()
     for name in wanted:
         if name not in params:
             raise KeyError(f"semi_structured: no parameter named {name!r}")
         w = params[name]
+        if id(w) in done:  # a name tied to one converted already
+            continue
         reason = ("not on a CUDA device" if w.device.type != "cuda" else
                   f"{w.dtype}, not fp16/bf16" if w.dtype not in (torch.float16, torch.bfloat16) else
                   "not 2-D" if w.dim() != 2 else
                   "not 2:4 sparse along K (every run of 4 needs 2 zeros)" if not is_two_four(w) else None)
         if reason is None:
             out[name] = torch.sparse.to_sparse_semi_structured(w.detach())
+            converted.append(name)
+            done.add(id(w))
         elif explicit:
             raise ValueError(f"semi_structured: {name!r} cannot take the semi-structured layout: {reason}")
-    return out
+    return share_tied(out, params, converted)

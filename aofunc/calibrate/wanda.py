@@ -16,7 +16,7 @@ from aofunc.calibrate.selection import first_use, select
 from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
 from aofunc.formats.qtensor import canonical
 from aofunc.spec import Rule, Spec
-from aofunc.tree import check_params
+from aofunc.tree import check_params, detached_aliases, share_tied
 
 
 class WandaState(NamedTuple):
@@ -35,7 +35,7 @@ def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
                                                  torch.add))
 
     def finalize(state, params):
-        out = dict(params)
+        out = detached_aliases(params)
         for name, rule in rules.items():
             w = params[name]
             importance = canonical(w.detach(), rule.transposed).float().abs() * state.sq_sum[name].sqrt()
@@ -75,5 +75,6 @@ def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec
     rules = select(params, spec, default, usage, "wanda", (Sparse,))
     for name, rule in rules.items():
         check_prunable(name, canonical(params[name], rule.transposed).shape[1], rule.scheme, "wanda")
-    return fold(wanda_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
-                desc="wanda")
+    pruned = fold(wanda_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
+                  desc="wanda")
+    return share_tied(pruned, params, rules)
