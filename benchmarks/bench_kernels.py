@@ -1,25 +1,28 @@
 """Weight-only kernels (W4A16, W8A16, NF4) against bf16 cuBLAS, tinygemm and torchao, in one process on one card.
 
     python benchmarks/bench_kernels.py --formats w4a16,w8a16 --shapes 4096x4096 --ms 1,16 --tune-ms 1 --check
-    python benchmarks/bench_kernels.py --peers tinygemm,torchao --json results.json
-    python benchmarks/bench_kernels.py --render results.json --doc docs/benchmarks.md   # no GPU needed
+    python benchmarks/bench_kernels.py --peers tinygemm,torchao
+    python benchmarks/render.py            # the tables of docs/benchmarks.md from benchmarks/results/; no GPU needed
 
 Shapes are K x N (input x output features). Weights are random codes and scales built with plain torch here
 (speed does not depend on the values). Times are ``cold_us``: CUDA graphs, L2 cold, launch overhead excluded.
-``--tune-ms`` searches configurations for those M first (the winners go to the user kernel cache,
-``$AOFUNC_KERNEL_CACHE``); ``--check`` compares every path at these sizes with the reference twins first.
+Every measurement is a ``linear`` row recorded with ``common.record_rows`` into
+``benchmarks/results/<card>.json`` as soon as its (format, shape) is done (``--results`` names another file,
+``--no-record`` keeps it to stdout). ``peer`` is tinygemm for W4A16 (torchao where only it ran) and torchao for
+W8A16 when ``--peers`` includes it. ``--tune-ms`` searches configurations for those M first (the winners go to the
+user kernel cache, ``$AOFUNC_KERNEL_CACHE``); ``--check`` compares every path at these sizes with the reference twins
+first.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import card_name, cold_us, markdown_table, median_us, ratio, update_section
+from common import card_name, git_commit, markdown_table, ratio, record_rows, timed_us, timing_of, torchao_name
 from common import fmt as cell
 
 SHAPES = ("4096x4096", "4096x14336", "14336x4096", "8192x28672")
@@ -151,20 +154,32 @@ def torchao_linear(fmt, n, k):
     return torch.compile(lin)
 
 
-def timed(fn):
-    """cold_us, or do_bench's median for what cannot be captured in a CUDA graph (None if it fails)."""
-    try:
-        return cold_us(fn)
-    except RuntimeError as error:
-        print(f"graph timing failed ({str(error)[:80]}); do_bench instead", flush=True)
-        torch.cuda.synchronize()
-        return median_us(fn)
+#: the peer a format's row names, in order of preference, among those measured
+PEERS = {"w4a16": ("tinygemm", "torchao"), "w8a16": ("torchao",), "nf4": ()}
 
 
-def bench(fmts, shapes, ms, peers, tune_ms):
+def linear_row(fmt, k, n, m, times, config, x_dtype="bfloat16"):
+    """The ``linear`` results row (benchmarks/common.py) of one measurement.
+
+    ``times``: {"bf16" | "aofunc" | "tinygemm" | "torchao": (µs, how) or None}; ``config``: the configuration the
+    kernel ran, with ``tuned`` set when it was a stored winner.
+    """
+    peer = next((p for p in PEERS.get(fmt, ()) if times.get(p) is not None), None)
+    peer_time = times[peer] if peer else None
+    methods = {"bf16": times["bf16"][1], "aofunc": times["aofunc"][1], "peer": peer_time[1] if peer_time else None}
+    return {"kind": "linear", "format": fmt, "K": k, "N": n, "M": m, "x_dtype": x_dtype,
+            "bf16_us": round(times["bf16"][0], 2), "aofunc_us": round(times["aofunc"][0], 2),
+            "path": config.get("path"), "tuned": bool(config.get("tuned")),
+            "peer": (torchao_name() if peer == "torchao" else peer) if peer else None,
+            "peer_us": round(peer_time[0], 2) if peer_time else None,
+            "timing": timing_of(**methods), "commit": git_commit()}
+
+
+def bench(fmts, shapes, ms, peers, tune_ms, record=None):
+    """Time every (format, shape, M); returns the rows, each (format, shape) passed to ``record`` when done."""
     from aofunc.kernels import autotune
 
-    raw = []
+    rows = []
     for shape in shapes:
         k, n = map(int, shape.split("x"))
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -172,6 +187,7 @@ def bench(fmts, shapes, ms, peers, tune_ms):
             run, _, key, extra, default = ours(fmt, n, k)
             tiny = tinygemm(*extra["tinygemm"]) if fmt == "w4a16" and "tinygemm" in peers else None
             tao = torchao_linear(fmt, n, k) if fmt in ("w4a16", "w8a16") and "torchao" in peers else None
+            done = []
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 start = time.time()
@@ -180,31 +196,27 @@ def bench(fmts, shapes, ms, peers, tune_ms):
                         run(x)
                 tuned = autotune.lookup(key(x))
                 config = dict(tuned or default(x), tuned=tuned is not None)
-                t_bf16 = timed(lambda: F.linear(x, w_bf16))
-                t_ours = timed(lambda: run(x))
-                t_tiny = timed(lambda: tiny(x)) if tiny is not None else None
-                t_tao = timed(lambda: tao(x)) if tao is not None else None
-                raw.append(dict(fmt=fmt, shape=shape, m=m, bf16=t_bf16, ours=t_ours, tinygemm=t_tiny, torchao=t_tao,
-                                config=config))
-                print(f"{fmt} {shape} m={m}: bf16 {t_bf16:.1f} ours {t_ours:.1f} ({t_bf16 / t_ours:.2f}x) "
-                      f"tinygemm {t_tiny} torchao {t_tao} {config} [{time.time() - start:.1f}s]", flush=True)
-    return raw
+                times = {"bf16": timed_us(lambda: F.linear(x, w_bf16)), "aofunc": timed_us(lambda: run(x)),
+                         "tinygemm": timed_us(lambda: tiny(x)) if tiny is not None else None,
+                         "torchao": timed_us(lambda: tao(x)) if tao is not None else None}
+                done.append(linear_row(fmt, k, n, m, times, config))
+                r = done[-1]
+                print(f"{fmt} {shape} m={m}: bf16 {r['bf16_us']:.1f} ours {r['aofunc_us']:.1f} "
+                      f"({r['bf16_us'] / r['aofunc_us']:.2f}x) {r['peer']} {r['peer_us']} {config} "
+                      f"[{time.time() - start:.1f}s]", flush=True)
+            if record is not None:
+                record(done)
+            rows += done
+    return rows
 
 
-def rows_of(raw):
-    """Table rows from raw results (dicts as written to --json)."""
-    out = []
-    for r in raw:
-        config = r["config"]
-        path = config["path"] + (" (tuned)" if config.get("tuned") else "") if isinstance(config, dict) else config
-        out.append([r["fmt"], r["shape"], str(r["m"]), r["bf16"], r["ours"], cell(ratio(r["bf16"], r["ours"]), 2),
-                    r["tinygemm"], cell(ratio(r["tinygemm"], r["ours"]), 2), r["torchao"],
-                    cell(ratio(r["torchao"], r["ours"]), 2), path])
-    return out
-
-
-HEADERS = ["format", "K×N", "M", "bf16 µs", "aofunc µs", "× bf16", "tinygemm µs", "× tinygemm", "torchao µs",
-           "× torchao", "path"]
+def table(rows):
+    """A markdown table of linear rows, for the terminal (docs/benchmarks.md is made by benchmarks/render.py)."""
+    body = [[r["format"], f"{r['K']}×{r['N']}", str(r["M"]), r["bf16_us"], r["aofunc_us"],
+             cell(ratio(r["bf16_us"], r["aofunc_us"]), 2), r["path"] + (" (tuned)" if r.get("tuned") else ""),
+             r["peer"] or "—", r["peer_us"], cell(ratio(r["peer_us"], r["aofunc_us"]), 2)] for r in rows]
+    return markdown_table(["format", "K×N", "M", "bf16 µs", "aofunc µs", "bf16/aofunc", "path", "peer", "peer µs",
+                           "peer/aofunc"], body)
 
 
 def main(argv=None):
@@ -215,29 +227,16 @@ def main(argv=None):
     parser.add_argument("--peers", default="tinygemm", help="comma list of tinygemm, torchao")
     parser.add_argument("--tune-ms", default="", help="comma list of M whose keys are tuned before timing")
     parser.add_argument("--check", action="store_true", help="compare every path with its twin first")
-    parser.add_argument("--doc", help="markdown file whose 'Kernels: weight-only' section gets the table")
-    parser.add_argument("--json", help="write the raw numbers here")
-    parser.add_argument("--render", nargs="+", help="make the table from --json files instead of measuring")
+    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
+    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
     args = parser.parse_args(argv)
-    if args.render:
-        runs = [json.load(open(path)) for path in args.render]
-        card = ", ".join(sorted({run["card"] for run in runs}))
-        version = ", ".join(sorted({run["torch"] for run in runs}))
-        raw = [r for run in runs for r in run["results"]]
-    else:
-        raw, card, version = measure(args), card_name(), torch.__version__
-    table = markdown_table(HEADERS, rows_of(raw))
-    print(table)
-    if args.json and not args.render:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "torch": version, "results": raw}, f, indent=1, default=str)
-    if args.doc:
-        body = (f"Card: {card}; torch {version}; CUDA graphs, L2 cold (benchmarks/common.py `cold_us`), "
-                f"bf16 activations. Ratios above 1 mean aofunc is faster.\n\n{table}")
-        update_section(args.doc, "Kernels: weight-only", body)
+    record = None if args.no_record else (lambda rows: print(f"recorded in {record_rows(rows, path=args.results)}",
+                                                             flush=True))
+    rows = measure(args, record)
+    print(table(rows))
 
 
-def measure(args):
+def measure(args, record=None):
     fmts, shapes = args.formats.split(","), args.shapes.split(",")
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
@@ -248,7 +247,7 @@ def measure(args):
         if failures:
             sys.exit(1)
     tune_ms = {int(m) for m in args.tune_ms.split(",") if m}
-    return bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, tune_ms)
+    return bench(fmts, shapes, ms, set(args.peers.split(",")) - {""}, tune_ms, record)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """Benchmark: W8A8 (int8 dynamic) and 8da4w linears against bf16 cuBLAS, torch._int_mm and torchao, one card.
 
-    python benchmarks/bench_w8a8.py --search --torchao-m 1,16,128,2048 --json out.json --markdown out.md
+    python benchmarks/bench_w8a8.py --search --torchao-m 16,2048 [--shapes 4096x4096 --ms 1,2048]
+    python benchmarks/render.py            # the tables of docs/benchmarks.md from benchmarks/results/; no GPU needed
 
-Every time is the median of ``triton.testing.do_bench`` with L2 flushed (benchmarks/common.py), in µs,
-activation quantization included for every int8 path. Columns:
+Every measurement is a ``linear`` row (benchmarks/common.py) recorded with ``common.record_rows`` into
+``benchmarks/results/<card>.json`` after each shape (``--results`` names another file, ``--no-record`` keeps it to
+stdout): format ``w8a8`` (``aofunc.kernels.w8a8.w8a8_linear``: per-token int8 quantization of x and the int8 GEMM
+with both scales in its epilogue) and ``8da4w`` (``int8_int4_linear`` at group size 128), against
 - ``bf16``: ``F.linear(x, w)`` with bf16 weights (cuBLAS);
-- ``int_mm``: ``torch._int_mm(xq, q.t())`` alone (cuBLAS int8, M > 16 only), and ``torch path``: the same after an
-  eager per-token quantization, with the scales applied by eager torch;
-- ``ours``: ``aofunc.kernels.w8a8.w8a8_linear`` with its default configuration, and ``ours tuned``: the fastest
-  configuration an autotuning search found (every candidate checked against the twin first);
-- ``torchao``: torchao 0.17 ``Int8DynamicActivationInt8WeightConfig`` applied by ``quantize_`` to an ``nn.Linear``,
-  compiled with ``torch.compile``;
-- ``8da4w``: ``int8_int4_linear`` at group size 128, default and tuned.
+- the peer of w8a8 rows: ``torch._int_mm``, that is an eager per-token quantization, ``torch._int_mm(xq, q.t())``
+  (cuBLAS int8, M > 16 only) and the scales applied by eager torch; where it does not run, torchao
+  ``Int8DynamicActivationInt8WeightConfig`` on an ``nn.Linear``, compiled, at the M of ``--torchao-m``. 8da4w rows
+  have no peer.
+Times are ``cold_us`` (CUDA graphs, L2 cold, launch overhead excluded; ``--timer do_bench`` for eager
+``triton.testing.do_bench`` medians), activation quantization included for every int8 path. ``aofunc_us`` is the
+op as it runs (a stored configuration, else the default); ``--search`` first searches configurations for every
+(shape, M), each candidate checked against the twin, and stores the winners in the user kernel cache
+(``$AOFUNC_KERNEL_CACHE``), so the op then runs them.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,22 +27,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import card_name, markdown_table, median_us, ratio  # noqa: E402
+from common import (  # noqa: E402
+    card_name, git_commit, markdown_table, median_us, ratio, record_rows, timed_us, timing_of, torchao_name,
+)
+from common import fmt as cell  # noqa: E402
 
 from aofunc.kernels import autotune  # noqa: E402
-from aofunc.kernels.int8_int4 import (  # noqa: E402
-    int8_int4_candidates,
-    int8_int4_linear,
-    int8_int4_linear_ref,
-    int8_int4_linear_triton,
-)
-from aofunc.kernels.int_mm import int_mm_ref  # noqa: E402
+from aofunc.kernels.int8_int4 import default_int8_int4_config, int8_int4_linear, int8_int4_linear_ref  # noqa: E402
 from aofunc.kernels.w8a8 import (  # noqa: E402
+    default_w8a8_config,
     quantize_per_token_int8_ref,
-    w8a8_candidates,
     w8a8_linear,
     w8a8_linear_ref,
-    w8a8_linear_triton,
 )
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
@@ -80,137 +80,128 @@ def torchao_linear(w):
     return torch.compile(lin, dynamic=False)
 
 
-def quick_us(fn):
-    return median_us(fn, warmup_ms=5, rep_ms=20)
+def timer(name):
+    """``fn -> (µs, how)``: ``timed_us`` (cold_us, do_bench where capture fails), or eager do_bench medians."""
+    if name == "do_bench":
+        return lambda fn: (median_us(fn), "do_bench")
+    return timed_us
 
 
-def tuned(candidates, run, reference, tolerance):
-    """(best µs, best config, number of rejected candidates) of a checked search."""
-    best, trials = autotune.search(candidates, run, reference, tolerance, timer=quick_us)
-    rejected = [t for t in trials if t.us is None]
-    for t in rejected:
-        print(f"    rejected {t.config}: {t.reason}", flush=True)
-    if best is None:
-        return None, None, len(rejected)
-    return median_us(lambda: run(best)), best, len(rejected)
-
-
-def attempt(row, names, measure):
-    """Store measure() under names in row; a failure is printed and stored as an error, the rest goes on."""
+def attempt(errors, name, measure):
+    """measure(), or None with the failure printed and kept in ``errors``: one failing path must not lose the rest."""
     try:
-        value = measure()
-    except Exception as error:  # one failing path must not lose the other measurements of the run
-        row.setdefault("errors", []).append(f"{names}: {type(error).__name__}: {str(error)[:300]}")
-        print(f"  {names} failed: {type(error).__name__}: {str(error)[:2000]}", flush=True)
-        return
-    if isinstance(names, tuple):
-        row.update(zip(names, value))
-    else:
-        row[names] = value
+        return measure()
+    except Exception as error:
+        errors.append(f"{name}: {type(error).__name__}: {str(error)[:300]}")
+        print(f"  {name} failed: {type(error).__name__}: {str(error)[:2000]}", flush=True)
+        return None
 
 
-def bench_shape(k, n, ms, search, torchao_ms, int4):
+def configured(kernel, m, n, k, x, default):
+    """The configuration the op runs for this call (a stored winner, else ``default``), ``tuned`` set, and its path."""
+    stored = autotune.lookup(autotune.config_key(kernel, m, n, k, (x.dtype,), x.device))
+    config = dict(stored or default, tuned=stored is not None)
+    return config, "fused" if config.get("FUSED") else "quantize+gemm"
+
+
+def linear_row(fmt, k, n, m, bf16, ours, config_path, peer=None, peer_time=None):
+    """The ``linear`` results row; times are (µs, how) pairs, ``config_path`` is ``configured``'s answer."""
+    config, path = config_path
+    return {"kind": "linear", "format": fmt, "K": k, "N": n, "M": m, "x_dtype": "bfloat16",
+            "bf16_us": round(bf16[0], 2) if bf16 else None, "aofunc_us": round(ours[0], 2), "path": path,
+            "tuned": config["tuned"], "peer": peer if peer_time else None,
+            "peer_us": round(peer_time[0], 2) if peer_time else None,
+            "timing": timing_of(bf16=bf16[1] if bf16 else None, aofunc=ours[1],
+                                peer=peer_time[1] if peer_time else None),
+            "commit": git_commit()}
+
+
+def bench_shape(k, n, ms, search, torchao_ms, int4, time_us):
+    """The rows of one (K, N): a w8a8 row (and an 8da4w row with ``int4``) for every M."""
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
     q, scale = int8_weight(w)
     q4, scale4 = int4_weight(w, GROUP_SIZE) if int4 else (None, None)
+    dev = w.device
     ao = None
     if torchao_ms:
         try:
             ao = torchao_linear(w)
-        except Exception as error:  # torchao missing or failing on this card: its column stays empty
+        except Exception as error:  # torchao missing or failing on this card: no torchao peer
             print(f"  torchao unavailable: {type(error).__name__}: {error}", flush=True)
     rows = []
     for m in ms:
         t0 = time.time()
+        errors = []
         x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
-        r = {"k": k, "n": n, "m": m}
-        attempt(r, "bf16", lambda: median_us(lambda: F.linear(x, w)))
-        want = w8a8_linear_ref(x, q, scale, None, None)
-        attempt(r, "exact", lambda: bool(torch.equal(w8a8_linear(x, q, scale, None, None), want)))
-        attempt(r, "ours", lambda: median_us(lambda: w8a8_linear(x, q, scale, None, None)))
-        if m > 16:
-            xq, _ = quantize_per_token_int8_ref(x, None)
-            attempt(r, "int_mm", lambda: median_us(lambda: torch._int_mm(xq, q.t())))
-            attempt(r, "int_mm_exact_tn", lambda: bool(torch.equal(torch._int_mm(xq, q.t()), int_mm_ref(xq, q.t()))))
-            attempt(r, "torch_path", lambda: median_us(lambda: torch_w8a8(x, q, scale)))
         if search:
-            attempt(r, ("ours_tuned", "config", "rejected"), lambda: tuned(
-                w8a8_candidates(m), lambda c: w8a8_linear_triton(x, q, scale, None, None, c), want, 1e-6))
-        if ao is not None and m in torchao_ms:
-            attempt(r, "torchao", lambda: (ao(x), median_us(lambda: ao(x)))[1])
+            with autotune.tune():
+                attempt(errors, "w8a8 search", lambda: w8a8_linear(x, q, scale, None, None))
+                if int4:
+                    attempt(errors, "8da4w search", lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None))
+        bf16 = attempt(errors, "bf16", lambda: time_us(lambda: F.linear(x, w)))
+        want = w8a8_linear_ref(x, q, scale, None, None)
+        exact = attempt(errors, "exact", lambda: bool(torch.equal(w8a8_linear(x, q, scale, None, None), want)))
+        ours = attempt(errors, "w8a8", lambda: time_us(lambda: w8a8_linear(x, q, scale, None, None)))
+        peer, peer_time = None, None
+        if m > 16:
+            peer, peer_time = "torch._int_mm", attempt(errors, "torch._int_mm",
+                                                       lambda: time_us(lambda: torch_w8a8(x, q, scale)))
+        if peer_time is None and ao is not None and m in torchao_ms:
+            peer, peer_time = torchao_name(), attempt(errors, "torchao", lambda: (ao(x), time_us(lambda: ao(x)))[1])
+        if ours is not None:
+            rows.append(linear_row("w8a8", k, n, m, bf16, ours,
+                                   configured("w8a8_linear", m, n, k, x, default_w8a8_config(m, dev)),
+                                   peer, peer_time))
         if int4:
             want4 = int8_int4_linear_ref(x, q4, scale4, GROUP_SIZE, None)
-            attempt(r, "int4_err", lambda: float(
+            err4 = attempt(errors, "8da4w error", lambda: float(
                 (int8_int4_linear(x, q4, scale4, GROUP_SIZE, None).double() - want4.double()).norm()
                 / want4.double().norm()))
-            attempt(r, "int4", lambda: median_us(lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None)))
-            if search:
-                attempt(r, ("int4_tuned", "int4_config", "int4_rejected"), lambda: tuned(
-                    int8_int4_candidates(m),
-                    lambda c: int8_int4_linear_triton(x, q4, scale4, GROUP_SIZE, None, c), want4, 1e-3))
-        print(f"  {json.dumps(r)}  ({time.time() - t0:.1f} s)", flush=True)
-        rows.append(r)
+            ours4 = attempt(errors, "8da4w", lambda: time_us(lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None)))
+            if ours4 is not None:
+                rows.append(linear_row("8da4w", k, n, m, bf16, ours4, configured(
+                    f"int8_int4_g{GROUP_SIZE}", m, n, k, x, default_int8_int4_config(m, dev))))
+            print(f"  8da4w rel. error {err4}", flush=True)
+        print(f"  M={m}: w8a8 exact {exact}; " + "; ".join(
+            f"{r['format']} {r['aofunc_us']} µs ({r['path']}{', tuned' if r['tuned'] else ''}), bf16 {r['bf16_us']}, "
+            f"{r['peer']} {r['peer_us']}" for r in rows if r["M"] == m) + f" ({time.time() - t0:.1f} s)", flush=True)
     return rows
 
 
-def best_of(r, *names):
-    values = [r.get(name) for name in names if r.get(name) is not None]
-    return min(values) if values else None
+def table(rows):
+    """A markdown table of the rows for the terminal (docs/benchmarks.md is made by benchmarks/render.py)."""
+    body = [[r["format"], f"{r['K']}×{r['N']}", str(r["M"]), r["bf16_us"], r["aofunc_us"],
+             cell(ratio(r["bf16_us"], r["aofunc_us"]), 2), r["path"] + (" (tuned)" if r["tuned"] else ""),
+             r["peer"] or "—", r["peer_us"], cell(ratio(r["peer_us"], r["aofunc_us"]), 2)] for r in rows]
+    return markdown_table(["format", "K×N", "M", "bf16 µs", "aofunc µs", "bf16/aofunc", "path", "peer", "peer µs",
+                           "peer/aofunc"], body)
 
 
-def markdown(rows, card):
-    """The results table: µs, and ratios ``baseline / ours`` (> 1: ours is faster)."""
-    headers = ["K×N", "M", "bf16 µs", "W8A8 default µs", "W8A8 best µs", "×bf16", "int_mm alone µs",
-               "torch path µs", "×torch path", "torchao µs", "×torchao", "8da4w best µs", "8da4w ×bf16"]
-    body = []
-    for r in rows:
-        ours = best_of(r, "ours", "ours_tuned")
-        int4 = best_of(r, "int4", "int4_tuned")
-        torchao_failed = any(e.startswith("torchao") for e in r.get("errors", []))
-        body.append([f"{r['k']}×{r['n']}", str(r["m"]), r.get("bf16"), r.get("ours"), ours,
-                     ratio(r.get("bf16"), ours), r.get("int_mm"), r.get("torch_path"),
-                     ratio(r.get("torch_path"), ours), "fails" if torchao_failed else r.get("torchao"),
-                     ratio(r.get("torchao"), ours), int4, ratio(r.get("bf16"), int4)])
-    for row in body:
-        for i in (5, 8, 10, 12):
-            row[i] = "—" if row[i] is None else f"{row[i]:.2f}"
-    return f"Card: {card}.\n\n" + markdown_table(headers, body)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
-    parser.add_argument("--search", action="store_true", help="time every candidate configuration")
+    parser.add_argument("--search", action="store_true",
+                        help="search configurations for every (shape, M) first, into the user kernel cache")
     parser.add_argument("--torchao-m", default="", help="M values at which to time torchao (compiles per M)")
     parser.add_argument("--no-int4", action="store_true", help="skip the 8da4w kernel")
-    parser.add_argument("--json", help="write every measurement here")
-    parser.add_argument("--markdown", help="write the results table here")
-    parser.add_argument("--table-from", help="only print the table of an earlier --json file")
-    args = parser.parse_args()
-    if args.table_from:
-        with open(args.table_from) as f:
-            data = json.load(f)
-        print(markdown(data["rows"], data["card"]))
-        return
+    parser.add_argument("--timer", choices=["cold_us", "do_bench"], default="cold_us")
+    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
+    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
+    args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     torchao_ms = {int(v) for v in args.torchao_m.split(",") if v}
-    card = card_name()
-    print(f"card: {card}", flush=True)
+    print(f"card: {card_name()}", flush=True)
     rows = []
     for k, n in shapes:
         print(f"K={k} N={n}", flush=True)
-        rows += bench_shape(k, n, ms, args.search, torchao_ms, not args.no_int4)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"card": card, "rows": rows}, f, indent=1)
-    text = markdown(rows, card)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    print(text)
+        done = bench_shape(k, n, ms, args.search, torchao_ms, not args.no_int4, timer(args.timer))
+        if not args.no_record:
+            print(f"recorded in {record_rows(done, path=args.results)}", flush=True)
+        rows += done
+    print(table(rows))
 
 
 if __name__ == "__main__":

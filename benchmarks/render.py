@@ -1,0 +1,154 @@
+"""Rewrite the generated tables of docs/benchmarks.md from the results files; no GPU needed.
+
+    python benchmarks/render.py [--results benchmarks/results] [--doc docs/benchmarks.md]
+
+Every ``benchmarks/results/<card>.json`` (rows as benchmarks/common.py describes) gives
+- ``## Linear: <card>``: one table per format of its ``linear`` rows, with the bf16/aofunc and peer/aofunc ratios;
+- ``## Decode: <card>``: one table of its ``decode``, ``prefill`` and ``generate`` rows.
+Each such section starts with a line naming the file it was generated from; ``common.update_section`` replaces
+these sections only, so hand-written sections stay as they are. A generated section whose results file is gone
+is removed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import RESULTS_DIR, fmt, load_results, markdown_table, ratio, update_section  # noqa: E402
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+FORMAT_ORDER = ("w4a16", "w8a16", "nf4", "w8a8", "8da4w")
+MODEL_KINDS = ("decode", "prefill", "generate")
+MODE_ORDER = ("manual-graphs", "compile+manual-graphs", "reduce-overhead", "max-autotune", "eager")
+GENERATED = "Generated from `benchmarks/results/{name}` by `benchmarks/render.py`"
+TIMINGS = {"cold_us": "`cold_us` (CUDA-graph replays with L2 flushed before each call, median; kernels/autotune.py)",
+           "do_bench": "`triton.testing.do_bench` (eager calls, L2 flushed, median)"}
+PEERS = {"tinygemm": "tinygemm is `aten._weight_int4pack_mm` on the same codes",
+         "torch._int_mm": "torch._int_mm is an eager per-token quantization, `torch._int_mm` and eager scaling",
+         "torchao": "torchao is its `quantize_` on an `nn.Linear`, compiled with `torch.compile`"}
+
+
+def _joined(values) -> str:
+    values = sorted({str(v) for v in values if v is not None})
+    return ", ".join(values) if values else "—"
+
+
+def _format_rank(name: str) -> tuple:
+    return (FORMAT_ORDER.index(name), "") if name in FORMAT_ORDER else (len(FORMAT_ORDER), name)
+
+
+def linear_tables(rows) -> str:
+    """The body under the heading of a card's linear rows: one ``### <format>`` table per format."""
+    parts = []
+    mixed = len({r.get("timing") for r in rows}) > 1
+    for name in sorted({r["format"] for r in rows}, key=_format_rank):
+        ours = [r for r in rows if r["format"] == name]
+        dtypes = sorted({r["x_dtype"] for r in ours})
+        several = len(dtypes) > 1
+        headers = ["K×N", "M"] + (["x dtype"] if several else []) + [
+            "bf16 µs", "aofunc µs", "bf16/aofunc", "path", "peer", "peer µs", "peer/aofunc"]
+        body = []
+        for r in ours:
+            path = (r.get("path") or "—") + (" (tuned)" if r.get("tuned") else "")
+            body.append([f"{r['K']}×{r['N']}", str(r["M"])] + ([r["x_dtype"]] if several else []) + [
+                r.get("bf16_us"), r.get("aofunc_us"), fmt(ratio(r.get("bf16_us"), r.get("aofunc_us")), 2), path,
+                r.get("peer") or "—", r.get("peer_us"), fmt(ratio(r.get("peer_us"), r.get("aofunc_us")), 2)])
+        notes = [f"activations {', '.join(dtypes)}"] + (
+            [f"timing {_joined(r.get('timing') for r in ours)}"] if mixed else []) + [
+            f"commit {_joined(r.get('commit') for r in ours)}"]
+        notes += [note for peer in sorted({r.get("peer") or "" for r in ours}) for prefix, note in PEERS.items()
+                  if peer.split(" ")[0] == prefix]
+        parts.append(f"### {name}\n\n" + "; ".join(notes) + ".\n\n" + markdown_table(headers, body))
+    return "\n\n".join(parts)
+
+
+def model_table(rows) -> str:
+    """One table of a card's decode, prefill and generate rows."""
+    def order(r):
+        mode = r["mode"]
+        return (MODEL_KINDS.index(r["kind"]), MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode,
+                r["layers"], r["batch"], r["variant"] != "bf16", r["variant"])
+
+    prompts = any("prompt" in r for r in rows)
+    body = [[r["kind"], r["variant"], str(r["batch"]), str(r["layers"]), r["mode"]]
+            + ([fmt(r.get("prompt"))] if prompts else [])
+            + [r.get("tokens_per_s"), r.get("bf16_tokens_per_s"),
+               fmt(ratio(r.get("tokens_per_s"), r.get("bf16_tokens_per_s")), 2)]
+            for r in sorted(rows, key=order)]
+    note = f"commit {_joined(r.get('commit') for r in rows)}. Ratios are tokens/s over bf16's in the same process."
+    return note + "\n\n" + markdown_table(
+        ["kind", "variant", "batch", "layers", "mode"] + (["prompt"] if prompts else [])
+        + ["tokens/s", "bf16 tokens/s", "× bf16"], body)
+
+
+def sections(path) -> dict:
+    """``{heading title: body}`` of the generated sections of one results file."""
+    path = Path(path)
+    data = load_results(path)
+    card = data["card"] or path.stem
+    source = GENERATED.format(name=path.name)
+    out = {}
+    linear = [r for r in data["rows"] if r.get("kind") == "linear"]
+    if linear:
+        timing = "; ".join(TIMINGS[t] for t in sorted({r.get("timing") for r in linear} & set(TIMINGS)))
+        out[f"Linear: {card}"] = (
+            f"{source}; do not edit by hand.\n\n"
+            f"`y = x @ W.T` for weight format and shape K×N (input × output features), M rows of x, in µs"
+            + (f", timed by {timing}" if timing else "") + ". `bf16` is `F.linear` with the bf16 weight (cuBLAS); "
+            "ratios are baseline / aofunc (> 1: aofunc faster); \"(tuned)\" marks a stored configuration.\n\n"
+            + linear_tables(linear))
+    model = [r for r in data["rows"] if r.get("kind") in MODEL_KINDS]
+    if model:
+        out[f"Decode: {card}"] = (
+            f"{source}; do not edit by hand.\n\n"
+            "Llama-3-8B shapes (`benchmarks/decode.py`, model in `benchmarks/llama.py`, random bf16 weights): "
+            "decode is one token a step with a static KV cache, prefill one forward over the prompt; mode as in "
+            "decode.py's docstring.\n\n" + model_table(model))
+    return out
+
+
+def generated_titles(text: str) -> dict:
+    """``{title: results file name}`` of the generated sections a markdown text holds."""
+    pattern = re.compile(r"^## (.+?)[ \t]*\n\s*" + re.escape(GENERATED).replace(r"\{name\}", r"([^`]+)"), re.M)
+    return {m.group(1): m.group(2) for m in pattern.finditer(text)}
+
+
+def remove_section(path, title: str) -> None:
+    """Delete the ``## title`` heading of a markdown file and its body (to the next ``## `` heading)."""
+    path = Path(path)
+    text = path.read_text()
+    pattern = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    path.write_text(pattern.sub("", text, count=1).rstrip() + "\n")
+
+
+def render(results_dir=RESULTS_DIR, doc=DOC) -> list:
+    """Rewrite the generated sections of ``doc`` from every ``results_dir/*.json``; returns the titles written."""
+    results_dir, doc = Path(results_dir), Path(doc)
+    written = {}
+    for path in sorted(results_dir.glob("*.json")):
+        for title, body in sections(path).items():
+            written[title] = path.name
+            update_section(doc, title, body)
+    if doc.exists():
+        for title in generated_titles(doc.read_text()):
+            if title not in written:
+                remove_section(doc, title)
+    return list(written)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS_DIR), help="folder of <card>.json results files")
+    parser.add_argument("--doc", default=str(DOC), help="markdown file whose generated sections are rewritten")
+    args = parser.parse_args(argv)
+    for title in render(args.results, args.doc):
+        print(f"wrote ## {title} in {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Benchmark results as data: benchmarks/common.py's record_rows merges rows into a card's results file, and
+benchmarks/render.py makes the generated tables of the benchmarks page from such files. CPU only, no GPU."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the benchmark scripts import their helpers as top-level modules
+
+import common  # noqa: E402
+import render  # noqa: E402
+
+CARD = "NVIDIA H200"
+
+
+def linear(fmt="w4a16", k=4096, n=4096, m=1, aofunc_us=8.0, **extra):
+    row = {"kind": "linear", "format": fmt, "K": k, "N": n, "M": m, "x_dtype": "bfloat16", "bf16_us": 16.0,
+           "aofunc_us": aofunc_us, "path": "gemv", "peer": "tinygemm", "peer_us": 7.2, "timing": "cold_us",
+           "commit": "abc1234"}
+    return {**row, **extra}
+
+
+def decode(variant="int4", mode="manual-graphs", tps=300.0, kind="decode"):
+    return {"kind": kind, "variant": variant, "batch": 1, "layers": 32, "mode": mode, "tokens_per_s": tps,
+            "bf16_tokens_per_s": 150.0, "commit": "abc1234"}
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ record_rows
+
+def test_record_rows_writes_the_card_and_its_rows(tmp_path):
+    path = tmp_path / "nvidia-h200.json"
+    returned = common.record_rows([linear(m=2), linear(m=1)], card=CARD, path=path)
+    assert returned == path
+    data = read(path)
+    assert data["card"] == "NVIDIA H200"
+    assert [r["M"] for r in data["rows"]] == [1, 2]  # sorted by key
+    assert data["rows"][0] == linear(m=1)
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed, not left behind
+
+
+def test_a_row_with_the_same_key_replaces_the_old_one_and_others_are_appended(tmp_path):
+    path = tmp_path / "card.json"
+    common.record_rows([linear(m=1, aofunc_us=8.0), linear(m=16, aofunc_us=14.0), decode("bf16", tps=150.0)],
+                       card=CARD, path=path)
+    common.record_rows([linear(m=1, aofunc_us=7.5, path="gemm"), linear(m=4, aofunc_us=11.0),
+                        linear(fmt="nf4", m=1, aofunc_us=13.0)], card=CARD, path=path)
+    rows = read(path)["rows"]
+    assert [(r["kind"], r.get("format"), r.get("M"), r.get("aofunc_us")) for r in rows] == [
+        ("decode", None, None, None),
+        ("linear", "nf4", 1, 13.0),
+        ("linear", "w4a16", 1, 7.5),
+        ("linear", "w4a16", 4, 11.0),
+        ("linear", "w4a16", 16, 14.0),
+    ]
+    assert rows[2]["path"] == "gemm"  # the whole row is replaced, not only the time
+    assert rows[0] == decode("bf16", tps=150.0)  # another kind stays as it was
+
+
+def test_every_key_field_tells_rows_apart(tmp_path):
+    path = tmp_path / "card.json"
+    base = linear()
+    variants = [base, {**base, "K": 8192}, {**base, "N": 28672}, {**base, "x_dtype": "float16"},
+                {**base, "format": "w8a16"}]
+    common.record_rows(variants, card=CARD, path=path)
+    assert len(read(path)["rows"]) == 5
+    models = [decode(), decode(mode="eager"), decode(kind="prefill"), {**decode(), "batch": 4},
+              {**decode(), "layers": 2}, decode("nf4")]
+    common.record_rows(models, card=CARD, path=path)
+    common.record_rows([decode(tps=301.0)], card=CARD, path=path)  # replaces the first only
+    rows = read(path)["rows"]
+    assert len(rows) == 11
+    assert sorted(r["tokens_per_s"] for r in rows if r["kind"] != "linear") == [300.0] * 5 + [301.0]
+
+
+def test_moe_rows_may_leave_key_fields_out(tmp_path):
+    path = tmp_path / "card.json"
+    moe = {"kind": "moe", "format": "w4a16", "experts": 8, "top_k": 2, "K": 4096, "N": 14336, "M": 16,
+           "x_dtype": "bfloat16", "aofunc_us": 50.0}
+    common.record_rows([moe, {**moe, "M": 32}], card=CARD, path=path)
+    common.record_rows([{**moe, "aofunc_us": 45.0}], card=CARD, path=path)
+    assert [(r["M"], r["aofunc_us"]) for r in read(path)["rows"]] == [(16, 45.0), (32, 50.0)]
+
+
+def test_a_bad_row_raises_and_leaves_the_file_alone(tmp_path):
+    path = tmp_path / "card.json"
+    common.record_rows([linear()], card=CARD, path=path)
+    before = path.read_text()
+    incomplete = linear()
+    del incomplete["x_dtype"]
+    with pytest.raises(ValueError, match="x_dtype"):
+        common.record_rows([linear(m=2), incomplete], card=CARD, path=path)
+    with pytest.raises(ValueError, match="unknown kind"):
+        common.record_rows([{"kind": "attention", "M": 1}], card=CARD, path=path)
+    assert path.read_text() == before
+
+
+def test_the_file_is_one_row_a_line_key_fields_first(tmp_path):
+    path = tmp_path / "card.json"
+    common.record_rows([linear(m=1), linear(m=2)], card=CARD, path=path)
+    lines = path.read_text().splitlines()
+    assert lines[1] == ' "card": "NVIDIA H200",'
+    assert lines[3].strip().startswith('{"kind": "linear", "format": "w4a16", "K": 4096, "N": 4096, "M": 1, '
+                                       '"x_dtype": "bfloat16", "aofunc_us": 8.0, "bf16_us": 16.0')
+    assert len(lines) == 7
+
+
+def test_the_default_file_is_named_by_the_device_slug():
+    assert common.results_path("NVIDIA H100 80GB HBM3") == BENCHMARKS / "results" / "nvidia-h100-80gb-hbm3.json"
+    assert common.results_path("NVIDIA H200").name == "nvidia-h200.json"
+
+
+def test_timing_names_the_odd_one_out():
+    assert common.timing_of(bf16="cold_us", aofunc="cold_us", peer=None) == "cold_us"
+    assert common.timing_of(bf16="cold_us", aofunc="cold_us", peer="do_bench") == "cold_us; peer: do_bench"
+
+
+def test_the_commit_is_a_short_hash_or_none():
+    commit = common.git_commit()
+    assert commit is None or re.fullmatch(r"[0-9a-f]{4,40}(\+dirty)?", commit)
+
+
+# ------------------------------------------------------------------------------------ rows of the benchmarks
+
+def test_bench_kernels_rows_name_the_path_and_the_preferred_peer():
+    import bench_kernels
+
+    times = {"bf16": (16.04, "cold_us"), "aofunc": (8.011, "cold_us"), "tinygemm": None,
+             "torchao": (7.6, "do_bench")}
+    row = bench_kernels.linear_row("w4a16", 4096, 4096, 1, times, {"path": "gemv", "BLOCK_N": 32, "tuned": True})
+    assert common.row_key(row) == ("linear", "w4a16", 4096, 4096, 1, "bfloat16")
+    assert (row["bf16_us"], row["aofunc_us"], row["path"], row["tuned"]) == (16.04, 8.01, "gemv", True)
+    assert row["peer"] == common.torchao_name() and row["peer"].startswith("torchao")
+    assert (row["peer_us"], row["timing"]) == (7.6, "cold_us; peer: do_bench")
+    times["tinygemm"] = (7.4, "cold_us")
+    row = bench_kernels.linear_row("w4a16", 4096, 4096, 1, times, {"path": "gemv"})
+    assert (row["peer"], row["peer_us"], row["timing"], row["tuned"]) == ("tinygemm", 7.4, "cold_us", False)
+    row = bench_kernels.linear_row("nf4", 4096, 4096, 2, times, {"path": "gemm"})
+    assert (row["peer"], row["peer_us"]) == (None, None)
+
+
+def test_decode_rows_carry_the_bf16_speed_of_their_kind():
+    import decode as decode_bench
+    from llama import LlamaShape
+
+    times = {"decode": (298.456, {"tokens": 200}), "prefill": (None, {"prompt": 512})}
+    rows = decode_bench.model_rows("int4", LlamaShape(layers=2), "manual-graphs", times,
+                                   {"decode": 146.4, "prefill": 9000.0})
+    assert len(rows) == 1  # a failed measurement gives no row
+    assert common.row_key(rows[0]) == ("decode", "int4", 1, 2, "manual-graphs")
+    assert (rows[0]["tokens_per_s"], rows[0]["bf16_tokens_per_s"], rows[0]["tokens"]) == (298.46, 146.4, 200)
+
+
+# -------------------------------------------------------------------------------------------------- render.py
+
+EXPECTED_W4A16 = """### w4a16
+
+activations bfloat16; commit abc1234; tinygemm is `aten._weight_int4pack_mm` on the same codes.
+
+| K×N | M | bf16 µs | aofunc µs | bf16/aofunc | path | peer | peer µs | peer/aofunc |
+|---|---|---|---|---|---|---|---|---|
+| 4096×4096 | 1 | 16.0 | 8.0 | 2.00 | gemv (tuned) | tinygemm | 7.2 | 0.90 |
+| 4096×4096 | 16 | 16.0 | 12.8 | 1.25 | gemm | — | — | — |
+| 8192×28672 | 1 | 160.0 | 50.0 | 3.20 | gemv | tinygemm | 60.0 | 1.20 |"""
+
+EXPECTED_DECODE = """| kind | variant | batch | layers | mode | prompt | tokens/s | bf16 tokens/s | × bf16 |
+|---|---|---|---|---|---|---|---|---|
+| decode | bf16 | 1 | 32 | manual-graphs | — | 150.0 | 150.0 | 1.00 |
+| decode | int4 | 1 | 32 | manual-graphs | — | 300.0 | 150.0 | 2.00 |
+| decode | int4 | 1 | 32 | reduce-overhead | — | 330.0 | 150.0 | 2.20 |
+| prefill | int4 | 1 | 32 | manual-graphs | 512 | 6000.0 | 8000.0 | 0.75 |"""
+
+HAND_WRITTEN = """# Benchmarks
+
+## Kernels: weight-only
+
+Card: NVIDIA H100 80GB HBM3. Measured by hand, kept as history.
+
+## GPTQ
+
+Hand-written prose.
+"""
+
+
+@pytest.fixture
+def results(tmp_path):
+    folder = tmp_path / "results"
+    rows = [linear(m=1, tuned=True), linear(m=16, aofunc_us=12.8, path="gemm", peer=None, peer_us=None),
+            linear(k=8192, n=28672, m=1, aofunc_us=50.0, bf16_us=160.0, peer_us=60.0),
+            linear(fmt="w8a8", m=2048, aofunc_us=80.0, bf16_us=90.0, path="quantize+gemm", peer="torch._int_mm",
+                   peer_us=300.0),
+            linear(fmt="w8a16", m=16, aofunc_us=14.0, path="gemm", peer="torchao 0.17", peer_us=600.0),
+            decode("int4"), decode("bf16", tps=150.0), decode("int4", mode="reduce-overhead", tps=330.0),
+            {**decode("int4", kind="prefill", tps=6000.0), "bf16_tokens_per_s": 8000.0, "prompt": 512}]
+    common.record_rows(rows, card=CARD, path=folder / "nvidia-h200.json")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(HAND_WRITTEN)
+    return folder, doc
+
+
+def test_render_writes_one_table_per_format_and_one_for_decode(results):
+    folder, doc = results
+    assert render.render(folder, doc) == ["Linear: NVIDIA H200", "Decode: NVIDIA H200"]
+    text = doc.read_text()
+    assert text.startswith(HAND_WRITTEN.rstrip())  # hand-written sections stay, first
+    linear_body = text.split("## Linear: NVIDIA H200\n\n", 1)[1].split("\n## ", 1)[0]
+    assert linear_body.startswith(
+        "Generated from `benchmarks/results/nvidia-h200.json` by `benchmarks/render.py`; do not edit by hand.")
+    assert EXPECTED_W4A16 in linear_body
+    assert linear_body.index("### w4a16") < linear_body.index("### w8a16") < linear_body.index("### w8a8")
+    assert ("### w8a16\n\nactivations bfloat16; commit abc1234; torchao is its `quantize_` on an `nn.Linear`, "
+            "compiled with `torch.compile`.\n\n") in linear_body
+    assert "| 4096×4096 | 16 | 16.0 | 14.0 | 1.14 | gemm | torchao 0.17 | 600.0 | 42.86 |" in linear_body
+    assert ("| 4096×4096 | 2048 | 90.0 | 80.0 | 1.12 | quantize+gemm | torch._int_mm | 300.0 | 3.75 |"
+            in linear_body)
+    decode_body = text.split("## Decode: NVIDIA H200\n\n", 1)[1]
+    assert decode_body.startswith("Generated from `benchmarks/results/nvidia-h200.json`")
+    assert EXPECTED_DECODE in decode_body
+
+
+def test_render_again_replaces_its_sections_and_drops_those_without_results(results):
+    folder, doc = results
+    render.render(folder, doc)
+    once = doc.read_text()
+    render.render(folder, doc)
+    assert doc.read_text() == once  # idempotent
+    path = folder / "nvidia-h200.json"
+    kept = [r for r in common.load_results(path)["rows"] if r["kind"] == "linear"]
+    path.write_text(common.dump_results(CARD, kept))
+    common.record_rows([linear(m=1, aofunc_us=4.0, tuned=True)], card=CARD, path=path)
+    assert render.render(folder, doc) == ["Linear: NVIDIA H200"]
+    text = doc.read_text()
+    assert "## Decode: NVIDIA H200" not in text
+    assert "| 4096×4096 | 1 | 16.0 | 4.0 | 4.00 | gemv (tuned) | tinygemm | 7.2 | 1.80 |" in text
+    assert "## Kernels: weight-only\n\nCard: NVIDIA H100 80GB HBM3. Measured by hand, kept as history." in text
+    assert re.findall(r"^## (.*)$", text, re.M) == ["Kernels: weight-only", "GPTQ", "Linear: NVIDIA H200"]
+
+
+def test_render_cli_takes_the_folder_and_the_doc(results, capsys):
+    folder, doc = results
+    render.main(["--results", str(folder), "--doc", str(doc)])
+    assert "wrote ## Linear: NVIDIA H200" in capsys.readouterr().out
+    assert "## Decode: NVIDIA H200" in doc.read_text()
