@@ -1,4 +1,8 @@
-"""save and load: quantized params trees in safetensors with a JSON description, no pickle."""
+"""save and load: quantized params trees in safetensors with a JSON description, no pickle.
+
+The layout is versioned (docs/file-format.md): version 1 stores every name; version 2, written now, stores each
+tensor once and names the others holding it (tied weights) in the header's "aliases" table. `load` reads both.
+"""
 from __future__ import annotations
 
 import json
@@ -14,7 +18,10 @@ from aofunc.formats import QTensor, scheme_from_dict
 from aofunc.formats.qtensor import canonical_shape
 from aofunc.tree import check_params
 
-FILE_VERSION = 1
+#: the version `save` writes
+FILE_VERSION = 2
+#: the versions `load` reads
+READABLE_VERSIONS = (1, 2)
 HEADER_KEY = "aofunc"
 
 
@@ -40,25 +47,50 @@ def _own_storage(t: torch.Tensor, seen: set) -> torch.Tensor:
     return t
 
 
+def _quantized_prefix(name: str, quantized: set) -> str | None:
+    """The quantized name whose stored tensors ("{name}.{stored name}") `name` would sit among, if any."""
+    for i, char in enumerate(name):
+        if char == "." and name[:i] in quantized:
+            return name[:i]
+    return None
+
+
 def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a (quantized) params tree to a safetensors file: tensor "{name}.{stored name}" for each QTensor,
     plain tensors under their own name, and the description of each QTensor in the header's "aofunc" entry.
-    The file appears whole or not at all (written to a temporary file, then renamed)."""
+
+    Names holding one tensor or QTensor object (tied weights) are stored once, under the first of them; the header's
+    "aliases" table names the others, and `load` gives them all one object again. The file appears whole or not at
+    all (written to a temporary file, then renamed). The layout is file version 2 (docs/file-format.md).
+
+    Example:
+        >>> w = torch.randn(16, 64)
+        >>> path = os.path.join(tempfile.mkdtemp(), "tied.safetensors")
+        >>> aofunc.save({"embed.weight": w, "head.weight": w}, path)
+        >>> tree = aofunc.load(path)
+        >>> tree["head.weight"] is tree["embed.weight"]
+        True
+    """
     check_params(qparams, "qparams")
-    tensors, described, seen = {}, {}, set()
+    tensors, described, aliases, seen = {}, {}, {}, set()
+    stored_as: dict[int, str] = {}
     quantized = {name for name, t in qparams.items() if isinstance(t, QTensor)}
     for name, t in qparams.items():
+        owner = _quantized_prefix(name, quantized)
+        if owner is not None:
+            raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r}")
+        if id(t) in stored_as:
+            aliases[name] = stored_as[id(t)]
+            continue
+        stored_as[id(t)] = name
         if isinstance(t, QTensor):
             described[name] = {"scheme": t.scheme.to_dict(), "shape": list(t.shape),
                                "dtype": _dtype_name(t.dtype), "transposed": t.transposed}
             for stored_name, stored in t.tensors.items():
                 tensors[f"{name}.{stored_name}"] = _own_storage(stored, seen)
         else:
-            owner = next((q for q in quantized if name.startswith(q + ".")), None)
-            if owner is not None:
-                raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r}")
             tensors[name] = _own_storage(t, seen)
-    header = {HEADER_KEY: json.dumps({"version": FILE_VERSION, "params": described})}
+    header = {HEADER_KEY: json.dumps({"version": FILE_VERSION, "params": described, "aliases": aliases})}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".aofunc-", suffix=".safetensors.tmp")
@@ -71,7 +103,8 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-def _read_description(f, path) -> dict:
+def _read_description(f, path) -> tuple[dict, dict]:
+    """(the params table, the aliases table) of the header; a version 1 file has no aliases."""
     metadata = f.metadata() or {}
     if HEADER_KEY not in metadata:
         raise ValueError(f"load: {path} has no {HEADER_KEY!r} header entry; it was not written by aofunc.save")
@@ -82,9 +115,32 @@ def _read_description(f, path) -> dict:
     if not isinstance(description, dict) or not isinstance(description.get("params"), dict):
         raise ValueError(f"load: {path}: the {HEADER_KEY!r} header entry has no 'params' table")
     version = description.get("version")
-    if version != FILE_VERSION:
-        raise ValueError(f"load: {path} is file version {version!r}; this aofunc reads version {FILE_VERSION}")
-    return description["params"]
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"load: {path} is file version {version!r}; this release of aofunc reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))} (a newer file needs a newer aofunc)")
+    if version == 1:
+        return description["params"], {}
+    aliases = description.get("aliases")
+    if not isinstance(aliases, dict):
+        raise ValueError(f"load: {path}: a version {version} header needs an 'aliases' table {{name: stored name}}, "
+                         f"got {aliases!r}")
+    return description["params"], aliases
+
+
+def _check_aliases(aliases: dict, stored: set, keys: set, path) -> None:
+    """Every alias names a stored parameter directly, and is not stored itself."""
+    for name, target in aliases.items():
+        if not isinstance(target, str):
+            raise ValueError(f"load: {path}: alias {name!r} must name a stored parameter by a string, got {target!r}")
+        if name in stored or name in keys:
+            raise ValueError(f"load: {path}: alias {name!r} is itself stored in the file; an alias has no tensors "
+                             "of its own")
+    for name, target in aliases.items():
+        if target in aliases:
+            raise ValueError(f"load: {path}: alias {name!r} points at {target!r}, which is an alias too; an alias "
+                             "must name a stored parameter directly (no chains)")
+        if target not in stored:
+            raise ValueError(f"load: {path}: alias {name!r} points at {target!r}, which the file does not store")
 
 
 def _check_entry(name, entry, keys: set, f) -> tuple:
@@ -129,7 +185,10 @@ def _safetensors_dtype(dtype: torch.dtype) -> str:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Read a file written by `save` onto `device` (default CPU). Every entry is checked against the header
-    (names, dtypes, shapes) before anything is built; a mismatch is refused naming the parameter."""
+    (names, dtypes, shapes, aliases) before anything is built; a mismatch is refused naming the parameter.
+
+    Reads file versions 1 and 2 (docs/file-format.md) and refuses others; names stored as aliases of one tensor
+    (tied weights) get one object."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load: no file at {path}")
@@ -140,13 +199,17 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
         raise ValueError(f"load: {path} is not a readable safetensors file ({e})") from None
     with f:
         keys = set(f.keys())
-        description = _read_description(f, path)
+        description, aliases = _read_description(f, path)
         parts = {name: _check_entry(name, entry, keys, f) for name, entry in description.items()}
         claimed = {f"{name}.{s}" for name, part in parts.items() for s in part[4]}
+        plain = sorted(keys - claimed)
+        _check_aliases(aliases, set(parts) | set(plain), keys, path)
         out: dict[str, torch.Tensor] = {}
         for name, (scheme, shape, dtype, transposed, stored_names) in parts.items():
             tensors = {s: f.get_tensor(f"{name}.{s}") for s in stored_names}
             out[name] = QTensor(scheme, tensors, shape, dtype, transposed)
-        for key in sorted(keys - claimed):
+        for key in plain:
             out[key] = f.get_tensor(key)
+        for name, target in aliases.items():
+            out[name] = out[target]
     return out

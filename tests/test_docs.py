@@ -16,7 +16,7 @@ import aofunc
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 #: pages whose Python blocks run in order in one namespace (cli.md's need a Hugging Face checkpoint)
-RUNNABLE = ["index.md", "quickstart.md", "functional-model.md", "coming-from-torchao.md"] + sorted(
+RUNNABLE = ["index.md", "quickstart.md", "functional-model.md", "coming-from-torchao.md", "file-format.md"] + sorted(
     f"methods/{p.name}" for p in (DOCS / "methods").glob("*.md"))
 
 

@@ -49,7 +49,7 @@ def test_file_layout_follows_the_design(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == {"w.qdata", "w.scale", "w.zero", "t.qdata", "t.scale", "t.zero", "b"}
         header = json.loads(f.metadata()["aofunc"])
-    assert header["version"] == 1
+    assert header["version"] == 2 and header["aliases"] == {}
     assert header["params"]["w"] == {"scheme": {"type": "Int4WeightOnly", "group_size": 32}, "shape": [24, 80],
                                      "dtype": "float32", "transposed": False}
     assert header["params"]["t"]["transposed"] is True
@@ -109,7 +109,9 @@ def good_file_parts():
     (lambda t, h: h["params"]["w"].update(dtype="int8"), r"'w'.*floating point dtype"),
     (lambda t, h: h["params"]["w"].update(scheme={"type": "Int3"}), r"'w'.*unknown scheme"),
     (lambda t, h: h["params"]["w"].pop("scheme"), r"'w'.*needs scheme"),
-    (lambda t, h: h.update(version=7), r"version 7"),
+    (lambda t, h: h.update(version=7), r"file version 7; this release of aofunc reads versions 1, 2"),
+    (lambda t, h: h.update(version="2"), r"file version '2'; .* reads versions 1, 2"),
+    (lambda t, h: h.pop("version"), r"file version None"),
     (lambda t, h: h.pop("params"), r"no 'params'"),
 ])
 def test_malformed_files_are_refused_naming_the_problem(tmp_path, corrupt, match):
@@ -143,3 +145,138 @@ def test_save_handles_tensors_sharing_memory(tmp_path):
     aofunc.save({"a": base, "b": base[1:]}, tmp_path / "s.safetensors")
     loaded = aofunc.load(tmp_path / "s.safetensors")
     assert torch.equal(loaded["a"], base) and torch.equal(loaded["b"], base[1:])
+
+
+# ---------------------------------------------------------------------------------------------- versions and ties
+
+def version_1_file(path, tree):
+    """A file laid out as aofunc wrote it before aliases (file version 1): every name stored, by hand."""
+    tensors, described = {}, {}
+    for name, t in tree.items():
+        if isinstance(t, aofunc.QTensor):
+            described[name] = {"scheme": t.scheme.to_dict(), "shape": list(t.shape), "dtype": str(t.dtype)[6:],
+                               "transposed": t.transposed}
+            tensors.update({f"{name}.{s}": v.contiguous() for s, v in t.tensors.items()})
+        else:
+            tensors[name] = t.contiguous()
+    write_raw(path, tensors, {"version": 1, "params": described})
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+def test_version_1_files_load_as_they_always_did(tmp_path, scheme):
+    model = tiny_transformer()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    q = aofunc.quantize(dict(model.named_parameters()),
+                        Spec([Rule(r".*norm.*", None), Rule(r".*\.weight", scheme)]), model=model, example=ids)
+    version_1_file(tmp_path / "v1.safetensors", q)
+    aofunc.save(q, tmp_path / "v2.safetensors")
+    old, new = aofunc.load(tmp_path / "v1.safetensors"), aofunc.load(tmp_path / "v2.safetensors")
+    assert list(old) == list(new)
+    assert_same_tree(q, old)
+    assert_same_tree(old, new)
+    with torch.no_grad():
+        expected = functional_call(model, q, (ids,))
+        assert torch.equal(functional_call(model, old, (ids,)), expected)
+        assert torch.equal(functional_call(model, new, (ids,)), expected)
+
+
+def test_tied_names_are_stored_once_and_named_in_the_header(tmp_path):
+    q = quantized_tree(aofunc.Int4WeightOnly(32))
+    tree = {"w": q["w"], "w_tied": q["w"], "b": q["b"], "b_tied": q["b"]}
+    aofunc.save(tree, tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"w.qdata", "w.scale", "w.zero", "b"}
+        header = json.loads(f.metadata()["aofunc"])
+    assert header["aliases"] == {"w_tied": "w", "b_tied": "b"} and set(header["params"]) == {"w"}
+    loaded = aofunc.load(tmp_path / "t.safetensors")
+    assert loaded["w_tied"] is loaded["w"] and loaded["b_tied"] is loaded["b"]
+    assert_same_tree(tree, loaded)
+
+
+def test_a_tied_model_runs_from_a_file(tmp_path):
+    model = tiny_transformer()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    q = aofunc.quantize(dict(model.named_parameters(remove_duplicate=False)),
+                        Spec([Rule(r".*norm.*", None), Rule(r".*\.weight", aofunc.Int8WeightOnly())]),
+                        model=model, example=ids)
+    assert q["head.weight"] is q["embed.weight"]
+    aofunc.save(q, tmp_path / "tied.safetensors")
+    loaded = aofunc.load(tmp_path / "tied.safetensors")
+    assert loaded["head.weight"] is loaded["embed.weight"]
+    with torch.no_grad():
+        assert torch.equal(functional_call(model, loaded, (ids,)), functional_call(model, q, (ids,)))
+
+
+@st.composite
+def tied_trees(draw):
+    """{name: value} where several names may hold one plain tensor or one QTensor."""
+    count = draw(st.integers(1, 4))
+    values = []
+    for i in range(count):
+        kind = draw(st.sampled_from(["plain", "bf16", *range(len(ALL_SCHEMES))]))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+        if kind == "plain":
+            values.append(torch.randn(draw(st.integers(1, 5)), 3, generator=g))
+        elif kind == "bf16":
+            values.append(torch.randn(4, generator=g).to(torch.bfloat16))
+        else:
+            w = torch.randn(8, 40, generator=g)
+            values.append(aofunc.quantize({"w": w}, Spec([Rule("w", ALL_SCHEMES[kind])]))["w"])
+    owners = draw(st.lists(st.integers(0, count - 1), min_size=1, max_size=8))
+    return {f"p{i}": values[owner] for i, owner in enumerate(owners)}
+
+
+@given(tied_trees())
+def test_save_then_load_keeps_values_and_ties(tmp_path_factory, tree):
+    path = tmp_path_factory.mktemp("ties") / "t.safetensors"
+    aofunc.save(tree, path)
+    loaded = aofunc.load(path)
+    assert set(loaded) == set(tree)
+    assert_same_tree(tree, loaded)
+    for a in tree:
+        for b in tree:
+            assert (loaded[a] is loaded[b]) == (tree[a] is tree[b]), (a, b)
+    # and a loaded tree saves to a file that loads to the same tree again
+    aofunc.save(loaded, path)
+    again = aofunc.load(path)
+    assert_same_tree(loaded, again)
+    assert all((again[a] is again[b]) == (tree[a] is tree[b]) for a in tree for b in tree)
+
+
+def tied_file_parts():
+    tensors, header = good_file_parts()
+    header["version"] = 2
+    header["aliases"] = {"w_tied": "w", "b_tied": "b"}
+    return tensors, header
+
+
+def test_a_version_2_file_written_by_hand_loads_with_its_ties(tmp_path):
+    tensors, header = tied_file_parts()
+    write_raw(tmp_path / "ok.safetensors", tensors, header)
+    loaded = aofunc.load(tmp_path / "ok.safetensors")
+    assert loaded["w_tied"] is loaded["w"] and loaded["b_tied"] is loaded["b"]
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda t, h: h.pop("aliases"), r"version 2 header needs an 'aliases' table"),
+    (lambda t, h: h.update(aliases=["w"]), r"version 2 header needs an 'aliases' table"),
+    (lambda t, h: h["aliases"].update(x="missing"), r"alias 'x' points at 'missing', which the file does not store"),
+    (lambda t, h: h["aliases"].update(x="w.qdata"), r"alias 'x' points at 'w.qdata', which the file does not store"),
+    (lambda t, h: h["aliases"].update(x="w_tied"), r"alias 'x' points at 'w_tied', which is an alias too"),
+    (lambda t, h: h["aliases"].update(b="w"), r"alias 'b' is itself stored"),
+    (lambda t, h: h["aliases"].update(w="b"), r"alias 'w' is itself stored"),
+    (lambda t, h: h["aliases"].update({"w.scale": "b"}), r"alias 'w.scale' is itself stored"),
+    (lambda t, h: h["aliases"].update(x=3), r"alias 'x' must name a stored parameter by a string"),
+])
+def test_malformed_aliases_are_refused_naming_the_alias(tmp_path, corrupt, match):
+    tensors, header = tied_file_parts()
+    corrupt(tensors, header)
+    write_raw(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=match):
+        aofunc.load(tmp_path / "bad.safetensors")
+
+
+def test_save_refuses_a_quantized_name_under_another_quantized_name(tmp_path):
+    q = quantized_tree(aofunc.Int8WeightOnly())
+    with pytest.raises(ValueError, match=r"'w.inner' collides with the stored tensors of 'w'"):
+        aofunc.save({"w": q["w"], "w.inner": q["t"]}, tmp_path / "x.safetensors")
