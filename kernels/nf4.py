@@ -305,14 +305,23 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                     for reduce_w in (False, True):
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
                                         REDUCE_W=reduce_w, num_warps=warps, num_stages=3))
+        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins
+        for block_n in (32, 64):
+            for warps in (1, 2):
+                for groups in sorted({pow2_at_most(max(1, min(c // block_size, row_blocks))) for c in (128, 256, 512)}):
+                    for split in (1, 2, 4, 8):
+                        for stages in (1, 3, 4):
+                            out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, REDUCE_W=True,
+                                            LOOP_STAGES=stages, num_warps=warps, num_stages=3))
     if m >= 2 and gemm_fits(k, block_size) and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
                     for swap in (False, True):
-                        for warps, stages in ((4, 3), (4, 4)):
-                            out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-                                            SWAP=swap, num_warps=warps, num_stages=stages))
+                        for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                            for m_fast in (False, True) if m > 64 else (False,):
+                                out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+                                                SWAP=swap, M_FAST=m_fast, num_warps=warps, num_stages=stages))
     return out
 
 

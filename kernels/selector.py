@@ -64,7 +64,7 @@ ROUTES = (
     Route("w4a16", "gemm", 256, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
     Route("w4a16", "dequant", math.inf, "any x", _any),
     Route("w8a16", "gemv", 1, "any x", _any),
-    Route("w8a16", "gemm", 256, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("w8a16", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
     Route("w8a16", "dequant", math.inf, "any x", _any),
     Route("nf4", "gemv", 1, "K a whole number of blocks, blocks of whole words",
           lambda p: nf4_gemv_fits(p.k, p.block)),
@@ -90,8 +90,11 @@ def routes_table() -> str:
     low = {}
     for route in ROUTES:
         first = low.get(route.format, 1)
-        upper = "and up" if math.isinf(route.m_max) else f"to {int(route.m_max)}"
-        lines.append(f"| {route.format} | {route.path} | {first} {upper} | {route.when} |")
+        if math.isinf(route.m_max):
+            rows = f"{first} and up"
+        else:
+            rows = str(first) if first == route.m_max else f"{first} to {int(route.m_max)}"
+        lines.append(f"| {route.format} | {route.path} | {rows} | {route.when} |")
         if not math.isinf(route.m_max):
             low[route.format] = int(route.m_max) + 1
     return "\n".join(lines)

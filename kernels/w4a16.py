@@ -241,14 +241,16 @@ def _w4a16_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
-    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr,
+    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, XPERM: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step. With units u = 1 + code/16 (exact in bf16 and
     # fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is dequantized that way (one FMA an element) and
     # every step's dot accumulates straight into the tile. Otherwise d = dot(x, u) per step and
     # sum(x * w) = 16 s d + (z - 24 s) sum(x) per column. SPLIT_X: eight dots of depth GROUP/8, codes j of every
     # word against x's columns 8w + j, in place of one dot over the interleaved weight tile. SWAP: the tile is
-    # computed as w @ x.T, in that orientation to the end.
+    # computed as w @ x.T, in that orientation to the end. XPERM (with FULL_DQ): the codes are unpacked by
+    # position, column j * WORDS + w holding code j of word w, and x's columns are loaded in that order (x[8w + j]),
+    # so the weight tile needs no interleaving.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -257,6 +259,8 @@ def _w4a16_gemm_kernel(
     n_groups = tl.cdiv(K, GROUP)
     per_split = tl.cdiv(n_groups, split_k)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
+    if XPERM:
+        offs_k = 8 * (offs_k % WORDS) + offs_k // WORDS
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_groups)):
         k = g * GROUP + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -266,7 +270,13 @@ def _w4a16_gemm_kernel(
         z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
         s16 = 16.0 * s
         z24 = z - 24.0 * s
-        if FULL_DQ:
+        if XPERM:
+            # code j of a word sits in bits 4 * (j ^ 1) .. + 3; 2**23 + code as fp32 bits, minus 2**23 + 8
+            shifts = 4 * (tl.arange(0, 8) ^ 1)
+            codes = ((q[:, None, :] >> shifts[None, :, None]) & 15) | 0x4B000000
+            w3 = (codes.to(tl.float32, bitcast=True) - 8388616.0) * s[:, None, None] + z[:, None, None]
+            acc = dot_acc(acc, tl.reshape(w3, (BLOCK_N, GROUP)), xt, SWAP, DOT_FP32)
+        elif FULL_DQ:
             if SPLIT_X:
                 x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
                 acc = dot_acc(acc, unit_plus_code(q, 0, ONE_BITS) * s16[:, None] + z24[:, None], x0, SWAP, DOT_FP32)
@@ -352,13 +362,11 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
                     SPLIT_K=gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_groups, groups), device),
                     PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3, num_warps=2, num_stages=3)
     if path == "gemm":
+        # the H200 search's winners: one dequantized tile a step, 64 rows of w, programs along M first past 64
         block_m = min(128, max(16, triton.next_power_of_2(m)))
-        block_n = 128 if m <= 16 else 64
-        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = split_k(programs, n_groups, device)
-        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
-                    SPLIT_X=m <= 16 and group_size >= SPLIT_X_MIN_GROUP,
-                    num_warps=4, num_stages=3)
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split_k(programs, n_groups, device), SWAP=True,
+                    FULL_DQ=True, M_FAST=m > 64, num_warps=4, num_stages=3)
     return dict(path="dequant")
 
 
@@ -376,16 +384,28 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
                                         PREFETCH=prefetch, REDUCE_W=reduce_w, XVEC=xvec, COARSE=True,
                                         num_warps=warps, num_stages=3))
+        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins
+        for block_n in (32, 64):
+            for warps in (1, 2):
+                for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (256, 512)}):
+                    for split in (1, 2, 4, 8):
+                        for stages in (3, 4):
+                            out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                            PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True,
+                                            LOOP_STAGES=stages, num_warps=warps, num_stages=3))
     if m >= 2 and dtype != torch.float32:
+        forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, XPERM=True)]
+        if group_size >= SPLIT_X_MIN_GROUP:
+            forms += [dict(SWAP=swap, SPLIT_X=True, FULL_DQ=full) for swap, full in ((False, False), (True, False),
+                                                                                    (True, True))]
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
-                    for swap, split_x in ((False, False), (True, False), (True, True)):
-                        if split_x and group_size < SPLIT_X_MIN_GROUP:
-                            continue
-                        for warps, stages in ((4, 3), (4, 4)):
-                            out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-                                            SWAP=swap, SPLIT_X=split_x, num_warps=warps, num_stages=stages))
+                    for form in forms:
+                        for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                            for m_fast in (False, True) if m > 64 else (False,):
+                                out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+                                                M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
     return out
 
 
@@ -412,7 +432,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         grid = gemm_grid(m, n, params, split)
         kernel = _w4a16_gemm_kernel
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
-                     FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False))
+                     FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False),
+                     XPERM=params.pop("XPERM", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,

@@ -24,11 +24,16 @@ def test_unknown_format_is_refused_by_name():
 
 
 @pytest.mark.parametrize("m,dtype,device,want", [
-    (1, torch.float32, CUDA, "gemv"), (2, torch.bfloat16, CUDA, "gemm"), (256, torch.float16, CUDA, "gemm"),
+    (1, torch.float32, CUDA, "gemv"), (2, torch.bfloat16, CUDA, "gemm"), (128, torch.float16, CUDA, "gemm"),
     (257, torch.bfloat16, CUDA, "dequant"), (2, torch.float32, CUDA, "dequant"), (2, torch.float32, CPU, "gemm")])
 def test_int4_and_int8_routes(m, dtype, device, want):
     for fmt in ("w4a16", "w8a16"):
         assert default_path(fmt, Problem(m, 64, 256, dtype, device, 128)) == want
+
+
+def test_int8_weights_leave_the_gemm_earlier_than_int4():
+    assert default_path("w4a16", Problem(256, 64, 256, torch.bfloat16, CUDA, 128)) == "gemm"
+    assert default_path("w8a16", Problem(256, 64, 256, torch.bfloat16, CUDA)) == "dequant"
 
 
 def test_nf4_constraints_send_odd_shapes_to_dequant():
@@ -53,6 +58,6 @@ def test_launchers_default_to_the_table(m, dtype):
 def test_routes_table_lists_every_route_with_its_range():
     text = selector.routes_table()
     assert len(text.splitlines()) == 2 + len(selector.ROUTES)
-    assert "| w4a16 | gemv | 1 to 1 |" in text
+    assert "| w4a16 | gemv | 1 |" in text
     assert "| w4a16 | gemm | 2 to 256 |" in text
     assert "| w4a16 | dequant | 257 and up |" in text

@@ -1,0 +1,48 @@
+"""Every configuration shipped for a card is one the tuner's search would try for that key: a search can always
+find again what ships, and nothing ships that the launchers were not written to run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aofunc.kernels import autotune, nf4, w4a16, w8a16
+
+FILES = sorted(autotune.SHIPPED_DIR.glob("*.json"))
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def normalized(config: dict) -> dict:
+    """A config without the settings that mean what their absence means to the launchers (flags off, one loop
+    stage)."""
+    return {k: v for k, v in config.items() if v is not False and not (k == "LOOP_STAGES" and v == 1)}
+
+
+def candidates_for(text: str):
+    kernel, m, n, k, dtypes = text.split("|")
+    m, n, k = (int(part.split("=")[1]) for part in (m, n, k))
+    dtype = DTYPES[dtypes.split(",")[0]]
+    cpu = torch.device("cpu")
+    if kernel.startswith("w4a16_g"):
+        return w4a16.candidate_configs(m, n, k, int(kernel.removeprefix("w4a16_g")), dtype, cpu)
+    if kernel == "w8a16":
+        return w8a16.candidate_configs(m, n, k, dtype, cpu)
+    if kernel.startswith("nf4_b"):
+        block = int(kernel.removeprefix("nf4_b").split("_")[0])
+        return nf4.candidate_configs(m, n, k, block, dtype, cpu)
+    return None
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_shipped_configs_are_search_candidates(path: Path):
+    tables = json.loads(path.read_text())["configs"]
+    checked = 0
+    for device, table in tables.items():
+        assert autotune.device_slug(device) == path.stem
+        for text, config in table.items():
+            pool = candidates_for(text)
+            if pool is None:
+                continue
+            assert normalized(config) in [normalized(c) for c in pool], (text, config)
+            checked += 1
+    assert checked > 0
