@@ -78,10 +78,10 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
             raise TypeError(f"quantize: rule {rule.pattern!r} has {rule.scheme}, which is not a stored format; "
                             "apply it with its own transform (aofunc.prune or aofunc.wanda for Sparse)")
     chosen = plan(params, spec, model=model, example=example)
-    if progress is None:
-        progress = sum(params[name].numel() for name in chosen) > PROGRESS_NUMEL
-    out = detached_aliases(params)
     once = unique_by_tensor(params, chosen)
+    if progress is None:
+        progress = sum(params[name].numel() for name in once) > PROGRESS_NUMEL
+    out = detached_aliases(params)
     for name in tqdm(once, desc="quantize", disable=not progress, unit="weight"):
         rule = chosen[name]
         out[name] = quantize_weight(params[name], rule.scheme, rule.transposed)
