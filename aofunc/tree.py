@@ -12,6 +12,7 @@ import optree
 import torch
 
 from aofunc.formats import QTensor
+from aofunc.formats.qtensor import keep_address_static
 
 NAMESPACE = "aofunc"
 
@@ -52,13 +53,17 @@ def check_params(params: Any, what: str = "params") -> Mapping[str, torch.Tensor
 def detached_aliases(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new dict whose plain tensors are detached aliases of the given ones: the same storage (no copy) and the
     same `requires_grad`, but new objects, never an `nn.Parameter`. Names holding one tensor object (tied weights)
-    get one alias, so they still hold one object. QTensors and other tensor subclasses are kept as they are."""
+    get one alias, so they still hold one object. QTensors and other tensor subclasses are kept as they are.
+
+    Like QTensors, the aliases are marked as static-address inputs, as the compiler marks a module's own
+    Parameters: under `torch.compile(mode="reduce-overhead")` their CUDA graphs read them in place rather than
+    copying them (an embedding table, say) on every call."""
     made: dict[int, torch.Tensor] = {}
     out = {}
     for name, t in params.items():
         if isinstance(t, torch.nn.Parameter) or type(t) is torch.Tensor:
             if id(t) not in made:
-                made[id(t)] = t.detach().requires_grad_(t.requires_grad)
+                made[id(t)] = keep_address_static(t.detach().requires_grad_(t.requires_grad))
             out[name] = made[id(t)]
         else:
             out[name] = t

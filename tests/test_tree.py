@@ -31,6 +31,16 @@ def test_detached_aliases_keep_storage_and_requires_grad_and_one_object_per_tens
     assert all(params[f"p{i}"] is tensors[owner] for i, owner in enumerate(owners))  # the input is untouched
 
 
+def test_aliases_are_read_in_place_by_compiled_functions():
+    # the compiler's own reader of mark_static_address: CUDA graphs under reduce-overhead do not copy these
+    from torch._dynamo.utils import get_static_address_type
+
+    plain = torch.randn(3)
+    alias = detached_aliases({"p": nn.Parameter(torch.randn(3)), "t": plain})
+    assert get_static_address_type(alias["p"]) == "unguarded" and get_static_address_type(alias["t"]) == "unguarded"
+    assert get_static_address_type(plain) is None  # the caller's tensor is not marked
+
+
 def test_an_alias_is_a_new_autograd_leaf_on_the_same_memory():
     p = nn.Parameter(torch.ones(4))
     alias = detached_aliases({"p": p})["p"]
