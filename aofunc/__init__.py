@@ -5,7 +5,7 @@
     y       = torch.func.functional_call(model, qparams, (x,))
 """
 from aofunc import ops as _ops  # noqa: F401  (registers the torch functions a QTensor answers)
-from aofunc.apply import apply
+from aofunc.apply import apply, bind
 from aofunc.calibrate import *  # noqa: F401,F403  (its __all__ lists the calibrated transforms)
 from aofunc.calibrate import __all__ as _calibrate_all
 from aofunc.capture import capture_inputs, record_shapes
@@ -16,11 +16,12 @@ from aofunc.primitives import sqnr
 from aofunc.quantize import dequantize, quantize
 from aofunc.spec import Rule, Spec, SpecReport, SpecWarning
 from aofunc.tree import size_in_bytes
+from aofunc.tuning import tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NF4", "Int4WeightOnly", "Int8Dynamic", "Int8DynamicInt4", "Int8WeightOnly", "QTensor", "Rule", "Scheme",
-    "Spec", "SpecReport", "SpecWarning", "apply", "capture_inputs", "dequantize", "load", "qlinear", "quantize",
-    "record_shapes", "save", "size_in_bytes", "sqnr",
+    "Spec", "SpecReport", "SpecWarning", "apply", "bind", "capture_inputs", "dequantize", "load", "qlinear", "quantize",
+    "record_shapes", "save", "size_in_bytes", "sqnr", "tune",
 ] + list(_calibrate_all)

@@ -192,7 +192,7 @@ def bench(fmts, shapes, ms, peers, tune_ms, record=None):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 start = time.time()
                 if m in tune_ms:
-                    with autotune.tune():
+                    with autotune.tuning():
                         run(x)
                 tuned = autotune.lookup(key(x))
                 config = dict(tuned or default(x), tuned=tuned is not None)

@@ -135,7 +135,7 @@ def bench_shape(k, n, ms, search, torchao_ms, int4, time_us):
         errors = []
         x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
         if search:
-            with autotune.tune():
+            with autotune.tuning():
                 attempt(errors, "w8a8 search", lambda: w8a8_linear(x, q, scale, None, None))
                 if int4:
                     attempt(errors, "8da4w search", lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None))

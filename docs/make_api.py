@@ -28,7 +28,7 @@ SECTIONS = (
     ("The fold and the capture mode", ("Calibration", "fold", "capture_inputs", "record_shapes")),
     ("Building blocks of the calibrated transforms",
      ("gptq_calibration", "gptq_quantize_weight", "HessianState", "SmoothQuantState", "WandaState")),
-    ("Running, files and measures", ("apply", "qlinear", "save", "load", "sqnr", "size_in_bytes")),
+    ("Running, files and measures", ("apply", "bind", "qlinear", "tune", "save", "load", "sqnr", "size_in_bytes")),
 )
 
 

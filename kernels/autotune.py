@@ -5,11 +5,14 @@ launcher passes straight to ``kernel[grid](..., **config)``. It is keyed on
 ``(kernel name, M bucket, N, K, dtypes, device name)``, M rounded up to a power of two.
 
 ``choose`` answers, in order: a winner found earlier in this process or stored in the user cache file, a
-winner shipped with the package for this card (``kernels/configs/<device-slug>.json``), a new search when
-tuning is on (``with tune():`` or ``AOFUNC_AUTOTUNE=1``), and otherwise the launcher's default. A search
-checks every candidate against the reference twin before timing it and stores the fastest correct one in the
-user cache (``$AOFUNC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/aofunc/kernels.json``, else
-``~/.cache/aofunc/kernels.json``).
+winner shipped with the package for this card (``kernels/configs/<device-slug>.json``; skipped when
+``AOFUNC_SHIPPED_CONFIGS=0``), a new search when tuning is on (``with tuning():`` or ``AOFUNC_AUTOTUNE=1``), and
+otherwise the launcher's default, which is a model of the card: block sizes and splits of K from its
+multiprocessor count and the shape. A search checks every candidate against the reference twin before timing it
+and stores the fastest correct one in the user cache (``$AOFUNC_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/aofunc/kernels.json``, else ``~/.cache/aofunc/kernels.json``). A user cache that cannot be read
+(not JSON, another program's file, another version) is ignored with a warning naming it, never used, never
+overwritten.
 
 Example::
 
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
@@ -139,16 +143,50 @@ def write_table(path: Path, table: dict) -> None:
 # Winners known in this process, keyed by ConfigKey; filled from the files lazily, one device at a time.
 _known: dict = {}
 _loaded_devices: set = set()
-_tuning: list = []  # stack of (enabled, retune) set by `tune()`
+_tuning: list = []  # stack of (enabled, retune, verify, keys searched) set by `tuning()`
+
+
+def shipped_enabled() -> bool:
+    """False when ``AOFUNC_SHIPPED_CONFIGS=0``: only the user cache and the card model (the launchers' defaults)."""
+    return os.environ.get("AOFUNC_SHIPPED_CONFIGS", "1") != "0"
+
+
+def _valid_entries(table, path: Path) -> dict:
+    """The {device: {key text: config}} entries of a user cache whose configs are plain dicts of meta-parameters;
+    others are dropped with a warning."""
+    out = {}
+    for device, entries in table.items():
+        if not isinstance(entries, dict):
+            warnings.warn(f"aofunc: ignoring the entries for {device!r} in the kernel cache {path}: not a mapping")
+            continue
+        for text, config in entries.items():
+            if isinstance(config, dict) and all(isinstance(k, str) and isinstance(v, (int, bool, str))
+                                                for k, v in config.items()):
+                out.setdefault(device, {})[text] = config
+            else:
+                warnings.warn(f"aofunc: ignoring the malformed entry {text!r} in the kernel cache {path}")
+    return out
+
+
+def read_user_cache(path: Path) -> Optional[dict]:
+    """The user cache's table, or None (with a warning naming the file) when it exists but cannot be used."""
+    try:
+        return _valid_entries(read_table(path), path)
+    except (OSError, ValueError, TypeError, AttributeError) as error:  # json's errors are ValueErrors
+        warnings.warn(f"aofunc: ignoring the kernel cache {path}: it is not an aofunc kernel configuration file "
+                      f"({type(error).__name__}: {error}); remove it or set AOFUNC_KERNEL_CACHE to another path")
+        return None
 
 
 def _load_device(device: str) -> None:
     if device in _loaded_devices:
         return
     _loaded_devices.add(device)
-    for path in (shipped_path(device), cache_path()):  # the user cache overrides shipped entries
-        for text, config in read_table(path).get(device, {}).items():
+    if shipped_enabled():
+        for text, config in read_table(shipped_path(device)).get(device, {}).items():
             _known[(device, text)] = config
+    for text, config in (read_user_cache(cache_path()) or {}).get(device, {}).items():  # overrides shipped
+        _known[(device, text)] = config
 
 
 def lookup(key: ConfigKey) -> Optional[Config]:
@@ -158,12 +196,25 @@ def lookup(key: ConfigKey) -> Optional[Config]:
 
 
 def store(key: ConfigKey, config: Config) -> None:
-    """Remember ``config`` for ``key`` in this process and in the user cache file."""
+    """Remember ``config`` for ``key`` in this process and in the user cache file (unless that file is unusable)."""
     _load_device(key.device)
     _known[(key.device, str(key))] = dict(config)
+    _update_user_cache(lambda table: table.setdefault(key.device, {}).__setitem__(str(key), dict(config)))
+
+
+def discard(key: ConfigKey) -> None:
+    """Drop the stored winner for ``key`` from this process and from the user cache file."""
+    _load_device(key.device)
+    _known.pop((key.device, str(key)), None)
+    _update_user_cache(lambda table: table.get(key.device, {}).pop(str(key), None))
+
+
+def _update_user_cache(change: Callable[[dict], object]) -> None:
     path = cache_path()
-    table = read_table(path)
-    table.setdefault(key.device, {})[str(key)] = dict(config)
+    table = read_user_cache(path)
+    if table is None:
+        return  # an unusable file is left as it is (the warning named it)
+    change(table)
     write_table(path, table)
 
 
@@ -174,17 +225,22 @@ def forget() -> None:
 
 
 @contextlib.contextmanager
-def tune(enabled: bool = True, *, retune: bool = False) -> Iterator[None]:
-    """Within the block, launches on a key without a stored winner search for one (``retune``: every key)."""
-    _tuning.append((enabled, retune))
+def tuning(enabled: bool = True, *, retune: bool = False, verify: bool = False) -> Iterator[list]:
+    """Within the block, launches on a key without a stored winner search for one (``retune``: every key).
+
+    Yields the list of keys searched in the block, filled as searches run. ``verify``: a stored winner is first
+    checked against the reference twin, and discarded (from the user cache too) when it fails or does not launch.
+    """
+    searched: list = []
+    _tuning.append((enabled, retune, verify, searched))
     try:
-        yield
+        yield searched
     finally:
         _tuning.pop()
 
 
 def tuning_enabled() -> bool:
-    """True inside ``tune()``, else when the environment variable ``AOFUNC_AUTOTUNE`` is ``1``."""
+    """True inside ``tuning()``, else when the environment variable ``AOFUNC_AUTOTUNE`` is ``1``."""
     if _tuning:
         return _tuning[-1][0]
     return os.environ.get("AOFUNC_AUTOTUNE", "0") == "1"
@@ -192,6 +248,10 @@ def tuning_enabled() -> bool:
 
 def _retuning() -> bool:
     return bool(_tuning) and _tuning[-1][0] and _tuning[-1][1]
+
+
+def _verifying() -> bool:
+    return bool(_tuning) and _tuning[-1][0] and _tuning[-1][2]
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -284,7 +344,7 @@ def choose(
     """
     if not _retuning():
         known = lookup(key)
-        if known is not None:
+        if known is not None and not (_verifying() and not _matches(known, run, reference(), tolerance, key)):
             return known
     if not tuning_enabled():
         return default
@@ -293,4 +353,21 @@ def choose(
     if best is None:
         raise RuntimeError(f"no configuration of {key} matched its reference twin, the default included")
     store(key, best)
+    if _tuning:
+        _tuning[-1][3].append(key)
     return best
+
+
+def _matches(config: Config, run, reference, tolerance: float, key: ConfigKey) -> bool:
+    """Whether a stored config still launches and matches the twin; one that does not is discarded, with a warning."""
+    try:
+        err = relative_error(run(config), reference)
+    except Exception as error:  # a stored config this version's launcher cannot run
+        err, why = float("inf"), f"{type(error).__name__}: {error}"[:200]
+    else:
+        why = f"relative error {err:.3g} > {tolerance:.3g}"
+    if err <= tolerance:
+        return True
+    warnings.warn(f"aofunc: discarding the stored configuration of {key} ({why}); searching again")
+    discard(key)
+    return False

@@ -29,6 +29,8 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_fi
 GROUP_SIZES = (32, 64, 128, 256)
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
 SPLIT_X_MIN_GROUP = 128
+# Rows of w at least this long take the GEMV's long-row default (fewer codes a step, one warp).
+LONG_ROW_K = 8192
 
 
 def check_w4a16(x, qdata, scale, zero, group_size, bias) -> None:
@@ -356,11 +358,14 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
     n_groups = -(-k // group_size)
     path = default_path("w4a16", Problem(m, n, k, dtype, device, group_size))
     if path == "gemv":
-        block_n = 32
-        groups = pow2_at_most(max(1, min(512 // group_size, n_groups)))
+        # The winners of the H100 and H200 searches: 512 codes a row a step on two warps, halved (one warp, 256
+        # codes) for long rows (K >= 8192), where more programs in flight hide more of the memory latency.
+        block_n, long_rows = 32, k >= LONG_ROW_K
+        groups = pow2_at_most(max(1, min((256 if long_rows else 512) // group_size, n_groups)))
         return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups,
                     SPLIT_K=gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_groups, groups), device),
-                    PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3, num_warps=2, num_stages=3)
+                    PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3,
+                    num_warps=1 if long_rows else 2, num_stages=3)
     if path == "gemm":
         # the H200 search's winners: one dequantized tile a step, 64 rows of w, programs along M first past 64
         block_m = min(128, max(16, triton.next_power_of_2(m)))

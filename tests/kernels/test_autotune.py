@@ -61,10 +61,36 @@ def test_user_cache_overrides_shipped(tmp_path):
     assert autotune.lookup(key) == {"BLOCK": 64}
 
 
-def test_malformed_file_is_refused(tmp_path):
-    (tmp_path / "kernels.json").write_text(json.dumps({"version": 99, "configs": {}}))
-    with pytest.raises(ValueError, match="version 1"):
-        autotune.lookup(autotune.config_key("k", 1, 1, 1, (), "card"))
+@pytest.mark.parametrize("text", ['{"version": 99, "configs": {}}', "not json {", '["a", "list"]'])
+def test_an_unusable_user_cache_is_ignored_with_a_warning_and_left_alone(tmp_path, text):
+    path = tmp_path / "kernels.json"
+    path.write_text(text)
+    key = autotune.config_key("k", 1, 1, 1, (), "card")
+    with pytest.warns(UserWarning, match="kernels.json"):
+        assert autotune.lookup(key) is None
+    with pytest.warns(UserWarning, match="kernels.json"):
+        autotune.store(key, {"BLOCK": 8})
+    assert autotune.lookup(key) == {"BLOCK": 8}  # kept for this process
+    assert path.read_text() == text  # another program's file is never overwritten
+
+
+def test_malformed_entries_are_dropped_and_the_rest_used(tmp_path):
+    good = autotune.config_key("k", 1, 1, 1, (), "card")
+    bad = autotune.config_key("k", 2, 1, 1, (), "card")
+    autotune.write_table(tmp_path / "kernels.json", {"card": {str(good): {"BLOCK": 4}, str(bad): [1, 2]}})
+    with pytest.warns(UserWarning, match="malformed entry"):
+        assert autotune.lookup(good) == {"BLOCK": 4}
+    assert autotune.lookup(bad) is None
+
+
+def test_shipped_tables_can_be_switched_off(tmp_path, monkeypatch):
+    key = autotune.config_key("k", 1, 8, 8, ("float16",), "Some Card")
+    autotune.write_table(tmp_path / "shipped" / "some-card.json", {"Some Card": {str(key): {"BLOCK": 16}}})
+    monkeypatch.setenv("AOFUNC_SHIPPED_CONFIGS", "0")
+    assert autotune.lookup(key) is None
+    autotune.forget()
+    monkeypatch.setenv("AOFUNC_SHIPPED_CONFIGS", "1")
+    assert autotune.lookup(key) == {"BLOCK": 16}
 
 
 def _problem():
@@ -105,28 +131,47 @@ def test_choose_default_without_tuning_and_search_with_it(monkeypatch):
 
     args = dict(candidates=candidates, run=run, reference=lambda: ref, tolerance=1e-6)
     assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 4} and not searched  # tuning off: no search
-    with autotune.tune():
+    with autotune.tuning():
         assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 2}  # BLOCK=1 is faster but wrong
     assert autotune.lookup(key) == {"BLOCK": 2} and searched == [True]
-    with autotune.tune():
+    with autotune.tuning():
         assert autotune.choose(key, {"BLOCK": 8}, **args) == {"BLOCK": 2} and searched == [True]  # stored: no search
-    with autotune.tune(retune=True):
+    with autotune.tuning(retune=True):
         assert autotune.choose(key, {"BLOCK": 8}, **args) == {"BLOCK": 8}  # ties go to the default, timed first
     assert autotune.lookup(key) == {"BLOCK": 8}
+
+
+def test_tuning_lists_the_keys_it_searched_and_verify_discards_a_stale_winner(monkeypatch, tmp_path):
+    ref, run, timer = _problem()
+    monkeypatch.setattr(autotune, "cold_us", timer)
+    key = autotune.config_key("fake", 1, 6, 6, ("float32",), "card")
+    args = dict(candidates=lambda: [{"BLOCK": 2}], run=run, reference=lambda: ref, tolerance=1e-6)
+    autotune.store(key, {"BLOCK": 1})  # a stored winner that no longer matches the twin
+    with autotune.tuning() as searched:
+        assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 1}  # trusted without verify
+    assert searched == []
+    with autotune.tuning(verify=True) as searched, pytest.warns(UserWarning, match="discarding"):
+        assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 2}
+    assert searched == [key]
+    autotune.forget()
+    assert autotune.lookup(key) == {"BLOCK": 2}  # the file holds the new winner
+    autotune.store(key, {"BLOCK": 3})  # one that no longer launches
+    with autotune.tuning(verify=True) as searched, pytest.warns(UserWarning, match="RuntimeError"):
+        assert autotune.choose(key, {"BLOCK": 4}, **args) == {"BLOCK": 2}
 
 
 def test_environment_variable_turns_tuning_on(monkeypatch):
     assert not autotune.tuning_enabled()
     monkeypatch.setenv("AOFUNC_AUTOTUNE", "1")
     assert autotune.tuning_enabled()
-    with autotune.tune(False):
+    with autotune.tuning(False):
         assert not autotune.tuning_enabled()
 
 
 def test_choose_raises_when_nothing_matches():
     ref, run, _ = _problem()
     key = autotune.config_key("fake", 1, 6, 6, ("float32",), "card")
-    with autotune.tune(), pytest.raises(RuntimeError, match="no configuration"):
+    with autotune.tuning(), pytest.raises(RuntimeError, match="no configuration"):
         autotune.choose(key, {"BLOCK": 1}, lambda: [{"BLOCK": 3}], run, lambda: ref, 1e-6)
 
 
