@@ -1,12 +1,48 @@
-"""apply: run an unmodified model with a (quantized) params tree, refusing keys the model does not have."""
+"""apply and bind: run an unmodified model with a (quantized) params tree, refusing keys the model does not have.
+
+Both swap the tree into the module for the length of a call (apply) or of a ``with`` block (bind) and hold the
+module's own lock meanwhile, so that threads sharing one module never see each other's trees.
+"""
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Mapping
+import threading
+import weakref
+from typing import Iterator, Mapping
 
 import torch
+from torch.nn.utils.stateless import _reparametrize_module
 
 from aofunc.tree import check_params
+
+_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(model: torch.nn.Module) -> threading.RLock:
+    """The one re-entrant lock of `model` that `apply` and `bind` hold while its tensors are swapped.
+
+    Made on first use, under a global lock so that two threads never make two; it lives as long as the module."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    return lock
+
+
+def check_keys(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], caller: str) -> None:
+    """Refuses a model that is not an nn.Module, a tree that is not {name: tensor}, and names the model lacks."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
+    check_params(qparams, "qparams")
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    unknown = sorted(set(qparams) - known)
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
+                 else repr(key) for key in unknown]
+        raise KeyError(f"{caller}: the model has no parameter or buffer named {', '.join(hints)}")
 
 
 def apply(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], *args, **kwargs):
@@ -15,17 +51,52 @@ def apply(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], *args, **
     Unlike plain functional_call, a key the model does not have is an error (a misspelt key would otherwise be
     silently ignored). Tied weights (one tensor under two names) take the one value given for either name.
 
+    Thread-safe: the call holds the module's own re-entrant lock while `qparams` are swapped in, so threads
+    sharing one module (each with its own tree) get the answers they would get alone, one call at a time, and
+    the module keeps its own tensors. Plain `torch.func.functional_call` on a module shared between threads is
+    not thread-safe: calls interleave and can leave another thread's tensors in the module. The lock is per
+    module object (a call on a submodule takes the submodule's lock), and it is skipped while
+    `torch.compiler.is_compiling()`: a compiled function swaps nothing in the module, and the compiler does not
+    trace locks.
+
     Example:
         >>> y = aofunc.apply(model, qparams, x)
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"apply: model must be an nn.Module, got {type(model).__name__}")
-    check_params(qparams, "qparams")
-    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    unknown = sorted(set(qparams) - known)
-    if unknown:
-        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
-                 else repr(key) for key in unknown]
-        raise KeyError(f"apply: the model has no parameter or buffer named {', '.join(hints)}")
-    return torch.func.functional_call(model, dict(qparams), args, kwargs, tie_weights=True, strict=False)
+    if torch.compiler.is_compiling():
+        check_keys(model, qparams, "apply")
+        return torch.func.functional_call(model, dict(qparams), args, kwargs, tie_weights=True, strict=False)
+    with module_lock(model):
+        check_keys(model, qparams, "apply")
+        return torch.func.functional_call(model, dict(qparams), args, kwargs, tie_weights=True, strict=False)
+
+
+@contextlib.contextmanager
+def bind(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """A context manager under which the unmodified `model` computes with `qparams`: every method, not only
+    `forward` (`model.generate(...)`, a pipeline holding the model), sees the tree's tensors in place of the
+    module's own. On leaving the block, normally or by an exception, the module's own parameters and buffers (the
+    same objects) are back.
+
+    Keys are checked as `apply` checks them (a name the model does not have is an error, before anything is
+    swapped), and tied weights stay tied: the one value given for either name is seen under both. A `QTensor`
+    stands in for a Parameter like in `functional_call`. The block holds the module's own re-entrant lock, the
+    one `apply` takes: `apply` (or another `bind`) on the same module inside the block, on the same thread,
+    works and restores the block's tensors; other threads calling `apply` or `bind` on the module wait until the
+    block ends (so a block must not wait on such a thread). Code that calls the module directly from another
+    thread takes no lock and sees the bound tensors. Yields the model. The lock is skipped while
+    `torch.compiler.is_compiling()`.
+
+    Example:
+        >>> with aofunc.bind(model, qparams):
+        ...     y = model(x)
+    """
+    lock = None if torch.compiler.is_compiling() else module_lock(model)
+    if lock is not None:
+        lock.acquire()
+    try:
+        check_keys(model, qparams, "bind")
+        with _reparametrize_module(model, dict(qparams), tie_weights=True, strict=False):
+            yield model
+    finally:
+        if lock is not None:
+            lock.release()

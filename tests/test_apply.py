@@ -1,4 +1,7 @@
-"""apply: functional_call that refuses unknown keys and handles tied weights."""
+"""apply: functional_call that refuses unknown keys and handles tied weights, from many threads at once."""
+import sys
+import threading
+
 import pytest
 import torch
 
@@ -51,3 +54,91 @@ def test_the_model_is_left_exactly_as_it_was():
 def test_apply_refuses_a_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         aofunc.apply(lambda x: x, {}, 1)
+
+
+# ---------------------------------------------------------------------------------------------- many threads
+
+def own_tensors(model):
+    """Every name of the module (tied names too) -> (the object it holds, a copy of its values)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: (t, t.detach().clone()) for name, t in named}
+
+
+def assert_restored(model, before):
+    after = own_tensors(model)
+    assert after.keys() == before.keys()
+    for name, (t, values) in before.items():
+        assert after[name][0] is t, name
+        assert torch.equal(after[name][1], values), name
+
+
+def trees_for_threads(model):
+    params = dict(model.named_parameters())
+    schemes = [aofunc.Int8WeightOnly(), aofunc.Int4WeightOnly(32), aofunc.NF4(), aofunc.Int8Dynamic()]
+    trees = [aofunc.quantize(params, Spec([Rule(r"layers\..*\.(qkv|up|down)\.weight", scheme)]))
+             for scheme in schemes]
+    return trees + [{name: p.detach() * 0.5 if name.startswith("layers.1.") else p.detach()
+                     for name, p in params.items()}]
+
+
+def in_one_thread(fn):
+    """fn() run on a fresh thread, so that the reference answers are computed the way the threads compute."""
+    box = []
+    worker = threading.Thread(target=lambda: box.append(fn()))
+    worker.start()
+    worker.join()
+    return box[0]
+
+
+@pytest.mark.parametrize("use_bind", [False, True])
+def test_many_threads_on_one_module_get_the_single_threaded_answers(use_bind):
+    model = tiny_transformer()
+    trees = trees_for_threads(model)
+    ids = torch.randint(0, 96, (2, 6))
+    before = own_tensors(model)
+    with torch.no_grad():
+        expected = in_one_thread(lambda: [aofunc.apply(model, tree, ids) for tree in trees])
+    assert all(not torch.equal(expected[0], e) for e in expected[1:])  # the trees give different answers
+
+    threads, calls = 6, 40
+    start = threading.Barrier(threads)
+    wrong, errors = [0] * threads, []
+
+    def work(i):
+        try:
+            start.wait()
+            with torch.no_grad():
+                for call in range(calls):
+                    k = (i + call) % len(trees)
+                    if use_bind and call % 2:  # half the calls through bind, calling the module itself
+                        with aofunc.bind(model, trees[k]):
+                            y = model(ids)
+                    else:
+                        y = aofunc.apply(model, trees[k], ids)
+                    wrong[i] += not torch.equal(y, expected[k])
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often, as on a busy server
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and wrong == [0] * threads
+    assert_restored(model, before)
+    assert model.head.weight is model.embed.weight
+
+
+def test_a_compiled_apply_takes_no_lock_and_equals_eager():
+    model = tiny_transformer()
+    ids = torch.randint(0, 96, (2, 6))
+    q = aofunc.quantize(dict(model.named_parameters()), Spec([Rule(r"layers\..*\.(up|down)\.weight",
+                                                                   aofunc.Int8WeightOnly())]))
+    compiled = torch.compile(aofunc.apply, fullgraph=True, backend="aot_eager")  # a traced lock would break it
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(model, q, ids), aofunc.apply(model, q, ids))
