@@ -16,7 +16,8 @@ import aofunc
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 #: pages whose Python blocks run in order in one namespace (cli.md's need a Hugging Face checkpoint)
-RUNNABLE = ["index.md", "quickstart.md", "functional-model.md", "coming-from-torchao.md", "file-format.md"] + sorted(
+RUNNABLE = ["index.md", "quickstart.md", "functional-model.md", "coming-from-torchao.md", "file-format.md",
+            "kernels.md"] + sorted(
     f"methods/{p.name}" for p in (DOCS / "methods").glob("*.md"))
 
 
@@ -175,3 +176,9 @@ def test_cli_page_names_exactly_the_flags_each_command_takes():
     assert set(sections) == set(flags)
     for command, section in sections.items():
         assert set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", section)) == flags[command], command
+
+
+def test_the_kernels_page_shows_the_route_table_the_code_has():
+    from aofunc.kernels import selector
+
+    assert selector.routes_table() in (DOCS / "kernels.md").read_text(encoding="utf-8")
