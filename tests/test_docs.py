@@ -121,6 +121,8 @@ def test_quickstart_runs_and_says_what_it_shows(tmp_path, monkeypatch):
     assert 50 < aofunc.sqnr(ns["y_float"], ns["y"]) < 70                   # "about 57 dB"
     assert aofunc.size_in_bytes(params) == 135464 and aofunc.size_in_bytes(qparams) == 38440
     assert aofunc.sqnr(ns["y"], ns["y_compiled"]) > 100
+    assert len(ns["outputs"]) == 16 and ns["tokens"].shape == (1, 12)   # threads; generate() under bind
+    assert not any(isinstance(p, aofunc.QTensor) for p in ns["llama"].parameters())
     errors = {type(s).__name__: e for s, e in ns["errors"].items()}
     assert min(errors["Int8WeightOnly"], errors["Int8Dynamic"]) > 45
     assert all(25 < errors[name] < 40 for name in ("Int4WeightOnly", "Int8DynamicInt4", "NF4"))
