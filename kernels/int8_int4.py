@@ -17,12 +17,11 @@ Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-to
 from typing import Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
 from . import autotune
 from .packing import unpack_uint4
 from .w8a8 import check_activation, check_vector, round_half_even
+from .triton_compat import tl, triton
 
 GROUP_SIZES = (32, 64, 128, 256)
 EPS = torch.finfo(torch.float32).eps

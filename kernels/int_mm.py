@@ -12,11 +12,9 @@ The Triton kernel also serves the W8A8 linear: with per-row and per-column scale
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import autotune
+from .triton_compat import TensorDescriptor, tl, triton
 
 
 # A configuration is a dict of the kernel's launch meta-parameters (kernels/autotune.py's ``Config``).

@@ -19,8 +19,6 @@ from typing import Optional
 import struct
 
 import torch
-import triton
-import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
@@ -30,6 +28,7 @@ from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
                                   load_x, pow2_at_most, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.triton_compat import tl, triton
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

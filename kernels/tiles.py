@@ -12,10 +12,10 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
+
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from aofunc.kernels.triton_compat import tl, triton
 
 
 def interpreting() -> bool:

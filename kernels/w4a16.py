@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import unpack_uint4
@@ -25,6 +23,7 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
                                   load_x, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.triton_compat import tl, triton
 
 GROUP_SIZES = (32, 64, 128, 256)
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.

@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_finish, gemv_rows, interpreting, load_x, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.triton_compat import tl, triton
 
 
 def check_w8a16(x, qdata, scale, bias) -> None:

@@ -16,11 +16,10 @@ quantizes the activation tile by tile inside the GEMM, is a tuning candidate for
 from typing import Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
 from . import autotune
 from .int_mm import default_matmul_config, int8_matmul_triton, matmul_candidates
+from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
 MAX_ONE_PASS_BLOCK_K = 16384
