@@ -56,9 +56,9 @@ def find_blocks(model: Any, blocks: str | None) -> list[tuple[str, nn.Module]] |
 
 
 def block_params(params: Mapping[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """The block's own entries of a params tree, under the names the block gives them."""
+    """The block's own entries of a params tree, under their full names ("{path}.{name in the block}")."""
     prefix = path + "."
-    return {name[len(prefix):]: t for name, t in params.items() if name.startswith(prefix)}
+    return {name: t for name, t in params.items() if name.startswith(prefix)}
 
 
 def first_output(output: Any) -> Any:

@@ -116,6 +116,24 @@ def run_batch(model, params: Params, batch: Any, index: int, what: str):
                          "a batch is what the forward takes: a tensor, a tuple of args, or a dict of kwargs") from e
 
 
+def check_finite_inputs(captured: Captured, index: int, what: str) -> None:
+    """Refuses calibration inputs holding NaN or Inf, naming the first parameter (in call order) whose input shows
+    them and the batch: a statistic folded over them would be non-finite, or silently wrong where NaN compares
+    false. One check (one device synchronization) per batch."""
+    seen = [(name, x) for name, xs in captured.items() for x in xs]
+    if not seen:
+        return
+    finite = torch.stack([torch.isfinite(x).all() for _, x in seen])
+    if bool(finite.all()):
+        return
+    name, x = seen[int((~finite).nonzero()[0, 0])]
+    kinds = " and ".join(kind for kind, present in (("NaN", bool(x.isnan().any())), ("Inf", bool(x.isinf().any())))
+                         if present)
+    raise ValueError(f"{what}: the calibration input of {name!r} on batch {index} holds {kinds}; statistics folded "
+                     "over it would be meaningless. Give finite batches (check that batch, and that the model's "
+                     "layers before this weight do not overflow in its dtype)")
+
+
 def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, names: Iterable[str] | None = None,
          progress: bool = True, desc: str = "calibrate"):
     """finalize(all_reduce(update(... update(init(params), captured(batch_0)) ...)), params).
@@ -124,7 +142,8 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
     `update` gets {param name: [inputs of its linear-like calls in this batch]} for the params in `names` (default:
     all). When torch.distributed is initialized, every rank folds its own batches and the state is all-reduced
     before `finalize`, so every rank returns the same result. `batches` may be any iterable; it is read once.
-    `progress` shows a bar labelled `desc`.
+    `progress` shows a bar labelled `desc`, and errors name `desc`. An input holding NaN or Inf is refused with a
+    ValueError naming the parameter it feeds and the batch (counted from 0) where it first appears.
 
     Example:
         >>> count = aofunc.Calibration(init=lambda params: torch.zeros(()),
@@ -161,6 +180,7 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
             raise ValueError("fold: the model's forward made no linear-like call (F.linear, matmul, addmm, 1x1 "
                              "conv2d) with any of the given params on batch 0; pass the very tensors the model "
                              "should use, under the names it gives them")
+        check_finite_inputs(captured, index, desc)
         state = calibration.update(state, captured)
         seen_batches += 1
     if seen_batches == 0:

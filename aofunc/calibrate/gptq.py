@@ -206,7 +206,7 @@ def _op_by_op(qparams, groups, rules, source, model, options, bar) -> dict:
     for group in groups:
         bar.set_postfix_str(group[0])
         calibration = gptq_calibration({name: rules[name] for name in group}, **options)
-        qparams = fold(calibration, qparams, source, model=model, names=group, progress=False)
+        qparams = fold(calibration, qparams, source, model=model, names=group, progress=False, desc="gptq")
         bar.update()
     return qparams
 
@@ -222,16 +222,16 @@ def _blocks(qparams, structure, block_of, rules, source, model, options, offload
         local = block_params(qparams, path)
         device = next(iter(local.values())).device if local else None
 
-        def run_block(block_tree, batch, module=module):
+        def run_block(block_tree, batch, module=module, cut=len(path) + 1):
             args, kwargs = to_device(batch, device if offload else None)
-            return torch.func.functional_call(module, block_tree, args, kwargs, strict=False)
+            own = {name[cut:]: t for name, t in block_tree.items()}
+            return torch.func.functional_call(module, own, args, kwargs, strict=False)
 
-        names = [name[len(path) + 1:] for name, where in block_of.items() if where == path]
+        names = [name for name, where in block_of.items() if where == path]
         if names:
-            calibration = gptq_calibration({name[len(path) + 1:]: rules[name] for name, where in block_of.items()
-                                            if where == path}, **options)
-            local = fold(calibration, local, inputs, model=run_block, names=names, progress=False)
-            qparams.update({f"{path}.{name}": local[name] for name in names})
+            calibration = gptq_calibration({name: rules[name] for name in names}, **options)
+            local = fold(calibration, local, inputs, model=run_block, names=names, progress=False, desc="gptq")
+            qparams.update({name: local[name] for name in names})
         if structure.chained and index + 1 < len(structure.blocks):
             with torch.no_grad():
                 for i, batch in enumerate(inputs):

@@ -1,7 +1,11 @@
 """The fold: what update sees, the state paths and their reductions, re-iterable batches, and bad input."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aofunc
 from aofunc.calibrate.batches import Reiterable, peek
@@ -125,3 +129,64 @@ def test_fold_leaves_params_untouched():
     before = {k: v.clone() for k, v in params.items()}
     aofunc.fold(_sum_of_squares(), params, [torch.randn(3, 4)], model=fc, progress=False)
     assert all(torch.equal(params[k], before[k]) for k in params)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite inputs
+
+class _Stack(nn.Module):
+    """Repeated blocks that read the raw input, so GPTQ runs block by block on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _calibrated(method, model, params, batches):
+    if method == "smoothquant":
+        return aofunc.smoothquant(params, batches, model=model, progress=False)
+    if method == "wanda":
+        return aofunc.wanda(params, batches, model=model, progress=False)
+    spec = aofunc.Spec([aofunc.Rule(r".*weight", aofunc.Int4WeightOnly(32))])
+    return aofunc.gptq(params, batches, model=model, spec=spec, progress=False)
+
+
+@given(method=st.sampled_from(["smoothquant", "wanda", "gptq", "gptq-blocks"]),
+       count=st.integers(1, 4), data=st.data(), value=st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+@settings(max_examples=20)
+def test_non_finite_calibration_inputs_are_refused_at_the_first_batch_showing_them(method, count, data, value):
+    bad = data.draw(st.integers(0, count - 1), label="first bad batch")
+    later = data.draw(st.booleans(), label="a later batch bad too")
+    torch.manual_seed(0)
+    if method == "gptq-blocks":
+        model, first = _Stack().eval(), "layers.0.0.weight"
+    else:
+        model, first = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval(), "0.weight"
+    params = dict(model.named_parameters())
+    before = {name: t.clone() for name, t in params.items()}
+    batches = [torch.randn(2, 8, 64) for _ in range(count)]
+    batches[bad][1, data.draw(st.integers(0, 7)), data.draw(st.integers(0, 63))] = value
+    if later and bad + 1 < count:
+        batches[bad + 1][0, 0, 0] = float("nan")
+    kind = "NaN" if value != value else "Inf"
+    with pytest.raises(ValueError, match=rf"{method.split('-')[0]}: the calibration input of '{re.escape(first)}' "
+                                         rf"on batch {bad} holds {kind}"):
+        _calibrated(method.split("-")[0], model, params, batches)
+    assert all(torch.equal(params[name], before[name]) for name in params)
+
+
+def test_fold_refuses_non_finite_inputs_before_update_sees_them():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    seen = []
+    calibration = aofunc.Calibration(lambda p: 0, lambda s, captured: seen.append(sorted(captured)) or s,
+                                     lambda s, p: s)
+    batches = [torch.ones(3, 4), torch.full((3, 4), 1e30)]   # finite input, but the first linear's output overflows
+    with torch.no_grad():
+        model[0].weight.fill_(1e10)
+    with pytest.raises(ValueError, match=r"calibrate: the calibration input of '2.weight' on batch 1 holds Inf"):
+        aofunc.fold(calibration, dict(model.named_parameters()), batches, model=model, progress=False)
+    assert len(seen) == 1
