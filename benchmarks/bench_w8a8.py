@@ -47,7 +47,7 @@ GROUP_SIZE = 128
 
 
 def int8_weight(w):
-    """Per output channel symmetric int8 (FEATURES.md): scale = max(amax / 127.5, eps), q = round(w / scale)."""
+    """Per output channel symmetric int8: scale = max(amax / 127.5, eps), q = round(w / scale)."""
     amax = w.float().abs().amax(dim=1)
     scale = (amax / 127.5).clamp(min=torch.finfo(torch.float32).eps).to(w.dtype)
     q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -128, 127).to(torch.int8)
@@ -55,7 +55,7 @@ def int8_weight(w):
 
 
 def int4_weight(w, group_size):
-    """Symmetric groupwise int4 (FEATURES.md 8da4w) packed as nibbles u = q + 8, first code in the high nibble."""
+    """Symmetric groupwise int4 (the 8da4w format) packed as nibbles u = q + 8, first code in the high nibble."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     scale = (wg.abs().amax(dim=2) / 7.5).clamp(min=torch.finfo(torch.float32).eps).to(w.dtype)

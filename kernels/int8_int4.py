@@ -1,6 +1,6 @@
 """8da4w: per-token asymmetric int8 activations times symmetric groupwise int4 weights, integer accumulation.
 
-Math (FEATURES.md; per-token statistics in fp32, eps = float32 machine epsilon, round half to even):
+Math (per-token statistics in fp32, eps = float32 machine epsilon, round half to even):
 
     s[m]      = max((max(x[m], 0) - min(x[m], 0)) / 255, eps)
     zp[m]     = clamp(round(-128 - min(x[m], 0) / s[m]), -128, 127)
@@ -19,11 +19,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune
-from .packing import unpack_uint4
+from .packing import GROUP_SIZES, unpack_uint4
 from .w8a8 import check_activation, check_vector, round_half_even
 from .triton_compat import tl, triton
 
-GROUP_SIZES = (32, 64, 128, 256)
 EPS = torch.finfo(torch.float32).eps
 MAX_ONE_PASS_BLOCK_K = 16384
 

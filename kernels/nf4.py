@@ -2,8 +2,8 @@
 
 w[i] = NF4_LEVELS[code[i]] * s[i // block_size],  s[b] = scaler_q[b] / scaler_factor[b // scaler_block_size] + mean
 
-Layout (DESIGN.md): the row-major [n, k] weight flattened, zero-padded to P elements (a whole number of
-``block_size * scaler_block_size``); ``qdata`` uint8 [P/2], two codes a byte, first in the high nibble;
+Layout (as stored; docs/file-format.md): the row-major [n, k] weight flattened, zero-padded to P elements (a whole
+number of ``block_size * scaler_block_size``); ``qdata`` uint8 [P/2], two codes a byte, first in the high nibble;
 ``scaler_q`` int8 [P/block_size]; ``scaler_factor`` fp32 [P/(block_size*scaler_block_size)]; ``scaler_mean``
 fp32 0-d. A block may straddle rows when k % block_size != 0; padding is never read into results.
 
@@ -21,7 +21,7 @@ import struct
 import torch
 
 from aofunc.kernels import autotune
-from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.packing import NF4_LEVELS, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
@@ -30,11 +30,6 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_fi
                                   load_x, pow2_at_most, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
-NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
 
 def nf4_levels(device) -> torch.Tensor:
     """The 16 NF4 levels as a new fp32 tensor on ``device``."""

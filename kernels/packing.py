@@ -1,5 +1,19 @@
-"""The 4-bit layout the twins read: two codes a byte along the last dimension, the first in the high nibble."""
+"""Facts of the stored layouts that every layer reads from here: the 4-bit packing, the int4 group sizes, and the
+16 NF4 levels.
+
+Packing: two 4-bit codes a byte along the last dimension, the first in the high nibble.
+"""
 import torch
+
+#: group sizes (along K) of the int4 formats: the kernels read whole groups of 8-code words
+GROUP_SIZES = (32, 64, 128, 256)
+
+#: NormalFloat4's levels (QLoRA): code c stands for NF4_LEVELS[c] times its block's scale
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
 
 
 def unpack_uint4(qdata: torch.Tensor) -> torch.Tensor:

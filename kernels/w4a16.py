@@ -2,8 +2,8 @@
 
 y = x @ w[:, :K].T + bias,  w[n, k] = (code[n, k] - 8) * scale[n, k // g] + zero[n, k // g]
 
-Layout (DESIGN.md): ``qdata`` uint8 [N, Kp/2], byte j of row n = (code[2j] << 4) | code[2j+1]; ``scale`` and
-``zero`` [N, Kp/g] in the weight's dtype; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}.
+Layout (as stored; docs/file-format.md): ``qdata`` uint8 [N, Kp/2], byte j of row n = (code[2j] << 4) | code[2j+1];
+``scale`` and ``zero`` [N, Kp/g] in the weight's dtype; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}.
 
 Three paths, picked per shape by ``w4a16_linear_triton`` (the selector's table, or a tuned choice):
 ``gemv`` for a few rows of x (fp32 FMA per element, split-K; ``REDUCE_W`` keeps one accumulator per row and
@@ -18,14 +18,13 @@ from typing import Optional
 import torch
 
 from aofunc.kernels import autotune
-from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.packing import GROUP_SIZES, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
                                   load_x, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
-GROUP_SIZES = (32, 64, 128, 256)
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
 SPLIT_X_MIN_GROUP = 128
 # Rows of w at least this long take the GEMV's long-row default (fewer codes a step, one warp).

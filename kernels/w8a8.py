@@ -1,6 +1,6 @@
 """W8A8 ("int8 dynamic"): per-token int8 activation quantization and the int8 linear with a fused epilogue.
 
-Math (all per-token statistics in fp32; FEATURES.md). With ``x' = x / act_scale`` when a SmoothQuant
+Math (all per-token statistics in fp32). With ``x' = x / act_scale`` when a SmoothQuant
 ``act_scale`` [K] is given, else ``x' = x``:
 
     s[m]     = clamp(max_k |x'[m, k]|, 1e-5) / 127
