@@ -57,8 +57,26 @@ def write_json(report: dict, path: Path) -> None:
     write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
+def plot_panels(points: list[dict]) -> list[tuple[list[dict], str]]:
+    """The plot's panels as (results, title): quantized formats (fewer than 16 bits a weight), then methods stored
+    dense at float width (pruned); the float model itself is the baseline line, not a point; empty panels left out."""
+    quantized = [r for r in points if r["method"] != "float" and r["bits_per_weight"] < 16]
+    dense = [r for r in points if r["method"] != "float" and r["bits_per_weight"] >= 16]
+    return [p for p in ((quantized, "quantized formats"), (dense, "pruned, stored dense")) if p[0]]
+
+
+#: one distinct colour per method, in the demo's order (tab10's hues, then Dark2's)
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
+
+
 def plot(results: list[dict], path: Path, title: str) -> str | None:
-    """Writes perplexity against bits per weight as a PNG; returns a note instead when matplotlib is missing."""
+    """Writes perplexity against bits per weight as a PNG; returns a note instead when matplotlib is missing.
+
+    Quantized formats go on a bits-per-weight axis; methods that prune but store their weights dense (as many bits
+    as float) get a panel of their own, so they do not squash the rest. The float model is a dashed line in both,
+    named in the legend.
+    """
     try:
         import matplotlib
 
@@ -68,25 +86,34 @@ def plot(results: list[dict], path: Path, title: str) -> str | None:
         return "matplotlib is not installed, so no plot was drawn (pip install 'aofunc[plot]')"
     points = [r for r in results if r.get("error") is None and r.get("perplexity") is not None]
     base = next((r["perplexity"] for r in points if r["method"] == "float"), None)
-    low_bit = [r for r in points if r["bits_per_weight"] < 16]
-    fig, axes = plt.subplots(1, 2 if low_bit else 1, figsize=(11, 4.8) if low_bit else (6, 4.8), dpi=120,
-                             squeeze=False)
-    markers = "osD^v<>ph*XP"
-    for ax, shown, subtitle in zip(axes[0], (points, low_bit), ("every method", "quantized formats (zoom)")):
-        for i, r in enumerate(points):
-            if r in shown:
-                ax.scatter(r["bits_per_weight"], r["perplexity"], s=36, marker=markers[i % len(markers)],
-                           color=plt.cm.tab20(i % 20), label=r["method"])
+    colour = {r["method"]: COLOURS[i % len(COLOURS)] for i, r in enumerate(points)}
+    panels = plot_panels(points)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.8), dpi=120,
+                             squeeze=False, gridspec_kw={"width_ratios": [max(1, len(p[0])) for p in panels] or [1]})
+    for ax, (shown, subtitle) in zip(axes[0], panels or [([], "no method ran")]):
+        if subtitle == "pruned, stored dense":
+            for j, r in enumerate(shown):
+                ax.scatter(j, r["perplexity"], s=40, color=colour[r["method"]], label=r["method"])
+            ax.set_xticks(range(len(shown)), [r["method"] for r in shown], rotation=20, fontsize=8)
+            ax.set_xlim(-0.5, len(shown) - 0.5)
+        else:
+            for r in shown:
+                ax.scatter(r["bits_per_weight"], r["perplexity"], s=40, color=colour[r["method"]], label=r["method"])
+            ax.set_xlabel("bits per weight (block linears)")
         if base is not None:
-            ax.axhline(base, color="gray", linewidth=0.8, linestyle="--")
-        ax.set_xlabel("bits per weight (block linears)")
+            ax.axhline(base, color="black", linewidth=0.9, linestyle="--", label=f"float ({base:.4f})")
         ax.set_ylabel("held-out perplexity per byte")
         ax.set_title(subtitle, fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
     os.close(fd)
     try:

@@ -71,3 +71,17 @@ def test_bad_demo_arguments_exit_with_a_message(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_plot_puts_dense_pruned_methods_apart_and_colours_each_method():
+    from aofunc.demo.report import COLOURS, plot_panels
+
+    results = [dict(method="float", bits_per_weight=32.0, perplexity=2.0),
+               dict(method="int4-rtn", bits_per_weight=4.25, perplexity=2.2),
+               dict(method="nf4", bits_per_weight=4.1, perplexity=2.1),
+               dict(method="wanda-2:4", bits_per_weight=32.0, perplexity=2.7)]
+    panels = plot_panels(results)
+    assert [(title, [r["method"] for r in rs]) for rs, title in panels] == [
+        ("quantized formats", ["int4-rtn", "nf4"]), ("pruned, stored dense", ["wanda-2:4"])]
+    assert plot_panels(results[:3]) == [(results[1:3], "quantized formats")]
+    assert len(set(COLOURS)) == len(COLOURS) >= 12  # the demo's methods each get their own colour
