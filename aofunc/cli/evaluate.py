@@ -19,7 +19,9 @@ from aofunc.cli.text import read_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by save_pretrained (config, weights, tokenizer)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="a directory written by save_pretrained (config, weights, tokenizer), or the id of a model "
+                        "in the local Hugging Face cache")
     p.add_argument("--qparams", default=None, help="a file written by 'python -m aofunc quantize' (default: the float model)")
     p.add_argument("--text", required=True, help="the text to score: a file or a directory")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default %(default)s, capped by the model)")
@@ -28,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=list(hf_model.DTYPES), default=None,
                    help="the model's dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
 
 
 def perplexity(model, params, windows: torch.Tensor, batch_size: int, device: str, progress: bool) -> float:
@@ -57,12 +59,12 @@ def run(args) -> int:
         raise UsageError(f"--max-windows must be >= 1, got {args.max_windows}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    model_dir = hf_model.check_model_dir(args.model_dir)
+    model_dir = hf_model.resolve_model_dir(args.model_dir)
     if args.qparams is not None and not Path(args.qparams).is_file():
         raise UsageError(f"--qparams {args.qparams!r} is not a file")
     text = read_text(args.text, "--text")
     device, dtype = device_and_dtype(args)
-    model, tokenizer = hf_model.load(model_dir, device, dtype)
+    model, tokenizer = hf_model.load(model_dir, device, dtype, progress=not args.no_progress)
     params = {name: p.detach() for name, p in model.named_parameters()}
     if args.qparams is not None:
         try:
@@ -77,8 +79,8 @@ def run(args) -> int:
     limit = hf_model.max_positions(model)
     seq_len = min(args.seq_len, limit) if limit else args.seq_len
     windows = hf_model.windows(tokenizer, text, seq_len, "--text")
-    if args.max_windows is not None and windows.shape[0] > args.max_windows:
-        windows = windows[torch.linspace(0, windows.shape[0] - 1, args.max_windows).round().long()]
+    if args.max_windows is not None:
+        windows = hf_model.spread(windows, args.max_windows)
     ppl = perplexity(model, params, windows, args.batch_size, device, not args.no_progress)
     source = args.qparams if args.qparams is not None else "full precision"
     print(f"perplexity {ppl:.4f} over {windows.shape[0] * (windows.shape[1] - 1):,} predicted tokens "

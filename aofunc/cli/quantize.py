@@ -1,13 +1,18 @@
 """Quantize a Hugging Face checkpoint saved locally and write aofunc's safetensors file.
 
-The model runs unmodified through functional_call. The weights of every linear-like call are taken, except
-the embeddings and the output head, which stay in full precision. Calibration text comes from --calib (a file,
-or a directory of text files), tokenized by the model's own tokenizer.
+MODEL_DIR is a directory written by save_pretrained, or the id of a model in the local Hugging Face cache (read
+offline). The model runs unmodified through functional_call. The weights of every linear-like call are taken,
+except the embeddings and the output head, which stay in full precision. Calibration text comes from --calib (a
+file, or a directory of text files), tokenized by the model's own tokenizer; rtn and magnitude read no text and
+need no tokenizer. The output SQNR printed at the end is measured on --eval-text when given, else on one fixed
+synthetic batch of random tokens, the same for every method.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +31,15 @@ METHODS = {  # method -> the schemes it takes
     "magnitude": ("2:4",),
 }
 CALIBRATED = ("gptq", "smoothquant", "wanda")
+EVAL_WINDOWS = 8  # windows of --eval-text the output SQNR is measured on, at most
+SYNTHETIC = (4, 64, 0)  # the synthetic batch: sequences, tokens per sequence (at most --seq-len), seed
 GROUPED = {"int4": 128, "8da4w": 32}  # schemes with groups, and their default group size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by save_pretrained (config, weights, tokenizer)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="a directory written by save_pretrained (config, weights, tokenizer), or the id of a model "
+                        "in the local Hugging Face cache")
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--scheme", required=True, choices=SCHEMES)
     p.add_argument("--group-size", type=int, default=None,
@@ -39,13 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default %(default)s, capped by the model)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per calibration batch (default %(default)s)")
+    p.add_argument("--eval-text", default=None,
+                   help=f"text to measure the output SQNR on: a file or a directory (at most {EVAL_WINDOWS} windows "
+                        "of --seq-len tokens; default: a fixed synthetic batch)")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (default %(default)s)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=list(hf_model.DTYPES), default=None,
                    help="the model's dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
 
 
 def scheme_of(name: str, group_size: int | None):
@@ -115,26 +127,64 @@ def target_spec(model, params, example, scheme):
     return aofunc.Spec(rules)
 
 
+def synthetic_batch(model, seq_len: int, device: str) -> dict:
+    """One fixed batch of token ids drawn uniformly from the vocabulary with a fixed seed: the same for every
+    method, so the output SQNR of two runs on one model compares."""
+    sequences, tokens, seed = SYNTHETIC
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (sequences, min(tokens, seq_len)), generator=torch.Generator().manual_seed(seed))
+    return hf_model.batch(ids.to(device))
+
+
+def output_sqnr(model, params, qparams, batches) -> float:
+    """SQNR in dB of the quantized model's logits against the float model's over every batch:
+    10 log10(Σ ref² / Σ (ref - out)²), summed batch by batch."""
+    import aofunc
+
+    signal = noise = 0.0
+    with torch.no_grad():
+        for b in batches:
+            reference = hf_model.logits(aofunc.apply(model, params, **b)).float()
+            result = hf_model.logits(aofunc.apply(model, qparams, **b)).float()
+            signal += float(reference.square().sum(dtype=torch.float64))
+            noise += float((reference - result).square().sum(dtype=torch.float64))
+    return float("inf") if noise == 0 else 10 * math.log10(signal / noise)
+
+
 def run(args) -> int:
     import aofunc
 
     check_arguments(args)
-    model_dir = hf_model.check_model_dir(args.model_dir)
-    calib_text = read_text(args.calib, "--calib") if args.calib is not None else None
+    model_dir = hf_model.resolve_model_dir(args.model_dir)
+    calibrated = args.method in CALIBRATED
+    if args.calib is not None and not calibrated:
+        print(f"note: --method {args.method} reads no calibration text; --calib is not used", file=sys.stderr)
+    calib_text = read_text(args.calib, "--calib") if calibrated else None
+    eval_text = read_text(args.eval_text, "--eval-text") if args.eval_text is not None else None
     device, dtype = device_and_dtype(args)
-    model, tokenizer = hf_model.load(model_dir, device, dtype)
+    progress = not args.no_progress
+    model, tokenizer = hf_model.load(model_dir, device, dtype, progress=progress,
+                                     tokenizer=calib_text is not None or eval_text is not None)
     limit = hf_model.max_positions(model)
     seq_len = min(args.seq_len, limit) if limit else args.seq_len
+    synthetic = synthetic_batch(model, seq_len, device)
     if calib_text is not None:
-        ids = hf_model.windows(tokenizer, calib_text, seq_len, "--calib")
-        ids = ids[torch.linspace(0, ids.shape[0] - 1, min(args.calib_samples, ids.shape[0])).round().long()]
-    else:  # round-to-nearest needs one batch only to see how the model uses each weight
-        ids = torch.arange(min(16, seq_len))[None] % model.get_input_embeddings().weight.shape[0]
-    batches = [hf_model.batch(chunk.to(device)) for chunk in ids.split(args.batch_size)]
+        ids = hf_model.spread(hf_model.windows(tokenizer, calib_text, seq_len, "--calib"), args.calib_samples)
+        batches = [hf_model.batch(chunk.to(device)) for chunk in ids.split(args.batch_size)]
+    else:  # rtn and magnitude need one batch only, to see how the model uses each weight
+        batches = [synthetic]
+    if eval_text is not None:
+        ids = hf_model.spread(hf_model.windows(tokenizer, eval_text, seq_len, "--eval-text"), EVAL_WINDOWS)
+        eval_batches = [hf_model.batch(chunk.to(device)) for chunk in ids.split(args.batch_size)]
+        measured_on = f"--eval-text {args.eval_text} ({ids.shape[0]} window(s) of {ids.shape[1]} tokens)"
+    else:
+        eval_batches = [synthetic]
+        shape = synthetic["input_ids"].shape
+        measured_on = (f"a fixed synthetic batch ({shape[0]} sequences of {shape[1]} random tokens; "
+                       "give --eval-text to measure on text)")
     params = {name: p.detach() for name, p in model.named_parameters()}
     scheme = scheme_of(args.scheme, args.group_size)
     spec = target_spec(model, params, batches[0], scheme)
-    progress = not args.no_progress
 
     start = time.perf_counter()
     if args.method == "rtn":
@@ -149,13 +199,10 @@ def run(args) -> int:
         qparams = aofunc.prune(params, spec)
     seconds = time.perf_counter() - start
 
-    with torch.no_grad():
-        reference = hf_model.logits(aofunc.apply(model, params, **batches[0])).float()
-        result = hf_model.logits(aofunc.apply(model, qparams, **batches[0])).float()
+    sqnr = output_sqnr(model, params, qparams, eval_batches)
     aofunc.save(qparams, args.out)
     print(f"{args.method} {scheme}: {len(spec.rules)} weights in {seconds:.1f} s; "
           f"{aofunc.size_in_bytes(params):,} -> {aofunc.size_in_bytes(qparams):,} bytes; "
-          f"output SQNR {float(aofunc.sqnr(reference, result)):.1f} dB on {batches[0]['input_ids'].shape[0]} "
-          f"sequence(s) of {batches[0]['input_ids'].shape[1]} tokens")
+          f"output SQNR {sqnr:.1f} dB on {measured_on}")
     print(f"wrote {args.out}")
     return 0

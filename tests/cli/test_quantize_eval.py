@@ -114,3 +114,51 @@ def test_a_file_for_another_model_is_refused(workdir, capsys):
     assert main(["eval", str(workdir / "llama"), "--qparams", str(out), "--text", str(workdir / "calib.txt"),
                  "--no-progress"]) == 2
     assert "does not fit MODEL_DIR" in capsys.readouterr().err
+
+
+def printed_sqnr(printed: str) -> float:
+    return float(re.search(r"output SQNR (\S+) dB on ", printed)[1])
+
+
+def sqnr_over(model_dir, qfile, ids) -> float:
+    """The quantized model's logits against the float model's on token ids, all in one."""
+    model, _ = hf_model.load(model_dir, "cpu", torch.float32, tokenizer=False)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ref = aofunc.apply(model, params, input_ids=ids, use_cache=False).logits
+        out = aofunc.apply(model, dict(params) | aofunc.load(qfile), input_ids=ids, use_cache=False).logits
+    return float(aofunc.sqnr(ref, out))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_printed_sqnr_is_on_one_synthetic_batch_or_on_eval_text(workdir, method, capsys):
+    out = workdir / f"sqnr-{method}.safetensors"
+    capsys.readouterr()
+    assert quantize(workdir, "llama", method, "int4", out, "--group-size", "32", "--force") == 0
+    printed = capsys.readouterr().out
+    assert "on a fixed synthetic batch (4 sequences of 64 random tokens" in printed, printed
+    synthetic = torch.randint(0, 320, (4, 64), generator=torch.Generator().manual_seed(0))
+    assert printed_sqnr(printed) == pytest.approx(sqnr_over(workdir / "llama", out, synthetic), abs=0.051)
+
+    eval_text = workdir / "calib.txt"
+    assert quantize(workdir, "llama", method, "int4", out, "--group-size", "32", "--force",
+                    "--eval-text", str(eval_text)) == 0
+    printed = capsys.readouterr().out
+    assert f"on --eval-text {eval_text} (8 window(s) of 64 tokens)" in printed, printed
+    _, tokenizer = hf_model.load(workdir / "llama", "cpu", torch.float32)
+    windows = hf_model.spread(hf_model.windows(tokenizer, TEXT * 12, 64, "--eval-text"), 8)
+    assert windows.shape == (8, 64)
+    assert printed_sqnr(printed) == pytest.approx(sqnr_over(workdir / "llama", out, windows), abs=0.051)
+
+
+def test_no_progress_silences_the_loading_bar_of_transformers_too(workdir, capsys):
+    from transformers.utils import logging as hf_logging
+
+    out = workdir / "progress.safetensors"
+    argv = ["quantize", str(workdir / "llama"), "--method", "rtn", "--scheme", "int8wo", "--out", str(out), "--force"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "Loading weights" in capsys.readouterr().err  # the bar this test is about, shown by default
+    assert main([*argv, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # as it was before the command
