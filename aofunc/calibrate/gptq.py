@@ -26,7 +26,8 @@ from aofunc.calibrate.blocks import (
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
 from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, input_gram
 from aofunc.calibrate.selection import input_key, select
-from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, QTensor
+from aofunc.formats import Int4WeightOnly, QTensor
+from aofunc.formats.scheme import grouped_schemes
 from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
 from aofunc.spec import Rule, Spec
@@ -170,7 +171,7 @@ def gptq(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec 
     check_model_uses(model, params, "gptq")
     source = Reiterable(batches, "gptq")
     usage, structure = probe(model, params, source.first, blocks, "gptq")
-    rules = select(params, spec, Int4WeightOnly(128), usage, "gptq", (Int4WeightOnly, Int8DynamicInt4))
+    rules = select(params, spec, Int4WeightOnly(128), usage, "gptq", grouped_schemes())
     if structure is not None and not structure.chained:
         warnings.warn("gptq: the model's blocks do not each run once with the previous block's output as input, "
                       "so each block's inputs are captured by running the model up to it (slower)", stacklevel=2)

@@ -10,7 +10,8 @@ import functools
 import torch
 
 from aofunc import primitives as P
-from aofunc.formats import Int4WeightOnly, Int8DynamicInt4, Scheme
+from aofunc.formats import Scheme
+from aofunc.formats.scheme import grouped_schemes
 
 # ---------------------------------------------------------------------------------------------- Hessians
 
@@ -58,55 +59,6 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
                      "its inputs are degenerate")
 
 
-# ---------------------------------------------------------------------------------------------- group quantizers
-
-class _Asymmetric:
-    """Int4WeightOnly groups: scale = clamp(max - min, 1e-6)/15, zero = min + 8·scale (both rounded to the weight's
-    dtype), code = clamp(round((w - base)/scale), 0, 15) with base = zero - 8·scale, w ≈ code·scale + base."""
-
-    lowest, highest = 0, 15
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) of each row of a group g [N, group], as stored (rounded to the weight's dtype)."""
-        scale, zero = P.choose_qparams_int4_asymmetric(g, self.dtype)
-        return scale.float(), zero.float()
-
-    @staticmethod
-    def base(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return zero - 8 * scale
-
-    def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"qdata": P.pack_uint4(codes.to(torch.uint8)), "scale": scale.to(self.dtype),
-                "zero": zero.to(self.dtype)}
-
-
-class _Symmetric:
-    """Int8DynamicInt4 groups: scale = max(amax/7.5, eps) (rounded to the weight's dtype), q = clamp(round(w/scale),
-    -8, 7), w ≈ q·scale; stored as q + 8."""
-
-    lowest, highest = -8, 7
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = P.choose_scale_symmetric_per_row(g, -8, 7).to(self.dtype).float()
-        return scale, torch.zeros_like(scale)
-
-    @staticmethod
-    def base(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return zero
-
-    def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"qdata": P.pack_uint4((codes + 8).to(torch.uint8)), "scale": scale.to(self.dtype)}
-
-
-GROUP_QUANTIZERS = {Int4WeightOnly: _Asymmetric, Int8DynamicInt4: _Symmetric}
-
-
 def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """The columns of one group, zero-padded to the full group as the stored format pads K."""
     return P.pad_to_multiple(w, group_size)
@@ -131,14 +83,15 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, block
         >>> sorted(parts)
         ['qdata', 'scale', 'zero']
     """
-    if type(scheme) not in GROUP_QUANTIZERS:
-        raise TypeError(f"gptq: scheme must be Int4WeightOnly or Int8DynamicInt4, got {scheme!r}")
+    quantizer = scheme.group_quantizer(W.dtype) if isinstance(scheme, Scheme) else None
+    if quantizer is None:
+        names = " or ".join(cls.__name__ for cls in grouped_schemes())
+        raise TypeError(f"gptq: scheme must be a format with groups along K ({names}), got {scheme!r}")
     n, k = W.shape
     if tuple(H.shape) != (k, k):
         raise ValueError(f"gptq: H must be [{k}, {k}] for a weight with K = {k}, got {tuple(H.shape)}")
     if not bool(torch.isfinite(H).all()):
         raise ValueError("gptq: the Hessian has non-finite values; the layer's calibration inputs are not finite")
-    quantizer = GROUP_QUANTIZERS[type(scheme)](W.dtype)
     gs = scheme.group_size
     n_groups = -(-k // gs)
 

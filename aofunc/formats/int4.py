@@ -4,11 +4,29 @@ from __future__ import annotations
 import torch
 
 from aofunc import primitives as P
-from aofunc.formats.scheme import Scheme, check_group_size, register_scheme
+from aofunc.formats.scheme import GroupQuantizer, Scheme, check_group_size, register_scheme
 
 
 def padded_k(k: int, group_size: int) -> int:
     return -(-k // group_size) * group_size
+
+
+class AsymmetricGroups(GroupQuantizer):
+    """Int4WeightOnly groups: scale = clamp(max - min, 1e-6)/15, zero = min + 8·scale (both rounded to the weight's
+    dtype), code = clamp(round((w - base)/scale), 0, 15) with base = zero - 8·scale, w ≈ code·scale + base."""
+
+    lowest, highest = 0, 15
+
+    def choose(self, g):
+        scale, zero = P.choose_qparams_int4_asymmetric(g, self.dtype)
+        return scale.float(), zero.float()
+
+    def base(self, scale, zero):
+        return zero - 8 * scale
+
+    def stored(self, codes, scale, zero):
+        return {"qdata": P.pack_uint4(codes.to(torch.uint8)), "scale": scale.to(self.dtype),
+                "zero": zero.to(self.dtype)}
 
 
 @register_scheme
@@ -36,6 +54,9 @@ class Int4WeightOnly(Scheme):
     def rows(self, tensors, index, n, k, dtype):
         picked = {name: t[index.reshape(-1)] for name, t in tensors.items()}
         return self.dequantize(picked, index.numel(), k, dtype).reshape(*index.shape, k)
+
+    def group_quantizer(self, dtype):
+        return AsymmetricGroups(dtype)
 
     def stored(self, n, k, dtype):
         kp = padded_k(k, self.group_size)

@@ -5,7 +5,24 @@ import torch
 
 from aofunc import primitives as P
 from aofunc.formats.int4 import padded_k
-from aofunc.formats.scheme import Scheme, check_group_size, register_scheme
+from aofunc.formats.scheme import GroupQuantizer, Scheme, check_group_size, register_scheme
+
+
+class SymmetricGroups(GroupQuantizer):
+    """Int8DynamicInt4 groups: scale = max(amax/7.5, eps) (rounded to the weight's dtype), q = clamp(round(w/scale),
+    -8, 7), w ≈ q·scale; stored as q + 8."""
+
+    lowest, highest = -8, 7
+
+    def choose(self, g):
+        scale = P.choose_scale_symmetric_per_row(g, -8, 7).to(self.dtype).float()
+        return scale, torch.zeros_like(scale)
+
+    def base(self, scale, zero):
+        return zero
+
+    def stored(self, codes, scale, zero):
+        return {"qdata": P.pack_uint4((codes + 8).to(torch.uint8)), "scale": scale.to(self.dtype)}
 
 
 @register_scheme
@@ -33,6 +50,9 @@ class Int8DynamicInt4(Scheme):
     def rows(self, tensors, index, n, k, dtype):
         picked = {name: t[index.reshape(-1)] for name, t in tensors.items()}
         return self.dequantize(picked, index.numel(), k, dtype).reshape(*index.shape, k)
+
+    def group_quantizer(self, dtype):
+        return SymmetricGroups(dtype)
 
     def stored(self, n, k, dtype):
         kp = padded_k(k, self.group_size)

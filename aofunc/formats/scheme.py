@@ -6,9 +6,9 @@ from typing import ClassVar
 
 import torch
 
-SCHEMES: dict[str, type] = {}
+from aofunc.kernels.packing import GROUP_SIZES
 
-GROUP_SIZES = (32, 64, 128, 256)
+SCHEMES: dict[str, type] = {}
 
 
 def register_scheme(cls):
@@ -21,6 +21,29 @@ def register_scheme(cls):
 def check_group_size(scheme, group_size) -> None:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
         raise ValueError(f"{type(scheme).__name__}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+
+
+class GroupQuantizer:
+    """How a format with groups along K quantizes a weight column by column (what GPTQ needs): codes run from
+    `lowest` to `highest`, and a code c of a group with (scale, zero) stands for c * scale + base(scale, zero)."""
+
+    lowest: int
+    highest: int
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype  # the weight's dtype: scales and zeros are rounded to it, as the format stores them
+
+    def choose(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) in fp32 for each row of a group g [N, group], rounded as stored."""
+        raise NotImplementedError
+
+    def base(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The value of code 0."""
+        raise NotImplementedError
+
+    def stored(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The format's stored tensors from codes [N, Kp] and per-group scale and zero [N, Kp/g]."""
+        raise NotImplementedError
 
 
 class Scheme:
@@ -51,6 +74,11 @@ class Scheme:
         """{tensor name: (shape, dtype)} of what a [N, K] weight of this dtype stores, optional names included."""
         raise NotImplementedError
 
+    def group_quantizer(self, dtype: torch.dtype) -> GroupQuantizer | None:
+        """The format's column-by-column quantizer for weights of `dtype` (GPTQ's); None for formats without
+        groups along K."""
+        return None
+
     def bits_per_weight(self, n: int, k: int, dtype: torch.dtype) -> float:
         """Stored bits per weight of an [N, K] weight of this dtype, scales and padding included."""
         size = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() * 8
@@ -73,3 +101,8 @@ def scheme_from_dict(d: dict) -> Scheme:
         raise ValueError(f"unknown scheme {d!r}; known: {sorted(SCHEMES)}")
     fields = {key: value for key, value in d.items() if key != "type"}
     return SCHEMES[d["type"]](**fields)
+
+
+def grouped_schemes() -> tuple[type, ...]:
+    """The registered formats that have a group quantizer (those GPTQ can calibrate), in registration order."""
+    return tuple(cls for cls in SCHEMES.values() if cls.group_quantizer is not Scheme.group_quantizer)
