@@ -19,21 +19,25 @@ from pathlib import Path
 import torch
 
 from aofunc.cli import hf_model
+from aofunc.formats import Int8Dynamic
+from aofunc.formats.scheme import GROUP_SIZES, grouped_schemes, scheme_from_name, scheme_names
 from aofunc.cli.errors import UsageError
 from aofunc.cli.text import read_text
 
-SCHEMES = ("int8wo", "int8dq", "int4", "8da4w", "nf4", "2:4")
+FORMATS = tuple(scheme_names())  # the stored formats by their short names: int4, int8wo, int8dq, 8da4w, nf4
+SCHEMES = FORMATS + ("2:4",)
 METHODS = {  # method -> the schemes it takes
-    "rtn": ("int8wo", "int8dq", "int4", "8da4w", "nf4"),
-    "gptq": ("int4", "8da4w"),
-    "smoothquant": ("int8dq",),
+    "rtn": FORMATS,
+    "gptq": tuple(cls.short_name for cls in grouped_schemes()),
+    "smoothquant": (Int8Dynamic.short_name,),
     "wanda": ("2:4",),
     "magnitude": ("2:4",),
 }
 CALIBRATED = ("gptq", "smoothquant", "wanda")
 EVAL_WINDOWS = 8  # windows of --eval-text the output SQNR is measured on, at most
 SYNTHETIC = (4, 64, 0)  # the synthetic batch: sequences, tokens per sequence (at most --seq-len), seed
-GROUPED = {"int4": 128, "8da4w": 32}  # schemes with groups, and their default group size
+# formats with groups along K, and their default group size
+GROUPED = {name: cls().group_size for name, cls in scheme_names().items() if hasattr(cls(), "group_size")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,17 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scheme_of(name: str, group_size: int | None):
     import aofunc
 
-    if name == "int8wo":
-        return aofunc.Int8WeightOnly()
-    if name == "int8dq":
-        return aofunc.Int8Dynamic()
-    if name == "int4":
-        return aofunc.Int4WeightOnly(group_size or GROUPED["int4"])
-    if name == "8da4w":
-        return aofunc.Int8DynamicInt4(group_size or GROUPED["8da4w"])
-    if name == "nf4":
-        return aofunc.NF4()
-    return aofunc.Sparse(pattern="2:4")
+    if name == "2:4":
+        return aofunc.Sparse(pattern="2:4")
+    return scheme_from_name(name, group_size)
 
 
 def check_arguments(args) -> None:
@@ -84,8 +80,8 @@ def check_arguments(args) -> None:
     if args.group_size is not None:
         if args.scheme not in GROUPED:
             raise UsageError(f"--group-size applies to {' and '.join(GROUPED)} only, not --scheme {args.scheme}")
-        if args.group_size not in (32, 64, 128, 256):
-            raise UsageError(f"--group-size must be one of 32, 64, 128, 256, got {args.group_size}")
+        if args.group_size not in GROUP_SIZES:
+            raise UsageError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {args.group_size}")
     if args.method in CALIBRATED and args.calib is None:
         raise UsageError(f"--method {args.method} calibrates on text: give --calib FILE_OR_DIR")
     for option in ("calib_samples", "seq_len", "batch_size"):

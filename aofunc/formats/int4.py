@@ -37,6 +37,8 @@ class Int4WeightOnly(Scheme):
     Kp = K zero-padded to a multiple of the group.
     """
 
+    short_name = "int4"
+
     group_size: int = 128
     float_names = ("scale", "zero")
 

@@ -33,6 +33,8 @@ class Int8WeightOnly(_Int8PerRow):
     Stores qdata int8 [N, K] and scale [N] in the weight's dtype: symmetric per output row, scale = amax / 127.5.
     """
 
+    short_name = "int8wo"
+
 
 @register_scheme
 class Int8Dynamic(_Int8PerRow):
@@ -44,6 +46,8 @@ class Int8Dynamic(_Int8PerRow):
     A SmoothQuant weight carries `act_scale` [K]: the layer computes with x / act_scale (the smoothing the
     preceding op could not absorb), and w ≈ qdata * scale[n] is the smoothed weight W * act_scale.
     """
+
+    short_name = "int8dq"
 
     optional_names = ("act_scale",)
 

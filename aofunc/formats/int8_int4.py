@@ -33,6 +33,8 @@ class Int8DynamicInt4(Scheme):
     Activations are quantized per token to asymmetric int8 when the layer runs.
     """
 
+    short_name = "8da4w"
+
     group_size: int = 32
     float_names = ("scale",)
 

@@ -19,6 +19,8 @@ class NF4(Scheme):
     [P/(block_size * scaler_block_size)], scaler_mean fp32 scalar.
     """
 
+    short_name = "nf4"
+
     block_size: int = 64
     scaler_block_size: int = 256
 

@@ -61,6 +61,8 @@ class Scheme:
     optional_names: ClassVar[tuple[str, ...]] = ()
     #: False for schemes that transform weights in place of storing them (pruning): quantize refuses those
     is_stored_format: ClassVar[bool] = True
+    #: the format's name on the command line, in the demo and in the docs ("int4"); empty for unnamed schemes
+    short_name: ClassVar[str] = ""
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors of a float weight w [N, K] (canonical orientation, groups along K)."""
@@ -106,3 +108,23 @@ def scheme_from_dict(d: dict) -> Scheme:
 def grouped_schemes() -> tuple[type, ...]:
     """The registered formats that have a group quantizer (those GPTQ can calibrate), in registration order."""
     return tuple(cls for cls in SCHEMES.values() if cls.group_quantizer is not Scheme.group_quantizer)
+
+
+def scheme_names() -> dict[str, type]:
+    """{short name: scheme class} of the registered stored formats, in registration order: the one list the
+    command line, the demo and the docs name formats from."""
+    return {cls.short_name: cls for cls in SCHEMES.values() if cls.short_name and cls.is_stored_format}
+
+
+def scheme_from_name(name: str, group_size: int | None = None) -> Scheme:
+    """The scheme a short name stands for, with its default settings (or `group_size` for formats with groups)."""
+    names = scheme_names()
+    if name not in names:
+        raise ValueError(f"unknown format {name!r}: expected one of {', '.join(names)}")
+    cls = names[name]
+    if group_size is None:
+        return cls()
+    if "group_size" not in {f.name for f in dataclasses.fields(cls)}:
+        grouped = [n for n, c in names.items() if "group_size" in {f.name for f in dataclasses.fields(c)}]
+        raise ValueError(f"a group size applies to {' and '.join(grouped)} only, not {name}")
+    return cls(group_size=group_size)
