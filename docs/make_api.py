@@ -27,7 +27,8 @@ SECTIONS = (
     ("Calibrated transforms", ("gptq", "smoothquant", "wanda", "prune", "Sparse", "semi_structured")),
     ("The fold and the capture mode", ("Calibration", "fold", "capture_inputs", "record_shapes")),
     ("Building blocks of the calibrated transforms",
-     ("gptq_calibration", "gptq_quantize_weight", "HessianState", "SmoothQuantState", "WandaState")),
+     ("gptq_calibration", "gptq_quantize_weight", "HessianState", "smoothquant_calibration", "SmoothQuantState",
+      "wanda_calibration", "WandaState")),
     ("Running, files and measures", ("apply", "bind", "qlinear", "tune", "save", "load", "sqnr", "size_in_bytes")),
 )
 

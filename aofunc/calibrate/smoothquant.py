@@ -34,8 +34,17 @@ class SmoothQuantState(NamedTuple):
     absmax: dict
 
 
-def absmax_calibration(rules: Mapping[str, Rule]) -> Calibration:
-    """The fold of per-channel activation maxima; `finalize` returns the state itself."""
+def smoothquant_calibration(rules: Mapping[str, Rule]) -> Calibration:
+    """SmoothQuant's fold: per selected weight, the running max of |x| per input channel; `finalize` returns the
+    state itself (`smoothquant` turns it into smoothing vectors and quantized weights).
+
+    Example:
+        >>> rules = {"0.weight": aofunc.Rule(r"0\.weight", aofunc.Int8Dynamic())}
+        >>> state = aofunc.fold(aofunc.smoothquant_calibration(rules), dict(model.named_parameters()),
+        ...                     [x, 2 * x], model=model, progress=False)
+        >>> torch.equal(state.absmax["0.weight"], (2 * x).abs().amax(dim=0))
+        True
+    """
     def init(params):
         return SmoothQuantState(zeros_per_input_channel(params, rules))
 
@@ -120,7 +129,7 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
                          "on batch 0; pass the very tensors the model should use, under the names it gives them")
     rules = select(params, spec, Int8Dynamic(), usage, "smoothquant", (Int8Dynamic,))
     groups = groups_of(list(rules))
-    state = fold(absmax_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
+    state = fold(smoothquant_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
                  desc="smoothquant")
     scales = group_scales(params, rules, groups, state.absmax, alpha)
     smooth, carried = smoothed(params, rules, groups, scales)

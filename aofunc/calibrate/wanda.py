@@ -26,7 +26,8 @@ class WandaState(NamedTuple):
 
 
 def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
-    """The fold of per-channel input energies; `finalize` prunes each weight by |W| · ‖X_k‖."""
+    """Wanda's fold: per selected weight, Σ x_k² over every input row, per input channel; `finalize` prunes each
+    weight by |W| · ‖X_k‖ as its rule's `Sparse` scheme says and returns the new params."""
     def init(params):
         return WandaState(zeros_per_input_channel(params, rules))
 

@@ -8,7 +8,7 @@ from torch.func import functional_call
 import aofunc
 from aofunc.calibrate.input_groups import Scaler, recording_inputs
 from aofunc.calibrate.selection import recording_usage, select
-from aofunc.calibrate.smoothquant import absmax_calibration, group_scales, smoothed, smoothing_scale
+from aofunc.calibrate.smoothquant import smoothquant_calibration, group_scales, smoothed, smoothing_scale
 from calib_models import correlated, gpt2_block, tiny_llama
 from tests.models import is_detached_alias
 
@@ -52,7 +52,7 @@ def _plan(model, params, x, alpha=0.5):
         model(x)
     rules = select(params, None, aofunc.Int8Dynamic(), usage, "smoothquant", (aofunc.Int8Dynamic,))
     groups = groups_of(list(rules))
-    state = aofunc.fold(absmax_calibration(rules), params, [x], model=model, names=list(rules), progress=False)
+    state = aofunc.fold(smoothquant_calibration(rules), params, [x], model=model, names=list(rules), progress=False)
     return rules, groups, group_scales(params, rules, groups, state.absmax, alpha)
 
 
