@@ -11,6 +11,7 @@ import tempfile
 from typing import Mapping
 
 import torch
+import safetensors.torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -23,6 +24,10 @@ FILE_VERSION = 2
 #: the versions `load` reads
 READABLE_VERSIONS = (1, 2)
 HEADER_KEY = "aofunc"
+#: the key safetensors keeps for its own header metadata: no tensor may have it as its name
+RESERVED_NAME = "__metadata__"
+#: the dtypes safetensors stores (empty when this safetensors does not say; then save_file itself decides)
+_STORABLE_DTYPES = frozenset(getattr(safetensors.torch, "_TYPES", {}).values())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -55,6 +60,39 @@ def _quantized_prefix(name: str, quantized: set) -> str | None:
     return None
 
 
+def _unsavable_reason(t: torch.Tensor) -> str | None:
+    """Why a plain tensor cannot be written (None when it can)."""
+    if t.device.type == "meta":
+        return "is on the meta device (a shape without values); materialize it (e.g. load real weights) first"
+    if t.layout != torch.strided:
+        return f"has the {t.layout} layout; save dense tensors (e.g. .to_dense())"
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and not isinstance(t, QTensor):
+        return f"is a {type(t).__name__}, a tensor subclass a file cannot describe; save a plain tensor or a QTensor"
+    if _STORABLE_DTYPES and t.dtype not in _STORABLE_DTYPES:
+        return f"has dtype {t.dtype}, which safetensors cannot store"
+    return None
+
+
+def check_savable(qparams: Mapping[str, torch.Tensor]) -> None:
+    """Every name and tensor of the tree can be written so that `load` reads the same tree back; otherwise a
+    ValueError naming the entry and why, before any file is touched."""
+    quantized = {name for name, t in qparams.items() if isinstance(t, QTensor)}
+    for name, t in qparams.items():
+        if name == RESERVED_NAME:
+            raise ValueError(f"save: the name {name!r} is reserved by safetensors for its own header, so a file "
+                             "could not hold it; rename that entry")
+        owner = _quantized_prefix(name, quantized)
+        if owner is not None:
+            raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r} (a quantized "
+                             f"weight is stored as {owner!r}.<tensor name>, and no other name may start with "
+                             f"{owner + '.'!r}); rename one of them")
+        for part, tensor in (t.tensors.items() if isinstance(t, QTensor) else [(None, t)]):
+            reason = _unsavable_reason(tensor)
+            if reason is not None:
+                where = repr(name) if part is None else f"{name!r} (its stored tensor {part!r})"
+                raise ValueError(f"save: {where} {reason}")
+
+
 def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a (quantized) params tree to a safetensors file: tensor "{name}.{stored name}" for each QTensor,
     plain tensors under their own name, and the description of each QTensor in the header's "aofunc" entry.
@@ -62,6 +100,10 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     Names holding one tensor or QTensor object (tied weights) are stored once, under the first of them; the header's
     "aliases" table names the others, and `load` gives them all one object again. The file appears whole or not at
     all (written to a temporary file, then renamed). The layout is file version 2 (docs/file-format.md).
+
+    A tree no file could hold as it is (the name "__metadata__", which safetensors reserves; a name under a
+    QTensor's stored tensors, "{name}.…"; a meta, sparse or other non-plain tensor) is refused with a ValueError
+    naming the entry before anything is written, so an existing file at `path` is left as it was.
 
     Example:
         >>> w = torch.randn(16, 64)
@@ -72,13 +114,10 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
         True
     """
     check_params(qparams, "qparams")
+    check_savable(qparams)
     tensors, described, aliases, seen = {}, {}, {}, set()
     stored_as: dict[int, str] = {}
-    quantized = {name for name, t in qparams.items() if isinstance(t, QTensor)}
     for name, t in qparams.items():
-        owner = _quantized_prefix(name, quantized)
-        if owner is not None:
-            raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r}")
         if id(t) in stored_as:
             aliases[name] = stored_as[id(t)]
             continue
@@ -152,9 +191,15 @@ def _check_entry(name, entry, keys: set, f) -> tuple:
     except (TypeError, ValueError) as e:
         raise ValueError(f"load: {name!r}: {e}") from None
     shape = entry["shape"]
-    transposed = bool(entry.get("transposed", False))
-    if not isinstance(shape, list) or len(shape) not in (2, 4) or not all(isinstance(d, int) and d > 0 for d in shape):
+    transposed = entry.get("transposed", False)
+    if not isinstance(transposed, bool):
+        raise ValueError(f"load: {name!r}: 'transposed' must be true or false, got {transposed!r}")
+    if not isinstance(shape, list) or len(shape) not in (2, 4) \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(f"load: {name!r}: shape {shape!r} is not a 2-D or 4-D shape of positive ints")
+    if len(shape) == 4 and (shape[2:] != [1, 1] or transposed):
+        raise ValueError(f"load: {name!r}: shape {shape} is not a quantized weight's: a 4-D weight is a 1x1 "
+                         "convolution's [out, in, 1, 1], never stored transposed")
     dtype = _dtype_from_name(entry["dtype"], repr(name))
     n, k = canonical_shape(tuple(shape), transposed)
     expected = scheme.stored(n, k, dtype)
@@ -183,16 +228,36 @@ def _safetensors_dtype(dtype: torch.dtype) -> str:
     return _SAFETENSORS_DTYPES.get(dtype, str(dtype))
 
 
+def _load_device(device) -> torch.device:
+    """The device to load onto, checked to exist here before any file is read."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"load: device={device!r} is not a torch device ({e})") from None
+    if device.type == "meta":
+        raise ValueError("load: device='meta' holds no values; load onto 'cpu' or an accelerator")
+    if device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+            raise ValueError(f"load: device {str(device)!r} is not available on this machine ({first_line}); load "
+                             "onto 'cpu', or onto a device this torch build sees") from None
+    return device
+
+
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Read a file written by `save` onto `device` (default CPU). Every entry is checked against the header
     (names, dtypes, shapes, aliases) before anything is built; a mismatch is refused naming the parameter.
 
     Reads file versions 1 and 2 (docs/file-format.md) and refuses others; names stored as aliases of one tensor
-    (tied weights) get one object."""
+    (tied weights) get one object. A device this machine does not have is refused naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load: no file at {path}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _load_device(device)
     try:
         f = safe_open(path, framework="pt", device=str(device))
     except Exception as e:  # safetensors raises its own error types for malformed files
@@ -203,7 +268,16 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
         parts = {name: _check_entry(name, entry, keys, f) for name, entry in description.items()}
         claimed = {f"{name}.{s}" for name, part in parts.items() for s in part[4]}
         plain = sorted(keys - claimed)
+        for name in plain:
+            if name in parts:
+                raise ValueError(f"load: {path}: {name!r} is both a quantized weight of the header (stored as "
+                                 f"{name + '.'!r}…) and a plain tensor of the file; a name holds one or the other")
         _check_aliases(aliases, set(parts) | set(plain), keys, path)
+        for name in aliases:
+            owner = _quantized_prefix(name, set(parts))
+            if owner is not None:
+                raise ValueError(f"load: {path}: alias {name!r} sits among the stored tensors of {owner!r}; no "
+                                 f"other name may start with {owner + '.'!r}")
         out: dict[str, torch.Tensor] = {}
         for name, (scheme, shape, dtype, transposed, stored_names) in parts.items():
             tensors = {s: f.get_tensor(f"{name}.{s}") for s in stored_names}

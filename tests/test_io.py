@@ -280,3 +280,116 @@ def test_save_refuses_a_quantized_name_under_another_quantized_name(tmp_path):
     q = quantized_tree(aofunc.Int8WeightOnly())
     with pytest.raises(ValueError, match=r"'w.inner' collides with the stored tensors of 'w'"):
         aofunc.save({"w": q["w"], "w.inner": q["t"]}, tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- what save accepts, load reads
+
+def _old_file(path):
+    """A good file at `path`, and its bytes: a refused save must leave it as it was."""
+    aofunc.save({"old": torch.arange(3.0)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("tree, match", [
+    (lambda q: {"__metadata__": torch.zeros(2)}, r"'__metadata__' is reserved by safetensors"),
+    (lambda q: {"a": q["w"], "a.qdata": q["t"]}, r"'a.qdata' collides with the stored tensors of 'a'"),
+    (lambda q: {"a.qdata": torch.zeros(2), "a": q["w"]}, r"'a.qdata' collides with the stored tensors of 'a'"),
+    (lambda q: {"m": torch.empty(3, device="meta")}, r"'m' is on the meta device"),
+    (lambda q: {"s": torch.eye(2).to_sparse()}, r"'s' has the torch.sparse_coo layout"),
+])
+def test_save_refuses_trees_no_file_holds_and_keeps_the_old_file(tmp_path, tree, match):
+    path = tmp_path / "q.safetensors"
+    before = _old_file(path)
+    with pytest.raises(ValueError, match=match):
+        aofunc.save(tree(quantized_tree(aofunc.Int8WeightOnly())), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]
+    assert torch.equal(aofunc.load(path)["old"], torch.arange(3.0))
+
+
+def test_load_refuses_a_plain_tensor_under_a_quantized_name(tmp_path):
+    tensors, header = good_file_parts()
+    tensors["w"] = torch.zeros(24, 80)
+    write_raw(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=r"'w' is both a quantized weight of the header .* and a plain tensor"):
+        aofunc.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("shape, transposed, match", [
+    ([24, 80, 2, 2], False, r"'w': shape \[24, 80, 2, 2\] is not a quantized weight's"),
+    ([24, 80, 1, 1], True, r"'w': shape \[24, 80, 1, 1\] is not a quantized weight's"),
+    ([24, 80], "yes", r"'w': 'transposed' must be true or false"),
+    ([24, True], False, r"'w': shape \[24, True\] is not a 2-D or 4-D shape"),
+])
+def test_load_refuses_shapes_a_quantized_weight_cannot_have(tmp_path, shape, transposed, match):
+    tensors, header = good_file_parts()
+    header["params"]["w"].update(shape=shape, transposed=transposed)
+    write_raw(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=match):
+        aofunc.load(tmp_path / "bad.safetensors")
+
+
+def test_load_refuses_an_alias_among_a_quantized_weights_tensors(tmp_path):
+    tensors, header = tied_file_parts()
+    header["aliases"]["w.inner"] = "b"
+    write_raw(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=r"alias 'w.inner' sits among the stored tensors of 'w'"):
+        aofunc.load(tmp_path / "bad.safetensors")
+
+
+def test_load_names_a_device_this_machine_lacks(tmp_path):
+    aofunc.save({"b": torch.zeros(2)}, tmp_path / "q.safetensors")
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=rf"load: device '{device}' is not available on this machine"):
+        aofunc.load(tmp_path / "q.safetensors", device=device)
+    with pytest.raises(ValueError, match=r"device='meta' holds no values"):
+        aofunc.load(tmp_path / "q.safetensors", device="meta")
+
+
+_NAME_PARTS = ["a", "w", "qdata", "scale", "zero", "act_scale", "scaler_q", "__metadata__", ""]
+
+
+@st.composite
+def adversarial_trees(draw):
+    """Trees whose names may nest under a QTensor's stored names or be reserved, with ties and odd tensors."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    values = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["f32", "bf16", "int64", "bool", "0-d", "empty", "meta", "q", "q-t", "q-conv"]))
+        if kind == "f32":
+            values.append(torch.randn(2, 3, generator=g))
+        elif kind == "bf16":
+            values.append(torch.randn(5, generator=g).to(torch.bfloat16))
+        elif kind == "int64":
+            values.append(torch.randint(-9, 9, (4,), generator=g))
+        elif kind == "bool":
+            values.append(torch.rand(3, generator=g) > 0.5)
+        elif kind == "0-d":
+            values.append(torch.tensor(2.5))
+        elif kind == "empty":
+            values.append(torch.zeros(0, 3))
+        elif kind == "meta":
+            values.append(torch.empty(2, device="meta"))
+        else:
+            scheme = draw(st.sampled_from(ALL_SCHEMES))
+            shape = {"q": (8, 40), "q-t": (40, 8), "q-conv": (8, 40, 1, 1)}[kind]
+            w = torch.randn(*shape, generator=g)
+            values.append(aofunc.quantize({"w": w}, Spec([Rule("w", scheme, transposed=kind == "q-t")]))["w"])
+    names = draw(st.lists(st.lists(st.sampled_from(_NAME_PARTS), min_size=1, max_size=3).map(".".join),
+                          min_size=1, max_size=6, unique=True))
+    return {name: values[draw(st.integers(0, len(values) - 1))] for name in names}
+
+
+@given(adversarial_trees())
+def test_every_tree_save_accepts_loads_back_as_it_was(tmp_path_factory, tree):
+    directory = tmp_path_factory.mktemp("any")
+    path = directory / "q.safetensors"
+    before = _old_file(path)
+    try:
+        aofunc.save(tree, path)
+    except ValueError:
+        assert path.read_bytes() == before and [p.name for p in directory.iterdir()] == ["q.safetensors"]
+        return
+    loaded = aofunc.load(path)
+    assert set(loaded) == set(tree)
+    assert_same_tree(tree, loaded)
+    assert all((loaded[a] is loaded[b]) == (tree[a] is tree[b]) for a in tree for b in tree)
