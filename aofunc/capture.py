@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from aofunc.ops import is_pointwise_conv, pointwise_conv_input
+from aofunc.tree import check_tied_values
 
 
 class LinearCall(NamedTuple):
@@ -86,6 +87,7 @@ def batch_args(batch: Any) -> tuple[tuple, dict]:
 def run_model(model, params: Mapping[str, torch.Tensor], batch: Any):
     """model(params, batch): an nn.Module through functional_call, or a pure function f(params, batch)."""
     if isinstance(model, torch.nn.Module):
+        check_tied_values(model, params, "aofunc")
         args, kwargs = batch_args(batch)
         return torch.func.functional_call(model, dict(params), args, kwargs, tie_weights=True, strict=False)
     if callable(model):
@@ -95,6 +97,7 @@ def run_model(model, params: Mapping[str, torch.Tensor], batch: Any):
 
 def _run_args(model, params, args, kwargs):
     if isinstance(model, torch.nn.Module):
+        check_tied_values(model, params, "aofunc")
         return torch.func.functional_call(model, dict(params), args, kwargs, tie_weights=True, strict=False)
     return model(params, *args, **kwargs)
 

@@ -91,7 +91,8 @@ def _int8_weight_only(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w8a16.w8a16_linear(x, t["qdata"], t["scale"], bias)
     # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
-    if x.device.type == "cpu" and k % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M:
+    # an empty x (no rows) goes to F.linear: the packed kernel refuses its strides, whatever they are
+    if x.device.type == "cpu" and k % 16 == 0 and 0 < x.shape[0] <= CPU_PACKED_MAX_M:
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)

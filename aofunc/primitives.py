@@ -3,6 +3,12 @@
 Pure functions on plain tensors. Statistics and quotients are computed in float32; scales and zeros are
 rounded to the weight's dtype before the integer codes are computed from them, so dequantizing the stored
 values gives exactly what a kernel sees.
+
+Finite weights always dequantize to finite values. Rows, groups and blocks whose values come near the largest
+number of the weight's dtype (where float32 intermediates or the grid's ends could overflow) take a careful path:
+their scales and zeros are computed in float64 and kept inside the dtype's range, and a code whose value would
+not be finite in the dtype moves one step toward the middle of the grid. Every other weight is quantized by the
+formulas above, bit for bit.
 """
 from __future__ import annotations
 
@@ -18,6 +24,26 @@ NF4_LEVELS = (
 )
 
 
+# ---------------------------------------------------------------------------------------------- range limits
+
+def near_range_limit(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """True where a magnitude exceeds a quarter of the largest finite value of `dtype`: there, float32
+    intermediates of the formulas (max - min, 8 * scale) or the ends of a quantization grid may overflow."""
+    return amax.float() > torch.finfo(dtype).max / 4
+
+
+def finite_codes(q: torch.Tensor, values, dtype: torch.dtype, lowest: int, highest: int) -> torch.Tensor:
+    """Codes q (a float tensor) moved one step at a time toward the middle of [lowest, highest] wherever
+    `values(q)`, the dequantized value computed as `dequantize` computes it, is not finite in `dtype`."""
+    for _ in range(highest - lowest):
+        v = values(q).to(dtype)
+        bad = ~torch.isfinite(v)
+        if not bool(bad.any()):
+            break
+        q = torch.where(bad, (q - torch.where(v > 0, 1.0, -1.0)).clamp(lowest, highest), q)
+    return q
+
+
 # ---------------------------------------------------------------------------------------------- int8 per channel
 
 def choose_scale_symmetric_per_row(w: torch.Tensor, qmin: int = -128, qmax: int = 127) -> torch.Tensor:
@@ -28,9 +54,16 @@ def choose_scale_symmetric_per_row(w: torch.Tensor, qmin: int = -128, qmax: int 
 
 
 def quantize_symmetric(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """q = clamp(round(w / scale), qmin, qmax) as int8, with scale broadcast along the last dimension."""
-    q = torch.round(w.float() / scale.float())
-    return q.clamp_(qmin, qmax).to(torch.int8)
+    """q = clamp(round(w / scale), qmin, qmax) as int8, with scale broadcast along the last dimension.
+
+    Where w's magnitude nears the largest value of its dtype (`near_range_limit`), a code whose value q * scale
+    would overflow the dtype (qmin * scale is a little beyond the largest |w|) takes the next code inward."""
+    q = torch.round(w.float() / scale.float()).clamp_(qmin, qmax)
+    near = near_range_limit(w.abs().amax(dim=-1), w.dtype)
+    if bool(near.any()):
+        s = scale.float().expand(*w.shape[:-1], 1)[near]
+        q[near] = finite_codes(q[near], lambda codes: codes * s, w.dtype, qmin, qmax)
+    return q.to(torch.int8)
 
 
 def quantize_int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +93,33 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def choose_qparams_int4_asymmetric(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of g [..., group]: scale = clamp(max - min, 1e-6) / 15, zero = min + 8 * scale, stored in dtype."""
+    """Per row of g [..., group]: scale = clamp(max - min, 1e-6) / 15, zero = min + 8 * scale, stored in dtype.
+
+    Rows near the dtype's largest value M (`near_range_limit`) are computed in float64 and kept in range:
+    scale = min(clamp(max - min, 1e-6) / 15, M / 8), and zero centres the grid [zero - 8 scale, zero + 7 scale]
+    on [min, max] inside [-M, M], so that every grid value, and (q - 8) * scale on its own, is finite in the
+    dtype. Every value stays within half a step of the grid, up to the rounding of zero to the dtype."""
     g = g.float()
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype)
-    return scale, (lo + 8 * scale.float()).to(dtype)
+    zero = (lo + 8 * scale.float()).to(dtype)
+    near = near_range_limit(torch.maximum(lo.abs(), hi.abs()), dtype)
+    if bool(near.any()):
+        top = torch.finfo(dtype).max
+        lo64, hi64 = lo[near].double(), hi[near].double()
+        s = ((hi64 - lo64).clamp(min=1e-6) / 15).clamp(max=top / 8).to(dtype)
+        s64 = s.double()
+        z = ((lo64 + hi64 + s64) / 2).clamp(min=-top + 8 * s64, max=top - 7 * s64).to(dtype)
+        # rounding zero to the dtype may carry a grid end past the largest value: one unit back
+        z = torch.where(z.double() + 7 * s64 > top, torch.nextafter(z, torch.full_like(z, -torch.inf)), z)
+        z = torch.where(z.double() - 8 * s64 < -top, torch.nextafter(z, torch.full_like(z, torch.inf)), z)
+        scale[near], zero[near] = s, z
+    return scale, zero
+
+
+def int4_asymmetric_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - 8) * scale + zero in float32, scale and zero broadcast over the codes of each group."""
+    return (q.float() - 8) * scale.float() + zero.float()
 
 
 def quantize_int4_asymmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,20 +128,27 @@ def quantize_int4_asymmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Te
     Per group: scale = clamp(max - min, 1e-6) / 15, zero = min + 8 * scale (both stored in w's dtype),
     q = clamp(round((w - (zero - 8 * scale)) / scale), 0, 15) from the stored scale and zero.
     Returns codes uint8 [N, Kp], scale and zero [N, Kp/g], where Kp is K padded to a multiple of g.
+    Groups near the dtype's largest value take the careful path of `choose_qparams_int4_asymmetric`, with their
+    codes computed in float64 and kept finite.
     """
     g = grouped(w.float(), group_size)
     scale, zero = choose_qparams_int4_asymmetric(g, w.dtype)
     s, z = scale.float()[..., None], zero.float()[..., None]
-    q = torch.round((g - (z - 8 * s)) / s).clamp_(0, 15).to(torch.uint8)
-    return q.reshape(w.shape[0], -1), scale, zero
+    q = torch.round((g - (z - 8 * s)) / s).clamp_(0, 15)
+    near = near_range_limit(g.abs().amax(dim=-1), w.dtype)
+    if bool(near.any()):
+        s_near, z_near = scale[near][:, None], zero[near][:, None]
+        s64, z64 = s_near.double(), z_near.double()
+        codes = torch.round((g[near].double() - (z64 - 8 * s64)) / s64).clamp_(0, 15).float()
+        q[near] = finite_codes(codes, lambda c: int4_asymmetric_values(c, s_near, z_near), w.dtype, 0, 15)
+    return q.to(torch.uint8).reshape(w.shape[0], -1), scale, zero
 
 
 def dequantize_int4_asymmetric(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
                                dtype: torch.dtype) -> torch.Tensor:
     """w = (q - 8) * scale + zero, groups along K, cut back to the logical K."""
     n, groups = scale.shape
-    g = q.float().reshape(n, groups, -1)
-    w = (g - 8) * scale.float()[..., None] + zero.float()[..., None]
+    w = int4_asymmetric_values(q.reshape(n, groups, -1), scale[..., None], zero[..., None])
     return w.reshape(n, -1)[:, :k].to(dtype)
 
 
@@ -126,33 +188,6 @@ def quantize_per_token_asymmetric_int8(x: torch.Tensor) -> tuple[torch.Tensor, t
     zp = torch.round(-128 - lo / s).clamp_(-128, 127)
     xq = (torch.round(x32 / s[..., None]) + zp[..., None]).clamp_(-128, 127)
     return xq.to(torch.int8), s, zp.to(torch.int32)
-
-
-def choose_qparams_per_tensor_affine(x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = max((max(x,0) - min(x,0)) / (qmax - qmin), eps), zp = clamp(qmin - round(min(x,0) / s), qmin, qmax)."""
-    x32 = x.float()
-    lo, hi = x32.min().clamp(max=0), x32.max().clamp(min=0)
-    s = ((hi - lo) / (qmax - qmin)).clamp(min=EPS32)
-    zp = (qmin - torch.round(lo / s)).clamp(qmin, qmax).to(torch.int32)
-    return s, zp
-
-
-def choose_scale_per_tensor_symmetric(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """s = max(amax|x| / ((qmax - qmin) / 2), eps)."""
-    return (x.float().abs().max() / ((qmax - qmin) / 2)).clamp(min=EPS32)
-
-
-def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                    dtype: torch.dtype = torch.int8) -> torch.Tensor:
-    """q = clamp(round(x / scale) + zero_point, qmin, qmax)."""
-    q = torch.round(x.float() / scale.float()) + zero_point
-    return q.clamp_(qmin, qmax).to(dtype)
-
-
-def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x = (q - zero_point) * scale."""
-    return ((q.float() - zero_point.float()) * scale.float()).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- 4-bit packing
@@ -220,11 +255,27 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, scaler_block_size: int =
     codes = torch.nn.functional.pad(codes.reshape(-1), (0, padded - n_blocks * block_size))
 
     mean = s1.mean()
+    # a sum of block maxima near float32's largest value overflows; their mean does not
+    mean = torch.where(torch.isfinite(mean), mean, s1.double().mean().float())
     centred = torch.nn.functional.pad(s1 - mean, (0, n_all_blocks - n_blocks)).reshape(-1, scaler_block_size)
     absmax = centred.abs().amax(dim=1)
-    factor = 256 / (2 * torch.where(absmax > 0, absmax, 1))
-    scaler_q = torch.round(centred * factor[:, None]).clamp_(-128, 127).to(torch.int8).reshape(-1)
-    return pack_uint4(codes), scaler_q, factor, mean
+    factor = 128 / torch.where(absmax > 0, absmax, 1)  # = 256 / (2 absmax), without overflowing 2 absmax
+    scaler_q = torch.round(centred * factor[:, None]).clamp_(-128, 127)
+    if bool(near_range_limit(s1.amax(), w.dtype)):
+        # a block scale rounded up past the dtype's largest value takes the next scaler code down
+        top = torch.finfo(w.dtype).max
+        for _ in range(256):
+            too_big = ~torch.isfinite(nf4_block_scales(scaler_q, factor, mean).to(w.dtype)) \
+                | (nf4_block_scales(scaler_q, factor, mean) > top)
+            if not bool(too_big.any()):
+                break
+            scaler_q = torch.where(too_big, (scaler_q - 1).clamp(min=-128), scaler_q)
+    return pack_uint4(codes), scaler_q.to(torch.int8).reshape(-1), factor, mean
+
+
+def nf4_block_scales(scaler_q: torch.Tensor, scaler_factor: torch.Tensor, scaler_mean: torch.Tensor) -> torch.Tensor:
+    """s = scaler_q / f + mu (float32 [scaler blocks, scaler_block_size]): each block's dequantized absmax."""
+    return scaler_q.float() / scaler_factor.float()[:, None] + scaler_mean.float()
 
 
 def dequantize_nf4(packed: torch.Tensor, scaler_q: torch.Tensor, scaler_factor: torch.Tensor,
@@ -234,7 +285,7 @@ def dequantize_nf4(packed: torch.Tensor, scaler_q: torch.Tensor, scaler_factor: 
     numel = 1
     for d in shape:
         numel *= d
-    s = scaler_q.float().reshape(-1, scaler_block_size) / scaler_factor.float()[:, None] + scaler_mean.float()
+    s = nf4_block_scales(scaler_q.reshape(-1, scaler_block_size), scaler_factor, scaler_mean)
     codes = unpack_uint4(packed).reshape(-1, block_size).long()
     w = nf4_levels(packed.device)[codes] * s.reshape(-1, 1)
     return w.reshape(-1)[:numel].reshape(shape).to(dtype)

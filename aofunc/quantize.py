@@ -16,26 +16,56 @@ from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_te
 PROGRESS_NUMEL = 1 << 27
 
 
-def check_weight(name: str, w: torch.Tensor) -> None:
-    """The errors DESIGN.md lists for a weight selected for quantization."""
-    if not w.is_floating_point():
-        raise TypeError(f"quantize: {name!r} is selected for quantization but is not floating point ({w.dtype})")
-    if w.numel() == 0:
-        raise ValueError(f"quantize: {name!r} is selected for quantization but is empty (shape {tuple(w.shape)})")
+#: the weight dtypes the stored formats take (their scales and kernels are defined for these)
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: pruning keeps a weight's dtype and stores nothing, so it takes float64 as well
+PRUNABLE_DTYPES = QUANTIZABLE_DTYPES + (torch.float64,)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+
+
+def check_weight(name: str, w: torch.Tensor, scheme: Scheme | None = None, what: str = "quantize") -> None:
+    """The errors DESIGN.md lists for a weight selected for quantization (or, with a Sparse scheme, for pruning);
+    `what` names the transform in the message."""
+    stored = scheme is None or scheme.is_stored_format
+    verb = "quantize" if stored else "prune"
     if isinstance(w, QTensor):
-        raise TypeError(f"quantize: {name!r} is already quantized ({w.scheme})")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"quantize: {name!r} has non-finite values (NaN or Inf); refusing to quantize it")
+        raise TypeError(f"{what}: {name!r} is already quantized ({w.scheme})")
+    if not w.is_floating_point():
+        raise TypeError(f"{what}: {name!r} is selected to {verb} but is not floating point ({w.dtype})")
+    allowed = QUANTIZABLE_DTYPES if stored else PRUNABLE_DTYPES
+    if w.dtype not in allowed:
+        raise TypeError(f"{what}: {name!r} is {str(w.dtype).removeprefix('torch.')}, but {verb} takes "
+                        f"{_dtype_names(allowed)} weights; cast it (e.g. to float32) or leave it out of the spec")
+    if w.numel() == 0:
+        raise ValueError(f"{what}: {name!r} is selected to {verb} but is empty (shape {tuple(w.shape)})")
+    if not w.is_meta and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{what}: {name!r} has non-finite values (NaN or Inf); refusing to {verb} it")
 
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme, transposed: bool = False) -> QTensor:
-    """One weight to a QTensor; w keeps its logical shape ([N, K], [K, N] if transposed, [N, K, 1, 1])."""
+    """One weight to a QTensor; w keeps its logical shape ([N, K], [K, N] if transposed, [N, K, 1, 1]).
+
+    A weight on the meta device gives a meta QTensor: the stored tensors' shapes and dtypes without memory (what
+    `size_in_bytes` needs to size a model before loading it)."""
     w = w.detach()
-    return QTensor(scheme, scheme.quantize(canonical(w, transposed).contiguous()), w.shape, w.dtype, transposed)
+    nk = canonical(w, transposed)
+    if w.is_meta:
+        n, k = nk.shape
+        tensors = {name: torch.empty(shape, dtype=dtype, device="meta")
+                   for name, (shape, dtype) in scheme.stored(n, k, w.dtype).items()
+                   if name not in scheme.optional_names}
+    else:
+        tensors = scheme.quantize(nk.contiguous())
+    return QTensor(scheme, tensors, w.shape, w.dtype, transposed)
 
 
-def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=None) -> dict[str, Rule]:
-    """{name: rule (transposed resolved)} of the weights to quantize; checks them and reports what it skips."""
+def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=None,
+         what: str = "quantize") -> dict[str, Rule]:
+    """{name: rule (transposed resolved)} of the weights to quantize; checks them (errors name `what`) and reports
+    what it skips."""
     params = check_params(params)
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be an aofunc.Spec, got {type(spec).__name__}")
@@ -45,7 +75,7 @@ def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=
     spec.check(params)
     chosen = spec.selected(params)
     for name, rule in chosen.items():
-        check_weight(name, params[name])
+        check_weight(name, params[name], rule.scheme, what)
     if model is not None:
         # the calls name one of a tied weight's names; the orientation holds for all of them
         used_as_in_out = {id(params[name]) for name, flag in

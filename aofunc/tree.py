@@ -6,12 +6,11 @@ with another tree. Entries a transform passes through are detached aliases inste
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import optree
 import torch
 
-from aofunc.formats import QTensor
 from aofunc.formats.qtensor import keep_address_static
 
 NAMESPACE = "aofunc"
@@ -20,11 +19,6 @@ NAMESPACE = "aofunc"
 def leaves(tree: Any) -> list[torch.Tensor]:
     """Every plain tensor of a (quantized) params tree, the stored tensors of each QTensor included."""
     return optree.tree_leaves(tree, namespace=NAMESPACE)
-
-
-def map_leaves(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
-    """fn over every plain tensor (stored tensors included): for device moves and files, not dtype casts."""
-    return optree.tree_map(fn, tree, namespace=NAMESPACE)
 
 
 def size_in_bytes(tree: Any) -> int:
@@ -102,5 +96,19 @@ def share_tied(out: dict[str, Any], params: Mapping[str, Any], written: Iterable
     return out
 
 
-def is_quantized(value: Any) -> bool:
-    return isinstance(value, QTensor)
+def check_tied_values(model: Any, params: Mapping[str, torch.Tensor], what: str) -> None:
+    """Names the module ties (one Parameter or buffer under several names) must hold one tensor in the tree, or
+    only one of them may be given; otherwise a ValueError naming them. (functional_call would refuse such a tree
+    and suggest an option that aofunc's calls do not take.) A model that is not an nn.Module is not checked."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    names_of: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names_of.setdefault(id(t), []).append(name)
+    for names in names_of.values():
+        given = [name for name in names if name in params]
+        differing = [name for name in given if params[name] is not params[given[0]]]
+        if differing:
+            raise ValueError(f"{what}: the model ties {names} (one tensor under each of these names), but the tree "
+                             f"gives {given[0]!r} and {differing[0]!r} different tensors; give every tied name the "
+                             "same tensor, or give only one of them (the others follow it)")

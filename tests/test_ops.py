@@ -203,3 +203,23 @@ def test_cpu_weight_only_paths_agree_across_batch_sizes(scheme, m):
     qw = quantize_weight(torch.randn(32, 64, generator=g), scheme)
     x = torch.randn(m, 64, generator=g)
     assert relative_error(aofunc.qlinear(x, qw), x @ qw.dequantize().t()) < 1e-5
+
+
+@given(st.sampled_from(ALL_SCHEMES), st.sampled_from([(0,), (0, 3), (2, 0), (0, 0)]),
+       st.sampled_from(["contiguous", "every other column", "zero strides", "transposed"]), st.sampled_from(FLOATS),
+       st.booleans())
+def test_qlinear_of_an_empty_input_is_an_empty_output_whatever_its_strides(scheme, lead, layout, dtype, with_bias):
+    k, n = 64, 16
+    qw = quantize_weight(torch.randn(n, k).to(dtype), scheme)
+    if layout == "contiguous":
+        x = torch.randn(*lead, k)
+    elif layout == "every other column":
+        x = torch.randn(*lead, 2 * k)[..., ::2]
+    elif layout == "zero strides":
+        x = torch.empty_strided((*lead, k), (0,) * (len(lead) + 1))
+    else:
+        x = torch.randn(k, *reversed(lead)).permute(*range(len(lead), 0, -1), 0)
+    x = x.to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    y = aofunc.qlinear(x, qw, bias)
+    assert y.shape == (*lead, n) and y.dtype == dtype and y.numel() == 0

@@ -6,7 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import aofunc
 from aofunc import primitives as P
+from tests.models import ALL_SCHEMES
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -128,15 +130,6 @@ def test_per_token_asymmetric_int8_round_trip(x):
     assert bool(((x32 - dq).abs() <= s[:, None] * 0.5001 + 1e-6 * x32.abs()).all())
 
 
-def test_per_tensor_affine_and_symmetric():
-    x = torch.tensor([-1.0, 0.0, 3.0])
-    s, zp = P.choose_qparams_per_tensor_affine(x, -128, 127)
-    assert math.isclose(float(s), 4 / 255, rel_tol=1e-6) and int(zp) == -128 + 64
-    q = P.quantize_affine(x, s, zp, -128, 127)
-    assert torch.allclose(P.dequantize_affine(q, s, zp), x, atol=float(s) / 2)
-    assert math.isclose(float(P.choose_scale_per_tensor_symmetric(x, -128, 127)), 3 / 127.5, rel_tol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------- packing
 
 @given(st.integers(1, 8), st.integers(1, 40), st.integers(0, 2**31 - 1))
@@ -230,3 +223,61 @@ def test_choose_qparams_int4_asymmetric_rounds_to_the_stored_dtype():
     assert scale.dtype == zero.dtype == torch.bfloat16
     assert torch.equal(scale, torch.tensor([0.1, 1e-6 / 15]).to(torch.bfloat16))
     assert torch.equal(zero, (torch.tensor([0.0, 2.0]) + 8 * scale.float()).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------- near the dtype's range
+
+@st.composite
+def near_range_weights(draw):
+    """Finite weights of every size whose values reach up to the largest value of their dtype."""
+    n, k = draw(st.integers(1, 6)), draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from(FLOATS))
+    top = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    u = torch.rand(n, k, generator=g, dtype=torch.float64)
+    sign = torch.where(torch.rand(n, k, generator=g) > 0.5, 1.0, -1.0).double()
+    shape = draw(st.sampled_from(["top", "spread", "extremes", "one huge"]))
+    w = {"top": (0.99 + 0.01 * u) * top * (sign if draw(st.booleans()) else 1),
+         "spread": u * top * sign,
+         "extremes": torch.where(u > 0.5, top, -top) * (u > 0.2),
+         "one huge": torch.where(u > 0.9, top * sign, u)}[shape]
+    return w.clamp(-top, top).to(dtype)
+
+
+def _ulp(w):
+    """One unit in the last place of each element in its dtype (float64)."""
+    w64 = w.double().abs().clamp(min=torch.finfo(w.dtype).tiny)
+    return torch.finfo(w.dtype).eps * torch.exp2(torch.floor(torch.log2(w64)))
+
+
+@given(near_range_weights(), st.sampled_from(ALL_SCHEMES))
+def test_finite_weights_dequantize_to_finite_values_within_the_error_bounds(w, scheme):
+    q = aofunc.quantize({"w": w}, aofunc.Spec([aofunc.Rule("w", scheme)]))["w"]
+    dq = q.dequantize()
+    assert dq.dtype == w.dtype and bool(torch.isfinite(dq).all())
+    assert all(bool(torch.isfinite(t.float()).all()) for t in q.tensors.values())
+    err = (w.double() - dq.double()).abs()
+    n, k = w.shape
+    if isinstance(scheme, aofunc.NF4):
+        s1 = torch.nn.functional.pad(w.double().reshape(-1), (0, -(-n * k // 64) * 64 - n * k)).reshape(-1, 64)
+        s1 = s1.abs().amax(1).repeat_interleave(64)[: n * k].reshape(n, k)
+        bound = 0.16 * s1 + 0.02 * s1.max() + 1e-2 * w.double().abs()
+    else:
+        scale = q.scale.double()
+        step = scale[:, None].expand(n, k) if scale.dim() == 1 else scale.repeat_interleave(scheme.group_size, 1)[:, :k]
+        # half a step, up to the dtype's own rounding of the stored zero and of the dequantized value
+        bound = step / 2 * (1 + 1e-3) + 2 * _ulp(w)
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+def test_the_reported_overflows_quantize_to_finite_values():
+    cases = [(torch.tensor([[65504.0]], dtype=torch.float16), aofunc.Int4WeightOnly()),
+             (torch.tensor([[3e38, -3e38]]), aofunc.Int4WeightOnly(32)),
+             (torch.tensor([[3.3e38, -3.3e38]]).bfloat16(), aofunc.Int8DynamicInt4()),
+             (torch.full((4, 64), 3.4e38), aofunc.NF4()),
+             (torch.tensor([[-3.4e38, 1.0]]), aofunc.Int8WeightOnly())]
+    for w, scheme in cases:
+        dq = aofunc.quantize({"w": w}, aofunc.Spec([aofunc.Rule("w", scheme)]))["w"].dequantize()
+        assert bool(torch.isfinite(dq).all()), (w, scheme, dq)
+        huge = w.double().abs() > 1e3
+        torch.testing.assert_close(dq.double()[huge], w.double()[huge], rtol=0.08, atol=0)

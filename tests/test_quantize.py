@@ -152,3 +152,65 @@ def test_a_tied_weight_used_as_x_at_w_under_one_name_is_transposed_under_every_n
     q = aofunc.quantize(params, Spec([Rule("weight|alias", aofunc.Int8WeightOnly())]), model=layer,
                         example=torch.randn(2, 64))
     assert q["weight"] is q["alias"] and q["weight"].transposed
+
+
+# ---------------------------------------------------------------------------------------------- edge inputs
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+def test_weight_dtypes_without_a_format_are_refused_naming_the_supported_ones(dtype, scheme):
+    with pytest.raises(TypeError, match=rf"quantize: 'w' is {str(dtype)[6:]}, but quantize takes float32, "
+                                        r"float16, bfloat16 weights"):
+        aofunc.quantize({"w": torch.randn(4, 64).to(dtype)}, Spec([Rule("w", scheme)]))
+
+
+def test_pruning_takes_float64_and_refuses_float8_and_non_finite_weights_naming_prune():
+    spec = Spec([Rule("w", aofunc.Sparse(pattern="2:4"))])
+    w = torch.arange(1.0, 9.0, dtype=torch.float64).reshape(1, 8)
+    assert aofunc.prune({"w": w}, spec)["w"].dtype == torch.float64
+    with pytest.raises(TypeError, match=r"prune: 'w' is float8_e4m3fn, but prune takes float32, float16, bfloat16, "
+                                        r"float64 weights"):
+        aofunc.prune({"w": w.to(torch.float8_e4m3fn)}, spec)
+    with pytest.raises(ValueError, match=r"prune: 'w' has non-finite values \(NaN or Inf\); refusing to prune it"):
+        aofunc.prune({"w": torch.full((4, 8), float("nan"))}, spec)
+
+
+def test_an_nf4_block_too_large_for_memory_is_refused_when_made():
+    with pytest.raises(ValueError, match=r"NF4: block_size \* scaler_block_size = 274877906944 weights"):
+        aofunc.NF4(block_size=2**30)
+    assert aofunc.NF4(block_size=4096, scaler_block_size=4096).block_size == 4096
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_meta_weights_quantize_to_meta_qtensors_of_the_right_size(scheme, transposed):
+    shape = (128, 48) if transposed else (48, 128)
+    spec = Spec([Rule("w", scheme, transposed=transposed)])
+    real = aofunc.quantize({"w": torch.randn(*shape), "b": torch.randn(48)}, spec)
+    meta = aofunc.quantize({"w": torch.empty(*shape, device="meta"), "b": torch.empty(48, device="meta")}, spec)
+    q = meta["w"]
+    assert isinstance(q, aofunc.QTensor) and q.device.type == "meta" and q.is_meta
+    assert (q.scheme, q.shape, q.dtype, q.transposed) == (real["w"].scheme, real["w"].shape, real["w"].dtype,
+                                                          real["w"].transposed)
+    assert {name: (t.shape, t.dtype) for name, t in q.tensors.items()} == \
+        {name: (t.shape, t.dtype) for name, t in real["w"].tensors.items()}
+    assert all(t.is_meta for t in q.tensors.values())
+    assert aofunc.size_in_bytes(meta) == aofunc.size_in_bytes(real)
+
+
+def test_a_tree_giving_tied_names_different_tensors_is_refused_naming_them():
+    model = tiny_transformer()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert params["head.weight"] is params["embed.weight"]
+    params["head.weight"] = params["head.weight"].detach().clone()
+    ids = torch.randint(0, 96, (2, 6))
+    match = r"the model ties \['embed.weight', 'head.weight'\] .* gives 'embed.weight' and 'head.weight' different"
+    with pytest.raises(ValueError, match=match) as info:
+        aofunc.quantize(params, spec_for(aofunc.Int8WeightOnly()), model=model, example=ids)
+    assert "tie_weights" not in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        aofunc.capture_inputs(model, params, ids)
+    with pytest.raises(ValueError, match="wanda: " + match):
+        aofunc.wanda(params, [ids], model=model, progress=False)
+    del params["head.weight"]   # one of the tied names alone is fine: the other follows it
+    assert "embed.weight" in aofunc.capture_inputs(model, params, ids)

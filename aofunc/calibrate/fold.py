@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from aofunc.capture import linear_calls, run_model
-from aofunc.tree import check_params
+from aofunc.tree import check_params, check_tied_values
 
 Params = Mapping[str, torch.Tensor]
 Captured = dict  # {param name: [input of each linear-like call in one batch, as [tokens, K]]}
@@ -94,8 +94,10 @@ def all_reduce_state(state: Any, reduce: Mapping[str, str]) -> Any:
 
 
 def check_model_uses(model, params: Params, what: str) -> None:
-    """An nn.Module must own at least one of the given names (functional_call silently ignores unknown keys)."""
+    """An nn.Module must own at least one of the given names (functional_call silently ignores unknown keys), and
+    names it ties must not be given different tensors."""
     if isinstance(model, torch.nn.Module):
+        check_tied_values(model, params, what)
         own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
         if not own & set(params):

@@ -92,7 +92,7 @@ def select(params: Mapping[str, torch.Tensor], spec: Spec | None, default: Schem
     """
     if spec is None:
         spec = default_spec(params, usage, default)
-    chosen = plan(params, spec)
+    chosen = plan(params, spec, what=what)
     for name, rule in chosen.items():
         if not isinstance(rule.scheme, allowed):
             raise TypeError(f"{what}: {name!r} is selected with {rule.scheme}, but {what} takes "

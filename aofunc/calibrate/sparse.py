@@ -107,7 +107,7 @@ def pruned_weight(w: torch.Tensor, importance: torch.Tensor, scheme: Sparse, tra
 
 def sparse_rules(params: Mapping[str, torch.Tensor], spec: Spec, what: str) -> dict[str, Rule]:
     """{name: rule} of the weights a Sparse spec selects, checked before any work."""
-    chosen = plan(params, spec)
+    chosen = plan(params, spec, what=what)
     if not chosen:
         raise ValueError(f"{what}: the spec selects no weight; nothing to prune")
     for name, rule in chosen.items():

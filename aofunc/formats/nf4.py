@@ -6,6 +6,9 @@ import torch
 from aofunc import primitives as P
 from aofunc.formats.scheme import Scheme, register_scheme
 
+#: the most weights one scaler block (block_size * scaler_block_size) may hold: weights are padded to whole ones
+MAX_SCALER_BLOCK = 1 << 24
+
 
 @register_scheme
 class NF4(Scheme):
@@ -16,7 +19,7 @@ class NF4(Scheme):
 
     The row-major [N, K] weight is flattened and zero-padded to whole scaler blocks (block_size * scaler_block_size
     elements): qdata uint8 [P/2] (first code in the high nibble), scaler_q int8 [P/block_size], scaler_factor fp32
-    [P/(block_size * scaler_block_size)], scaler_mean fp32 scalar.
+    [P/(block_size * scaler_block_size)], scaler_mean fp32 scalar. A scaler block holds at most 2**24 weights.
     """
 
     short_name = "nf4"
@@ -31,6 +34,11 @@ class NF4(Scheme):
                 raise ValueError(f"NF4: {name} must be a positive int, got {value!r}")
         if self.block_size * self.scaler_block_size % 2:
             raise ValueError("NF4: block_size * scaler_block_size must be even (two codes a byte)")
+        if self.block_size * self.scaler_block_size > MAX_SCALER_BLOCK:
+            raise ValueError(f"NF4: block_size * scaler_block_size = {self.block_size * self.scaler_block_size} "
+                             f"weights a scaler block, more than the {MAX_SCALER_BLOCK} (2**24) allowed: every "
+                             "weight is padded to whole scaler blocks, so one block would take that much memory; "
+                             "QLoRA uses block_size=64, scaler_block_size=256")
 
     def quantize(self, w):
         qdata, scaler_q, factor, mean = P.quantize_nf4(w, self.block_size, self.scaler_block_size)
