@@ -56,6 +56,15 @@ def test_api_page_is_what_make_api_generates_now():
     assert written == make_api().api_markdown(), "docs/api.md is out of date: run python docs/make_api.py"
 
 
+def test_all_lists_exactly_the_public_names():
+    import types
+
+    public = {name for name in dir(aofunc) if not name.startswith("_")
+              and not isinstance(getattr(aofunc, name), types.ModuleType)}
+    assert len(aofunc.__all__) == len(set(aofunc.__all__))
+    assert set(aofunc.__all__) == public
+
+
 def test_every_public_name_has_its_own_docstring():
     own = make_api().own_docstring
     assert [name for name in aofunc.__all__ if own(getattr(aofunc, name)) is None] == []
