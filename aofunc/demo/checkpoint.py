@@ -2,20 +2,27 @@
 
 A checkpoint is a safetensors file of fp16 weights (small enough to ship) whose header carries the recipe
 it was trained by, as JSON. The model it loads into runs in fp32.
+
+The shipped checkpoint is produced by
+``python -m aofunc.demo.checkpoint --size small --device cuda --out aofunc/demo/small.safetensors``.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from aofunc.demo import data
 from aofunc.demo.model import Llama, LlamaConfig
 from aofunc.demo.train import RECIPES, Recipe, train
 
@@ -99,10 +106,33 @@ def pretrained(size: str = "small", *, device="cpu", progress: bool = True) -> t
     if path.is_file():
         model, recipe, _ = load(path)
         return model, recipe, f"cached checkpoint {path}"
-    from aofunc.demo import data
-
     train_tokens, _ = data.corpus()
     model = train(recipe, train_tokens, device=device, progress=progress)
     save(model, recipe, path)
     model, recipe, _ = load(path)  # the fp16-rounded weights, the same model a later run loads
     return model, recipe, f"trained now, cached at {path}"
+
+
+def main(argv=None):
+    """Train a recipe on the standard library and write its checkpoint (how the shipped one was made)."""
+    parser = argparse.ArgumentParser(prog="python -m aofunc.demo.checkpoint",
+                                     description="Train the demo model on the standard library and write its "
+                                                 "checkpoint.")
+    parser.add_argument("--size", choices=sorted(RECIPES), default="small")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="safetensors file to write")
+    args = parser.parse_args(argv)
+    recipe = RECIPES[args.size]
+    if args.steps is not None:
+        recipe = replace(recipe, steps=args.steps)
+    train_tokens, _ = data.corpus()
+    start = time.perf_counter()
+    model = train(recipe, train_tokens, device=args.device)
+    seconds = time.perf_counter() - start
+    save(model, recipe, args.out, train_seconds=round(seconds, 1), device=torch.device(args.device).type)
+    print(f"trained {args.size} in {seconds:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,15 +5,14 @@ and the batch offsets come from generators seeded by ``seed``, and torch runs in
 machine with one thread count, two runs give bit-identical weights.
 
 The shipped checkpoint is produced by
-``python -m aofunc.demo.train --size small --device cuda --out aofunc/demo/small.safetensors``; the file's
-metadata records the device, the torch and the Python version (whose standard library was the corpus).
+``python -m aofunc.demo.checkpoint --size small --device cuda --out aofunc/demo/small.safetensors`` (the command
+lives with the checkpoint files, which build on this module); the file's metadata records the device, the torch
+and the Python version (whose standard library was the corpus).
 """
 from __future__ import annotations
 
-import argparse
 import math
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -120,27 +119,3 @@ def train(recipe: Recipe, stream: torch.Tensor, *, device="cpu", progress: bool 
         torch.use_deterministic_algorithms(previous)
     model.eval()
     return model.cpu()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m aofunc.demo.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(RECIPES), default="small")
-    parser.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="safetensors file to write")
-    args = parser.parse_args(argv)
-    from aofunc.demo import checkpoint
-
-    recipe = RECIPES[args.size]
-    if args.steps is not None:
-        recipe = replace(recipe, steps=args.steps)
-    train_tokens, _ = data.corpus()
-    start = time.perf_counter()
-    model = train(recipe, train_tokens, device=args.device)
-    seconds = time.perf_counter() - start
-    checkpoint.save(model, recipe, args.out, train_seconds=round(seconds, 1), device=torch.device(args.device).type)
-    print(f"trained {args.size} in {seconds:.0f} s -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()

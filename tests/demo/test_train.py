@@ -82,3 +82,35 @@ def test_shipped_checkpoint_is_small_matches_its_recipe_and_predicts_heldout_cod
     assert {"python", "torch", "device", "train_seconds"} <= meta.keys()
     ppl = perplexity(model, dict(model.named_parameters()), data.even_windows(corpus[1], 8, 128), progress=False)
     assert ppl < 4.0  # bytes of unseen standard-library files, against 256 for a uniform guess
+
+
+def test_the_demo_modules_import_each_other_without_a_cycle():
+    """Every import between aofunc.demo's modules, at the top or inside a function, points one way."""
+    import ast
+    from pathlib import Path
+
+    import aofunc.demo
+
+    folder = Path(aofunc.demo.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "aofunc.demo":
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aofunc.demo."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[2] for alias in node.names
+                             if alias.name.startswith("aofunc.demo.")}
+        graph[path.stem] = (imported & modules) - {path.stem}
+    assert "checkpoint" in graph["run"] and "train" in graph["checkpoint"]
+
+    def visit(module, path):
+        assert module not in path, f"import cycle: {' -> '.join(path + [module])}"
+        for other in graph[module]:
+            visit(other, path + [module])
+
+    for module in graph:
+        visit(module, [])
