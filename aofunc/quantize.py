@@ -98,6 +98,10 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
     detached alias of the given tensor (same storage and requires_grad, never the module's own nn.Parameter, one
     alias per tensor). `progress` shows a bar (default: only for large trees).
 
+    A selected weight must be a finite fp32, fp16 or bf16 tensor (anything else is refused naming it). Weights on
+    the meta device give meta QTensors, with the stored tensors' shapes and dtypes but no memory, so
+    `aofunc.size_in_bytes` sizes a quantized model before any weight is loaded.
+
     Example:
         >>> params = dict(model.named_parameters())
         >>> qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(r".*\\.weight", aofunc.Int8WeightOnly())]))

@@ -22,7 +22,8 @@ def leaves(tree: Any) -> list[torch.Tensor]:
 
 
 def size_in_bytes(tree: Any) -> int:
-    """Bytes held by the tensors of a (quantized) params tree; a tensor shared by two names counts once."""
+    """Bytes held by the tensors of a (quantized) params tree; a tensor shared by two names counts once. Meta
+    tensors count the bytes they would hold, so a tree quantized on the meta device is sized without memory."""
     seen, total = set(), 0
     for t in leaves(tree):
         if isinstance(t, torch.Tensor) and id(t) not in seen:
