@@ -52,16 +52,16 @@ def wanda(sparse) -> Callable[[Setup], dict]:
 
 METHODS = (
     Method("float", "the trained model, unquantized", lambda s: dict(s.params), False),
-    Method("int8-wo", "int8 weight-only, per channel (W8A16)", rtn(aofunc.Int8WeightOnly()), False),
-    Method("int8-dyn", "int8 dynamic: int8 weights and per-token int8 activations (W8A8)", rtn(aofunc.Int8Dynamic()), False),
-    Method("smoothquant", "SmoothQuant W8A8, alpha 0.5, smoothing folded into the RMSNorms",
+    Method("rtn-int8wo", "int8 weight-only, per channel (W8A16)", rtn(aofunc.Int8WeightOnly()), False),
+    Method("rtn-int8dq", "int8 dynamic: int8 weights and per-token int8 activations (W8A8)", rtn(aofunc.Int8Dynamic()), False),
+    Method("smoothquant-int8dq", "SmoothQuant W8A8, alpha 0.5, smoothing folded into the RMSNorms",
            lambda s: aofunc.smoothquant(s.params, s.calibration, model=s.model, spec=spec_of(aofunc.Int8Dynamic()),
                                         progress=s.progress), True),
-    Method("int4-rtn", "int4 weight-only g128, round to nearest", rtn(aofunc.Int4WeightOnly(128)), False),
-    Method("int4-gptq", "int4 weight-only g128, GPTQ", gptq(act_order=False), True),
-    Method("int4-gptq-act", "int4 weight-only g128, GPTQ with act-order", gptq(act_order=True), True),
-    Method("8da4w", "int8 dynamic activations, int4 weights g32", rtn(aofunc.Int8DynamicInt4(32)), False),
-    Method("nf4", "NF4, blocks of 64, double-quantized scales", rtn(aofunc.NF4()), False),
+    Method("rtn-int4", "int4 weight-only g128, round to nearest", rtn(aofunc.Int4WeightOnly(128)), False),
+    Method("gptq-int4", "int4 weight-only g128, GPTQ", gptq(act_order=False), True),
+    Method("gptq-int4-act", "int4 weight-only g128, GPTQ with act-order", gptq(act_order=True), True),
+    Method("rtn-8da4w", "int8 dynamic activations, int4 weights g32", rtn(aofunc.Int8DynamicInt4(32)), False),
+    Method("rtn-nf4", "NF4, blocks of 64, double-quantized scales", rtn(aofunc.NF4()), False),
     Method("magnitude-2:4", "2:4 sparsity by |W| (stored dense)",
            lambda s: aofunc.prune(s.params, spec_of(aofunc.Sparse(pattern="2:4"))), False),
     Method("wanda-2:4", "2:4 sparsity by Wanda, |W| * ||X|| (stored dense)", wanda(aofunc.Sparse(pattern="2:4")), True),
@@ -69,9 +69,17 @@ METHODS = (
 )
 
 
+#: the names the demo used before its methods were named as the command line's `--method` and `--scheme` are
+FORMER_NAMES = {"int8-wo": "rtn-int8wo", "int8-dyn": "rtn-int8dq", "smoothquant": "smoothquant-int8dq",
+                "int4-rtn": "rtn-int4", "int4-gptq": "gptq-int4", "int4-gptq-act": "gptq-int4-act", "8da4w": "rtn-8da4w",
+                "nf4": "rtn-nf4"}
+
+
 def by_name(names) -> list[Method]:
-    """The methods named, in the demo's order; an unknown name is an error listing the known ones."""
+    """The methods named (as `quantize`'s method-scheme, or by a former name), in the demo's order; an unknown name
+    is an error listing the known ones."""
     known = {m.name: m for m in METHODS}
+    names = [FORMER_NAMES.get(n, n) for n in names]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(known)}")
