@@ -69,7 +69,7 @@ def _unsavable_reason(t: torch.Tensor) -> str | None:
     if type(t) not in (torch.Tensor, torch.nn.Parameter) and not isinstance(t, QTensor):
         return f"is a {type(t).__name__}, a tensor subclass a file cannot describe; save a plain tensor or a QTensor"
     if _STORABLE_DTYPES and t.dtype not in _STORABLE_DTYPES:
-        return f"has dtype {t.dtype}, which safetensors cannot store"
+        return f"has dtype {t.dtype}, which safetensors cannot store; cast it to a dtype it stores (e.g. float32)"
     return None
 
 
