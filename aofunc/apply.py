@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from aofunc.tree import check_params
+from aofunc.tree import check_params, check_tied_values
 
 _LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -43,6 +43,7 @@ def check_keys(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], call
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
                  else repr(key) for key in unknown]
         raise KeyError(f"{caller}: the model has no parameter or buffer named {', '.join(hints)}")
+    check_tied_values(model, qparams, caller)
 
 
 def apply(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], *args, **kwargs):

@@ -142,3 +142,16 @@ def test_a_compiled_apply_takes_no_lock_and_equals_eager():
     compiled = torch.compile(aofunc.apply, fullgraph=True, backend="aot_eager")  # a traced lock would break it
     with torch.no_grad():
         torch.testing.assert_close(compiled(model, q, ids), aofunc.apply(model, q, ids))
+
+
+def test_tied_names_given_different_tensors_are_refused_by_name():
+    model = torch.nn.Module()
+    model.emb = torch.nn.Embedding(8, 4)
+    model.head = torch.nn.Linear(4, 8, bias=False)
+    model.head.weight = model.emb.weight
+    model.forward = lambda ids: model.head(model.emb(ids))
+    with pytest.raises(ValueError, match="head.weight"):
+        aofunc.apply(model, {"emb.weight": torch.randn(8, 4), "head.weight": torch.randn(8, 4)}, torch.tensor([1]))
+    with pytest.raises(ValueError, match="head.weight"):
+        with aofunc.bind(model, {"emb.weight": torch.randn(8, 4), "head.weight": torch.randn(8, 4)}):
+            pass

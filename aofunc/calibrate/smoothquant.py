@@ -39,6 +39,7 @@ def smoothquant_calibration(rules: Mapping[str, Rule]) -> Calibration:
     state itself (`smoothquant` turns it into smoothing vectors and quantized weights).
 
     Example:
+        >>> model, x = torch.nn.Sequential(torch.nn.Linear(64, 32)), torch.randn(8, 64)
         >>> rules = {"0.weight": aofunc.Rule(r"0\.weight", aofunc.Int8Dynamic())}
         >>> state = aofunc.fold(aofunc.smoothquant_calibration(rules), dict(model.named_parameters()),
         ...                     [x, 2 * x], model=model, progress=False)
