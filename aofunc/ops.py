@@ -137,7 +137,7 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
 def _int8_dynamic_int4(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return int8_int4.int8_int4_linear(x, t["qdata"], t["scale"], scheme.group_size, bias)
-    xq, sx, zp = P.quantize_per_token_asymmetric_int8(x)
+    xq, sx, zp = int8_int4.quantize_per_token_asym_int8(x)
     x_dq = (xq.float() - zp[:, None].float()) * sx[:, None]
     y = F.linear(x_dq, scheme.dequantize(t, n, k, torch.float32))
     return _add_bias(y.to(x.dtype), bias)

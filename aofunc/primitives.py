@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import torch
 
-EPS32 = torch.finfo(torch.float32).eps
+# the stored layouts' facts have one home, beside the kernels that read them: the 16 NF4 levels and the 4-bit unpack
+from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4  # noqa: F401  (re-exported)
 
-NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044006, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
+EPS32 = torch.finfo(torch.float32).eps
 
 
 # ---------------------------------------------------------------------------------------------- range limits
@@ -170,26 +166,6 @@ def dequantize_int4_symmetric(q: torch.Tensor, scale: torch.Tensor, k: int, dtyp
     return w.reshape(n, -1)[:, :k].to(dtype)
 
 
-# ---------------------------------------------------------------------------------------------- activations
-
-def quantize_per_token_symmetric_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of x: s = clamp(amax|x|, 1e-5) / 127, xq = clamp(round(x / s), -127, 127). Returns (xq int8, s fp32)."""
-    x32 = x.float()
-    s = x32.abs().amax(dim=-1).clamp(min=1e-5) / 127
-    return torch.round(x32 / s[..., None]).clamp_(-127, 127).to(torch.int8), s
-
-
-def quantize_per_token_asymmetric_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of x: s = max((max(x,0) - min(x,0)) / 255, eps), zp = clamp(round(-128 - min(x,0) / s), -128, 127),
-    xq = clamp(round(x / s) + zp, -128, 127). Returns (xq int8, s fp32, zp int32)."""
-    x32 = x.float()
-    lo, hi = x32.amin(dim=-1).clamp(max=0), x32.amax(dim=-1).clamp(min=0)
-    s = ((hi - lo) / 255).clamp(min=EPS32)
-    zp = torch.round(-128 - lo / s).clamp_(-128, 127)
-    xq = (torch.round(x32 / s[..., None]) + zp[..., None]).clamp_(-128, 127)
-    return xq.to(torch.int8), s, zp.to(torch.int32)
-
-
 # ---------------------------------------------------------------------------------------------- 4-bit packing
 
 def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
@@ -200,16 +176,7 @@ def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
     return (c[..., 0::2] << 4) | c[..., 1::2]
 
 
-def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_uint4: [..., k] uint8 -> [..., 2k] codes uint8."""
-    return torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(*packed.shape[:-1], -1)
-
-
 # ---------------------------------------------------------------------------------------------- NF4
-
-def nf4_levels(device=None) -> torch.Tensor:
-    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
-
 
 def encode_nf4(x: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """Index of the nearest NF4 level to each element of x (fp32 in [-1, 1]); ties go to the lower level.

@@ -27,7 +27,7 @@ def _dtype_names(dtypes) -> str:
 
 
 def check_weight(name: str, w: torch.Tensor, scheme: Scheme | None = None, what: str = "quantize") -> None:
-    """The errors DESIGN.md lists for a weight selected for quantization (or, with a Sparse scheme, for pruning);
+    """The errors for a weight selected for quantization (or, with a Sparse scheme, for pruning);
     `what` names the transform in the message."""
     stored = scheme is None or scheme.is_stored_format
     verb = "quantize" if stored else "prune"

@@ -21,7 +21,7 @@ import struct
 import torch
 
 from aofunc.kernels import autotune
-from aofunc.kernels.packing import NF4_LEVELS, unpack_uint4
+from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
@@ -29,11 +29,6 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_fi
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
                                   load_x, pow2_at_most, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
-
-
-def nf4_levels(device) -> torch.Tensor:
-    """The 16 NF4 levels as a new fp32 tensor on ``device``."""
-    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
 def levels_operand(like: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,11 @@ NF4_LEVELS = (
 )
 
 
+def nf4_levels(device=None) -> torch.Tensor:
+    """The 16 NF4 levels as a new fp32 tensor on ``device``."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
 def unpack_uint4(qdata: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 [..., 2B] from uint8 [..., B]."""
     return torch.stack((qdata >> 4, qdata & 15), dim=-1).reshape(*qdata.shape[:-1], -1)

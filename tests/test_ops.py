@@ -35,14 +35,15 @@ def linear_case(draw):
 
 def reference_linear(x, qw, bias):
     """The same math in float64: activations fake-quantized where the scheme quantizes them."""
-    from aofunc import primitives as P
+    from aofunc.kernels.int8_int4 import quantize_per_token_asym_int8_ref
+    from aofunc.kernels.w8a8 import quantize_per_token_int8_ref
     w = qw.dequantize().double()
     x64 = x.double()
     if isinstance(qw.scheme, aofunc.Int8Dynamic):
-        xq, s = P.quantize_per_token_symmetric_int8(x.reshape(-1, x.shape[-1]))
+        xq, s = quantize_per_token_int8_ref(x.reshape(-1, x.shape[-1]), None)
         x64 = (xq.double() * s.double()[:, None]).reshape(x.shape)
     if isinstance(qw.scheme, aofunc.Int8DynamicInt4):
-        xq, s, zp = P.quantize_per_token_asymmetric_int8(x.reshape(-1, x.shape[-1]))
+        xq, s, zp = quantize_per_token_asym_int8_ref(x.reshape(-1, x.shape[-1]))
         x64 = ((xq.double() - zp.double()[:, None]) * s.double()[:, None]).reshape(x.shape)
     y = x64 @ w.t()
     return y if bias is None else y + bias.double()

@@ -1,4 +1,4 @@
-"""The quantization math against FEATURES.md's formulas, and its laws."""
+"""The quantization math against its formulas, and its laws."""
 import math
 
 import pytest
@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 import aofunc
 from aofunc import primitives as P
+from aofunc.kernels.int8_int4 import quantize_per_token_asym_int8_ref
+from aofunc.kernels.w8a8 import quantize_per_token_int8_ref
 from tests.models import ALL_SCHEMES
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -111,17 +113,18 @@ def test_int4_symmetric_matches_the_formula(w, g):
 
 
 # ---------------------------------------------------------------------------------------------- activations
+# (the per-token quantizers live with the kernels, whose reference twins they are)
 
 def test_per_token_symmetric_int8_matches_the_formula():
     x = torch.tensor([[0.0, 0.0], [1.27, -2.54], [1e-7, 0.0]])
-    xq, s = P.quantize_per_token_symmetric_int8(x)
+    xq, s = quantize_per_token_int8_ref(x, None)
     assert torch.allclose(s, torch.tensor([1e-5 / 127, 2.54 / 127, 1e-5 / 127]))
     assert xq.tolist() == [[0, 0], [64, -127], [1, 0]]  # 63.5 rounds half to even; 1e-7 / s = 1.27
 
 
 @given(weight_st())
 def test_per_token_asymmetric_int8_round_trip(x):
-    xq, s, zp = P.quantize_per_token_asymmetric_int8(x)
+    xq, s, zp = quantize_per_token_asym_int8_ref(x)
     x32 = x.float()
     lo, hi = x32.amin(1).clamp(max=0), x32.amax(1).clamp(min=0)
     assert torch.equal(s, ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps))

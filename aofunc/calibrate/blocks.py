@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from aofunc.calibrate.fold import run_batch
+from aofunc.calibrate.fold import no_linear_call, run_batch
 from aofunc.calibrate.selection import Usage, recording_usage
 from aofunc.capture import run_model
 
@@ -142,9 +142,7 @@ def probe(model: Any, params: Mapping[str, torch.Tensor], batch: Any, blocks: st
         for handle in handles:
             handle.remove()
     if not usage.transposed:
-        raise ValueError(f"{what}: the model's forward made no linear-like call (F.linear, matmul, addmm, 1x1 "
-                         "conv2d) with any of the given params on batch 0; pass the very tensors the model "
-                         "should use, under the names it gives them")
+        raise no_linear_call(what)
     if not order:
         return usage, None
     modules = dict(found)

@@ -22,6 +22,13 @@ Captured = dict  # {param name: [input of each linear-like call in one batch, as
 REDUCTIONS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
+def no_linear_call(what: str) -> ValueError:
+    """The error for a first batch on which the model used none of the given params in a linear-like call."""
+    return ValueError(f"{what}: the model's forward made no linear-like call (F.linear, matmul, addmm, 1x1 conv2d) "
+                      "with any of the given params on batch 0; pass the very tensors the model should use, under "
+                      "the names it gives them")
+
+
 class Calibration(NamedTuple):
     """A calibrated transform in the optax shape: pure functions over a small state.
 
@@ -179,9 +186,7 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
                                            wanted):
             run_batch(model, params, batch, index, "fold")
         if index == 0 and not captured:
-            raise ValueError("fold: the model's forward made no linear-like call (F.linear, matmul, addmm, 1x1 "
-                             "conv2d) with any of the given params on batch 0; pass the very tensors the model "
-                             "should use, under the names it gives them")
+            raise no_linear_call("fold")
         check_finite_inputs(captured, index, desc)
         state = calibration.update(state, captured)
         seen_batches += 1

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from aofunc.calibrate.fold import run_batch
+from aofunc.calibrate.fold import no_linear_call, run_batch
 from aofunc.capture import linear_calls
 from aofunc.formats import Scheme
 from aofunc.quantize import plan
@@ -121,7 +121,5 @@ def first_use(model, params: Mapping[str, torch.Tensor], batch: Any, what: str) 
     with torch.no_grad(), recording_usage(params) as usage:
         run_batch(model, params, batch, 0, what)
     if not usage.transposed:
-        raise ValueError(f"{what}: the model's forward made no linear-like call (F.linear, matmul, addmm, 1x1 "
-                         "conv2d) with any of the given params on batch 0; pass the very tensors the model "
-                         "should use, under the names it gives them")
+        raise no_linear_call(what)
     return usage

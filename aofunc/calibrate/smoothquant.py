@@ -18,7 +18,7 @@ from aofunc.calibrate.channel_stats import (
     fold_per_input_channel,
     zeros_per_input_channel,
 )
-from aofunc.calibrate.fold import Calibration, check_model_uses, fold, run_batch
+from aofunc.calibrate.fold import Calibration, check_model_uses, fold, no_linear_call, run_batch
 from aofunc.calibrate.input_groups import InputGroup, recording_inputs
 from aofunc.calibrate.selection import from_canonical, recording_usage, select
 from aofunc.formats import Int8Dynamic, QTensor
@@ -126,8 +126,7 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
     with torch.no_grad(), recording_usage(params) as usage, recording_inputs(params) as groups_of:
         run_batch(model, params, first, 0, "smoothquant")
     if not usage.transposed:
-        raise ValueError("smoothquant: the model's forward made no linear-like call with any of the given params "
-                         "on batch 0; pass the very tensors the model should use, under the names it gives them")
+        raise no_linear_call("smoothquant")
     rules = select(params, spec, Int8Dynamic(), usage, "smoothquant", (Int8Dynamic,))
     groups = groups_of(list(rules))
     state = fold(smoothquant_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,

@@ -14,7 +14,7 @@ MAX_SCALER_BLOCK = 1 << 24
 class NF4(Scheme):
     """w ≈ LEVELS[code] * (scaler_q / scaler_factor + scaler_mean), one scaler per block of `block_size`.
 
-    LEVELS are the 16 NormalFloat4 values (`aofunc.primitives.NF4_LEVELS`); a code is the nearest level to w / absmax
+    LEVELS are the 16 NormalFloat4 values (`aofunc.kernels.packing.NF4_LEVELS`); a code is the nearest level to w / absmax
     of its block.
 
     The row-major [N, K] weight is flattened and zero-padded to whole scaler blocks (block_size * scaler_block_size
