@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from aofunc.capture import detect_transposed
 from aofunc.formats import QTensor, Scheme
 from aofunc.formats.qtensor import canonical
+from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_tensor
 
@@ -96,7 +97,7 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
     input dimension when its rule says `transposed=True`, or when running `model` once on `example` shows it used
     as x @ W. Names holding one tensor (tied weights) get one QTensor object. Every other entry comes back as a
     detached alias of the given tensor (same storage and requires_grad, never the module's own nn.Parameter, one
-    alias per tensor). `progress` shows a bar (default: only for large trees).
+    alias per tensor). `progress`: a bar (True), none (False), or a bar for large trees when stderr is a terminal (None).
 
     A selected weight must be a finite fp32, fp16 or bf16 tensor (anything else is refused naming it). Weights on
     the meta device give meta QTensors, with the stored tensors' shapes and dtypes but no memory, so
@@ -113,8 +114,7 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
                             "apply it with its own transform (aofunc.prune or aofunc.wanda for Sparse)")
     chosen = plan(params, spec, model=model, example=example)
     once = unique_by_tensor(params, chosen)
-    if progress is None:
-        progress = sum(params[name].numel() for name in once) > PROGRESS_NUMEL
+    progress = show_progress(progress, sum(params[name].numel() for name in once) > PROGRESS_NUMEL, "quantize")
     out = detached_aliases(params)
     for name in tqdm(once, desc="quantize", disable=not progress, unit="weight"):
         rule = chosen[name]

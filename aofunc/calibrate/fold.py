@@ -14,6 +14,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from aofunc.capture import linear_calls, run_model
+from aofunc.progress import show_progress
 from aofunc.tree import check_params, check_tied_values
 
 Params = Mapping[str, torch.Tensor]
@@ -144,7 +145,7 @@ def check_finite_inputs(captured: Captured, index: int, what: str) -> None:
 
 
 def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, names: Iterable[str] | None = None,
-         progress: bool = True, desc: str = "calibrate"):
+         progress: bool | None = None, desc: str = "calibrate"):
     """finalize(all_reduce(update(... update(init(params), captured(batch_0)) ...)), params).
 
     Runs `model` (an nn.Module through functional_call, or f(params, batch)) on every batch under the capture mode;
@@ -180,7 +181,8 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
     state = calibration.init(params)
     seen_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    for index, batch in enumerate(tqdm(iterator, desc=desc, total=total, disable=not progress, unit="batch")):
+    bar = show_progress(progress, True, desc)
+    for index, batch in enumerate(tqdm(iterator, desc=desc, total=total, disable=not bar, unit="batch")):
         captured: Captured = {}
         with torch.no_grad(), linear_calls(params, lambda name, call: captured.setdefault(name, []).append(call.x),
                                            wanted):

@@ -30,6 +30,7 @@ from aofunc.formats import Int4WeightOnly, QTensor
 from aofunc.formats.scheme import grouped_schemes
 from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
+from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params, detached_aliases, share_tied
 
@@ -138,14 +139,15 @@ def _check_arguments(blocksize, percdamp, act_order, offload, progress) -> None:
         raise ValueError(f"gptq: blocksize must be a positive int, got {blocksize!r}")
     if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not 0 <= percdamp < float("inf"):
         raise ValueError(f"gptq: percdamp must be a finite number >= 0, got {percdamp!r}")
-    for name, value in (("act_order", act_order), ("offload", offload), ("progress", progress)):
+    for name, value in (("act_order", act_order), ("offload", offload)):
         if not isinstance(value, bool):
             raise TypeError(f"gptq: {name} must be True or False, got {value!r}")
+    show_progress(progress, True, "gptq")
 
 
 def gptq(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec | None = None,
          blocks: str | None = None, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
-         offload: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
+         offload: bool = False, progress: bool | None = None) -> dict[str, torch.Tensor]:
     """GPTQ: new params whose selected weights are QTensors chosen to minimize ‖W X - Q X‖ over the calibration
     inputs X, each layer seeing the outputs of the layers before it already quantized; `params` is left untouched.
 
@@ -185,7 +187,7 @@ def gptq(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec 
     pre_groups = _input_groups(pre, usage.first_input)
     post_groups = _input_groups(post, usage.first_input)
     steps = len(pre_groups) + len(post_groups) + (len(structure.blocks) if structure is not None else 0)
-    bar = tqdm(total=steps, desc="gptq", disable=not progress, unit="step")
+    bar = tqdm(total=steps, desc="gptq", disable=not show_progress(progress, True, "gptq"), unit="step")
 
     qparams = detached_aliases(params)
     try:

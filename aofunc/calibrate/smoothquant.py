@@ -24,6 +24,7 @@ from aofunc.calibrate.selection import from_canonical, recording_usage, select
 from aofunc.formats import Int8Dynamic, QTensor
 from aofunc.formats.qtensor import canonical
 from aofunc.quantize import quantize_weight
+from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params, detached_aliases, share_tied
 
@@ -98,7 +99,7 @@ def smoothed(params: Mapping[str, torch.Tensor], rules: Mapping[str, Rule], grou
 
 
 def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alpha: float = 0.5,
-                spec: Spec | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+                spec: Spec | None = None, progress: bool | None = None) -> dict[str, torch.Tensor]:
     """SmoothQuant W8A8: new params with smoothed Int8Dynamic weights, and the smoothing folded into the preceding
     LayerNorm/RMSNorm where one feeds the linears directly (those norm tensors are replaced by new ones); `params`
     is left untouched.
@@ -119,8 +120,7 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
     params = check_params(params)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
         raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"smoothquant: progress must be True or False, got {progress!r}")
+    show_progress(progress, True, "smoothquant")  # refuses anything but True, False or None before any work
     check_model_uses(model, params, "smoothquant")
     first, stream = peek(batches, "smoothquant")
     with torch.no_grad(), recording_usage(params) as usage, recording_inputs(params) as groups_of:

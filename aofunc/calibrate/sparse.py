@@ -9,11 +9,13 @@ import re
 from typing import Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from aofunc.calibrate.selection import from_canonical
 from aofunc.formats import Scheme
 from aofunc.formats.qtensor import canonical
-from aofunc.quantize import plan
+from aofunc.progress import show_progress
+from aofunc.quantize import PROGRESS_NUMEL, plan
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_tensor
 
@@ -117,9 +119,14 @@ def sparse_rules(params: Mapping[str, torch.Tensor], spec: Spec, what: str) -> d
     return chosen
 
 
-def prune(params: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
+def prune(params: Mapping[str, torch.Tensor], spec: Spec | None = None, *,
+          progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Magnitude pruning: new params whose selected weights have their smallest |W| set to zero as their Sparse
     rule asks (the calibration-free baseline to Wanda); `params` is left untouched.
+
+    The default spec prunes half of every row of every 2-D floating point `*weight` (unstructured,
+    `Sparse(0.5)`); give a spec to keep embeddings or heads dense. `progress`: a bar (True), none (False), or a
+    bar for large trees when stderr is a terminal (None).
 
     Example:
         >>> params = {"fc.weight": torch.arange(1., 9.).reshape(1, 8)}
@@ -127,12 +134,17 @@ def prune(params: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Ten
         tensor([[0., 0., 3., 4., 0., 0., 7., 8.]])
     """
     params = check_params(params)
+    show_progress(progress, False, "prune")  # refuses anything but True, False or None before any work
+    if spec is None:
+        spec = Spec([Rule(re.escape(name), Sparse(0.5)) for name, t in params.items()
+                     if name.endswith("weight") and t.dim() == 2 and t.is_floating_point()])
     if not isinstance(spec, Spec):
         raise TypeError(f"prune: spec must be an aofunc.Spec of Sparse rules, got {type(spec).__name__}")
     rules = sparse_rules(params, spec, "prune")
     out = detached_aliases(params)
     once = unique_by_tensor(params, rules)
-    for name in once:
+    long = sum(params[name].numel() for name in once) > PROGRESS_NUMEL
+    for name in tqdm(once, desc="prune", disable=not show_progress(progress, long, "prune"), unit="weight"):
         w, rule = params[name], rules[name]
         importance = canonical(w.detach(), rule.transposed).float().abs()
         out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)

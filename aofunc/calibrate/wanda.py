@@ -15,6 +15,7 @@ from aofunc.calibrate.fold import Calibration, check_model_uses, fold
 from aofunc.calibrate.selection import first_use, select
 from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
 from aofunc.formats.qtensor import canonical
+from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params, detached_aliases, share_tied
 
@@ -48,7 +49,7 @@ def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
 
 def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec | None = None,
           sparsity: float | None = None, pattern: str | None = None, per: str = "row",
-          progress: bool = True) -> dict[str, torch.Tensor]:
+          progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Wanda pruning: new params whose selected weights have their least important entries (|W| · ‖X_k‖) set to
     zero, still dense; `params` is left untouched.
 
@@ -67,8 +68,7 @@ def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec
     params = check_params(params)
     if spec is not None and (sparsity is not None or pattern is not None or per != "row"):
         raise ValueError("wanda: give either spec= or sparsity/pattern/per (which build the default spec), not both")
-    if not isinstance(progress, bool):
-        raise TypeError(f"wanda: progress must be True or False, got {progress!r}")
+    show_progress(progress, True, "wanda")  # refuses anything but True, False or None before any work
     default = Sparse(sparsity, pattern, per)
     check_model_uses(model, params, "wanda")
     first, stream = peek(batches, "wanda")

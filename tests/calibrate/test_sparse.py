@@ -128,3 +128,30 @@ def test_semi_structured_weights_run_in_f_linear_on_cuda():
     assert type(sparse) is not torch.Tensor
     x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
     torch.testing.assert_close(torch.nn.functional.linear(x, sparse), x @ pruned["w"].t(), rtol=2e-3, atol=2e-2)
+
+
+def test_prune_default_spec_halves_every_2d_weight_and_keeps_the_rest():
+    params = {"fc.weight": torch.arange(1., 9.).reshape(2, 4), "fc.bias": torch.ones(2), "emb": torch.ones(3, 4)}
+    out = aofunc.prune(params, progress=False)
+    assert torch.equal(out["fc.weight"], torch.tensor([[0., 0., 3., 4.], [0., 0., 7., 8.]]))
+    assert torch.equal(out["fc.bias"], params["fc.bias"]) and torch.equal(out["emb"], params["emb"])
+
+
+@pytest.mark.parametrize("transform", ["prune", "quantize", "gptq", "smoothquant", "wanda"])
+def test_progress_takes_true_false_or_none_only(transform):
+    fn = getattr(aofunc, transform)
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        if transform == "prune":
+            fn({"w": torch.randn(4, 8)}, progress="yes")
+        elif transform == "quantize":
+            fn({"w": torch.randn(4, 8)}, aofunc.Spec([aofunc.Rule("w", aofunc.Int8WeightOnly())]), progress="yes")
+        else:
+            model = torch.nn.Linear(8, 4)
+            fn(dict(model.named_parameters()), [torch.randn(2, 8)], model=model, progress="yes")
+
+
+def test_progress_none_shows_no_bar_when_stderr_is_not_a_terminal(capsys):
+    from aofunc.progress import show_progress
+
+    assert show_progress(None, True, "x") is False  # pytest captures stderr: not a terminal
+    assert show_progress(True, False, "x") is True and show_progress(False, True, "x") is False
