@@ -54,8 +54,7 @@ class Int4WeightOnly(Scheme):
         return P.dequantize_int4_asymmetric(q, tensors["scale"], tensors["zero"], k, dtype)
 
     def rows(self, tensors, index, n, k, dtype):
-        picked = {name: t[index.reshape(-1)] for name, t in tensors.items()}
-        return self.dequantize(picked, index.numel(), k, dtype).reshape(*index.shape, k)
+        return self.gathered_rows(tensors, index, k, dtype)
 
     def group_quantizer(self, dtype):
         return AsymmetricGroups(dtype)

@@ -50,8 +50,7 @@ class Int8DynamicInt4(Scheme):
         return P.dequantize_int4_symmetric(q, tensors["scale"], k, dtype)
 
     def rows(self, tensors, index, n, k, dtype):
-        picked = {name: t[index.reshape(-1)] for name, t in tensors.items()}
-        return self.dequantize(picked, index.numel(), k, dtype).reshape(*index.shape, k)
+        return self.gathered_rows(tensors, index, k, dtype)
 
     def group_quantizer(self, dtype):
         return SymmetricGroups(dtype)

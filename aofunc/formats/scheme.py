@@ -92,6 +92,13 @@ class Scheme:
         """Dequantized rows w[index] (for embeddings); formats laid out by row gather before dequantizing."""
         return self.dequantize(tensors, n, k, dtype)[index]
 
+    def gathered_rows(self, tensors: dict[str, torch.Tensor], index: torch.Tensor, k: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """`rows` for formats whose every stored tensor is laid out by output row: gather those rows of each, then
+        dequantize only them."""
+        picked = {name: t[index.reshape(-1)] for name, t in tensors.items()}
+        return self.dequantize(picked, index.numel(), k, dtype).reshape(*index.shape, k)
+
     def to_dict(self) -> dict:
         """{"type": class name, **fields}: how files name the scheme."""
         return {"type": type(self).__name__, **dataclasses.asdict(self)}
