@@ -33,9 +33,10 @@ from common import (  # noqa: E402
 from common import fmt as cell  # noqa: E402
 
 from aofunc.kernels import autotune  # noqa: E402
-from aofunc.kernels.int8_int4 import default_int8_int4_config, int8_int4_linear, int8_int4_linear_ref  # noqa: E402
+from aofunc.kernels.int8_int4 import default_config as default_int8_int4_config  # noqa: E402
+from aofunc.kernels.int8_int4 import int8_int4_linear, int8_int4_linear_ref  # noqa: E402
 from aofunc.kernels.w8a8 import (  # noqa: E402
-    default_w8a8_config,
+    default_config as default_w8a8_config,
     quantize_per_token_int8_ref,
     w8a8_linear,
     w8a8_linear_ref,

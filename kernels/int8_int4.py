@@ -160,12 +160,12 @@ _CUDA_CONFIGS = (
 _CUDA_LARGE_M_CONFIG = _config(False, 128, 64, 8, 4, 4)
 
 
-def default_int8_int4_config(m: int, device: torch.device) -> dict:
+def default_config(m: int, device: torch.device) -> dict:
     """The configuration ``int8_int4_linear`` runs an M-row call with on ``device`` when nothing was tuned."""
     return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
 
 
-def int8_int4_candidates(m: int) -> list:
+def candidate_configs(m: int) -> list:
     """Configurations an autotuning search tries for an M-row call on CUDA."""
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
@@ -183,9 +183,9 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, group_size: int, run,
     """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search."""
     m, k = x.shape
     if x.device.type != "cuda" or m == 0:
-        return default_int8_int4_config(m, x.device)
+        return default_config(m, x.device)
     key = autotune.config_key(f"int8_int4_g{group_size}", m, qdata.shape[0], k, (x.dtype,), x.device)
-    return autotune.choose(key, default_int8_int4_config(m, x.device), lambda: int8_int4_candidates(m), run,
+    return autotune.choose(key, default_config(m, x.device), lambda: candidate_configs(m), run,
                            reference, tolerance=1e-3)
 
 
@@ -326,6 +326,11 @@ def int8_int4_linear_triton(
         QUANTIZE_A=fused, HAS_BIAS=bias is not None, EPS_=EPS, GROUP=group_size, **launch,
     )
     return y
+
+
+def launch(x, qdata, scale, group_size, bias, config: dict) -> torch.Tensor:
+    """Run one configuration (no tuning): y [M, N] in x.dtype."""
+    return int8_int4_linear_triton(x, qdata, scale, group_size, bias, config)
 
 
 @torch.library.custom_op("aofunc::int8_int4_linear", mutates_args=())

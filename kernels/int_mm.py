@@ -38,12 +38,12 @@ _CUDA_CONFIGS = (
 _CUDA_LARGE_M_CONFIG = _config(128, 256, 128, 8, 8, 3)
 
 
-def default_matmul_config(m: int, device: torch.device) -> dict:
+def default_config(m: int, device: torch.device) -> dict:
     """The tile for an M-row int8 GEMM on ``device`` (the interpreter's small tile off CUDA)."""
     return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
 
 
-def matmul_candidates(m: int) -> list:
+def candidate_configs(m: int) -> list:
     """Tiles an autotuning search tries for an M-row int8 GEMM on CUDA."""
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
@@ -175,7 +175,7 @@ def int8_matmul_triton(
         return out
     if k == 0:
         return out.zero_() if not scaled else _scaled_zero(out, bias)
-    launch = dict(config or default_matmul_config(m, a.device))
+    launch = dict(config or default_config(m, a.device))
     tma = launch.pop("TMA", False) and tma_compatible(a, b)
     grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
     epilogue = (row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out)
@@ -235,7 +235,7 @@ def int_mm_triton(a: torch.Tensor, b: torch.Tensor, config: Optional[dict] = Non
         m, k = a.shape
         key = autotune.config_key("int_mm", m, b.shape[1], k, (a.dtype,), a.device)
         config = autotune.choose(
-            key, default_matmul_config(m, a.device), lambda: matmul_candidates(m),
+            key, default_config(m, a.device), lambda: candidate_configs(m),
             lambda c: int8_matmul_triton(a, b, config=c), lambda: int_mm_ref(a, b), tolerance=0.0,
         )
     return int8_matmul_triton(a, b, config=config)

@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import autotune
-from .int_mm import default_matmul_config, int8_matmul_triton, matmul_candidates
+from . import autotune, int_mm
+from .int_mm import int8_matmul_triton
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -236,16 +236,16 @@ INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_
                             "num_stages": 1}
 
 
-def default_w8a8_config(m: int, device: torch.device) -> dict:
+def default_config(m: int, device: torch.device) -> dict:
     """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned.
 
     Quantization kernel + int8 GEMM for every M: on an H100 the fused kernel lost to it at K >= 8192 for every
     M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning candidate only.
     """
-    return {"FUSED": False, **default_matmul_config(m, device)}
+    return {"FUSED": False, **int_mm.default_config(m, device)}
 
 
-def w8a8_candidates(m: int) -> list:
+def candidate_configs(m: int) -> list:
     """Configurations an autotuning search tries for an M-row call on CUDA: fused tiles for small M, then split."""
     fused = []
     if m <= 64:
@@ -253,16 +253,16 @@ def w8a8_candidates(m: int) -> list:
         fused = [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
                  for bn, bk, st in ((32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4),
                                     (32, 512, 3), (64, 512, 3), (128, 128, 4))]
-    return fused + [{"FUSED": False, **c} for c in matmul_candidates(m)]
+    return fused + [{"FUSED": False, **c} for c in int_mm.candidate_configs(m)]
 
 
 def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
     """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search."""
     m, k = x.shape
     if x.device.type != "cuda" or m == 0:
-        return default_w8a8_config(m, x.device)
+        return default_config(m, x.device)
     key = autotune.config_key("w8a8_linear", m, qdata.shape[0], k, (x.dtype,), x.device)
-    return autotune.choose(key, default_w8a8_config(m, x.device), lambda: w8a8_candidates(m), run, reference,
+    return autotune.choose(key, default_config(m, x.device), lambda: candidate_configs(m), run, reference,
                            tolerance=1e-6)
 
 
@@ -313,6 +313,11 @@ def w8a8_linear_triton(
         HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None, **launch,
     )
     return y
+
+
+def launch(x, qdata, scale, bias, act_scale, config: dict) -> torch.Tensor:
+    """Run one configuration (no tuning): y [M, N] in x.dtype."""
+    return w8a8_linear_triton(x, qdata, scale, bias, act_scale, config)
 
 
 @torch.library.custom_op("aofunc::w8a8_linear", mutates_args=())

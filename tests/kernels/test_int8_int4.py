@@ -8,7 +8,7 @@ import torch
 
 from aofunc.kernels.int8_int4 import (
     EPS,
-    int8_int4_candidates,
+    candidate_configs,
     int8_int4_linear,
     int8_int4_linear_ref,
     int8_int4_linear_triton,
@@ -95,7 +95,7 @@ def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
     x = _activation(m, k, dtype, seed=m, contiguous=m != 7)
     qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k)
     if ON_GPU:
-        config = next(c for c in int8_int4_candidates(min(m, 16)) if c["FUSED"] == fused)
+        config = next(c for c in candidate_configs(min(m, 16)) if c["FUSED"] == fused)
     else:
         config = {"FUSED": fused, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
     for b in (bias, None):

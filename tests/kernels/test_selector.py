@@ -61,3 +61,12 @@ def test_routes_table_lists_every_route_with_its_range():
     assert "| w4a16 | gemv | 1 |" in text
     assert "| w4a16 | gemm | 2 to 256 |" in text
     assert "| w4a16 | dequant | 257 and up |" in text
+
+
+@pytest.mark.parametrize("module", ["w4a16", "w8a16", "nf4", "w8a8", "int8_int4"])
+def test_every_format_module_exposes_the_same_functions(module):
+    import importlib
+
+    mod = importlib.import_module(f"aofunc.kernels.{module}")
+    for name in ("default_config", "candidate_configs", "launch", f"{module}_linear_ref", f"{module}_linear"):
+        assert callable(getattr(mod, name, None)), f"aofunc.kernels.{module} lacks {name}"

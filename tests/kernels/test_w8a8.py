@@ -8,11 +8,11 @@ import torch
 
 from aofunc.kernels.w8a8 import (
     INTERPRETER_FUSED_CONFIG,
-    default_w8a8_config,
+    candidate_configs,
+    default_config,
     quantize_per_token_int8,
     quantize_per_token_int8_ref,
     quantize_per_token_int8_triton,
-    w8a8_candidates,
     w8a8_linear,
     w8a8_linear_ref,
     w8a8_linear_triton,
@@ -90,9 +90,9 @@ def test_linear_kernel_equals_twin(dtype, fused, m):
     qdata, scale, bias = _weight(37, 50, dtype, seed=m + 1)
     act_scale = (torch.rand(50) + 0.5).to(DEVICE, dtype) if m == 33 else None
     if ON_GPU:
-        config = next(c for c in w8a8_candidates(m) if c["FUSED"] == fused)
+        config = next(c for c in candidate_configs(m) if c["FUSED"] == fused)
     else:
-        config = INTERPRETER_FUSED_CONFIG if fused else default_w8a8_config(m, x.device)
+        config = INTERPRETER_FUSED_CONFIG if fused else default_config(m, x.device)
     for b in (bias, None):
         y = w8a8_linear_triton(x, qdata, scale, b, act_scale, config)
         want = w8a8_linear_ref(x, qdata, scale, b, act_scale)
