@@ -1,7 +1,8 @@
 """save and load: quantized params trees in safetensors with a JSON description, no pickle.
 
-The layout is versioned (docs/file-format.md): version 1 stores every name; version 2, written now, stores each
-tensor once and names the others holding it (tied weights) in the header's "aliases" table. `load` reads both.
+The layout is versioned (docs/file-format.md): version 1 stores every name; version 2 stores each tensor once and
+names the others holding it (tied weights) in the header's "aliases" table; version 3, written now, adds the int4
+grids with an integer zero point and without one (`Int4WeightOnly(zero_point=...)`). `load` reads all three.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from aofunc.formats.qtensor import canonical_shape
 from aofunc.tree import check_params
 
 #: the version `save` writes
-FILE_VERSION = 2
+FILE_VERSION = 3
 #: the versions `load` reads
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+#: the first version whose schemes may name an int4 grid (`zero_point`)
+ZERO_POINT_VERSION = 3
 HEADER_KEY = "aofunc"
 #: the key safetensors keeps for its own header metadata: no tensor may have it as its name
 RESERVED_NAME = "__metadata__"
@@ -99,7 +102,7 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
 
     Names holding one tensor or QTensor object (tied weights) are stored once, under the first of them; the header's
     "aliases" table names the others, and `load` gives them all one object again. The file appears whole or not at
-    all (written to a temporary file, then renamed). The layout is file version 2 (docs/file-format.md).
+    all (written to a temporary file, then renamed). The layout is file version 3 (docs/file-format.md).
 
     A tree no file could hold as it is (the name "__metadata__", which safetensors reserves; a name under a
     QTensor's stored tensors, "{name}.…"; a meta, sparse or other non-plain tensor) is refused with a ValueError
@@ -142,8 +145,8 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-def _read_description(f, path) -> tuple[dict, dict]:
-    """(the params table, the aliases table) of the header; a version 1 file has no aliases."""
+def _read_description(f, path) -> tuple[dict, dict, int]:
+    """(the params table, the aliases table, the version) of the header; a version 1 file has no aliases."""
     metadata = f.metadata() or {}
     if HEADER_KEY not in metadata:
         raise ValueError(f"load: {path} has no {HEADER_KEY!r} header entry; it was not written by aofunc.save")
@@ -158,12 +161,12 @@ def _read_description(f, path) -> tuple[dict, dict]:
         raise ValueError(f"load: {path} is file version {version!r}; this release of aofunc reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))} (a newer file needs a newer aofunc)")
     if version == 1:
-        return description["params"], {}
+        return description["params"], {}, version
     aliases = description.get("aliases")
     if not isinstance(aliases, dict):
         raise ValueError(f"load: {path}: a version {version} header needs an 'aliases' table {{name: stored name}}, "
                          f"got {aliases!r}")
-    return description["params"], aliases
+    return description["params"], aliases, version
 
 
 def _check_aliases(aliases: dict, stored: set, keys: set, path) -> None:
@@ -182,10 +185,13 @@ def _check_aliases(aliases: dict, stored: set, keys: set, path) -> None:
             raise ValueError(f"load: {path}: alias {name!r} points at {target!r}, which the file does not store")
 
 
-def _check_entry(name, entry, keys: set, f) -> tuple:
+def _check_entry(name, entry, keys: set, f, version: int = FILE_VERSION) -> tuple:
     """Validate one QTensor's description and stored tensors against each other; returns its parts."""
     if not isinstance(entry, dict) or not {"scheme", "shape", "dtype"} <= set(entry):
         raise ValueError(f"load: {name!r}: its description needs scheme, shape and dtype, got {entry!r}")
+    if version < ZERO_POINT_VERSION and isinstance(entry["scheme"], dict) and "zero_point" in entry["scheme"]:
+        raise ValueError(f"load: {name!r}: its scheme names a zero_point, which file version {version} does not "
+                         f"have (int4 grids came with version {ZERO_POINT_VERSION})")
     try:
         scheme = scheme_from_dict(entry["scheme"])
     except (TypeError, ValueError) as e:
@@ -252,7 +258,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
     """Read a file written by `save` onto `device` (default CPU). Every entry is checked against the header
     (names, dtypes, shapes, aliases) before anything is built; a mismatch is refused naming the parameter.
 
-    Reads file versions 1 and 2 (docs/file-format.md) and refuses others; names stored as aliases of one tensor
+    Reads file versions 1, 2 and 3 (docs/file-format.md) and refuses others; names stored as aliases of one tensor
     (tied weights) get one object. A device this machine does not have is refused naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -264,8 +270,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
         raise ValueError(f"load: {path} is not a readable safetensors file ({e})") from None
     with f:
         keys = set(f.keys())
-        description, aliases = _read_description(f, path)
-        parts = {name: _check_entry(name, entry, keys, f) for name, entry in description.items()}
+        description, aliases, version = _read_description(f, path)
+        parts = {name: _check_entry(name, entry, keys, f, version) for name, entry in description.items()}
         claimed = {f"{name}.{s}" for name, part in parts.items() for s in part[4]}
         plain = sorted(keys - claimed)
         for name in plain:

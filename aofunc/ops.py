@@ -123,11 +123,18 @@ def _cpu_int4_packed(qdata: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_weight_only(x, scheme, t, n, k, bias):
+    # every grid runs on the tinygemm kernels through its float zero: the stored one ("float"), else a small fp32
+    # [N, Kp/g] tensor derived on each call, (8 - z) * scale for "int" and 0 for "none" (Int4WeightOnly.kernel_zero)
     if x.is_cuda:
-        return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t["zero"], scheme.group_size, bias)
-    if x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M:
+        zero = scheme.kernel_zero(t)
+        return w4a16.w4a16_linear(x, t["qdata"], t["scale"], zero, scheme.group_size, bias)
+    # the CPU kernel takes the zeros in x's dtype: (8 - z) * scale rounded to fp16/bf16 is no longer exact, so the
+    # integer grid takes the packed kernel for fp32 activations only (0, the symmetric grid's zero, is exact)
+    packed_exact = scheme.zero_point != "int" or x.dtype == torch.float32
+    if x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M and packed_exact:
         kp = t["qdata"].shape[1] * 2
-        scales_and_zeros = torch.stack((t["scale"].t(), t["zero"].t()), dim=-1).to(x.dtype).contiguous()
+        zero = scheme.kernel_zero(t)
+        scales_and_zeros = torch.stack((t["scale"].t(), zero.t()), dim=-1).to(x.dtype).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             P.pad_to_multiple(x, kp).contiguous(), _cpu_int4_packed(t["qdata"]), scheme.group_size, scales_and_zeros)
         return _add_bias(y, bias)

@@ -148,6 +148,53 @@ def dequantize_int4_asymmetric(q: torch.Tensor, scale: torch.Tensor, zero: torch
     return w.reshape(n, -1)[:, :k].to(dtype)
 
 
+def choose_qparams_int4_integer(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of g [..., group], GPTQ's asymmetric grid with an integer zero point (as compressed-tensors stores it):
+    lo = min(min(g), 0), hi = max(max(g), 0), scale = clamp(hi - lo, 1e-6) / 15 stored in dtype, and
+    z = clamp(round(-lo / scale), 0, 15) from the stored scale, as uint8. Computed in float64 (the range always
+    holds 0, so code z stands for 0 exactly, and hi - lo cannot overflow)."""
+    g64 = g.double()
+    lo, hi = g64.amin(dim=-1).clamp(max=0), g64.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype)
+    z = torch.round(-lo / scale.double()).clamp_(0, 15)
+    return scale, z.to(torch.uint8)
+
+
+def int4_integer_values(q: torch.Tensor, scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(q - z) * scale in float32, scale and z broadcast over the codes of each group."""
+    return (q.float() - z.float()) * scale.float()
+
+
+def quantize_int4_integer(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric groupwise int4 with integer zero points (GPTQ, compressed-tensors): w ≈ (q - z) * scale.
+
+    Per group: scale and z from `choose_qparams_int4_integer`, then q = clamp(round((w - base) / scale), 0, 15) in
+    float32 with base = -z * scale, the value of code 0 (in exact arithmetic round(w / scale) + z, GPTQ's rule).
+    Returns codes uint8 [N, Kp], scale [N, Kp/g] in w's dtype and z uint8 [N, Kp/g]. Groups near the dtype's
+    largest value take their codes in float64, a code whose value would not be finite in the dtype moving one
+    step inward: their error stays within one step (an integer zero point cannot centre the grid on the range).
+    """
+    g = grouped(w.float(), group_size)
+    scale, z = choose_qparams_int4_integer(g, w.dtype)
+    s, zf = scale.float()[..., None], z.float()[..., None]
+    q = torch.round((g - (-zf * s)) / s).clamp_(0, 15)
+    near = near_range_limit(g.abs().amax(dim=-1), w.dtype)
+    if bool(near.any()):
+        s_near, z_near = scale[near][:, None], z[near][:, None]
+        s64 = s_near.double()
+        codes = torch.round(g[near].double() / s64 + z_near.double()).clamp_(0, 15).float()
+        q[near] = finite_codes(codes, lambda c: int4_integer_values(c, s_near, z_near), w.dtype, 0, 15)
+    return q.to(torch.uint8).reshape(w.shape[0], -1), scale, z
+
+
+def dequantize_int4_integer(q: torch.Tensor, scale: torch.Tensor, z: torch.Tensor, k: int,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """w = (q - z) * scale, groups along K, cut back to the logical K."""
+    n, groups = scale.shape
+    w = int4_integer_values(q.reshape(n, groups, -1), scale[..., None], z[..., None])
+    return w.reshape(n, -1)[:, :k].to(dtype)
+
+
 def quantize_int4_symmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric groupwise int4 (8da4w weights): scale = max(amax / 7.5, eps), q = clamp(round(w / scale), -8, 7).
 

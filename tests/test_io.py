@@ -49,7 +49,7 @@ def test_file_layout_follows_the_design(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == {"w.qdata", "w.scale", "w.zero", "t.qdata", "t.scale", "t.zero", "b"}
         header = json.loads(f.metadata()["aofunc"])
-    assert header["version"] == 2 and header["aliases"] == {}
+    assert header["version"] == 3 and header["aliases"] == {}
     assert header["params"]["w"] == {"scheme": {"type": "Int4WeightOnly", "group_size": 32}, "shape": [24, 80],
                                      "dtype": "float32", "transposed": False}
     assert header["params"]["t"]["transposed"] is True
@@ -109,8 +109,8 @@ def good_file_parts():
     (lambda t, h: h["params"]["w"].update(dtype="int8"), r"'w'.*floating point dtype"),
     (lambda t, h: h["params"]["w"].update(scheme={"type": "Int3"}), r"'w'.*unknown scheme"),
     (lambda t, h: h["params"]["w"].pop("scheme"), r"'w'.*needs scheme"),
-    (lambda t, h: h.update(version=7), r"file version 7; this release of aofunc reads versions 1, 2"),
-    (lambda t, h: h.update(version="2"), r"file version '2'; .* reads versions 1, 2"),
+    (lambda t, h: h.update(version=7), r"file version 7; this release of aofunc reads versions 1, 2, 3 "),
+    (lambda t, h: h.update(version="2"), r"file version '2'; .* reads versions 1, 2, 3 "),
     (lambda t, h: h.pop("version"), r"file version None"),
     (lambda t, h: h.pop("params"), r"no 'params'"),
 ])

@@ -10,6 +10,7 @@ synthetic batch of random tokens, the same for every method.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from aofunc.cli import hf_model
-from aofunc.formats import Int8Dynamic
+from aofunc.formats import Int4WeightOnly, Int8Dynamic
+from aofunc.formats.int4 import ZERO_POINTS
 from aofunc.formats.scheme import GROUP_SIZES, grouped_schemes, scheme_from_name, scheme_names
 from aofunc.cli.errors import UsageError
 from aofunc.cli.text import read_text
@@ -48,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", required=True, choices=SCHEMES)
     p.add_argument("--group-size", type=int, default=None,
                    help="group size along the input dimension for int4 (default 128) and 8da4w (default 32)")
+    p.add_argument("--zero-point", choices=list(ZERO_POINTS), default=None,
+                   help="the int4 grid: float (tinygemm's, the default), int (integer zero points, as GPTQ "
+                        "checkpoints store them) or none (symmetric)")
     p.add_argument("--calib", default=None, help="calibration text: a file or a directory (needed by gptq, smoothquant, wanda)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default %(default)s, capped by the model)")
@@ -64,12 +69,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
 
 
-def scheme_of(name: str, group_size: int | None):
+def scheme_of(name: str, group_size: int | None, zero_point: str | None = None):
     import aofunc
 
     if name == "2:4":
         return aofunc.Sparse(pattern="2:4")
-    return scheme_from_name(name, group_size)
+    scheme = scheme_from_name(name, group_size)
+    if zero_point is not None:
+        scheme = dataclasses.replace(scheme, zero_point=zero_point)
+    return scheme
 
 
 def check_arguments(args) -> None:
@@ -82,6 +90,9 @@ def check_arguments(args) -> None:
             raise UsageError(f"--group-size applies to {' and '.join(GROUPED)} only, not --scheme {args.scheme}")
         if args.group_size not in GROUP_SIZES:
             raise UsageError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {args.group_size}")
+    if getattr(args, "zero_point", None) is not None and args.scheme != Int4WeightOnly.short_name:
+        raise UsageError(f"--zero-point applies to --scheme {Int4WeightOnly.short_name} only, not --scheme "
+                         f"{args.scheme}")
     if args.method in CALIBRATED and args.calib is None:
         raise UsageError(f"--method {args.method} calibrates on text: give --calib FILE_OR_DIR")
     for option in ("calib_samples", "seq_len", "batch_size"):
@@ -179,7 +190,7 @@ def run(args) -> int:
         measured_on = (f"a fixed synthetic batch ({shape[0]} sequences of {shape[1]} random tokens; "
                        "give --eval-text to measure on text)")
     params = {name: p.detach() for name, p in model.named_parameters()}
-    scheme = scheme_of(args.scheme, args.group_size)
+    scheme = scheme_of(args.scheme, args.group_size, args.zero_point)
     spec = target_spec(model, params, batches[0], scheme)
 
     start = time.perf_counter()

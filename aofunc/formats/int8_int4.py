@@ -4,25 +4,8 @@ from __future__ import annotations
 import torch
 
 from aofunc import primitives as P
-from aofunc.formats.int4 import padded_k
-from aofunc.formats.scheme import GroupQuantizer, Scheme, check_group_size, register_scheme
-
-
-class SymmetricGroups(GroupQuantizer):
-    """Int8DynamicInt4 groups: scale = max(amax/7.5, eps) (rounded to the weight's dtype), q = clamp(round(w/scale),
-    -8, 7), w ≈ q·scale; stored as q + 8."""
-
-    lowest, highest = -8, 7
-
-    def choose(self, g):
-        scale = P.choose_scale_symmetric_per_row(g, -8, 7).to(self.dtype).float()
-        return scale, torch.zeros_like(scale)
-
-    def base(self, scale, zero):
-        return zero
-
-    def stored(self, codes, scale, zero):
-        return {"qdata": P.pack_uint4((codes + 8).to(torch.uint8)), "scale": scale.to(self.dtype)}
+from aofunc.formats.int4 import SymmetricGroups, padded_k
+from aofunc.formats.scheme import Scheme, check_group_size, register_scheme
 
 
 @register_scheme
