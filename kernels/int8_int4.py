@@ -14,6 +14,8 @@ to the group size g in {32, 64, 128, 256}, and ``scale`` [N, Kp / g]. Inside a g
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_asym_int8(x) -> (xq, s, zp)`` and ``int8_int4_linear(x, qdata, scale, group_size, bias)``.
 """
+from __future__ import annotations
+
 from typing import Optional, Tuple
 
 import torch

@@ -9,12 +9,14 @@ shape and runs there. Results are exact while every |C[m, n]| stays below 2**31,
 The Triton kernel also serves the W8A8 linear: with per-row and per-column scales it forms
 ``(C * row_scale[m] * col_scale[n])`` in fp32, casts to the output dtype and adds a bias, all in the epilogue.
 """
+from __future__ import annotations
+
 from typing import Optional
 
 import torch
 
 from . import autotune
-from .triton_compat import TensorDescriptor, tl, triton
+from .triton_compat import tensor_descriptor, tl, triton
 
 
 # A configuration is a dict of the kernel's launch meta-parameters (kernels/autotune.py's ``Config``).
@@ -180,8 +182,8 @@ def int8_matmul_triton(
     grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
     epilogue = (row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out)
     if tma:
-        a_desc = TensorDescriptor.from_tensor(a, [launch["BLOCK_M"], launch["BLOCK_K"]])
-        b_desc = TensorDescriptor.from_tensor(b.t(), [launch["BLOCK_N"], launch["BLOCK_K"]])
+        a_desc = tensor_descriptor().from_tensor(a, [launch["BLOCK_M"], launch["BLOCK_K"]])
+        b_desc = tensor_descriptor().from_tensor(b.t(), [launch["BLOCK_N"], launch["BLOCK_K"]])
         _int8_matmul_tma_kernel[grid](
             a_desc, b_desc, out, *epilogue, m, n, k, out.stride(0), out.stride(1),
             SCALED=scaled, HAS_BIAS=bias is not None, **launch,

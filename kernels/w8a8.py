@@ -13,6 +13,8 @@ On CUDA the linear runs a one-pass quantization kernel feeding the int8 GEMM who
 the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py). A second path, one kernel that
 quantizes the activation tile by tile inside the GEMM, is a tuning candidate for small M.
 """
+from __future__ import annotations
+
 from typing import Optional, Tuple
 
 import torch

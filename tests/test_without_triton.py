@@ -10,7 +10,7 @@ import torch
 import aofunc
 from aofunc.kernels import triton_compat, w4a16
 
-assert not triton_compat.AVAILABLE
+assert not triton_compat.available()
 torch.manual_seed(0)
 w, x = torch.randn(64, 128), torch.randn(5, 128)
 for scheme in (aofunc.Int8WeightOnly(), aofunc.Int8Dynamic(), aofunc.Int4WeightOnly(32), aofunc.Int8DynamicInt4(32),

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aofunc.kernels import autotune, w4a16
+from aofunc.kernels import autotune, triton_compat, w4a16
 from aofunc.kernels.packing import unpack_uint4
 from aofunc.kernels.w4a16 import w4a16_dequantize, w4a16_dequantize_ref, w4a16_linear, w4a16_linear_ref
 
@@ -149,6 +149,7 @@ def test_code_units_are_exact(coarse):
     words[:2] = torch.tensor([0, -1])
     q = words.to(torch.int32).to(DEVICE)
     out = torch.empty(8, 256, dtype=torch.float32, device=DEVICE)
+    triton_compat.load()  # this test's own kernel calls aofunc's helpers: they must be the compiled ones
     _code_units_kernel[(1,)](q, out, w4a16.ONE_BITS.value, COARSE=coarse)
     codes = unpack_uint4(q.view(torch.uint8).view(256, 4)).view(256, 8).T.double().cpu()  # [8, 256]
     if coarse:
