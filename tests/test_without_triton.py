@@ -31,3 +31,20 @@ print("ok")
 def test_import_and_cpu_paths_without_triton():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_triton_is_imported_only_when_a_kernel_first_runs():
+    script = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import aofunc
+assert "triton" not in sys.modules, "import aofunc imported Triton"
+w = torch.randn(64, 128)
+q = aofunc.quantize({"w": w}, aofunc.Spec([aofunc.Rule("w", aofunc.Int4WeightOnly(32))]))["w"]
+aofunc.qlinear(torch.randn(3, 128), q)  # the CPU runs torch's kernels
+assert "triton" not in sys.modules, "a CPU linear imported Triton"
+print("ok")
+'''
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
