@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import aofunc
 
 ALL_SCHEMES = [aofunc.Int8WeightOnly(), aofunc.Int8Dynamic(), aofunc.Int4WeightOnly(32),
-               aofunc.Int8DynamicInt4(32), aofunc.NF4()]
+               aofunc.Int8DynamicInt4(32), aofunc.NF4(), aofunc.Int4WeightOnly(32, zero_point="int"),
+               aofunc.Int4WeightOnly(64, zero_point="none")]
 
 
 class Conv1D(nn.Module):

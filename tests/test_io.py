@@ -162,7 +162,11 @@ def version_1_file(path, tree):
     write_raw(path, tensors, {"version": 1, "params": described})
 
 
-@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=lambda s: type(s).__name__)
+#: the schemes version 1 and 2 files could hold: every int4 grid but tinygemm's came with version 3
+VERSION_1_SCHEMES = [s for s in ALL_SCHEMES if getattr(s, "zero_point", "float") == "float"]
+
+
+@pytest.mark.parametrize("scheme", VERSION_1_SCHEMES, ids=lambda s: type(s).__name__)
 def test_version_1_files_load_as_they_always_did(tmp_path, scheme):
     model = tiny_transformer()
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -393,3 +397,75 @@ def test_every_tree_save_accepts_loads_back_as_it_was(tmp_path_factory, tree):
     assert set(loaded) == set(tree)
     assert_same_tree(tree, loaded)
     assert all((loaded[a] is loaded[b]) == (tree[a] is tree[b]) for a in tree for b in tree)
+
+
+# ---------------------------------------------------------------------------------------------- int4 grids (version 3)
+
+def int4_grid_file_parts(zero_point):
+    q = quantized_tree(aofunc.Int4WeightOnly(32, zero_point=zero_point), torch.bfloat16)
+    tensors = {f"w.{name}": t for name, t in q["w"].tensors.items()}
+    header = {"version": 3, "aliases": {},
+              "params": {"w": {"scheme": q["w"].scheme.to_dict(), "shape": [24, 80], "dtype": "bfloat16",
+                               "transposed": False}}}
+    return tensors, header
+
+
+@pytest.mark.parametrize("zero_point, stored", [("int", {"qdata", "scale", "zero"}), ("none", {"qdata", "scale"})])
+def test_int4_grids_are_stored_as_file_version_3_describes(tmp_path, zero_point, stored):
+    path = tmp_path / "q.safetensors"
+    q = quantized_tree(aofunc.Int4WeightOnly(32, zero_point=zero_point), torch.bfloat16)
+    aofunc.save(q, path)
+    with safe_open(str(path), "pt") as f:
+        assert {key for key in f.keys() if key.startswith("w.")} == {f"w.{name}" for name in stored}
+        header = json.loads(f.metadata()["aofunc"])
+        if zero_point == "int":
+            zero = f.get_tensor("w.zero")
+            assert zero.dtype == torch.uint8 and zero.shape == (24, 3) and int(zero.max()) <= 15
+    assert header["version"] == 3
+    assert header["params"]["w"]["scheme"] == {"type": "Int4WeightOnly", "group_size": 32, "zero_point": zero_point}
+    loaded = aofunc.load(path)
+    assert_same_tree(q, loaded)
+    assert loaded["w"].scheme == aofunc.Int4WeightOnly(32, zero_point=zero_point)
+    assert torch.equal(loaded["w"].dequantize(), q["w"].dequantize())
+
+
+@pytest.mark.parametrize("zero_point, corrupt, match", [
+    ("int", lambda t: t.update({"w.zero": t["w.zero"].to(torch.bfloat16)}),
+     r"'w'.*'w.zero' is BF16\[24, 3\], expected U8\[24, 3\] for Int4WeightOnly\(group_size=32, zero_point='int'\)"),
+    ("int", lambda t: t.update({"w.zero": t["w.zero"][:, :2].contiguous()}), r"'w'.*'w.zero' is U8\[24, 2\]"),
+    ("int", lambda t: t.pop("w.zero"), r"'w'.*'w.zero' is missing"),
+    ("none", lambda t: t.update({"w.zero": torch.zeros(24, 3, dtype=torch.uint8)}),
+     r"'w'.*unexpected stored tensors \['w.zero'\]"),
+    ("float", lambda t: t.update({"w.zero": t["w.zero"].to(torch.uint8)}), r"'w'.*'w.zero' is U8\[24, 3\], expected BF16"),
+])
+def test_a_zero_that_does_not_fit_the_grid_is_refused_naming_the_parameter(tmp_path, zero_point, corrupt, match):
+    tensors, header = int4_grid_file_parts(zero_point)
+    corrupt(tensors)
+    write_raw(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=match):
+        aofunc.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_int4_grid_in_a_version_1_or_2_file_is_refused(tmp_path, version):
+    tensors, header = int4_grid_file_parts("int")
+    header["version"] = version
+    write_raw(tmp_path / "old.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=rf"'w'.*zero_point, which file version {version} does not have"):
+        aofunc.load(tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_the_tinygemm_grid_reads_the_same_from_every_version(tmp_path, version):
+    tensors, header = int4_grid_file_parts("float")
+    assert header["params"]["w"]["scheme"] == {"type": "Int4WeightOnly", "group_size": 32}
+    header["version"] = version
+    if version == 1:
+        del header["aliases"]
+    write_raw(tmp_path / "f.safetensors", tensors, header)
+    loaded = aofunc.load(tmp_path / "f.safetensors")["w"]
+    assert loaded.scheme == aofunc.Int4WeightOnly(32) and loaded.scheme.zero_point == "float"
+    assert all(torch.equal(loaded.tensors[name[2:]], t) for name, t in tensors.items())
+    x = torch.randn(3, 80, dtype=torch.bfloat16)
+    assert torch.equal(aofunc.qlinear(x, loaded), aofunc.qlinear(x, quantized_tree(aofunc.Int4WeightOnly(32),
+                                                                                   torch.bfloat16)["w"]))
