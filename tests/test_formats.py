@@ -9,7 +9,8 @@ from aofunc import primitives as P
 from aofunc.formats import SCHEMES, scheme_from_dict
 
 SCHEMES_UNDER_TEST = [aofunc.Int8WeightOnly(), aofunc.Int8Dynamic(), aofunc.Int4WeightOnly(32),
-                      aofunc.Int4WeightOnly(256), aofunc.Int8DynamicInt4(64), aofunc.NF4(), aofunc.NF4(32, 8)]
+                      aofunc.Int4WeightOnly(256), aofunc.Int8DynamicInt4(64), aofunc.NF4(), aofunc.NF4(32, 8),
+                      aofunc.Int4WeightOnly(32, zero_point="int"), aofunc.Int4WeightOnly(128, zero_point="none")]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -107,3 +108,71 @@ def test_bits_per_weight():
     assert aofunc.Int8WeightOnly().bits_per_weight(4096, 4096, torch.bfloat16) == pytest.approx(8 + 16 / 4096)
     assert aofunc.Int4WeightOnly(128).bits_per_weight(4096, 4096, torch.bfloat16) == pytest.approx(4 + 32 / 128)
     assert aofunc.NF4().bits_per_weight(4096, 4096, torch.bfloat16) == pytest.approx(4 + 8 / 64 + 32 / 16384)
+
+
+# ---------------------------------------------------------------------------------------------- int4 grids
+
+def test_the_tinygemm_grid_is_the_default_and_reads_as_before():
+    scheme = aofunc.Int4WeightOnly(64)
+    assert scheme == aofunc.Int4WeightOnly(64, zero_point="float") and scheme.zero_point == "float"
+    assert repr(scheme) == "Int4WeightOnly(group_size=64)"
+    assert scheme.to_dict() == {"type": "Int4WeightOnly", "group_size": 64}
+    assert scheme.float_names == ("scale", "zero")
+    w = torch.randn(5, 100, dtype=torch.bfloat16)
+    q, scale, zero = P.quantize_int4_asymmetric(w, 64)
+    t = scheme.quantize(w)
+    assert set(t) == {"qdata", "scale", "zero"}
+    assert torch.equal(t["qdata"], P.pack_uint4(q)) and torch.equal(t["scale"], scale) and torch.equal(t["zero"], zero)
+    assert scheme.kernel_zero(t) is t["zero"]
+
+
+def test_int4_grids_name_themselves():
+    for zero_point in ("int", "none"):
+        scheme = aofunc.Int4WeightOnly(32, zero_point=zero_point)
+        assert repr(scheme) == f"Int4WeightOnly(group_size=32, zero_point='{zero_point}')"
+        assert scheme.to_dict() == {"type": "Int4WeightOnly", "group_size": 32, "zero_point": zero_point}
+        assert scheme_from_dict(scheme.to_dict()) == scheme and scheme != aofunc.Int4WeightOnly(32)
+        assert scheme.float_names == ("scale",)  # an integer zero point stays uint8 on .to(dtype)
+
+
+@pytest.mark.parametrize("bad", ["x", "Int", None, 0, "symmetric"])
+def test_an_unknown_zero_point_is_refused_naming_the_allowed_values(bad):
+    with pytest.raises(ValueError, match=r"zero_point must be one of 'float', 'int', 'none', got " + repr(bad)):
+        aofunc.Int4WeightOnly(zero_point=bad)
+
+
+def test_the_integer_grid_stores_uint8_zero_points():
+    w = torch.randn(6, 70, dtype=torch.float16)
+    scheme = aofunc.Int4WeightOnly(32, zero_point="int")
+    t = scheme.quantize(w)
+    q, scale, z = P.quantize_int4_integer(w, 32)
+    assert set(t) == {"qdata", "scale", "zero"} and t["zero"].dtype == torch.uint8 and t["zero"].shape == (6, 3)
+    assert torch.equal(t["qdata"], P.pack_uint4(q)) and torch.equal(t["scale"], scale) and torch.equal(t["zero"], z)
+    expected = ((q.float().reshape(6, 3, 32) - z.float()[..., None]) * scale.float()[..., None]).reshape(6, -1)
+    assert torch.equal(scheme.dequantize(t, 6, 70, torch.float32), expected[:, :70])
+    assert scheme.bits_per_weight(4096, 4096, torch.bfloat16) == pytest.approx(4 + 24 / 32)
+
+
+def test_the_symmetric_grid_stores_what_8da4w_stores():
+    w = torch.randn(6, 70, dtype=torch.bfloat16)
+    t = aofunc.Int4WeightOnly(32, zero_point="none").quantize(w)
+    assert set(t) == {"qdata", "scale"}
+    expected = aofunc.Int8DynamicInt4(32).quantize(w)
+    assert all(torch.equal(t[name], expected[name]) for name in expected)
+    q = P.unpack_uint4(t["qdata"]).float() - 8  # q + 8 stored: q in -8..7, w = q * scale
+    dq = (q.reshape(6, 3, 32) * t["scale"].float()[..., None]).reshape(6, -1)[:, :70]
+    assert torch.equal(aofunc.Int4WeightOnly(32, zero_point="none").dequantize(t, 6, 70, torch.float32), dq)
+
+
+@pytest.mark.parametrize("zero_point", ["int", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_kernels_float_zero_gives_the_grid_exactly(zero_point, dtype):
+    """w = (q - 8) * scale + kernel_zero, the tinygemm kernels' formula in fp32, is (q - z) * scale bit for bit."""
+    from aofunc.kernels.w4a16 import w4a16_dequantize_ref
+    scheme = aofunc.Int4WeightOnly(32, zero_point=zero_point)
+    w = (torch.randn(16, 96) * torch.logspace(-3, 3, 16)[:, None]).to(dtype)
+    t = scheme.quantize(w)
+    zero = scheme.kernel_zero(t)
+    assert zero.dtype == torch.float32 and zero.shape == t["scale"].shape
+    as_kernels_see_it = w4a16_dequantize_ref(t["qdata"], t["scale"], zero, 32, 96, torch.float32)
+    assert torch.equal(as_kernels_see_it, scheme.dequantize(t, 16, 96, torch.float32))

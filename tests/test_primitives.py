@@ -99,6 +99,52 @@ def test_int4_asymmetric_codes_use_the_stored_scale_and_zero(w, g):
     assert torch.equal(scale, span.to(w.dtype))
 
 
+# ---------------------------------------------------------------------------------------------- int4 integer zero points
+
+def test_int4_integer_matches_gptqs_rule_on_a_hand_example():
+    w = (torch.arange(32, dtype=torch.float32) / 31 * 1.5 - 0.5).reshape(1, 32)  # one group: min -0.5, max 1
+    q, scale, z = P.quantize_int4_integer(w, 32)
+    assert torch.equal(scale, torch.tensor([[1.5 / 15]])) and torch.equal(z, torch.tensor([[5]], dtype=torch.uint8))
+    assert q.dtype == torch.uint8 and int(q[0, 0]) == 0 and int(q[0, -1]) == 15
+    assert torch.equal(q.float(), torch.clamp(torch.round(w / scale) + 5, 0, 15))  # round(w / scale) + z
+    # the range always holds 0: an all-positive group has z = 0, an all-negative one z = 15, and 0 is a code
+    pos, neg = torch.linspace(1, 2, 32).reshape(1, 32), torch.linspace(-2, -1, 32).reshape(1, 32)
+    (qp, sp, zp), (qn, sn, zn) = P.quantize_int4_integer(pos, 32), P.quantize_int4_integer(neg, 32)
+    assert int(zp) == 0 and int(zn) == 15
+    assert torch.allclose(sp, torch.tensor([[2 / 15]])) and torch.allclose(sn, torch.tensor([[2 / 15]]))
+    assert torch.equal(P.dequantize_int4_integer(z.expand(1, 32), scale, z, 32, torch.float32), torch.zeros(1, 32))
+
+
+@given(weight_st(), st.sampled_from([32, 64, 128, 256]))
+def test_int4_integer_codes_use_the_stored_scale_and_zero_point(w, g):
+    q, scale, z = P.quantize_int4_integer(w, g)
+    kp = math.ceil(w.shape[1] / g) * g
+    assert q.shape == (w.shape[0], kp) and scale.shape == z.shape == (w.shape[0], kp // g)
+    assert scale.dtype == w.dtype and z.dtype == torch.uint8 and int(z.max()) <= 15 and int(q.max()) <= 15
+    grouped = P.grouped(w.float(), g).double()
+    lo, hi = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    assert torch.equal(scale, ((hi - lo).clamp(min=1e-6) / 15).to(w.dtype))
+    assert torch.equal(z.double(), torch.round(-lo / scale.double()).clamp(0, 15))
+    s, zf = scale.float()[..., None], z.float()[..., None]
+    expected = torch.round((grouped.float() + zf * s) / s).clamp(0, 15).reshape(w.shape[0], -1)
+    assert torch.equal(q.float(), expected)
+
+
+@given(weight_st(), st.sampled_from([32, 64, 128, 256]))
+def test_int4_integer_round_trip_error_is_at_most_half_a_step(w, g):
+    q, scale, z = P.quantize_int4_integer(w, g)
+    k = w.shape[1]
+    dq = P.dequantize_int4_integer(q, scale, z, k, torch.float32)
+    assert bool(torch.isfinite(dq).all())
+    s = scale.float().repeat_interleave(g, dim=1)[:, :k]
+    zk = z.float().repeat_interleave(g, dim=1)[:, :k]
+    inside = (w.float() / s + zk >= 0) & (w.float() / s + zk <= 15)  # within the grid [-z s, (15 - z) s]
+    err = (w.float() - dq).abs()
+    assert bool((err <= s / 2 * (1 + 1e-3) + 1e-6 * w.float().abs())[inside].all())
+    # the grid covers the group's range (and 0) up to the rounding of the scale to the weight's dtype
+    assert bool((err <= s * (1 / 2 + 16 * torch.finfo(w.dtype).eps) + 1e-6 * w.float().abs()).all())
+
+
 # ---------------------------------------------------------------------------------------------- int4 symmetric
 
 @given(weight_st(), st.sampled_from([32, 64, 128, 256]))
