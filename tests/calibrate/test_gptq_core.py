@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import aofunc
 from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, input_gram, inverse_hessian_factor
 
-SCHEMES = [aofunc.Int4WeightOnly(32), aofunc.Int8DynamicInt4(32)]
+SCHEMES = [aofunc.Int4WeightOnly(32), aofunc.Int8DynamicInt4(32), aofunc.Int4WeightOnly(32, zero_point="int"),
+           aofunc.Int4WeightOnly(32, zero_point="none")]
 
 
 def _correlated_inputs(tokens, k, rank=6, seed=0):
@@ -155,3 +156,20 @@ def test_inputs_are_not_modified():
     W0, H0 = W.clone(), H.clone()
     gptq_quantize_weight(W, H, aofunc.Int4WeightOnly(32), act_order=True)
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+@pytest.mark.parametrize("zero_point", ["float", "int", "none"])
+def test_gptq_stores_each_int4_grid_as_quantize_does(zero_point):
+    """Same names, dtypes and shapes as round-to-nearest, K not a multiple of the group (padded codes included)."""
+    scheme = aofunc.Int4WeightOnly(32, zero_point=zero_point)
+    W, X = torch.randn(16, 100, generator=torch.Generator().manual_seed(5)).bfloat16(), _correlated_inputs(300, 100)
+    parts = gptq_quantize_weight(W, 2 * X.T @ X / 300, scheme)
+    rtn = scheme.quantize(W)
+    assert {n: (t.dtype, t.shape) for n, t in parts.items()} == {n: (t.dtype, t.shape) for n, t in rtn.items()}
+    if zero_point == "int":
+        assert int(parts["zero"].max()) <= 15
+    codes = aofunc.primitives.unpack_uint4(parts["qdata"])
+    expected_pad = {"float": None, "int": parts.get("zero"), "none": 8}[zero_point]
+    if expected_pad is not None:  # the padding is zero weights: the code of 0, z (or 8, symmetric)
+        pad = codes[:, 100:]
+        assert torch.equal(pad, expected_pad[:, -1:].expand_as(pad)) if zero_point == "int" else bool((pad == 8).all())
