@@ -110,6 +110,8 @@ def test_unknown_method_or_scheme(tmp_path, llama, capsys, argv, message):
     ("rtn", "nf4", ["--group-size", "64"], "--group-size applies to int4 and 8da4w only"),
     ("rtn", "int4", ["--group-size", "100"], "--group-size must be one of 32, 64, 128, 256"),
     ("rtn", "int4", ["--seq-len", "0"], "--seq-len must be >= 1"),
+    ("rtn", "8da4w", ["--zero-point", "int"], "--zero-point applies to --scheme int4 only, not --scheme 8da4w"),
+    ("rtn", "nf4", ["--zero-point", "none"], "--zero-point applies to --scheme int4 only, not --scheme nf4"),
 ])
 def test_bad_method_scheme_pairs_and_options(tmp_path, llama, capsys, method, scheme, extra, message):
     out = tmp_path / "q.safetensors"

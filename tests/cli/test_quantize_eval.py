@@ -87,6 +87,20 @@ def test_quantize_save_load_eval(workdir, kind, method, scheme, stored, min_sqnr
     assert re.search(r"perplexity \d+\.\d+ over [\d,]+ predicted tokens", printed), printed
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("zero_point", ["int", "none"])
+def test_zero_point_picks_the_int4_grid(workdir, method, zero_point, capsys):
+    out = workdir / f"llama-{method}-int4-{zero_point}.safetensors"
+    assert quantize(workdir, "llama", method, "int4", out, "--group-size", "32", "--zero-point", zero_point) == 0
+    assert f"Int4WeightOnly(group_size=32, zero_point='{zero_point}')" in capsys.readouterr().out
+    ref, result, loaded = float_and_quantized_logits(workdir / "llama", out, TEXT)
+    targets = [n for n in loaded if re.fullmatch(BLOCK_LINEARS["llama"], n)]
+    assert len(targets) == 14
+    assert all(loaded[n].scheme == aofunc.Int4WeightOnly(32, zero_point=zero_point) for n in targets)
+    assert all(("zero" in loaded[n].tensors) == (zero_point == "int") for n in targets)
+    assert float(aofunc.sqnr(ref, result)) >= 14
+
+
 def test_eval_reports_the_float_models_perplexity(workdir, capsys):
     assert main(["eval", str(workdir / "llama"), "--text", str(workdir / "calib.txt"), "--seq-len", "64",
                  "--max-windows", "3", "--no-progress"]) == 0
