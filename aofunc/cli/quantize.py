@@ -36,6 +36,9 @@ METHODS = {  # method -> the schemes it takes
     "magnitude": ("2:4",),
 }
 CALIBRATED = ("gptq", "smoothquant", "wanda")
+OUT_FORMATS = ("aofunc", "compressed-tensors")
+#: the schemes --format compressed-tensors writes (int4 only on the integer and symmetric grids)
+EXPORTED = (Int4WeightOnly.short_name, "int8wo", Int8Dynamic.short_name)
 EVAL_WINDOWS = 8  # windows of --eval-text the output SQNR is measured on, at most
 SYNTHETIC = (4, 64, 0)  # the synthetic batch: sequences, tokens per sequence (at most --seq-len), seed
 # formats with groups along K, and their default group size
@@ -61,7 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"text to measure the output SQNR on: a file or a directory (at most {EVAL_WINDOWS} windows "
                         "of --seq-len tokens; default: a fixed synthetic batch)")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (default %(default)s)")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--format", choices=list(OUT_FORMATS), default="aofunc",
+                   help="aofunc (default): one .safetensors file that aofunc.load reads; compressed-tensors: a "
+                        "Hugging Face model directory that transformers and vLLM load (int4 with --zero-point int "
+                        "or none, int8wo, int8dq)")
+    p.add_argument("--out", required=True,
+                   help="the .safetensors file to write (--format aofunc) or the model directory (--format "
+                        "compressed-tensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=list(hf_model.DTYPES), default=None,
@@ -101,7 +110,9 @@ def check_arguments(args) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
     out = Path(args.out)
-    if out.is_dir():
+    if getattr(args, "format", "aofunc") == "compressed-tensors":
+        check_export_arguments(args, out)
+    elif out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a directory; give a file name")
     if out.exists() and not args.force:
         raise UsageError(f"--out {str(out)!r} exists; pass --force to overwrite it")
@@ -109,6 +120,26 @@ def check_arguments(args) -> None:
         raise UsageError(f"--out {str(out)!r}: the directory {str(out.parent)!r} does not exist")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
+
+
+def check_export_arguments(args, out: Path) -> None:
+    """--format compressed-tensors takes the schemes it writes exactly, and --out is a directory."""
+    if args.scheme not in EXPORTED:
+        raise UsageError(f"--format compressed-tensors writes --scheme {', '.join(EXPORTED)} (int4 with --zero-point "
+                         f"int or none), not --scheme {args.scheme}")
+    if args.scheme == Int4WeightOnly.short_name and args.zero_point not in ("int", "none"):
+        raise UsageError("--format compressed-tensors holds int4 on integer zero points or symmetric groups: add "
+                         "--zero-point int (or --zero-point none); the default float-zero grid has no "
+                         "compressed-tensors form")
+    if args.method == "smoothquant":
+        raise UsageError("--format compressed-tensors cannot hold SmoothQuant's act_scale; use --method rtn or "
+                         "gptq")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; --format compressed-tensors writes a directory")
+    if out.exists() and not args.force:
+        raise UsageError(f"--out {str(out)!r} exists; pass --force to overwrite it")
+    if not out.parent.resolve().is_dir():
+        raise UsageError(f"--out {str(out)!r}: the directory {str(out.parent)!r} does not exist")
 
 
 def device_and_dtype(args) -> tuple[str, torch.dtype]:
@@ -207,7 +238,15 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
 
     sqnr = output_sqnr(model, params, qparams, eval_batches)
-    aofunc.save(qparams, args.out)
+    if getattr(args, "format", "aofunc") == "compressed-tensors":
+        from aofunc.pretrained import ExportError
+
+        try:
+            aofunc.save_pretrained(qparams, args.out, base=model_dir, overwrite=args.force)
+        except ExportError as e:
+            raise UsageError(str(e)) from None
+    else:
+        aofunc.save(qparams, args.out)
     print(f"{args.method} {scheme}: {len(spec.rules)} weights in {seconds:.1f} s; "
           f"{aofunc.size_in_bytes(params):,} -> {aofunc.size_in_bytes(qparams):,} bytes; "
           f"output SQNR {sqnr:.1f} dB on {measured_on}")

@@ -1,0 +1,304 @@
+"""Hugging Face model directories: `save_pretrained` writes a quantized params tree as a compressed-tensors
+checkpoint that transformers (and vLLM) load; `load_pretrained` reads aofunc's files, compressed-tensors checkpoints
+and GPTQ-format checkpoints back into a params tree of aofunc's layouts.
+
+compressed-tensors (https://github.com/neuralmagic/compressed-tensors) names, per quantized `nn.Linear` "{module}":
+
+- "pack-quantized" (int4 and int8 weight-only): `{module}.weight_packed` int32 [N, K·bits/32] holding the codes
+  q + 2^(bits-1) (q signed, -8..7 or -128..127), element j of a row at bits (j mod 32/bits)·bits of word
+  j // (32/bits); `{module}.weight_scale` [N, K/g] (groups) or [N, 1] (channel); `{module}.weight_shape` int64
+  [N, K]; asymmetric groups add `{module}.weight_zero_point` int32 [N·4/32, K/g], the zero points z - 8 packed
+  the same way along N. w = (q - zp)·scale.
+- "int-quantized" (W8A8): `{module}.weight` int8 [N, K] and `{module}.weight_scale` [N, 1], the activations
+  quantized per token when the layer runs (the config's `input_activations`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from aofunc.formats import NF4, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, QTensor
+from aofunc.tree import check_params
+
+#: the formats `save_pretrained` writes
+EXPORT_FORMATS = ("compressed-tensors",)
+#: the largest safetensors shard `save_pretrained` writes by default (as transformers' save_pretrained)
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+#: files of the base directory copied beside the weights: tokenizer, generation and chat settings
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "generation_config.json",
+                "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+#: how the exportable choices read in messages
+EXPORTABLE = ("Int4WeightOnly(group_size, zero_point='int') or zero_point='none' (CLI --scheme int4 --zero-point "
+              "int|none), Int8WeightOnly() (--scheme int8wo) or Int8Dynamic() (--scheme int8dq)")
+
+
+class ExportError(ValueError):
+    """A params tree (or an output directory) `save_pretrained` cannot write; raised before anything is written."""
+
+
+# ---------------------------------------------------------------------------------------------- bit packing
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [R, C] (each < 2^bits, bits 4 or 8) packed along C into int32 [R, ceil(C·bits/32)], element
+    j at bits (j mod 32/bits)·bits of word j // (32/bits) (compressed-tensors' dense packing)."""
+    per_word = 32 // bits
+    rows, cols = codes.shape
+    words = -(-cols // per_word)
+    c = codes.to(torch.int64)
+    if words * per_word != cols:
+        c = torch.nn.functional.pad(c, (0, words * per_word - cols))
+    shifts = torch.arange(per_word, dtype=torch.int64, device=c.device) * bits
+    packed = (c.reshape(rows, words, per_word) << shifts).sum(dim=-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # the bit pattern as a signed int32
+    return packed.to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The inverse of `pack_int32`: int32 [R, W] -> unsigned codes int64 [R, cols]."""
+    per_word = 32 // bits
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64, device=p.device) * bits
+    codes = (p[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(p.shape[0], -1)[:, :cols]
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def _weights_args(bits: int, strategy: str, group_size: int | None, symmetric: bool) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+            "group_size": group_size, "dynamic": False, "actorder": None, "block_structure": None,
+            "observer": "minmax", "observer_kwargs": {}}
+
+
+_PER_TOKEN_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "group_size": None,
+                   "dynamic": True, "actorder": None, "block_structure": None, "observer": None,
+                   "observer_kwargs": {}}
+
+
+def _module_of(name: str) -> str:
+    if not name.endswith(".weight") or name == ".weight":
+        raise ExportError(f"save_pretrained: {name!r} is quantized but is not a module's '.weight'; compressed-"
+                          "tensors quantizes nn.Linear weights only")
+    return name[:-len(".weight")]
+
+
+def _export_scheme(name: str, w: QTensor) -> tuple[str, dict, dict | None]:
+    """(compressed-tensors format, weights args, input activations args) for one quantized weight, or an
+    ExportError naming it and the exportable choice."""
+    scheme = w.scheme
+    if isinstance(scheme, NF4):
+        raise ExportError(f"save_pretrained: {name!r} is {scheme}, which compressed-tensors cannot hold; quantize "
+                          "it with Int4WeightOnly(group_size, zero_point='int') (CLI --scheme int4 --zero-point int) "
+                          f"to export 4-bit weights. Exportable: {EXPORTABLE}")
+    if isinstance(scheme, Int8DynamicInt4):
+        raise ExportError(f"save_pretrained: {name!r} is {scheme} (8da4w), which has no exact compressed-tensors "
+                          "form here; quantize it with Int4WeightOnly(group_size, zero_point='none') (CLI --scheme "
+                          f"int4 --zero-point none) or Int8Dynamic(). Exportable: {EXPORTABLE}")
+    if isinstance(scheme, Int4WeightOnly) and scheme.zero_point == "float":
+        raise ExportError(f"save_pretrained: {name!r} is {scheme}, tinygemm's float-zero int4 grid, which "
+                          "compressed-tensors cannot hold exactly; quantize it with Int4WeightOnly(group_size, "
+                          "zero_point='int') (CLI --zero-point int), or zero_point='none' for symmetric groups")
+    if not isinstance(scheme, (Int4WeightOnly, Int8WeightOnly, Int8Dynamic)):
+        raise ExportError(f"save_pretrained: {name!r} is {scheme}, which is not exported. Exportable: {EXPORTABLE}")
+    if w.transposed or w.dim() != 2:
+        raise ExportError(f"save_pretrained: {name!r} is a {'transposed ' if w.transposed else ''}"
+                          f"{list(w.shape)} weight; compressed-tensors quantizes nn.Linear weights stored [out, in] "
+                          "only (not GPT-2's Conv1D [in, out] nor convolutions)")
+    n, k = w.nk
+    if isinstance(scheme, Int4WeightOnly):
+        if k % scheme.group_size:
+            raise ExportError(f"save_pretrained: {name!r} has K = {k} inputs, not a multiple of group_size "
+                              f"{scheme.group_size}; compressed-tensors needs whole groups, so quantize it with a "
+                              "group size dividing K")
+        return "pack-quantized", _weights_args(4, "group", scheme.group_size, scheme.zero_point == "none"), None
+    if isinstance(scheme, Int8Dynamic):
+        if "act_scale" in w.tensors:
+            raise ExportError(f"save_pretrained: {name!r} carries SmoothQuant's act_scale (the layer divides its "
+                              "input by it), which compressed-tensors cannot hold; export weights quantized "
+                              "without smoothquant (rtn or gptq)")
+        return "int-quantized", _weights_args(8, "channel", None, True), dict(_PER_TOKEN_INT8)
+    return "pack-quantized", _weights_args(8, "channel", None, True), None
+
+
+def _export_tensors(module: str, w: QTensor, fmt: str) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized weight (exact: they decompress to w.dequantize())."""
+    n, k = w.nk
+    t = w.tensors
+    if isinstance(w.scheme, Int4WeightOnly):
+        hi, lo = (t["qdata"] >> 4), (t["qdata"] & 0xF)
+        codes = torch.stack([hi, lo], dim=-1).reshape(n, -1)[:, :k]  # 0..15 = signed q + 8 ("none": stored q + 8)
+        out = {"weight_packed": pack_int32(codes, 4), "weight_scale": t["scale"].contiguous()}
+        if w.scheme.zero_point == "int":  # zp stored signed, z - 8, packed + 8 along N: the codes z themselves
+            out["weight_zero_point"] = pack_int32(t["zero"].t(), 4).t().contiguous()
+    elif fmt == "int-quantized":
+        out = {"weight": t["qdata"].contiguous(), "weight_scale": t["scale"].reshape(n, 1).contiguous()}
+    else:
+        out = {"weight_packed": pack_int32(t["qdata"].to(torch.int16) + 128, 8),
+               "weight_scale": t["scale"].reshape(n, 1).contiguous()}
+    if fmt == "pack-quantized":
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+    return {f"{module}.{key}": value.detach().cpu() for key, value in out.items()}
+
+
+def _check_base(base) -> tuple[Path, dict]:
+    if base is None:
+        raise ExportError("save_pretrained: give base=, the Hugging Face model directory the params came from (its "
+                          "config.json and tokenizer are written beside the weights)")
+    base = Path(base)
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"save_pretrained: base {str(base)!r} has no config.json; give the directory "
+                          "save_pretrained wrote for the model the params came from")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"save_pretrained: {config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"save_pretrained: {config_path} does not hold a JSON object")
+    return base, config
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, cut into shards of at most max_shard_size bytes (a larger tensor alone)."""
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int) -> None:
+    shards = _shards(tensors, max_shard_size)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_pretrained(qparams: Mapping[str, torch.Tensor], out_dir: str | os.PathLike, *, base: str | os.PathLike,
+                    format: str = "compressed-tensors", overwrite: bool = False,
+                    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a quantized params tree as a Hugging Face model directory that
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads (with compressed-tensors installed) and
+    `vllm serve out_dir` serves; returns the directory.
+
+    `base` is the model directory the params came from: its config.json is written with a `quantization_config`
+    in compressed-tensors form (and the params' dtype), its tokenizer, generation and chat-template files are
+    copied, and the weights go to model.safetensors (shards of at most `max_shard_size` bytes and their index when
+    larger). Exported exactly, the weights a loader decompresses equal `aofunc.dequantize(qparams)` bit for bit:
+
+    - `Int4WeightOnly(g, zero_point="int")` and `zero_point="none"`: "pack-quantized" int4 groups (asymmetric
+      with zero points, or symmetric), K a multiple of g;
+    - `Int8WeightOnly()`: "pack-quantized" int8 per channel (W8A16);
+    - `Int8Dynamic()`: "int-quantized" int8 per channel with per-token dynamic int8 activations (W8A8).
+
+    Anything else (NF4, the float-zero int4 grid, 8da4w, SmoothQuant's act_scale, transposed weights, a tree with
+    no quantized weight such as a 2:4-pruned one) is refused with an ExportError naming the parameter and the
+    exportable choice, before anything is written. The directory appears whole or not at all (written beside it,
+    then renamed); an existing `out_dir` is refused unless `overwrite=True`.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"save_pretrained: format must be one of {', '.join(map(repr, EXPORT_FORMATS))}, got "
+                          f"{format!r} (aofunc's own file is written by aofunc.save)")
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
+        raise ExportError(f"save_pretrained: max_shard_size must be a positive number of bytes, got "
+                          f"{max_shard_size!r}")
+    qparams = check_params(qparams, "qparams")
+    base, config = _check_base(base)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"save_pretrained: {str(out_dir)!r} exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"save_pretrained: {str(out_dir)!r} exists and is not a directory")
+    if out_dir.resolve() == base.resolve():
+        raise ExportError("save_pretrained: out_dir is the base directory itself; write to another directory")
+    if not out_dir.parent.resolve().is_dir():
+        raise ExportError(f"save_pretrained: the directory {str(out_dir.parent)!r} does not exist")
+
+    groups: dict[tuple, dict] = {}  # (format, weights, activations) as JSON -> config group
+    tensors: dict[str, torch.Tensor] = {}
+    dtypes = set()
+    quantized = {name: t for name, t in qparams.items() if isinstance(t, QTensor)}
+    if not quantized:
+        raise ExportError("save_pretrained: qparams holds no quantized weight (a pruned or float tree has no "
+                          f"compressed-tensors form here); quantize it first. Exportable: {EXPORTABLE}")
+    plans = {}
+    for name, w in quantized.items():
+        module = _module_of(name)
+        plans[name] = (module, *_export_scheme(name, w))
+        dtypes.add(w.dtype)
+    formats = {plan[1] for plan in plans.values()}
+    if len(formats) > 1:
+        raise ExportError("save_pretrained: the tree mixes int8 dynamic (W8A8, int-quantized) with weight-only "
+                          "schemes (pack-quantized); one compressed-tensors checkpoint holds one format: export "
+                          "one kind")
+    if len(dtypes) > 1:
+        raise ExportError(f"save_pretrained: the quantized weights have several dtypes ({sorted(map(str, dtypes))});"
+                          " cast the tree to one dtype first (qparams[name].to(dtype))")
+    fmt = formats.pop()
+    dtype = dtypes.pop()
+    for name, t in qparams.items():
+        if name in plans:
+            module, _, weights, activations = plans[name]
+            key = json.dumps([weights, activations], sort_keys=True)
+            group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": activations,
+                                            "output_activations": None, "format": fmt})
+            group["targets"].append(module)
+            tensors.update(_export_tensors(module, t, fmt))
+        else:
+            if not isinstance(t, torch.Tensor) or type(t) not in (torch.Tensor, torch.nn.Parameter):
+                raise ExportError(f"save_pretrained: {name!r} is a {type(t).__name__}, not a plain tensor")
+            tensors[name] = t.detach().cpu().contiguous().clone()
+
+    config_groups = {f"group_{i}": group for i, group in enumerate(groups.values())}
+    config = dict(config)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
+    }
+    dtype_name = str(dtype).removeprefix("torch.")
+    config["dtype"] = dtype_name
+    config.pop("torch_dtype", None)
+
+    parent = out_dir.parent
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.aofunc-"))
+    try:
+        _write_weights(tensors, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for file in COPIED_FILES:
+            if (base / file).is_file():
+                shutil.copy2(base / file, tmp / file)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
