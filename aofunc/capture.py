@@ -6,6 +6,7 @@ A TorchFunctionMode keyed by the identity of the tensors handed to `functional_c
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
@@ -45,14 +46,92 @@ def linear_operands(func, args, kwargs):
     return None
 
 
+#: the views of stacked experts [E, ., .] that models take before their products: an expert or a gather of experts
+#: (indexing), and the swap of the last two dims
+_EXPERT_VIEWS = {torch.Tensor.__getitem__: False, torch.Tensor.transpose: True, torch.transpose: True,
+                 torch.Tensor.swapaxes: True, torch.swapaxes: True, torch.Tensor.mT.__get__: True}
+
+
+def _is_last_two(func, args, kwargs) -> bool:
+    if func is torch.Tensor.mT.__get__:
+        return True
+    dims = list(args[1:3]) + [kwargs[key] for key in ("dim0", "dim1", "axis0", "axis1") if key in kwargs]
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % 3 for d in dims} == {1, 2}
+
+
+def stacked_operands(func, args, kwargs):
+    """(weight, input, orientation) for a product of stacked experts: torch._grouped_mm(x, W) and bmm(x, W) use W
+    as x @ W ("in_out"), bmm(W, x) as W @ x ("out_in"); a convolution of a 3-D weight is "conv". Else None."""
+    if func is torch._grouped_mm and len(args) >= 2:
+        return args[1], args[0], "in_out"
+    if func in (torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) \
+            and len(args) >= 2:
+        return (args[1], args[0], "in_out"), (args[0], args[1], "out_in")
+    if func in (F.conv1d, F.conv_transpose1d, torch.conv1d, torch.conv_transpose1d) and len(args) >= 2:
+        return args[1], args[0], "conv"
+    return None
+
+
 class _CallRecorder(TorchFunctionMode):
-    def __init__(self, by_id: dict[int, str], on_call: Callable[[str, LinearCall], None]):
+    """Reports linear-like calls on the tracked tensors. With `stacked`, the 3-D tracked tensors are followed
+    through their expert views (an expert, a gather, a swap of the last two dims) into F.linear, bmm, grouped_mm
+    and convolutions, each use reported with the orientation it implies for the stored 3-D weight."""
+
+    def __init__(self, by_id: dict[int, str], on_call: Callable[[str, LinearCall], None], stacked: bool = False):
         super().__init__()
         self.by_id = by_id
         self.on_call = on_call
+        self.stacked = stacked
+        # id(view) -> (weak reference to the view, parameter name, whether the view swaps the weight's last dims)
+        self.views: dict[int, tuple] = {}
+
+    def _view_of(self, t) -> tuple[str, bool] | None:
+        entry = self.views.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1], entry[2]
+        return None
+
+    def _follow(self, func, args, kwargs, result) -> None:
+        source = args[0] if args else None
+        if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor):
+            return
+        if id(source) in self.by_id and source.dim() == 3:
+            name, swapped = self.by_id[id(source)], False
+        else:
+            found = self._view_of(source)
+            if found is None:
+                return
+            name, swapped = found
+        if _EXPERT_VIEWS[func] and not _is_last_two(func, args, kwargs):
+            return
+        self.views[id(result)] = (weakref.ref(result), name, swapped ^ _EXPERT_VIEWS[func])
+
+    def _report_stacked(self, func, args, kwargs) -> bool:
+        found = stacked_operands(func, args, kwargs)
+        if found is None:
+            found = linear_operands(func, args, kwargs)
+        if found is None:
+            return False
+        for weight, x, orientation in (found if isinstance(found[0], tuple) else (found,)):
+            if not isinstance(weight, torch.Tensor) or not isinstance(x, torch.Tensor):
+                continue
+            if id(weight) in self.by_id and weight.dim() == 3:
+                name, swapped = self.by_id[id(weight)], False
+            else:
+                view = self._view_of(weight)
+                if view is None:
+                    continue
+                name, swapped = view
+            if swapped and orientation != "conv":
+                orientation = "out_in" if orientation == "in_out" else "in_out"
+            self.on_call(name, LinearCall(x.detach().reshape(-1, x.shape[-1]), tuple(x.shape), orientation))
+            return True
+        return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.stacked and self._report_stacked(func, args, kwargs):
+            return func(*args, **kwargs)
         found = linear_operands(func, args, kwargs)
         if found is not None:
             weight, x, orientation = found
@@ -60,18 +139,22 @@ class _CallRecorder(TorchFunctionMode):
             if name is not None and isinstance(x, torch.Tensor):
                 rows = x.detach().reshape(-1, x.shape[-1])
                 self.on_call(name, LinearCall(rows, tuple(x.shape), orientation))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if self.stacked and func in _EXPERT_VIEWS:
+            self._follow(func, args, kwargs, result)
+        return result
 
 
 @contextlib.contextmanager
 def linear_calls(params: Mapping[str, torch.Tensor], on_call: Callable[[str, LinearCall], None],
-                 names: Iterable[str] | None = None):
+                 names: Iterable[str] | None = None, stacked: bool = False):
     """Within the block, every linear-like call on one of `params`' tensors (those in `names`, if given) is
     reported as on_call(name, LinearCall). The tensors are recognised by identity, so pass the very objects
-    handed to functional_call."""
+    handed to functional_call. With `stacked`, 3-D tensors (stacked experts) are followed through indexing and
+    transposes into F.linear, bmm, grouped_mm and 1-D convolutions ("conv")."""
     wanted = set(params) if names is None else set(names)
     by_id = {id(t): name for name, t in params.items() if name in wanted}
-    with _CallRecorder(by_id, on_call):
+    with _CallRecorder(by_id, on_call, stacked):
         yield
 
 
@@ -141,13 +224,17 @@ def capture_inputs(model, params: Mapping[str, torch.Tensor], batch: Any, names=
     return captured
 
 
-def detect_transposed(model, params: Mapping[str, torch.Tensor], example: Any, names=None) -> dict[str, bool]:
-    """{param name: True when the model uses the weight as x @ W (stored [in, out])}, from one run on `example`."""
-    transposed: dict[str, bool] = {}
-
-    def on_call(name, call):
-        transposed[name] = transposed.get(name, False) or call.orientation == "in_out"
-
-    with torch.no_grad(), linear_calls(params, on_call, names):
+def detect_uses(model, params: Mapping[str, torch.Tensor], example: Any, names=None) -> dict[str, set[str]]:
+    """{param name: the orientations of its uses ("out_in", "in_out", "conv")} from one run on `example`; 3-D
+    weights (stacked experts) are followed through indexing and transposes."""
+    uses: dict[str, set[str]] = {}
+    with torch.no_grad(), linear_calls(params, lambda name, call: uses.setdefault(name, set()).add(call.orientation),
+                                       names, stacked=True):
         run_model(model, params, example)
-    return transposed
+    return uses
+
+
+def detect_transposed(model, params: Mapping[str, torch.Tensor], example: Any, names=None) -> dict[str, bool]:
+    """{param name: True when the model uses the weight as x @ W (stored [in, out])}, from one run on `example`;
+    3-D weights (stacked experts [E, ., .]) are followed through indexing and transposes into their products."""
+    return {name: "in_out" in found for name, found in detect_uses(model, params, example, names).items()}

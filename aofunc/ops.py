@@ -245,3 +245,48 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
 @implements(torch.embedding)
 def _torch_embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return _embedding(indices, weight)
+
+
+# ---------------------------------------------------------------------------------------------- stacked experts
+
+def _is_expert_stack(w, transposed: bool) -> bool:
+    return isinstance(w, QTensor) and w.stacked and w.transposed == transposed
+
+
+def grouped_qlinear(x: torch.Tensor, w: QTensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, W, offs=offs) for stacked experts W [E, K, N] (stored [E, N, K], transposed to the
+    layout grouped_mm takes): rows offs[e-1]:offs[e] of x [S, K] go through expert e as `qlinear` runs it; rows past
+    offs[-1] come back as zeros."""
+    experts = w.shape[0]
+    if offs.dim() != 1 or offs.numel() != experts:
+        raise ValueError(f"grouped_mm: {w.describe()} holds {experts} experts, but offs has shape "
+                         f"{tuple(offs.shape)}; it must give one end offset per expert")
+    n, k = w.nk
+    if x.shape[-1] != k:
+        raise ValueError(f"grouped_mm: {w.describe()} takes inputs of {k} features, got x of shape {tuple(x.shape)}")
+    ends = offs.tolist()
+    y = x.new_zeros(x.shape[0], n)
+    start = 0
+    for e, end in enumerate(ends):
+        if end < start or end > x.shape[0]:
+            raise ValueError(f"grouped_mm: offs must rise from 0 to at most {x.shape[0]} (the rows of x), got "
+                             f"{ends} for {w.describe()}")
+        if end > start:
+            y[start:end] = qlinear(x[start:end], w.expert(e))
+        start = end
+    return y
+
+
+@implements(torch._grouped_mm)
+def _grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    plain = isinstance(mat_a, torch.Tensor) and not isinstance(mat_a, QTensor) and mat_a.dim() == 2
+    if plain and _is_expert_stack(mat_b, True) and offs is not None and bias is None \
+            and out_dtype in (None, mat_a.dtype) and mat_a.dtype == mat_b.dtype:
+        return grouped_qlinear(mat_a, mat_b, offs)
+    return _dequantized_call(torch._grouped_mm, mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype)
+
+
+@implements(torch.bmm, torch.Tensor.bmm)
+def _bmm(input, mat2, *, out=None):
+    # a batch of gathered experts (one per row) has no fast path yet: the dequantized weights give the answer
+    return _dequantized_call(torch.bmm, input, mat2, out=out)

@@ -1,16 +1,17 @@
 """quantize and dequantize: round-to-nearest quantization as a pure function over a params tree."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from aofunc.capture import detect_transposed
+from aofunc.capture import detect_uses
 from aofunc.formats import QTensor, Scheme
 from aofunc.formats.qtensor import canonical
 from aofunc.progress import show_progress
-from aofunc.spec import Rule, Spec
+from aofunc.spec import Rule, Spec, SpecWarning
 from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_tensor
 
 #: quantizing more elements than this shows a progress bar unless asked otherwise
@@ -46,21 +47,26 @@ def check_weight(name: str, w: torch.Tensor, scheme: Scheme | None = None, what:
         raise ValueError(f"{what}: {name!r} has non-finite values (NaN or Inf); refusing to {verb} it")
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme, transposed: bool = False) -> QTensor:
-    """One weight to a QTensor; w keeps its logical shape ([N, K], [K, N] if transposed, [N, K, 1, 1]).
+def quantize_weight(w: torch.Tensor, scheme: Scheme, transposed: bool = False, name: str | None = None) -> QTensor:
+    """One weight to a QTensor; w keeps its logical shape ([N, K], [K, N] if transposed, [N, K, 1, 1]; stacked
+    experts [E, N, K] or [E, K, N]: each expert quantized alone, its stored tensors stacked along a leading E).
 
     A weight on the meta device gives a meta QTensor: the stored tensors' shapes and dtypes without memory (what
-    `size_in_bytes` needs to size a model before loading it)."""
+    `size_in_bytes` needs to size a model before loading it). `name` (the parameter's) is kept for messages."""
     w = w.detach()
     nk = canonical(w, transposed)
+    lead = tuple(nk.shape[:-2])  # (E,) for stacked experts
     if w.is_meta:
-        n, k = nk.shape
-        tensors = {name: torch.empty(shape, dtype=dtype, device="meta")
-                   for name, (shape, dtype) in scheme.stored(n, k, w.dtype).items()
-                   if name not in scheme.optional_names}
+        n, k = nk.shape[-2:]
+        tensors = {key: torch.empty(lead + tuple(shape), dtype=dtype, device="meta")
+                   for key, (shape, dtype) in scheme.stored(n, k, w.dtype).items()
+                   if key not in scheme.optional_names}
+    elif lead:
+        experts = [scheme.quantize(expert.contiguous()) for expert in nk.unbind(0)]
+        tensors = {key: torch.stack([stored[key] for stored in experts]) for key in experts[0]}
     else:
         tensors = scheme.quantize(nk.contiguous())
-    return QTensor(scheme, tensors, w.shape, w.dtype, transposed)
+    return QTensor(scheme, tensors, w.shape, w.dtype, transposed, name)
 
 
 def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=None,
@@ -79,12 +85,21 @@ def plan(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, example=
         check_weight(name, params[name], rule.scheme, what)
     if model is not None:
         # the calls name one of a tied weight's names; the orientation holds for all of them
-        used_as_in_out = {id(params[name]) for name, flag in
-                          detect_transposed(model, params, example, names=chosen).items() if flag}
+        uses = detect_uses(model, params, example, names=chosen)
+        used_as_in_out = {id(params[name]) for name, found in uses.items() if "in_out" in found}
+        convs = {id(params[name]) for name, found in uses.items() if "conv" in found}
+        if convs:
+            dropped = [name for name in chosen if id(params[name]) in convs]
+            message = (f"aofunc spec: {', '.join(map(repr, dropped))}: the model uses these 3-D weights in a "
+                       "convolution, and schemes take 3-D weights as stacked experts only; kept in full precision")
+            if spec.strict:
+                raise ValueError(message)
+            warnings.warn(message, SpecWarning, stacklevel=3)
+            chosen = {name: rule for name, rule in chosen.items() if id(params[name]) not in convs}
         chosen = {name: Rule(rule.pattern, rule.scheme, rule.transposed or id(params[name]) in used_as_in_out)
                   for name, rule in chosen.items()}
     for name, rule in chosen.items():
-        if rule.transposed and params[name].dim() != 2:
+        if rule.transposed and params[name].dim() not in (2, 3):
             raise ValueError(f"quantize: {name!r} is marked transposed but is {params[name].dim()}-D")
     return chosen
 
@@ -118,7 +133,7 @@ def quantize(params: Mapping[str, torch.Tensor], spec: Spec, *, model=None, exam
     out = detached_aliases(params)
     for name in tqdm(once, desc="quantize", disable=not progress, unit="weight"):
         rule = chosen[name]
-        out[name] = quantize_weight(params[name], rule.scheme, rule.transposed)
+        out[name] = quantize_weight(params[name], rule.scheme, rule.transposed, name)
     return share_tied(out, params, once)
 
 

@@ -59,15 +59,26 @@ class SpecReport(NamedTuple):
         return "\n".join(lines) or "every rule matched and every selected weight can be taken"
 
 
-def unsupported_reason(tensor: torch.Tensor, rule: Rule) -> str | None:
-    """Why a scheme cannot take this tensor (None when it can): schemes take 2-D weights and 1x1 conv weights."""
+def is_conv_name(name: str | None) -> bool:
+    """Whether a parameter name is a torch convolution's kernel (`weight`, as nn.Conv1d and friends name it)."""
+    return name is not None and name.rsplit(".", 1)[-1] == "weight"
+
+
+def unsupported_reason(tensor: torch.Tensor, rule: Rule, name: str | None = None) -> str | None:
+    """Why a scheme cannot take this tensor (None when it can): schemes take 2-D weights, 1x1 conv weights, and
+    stored formats take stacked experts, 3-D tensors [E, N, K] whose name is not a convolution's `weight`."""
     shape = tuple(tensor.shape)
+    if len(shape) == 3 and rule.scheme is not None and rule.scheme.is_stored_format and not is_conv_name(name):
+        return None
     if len(shape) == 4:
         if shape[2:] != (1, 1):
             return f"a conv weight with a {shape[2]}x{shape[3]} kernel (only 1x1 convolutions are taken)"
         if rule.transposed:
             return "a 1x1 conv weight cannot be stored transposed"
         return None
+    if len(shape) == 3 and is_conv_name(name):
+        return (f"a 3-D tensor of shape {shape} named like a convolution's kernel (schemes take 2-D weights, 1x1 "
+                "conv weights and stacked experts)")
     if len(shape) != 2:
         return f"a {len(shape)}-D tensor of shape {shape} (schemes take 2-D weights and 1x1 conv weights)"
     return None
@@ -118,7 +129,7 @@ class Spec:
         for name, tensor in params.items():
             rule = self.rule_for(name)
             if rule is not None:
-                takes = rule.scheme is not None and unsupported_reason(tensor, rule) is None
+                takes = rule.scheme is not None and unsupported_reason(tensor, rule, name) is None
                 decided[name] = rule if takes else None
         chosen = {name: rule for name, rule in decided.items() if rule is not None}
         for names in tied_groups(params):
@@ -149,7 +160,7 @@ class Spec:
             if rule is None:
                 continue
             used.add(rule)
-            reason = unsupported_reason(tensor, rule) if rule.scheme is not None else None
+            reason = unsupported_reason(tensor, rule, name) if rule.scheme is not None else None
             if reason is not None:
                 skipped[name] = f"{type(rule.scheme).__name__} cannot take {reason}; kept in full precision"
         return SpecReport([rule for rule in self.rules if rule not in used], skipped)
