@@ -14,6 +14,7 @@ from typing import Iterator, Mapping
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
+from aofunc.formats import QTensor
 from aofunc.tree import check_params, check_tied_values
 
 _LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -43,7 +44,26 @@ def check_keys(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], call
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
                  else repr(key) for key in unknown]
         raise KeyError(f"{caller}: the model has no parameter or buffer named {', '.join(hints)}")
+    check_stacked_shapes(model, qparams, caller)
     check_tied_values(model, qparams, caller)
+
+
+def check_stacked_shapes(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], caller: str) -> None:
+    """A stack of quantized experts must have the shape of the model's tensor it stands for (as many experts)."""
+    own = None
+    for name, t in qparams.items():
+        if not (isinstance(t, QTensor) and t.stacked):
+            continue
+        if own is None:
+            own = dict(model.named_parameters(remove_duplicate=False))
+            own.update(model.named_buffers(remove_duplicate=False))
+        expected = tuple(own[name].shape)
+        if len(expected) != 3 or expected[0] != t.shape[0]:
+            raise ValueError(f"{caller}: {name!r} is a stack of {t.shape[0]} quantized experts, but the model's "
+                             f"{name!r} has shape {expected}")
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{caller}: {name!r} holds experts of shape {tuple(t.shape[1:])}, but the model's "
+                             f"{name!r} has shape {expected}")
 
 
 def apply(model: torch.nn.Module, qparams: Mapping[str, torch.Tensor], *args, **kwargs):
