@@ -65,7 +65,7 @@ class QTensor(torch.Tensor):
 
     Stacked experts: a 3-D logical shape [E, N, K] ([E, K, N] when transposed) is E weights of one scheme in one
     QTensor, each stored tensor the expert's own with a leading E (`w[e]` is expert e's 2-D QTensor, a view of the
-    same storage). `name`, when known, is the parameter's name, used in error messages only.
+    same storage). `param_name`, when known, is the parameter's name, used in error messages only.
     """
 
     scheme: Scheme
