@@ -89,6 +89,9 @@ def check_savable(qparams: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r} (a quantized "
                              f"weight is stored as {owner!r}.<tensor name>, and no other name may start with "
                              f"{owner + '.'!r}); rename one of them")
+        if isinstance(t, QTensor) and t.stacked:
+            raise ValueError(f"save: {name!r} is a stack of {t.shape[0]} quantized experts, and stacked experts "
+                             "cannot be saved by this version of aofunc yet (a later file version will add them)")
         for part, tensor in (t.tensors.items() if isinstance(t, QTensor) else [(None, t)]):
             reason = _unsavable_reason(tensor)
             if reason is not None:

@@ -257,3 +257,12 @@ def test_transformers_moe_models_run_with_quantized_experts(kind, implementation
         assert aofunc.sqnr(y_dequantized, y) > (25 if dynamic else 60), scheme
         assert aofunc.sqnr(reference, y) > 20, scheme
         assert aofunc.size_in_bytes(stacks) < sum(params[name].numel() * 4 for name in stacks)
+
+
+def test_save_refuses_stacked_experts_before_writing_anything(tmp_path):
+    q = quantize_one(torch.randn(4, 16, 32), aofunc.Int8WeightOnly(), name="layers.0.experts.down_proj")
+    path = tmp_path / "moe.safetensors"
+    with pytest.raises(ValueError, match=r"'layers.0.experts.down_proj' is a stack of 4 quantized experts.*cannot "
+                                         r"be saved by this version.*later file version"):
+        aofunc.save({"norm.weight": torch.ones(4), "layers.0.experts.down_proj": q}, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
