@@ -12,7 +12,7 @@ from aofunc.capture import capture_inputs, record_shapes
 from aofunc.formats import NF4, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, QTensor, Scheme
 from aofunc.io import load, save
 from aofunc.ops import qlinear
-from aofunc.pretrained import save_pretrained
+from aofunc.pretrained import load_pretrained, save_pretrained
 from aofunc.primitives import sqnr
 from aofunc.quantize import dequantize, quantize
 from aofunc.spec import Rule, Spec, SpecReport, SpecWarning
@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NF4", "Int4WeightOnly", "Int8Dynamic", "Int8DynamicInt4", "Int8WeightOnly", "QTensor", "Rule", "Scheme",
-    "Spec", "SpecReport", "SpecWarning", "apply", "bind", "capture_inputs", "dequantize", "load", "qlinear", "quantize",
-    "record_shapes", "save", "save_pretrained", "size_in_bytes", "sqnr", "tune",
+    "Spec", "SpecReport", "SpecWarning", "apply", "bind", "capture_inputs", "dequantize", "load", "load_pretrained",
+    "qlinear", "quantize", "record_shapes", "save", "save_pretrained", "size_in_bytes", "sqnr", "tune",
 ] + list(_calibrate_all)

@@ -302,3 +302,332 @@ def save_pretrained(qparams: Mapping[str, torch.Tensor], out_dir: str | os.PathL
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+#: what `load_pretrained` reads, as messages name it
+IMPORT_FORMATS = ("aofunc's safetensors file (aofunc.save)", "compressed-tensors pack-quantized int4 (group) or "
+                  "int8 (channel)", "compressed-tensors int-quantized int8 (channel, W8A8)",
+                  "GPTQ (quant_method 'gptq', 4 bits, checkpoint_format gptq or gptq_v2)")
+_CT_WEIGHT_NAMES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+
+class ImportFormatError(ValueError):
+    """A model directory `load_pretrained` cannot read, naming the file and why."""
+
+
+def _supported() -> str:
+    return "; ".join(IMPORT_FORMATS)
+
+
+def _read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Every tensor of the files, and the file each came from."""
+    from safetensors import safe_open
+
+    tensors, where = {}, {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+                    where[key] = file
+        except Exception as e:  # safetensors raises its own error types for malformed files
+            raise ImportFormatError(f"load_pretrained: {file} is not a readable safetensors file ({e})") from None
+    return tensors, where
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ImportFormatError(f"load_pretrained: {index} is not a safetensors index ({e})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ImportFormatError(f"load_pretrained: {index} names missing shards: {', '.join(missing)}")
+        return files
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    raise ImportFormatError(f"load_pretrained: {directory} has no model.safetensors nor "
+                            "model.safetensors.index.json (only safetensors weights are read)")
+
+
+def _aofunc_file(directory: Path) -> Path | None:
+    """The one safetensors file of the directory written by aofunc.save, if any."""
+    from safetensors import safe_open
+
+    from aofunc.io import HEADER_KEY
+
+    found = []
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if HEADER_KEY in (f.metadata() or {}):
+                    found.append(file)
+        except Exception:
+            continue
+    if len(found) > 1:
+        raise ImportFormatError(f"load_pretrained: {directory} holds several aofunc files "
+                                f"({', '.join(f.name for f in found)}); give the file itself")
+    return found[0] if found else None
+
+
+def _expect(t: torch.Tensor, shape, dtype, key: str, where: dict, why: str) -> None:
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
+        raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} is {t.dtype} {list(t.shape)}, expected "
+                                f"{dtype or t.dtype} {list(shape)} ({why})")
+
+
+def _codes_to_qdata(codes: torch.Tensor) -> torch.Tensor:
+    from aofunc import primitives as P
+
+    return P.pack_uint4(codes.to(torch.uint8))
+
+
+def _ct_group(module: str, groups: dict, config_path: Path):
+    """The config group quantizing `module`: a target naming it, a "re:" pattern matching it, or else the one
+    group targeting a class (e.g. "Linear")."""
+    by_class = []
+    for group in groups.values():
+        for target in group.get("targets") or []:
+            if target == module or (target.startswith("re:") and re.match(target[3:], module)):
+                return group
+            if not target.startswith("re:") and "." not in target:
+                by_class.append(group)
+    if len(by_class) >= 1 and all(g is by_class[0] for g in by_class):
+        return by_class[0]
+    raise ImportFormatError(f"load_pretrained: {config_path}: no config group of the quantization_config targets "
+                            f"{module!r}")
+
+
+def _ct_scheme(module: str, group: dict, fmt: str, config_path: Path):
+    weights = group.get("weights") or {}
+    acts = group.get("input_activations")
+    bits, strategy = weights.get("num_bits"), weights.get("strategy")
+    symmetric, kind = weights.get("symmetric", True), weights.get("type", "int")
+    if weights.get("actorder") not in (None, False):
+        raise ImportFormatError(f"load_pretrained: {config_path}: {module!r} is quantized with activation order "
+                                f"(actorder {weights.get('actorder')!r}); act-order is not yet supported")
+    plain_acts = acts is None
+    token_acts = isinstance(acts, dict) and acts.get("num_bits") == 8 and acts.get("type", "int") == "int" \
+        and acts.get("strategy") == "token" and acts.get("dynamic") is True and acts.get("symmetric", True)
+    if kind == "int" and fmt == "pack-quantized" and bits == 4 and strategy == "group" and plain_acts:
+        from aofunc.kernels.packing import GROUP_SIZES
+
+        if weights.get("group_size") not in GROUP_SIZES:
+            raise ImportFormatError(f"load_pretrained: {config_path}: {module!r} has group_size "
+                                    f"{weights.get('group_size')!r}; aofunc's int4 takes "
+                                    f"{', '.join(map(str, GROUP_SIZES))}")
+        return Int4WeightOnly(weights["group_size"], zero_point="none" if symmetric else "int")
+    if kind == "int" and bits == 8 and strategy == "channel" and symmetric:
+        if fmt == "pack-quantized" and plain_acts:
+            return Int8WeightOnly()
+        if fmt == "int-quantized" and (plain_acts or token_acts):
+            return Int8Dynamic() if token_acts else Int8WeightOnly()
+    raise ImportFormatError(
+        f"load_pretrained: {config_path}: {module!r} is quantized as format {fmt!r}, weights {weights!r}, input "
+        f"activations {acts!r}, which aofunc does not read. Supported: {_supported()}")
+
+
+def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> dict:
+    if qconfig.get("quantization_status", "compressed") != "compressed":
+        raise ImportFormatError(f"load_pretrained: {config_path}: quantization_status "
+                                f"{qconfig.get('quantization_status')!r}; only compressed checkpoints are read")
+    groups = qconfig.get("config_groups") or {}
+    modules = sorted({key[:-len(".weight_scale")] for key in tensors if key.endswith(".weight_scale")})
+    out = {}
+    claimed = set()
+    for module in modules:
+        group = _ct_group(module, groups, config_path)
+        fmt = group.get("format") or qconfig.get("format")
+        scheme = _ct_scheme(module, group, fmt, config_path)
+        scale_key = f"{module}.weight_scale"
+        scale = tensors[scale_key]
+        if isinstance(scheme, Int4WeightOnly) or fmt == "pack-quantized":
+            keys = {name: f"{module}.{name}" for name in ("weight_packed", "weight_shape")}
+            for key in keys.values():
+                if key not in tensors:
+                    raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {key!r} is missing")
+            shape = tensors[keys["weight_shape"]].tolist()
+            if len(shape) != 2:
+                raise ImportFormatError(f"load_pretrained: {where[keys['weight_shape']]}: "
+                                        f"{keys['weight_shape']!r} is {shape}, not a 2-D shape")
+            n, k = shape
+            bits = 4 if isinstance(scheme, Int4WeightOnly) else 8
+            packed = tensors[keys["weight_packed"]]
+            _expect(packed, (n, -(-k * bits // 32)), torch.int32, keys["weight_packed"], where,
+                    f"{bits}-bit codes of the {shape} weight")
+            codes = unpack_int32(packed, bits, k)
+            claimed.update(keys.values())
+            if bits == 4:
+                g = scheme.group_size
+                if k % g:
+                    raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {module!r} has K = {k}, not a "
+                                            f"multiple of group_size {g} of {config_path}")
+                _expect(scale, (n, k // g), None, scale_key, where, f"groups of {g} in {config_path}")
+                stored = {"qdata": _codes_to_qdata(codes), "scale": scale}
+                if scheme.zero_point == "int":
+                    zp_key = f"{module}.weight_zero_point"
+                    if zp_key not in tensors:
+                        raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {zp_key!r} is missing "
+                                                f"(asymmetric groups in {config_path})")
+                    _expect(tensors[zp_key], (-(-n // 8), k // g), torch.int32, zp_key, where,
+                            "4-bit zero points packed along N")
+                    stored["zero"] = unpack_int32(tensors[zp_key].t(), 4, n).t().to(torch.uint8).contiguous()
+                    claimed.add(zp_key)
+            else:
+                _expect(scale, (n, 1), None, scale_key, where, "one scale per output channel")
+                stored = {"qdata": (codes - 128).to(torch.int8), "scale": scale.reshape(n)}
+        else:
+            key = f"{module}.weight"
+            if key not in tensors:
+                raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {key!r} is missing")
+            q = tensors[key]
+            if q.dim() != 2:
+                raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} is {list(q.shape)}, not 2-D")
+            n, k = q.shape
+            _expect(q, (n, k), torch.int8, key, where, "int8 codes")
+            _expect(scale, (n, 1), None, scale_key, where, "one scale per output channel")
+            stored = {"qdata": q, "scale": scale.reshape(n)}
+            claimed.add(key)
+        claimed.add(scale_key)
+        if not scale.dtype.is_floating_point:
+            raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {scale_key!r} is {scale.dtype}, not a "
+                                    "floating point scale")
+        out[f"{module}.weight"] = QTensor(scheme, {s: t.contiguous() for s, t in stored.items()}, (n, k), scale.dtype)
+    extra = sorted(key for key in tensors if key not in claimed and key.rsplit(".", 1)[-1] in _CT_WEIGHT_NAMES)
+    if extra:
+        raise ImportFormatError(f"load_pretrained: {where[extra[0]]}: {extra[0]!r} belongs to no quantized weight "
+                                f"(no {extra[0].rsplit('.', 1)[0]}.weight_scale)")
+    for key, t in tensors.items():
+        if key not in claimed:
+            out[key] = t
+    return out
+
+
+def _gptq_check_g_idx(g_idx: torch.Tensor, k: int, g: int, key: str, where: dict) -> None:
+    groups = torch.arange(k, dtype=torch.int64) // g
+    if torch.equal(g_idx.long(), groups):
+        return
+    counts = torch.bincount(g_idx.long().clamp(min=0), minlength=k // g) if g_idx.numel() else None
+    if counts is not None and int(g_idx.min()) >= 0 and int(g_idx.max()) < k // g and bool((counts == g).all()):
+        raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} groups a permutation of the input "
+                                "columns (a GPTQ act-order / desc_act checkpoint); act-order is not yet supported")
+    raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} is not a grouping of the {k} input columns "
+                            f"into groups of {g}")
+
+
+def _import_gptq(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> dict:
+    from aofunc.kernels.packing import GROUP_SIZES
+
+    bits, g = qconfig.get("bits"), qconfig.get("group_size")
+    fmt = qconfig.get("checkpoint_format", "gptq")
+    if bits != 4:
+        raise ImportFormatError(f"load_pretrained: {config_path}: GPTQ with bits {bits!r}; aofunc reads 4-bit "
+                                f"GPTQ. Supported: {_supported()}")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ImportFormatError(f"load_pretrained: {config_path}: GPTQ checkpoint_format {fmt!r}; aofunc reads "
+                                "'gptq' (v1, zeros stored minus one) and 'gptq_v2'")
+    if g not in GROUP_SIZES:
+        raise ImportFormatError(f"load_pretrained: {config_path}: GPTQ group_size {g!r}; aofunc's int4 takes "
+                                f"{', '.join(map(str, GROUP_SIZES))}")
+    offset = 1 if fmt == "gptq" else 0
+    out, claimed = {}, set()
+    for module in sorted(key[:-len(".qweight")] for key in tensors if key.endswith(".qweight")):
+        keys = {name: f"{module}.{name}" for name in ("qweight", "qzeros", "scales", "g_idx")}
+        for name, key in keys.items():
+            if key not in tensors and name != "g_idx":
+                raise ImportFormatError(f"load_pretrained: {where[keys['qweight']]}: {key!r} is missing")
+        qweight, qzeros, scales = (tensors[keys[n]] for n in ("qweight", "qzeros", "scales"))
+        if qweight.dtype != torch.int32 or qweight.dim() != 2:
+            raise ImportFormatError(f"load_pretrained: {where[keys['qweight']]}: {keys['qweight']!r} is "
+                                    f"{qweight.dtype} {list(qweight.shape)}, expected int32 [K/8, N]")
+        k, n = qweight.shape[0] * 8, qweight.shape[1]
+        if k % g:
+            raise ImportFormatError(f"load_pretrained: {where[keys['qweight']]}: {module!r} has K = {k}, not a "
+                                    f"multiple of group_size {g} of {config_path}")
+        _expect(scales, (k // g, n), None, keys["scales"], where, f"groups of {g} along K = {k} in {config_path}")
+        _expect(qzeros, (k // g, -(-n // 8)), torch.int32, keys["qzeros"], where,
+                f"4-bit zeros of groups of {g} packed along N = {n}")
+        if not scales.dtype.is_floating_point:
+            raise ImportFormatError(f"load_pretrained: {where[keys['scales']]}: {keys['scales']!r} is "
+                                    f"{scales.dtype}, not floating point")
+        if keys["g_idx"] in tensors:
+            _expect(tensors[keys["g_idx"]], (k,), None, keys["g_idx"], where, "one group index per input column")
+            _gptq_check_g_idx(tensors[keys["g_idx"]], k, g, keys["g_idx"], where)
+            claimed.add(keys["g_idx"])
+        codes = unpack_int32(qweight.t().contiguous(), 4, k)  # [N, K]: K packed eight a word
+        zero = unpack_int32(qzeros, 4, n).t() + offset  # [N, K/g]
+        if bool((zero > 15).any()):
+            raise ImportFormatError(f"load_pretrained: {where[keys['qzeros']]}: {keys['qzeros']!r} holds the "
+                                    "zero point 16 (stored -1 in GPTQ v1), which aofunc's grid (0..15) cannot hold")
+        sym = bool((zero == 8).all())
+        stored = {"qdata": _codes_to_qdata(codes), "scale": scales.t().contiguous()}
+        if not sym:
+            stored["zero"] = zero.to(torch.uint8).contiguous()
+        scheme = Int4WeightOnly(g, zero_point="none" if sym else "int")
+        out[f"{module}.weight"] = QTensor(scheme, stored, (n, k), scales.dtype)
+        claimed.update(keys[n] for n in ("qweight", "qzeros", "scales"))
+    if not out:
+        raise ImportFormatError(f"load_pretrained: {config_path} names GPTQ but the weights hold no '.qweight'")
+    for key, t in tensors.items():
+        if key not in claimed:
+            out[key] = t
+    return out
+
+
+def load_pretrained(model_dir: str | os.PathLike, *, device: str | torch.device | None = None) -> dict:
+    """Read a quantized model as a params tree `{name: tensor | QTensor}` in aofunc's layouts, onto `device`
+    (default CPU), that the unmodified model runs through `torch.func.functional_call` (or `aofunc.apply`).
+
+    `model_dir` is an aofunc file (`aofunc.save`), or a directory holding one, or a Hugging Face model directory
+    (config.json with a `quantization_config`, weights in safetensors, sharded or not) in one of these forms:
+
+    - compressed-tensors, "pack-quantized" int4 groups (integer zero points or symmetric) and int8 per channel,
+      and "int-quantized" int8 per channel (W8A8 with per-token dynamic activations reads as `Int8Dynamic`);
+    - GPTQ (`quant_method: "gptq"`), 4 bits as AutoGPTQ writes it: `qweight` int32 [K/8, N], `qzeros` int32
+      [K/g, N/8] (zeros stored minus one in checkpoint_format "gptq", as they are in "gptq_v2"), `scales` [K/g, N]
+      and `g_idx` [K]; symmetric checkpoints read as `Int4WeightOnly(g, zero_point="none")`, others as
+      `zero_point="int"`.
+
+    What `save_pretrained` wrote reads back equal, stored tensor for stored tensor. Refused with an error naming
+    the file: a directory without config.json (and no aofunc file), a quantization_config of another kind (the
+    message lists the supported formats), act-order GPTQ (a `g_idx` permuting the input columns: not yet
+    supported) and a `g_idx` that groups no columns, and tensors whose shapes disagree with each other or with
+    the config.
+    """
+    from aofunc.io import _load_device, load
+
+    path = Path(model_dir)
+    if path.is_file():
+        return load(path, device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_pretrained: no file or directory at {path}")
+    device = _load_device(device)
+    config_path = path / "config.json"
+    qconfig = None
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ImportFormatError(f"load_pretrained: {config_path} is not valid JSON ({e})") from None
+        qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    if qconfig is None:
+        own = _aofunc_file(path)
+        if own is not None:
+            return load(own, device)
+        if not config_path.is_file():
+            raise ImportFormatError(f"load_pretrained: {path} has no config.json and no aofunc file; give a Hugging "
+                                    "Face model directory (save_pretrained's) or an aofunc.save file")
+        raise ImportFormatError(f"load_pretrained: {config_path} has no quantization_config and {path} holds no "
+                                f"aofunc file. Supported: {_supported()}")
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if method not in ("compressed-tensors", "gptq"):
+        raise ImportFormatError(f"load_pretrained: {config_path}: quantization_config quant_method {method!r} is "
+                                f"not supported. Supported: {_supported()}")
+    tensors, where = _read_safetensors(_weight_files(path))
+    tree = (_import_ct if method == "compressed-tensors" else _import_gptq)(qconfig, config_path, tensors, where)
+    return {name: t.to(device) for name, t in tree.items()}

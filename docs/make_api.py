@@ -29,7 +29,7 @@ SECTIONS = (
     ("Building blocks of the calibrated transforms",
      ("gptq_calibration", "gptq_quantize_weight", "HessianState", "smoothquant_calibration", "SmoothQuantState",
       "wanda_calibration", "WandaState")),
-    ("Running, files and measures", ("apply", "bind", "qlinear", "tune", "save", "load", "save_pretrained", "sqnr", "size_in_bytes")),
+    ("Running, files and measures", ("apply", "bind", "qlinear", "tune", "save", "load", "save_pretrained", "load_pretrained", "sqnr", "size_in_bytes")),
 )
 
 
