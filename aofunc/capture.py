@@ -19,11 +19,26 @@ from aofunc.tree import check_tied_values
 
 class LinearCall(NamedTuple):
     """One linear-like use of a weight: its input as the linear sees it ([tokens, K]), the input's own shape,
-    and how the weight was oriented ("out_in" for F.linear and 1x1 convs, "in_out" for x @ W and addmm)."""
+    and how the weight was oriented ("out_in" for F.linear and 1x1 convs, "in_out" for x @ W and addmm). For a
+    product of stacked experts whose routing the capture could follow, `expert` gives, per row of `x`, the expert
+    (int64 [tokens]) that row went through; else None."""
 
     x: torch.Tensor
     input_shape: tuple[int, ...]
     orientation: str
+    expert: torch.Tensor | None = None
+
+
+class ExpertRows(NamedTuple):
+    """The input rows a stacked-experts weight [E, ., .] received in one call: x [tokens, K] and, per row, the expert
+    it went through (int64 [tokens], on x's device). What `fold` hands `update` for a 3-D weight."""
+
+    x: torch.Tensor
+    expert: torch.Tensor
+
+    def of(self, e: int) -> torch.Tensor:
+        """The rows expert e received, [tokens_e, K]."""
+        return self.x[self.expert == e]
 
 
 def linear_operands(func, args, kwargs):
@@ -52,6 +67,53 @@ _EXPERT_VIEWS = {torch.Tensor.__getitem__: False, torch.Tensor.transpose: True, 
                  torch.Tensor.swapaxes: True, torch.swapaxes: True, torch.Tensor.mT.__get__: True}
 
 
+_GROUPED_MM = {torch._grouped_mm} | ({F.grouped_mm} if hasattr(F, "grouped_mm") else set())
+
+
+def _gathered_experts(experts: torch.Tensor | None, args) -> torch.Tensor | None:
+    """The experts a view W[index] of a stack holds, from the source's experts (1-D: expert of each leading
+    index); a 0-d result is one expert's 2-D weight. None when the index does not select along the experts only."""
+    if experts is None or experts.dim() != 1 or len(args) < 2:
+        return None
+    index = args[1]
+    if isinstance(index, tuple):
+        if not index or not all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in index[1:]):
+            return None
+        index = index[0]
+    if isinstance(index, torch.Tensor):
+        index = index.to(experts.device)
+    try:
+        return experts[index]
+    except (IndexError, TypeError, RuntimeError):
+        return None
+
+
+def _expert_rows(func, args, kwargs, weight, x, experts, orientation):
+    """(rows [tokens, K], expert of each row) for a product of stacked experts whose experts are known, else None.
+    `experts` says which expert each leading index of `weight` is (1-D), or which single expert it is (0-d)."""
+    if experts is None or orientation == "conv":
+        return None
+    if experts.dim() == 0:  # one expert's 2-D weight: F.linear(x, W[e]), x @ W[e].T, ...
+        if weight.dim() != 2:
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        return rows, experts.to(rows.device).expand(rows.shape[0])
+    if weight.dim() != 3:
+        return None
+    if func in _GROUPED_MM:
+        offs = args[2] if len(args) > 2 else kwargs.get("offs")
+        if offs is None or x.dim() != 2 or offs.numel() != experts.numel():
+            return None
+        ends = offs.to(torch.int64)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).to(experts.device)
+        rows = x[:int(ends[-1])] if ends.numel() else x[:0]
+        return rows, experts.repeat_interleave(counts).to(rows.device)
+    if x.dim() != 3 or x.shape[0] != weight.shape[0]:
+        return None
+    rows = x if orientation == "in_out" else x.transpose(-2, -1)  # x @ W reads x's rows, W @ x its columns
+    return rows.reshape(-1, rows.shape[-1]), experts.to(x.device).repeat_interleave(rows.shape[1])
+
+
 def _is_last_two(func, args, kwargs) -> bool:
     if func is torch.Tensor.mT.__get__:
         return True
@@ -62,7 +124,7 @@ def _is_last_two(func, args, kwargs) -> bool:
 def stacked_operands(func, args, kwargs):
     """(weight, input, orientation) for a product of stacked experts: torch._grouped_mm(x, W) and bmm(x, W) use W
     as x @ W ("in_out"), bmm(W, x) as W @ x ("out_in"); a convolution of a 3-D weight is "conv". Else None."""
-    if func is torch._grouped_mm and len(args) >= 2:
+    if func in _GROUPED_MM and len(args) >= 2:
         return args[1], args[0], "in_out"
     if func in (torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) \
             and len(args) >= 2:
@@ -82,29 +144,35 @@ class _CallRecorder(TorchFunctionMode):
         self.by_id = by_id
         self.on_call = on_call
         self.stacked = stacked
-        # id(view) -> (weak reference to the view, parameter name, whether the view swaps the weight's last dims)
+        # id(view) -> (weak reference to the view, parameter name, whether the view swaps the weight's last dims,
+        # the experts it holds: 1-D per leading index, 0-d for one expert's 2-D weight, None when unknown)
         self.views: dict[int, tuple] = {}
 
-    def _view_of(self, t) -> tuple[str, bool] | None:
+    def _view_of(self, t) -> tuple[str, bool, torch.Tensor | None] | None:
         entry = self.views.get(id(t))
         if entry is not None and entry[0]() is t:
-            return entry[1], entry[2]
+            return entry[1], entry[2], entry[3]
         return None
+
+    def _stack(self, t) -> tuple[str, bool, torch.Tensor | None] | None:
+        """(name, swapped, experts) for a tracked 3-D tensor or a view of one, else None."""
+        if id(t) in self.by_id and t.dim() == 3:
+            return self.by_id[id(t)], False, torch.arange(t.shape[0])
+        return self._view_of(t)
 
     def _follow(self, func, args, kwargs, result) -> None:
         source = args[0] if args else None
         if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor):
             return
-        if id(source) in self.by_id and source.dim() == 3:
-            name, swapped = self.by_id[id(source)], False
-        else:
-            found = self._view_of(source)
-            if found is None:
-                return
-            name, swapped = found
+        found = self._stack(source)
+        if found is None:
+            return
+        name, swapped, experts = found
         if _EXPERT_VIEWS[func] and not _is_last_two(func, args, kwargs):
             return
-        self.views[id(result)] = (weakref.ref(result), name, swapped ^ _EXPERT_VIEWS[func])
+        if not _EXPERT_VIEWS[func]:
+            experts = _gathered_experts(experts, args)
+        self.views[id(result)] = (weakref.ref(result), name, swapped ^ _EXPERT_VIEWS[func], experts)
 
     def _report_stacked(self, func, args, kwargs) -> bool:
         found = stacked_operands(func, args, kwargs)
@@ -115,16 +183,17 @@ class _CallRecorder(TorchFunctionMode):
         for weight, x, orientation in (found if isinstance(found[0], tuple) else (found,)):
             if not isinstance(weight, torch.Tensor) or not isinstance(x, torch.Tensor):
                 continue
-            if id(weight) in self.by_id and weight.dim() == 3:
-                name, swapped = self.by_id[id(weight)], False
-            else:
-                view = self._view_of(weight)
-                if view is None:
-                    continue
-                name, swapped = view
+            view = self._stack(weight)
+            if view is None:
+                continue
+            name, swapped, experts = view
+            routed = _expert_rows(func, args, kwargs, weight, x.detach(), experts, orientation)
             if swapped and orientation != "conv":
                 orientation = "out_in" if orientation == "in_out" else "in_out"
-            self.on_call(name, LinearCall(x.detach().reshape(-1, x.shape[-1]), tuple(x.shape), orientation))
+            if routed is None:
+                self.on_call(name, LinearCall(x.detach().reshape(-1, x.shape[-1]), tuple(x.shape), orientation))
+            else:
+                self.on_call(name, LinearCall(routed[0], tuple(x.shape), orientation, routed[1]))
             return True
         return False
 
@@ -151,7 +220,9 @@ def linear_calls(params: Mapping[str, torch.Tensor], on_call: Callable[[str, Lin
     """Within the block, every linear-like call on one of `params`' tensors (those in `names`, if given) is
     reported as on_call(name, LinearCall). The tensors are recognised by identity, so pass the very objects
     handed to functional_call. With `stacked`, 3-D tensors (stacked experts) are followed through indexing and
-    transposes into F.linear, bmm, grouped_mm and 1-D convolutions ("conv")."""
+    transposes into F.linear, bmm, grouped_mm and 1-D convolutions ("conv"), and where the experts each product
+    used can be told (an indexed expert, a gather by an id tensor, grouped_mm's offsets, bmm over the stack) the call
+    carries each input row's expert."""
     wanted = set(params) if names is None else set(names)
     by_id = {id(t): name for name, t in params.items() if name in wanted}
     with _CallRecorder(by_id, on_call, stacked):

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from aofunc.capture import linear_calls, run_model
+from aofunc.capture import ExpertRows, linear_calls, run_model
 from aofunc.progress import show_progress
 from aofunc.tree import check_params, check_tied_values
 
 Params = Mapping[str, torch.Tensor]
-Captured = dict  # {param name: [input of each linear-like call in one batch, as [tokens, K]]}
+Captured = dict  # {param name: [input of each linear-like call in one batch, as [tokens, K] or ExpertRows]}
 
 REDUCTIONS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -130,7 +130,7 @@ def check_finite_inputs(captured: Captured, index: int, what: str) -> None:
     """Refuses calibration inputs holding NaN or Inf, naming the first parameter (in call order) whose input shows
     them and the batch: a statistic folded over them would be non-finite, or silently wrong where NaN compares
     false. One check (one device synchronization) per batch."""
-    seen = [(name, x) for name, xs in captured.items() for x in xs]
+    seen = [(name, x.x if isinstance(x, ExpertRows) else x) for name, xs in captured.items() for x in xs]
     if not seen:
         return
     finite = torch.stack([torch.isfinite(x).all() for _, x in seen])
@@ -144,13 +144,31 @@ def check_finite_inputs(captured: Captured, index: int, what: str) -> None:
                      "layers before this weight do not overflow in its dtype)")
 
 
+def capture_batch(model, params: Params, batch: Any, index: int, names: Iterable[str]) -> Captured:
+    """{name: [inputs of its linear-like calls]} for one batch: [tokens, K] tensors for a 2-D weight, `ExpertRows`
+    for a stacked-experts weight (3-D) whose calls tell each row's expert; a 3-D weight's calls that do not (a
+    convolution, a product the capture cannot route) are left out."""
+    captured: Captured = {}
+
+    def on_call(name, call):
+        if call.expert is not None:
+            captured.setdefault(name, []).append(ExpertRows(call.x, call.expert))
+        elif params[name].dim() != 3:
+            captured.setdefault(name, []).append(call.x)
+
+    with torch.no_grad(), linear_calls(params, on_call, names, stacked=True):
+        run_batch(model, params, batch, index, "fold")
+    return captured
+
+
 def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, names: Iterable[str] | None = None,
          progress: bool | None = None, desc: str = "calibrate"):
     """finalize(all_reduce(update(... update(init(params), captured(batch_0)) ...)), params).
 
     Runs `model` (an nn.Module through functional_call, or f(params, batch)) on every batch under the capture mode;
     `update` gets {param name: [inputs of its linear-like calls in this batch]} for the params in `names` (default:
-    all). When torch.distributed is initialized, every rank folds its own batches and the state is all-reduced
+    all): each a [tokens, K] tensor, or for stacked experts (a 3-D weight [E, ., .]) an `aofunc.ExpertRows` (the
+    rows and the expert each went through, followed through grouped_mm's offsets, indexed experts and bmm). When torch.distributed is initialized, every rank folds its own batches and the state is all-reduced
     before `finalize`, so every rank returns the same result. `batches` may be any iterable; it is read once.
     `progress` shows a bar labelled `desc`, and errors name `desc`. An input holding NaN or Inf is refused with a
     ValueError naming the parameter it feeds and the batch (counted from 0) where it first appears.
@@ -183,10 +201,7 @@ def fold(calibration: Calibration, params: Params, batches: Iterable, *, model, 
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = show_progress(progress, True, desc)
     for index, batch in enumerate(tqdm(iterator, desc=desc, total=total, disable=not bar, unit="batch")):
-        captured: Captured = {}
-        with torch.no_grad(), linear_calls(params, lambda name, call: captured.setdefault(name, []).append(call.x),
-                                           wanted):
-            run_batch(model, params, batch, index, "fold")
+        captured = capture_batch(model, params, batch, index, wanted)
         if index == 0 and not captured:
             raise no_linear_call("fold")
         check_finite_inputs(captured, index, desc)

@@ -28,7 +28,8 @@ from aofunc.calibrate.gptq_core import gptq_quantize_weight, hessian, input_gram
 from aofunc.calibrate.selection import input_key, select
 from aofunc.formats import Int4WeightOnly, QTensor
 from aofunc.formats.scheme import grouped_schemes
-from aofunc.formats.qtensor import canonical
+from aofunc.capture import ExpertRows
+from aofunc.formats.qtensor import canonical, canonical_shape
 from aofunc.quantize import quantize_weight
 from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
@@ -36,14 +37,32 @@ from aofunc.tree import check_params, detached_aliases, share_tied
 
 
 class HessianState(NamedTuple):
-    """Σ x xᵀ (fp32 [K, K]) over a layer's inputs, and the number t of input rows."""
+    """Σ x xᵀ (fp32 [K, K]) over a layer's inputs, and the number t of input rows; for stacked experts one per
+    expert, from the rows routed to it ([E, K, K] and [E])."""
 
     total: torch.Tensor
     tokens: torch.Tensor
 
 
 def _k_of(w: torch.Tensor, transposed: bool) -> int:
-    return w.shape[0] if transposed else w.reshape(w.shape[0], -1).shape[1]
+    return canonical_shape(tuple(w.shape), transposed)[1]
+
+
+def _zero_state(w: torch.Tensor, transposed: bool) -> HessianState:
+    k = _k_of(w, transposed)
+    lead = (w.shape[0],) if w.dim() == 3 else ()
+    return HessianState(torch.zeros(*lead, k, k, dtype=torch.float32, device=w.device),
+                        torch.zeros(lead, dtype=torch.int64, device=w.device))
+
+
+def expert_grams(rows: ExpertRows, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ x xᵀ per expert [E, K, K] in fp32, rows per expert [E]) over one call's routed rows."""
+    k = rows.x.shape[-1]
+    counts = torch.bincount(rows.expert, minlength=experts)[:experts].to(torch.int64)
+    total = torch.zeros(experts, k, k, dtype=torch.float32, device=rows.x.device)
+    for e in counts.nonzero().flatten().tolist():
+        total[e] = input_gram(rows.of(e))
+    return total, counts.to(rows.x.device)
 
 
 def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdamp: float = 0.01,
@@ -62,10 +81,7 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
         QTensor(Int4WeightOnly(group_size=32), shape=(16, 64), dtype=torch.float32, device=cpu)
     """
     def init(params):
-        return {name: HessianState(
-            torch.zeros(_k_of(params[name], rule.transposed), _k_of(params[name], rule.transposed),
-                        dtype=torch.float32, device=params[name].device),
-            torch.zeros((), dtype=torch.int64, device=params[name].device)) for name, rule in rules.items()}
+        return {name: _zero_state(params[name], rule.transposed) for name, rule in rules.items()}
 
     def update(state, captured):
         state = dict(state)
@@ -75,6 +91,13 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
                 continue
             total, tokens = state[name]
             for x in xs:
+                if isinstance(x, ExpertRows):
+                    key = (input_key(x.x), input_key(x.expert))
+                    if key not in products:
+                        products[key] = expert_grams(x, total.shape[0])
+                    total = total + products[key][0]
+                    tokens = tokens + products[key][1]
+                    continue
                 key = input_key(x)
                 if key not in products:
                     products[key] = input_gram(x)
@@ -85,12 +108,17 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
 
     def finalize(state, params):
         out = detached_aliases(params)
-        unseen = [name for name in rules if int(state[name].tokens) == 0]
+        stacked = [name for name in rules if state[name].tokens.dim() == 1]
+        for name in stacked:
+            out[name] = _quantize_experts(name, params[name], state[name], rules[name], blocksize, percdamp,
+                                          act_order)
+        flat = [name for name in rules if name not in stacked]
+        unseen = [name for name in flat if int(state[name].tokens) == 0]
         if unseen:
             warnings.warn(f"gptq: {unseen[:5]} saw no calibration input; quantized to nearest", stacklevel=2)
         for name in unseen:
             out[name] = quantize_weight(params[name], rules[name].scheme, rules[name].transposed)
-        for group in _equal_hessian_groups([name for name in rules if name not in unseen], state, params, rules):
+        for group in _equal_hessian_groups([name for name in flat if name not in unseen], state, params, rules):
             H = hessian(*state[group[0]])
             weights = [canonical(params[name].detach(), rules[name].transposed) for name in group]
             parts = gptq_quantize_weight(torch.cat(weights), H, rules[group[0]].scheme, blocksize, percdamp,
@@ -104,6 +132,28 @@ def gptq_calibration(rules: Mapping[str, Rule], *, blocksize: int = 128, percdam
         return out
 
     return Calibration(init, update, finalize)
+
+
+def _quantize_experts(name: str, w: torch.Tensor, state: HessianState, rule: Rule, blocksize: int,
+                      percdamp: float, act_order: bool) -> QTensor:
+    """A stack of experts [E, ., .] by GPTQ, each expert with the Hessian of the rows routed to it; an expert that
+    received none is quantized to nearest, with a warning naming it and the weight."""
+    tokens = state.tokens.tolist()
+    empty = [e for e, t in enumerate(tokens) if t == 0]
+    nearest = quantize_weight(w, rule.scheme, rule.transposed) if empty else None
+    if empty:
+        warnings.warn(f"gptq: expert(s) {empty[:16]} of {name!r} received no calibration token; "
+                      "quantized to nearest", stacklevel=3)
+    experts = []
+    for e, t in enumerate(tokens):
+        if t == 0:
+            experts.append({key: part[e] for key, part in nearest.tensors.items()})
+            continue
+        W = canonical(w[e].detach(), rule.transposed)
+        experts.append(gptq_quantize_weight(W, hessian(state.total[e], state.tokens[e]), rule.scheme, blocksize,
+                                            percdamp, act_order))
+    tensors = {key: torch.stack([parts[key].contiguous() for parts in experts]) for key in experts[0]}
+    return QTensor(rule.scheme, tensors, w.shape, w.dtype, rule.transposed)
 
 
 def _equal_hessian_groups(names, state, params, rules) -> list[list[str]]:

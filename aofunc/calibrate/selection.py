@@ -62,6 +62,8 @@ def recording_usage(params: Mapping[str, torch.Tensor], context: Callable[[], An
     previous = {"x": None, "input": -1}
 
     def on_call(name, call):
+        if call.orientation == "conv":
+            return
         if previous["x"] is None or input_key(previous["x"]) != input_key(call.x):
             previous["input"] += 1
         previous["x"] = call.x
@@ -72,7 +74,7 @@ def recording_usage(params: Mapping[str, torch.Tensor], context: Callable[[], An
         usage.transposed[name] = usage.transposed.get(name, False) or call.orientation == "in_out"
 
     by_id = {id(t): name for name, t in params.items()}
-    with linear_calls(params, on_call), _EmbeddingRecorder(by_id, usage):
+    with linear_calls(params, on_call, stacked=True), _EmbeddingRecorder(by_id, usage):
         yield usage
 
 

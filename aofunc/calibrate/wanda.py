@@ -14,21 +14,23 @@ from aofunc.calibrate.channel_stats import (
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
 from aofunc.calibrate.selection import first_use, select
 from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
-from aofunc.formats.qtensor import canonical
+from aofunc.formats.qtensor import canonical, canonical_shape
 from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
 from aofunc.tree import check_params, detached_aliases, share_tied
 
 
 class WandaState(NamedTuple):
-    """Per selected weight, Σ x_k² over every calibration input row, per input channel (fp32 [K])."""
+    """Per selected weight, Σ x_k² over every calibration input row, per input channel (fp32 [K]); for stacked
+    experts per expert over the rows routed to it (fp32 [E, K])."""
 
     sq_sum: dict
 
 
 def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
-    """Wanda's fold: per selected weight, Σ x_k² over every input row, per input channel; `finalize` prunes each
-    weight by |W| · ‖X_k‖ as its rule's `Sparse` scheme says and returns the new params."""
+    """Wanda's fold: per selected weight, Σ x_k² over every input row, per input channel (per expert for stacked
+    experts); `finalize` prunes each weight (each expert) by |W| · ‖X_k‖ as its rule's `Sparse` scheme says and
+    returns the new params."""
     def init(params):
         return WandaState(zeros_per_input_channel(params, rules))
 
@@ -40,11 +42,18 @@ def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
         out = detached_aliases(params)
         for name, rule in rules.items():
             w = params[name]
-            importance = canonical(w.detach(), rule.transposed).float().abs() * state.sq_sum[name].sqrt()
-            out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)
+            if w.dim() == 3:  # stacked experts: each expert by the norms of the rows routed to it
+                out[name] = torch.stack([_pruned(w[e], state.sq_sum[name][e], rule) for e in range(w.shape[0])])
+            else:
+                out[name] = _pruned(w, state.sq_sum[name], rule)
         return out
 
     return Calibration(init, update, finalize)
+
+
+def _pruned(w: torch.Tensor, sq_sum: torch.Tensor, rule: Rule) -> torch.Tensor:
+    importance = canonical(w.detach(), rule.transposed).float().abs() * sq_sum.sqrt()
+    return pruned_weight(w, importance, rule.scheme, rule.transposed)
 
 
 def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec | None = None,
@@ -75,7 +84,7 @@ def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec
     usage = first_use(model, params, first, "wanda")
     rules = select(params, spec, default, usage, "wanda", (Sparse,))
     for name, rule in rules.items():
-        check_prunable(name, canonical(params[name], rule.transposed).shape[1], rule.scheme, "wanda")
+        check_prunable(name, canonical_shape(tuple(params[name].shape), rule.transposed)[1], rule.scheme, "wanda")
     pruned = fold(wanda_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
                   desc="wanda")
     return share_tied(pruned, params, rules)
