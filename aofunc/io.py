@@ -1,8 +1,10 @@
 """save and load: quantized params trees in safetensors with a JSON description, no pickle.
 
 The layout is versioned (docs/file-format.md): version 1 stores every name; version 2 stores each tensor once and
-names the others holding it (tied weights) in the header's "aliases" table; version 3, written now, adds the int4
-grids with an integer zero point and without one (`Int4WeightOnly(zero_point=...)`). `load` reads all three.
+names the others holding it (tied weights) in the header's "aliases" table; version 3 adds the int4 grids with an
+integer zero point and without one (`Int4WeightOnly(zero_point=...)`); version 4, written now, adds stacked experts
+(a 3-D logical shape, every stored tensor with a leading E) and int4's act-order input permutation (`perm`).
+`load` reads all four.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ from aofunc.formats.qtensor import canonical_shape
 from aofunc.tree import check_params
 
 #: the version `save` writes
-FILE_VERSION = 3
+FILE_VERSION = 4
 #: the versions `load` reads
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: the first version whose schemes may name an int4 grid (`zero_point`)
 ZERO_POINT_VERSION = 3
+#: the first version that stores stacked experts (a 3-D logical shape) and int4's act-order `perm`
+STACKED_VERSION = PERM_VERSION = 4
 HEADER_KEY = "aofunc"
 #: the key safetensors keeps for its own header metadata: no tensor may have it as its name
 RESERVED_NAME = "__metadata__"
@@ -89,9 +93,6 @@ def check_savable(qparams: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"save: the name {name!r} collides with the stored tensors of {owner!r} (a quantized "
                              f"weight is stored as {owner!r}.<tensor name>, and no other name may start with "
                              f"{owner + '.'!r}); rename one of them")
-        if isinstance(t, QTensor) and t.stacked:
-            raise ValueError(f"save: {name!r} is a stack of {t.shape[0]} quantized experts, and stacked experts "
-                             "cannot be saved by this version of aofunc yet (a later file version will add them)")
         for part, tensor in (t.tensors.items() if isinstance(t, QTensor) else [(None, t)]):
             reason = _unsavable_reason(tensor)
             if reason is not None:
@@ -105,7 +106,8 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
 
     Names holding one tensor or QTensor object (tied weights) are stored once, under the first of them; the header's
     "aliases" table names the others, and `load` gives them all one object again. The file appears whole or not at
-    all (written to a temporary file, then renamed). The layout is file version 3 (docs/file-format.md).
+    all (written to a temporary file, then renamed). The layout is file version 4 (docs/file-format.md): stacked
+    experts are described by their 3-D logical shape and stored with every stored tensor's leading E.
 
     A tree no file could hold as it is (the name "__metadata__", which safetensors reserves; a name under a
     QTensor's stored tensors, "{name}.…"; a meta, sparse or other non-plain tensor) is refused with a ValueError
@@ -203,15 +205,22 @@ def _check_entry(name, entry, keys: set, f, version: int = FILE_VERSION) -> tupl
     transposed = entry.get("transposed", False)
     if not isinstance(transposed, bool):
         raise ValueError(f"load: {name!r}: 'transposed' must be true or false, got {transposed!r}")
-    if not isinstance(shape, list) or len(shape) not in (2, 4) \
+    if not isinstance(shape, list) or len(shape) not in (2, 3, 4) \
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise ValueError(f"load: {name!r}: shape {shape!r} is not a 2-D or 4-D shape of positive ints")
+        raise ValueError(f"load: {name!r}: shape {shape!r} is not a 2-D, 3-D (stacked experts) or 4-D shape of "
+                         "positive ints")
+    if len(shape) == 3 and version < STACKED_VERSION:
+        raise ValueError(f"load: {name!r}: shape {shape} is a stack of experts, which file version {version} does "
+                         f"not have (stacked experts came with version {STACKED_VERSION})")
     if len(shape) == 4 and (shape[2:] != [1, 1] or transposed):
         raise ValueError(f"load: {name!r}: shape {shape} is not a quantized weight's: a 4-D weight is a 1x1 "
                          "convolution's [out, in, 1, 1], never stored transposed")
     dtype = _dtype_from_name(entry["dtype"], repr(name))
     n, k = canonical_shape(tuple(shape), transposed)
-    expected = scheme.stored(n, k, dtype)
+    # stacked experts [E, N, K]: every stored tensor is one expert's with a leading E
+    lead = tuple(shape[:1]) if len(shape) == 3 else ()
+    expected = {s: (lead + tuple(stored_shape), stored_dtype)
+                for s, (stored_shape, stored_dtype) in scheme.stored(n, k, dtype).items()}
     for stored_name, (stored_shape, stored_dtype) in expected.items():
         key = f"{name}.{stored_name}"
         if key not in keys:
@@ -221,8 +230,9 @@ def _check_entry(name, entry, keys: set, f, version: int = FILE_VERSION) -> tupl
         found = f.get_slice(key)
         found_shape, found_dtype = tuple(found.get_shape()), found.get_dtype()
         if found_shape != tuple(stored_shape) or found_dtype != _safetensors_dtype(stored_dtype):
+            what = f"a stack of {shape[0]} experts of {scheme}" if lead else str(scheme)
             raise ValueError(f"load: {name!r}: {key!r} is {found_dtype}{list(found_shape)}, expected "
-                             f"{_safetensors_dtype(stored_dtype)}{list(stored_shape)} for {scheme} of shape {shape}")
+                             f"{_safetensors_dtype(stored_dtype)}{list(stored_shape)} for {what} of shape {shape}")
     extra = sorted(key for key in keys if key.startswith(name + ".") and key[len(name) + 1:] not in expected)
     if extra:
         raise ValueError(f"load: {name!r}: unexpected stored tensors {extra}")
@@ -261,8 +271,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
     """Read a file written by `save` onto `device` (default CPU). Every entry is checked against the header
     (names, dtypes, shapes, aliases) before anything is built; a mismatch is refused naming the parameter.
 
-    Reads file versions 1, 2 and 3 (docs/file-format.md) and refuses others; names stored as aliases of one tensor
-    (tied weights) get one object. A device this machine does not have is refused naming it."""
+    Reads file versions 1, 2, 3 and 4 (docs/file-format.md) and refuses others; names stored as aliases of one
+    tensor (tied weights) get one object; stacked experts load as one stacked QTensor. A device this machine
+    does not have is refused naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load: no file at {path}")
@@ -290,7 +301,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
         out: dict[str, torch.Tensor] = {}
         for name, (scheme, shape, dtype, transposed, stored_names) in parts.items():
             tensors = {s: f.get_tensor(f"{name}.{s}") for s in stored_names}
-            out[name] = QTensor(scheme, tensors, shape, dtype, transposed)
+            out[name] = QTensor(scheme, tensors, shape, dtype, transposed, param_name=name)
         for key in plain:
             out[key] = f.get_tensor(key)
         for name, target in aliases.items():

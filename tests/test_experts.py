@@ -1,12 +1,15 @@
 """Stacked experts: a 3-D weight [E, N, K] quantized as one QTensor, indexed by expert, run as MoE models run it."""
+import json
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import aofunc
 from aofunc import Rule, Spec
@@ -259,10 +262,88 @@ def test_transformers_moe_models_run_with_quantized_experts(kind, implementation
         assert aofunc.size_in_bytes(stacks) < sum(params[name].numel() * 4 for name in stacks)
 
 
-def test_save_refuses_stacked_experts_before_writing_anything(tmp_path):
-    q = quantize_one(torch.randn(4, 16, 32), aofunc.Int8WeightOnly(), name="layers.0.experts.down_proj")
+# ---------------------------------------------------------------------------------------------- files (version 4)
+
+@settings(deadline=None, max_examples=40)
+@given(scheme=st.sampled_from(ALL_SCHEMES), experts=st.integers(1, 3), n=st.integers(1, 20), k=st.integers(1, 72),
+       transposed=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), tied=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_save_then_load_is_the_identity_on_stacked_experts(tmp_path_factory, scheme, experts, n, k, transposed, dtype,
+                                                           tied, seed):
+    w = torch.randn(experts, n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if transposed:
+        w = w.transpose(1, 2).contiguous()
+    q = quantize_one(w, scheme, transposed, name="layers.0.experts.up")
+    tree = {"norm.weight": torch.ones(3), "layers.0.experts.up": q}
+    if tied:
+        tree["layers.1.experts.up"] = q
+    path = tmp_path_factory.mktemp("moe") / "moe.safetensors"
+    aofunc.save(tree, path)
+    loaded = aofunc.load(path)
+    assert set(loaded) == set(tree) and torch.equal(loaded["norm.weight"], tree["norm.weight"])
+    got = loaded["layers.0.experts.up"]
+    assert isinstance(got, aofunc.QTensor) and got.stacked
+    assert (got.scheme, got.shape, got.dtype, got.transposed) == (q.scheme, q.shape, q.dtype, q.transposed)
+    assert same_stored(got, q)
+    assert (loaded.get("layers.1.experts.up") is got) == tied
+    for e in range(experts):  # indexing the loaded stack gives the expert it held before saving
+        assert same_stored(got[e], q[e]) and got[e].shape == q[e].shape and got[e].transposed == transposed
+        assert torch.equal(got[e].dequantize(), q[e].dequantize())
+    assert torch.equal(got.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=SCHEME_IDS)
+def test_a_stack_is_stored_as_file_version_4_describes(tmp_path, scheme):
+    q = quantize_one(torch.randn(3, 16, 64), scheme, name="moe.experts.down")
     path = tmp_path / "moe.safetensors"
-    with pytest.raises(ValueError, match=r"'layers.0.experts.down_proj' is a stack of 4 quantized experts.*cannot "
-                                         r"be saved by this version.*later file version"):
-        aofunc.save({"norm.weight": torch.ones(4), "layers.0.experts.down_proj": q}, path)
-    assert not path.exists() and list(tmp_path.iterdir()) == []
+    aofunc.save({"moe.experts.down": q}, path)
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["aofunc"])
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    assert header["version"] == 4
+    assert header["params"]["moe.experts.down"] == {"scheme": scheme.to_dict(), "shape": [3, 16, 64],
+                                                    "dtype": "float32", "transposed": False}
+    single = q[0].scheme.stored(16, 64, torch.float32)
+    assert {key: (tuple(t.shape), t.dtype) for key, t in stored.items()} == {
+        f"moe.experts.down.{name}": ((3, *shape), dtype) for name, (shape, dtype) in single.items()
+        if name in q.tensors}
+
+
+def stacked_file_parts():
+    q = quantize_one(torch.randn(3, 16, 64), aofunc.Int4WeightOnly(32), name="moe.experts.down")
+    tensors = {f"moe.experts.down.{name}": t.contiguous() for name, t in q.tensors.items()}
+    header = {"version": 4, "aliases": {}, "params": {"moe.experts.down": {
+        "scheme": q.scheme.to_dict(), "shape": [3, 16, 64], "dtype": "float32", "transposed": False}}}
+    return tensors, header
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda t, h: t.update({"moe.experts.down.scale": t["moe.experts.down.scale"][0].contiguous()}),
+     r"'moe.experts.down'.*'moe.experts.down.scale' is F32\[16, 2\], expected F32\[3, 16, 2\] for a stack of 3 "
+     r"experts of Int4WeightOnly\(group_size=32\)"),
+    (lambda t, h: t.update({"moe.experts.down.qdata": t["moe.experts.down.qdata"][:2].contiguous()}),
+     r"'moe.experts.down'.*'moe.experts.down.qdata' is U8\[2, 16, 32\], expected U8\[3, 16, 32\]"),
+    (lambda t, h: h["params"]["moe.experts.down"].update(shape=[4, 16, 64]),
+     r"'moe.experts.down'.*'moe.experts.down.qdata' is U8\[3, 16, 32\], expected U8\[4, 16, 32\]"),
+    (lambda t, h: t.pop("moe.experts.down.zero"), r"'moe.experts.down'.*'moe.experts.down.zero' is missing"),
+    (lambda t, h: h.update(version=3), r"'moe.experts.down': shape \[3, 16, 64\] is a stack of experts, which "
+                                       r"file version 3 does not have \(stacked experts came with version 4\)"),
+])
+def test_a_stored_stack_that_disagrees_with_its_header_is_refused_naming_the_parameter(tmp_path, corrupt, match):
+    tensors, header = stacked_file_parts()
+    corrupt(tensors, header)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"aofunc": json.dumps(header)})
+    with pytest.raises(ValueError, match=match):
+        aofunc.load(tmp_path / "bad.safetensors")
+
+
+def test_a_transformers_moe_model_runs_from_a_file(tmp_path):
+    model = tiny_moe("mixtral", "grouped_mm")
+    params = dict(model.named_parameters())
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    qparams = aofunc.quantize(params, Spec([Rule(r".*experts\..*", aofunc.Int4WeightOnly(32))]), model=model,
+                              example=ids)
+    aofunc.save(qparams, tmp_path / "moe.safetensors")
+    loaded = aofunc.load(tmp_path / "moe.safetensors")
+    with torch.no_grad():
+        assert torch.equal(aofunc.apply(model, loaded, ids).logits, aofunc.apply(model, qparams, ids).logits)

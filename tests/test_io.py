@@ -49,7 +49,7 @@ def test_file_layout_follows_the_design(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == {"w.qdata", "w.scale", "w.zero", "t.qdata", "t.scale", "t.zero", "b"}
         header = json.loads(f.metadata()["aofunc"])
-    assert header["version"] == 3 and header["aliases"] == {}
+    assert header["version"] == 4 and header["aliases"] == {}
     assert header["params"]["w"] == {"scheme": {"type": "Int4WeightOnly", "group_size": 32}, "shape": [24, 80],
                                      "dtype": "float32", "transposed": False}
     assert header["params"]["t"]["transposed"] is True
@@ -109,8 +109,9 @@ def good_file_parts():
     (lambda t, h: h["params"]["w"].update(dtype="int8"), r"'w'.*floating point dtype"),
     (lambda t, h: h["params"]["w"].update(scheme={"type": "Int3"}), r"'w'.*unknown scheme"),
     (lambda t, h: h["params"]["w"].pop("scheme"), r"'w'.*needs scheme"),
-    (lambda t, h: h.update(version=7), r"file version 7; this release of aofunc reads versions 1, 2, 3 "),
-    (lambda t, h: h.update(version="2"), r"file version '2'; .* reads versions 1, 2, 3 "),
+    (lambda t, h: h.update(version=7), r"file version 7; this release of aofunc reads versions 1, 2, 3, 4 "),
+    (lambda t, h: h.update(version="2"), r"file version '2'; .* reads versions 1, 2, 3, 4 "),
+    (lambda t, h: h.update(version=5), r"file version 5; this release of aofunc reads versions 1, 2, 3, 4 "),
     (lambda t, h: h.pop("version"), r"file version None"),
     (lambda t, h: h.pop("params"), r"no 'params'"),
 ])
@@ -322,7 +323,8 @@ def test_load_refuses_a_plain_tensor_under_a_quantized_name(tmp_path):
     ([24, 80, 2, 2], False, r"'w': shape \[24, 80, 2, 2\] is not a quantized weight's"),
     ([24, 80, 1, 1], True, r"'w': shape \[24, 80, 1, 1\] is not a quantized weight's"),
     ([24, 80], "yes", r"'w': 'transposed' must be true or false"),
-    ([24, True], False, r"'w': shape \[24, True\] is not a 2-D or 4-D shape"),
+    ([24, True], False, r"'w': shape \[24, True\] is not a 2-D, 3-D \(stacked experts\) or 4-D shape"),
+    ([24, 80, 1], False, r"'w': shape \[24, 80, 1\] is a stack of experts, which file version 1 does not have"),
 ])
 def test_load_refuses_shapes_a_quantized_weight_cannot_have(tmp_path, shape, transposed, match):
     tensors, header = good_file_parts()
@@ -358,7 +360,8 @@ def adversarial_trees(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     values = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["f32", "bf16", "int64", "bool", "0-d", "empty", "meta", "q", "q-t", "q-conv"]))
+        kind = draw(st.sampled_from(["f32", "bf16", "int64", "bool", "0-d", "empty", "meta", "q", "q-t", "q-conv",
+                                          "q-stack", "q-stack-t"]))
         if kind == "f32":
             values.append(torch.randn(2, 3, generator=g))
         elif kind == "bf16":
@@ -375,9 +378,11 @@ def adversarial_trees(draw):
             values.append(torch.empty(2, device="meta"))
         else:
             scheme = draw(st.sampled_from(ALL_SCHEMES))
-            shape = {"q": (8, 40), "q-t": (40, 8), "q-conv": (8, 40, 1, 1)}[kind]
+            shape = {"q": (8, 40), "q-t": (40, 8), "q-conv": (8, 40, 1, 1), "q-stack": (2, 8, 40),
+                     "q-stack-t": (2, 40, 8)}[kind]
             w = torch.randn(*shape, generator=g)
-            values.append(aofunc.quantize({"w": w}, Spec([Rule("w", scheme, transposed=kind == "q-t")]))["w"])
+            transposed = kind.endswith("-t")
+            values.append(aofunc.quantize({"w": w}, Spec([Rule("w", scheme, transposed=transposed)]))["w"])
     names = draw(st.lists(st.lists(st.sampled_from(_NAME_PARTS), min_size=1, max_size=3).map(".".join),
                           min_size=1, max_size=6, unique=True))
     return {name: values[draw(st.integers(0, len(values) - 1))] for name in names}
@@ -421,7 +426,7 @@ def test_int4_grids_are_stored_as_file_version_3_describes(tmp_path, zero_point,
         if zero_point == "int":
             zero = f.get_tensor("w.zero")
             assert zero.dtype == torch.uint8 and zero.shape == (24, 3) and int(zero.max()) <= 15
-    assert header["version"] == 3
+    assert header["version"] == 4
     assert header["params"]["w"]["scheme"] == {"type": "Int4WeightOnly", "group_size": 32, "zero_point": zero_point}
     loaded = aofunc.load(path)
     assert_same_tree(q, loaded)
@@ -455,7 +460,7 @@ def test_an_int4_grid_in_a_version_1_or_2_file_is_refused(tmp_path, version):
         aofunc.load(tmp_path / "old.safetensors")
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_the_tinygemm_grid_reads_the_same_from_every_version(tmp_path, version):
     tensors, header = int4_grid_file_parts("float")
     assert header["params"]["w"]["scheme"] == {"type": "Int4WeightOnly", "group_size": 32}
