@@ -148,18 +148,28 @@ def device_and_dtype(args) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
+def is_router(name: str) -> bool:
+    """A mixture-of-experts router (`mlp.gate`) or shared-expert gate (`shared_expert_gate`): kept in full
+    precision, as the embeddings are (the routing decides which expert runs)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and (parts[-2] in ("gate", "router")
+                                                          or parts[-2].endswith("expert_gate"))
+
+
 def target_spec(model, params, example, scheme):
-    """``scheme`` on every weight the model uses in a linear-like call, in the orientation it uses it, except the
-    embeddings and the output head."""
+    """``scheme`` on every weight the model uses in a linear-like call, in the orientation it uses it, stacked
+    experts included, except the embeddings, the output head and the routers (MoE gates)."""
     import aofunc
-    from aofunc.capture import detect_transposed
+    from aofunc.capture import detect_uses
+    from aofunc.spec import is_conv_name
 
     name_of = {id(p): name for name, p in model.named_parameters()}
     keep = {name_of.get(id(m.weight)) for m in (model.get_input_embeddings(), model.get_output_embeddings())
             if m is not None}
-    used = detect_transposed(model, params, example)
-    rules = [aofunc.Rule(re.escape(name), scheme, transposed) for name, transposed in used.items()
-             if params[name].dim() == 2 and name not in keep]
+    uses = detect_uses(model, params, example)
+    rules = [aofunc.Rule(re.escape(name), scheme, "in_out" in found) for name, found in uses.items()
+             if name not in keep and not is_router(name) and "conv" not in found
+             and (params[name].dim() == 2 or (params[name].dim() == 3 and not is_conv_name(name)))]
     if not rules:
         raise UsageError("the model makes no linear-like call with a weight other than its embeddings and output head")
     return aofunc.Spec(rules)
@@ -247,7 +257,8 @@ def run(args) -> int:
             raise UsageError(str(e)) from None
     else:
         aofunc.save(qparams, args.out)
-    print(f"{args.method} {scheme}: {len(spec.rules)} weights in {seconds:.1f} s; "
+    experts = sum(1 for t in qparams.values() if isinstance(t, aofunc.QTensor) and t.stacked)
+    print(f"{args.method} {scheme}: {len(spec.rules)} weights ({experts} stacked-expert tensors) in {seconds:.1f} s; "
           f"{aofunc.size_in_bytes(params):,} -> {aofunc.size_in_bytes(qparams):,} bytes; "
           f"output SQNR {sqnr:.1f} dB on {measured_on}")
     print(f"wrote {args.out}")
