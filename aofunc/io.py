@@ -107,7 +107,8 @@ def save(qparams: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     Names holding one tensor or QTensor object (tied weights) are stored once, under the first of them; the header's
     "aliases" table names the others, and `load` gives them all one object again. The file appears whole or not at
     all (written to a temporary file, then renamed). The layout is file version 4 (docs/file-format.md): stacked
-    experts are described by their 3-D logical shape and stored with every stored tensor's leading E.
+    experts are described by their 3-D logical shape and stored with every stored tensor's leading E, and an
+    act-order int4 weight stores its input column order as "{name}.perm".
 
     A tree no file could hold as it is (the name "__metadata__", which safetensors reserves; a name under a
     QTensor's stored tensors, "{name}.…"; a meta, sparse or other non-plain tensor) is refused with a ValueError
@@ -236,7 +237,20 @@ def _check_entry(name, entry, keys: set, f, version: int = FILE_VERSION) -> tupl
     extra = sorted(key for key in keys if key.startswith(name + ".") and key[len(name) + 1:] not in expected)
     if extra:
         raise ValueError(f"load: {name!r}: unexpected stored tensors {extra}")
+    if "perm" in expected and f"{name}.perm" in keys:
+        _check_perm(name, f.get_tensor(f"{name}.perm"), k, version)
     return scheme, shape, dtype, transposed, [s for s in expected if f"{name}.{s}" in keys]
+
+
+def _check_perm(name, perm: torch.Tensor, k: int, version: int) -> None:
+    """An act-order weight's `perm` (each expert's, for a stack) orders all K input columns, each once."""
+    if version < PERM_VERSION:
+        raise ValueError(f"load: {name!r}: it stores a 'perm' (act-order), which file version {version} does not "
+                         f"have (act-order came with version {PERM_VERSION})")
+    rows = perm.reshape(-1, k).long().cpu()
+    if not torch.equal(rows.sort(dim=-1).values, torch.arange(k).expand_as(rows)):
+        raise ValueError(f"load: {name!r}: its 'perm' is not a permutation of the {k} input columns (each of "
+                         f"0..{k - 1} once)")
 
 
 _SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16",

@@ -123,6 +123,12 @@ def _cpu_int4_packed(qdata: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_weight_only(x, scheme, t, n, k, bias):
+    perm = t.get("perm")
+    if perm is not None:
+        # act-order: the codes and groups run along the permuted input columns, y = x[:, perm] @ w_stored.T; the
+        # kernels below then see an ordinary weight
+        x = x.index_select(-1, perm)
+        t = {name: v for name, v in t.items() if name != "perm"}
     # every grid runs on the tinygemm kernels through its float zero: the stored one ("float"), else a small fp32
     # [N, Kp/g] tensor derived on each call, (8 - z) * scale for "int" and 0 for "none" (Int4WeightOnly.kernel_zero)
     if x.is_cuda:

@@ -116,6 +116,10 @@ def _export_scheme(name: str, w: QTensor) -> tuple[str, dict, dict | None]:
                           "only (not GPT-2's Conv1D [in, out] nor convolutions)")
     n, k = w.nk
     if isinstance(scheme, Int4WeightOnly):
+        if "perm" in w.tensors:
+            raise ExportError(f"save_pretrained: {name!r} carries an act-order input permutation ('perm'), which "
+                              "this export does not write; save it with aofunc.save, or export weights quantized "
+                              "without act-order")
         if k % scheme.group_size:
             raise ExportError(f"save_pretrained: {name!r} has K = {k} inputs, not a multiple of group_size "
                               f"{scheme.group_size}; compressed-tensors needs whole groups, so quantize it with a "
@@ -508,14 +512,17 @@ def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> 
     return out
 
 
-def _gptq_check_g_idx(g_idx: torch.Tensor, k: int, g: int, key: str, where: dict) -> None:
+def _gptq_perm(g_idx: torch.Tensor, k: int, g: int, key: str, where: dict) -> torch.Tensor | None:
+    """None for a g_idx of consecutive groups (k // g); for act-order (`desc_act`), a g_idx grouping a permutation
+    of the input columns (every group index 0..K/g-1 held by g columns), the column order `perm` int32 [K] that
+    lays each group's columns side by side (columns of one group keep their order); anything else is refused."""
     groups = torch.arange(k, dtype=torch.int64) // g
-    if torch.equal(g_idx.long(), groups):
-        return
-    counts = torch.bincount(g_idx.long().clamp(min=0), minlength=k // g) if g_idx.numel() else None
+    g_idx = g_idx.long()
+    if torch.equal(g_idx, groups):
+        return None
+    counts = torch.bincount(g_idx.clamp(min=0), minlength=k // g) if g_idx.numel() else None
     if counts is not None and int(g_idx.min()) >= 0 and int(g_idx.max()) < k // g and bool((counts == g).all()):
-        raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} groups a permutation of the input "
-                                "columns (a GPTQ act-order / desc_act checkpoint); act-order is not yet supported")
+        return torch.sort(g_idx, stable=True).indices.to(torch.int32)
     raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} is not a grouping of the {k} input columns "
                             f"into groups of {g}")
 
@@ -555,11 +562,14 @@ def _import_gptq(qconfig: dict, config_path: Path, tensors: dict, where: dict) -
         if not scales.dtype.is_floating_point:
             raise ImportFormatError(f"load_pretrained: {where[keys['scales']]}: {keys['scales']!r} is "
                                     f"{scales.dtype}, not floating point")
+        perm = None
         if keys["g_idx"] in tensors:
             _expect(tensors[keys["g_idx"]], (k,), None, keys["g_idx"], where, "one group index per input column")
-            _gptq_check_g_idx(tensors[keys["g_idx"]], k, g, keys["g_idx"], where)
+            perm = _gptq_perm(tensors[keys["g_idx"]], k, g, keys["g_idx"], where)
             claimed.add(keys["g_idx"])
         codes = unpack_int32(qweight.t().contiguous(), 4, k)  # [N, K]: K packed eight a word
+        if perm is not None:  # act-order: codes along the permuted columns, so that each group is consecutive
+            codes = codes[:, perm.long()]
         zero = unpack_int32(qzeros, 4, n).t() + offset  # [N, K/g]
         if bool((zero > 15).any()):
             raise ImportFormatError(f"load_pretrained: {where[keys['qzeros']]}: {keys['qzeros']!r} holds the "
@@ -568,6 +578,8 @@ def _import_gptq(qconfig: dict, config_path: Path, tensors: dict, where: dict) -
         stored = {"qdata": _codes_to_qdata(codes), "scale": scales.t().contiguous()}
         if not sym:
             stored["zero"] = zero.to(torch.uint8).contiguous()
+        if perm is not None:
+            stored["perm"] = perm
         scheme = Int4WeightOnly(g, zero_point="none" if sym else "int")
         out[f"{module}.weight"] = QTensor(scheme, stored, (n, k), scales.dtype)
         claimed.update(keys[n] for n in ("qweight", "qzeros", "scales"))
@@ -591,13 +603,13 @@ def load_pretrained(model_dir: str | os.PathLike, *, device: str | torch.device 
     - GPTQ (`quant_method: "gptq"`), 4 bits as AutoGPTQ writes it: `qweight` int32 [K/8, N], `qzeros` int32
       [K/g, N/8] (zeros stored minus one in checkpoint_format "gptq", as they are in "gptq_v2"), `scales` [K/g, N]
       and `g_idx` [K]; symmetric checkpoints read as `Int4WeightOnly(g, zero_point="none")`, others as
-      `zero_point="int"`.
+      `zero_point="int"`. Act-order checkpoints (`desc_act`: a `g_idx` grouping a permutation of the input
+      columns) read with the weight's `perm`, the column order that puts each group's columns side by side.
 
     What `save_pretrained` wrote reads back equal, stored tensor for stored tensor. Refused with an error naming
     the file: a directory without config.json (and no aofunc file), a quantization_config of another kind (the
-    message lists the supported formats), act-order GPTQ (a `g_idx` permuting the input columns: not yet
-    supported) and a `g_idx` that groups no columns, and tensors whose shapes disagree with each other or with
-    the config.
+    message lists the supported formats), a GPTQ `g_idx` that is no grouping of the input columns into groups of
+    `group_size`, and tensors whose shapes disagree with each other or with the config.
     """
     from aofunc.io import _load_device, load
 

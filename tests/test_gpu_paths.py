@@ -79,3 +79,15 @@ def test_nf4_lora_gradients_on_cuda():
     aofunc.qlinear(x, base).float().sum().backward()
     expected = base.dequantize().float().sum(0).expand(8, 512)
     assert relative_error(x.grad.float(), expected) < 1e-2
+
+
+@pytest.mark.parametrize("zero_point", ["float", "int", "none"])
+@pytest.mark.parametrize("m", [1, 64])
+def test_act_order_int4_on_cuda_gathers_the_input_then_runs_the_kernels(zero_point, m):
+    from tests.test_act_order import act_order_weight
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(256, 512, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, 512, generator=g).to(torch.bfloat16)
+    q, _, _ = act_order_weight(w, aofunc.Int4WeightOnly(128, zero_point=zero_point))
+    y = aofunc.qlinear(x.cuda(), q.to("cuda"))
+    assert relative_error(y.cpu(), reference_linear(x, q, None)) <= TOLERANCE[torch.bfloat16]

@@ -15,6 +15,11 @@ def padded_k(k: int, group_size: int) -> int:
     return -(-k // group_size) * group_size
 
 
+def unpermute_columns(w_stored: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The weight in the original column order from its act-order columns: w[:, perm] = w_stored."""
+    return torch.empty_like(w_stored).index_copy_(-1, perm.to(device=w_stored.device, dtype=torch.long), w_stored)
+
+
 class AsymmetricGroups(GroupQuantizer):
     """Int4WeightOnly groups: scale = clamp(max - min, 1e-6)/15, zero = min + 8·scale (both rounded to the weight's
     dtype), code = clamp(round((w - base)/scale), 0, 15) with base = zero - 8·scale, w ≈ code·scale + base."""
@@ -79,9 +84,15 @@ class Int4WeightOnly(Scheme):
 
     qdata uint8 [N, Kp/2] (codes 0..15, first in the high nibble), scale [N, Kp/g] in the weight's dtype,
     Kp = K zero-padded to a multiple of the group.
+
+    Act-order: a weight may carry `perm`, int32 [K], the input columns' order. The codes and groups then run along
+    the permuted columns (w_stored = w[:, perm], what the grids above describe) and the layer computes
+    y = x[..., perm] @ w_stored.T; `dequantize` returns the weight in the original column order (w[:, perm] =
+    w_stored). GPTQ checkpoints quantized with act-order (`desc_act`) import so (`aofunc.load_pretrained`).
     """
 
     short_name = "int4"
+    optional_names = ("perm",)
 
     group_size: int = 128
     zero_point: str = "float"
@@ -118,6 +129,12 @@ class Int4WeightOnly(Scheme):
         return {"qdata": P.pack_uint4(q), "scale": scale, "zero": zero}
 
     def dequantize(self, tensors, n, k, dtype):
+        w = self.dequantize_stored(tensors, k, dtype)
+        perm = tensors.get("perm")
+        return w if perm is None else unpermute_columns(w, perm)
+
+    def dequantize_stored(self, tensors, k, dtype):
+        """The weight in the stored column order: w_stored = w[:, perm] for an act-order weight, else w."""
         q = P.unpack_uint4(tensors["qdata"])
         if self.zero_point == "int":
             return P.dequantize_int4_integer(q, tensors["scale"], tensors["zero"], k, dtype)
@@ -137,7 +154,12 @@ class Int4WeightOnly(Scheme):
         return (8 - tensors["zero"].float()) * scale.float()
 
     def rows(self, tensors, index, n, k, dtype):
-        return self.gathered_rows(tensors, index, k, dtype)
+        perm = tensors.get("perm")
+        if perm is None:
+            return self.gathered_rows(tensors, index, k, dtype)
+        picked = {name: t[index.reshape(-1)] for name, t in tensors.items() if name != "perm"}
+        w = unpermute_columns(self.dequantize_stored(picked, k, dtype), perm)
+        return w.reshape(*index.shape, k)
 
     def group_quantizer(self, dtype):
         grids = {"float": AsymmetricGroups, "int": IntegerZeroGroups, "none": SymmetricGroups}
@@ -151,4 +173,5 @@ class Int4WeightOnly(Scheme):
             layout["zero"] = ((n, groups), dtype)
         elif self.zero_point == "int":
             layout["zero"] = ((n, groups), torch.uint8)
+        layout["perm"] = ((k,), torch.int32)  # optional: act-order's input column order
         return layout

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("compressed_tensors")
 
@@ -50,11 +50,15 @@ def test_aofunc_files_and_directories_holding_one(llama_params, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- GPTQ (v1)
 
-def pack_gptq_v1(w: torch.Tensor, g: int, sym: bool, seed: int):
+def pack_gptq_v1(w: torch.Tensor, g: int, sym: bool, seed: int, act_order: bool = False):
     """AutoGPTQ's v1 tensors for a float weight [N, K] (round to nearest on each group): qweight int32 [K/8, N],
-    qzeros int32 [K/g, N/8] holding zero - 1, scales fp16 [K/g, N], g_idx int32 [K]; and the codes and zeros."""
+    qzeros int32 [K/g, N/8] holding zero - 1, scales fp16 [K/g, N], g_idx int32 [K]; and the codes and zeros.
+
+    With `act_order` (desc_act), the groups are taken over the columns in a shuffled order, as GPTQ's act-order
+    takes them: g_idx[c] is the group of column c, and qweight keeps the codes in the original column order."""
     n, k = w.shape
-    groups = w.float().reshape(n, k // g, g)
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed)) if act_order else torch.arange(k)
+    groups = w.float()[:, order].reshape(n, k // g, g)
     if sym:
         scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-5)
         zero = torch.full_like(scale, 8)
@@ -63,7 +67,9 @@ def pack_gptq_v1(w: torch.Tensor, g: int, sym: bool, seed: int):
         scale = ((hi - lo) / 15).clamp(min=1e-5)
         zero = torch.round(-lo / scale).clamp(1, 15)  # v1 cannot store a zero point of 0
     scale = scale.half()
-    codes = torch.round(groups / scale.float()[..., None] + zero[..., None]).clamp(0, 15).long().reshape(n, k)
+    ordered = torch.round(groups / scale.float()[..., None] + zero[..., None]).clamp(0, 15).long().reshape(n, k)
+    codes = torch.empty_like(ordered)
+    codes[:, order] = ordered  # back in the original column order
     intweight = codes.t().contiguous()  # [K, N]
     qweight = torch.zeros(k // 8, n, dtype=torch.int64)
     for j in range(8):
@@ -73,7 +79,8 @@ def pack_gptq_v1(w: torch.Tensor, g: int, sym: bool, seed: int):
     for j in range(8):
         qzeros |= (stored_zero[:, j::8] & 0xF) << (4 * j)
     as_int32 = lambda x: torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)  # noqa: E731
-    g_idx = (torch.arange(k) // g).to(torch.int32)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // g).to(torch.int32)
     return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros), "scales": scale.t().contiguous(),
             "g_idx": g_idx}
 
@@ -89,11 +96,11 @@ def unpack_gptq_v1(t: dict, dtype=torch.float16) -> torch.Tensor:
     return w.t().contiguous().to(dtype)
 
 
-def write_gptq(llama_dir, params, directory, sym: bool, g: int = 32, edit=None):
+def write_gptq(llama_dir, params, directory, sym: bool, g: int = 32, edit=None, act_order: bool = False):
     """A GPTQ v1 checkpoint of the tiny Llama: every projection packed, the rest in float16."""
     directory.mkdir()
     config = json.loads((llama_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": False,
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": act_order,
                                      "sym": sym, "checkpoint_format": "gptq"}
     config["dtype"] = "float16"
     (directory / "config.json").write_text(json.dumps(config))
@@ -101,7 +108,7 @@ def write_gptq(llama_dir, params, directory, sym: bool, g: int = 32, edit=None):
     for i, (name, p) in enumerate(params.items()):
         module = name[:-len(".weight")]
         if module.rsplit(".", 1)[-1] in PROJ:
-            packed = pack_gptq_v1(p, g, sym, i)
+            packed = pack_gptq_v1(p, g, sym, i, act_order)
             tensors.update({f"{module}.{key}": t for key, t in packed.items()})
             dense[name] = unpack_gptq_v1(packed)
         else:
@@ -113,10 +120,11 @@ def write_gptq(llama_dir, params, directory, sym: bool, g: int = 32, edit=None):
     return dense
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
-def test_gptq_checkpoints_read_as_their_independent_unpacking(llama_dir, llama_params, tmp_path, sym):
+def test_gptq_checkpoints_read_as_their_independent_unpacking(llama_dir, llama_params, tmp_path, sym, act_order):
     model, params = llama_params
-    dense = write_gptq(llama_dir, params, tmp_path / "gptq", sym)
+    dense = write_gptq(llama_dir, params, tmp_path / "gptq", sym, act_order=act_order)
     tree = load_pretrained(tmp_path / "gptq")
     expected_grid = "none" if sym else "int"
     for name, w in dense.items():
@@ -124,6 +132,13 @@ def test_gptq_checkpoints_read_as_their_independent_unpacking(llama_dir, llama_p
         if isinstance(got, aofunc.QTensor):
             assert got.scheme == aofunc.Int4WeightOnly(32, zero_point=expected_grid)
             assert got.dtype == torch.float16
+            assert ("perm" in got.tensors) == act_order, name
+            if act_order:  # each group's columns side by side, in their order
+                g_idx = load_file(tmp_path / "gptq" / "model.safetensors")[name[:-len("weight")] + "g_idx"]
+                perm = got.perm.long()
+                assert got.perm.dtype == torch.int32 and torch.equal(perm.sort().values, torch.arange(w.shape[1]))
+                assert torch.equal(g_idx[perm], torch.arange(w.shape[1], dtype=torch.int32) // 32)
+                assert not torch.equal(perm, torch.arange(w.shape[1]))
             got = got.dequantize()
         assert torch.equal(got, w), name
     x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -134,18 +149,20 @@ def test_gptq_checkpoints_read_as_their_independent_unpacking(llama_dir, llama_p
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_act_order_and_other_g_idx_are_refused_by_name(llama_dir, llama_params, tmp_path):
+def test_an_act_order_checkpoint_saves_and_loads_as_it_imported(llama_dir, llama_params, tmp_path):
+    write_gptq(llama_dir, llama_params[1], tmp_path / "act", sym=False, act_order=True)
+    tree = load_pretrained(tmp_path / "act")
+    aofunc.save(tree, tmp_path / "q.safetensors")
+    assert_same_tree(aofunc.load(tmp_path / "q.safetensors"), tree)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(64, dtype=torch.int32), torch.arange(64, dtype=torch.int32) % 3,
+                                 torch.full((64,), -1, dtype=torch.int32)], ids=["one-group", "uneven", "negative"])
+def test_a_g_idx_that_groups_no_columns_is_refused_by_name(llama_dir, llama_params, tmp_path, bad):
     key = "model.layers.1.mlp.up_proj.g_idx"
 
-    def permuted(tensors):
-        tensors[key] = tensors[key][torch.randperm(64, generator=torch.Generator().manual_seed(0))].contiguous()
-
-    write_gptq(llama_dir, llama_params[1], tmp_path / "act", sym=False, edit=permuted)
-    with pytest.raises(ImportFormatError, match=rf"{key}.*act-order is not yet supported"):
-        load_pretrained(tmp_path / "act")
-
     def broken(tensors):
-        tensors[key] = torch.zeros(64, dtype=torch.int32)
+        tensors[key] = bad
 
     write_gptq(llama_dir, llama_params[1], tmp_path / "bad", sym=False, edit=broken)
     with pytest.raises(ImportFormatError, match=rf"model\.safetensors: '{key}' is not a grouping"):
