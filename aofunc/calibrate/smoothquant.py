@@ -6,6 +6,10 @@ The activation maxima are folded over the calibration batches (a "max" all-reduc
 Linears reading one input share one s (their weights' column maxima taken together). s is folded into the
 per-channel scale that made the input (a LayerNorm/RMSNorm weight, and a LayerNorm's bias) when the calls show one
 feeds exactly those linears; otherwise it is carried in each Int8Dynamic weight as `act_scale`.
+
+Stacked experts ([E, N, K]) are smoothed expert by expert, each with the maxima of the rows routed to it:
+s_e = max|X_e|^α / max|W_e|^(1-α). No norm can absorb a per-expert scale (the norm feeds every expert and the
+router), so the stack carries them as its `act_scale` [E, K]; an expert that received no token gets s_e = 1.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class SmoothQuantState(NamedTuple):
 
 
 def smoothquant_calibration(rules: Mapping[str, Rule]) -> Calibration:
-    """SmoothQuant's fold: per selected weight, the running max of |x| per input channel; `finalize` returns the
+    r"""SmoothQuant's fold: per selected weight, the running max of |x| per input channel; `finalize` returns the
     state itself (`smoothquant` turns it into smoothing vectors and quantized weights).
 
     Example:
@@ -78,6 +82,19 @@ def group_scales(params: Mapping[str, torch.Tensor], rules: Mapping[str, Rule], 
     return scales
 
 
+def expert_scales(w: torch.Tensor, act_absmax: torch.Tensor, transposed: bool, alpha: float) -> torch.Tensor:
+    """Per expert e of a stack, s_e = act_absmax[e]^α / amax|W_e|^(1-α) per input channel ([E, K] fp32, rounded to
+    the weight's dtype); 1 for an expert that received no token (its act_absmax is 0)."""
+    w_absmax = torch.stack([canonical(expert.detach(), transposed).float().abs().amax(dim=0) for expert in w.unbind(0)])
+    return smoothing_scale(act_absmax, w_absmax, alpha).to(w.dtype).float()
+
+
+def smoothed_experts(w: torch.Tensor, s: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The stack with each expert's weight multiplied by its own s_e per input channel, in w's layout and dtype."""
+    return torch.stack([from_canonical(canonical(expert.detach(), transposed).float() * s_e, expert, transposed)
+                        for expert, s_e in zip(w.unbind(0), s.unbind(0))])
+
+
 def smoothed(params: Mapping[str, torch.Tensor], rules: Mapping[str, Rule], groups: list[InputGroup],
              scales: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(float params with each folded group's scaler divided by s and its weights multiplied by s, {name: s} for the
@@ -108,7 +125,9 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
     any iterable of batches, read once. The spec picks Int8Dynamic weights (default: every 2-D weight used in a
     linear-like call, embeddings excluded). Per input channel s = amax|X|^alpha / amax|W|^(1 - alpha); linears reading
     the same input share one s. Where no norm can absorb 1/s, the weight carries it as its `act_scale` tensor and
-    the layer divides its input by it when it runs.
+    the layer divides its input by it when it runs. Stacked experts (3-D weights) are smoothed per expert with the
+statistics of the rows routed to each, and always carry their s as an `act_scale` [E, K] (1 for an expert that
+received no token).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 32))
@@ -128,11 +147,15 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
     if not usage.transposed:
         raise no_linear_call("smoothquant")
     rules = select(params, spec, Int8Dynamic(), usage, "smoothquant", (Int8Dynamic,))
-    groups = groups_of(list(rules))
+    stacks = [name for name in rules if params[name].dim() == 3]
+    groups = groups_of([name for name in rules if name not in stacks])
     state = fold(smoothquant_calibration(rules), params, stream, model=model, names=list(rules), progress=progress,
                  desc="smoothquant")
     scales = group_scales(params, rules, groups, state.absmax, alpha)
     smooth, carried = smoothed(params, rules, groups, scales)
+    for name in stacks:  # per expert, always carried: no norm can absorb a scale that differs between experts
+        carried[name] = expert_scales(params[name], state.absmax[name], rules[name].transposed, alpha)
+        smooth[name] = smoothed_experts(params[name], carried[name], rules[name].transposed)
     written = [name for name in smooth if smooth[name] is not params[name]]
     out = detached_aliases(smooth)
     for name, rule in rules.items():
