@@ -9,6 +9,9 @@ compressed-tensors (https://github.com/neuralmagic/compressed-tensors) names, pe
   j // (32/bits); `{module}.weight_scale` [N, K/g] (groups) or [N, 1] (channel); `{module}.weight_shape` int64
   [N, K]; asymmetric groups add `{module}.weight_zero_point` int32 [N·4/32, K/g], the zero points z - 8 packed
   the same way along N. w = (q - zp)·scale.
+- act-order int4 ("pack-quantized" with the weights arg `actorder: "group"`, written by compressed-tensors before
+  0.20): `{module}.weight_g_idx` int32 [K], the group of each input column, the codes in the model's column order;
+  w[:, j] = (q[:, j] - zp[:, g_idx[j]])·scale[:, g_idx[j]]. A g_idx holding -1 is the column order (no act-order).
 - "int-quantized" (W8A8): `{module}.weight` int8 [N, K] and `{module}.weight_scale` [N, 1], the activations
   quantized per token when the layer runs (the config's `input_activations`).
 """
@@ -74,9 +77,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- export
 
-def _weights_args(bits: int, strategy: str, group_size: int | None, symmetric: bool) -> dict:
+def _weights_args(bits: int, strategy: str, group_size: int | None, symmetric: bool,
+                  actorder: str | None = None) -> dict:
     return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
-            "group_size": group_size, "dynamic": False, "actorder": None, "block_structure": None,
+            "group_size": group_size, "dynamic": False, "actorder": actorder, "block_structure": None,
             "observer": "minmax", "observer_kwargs": {}}
 
 
@@ -117,9 +121,11 @@ def _export_scheme(name: str, w: QTensor) -> tuple[str, dict, dict | None]:
     n, k = w.nk
     if isinstance(scheme, Int4WeightOnly):
         if "perm" in w.tensors:
-            raise ExportError(f"save_pretrained: {name!r} carries an act-order input permutation ('perm'), which "
-                              "this export does not write; save it with aofunc.save, or export weights quantized "
-                              "without act-order")
+            raise ExportError(f"save_pretrained: {name!r} carries an act-order input permutation ('perm'), whose "
+                              "compressed-tensors form (weights arg actorder 'group' with a weight_g_idx tensor) "
+                              "compressed-tensors 0.20 removed: its QuantizationArgs refuse actorder 'group', so "
+                              "transformers and vLLM built on it cannot load the export. Save it with aofunc.save, "
+                              "or export weights quantized without act-order")
         if k % scheme.group_size:
             raise ExportError(f"save_pretrained: {name!r} has K = {k} inputs, not a multiple of group_size "
                               f"{scheme.group_size}; compressed-tensors needs whole groups, so quantize it with a "
@@ -141,7 +147,15 @@ def _export_tensors(module: str, w: QTensor, fmt: str) -> dict[str, torch.Tensor
     if isinstance(w.scheme, Int4WeightOnly):
         hi, lo = (t["qdata"] >> 4), (t["qdata"] & 0xF)
         codes = torch.stack([hi, lo], dim=-1).reshape(n, -1)[:, :k]  # 0..15 = signed q + 8 ("none": stored q + 8)
+        g_idx = None
+        if "perm" in t:  # act-order: the codes back in the model's column order, each column's group in g_idx
+            perm = t["perm"].long()
+            codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+            g_idx = torch.empty(k, dtype=torch.int32).index_copy_(
+                0, perm.cpu(), torch.arange(k, dtype=torch.int32) // w.scheme.group_size)
         out = {"weight_packed": pack_int32(codes, 4), "weight_scale": t["scale"].contiguous()}
+        if g_idx is not None:
+            out["weight_g_idx"] = g_idx
         if w.scheme.zero_point == "int":  # zp stored signed, z - 8, packed + 8 along N: the codes z themselves
             out["weight_zero_point"] = pack_int32(t["zero"].t(), 4).t().contiguous()
     elif fmt == "int-quantized":
@@ -219,8 +233,10 @@ def save_pretrained(qparams: Mapping[str, torch.Tensor], out_dir: str | os.PathL
     - `Int8WeightOnly()`: "pack-quantized" int8 per channel (W8A16);
     - `Int8Dynamic()`: "int-quantized" int8 per channel with per-token dynamic int8 activations (W8A8).
 
-    Anything else (NF4, the float-zero int4 grid, 8da4w, SmoothQuant's act_scale, transposed weights, a tree with
-    no quantized weight such as a 2:4-pruned one) is refused with an ExportError naming the parameter and the
+    Anything else (NF4, the float-zero int4 grid, 8da4w, SmoothQuant's act_scale, act-order int4 weights carrying
+    `perm` (compressed-tensors 0.20 removed act-order groups, `actorder: "group"` with `weight_g_idx`, so
+    transformers and vLLM built on it cannot load them), transposed weights, a tree with no quantized weight such
+    as a 2:4-pruned one) is refused with an ExportError naming the parameter and the
     exportable choice, before anything is written. The directory appears whole or not at all (written beside it,
     then renamed); an existing `out_dir` is refused unless `overwrite=True`.
     """
@@ -311,10 +327,13 @@ def save_pretrained(qparams: Mapping[str, torch.Tensor], out_dir: str | os.PathL
 # ---------------------------------------------------------------------------------------------- import
 
 #: what `load_pretrained` reads, as messages name it
-IMPORT_FORMATS = ("aofunc's safetensors file (aofunc.save)", "compressed-tensors pack-quantized int4 (group) or "
-                  "int8 (channel)", "compressed-tensors int-quantized int8 (channel, W8A8)",
+IMPORT_FORMATS = ("aofunc's safetensors file (aofunc.save)", "compressed-tensors pack-quantized int4 (group, "
+                  "act-order 'group' with weight_g_idx too) or int8 (channel)", "compressed-tensors int-quantized int8 (channel, W8A8)",
                   "GPTQ (quant_method 'gptq', 4 bits, checkpoint_format gptq or gptq_v2)")
 _CT_WEIGHT_NAMES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+#: compressed-tensors' actorder values: calibration order only (the format unchanged), and act-order groups (g_idx)
+_ACTORDER_WEIGHT = ("weight", "static")
+_ACTORDER_GROUP = (True, "group", "dynamic")
 
 
 class ImportFormatError(ValueError):
@@ -412,9 +431,14 @@ def _ct_scheme(module: str, group: dict, fmt: str, config_path: Path):
     acts = group.get("input_activations")
     bits, strategy = weights.get("num_bits"), weights.get("strategy")
     symmetric, kind = weights.get("symmetric", True), weights.get("type", "int")
-    if weights.get("actorder") not in (None, False):
-        raise ImportFormatError(f"load_pretrained: {config_path}: {module!r} is quantized with activation order "
-                                f"(actorder {weights.get('actorder')!r}); act-order is not yet supported")
+    if weights.get("actorder") not in (None, False) + _ACTORDER_WEIGHT + _ACTORDER_GROUP:
+        raise ImportFormatError(f"load_pretrained: {config_path}: {module!r} has actorder "
+                                f"{weights.get('actorder')!r}; aofunc reads None, 'weight' (static) and 'group' "
+                                "(dynamic, with weight_g_idx)")
+    if weights.get("actorder") in _ACTORDER_GROUP and not (fmt == "pack-quantized" and bits == 4):
+        raise ImportFormatError(f"load_pretrained: {config_path}: {module!r} has actorder "
+                                f"{weights.get('actorder')!r} on {bits}-bit weights; aofunc reads act-order groups "
+                                "of pack-quantized int4 only")
     plain_acts = acts is None
     token_acts = isinstance(acts, dict) and acts.get("num_bits") == 8 and acts.get("type", "int") == "int" \
         and acts.get("strategy") == "token" and acts.get("dynamic") is True and acts.get("symmetric", True)
@@ -434,6 +458,13 @@ def _ct_scheme(module: str, group: dict, fmt: str, config_path: Path):
     raise ImportFormatError(
         f"load_pretrained: {config_path}: {module!r} is quantized as format {fmt!r}, weights {weights!r}, input "
         f"activations {acts!r}, which aofunc does not read. Supported: {_supported()}")
+
+
+def _no_g_idx(module: str, tensors: dict, where: dict) -> None:
+    key = f"{module}.weight_g_idx"
+    if key in tensors:
+        raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} orders the columns of an int8 per-channel "
+                                "weight; aofunc reads act-order groups of int4 weights only")
 
 
 def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> dict:
@@ -482,9 +513,15 @@ def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> 
                             "4-bit zero points packed along N")
                     stored["zero"] = unpack_int32(tensors[zp_key].t(), 4, n).t().to(torch.uint8).contiguous()
                     claimed.add(zp_key)
+                perm = _ct_perm(module, group, tensors, where, k, g, scale_key)
+                if perm is not None:  # act-order: codes along the permuted columns, so that each group is consecutive
+                    stored["qdata"] = _codes_to_qdata(codes[:, perm.long()])
+                    stored["perm"] = perm
+                claimed.add(f"{module}.weight_g_idx")
             else:
                 _expect(scale, (n, 1), None, scale_key, where, "one scale per output channel")
                 stored = {"qdata": (codes - 128).to(torch.int8), "scale": scale.reshape(n)}
+                _no_g_idx(module, tensors, where)
         else:
             key = f"{module}.weight"
             if key not in tensors:
@@ -497,6 +534,7 @@ def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> 
             _expect(scale, (n, 1), None, scale_key, where, "one scale per output channel")
             stored = {"qdata": q, "scale": scale.reshape(n)}
             claimed.add(key)
+            _no_g_idx(module, tensors, where)
         claimed.add(scale_key)
         if not scale.dtype.is_floating_point:
             raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {scale_key!r} is {scale.dtype}, not a "
@@ -510,6 +548,28 @@ def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> 
         if key not in claimed:
             out[key] = t
     return out
+
+
+def _ct_perm(module: str, group: dict, tensors: dict, where: dict, k: int, g: int,
+             scale_key: str) -> torch.Tensor | None:
+    """The `perm` of a compressed-tensors int4 weight: None without `weight_g_idx` (or with one holding -1,
+    compressed-tensors' column order, or of consecutive groups), else the columns sorted by group (stable)."""
+    key = f"{module}.weight_g_idx"
+    if key not in tensors:
+        if (group.get("weights") or {}).get("actorder") in _ACTORDER_GROUP:
+            raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {key!r} is missing (actorder "
+                                    f"{group['weights']['actorder']!r} groups the columns by it)")
+        return None
+    g_idx = tensors[key]
+    _expect(g_idx, (k,), None, key, where, "one group index per input column")
+    if g_idx.dtype.is_floating_point or g_idx.dtype == torch.bool:
+        raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} is {g_idx.dtype}, not integer group indices")
+    if bool((g_idx == -1).any()):
+        if not bool((g_idx == -1).all()):
+            raise ImportFormatError(f"load_pretrained: {where[key]}: {key!r} is not a grouping of the {k} input "
+                                    f"columns into groups of {g}")
+        return None
+    return _gptq_perm(g_idx, k, g, key, where)
 
 
 def _gptq_perm(g_idx: torch.Tensor, k: int, g: int, key: str, where: dict) -> torch.Tensor | None:
@@ -599,7 +659,10 @@ def load_pretrained(model_dir: str | os.PathLike, *, device: str | torch.device 
     (config.json with a `quantization_config`, weights in safetensors, sharded or not) in one of these forms:
 
     - compressed-tensors, "pack-quantized" int4 groups (integer zero points or symmetric) and int8 per channel,
-      and "int-quantized" int8 per channel (W8A8 with per-token dynamic activations reads as `Int8Dynamic`);
+      and "int-quantized" int8 per channel (W8A8 with per-token dynamic activations reads as `Int8Dynamic`).
+      Act-order int4 (`actorder: "group"`, as compressed-tensors before 0.20 wrote it: a `weight_g_idx` [K]
+      giving each input column's group) reads with the weight's `perm`, as GPTQ's act-order does below;
+      `actorder: "weight"` changes calibration only and reads as plain groups;
     - GPTQ (`quant_method: "gptq"`), 4 bits as AutoGPTQ writes it: `qweight` int32 [K/8, N], `qzeros` int32
       [K/g, N/8] (zeros stored minus one in checkpoint_format "gptq", as they are in "gptq_v2"), `scales` [K/g, N]
       and `g_idx` [K]; symmetric checkpoints read as `Int4WeightOnly(g, zero_point="none")`, others as
@@ -608,7 +671,7 @@ def load_pretrained(model_dir: str | os.PathLike, *, device: str | torch.device 
 
     What `save_pretrained` wrote reads back equal, stored tensor for stored tensor. Refused with an error naming
     the file: a directory without config.json (and no aofunc file), a quantization_config of another kind (the
-    message lists the supported formats), a GPTQ `g_idx` that is no grouping of the input columns into groups of
+    message lists the supported formats), a GPTQ `g_idx` (or compressed-tensors `weight_g_idx`) that is no grouping of the input columns into groups of
     `group_size`, and tensors whose shapes disagree with each other or with the config.
     """
     from aofunc.io import _load_device, load

@@ -172,3 +172,106 @@ def test_integer_zero_points_load_without_dequantize(llama_dir, llama_params, tm
 
     qparams = quantized(llama_params[1], aofunc.Int4WeightOnly(32, zero_point="int"))
     AutoModelForCausalLM.from_pretrained(save_pretrained(qparams, tmp_path / "out", base=llama_dir))
+
+
+# ---------------------------------------------------------------------------------------------- act-order
+
+def act_order(qparams, seed=0):
+    """The tree with each int4 weight given an act-order `perm` (the columns grouped in a shuffled order, each
+    group's columns ascending, as load_pretrained gives them): a valid act-order weight of other values."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in qparams.items():
+        if isinstance(w, aofunc.QTensor):
+            k, g = w.shape[1], w.scheme.group_size
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[torch.randperm(k, generator=gen)] = torch.arange(k) // g
+            w = w.with_tensors({**w.tensors, "perm": torch.sort(g_idx, stable=True).indices.to(torch.int32)})
+        out[name] = w
+    return out
+
+
+def write_act_order_ct(llama_dir, qparams, out):
+    """An act-order int4 tree in compressed-tensors' act-order form (weights arg actorder "group", a weight_g_idx
+    per weight), as compressed-tensors before 0.20 wrote it; save_pretrained refuses to write it (see below)."""
+    from safetensors.torch import save_file
+
+    from aofunc.pretrained import _export_tensors, _weights_args
+
+    tensors, targets, schemes, dtypes = {}, [], set(), set()
+    for name, w in qparams.items():
+        if isinstance(w, aofunc.QTensor):
+            targets.append(name[:-len(".weight")])
+            tensors.update(_export_tensors(targets[-1], w, "pack-quantized"))
+            schemes.add(w.scheme)
+            dtypes.add(w.dtype)
+        else:
+            tensors[name] = w.contiguous()
+    (scheme,), (dtype,) = schemes, dtypes
+    weights = _weights_args(4, "group", scheme.group_size, scheme.zero_point == "none", actorder="group")
+    config = json.loads((llama_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": [], "kv_cache_scheme": None}
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (llama_dir / file).is_file():
+            (out / file).write_bytes((llama_dir / file).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("zero_point", ["int", "none"])
+def test_the_act_order_form_decompresses_by_its_g_idx_to_dequantize(llama_dir, llama_params, tmp_path,
+                                                                     zero_point):
+    from safetensors.torch import load_file
+
+    qparams = act_order(quantized(llama_params[1], aofunc.Int4WeightOnly(32, zero_point=zero_point)))
+    tensors = load_file(write_act_order_ct(llama_dir, qparams, tmp_path / "out") / "model.safetensors")
+    for name, w in aofunc.dequantize(qparams).items():
+        if not isinstance(qparams[name], aofunc.QTensor):
+            continue
+        module = name[:-len(".weight")]
+        n, k = w.shape
+        g_idx = tensors[f"{module}.weight_g_idx"].long()
+        assert tensors[f"{module}.weight_g_idx"].dtype == torch.int32
+        assert torch.equal(torch.bincount(g_idx), torch.full((k // 32,), 32))
+        q = unpack_int32(tensors[f"{module}.weight_packed"], 4, k) - 8  # model column order
+        zp = (unpack_int32(tensors[f"{module}.weight_zero_point"].t(), 4, n).t() - 8 if zero_point == "int"
+              else torch.zeros(n, k // 32, dtype=torch.int64))
+        scale = tensors[f"{module}.weight_scale"]
+        # compressed-tensors' act-order decompression: each column by its group's scale and zero point
+        assert torch.equal((q - zp[:, g_idx]).to(scale.dtype) * scale[:, g_idx], w), name
+
+
+def test_act_order_weights_are_refused_naming_compressed_tensors(llama_dir, llama_params, tmp_path):
+    qparams = act_order(quantized(llama_params[1], aofunc.Int4WeightOnly(32, zero_point="none")))
+    with pytest.raises(ExportError, match=r"q_proj\.weight' carries an act-order.*compressed-tensors 0\.20 removed"):
+        save_pretrained(qparams, tmp_path / "out", base=llama_dir)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.xfail(reason="compressed-tensors 0.20 removed act-order groups: QuantizationArgs refuse actorder "
+                          "'group' (the weight_g_idx form), so transformers 5.24 cannot load the act-order export; "
+                          "save_pretrained refuses act-order weights until a loader reads that form again",
+                   strict=False)
+@pytest.mark.parametrize("zero_point", ["int", "none"])
+def test_transformers_loads_the_act_order_form_exactly(llama_dir, llama_params, tmp_path, zero_point):
+    model, params = llama_params
+    scheme = aofunc.Int4WeightOnly(32, zero_point=zero_point)
+    qparams = act_order(quantized(params, scheme))
+    hf = load_hf(write_act_order_ct(llama_dir, qparams, tmp_path / "out"), scheme)
+    expected = aofunc.dequantize(qparams)
+    x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = hf(input_ids=x).logits
+        reference = aofunc.apply(model, expected, input_ids=x).logits
+    loaded = dict(hf.named_parameters())
+    for name, w in expected.items():
+        assert torch.equal(loaded[name], w), name
+    assert torch.equal(got, reference)

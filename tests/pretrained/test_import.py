@@ -13,7 +13,7 @@ pytest.importorskip("compressed_tensors")
 import aofunc  # noqa: E402
 from aofunc.pretrained import ImportFormatError, load_pretrained, save_pretrained  # noqa: E402
 
-from .test_export import EXPORTABLE, LAYERS, quantized  # noqa: E402
+from .test_export import EXPORTABLE, LAYERS, act_order, quantized, write_act_order_ct  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -167,6 +167,89 @@ def test_a_g_idx_that_groups_no_columns_is_refused_by_name(llama_dir, llama_para
     write_gptq(llama_dir, llama_params[1], tmp_path / "bad", sym=False, edit=broken)
     with pytest.raises(ImportFormatError, match=rf"model\.safetensors: '{key}' is not a grouping"):
         load_pretrained(tmp_path / "bad")
+
+
+def ct_act_order(llama_dir, params, directory, edit=None, actorder="group"):
+    """A compressed-tensors act-order checkpoint (actorder "group", weight_g_idx) of asymmetric int4 g32, its
+    tensors passed through `edit` and its weights arg actorder set to `actorder`."""
+    qparams = act_order(quantized(params, aofunc.Int4WeightOnly(32, zero_point="int")))
+    write_act_order_ct(llama_dir, qparams, directory)
+    if edit is not None:
+        tensors = load_file(directory / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = actorder
+    (directory / "config.json").write_text(json.dumps(config))
+    return qparams
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("zero_point", ["int", "none"])
+def test_compressed_tensors_act_order_exported_then_imported_equals_the_original(llama_dir, llama_params, tmp_path,
+                                                                                  zero_point, dtype):
+    model, params = llama_params
+    qparams = act_order(quantized(params, aofunc.Int4WeightOnly(32, zero_point=zero_point), dtype))
+    tree = load_pretrained(write_act_order_ct(llama_dir, qparams, tmp_path / "ct"))
+    assert_same_tree(tree, qparams)
+    assert all("perm" in w.tensors for w in tree.values() if isinstance(w, aofunc.QTensor))
+    x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(2))
+    tree = {k: v.to(torch.float32) for k, v in tree.items()}
+    with torch.no_grad():
+        got = aofunc.apply(model, tree, input_ids=x).logits
+        reference = aofunc.apply(model, aofunc.dequantize(tree), input_ids=x).logits
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_an_act_order_gptq_checkpoint_reads_back_from_compressed_tensors_form(llama_dir, llama_params, tmp_path):
+    write_gptq(llama_dir, llama_params[1], tmp_path / "gptq", sym=False, act_order=True)
+    tree = load_pretrained(tmp_path / "gptq")
+    assert_same_tree(load_pretrained(write_act_order_ct(llama_dir, tree, tmp_path / "ct")), tree)
+
+
+def test_weight_actorder_and_a_column_order_g_idx_read_as_plain_groups(llama_dir, llama_params, tmp_path):
+    qparams = quantized(llama_params[1], aofunc.Int4WeightOnly(32, zero_point="int"))
+    out = save_pretrained(qparams, tmp_path / "w", base=llama_dir)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "weight"
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(out / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight_g_idx"
+    tensors[key] = torch.full((64,), -1, dtype=torch.int32)  # compressed-tensors' uninitialised g_idx
+    tensors["model.layers.0.mlp.down_proj.weight_g_idx"] = torch.arange(128, dtype=torch.int32) // 32
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert_same_tree(load_pretrained(out), qparams)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(64, dtype=torch.int32), torch.arange(64, dtype=torch.int32) % 3,
+                                 torch.cat([torch.full((32,), -1), torch.zeros(32)]).to(torch.int32),
+                                 torch.arange(64, dtype=torch.float32) // 32], ids=["one-group", "uneven",
+                                                                                    "partly-unset", "float"])
+def test_a_weight_g_idx_that_groups_no_columns_is_refused_by_name(llama_dir, llama_params, tmp_path, bad):
+    key = "model.layers.1.mlp.up_proj.weight_g_idx"
+
+    def broken(tensors):
+        tensors[key] = bad
+
+    ct_act_order(llama_dir, llama_params[1], tmp_path / "bad", edit=broken)
+    with pytest.raises(ImportFormatError, match=rf"model\.safetensors: '{key}' is (not a grouping|torch\.float32)"):
+        load_pretrained(tmp_path / "bad")
+
+
+def test_act_order_without_g_idx_or_on_int8_is_refused_by_name(llama_dir, llama_params, tmp_path):
+    key = "model.layers.1.self_attn.o_proj.weight_g_idx"
+    ct_act_order(llama_dir, llama_params[1], tmp_path / "missing", edit=lambda tensors: tensors.pop(key))
+    with pytest.raises(ImportFormatError, match=rf"'{key}' is missing \(actorder 'group'"):
+        load_pretrained(tmp_path / "missing")
+    ct_act_order(llama_dir, llama_params[1], tmp_path / "odd", actorder="sideways")
+    with pytest.raises(ImportFormatError, match="actorder 'sideways'"):
+        load_pretrained(tmp_path / "odd")
+    out = save_pretrained(quantized(llama_params[1], aofunc.Int8WeightOnly()), tmp_path / "int8", base=llama_dir)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight_g_idx"] = torch.arange(64, dtype=torch.int32) // 32
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ImportFormatError, match=r"up_proj\.weight_g_idx' orders the columns of an int8"):
+        load_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
