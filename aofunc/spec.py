@@ -66,9 +66,10 @@ def is_conv_name(name: str | None) -> bool:
 
 def unsupported_reason(tensor: torch.Tensor, rule: Rule, name: str | None = None) -> str | None:
     """Why a scheme cannot take this tensor (None when it can): schemes take 2-D weights, 1x1 conv weights, and
-    stored formats take stacked experts, 3-D tensors [E, N, K] whose name is not a convolution's `weight`."""
+    stacked experts, 3-D tensors [E, N, K] whose name is not a convolution's `weight` (stored formats quantize
+    them, `Sparse` prunes each expert)."""
     shape = tuple(tensor.shape)
-    if len(shape) == 3 and rule.scheme is not None and rule.scheme.is_stored_format and not is_conv_name(name):
+    if len(shape) == 3 and rule.scheme is not None and not is_conv_name(name):
         return None
     if len(shape) == 4:
         if shape[2:] != (1, 1):

@@ -29,7 +29,8 @@ class Sparse(Scheme):
     along K ("2:4", the layout `torch.sparse.to_sparse_semi_structured` takes), so sparsity = 1 - N/M.
 
     `sparsity` defaults to 0.5, or to 1 - N/M with a pattern; a different value with a pattern is an error. Sparse
-    is a pruning scheme for `aofunc.prune` and `aofunc.wanda`, not a stored format: `aofunc.quantize` refuses it,
+    is a pruning scheme for `aofunc.prune` and `aofunc.wanda` (on 2-D weights and on stacked experts, each expert
+    pruned alone), not a stored format: `aofunc.quantize` refuses it,
     and files never name it.
 
     Example:
@@ -107,6 +108,13 @@ def pruned_weight(w: torch.Tensor, importance: torch.Tensor, scheme: Sparse, tra
     return from_canonical(w_nk.masked_fill(prune_mask(importance, scheme), 0), w, transposed)
 
 
+def magnitude_pruned(w: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """w pruned by |W| as its Sparse rule says; stacked experts (3-D) expert by expert, a plain float stack back."""
+    if w.dim() == 3:
+        return torch.stack([magnitude_pruned(expert, rule) for expert in w.unbind(0)])
+    return pruned_weight(w, canonical(w.detach(), rule.transposed).float().abs(), rule.scheme, rule.transposed)
+
+
 def sparse_rules(params: Mapping[str, torch.Tensor], spec: Spec, what: str) -> dict[str, Rule]:
     """{name: rule} of the weights a Sparse spec selects, checked before any work."""
     chosen = plan(params, spec, what=what)
@@ -115,7 +123,7 @@ def sparse_rules(params: Mapping[str, torch.Tensor], spec: Spec, what: str) -> d
     for name, rule in chosen.items():
         if not isinstance(rule.scheme, Sparse):
             raise TypeError(f"{what}: {name!r} is selected with {rule.scheme}, but {what} takes Sparse rules")
-        check_prunable(name, canonical(params[name], rule.transposed).shape[1], rule.scheme, what)
+        check_prunable(name, canonical(params[name], rule.transposed).shape[-1], rule.scheme, what)
     return chosen
 
 
@@ -125,7 +133,9 @@ def prune(params: Mapping[str, torch.Tensor], spec: Spec | None = None, *,
     rule asks (the calibration-free baseline to Wanda); `params` is left untouched.
 
     The default spec prunes half of every row of every 2-D floating point `*weight` (unstructured,
-    `Sparse(0.5)`); give a spec to keep embeddings or heads dense. `progress`: a bar (True), none (False), or a
+    `Sparse(0.5)`); give a spec to keep embeddings or heads dense. A spec may select stacked experts (3-D
+    [E, N, K]): each expert is pruned alone by its own |W_e| (`per="layer"` ranks within the expert), and the
+    result is a plain float stack. `progress`: a bar (True), none (False), or a
     bar for large trees when stderr is a terminal (None).
 
     Example:
@@ -146,8 +156,7 @@ def prune(params: Mapping[str, torch.Tensor], spec: Spec | None = None, *,
     long = sum(params[name].numel() for name in once) > PROGRESS_NUMEL
     for name in tqdm(once, desc="prune", disable=not show_progress(progress, long, "prune"), unit="weight"):
         w, rule = params[name], rules[name]
-        importance = canonical(w.detach(), rule.transposed).float().abs()
-        out[name] = pruned_weight(w, importance, rule.scheme, rule.transposed)
+        out[name] = magnitude_pruned(w, rule)
     return share_tied(out, params, once)
 
 

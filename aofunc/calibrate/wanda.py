@@ -1,7 +1,12 @@
 """Wanda: prune by weight times input norm, importance_nk = |W_nk| · ‖X_k‖ with ‖X_k‖² = Σ x_k² over the
-calibration inputs (a sum in fp32, all-reduced in data-parallel calibration)."""
+calibration inputs (a sum in fp32, all-reduced in data-parallel calibration).
+
+Stacked experts ([E, N, K]) are pruned expert by expert with the norms of the rows routed to each,
+|W_e| · ‖X_e‖. An expert that received no token (‖X_e‖ = 0, which would rank every weight equal) is pruned by
+magnitude |W_e| alone, with a warning naming it and the weight."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -13,7 +18,7 @@ from aofunc.calibrate.channel_stats import (
 )
 from aofunc.calibrate.fold import Calibration, check_model_uses, fold
 from aofunc.calibrate.selection import first_use, select
-from aofunc.calibrate.sparse import Sparse, check_prunable, pruned_weight
+from aofunc.calibrate.sparse import Sparse, check_prunable, magnitude_pruned, pruned_weight
 from aofunc.formats.qtensor import canonical, canonical_shape
 from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
@@ -43,12 +48,22 @@ def wanda_calibration(rules: Mapping[str, Rule]) -> Calibration:
         for name, rule in rules.items():
             w = params[name]
             if w.dim() == 3:  # stacked experts: each expert by the norms of the rows routed to it
-                out[name] = torch.stack([_pruned(w[e], state.sq_sum[name][e], rule) for e in range(w.shape[0])])
+                out[name] = _pruned_experts(name, w, state.sq_sum[name], rule)
             else:
                 out[name] = _pruned(w, state.sq_sum[name], rule)
         return out
 
     return Calibration(init, update, finalize)
+
+
+def _pruned_experts(name: str, w: torch.Tensor, sq_sum: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """Each expert by |W_e| · ‖X_e‖; an expert with no token (all its sums 0) by |W_e| alone, with a warning."""
+    empty = (sq_sum == 0).all(dim=-1).nonzero().flatten().tolist()
+    if empty:
+        warnings.warn(f"wanda: expert(s) {empty[:16]} of {name!r} received no calibration token; pruned by "
+                      "magnitude |W| alone", stacklevel=4)
+    return torch.stack([magnitude_pruned(w[e], rule) if e in empty else _pruned(w[e], sq_sum[e], rule)
+                        for e in range(w.shape[0])])
 
 
 def _pruned(w: torch.Tensor, sq_sum: torch.Tensor, rule: Rule) -> torch.Tensor:
@@ -65,7 +80,8 @@ def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec
     `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is
     any iterable of batches, read once. Without a spec, `Sparse(sparsity, pattern, per)` applies to every 2-D
     weight used in a linear-like call (embeddings excluded); sparsity defaults to 0.5, or 1 - N/M for an "N:M"
-    pattern.
+    pattern. A spec may select stacked experts (3-D [E, N, K]): each expert is pruned by |W_e| · ‖X_e‖ over the rows
+    routed to it (by |W_e| alone, with a warning, if it received none), and the result is a plain float stack.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
