@@ -204,7 +204,7 @@ def gptq(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec 
     `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is a
     list of batches (or a zero-argument function returning a fresh iterator), each what the forward takes. The
     spec picks Int4WeightOnly or Int8DynamicInt4 weights (default: Int4WeightOnly(128) on every 2-D weight used in
-    a linear-like call, embeddings excluded); weights it does not select stay as given. The blocks are the
+    a linear-like call, embeddings excluded, and on every stack of experts the model uses); weights it does not select stay as given. The blocks are the
     children of the nn.ModuleList holding the most parameters whose children share one class (Llama's
     `model.layers`, GPT-2's `transformer.h`), or those named by `blocks=` ("model.layers"); their inputs (positional and keyword) are held for
     all batches, on the model's device or on the CPU with `offload=True`. `act_order` takes columns by decreasing

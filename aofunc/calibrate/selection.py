@@ -1,5 +1,6 @@
 """Which weights a calibrated transform takes: the spec's choice, or by default every 2-D weight the model uses in a
-linear-like call (embeddings excluded), with the orientation the model uses it in."""
+linear-like call (embeddings excluded) and every stack of experts it uses in one, with the orientation the model
+uses it in."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ from aofunc.calibrate.fold import no_linear_call, run_batch
 from aofunc.capture import linear_calls
 from aofunc.formats import Scheme
 from aofunc.quantize import plan
-from aofunc.spec import Rule, Spec, SpecWarning
+from aofunc.spec import Rule, Spec, SpecWarning, is_conv_name
 
 
 def input_key(x: torch.Tensor) -> tuple:
@@ -34,6 +35,7 @@ class Usage:
     first_input: dict[str, int] = dataclasses.field(default_factory=dict)  # calls in a row on one input share it
     contexts: dict[str, set] = dataclasses.field(default_factory=dict)  # where each name was called
     embedded: set[str] = dataclasses.field(default_factory=set)
+    convolved: set[str] = dataclasses.field(default_factory=set)        # names some convolution used
 
 
 class _EmbeddingRecorder(TorchFunctionMode):
@@ -63,6 +65,7 @@ def recording_usage(params: Mapping[str, torch.Tensor], context: Callable[[], An
 
     def on_call(name, call):
         if call.orientation == "conv":
+            usage.convolved.add(name)
             return
         if previous["x"] is None or input_key(previous["x"]) != input_key(call.x):
             previous["input"] += 1
@@ -79,8 +82,16 @@ def recording_usage(params: Mapping[str, torch.Tensor], context: Callable[[], An
 
 
 def default_spec(params: Mapping[str, torch.Tensor], usage: Usage, scheme: Scheme) -> Spec:
-    """`scheme` on every 2-D weight used in a linear-like call and in no embedding lookup."""
-    names = [name for name in usage.order if params[name].dim() == 2 and name not in usage.embedded]
+    """`scheme` on every 2-D weight used in a linear-like call and in no embedding lookup, and on every stack of
+    experts (3-D) used in one, unless a convolution used it or it is named like a convolution's kernel. Routers
+    (2-D [E, H]) are decided as every other 2-D weight is."""
+    def taken(name):
+        w = params[name]
+        if w.dim() == 3:
+            return name not in usage.convolved and not is_conv_name(name)
+        return w.dim() == 2 and name not in usage.embedded
+
+    names = [name for name in usage.order if taken(name)]
     return Spec([Rule(re.escape(name), scheme) for name in names])
 
 

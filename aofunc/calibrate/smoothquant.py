@@ -123,7 +123,7 @@ def smoothquant(params: Mapping[str, torch.Tensor], batches: Any, *, model, alph
 
     `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is
     any iterable of batches, read once. The spec picks Int8Dynamic weights (default: every 2-D weight used in a
-    linear-like call, embeddings excluded). Per input channel s = amax|X|^alpha / amax|W|^(1 - alpha); linears reading
+    linear-like call, embeddings excluded, and every stack of experts the model uses). Per input channel s = amax|X|^alpha / amax|W|^(1 - alpha); linears reading
     the same input share one s. Where no norm can absorb 1/s, the weight carries it as its `act_scale` tensor and
     the layer divides its input by it when it runs. Stacked experts (3-D weights) are smoothed per expert with the
 statistics of the rows routed to each, and always carry their s as an `act_scale` [E, K] (1 for an expert that

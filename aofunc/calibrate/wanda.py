@@ -79,9 +79,10 @@ def wanda(params: Mapping[str, torch.Tensor], batches: Any, *, model, spec: Spec
 
     `model` is an nn.Module (run unmodified through functional_call) or a function f(params, batch); `batches` is
     any iterable of batches, read once. Without a spec, `Sparse(sparsity, pattern, per)` applies to every 2-D
-    weight used in a linear-like call (embeddings excluded); sparsity defaults to 0.5, or 1 - N/M for an "N:M"
-    pattern. A spec may select stacked experts (3-D [E, N, K]): each expert is pruned by |W_e| · ‖X_e‖ over the rows
-    routed to it (by |W_e| alone, with a warning, if it received none), and the result is a plain float stack.
+    weight used in a linear-like call (embeddings excluded) and every stack of experts the model uses; sparsity
+    defaults to 0.5, or 1 - N/M for an "N:M" pattern. Stacked experts (3-D [E, N, K]) are pruned expert by expert,
+    each by |W_e| · ‖X_e‖ over the rows routed to it (by |W_e| alone, with a warning, if it received none), and the
+    result is a plain float stack.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))

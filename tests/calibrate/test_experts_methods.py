@@ -162,3 +162,33 @@ def test_wanda_prunes_an_expert_no_token_reaches_by_magnitude_with_a_warning_nam
         for e in range(EXPERTS):
             assert torch.equal(pruned[name][e], magnitude[name][e]) == (e in empty), (name, e)
     assert not any("model.layers.1" in m for m in messages), messages
+
+
+def test_the_default_specs_of_gptq_smoothquant_and_wanda_take_the_stacked_experts_the_model_uses():
+    model = tiny_moe("mixtral", "grouped_mm")
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    data = batches(2)
+    stacks = {name for name, p in params.items() if p.dim() == 3}
+    assert len(stacks) == 4
+    two_d = {name for name, p in params.items() if p.dim() == 2 and "embed" not in name}
+    routers = {name for name in two_d if name.endswith("gate.weight")}
+    assert len(routers) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int4's group of 128 over K = 64
+        outputs = {"gptq": aofunc.gptq(params, data, model=model, progress=False),
+                   "smoothquant": aofunc.smoothquant(params, data, model=model, progress=False),
+                   "wanda": aofunc.wanda(params, data, model=model, progress=False)}
+    for method, out in outputs.items():
+        changed = {name for name in params if out[name] is not params[name]
+                   and not (type(out[name]) is torch.Tensor and torch.equal(out[name], params[name]))}
+        if method == "wanda":
+            assert all(type(out[name]) is torch.Tensor for name in params)
+            assert stacks <= changed and all(float((out[name] == 0).float().mean()) == 0.5 for name in stacks)
+        else:
+            assert all(isinstance(out[name], aofunc.QTensor) and out[name].stacked for name in stacks), method
+        # 2-D weights, the routers among them, are taken as before
+        quantized = {name for name, t in out.items() if isinstance(t, aofunc.QTensor) and t.dim() == 2}
+        if method != "wanda":
+            assert quantized == two_d - {"lm_head.weight"} or quantized == two_d, (method, two_d - quantized)
+        with torch.no_grad():
+            assert torch.isfinite(aofunc.apply(model, out, data[0]).logits).all()
