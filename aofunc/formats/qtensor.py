@@ -186,6 +186,11 @@ class QTensor(torch.Tensor):
         handler = HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
+        if _is_custom_op(func):
+            # an operator registered outside torch (transformers' grouped_mm fallback, which its experts call while
+            # compiling) cannot know the stored format: it runs on the dequantized weights
+            args, kwargs = tree_map_only(QTensor, lambda t: t.dequantize(), (args, kwargs))
+            return func(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -201,6 +206,15 @@ class QTensor(torch.Tensor):
                 "indexing by expert, transposing the last two dims, bmm and grouped_mm); call .dequantize() "
                 "for anything else")
         return handler(*args, **kwargs)
+
+
+def _is_custom_op(func) -> bool:
+    """Whether func is an operator of a library other than torch's own (aten, prims)."""
+    if isinstance(func, torch._ops.OpOverload):
+        return func.namespace not in ("aten", "prims", "prim")
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return func._qualified_op_name.split("::")[0] not in ("aten", "prims", "prim")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- aten ops answered
