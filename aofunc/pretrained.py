@@ -18,7 +18,6 @@ compressed-tensors (https://github.com/neuralmagic/compressed-tensors) names, pe
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -29,7 +28,10 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
+from aofunc import primitives as P
 from aofunc.formats import NF4, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, QTensor
+from aofunc.io import HEADER_KEY, _load_device, load
+from aofunc.kernels.packing import GROUP_SIZES
 from aofunc.tree import check_params
 
 #: the formats `save_pretrained` writes
@@ -382,8 +384,6 @@ def _aofunc_file(directory: Path) -> Path | None:
     """The one safetensors file of the directory written by aofunc.save, if any."""
     from safetensors import safe_open
 
-    from aofunc.io import HEADER_KEY
-
     found = []
     for file in sorted(directory.glob("*.safetensors")):
         try:
@@ -405,8 +405,6 @@ def _expect(t: torch.Tensor, shape, dtype, key: str, where: dict, why: str) -> N
 
 
 def _codes_to_qdata(codes: torch.Tensor) -> torch.Tensor:
-    from aofunc import primitives as P
-
     return P.pack_uint4(codes.to(torch.uint8))
 
 
@@ -443,8 +441,6 @@ def _ct_scheme(module: str, group: dict, fmt: str, config_path: Path):
     token_acts = isinstance(acts, dict) and acts.get("num_bits") == 8 and acts.get("type", "int") == "int" \
         and acts.get("strategy") == "token" and acts.get("dynamic") is True and acts.get("symmetric", True)
     if kind == "int" and fmt == "pack-quantized" and bits == 4 and strategy == "group" and plain_acts:
-        from aofunc.kernels.packing import GROUP_SIZES
-
         if weights.get("group_size") not in GROUP_SIZES:
             raise ImportFormatError(f"load_pretrained: {config_path}: {module!r} has group_size "
                                     f"{weights.get('group_size')!r}; aofunc's int4 takes "
@@ -588,8 +584,6 @@ def _gptq_perm(g_idx: torch.Tensor, k: int, g: int, key: str, where: dict) -> to
 
 
 def _import_gptq(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> dict:
-    from aofunc.kernels.packing import GROUP_SIZES
-
     bits, g = qconfig.get("bits"), qconfig.get("group_size")
     fmt = qconfig.get("checkpoint_format", "gptq")
     if bits != 4:
@@ -674,8 +668,6 @@ def load_pretrained(model_dir: str | os.PathLike, *, device: str | torch.device 
     message lists the supported formats), a GPTQ `g_idx` (or compressed-tensors `weight_g_idx`) that is no grouping of the input columns into groups of
     `group_size`, and tensors whose shapes disagree with each other or with the config.
     """
-    from aofunc.io import _load_device, load
-
     path = Path(model_dir)
     if path.is_file():
         return load(path, device)

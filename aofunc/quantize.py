@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from aofunc.capture import detect_uses
 from aofunc.formats import QTensor, Scheme
-from aofunc.formats.qtensor import canonical
+from aofunc.formats.qtensor import canonical, stacked_tensors
 from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec, SpecWarning
 from aofunc.tree import check_params, detached_aliases, share_tied, unique_by_tensor
@@ -62,8 +62,7 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, transposed: bool = False, n
                    for key, (shape, dtype) in scheme.stored(n, k, w.dtype).items()
                    if key not in scheme.optional_names}
     elif lead:
-        experts = [scheme.quantize(expert.contiguous()) for expert in nk.unbind(0)]
-        tensors = {key: torch.stack([stored[key] for stored in experts]) for key in experts[0]}
+        tensors = stacked_tensors([scheme.quantize(expert.contiguous()) for expert in nk.unbind(0)])
     else:
         tensors = scheme.quantize(nk.contiguous())
     return QTensor(scheme, tensors, w.shape, w.dtype, transposed, name)

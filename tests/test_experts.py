@@ -1,6 +1,5 @@
 """Stacked experts: a 3-D weight [E, N, K] quantized as one QTensor, indexed by expert, run as MoE models run it."""
 import json
-import warnings
 
 import pytest
 import torch

@@ -29,7 +29,7 @@ from aofunc.calibrate.selection import input_key, select
 from aofunc.formats import Int4WeightOnly, QTensor
 from aofunc.formats.scheme import grouped_schemes
 from aofunc.capture import ExpertRows
-from aofunc.formats.qtensor import canonical, canonical_shape
+from aofunc.formats.qtensor import canonical, canonical_shape, stacked_tensors
 from aofunc.quantize import quantize_weight
 from aofunc.progress import show_progress
 from aofunc.spec import Rule, Spec
@@ -152,8 +152,7 @@ def _quantize_experts(name: str, w: torch.Tensor, state: HessianState, rule: Rul
         W = canonical(w[e].detach(), rule.transposed)
         experts.append(gptq_quantize_weight(W, hessian(state.total[e], state.tokens[e]), rule.scheme, blocksize,
                                             percdamp, act_order))
-    tensors = {key: torch.stack([parts[key].contiguous() for parts in experts]) for key in experts[0]}
-    return QTensor(rule.scheme, tensors, w.shape, w.dtype, rule.transposed)
+    return QTensor(rule.scheme, stacked_tensors(experts), w.shape, w.dtype, rule.transposed)
 
 
 def _equal_hessian_groups(names, state, params, rules) -> list[list[str]]:

@@ -55,6 +55,11 @@ def canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w.t() if transposed else w.reshape(w.shape[0], -1)
 
 
+def stacked_tensors(experts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The stored tensors of a stack of experts from each expert's own: every tensor gains a leading E."""
+    return {key: torch.stack([parts[key].contiguous() for parts in experts]) for key in experts[0]}
+
+
 class QTensor(torch.Tensor):
     """A quantized weight: a scheme, its named stored tensors, and the logical shape and dtype the model expects.
 

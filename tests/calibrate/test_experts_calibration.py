@@ -41,6 +41,23 @@ def routed_rows(model, data):
     return out
 
 
+def routed(model):
+    """(the model's params as detached tensors, calibration batches, each expert's routed rows)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    data = batches()
+    return params, data, routed_rows(model, data)
+
+
+def starved_moe():
+    """A tiny Mixtral whose router sends every token to the same two experts (all logits equal): the model, its
+    params, batches, each expert's rows, and the experts no token reaches."""
+    model = tiny_moe("mixtral", "grouped_mm")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight.zero_()
+    params, data, rows = routed(model)
+    return model, params, data, rows, [e for e in range(EXPERTS) if rows[e][0].shape[0] == 0]
+
+
 def state_of(calibration, params, data, model, names):
     keep = aofunc.Calibration(calibration.init, calibration.update, lambda state, params: state, calibration.reduce)
     return aofunc.fold(keep, params, data, model=model, names=names, progress=False)
@@ -49,9 +66,7 @@ def state_of(calibration, params, data, model, names):
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
 def test_gptq_quantizes_each_expert_with_the_hessian_of_its_own_tokens(implementation):
     model = tiny_moe("mixtral", implementation)
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
+    params, data, rows = routed(model)
     scheme = aofunc.Int4WeightOnly(32)
     rules = {name: Rule(name, scheme) for name in (GATE_UP, DOWN)}
     qparams = aofunc.fold(aofunc.gptq_calibration(rules), params, data, model=model, names=list(rules),
@@ -72,13 +87,7 @@ def test_gptq_quantizes_each_expert_with_the_hessian_of_its_own_tokens(implement
 
 
 def test_an_expert_no_token_reaches_is_quantized_to_nearest_with_a_warning_naming_it():
-    model = tiny_moe("mixtral", "grouped_mm")
-    with torch.no_grad():  # every logit equal: the same two experts take every token, the other two see nothing
-        model.model.layers[0].mlp.gate.weight.zero_()
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
-    empty = [e for e in range(EXPERTS) if rows[e][0].shape[0] == 0]
+    model, params, data, rows, empty = starved_moe()
     busy = [e for e in range(EXPERTS) if e not in empty]
     assert len(empty) == 2
     scheme = aofunc.Int4WeightOnly(32)
@@ -102,9 +111,7 @@ def test_an_expert_no_token_reaches_is_quantized_to_nearest_with_a_warning_namin
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
 def test_wanda_and_smoothquant_statistics_are_per_expert_over_its_own_tokens(implementation):
     model = tiny_moe("mixtral", implementation)
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
+    params, data, rows = routed(model)
     names = [GATE_UP, DOWN]
     wanda = state_of(aofunc.wanda_calibration({n: Rule(n, aofunc.Sparse(0.5)) for n in names}), params, data,
                      model, names)

@@ -8,7 +8,8 @@ import aofunc
 from aofunc import Rule, Spec
 
 pytest.importorskip("transformers")
-from tests.calibrate.test_experts_calibration import DOWN, EXPERTS, GATE_UP, batches, routed_rows  # noqa: E402
+from tests.calibrate.test_experts_calibration import (  # noqa: E402
+    DOWN, EXPERTS, GATE_UP, batches, routed, starved_moe)
 from tests.test_experts import tiny_moe  # noqa: E402
 
 STACKS = Spec([Rule(r".*experts\..*", aofunc.Int8Dynamic())])
@@ -31,9 +32,7 @@ def expected_scale(x, w, alpha=0.5):
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
 def test_smoothquant_smooths_each_expert_with_its_own_maxima_and_carries_them_as_act_scale(implementation):
     model = with_outliers(tiny_moe("mixtral", implementation))
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
+    params, data, rows = routed(model)
     qparams = aofunc.smoothquant(params, data, model=model, spec=STACKS, progress=False)
     for name, which in ((GATE_UP, 0), (DOWN, 1)):
         q = qparams[name]
@@ -80,13 +79,7 @@ def test_smoothquant_experts_beat_plain_int8_dynamic_on_a_moe_layer_with_outlier
 
 
 def test_an_expert_no_token_reaches_gets_a_smoothing_scale_of_one():
-    model = tiny_moe("mixtral", "grouped_mm")
-    with torch.no_grad():  # every logit equal: the same two experts take every token
-        model.model.layers[0].mlp.gate.weight.zero_()
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
-    empty = [e for e in range(EXPERTS) if rows[e][0].shape[0] == 0]
+    model, params, data, rows, empty = starved_moe()
     assert len(empty) == 2
     qparams = aofunc.smoothquant(params, data, model=model, spec=STACKS, progress=False)
     nearest = aofunc.quantize(params, STACKS)
@@ -111,9 +104,7 @@ def kept_by(importance, scheme):
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
 def test_wanda_prunes_each_expert_by_its_weights_times_the_norm_of_its_own_rows(implementation, scheme):
     model = tiny_moe("mixtral", implementation)
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
+    params, data, rows = routed(model)
     spec = Spec([Rule(r".*experts\..*", scheme)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every expert receives tokens
@@ -142,13 +133,7 @@ def test_prune_takes_stacked_experts_by_the_magnitude_of_each_expert():
 
 
 def test_wanda_prunes_an_expert_no_token_reaches_by_magnitude_with_a_warning_naming_it():
-    model = tiny_moe("mixtral", "grouped_mm")
-    with torch.no_grad():  # every logit equal: the same two experts take every token
-        model.model.layers[0].mlp.gate.weight.zero_()
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    data = batches()
-    rows = routed_rows(model, data)
-    empty = [e for e in range(EXPERTS) if rows[e][0].shape[0] == 0]
+    model, params, data, rows, empty = starved_moe()
     assert len(empty) == 2
     spec = Spec([Rule(r".*experts\..*", aofunc.Sparse(0.5))])
     with warnings.catch_warnings(record=True) as caught:

@@ -9,7 +9,6 @@ pytest.importorskip("compressed_tensors")
 
 import torch  # noqa: E402
 
-import aofunc  # noqa: E402
 from aofunc.cli.main import main  # noqa: E402
 
 from .hf_models import write  # noqa: E402

@@ -13,7 +13,7 @@ pytest.importorskip("compressed_tensors")
 import aofunc  # noqa: E402
 from aofunc.pretrained import ImportFormatError, load_pretrained, save_pretrained  # noqa: E402
 
-from .test_export import EXPORTABLE, LAYERS, act_order, quantized, write_act_order_ct  # noqa: E402
+from .test_export import EXPORTABLE, act_order, quantized, write_act_order_ct  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
