@@ -256,7 +256,7 @@ def _verifying() -> bool:
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64 (infinite when ``out`` has a non-finite element ``ref`` lacks)."""
-    out64, ref64 = out.double(), ref.double()
+    out64, ref64 = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out64).all() and torch.isfinite(ref64).all():
         return float("inf")
     return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300))
