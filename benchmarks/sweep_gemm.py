@@ -26,7 +26,7 @@ from bench_kernels import int4_weight, int8_weight, nf4_weight, GROUP, NF4_BLOCK
 def gemm_forms(m: int, fmt: str):
     """Block shapes and forms worth timing for M rows (every config also names its split of K later)."""
     if m <= 16:
-        tiles = [(16, 64, 4), (16, 128, 4)]
+        tiles = [(16, 64, 4), (16, 128, 4), (16, 128, 8)]
     elif m <= 64:
         tiles = [(m, 64, 4), (m, 128, 4), (m, 128, 8)]
     elif m <= 256:
@@ -35,8 +35,8 @@ def gemm_forms(m: int, fmt: str):
         tiles = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (64, 128, 4)]
     forms = [dict()]
     if fmt == "w4a16":
-        # the per-group and SPLIT_X forms lost to FULL_DQ at every M >= 16 on an H200
-        forms = [dict(FULL_DQ=True), dict(XPERM=True)]
+        # the per-group and SPLIT_X forms lost to FULL_DQ at every M >= 16 on an H200; GATHER_X wins up to 16 rows
+        forms = [dict(FULL_DQ=True), dict(GATHER_X=True)]
     for block_m, block_n, warps in tiles:
         for form in forms:
             for stages in ((3, 4) if m > 256 and (block_m, block_n) == (128, 128) else (3,)):
@@ -66,16 +66,15 @@ def candidates(fmt, m, n, k, device):
     for config in gemm_forms(m, fmt):
         programs = -(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"])
         base = split_k(programs, steps, device)
-        for split in sorted({base, max(1, base // 2)}):
+        for split in sorted({base, max(1, base // 2)} | ({min(16, 2 * base)} if m <= 16 else set())):
             c = dict(config, SPLIT_K=split)
             if fmt == "w8a16":
                 c["BLOCK_W"] = 32
             out.append(c)
-    if m >= 256:
+    if m >= 128:
         out.append(dict(path="dequant"))
         if fmt == "w4a16":
-            out += [dict(path="dequant", BLOCK_N=bn, BLOCK_W=bw, num_warps=wp)
-                    for bn, bw, wp in ((32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8))]
+            out += [dict(path="dequant", BLOCK=block, num_warps=warps) for block, warps in ((512, 4), (2048, 8))]
     return out
 
 

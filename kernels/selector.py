@@ -61,7 +61,7 @@ def nf4_gemm_fits(k: int, block_size: int) -> bool:
 
 ROUTES = (
     Route("w4a16", "gemv", 1, "any x", _any),
-    Route("w4a16", "gemm", 256, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("w4a16", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
     Route("w4a16", "dequant", math.inf, "any x", _any),
     Route("w8a16", "gemv", 1, "any x", _any),
     Route("w8a16", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),

@@ -7,9 +7,9 @@ Layout (as stored; docs/file-format.md): ``qdata`` uint8 [N, Kp/2], byte j of ro
 
 Three paths, picked per shape by ``w4a16_linear_triton`` (the selector's table, or a tuned choice):
 ``gemv`` for a few rows of x (fp32 FMA per element, split-K; ``REDUCE_W`` keeps one accumulator per row and
-group), ``gemm`` (``tl.dot`` on dequantized tiles, split-K; ``SPLIT_X`` makes eight dots, one per code position of
-the packed words, instead of interleaving the weight tile) for medium M, and ``dequant`` (one dequantization
-kernel, then cuBLAS) for large M.
+group), ``gemm`` (``tl.dot`` on dequantized tiles, split-K; ``GATHER_X`` builds the tile in the tensor cores'
+register order and gathers x's columns to match, ``SPLIT_X`` makes eight dots, one per code position of the packed
+words) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) for large M.
 """
 from __future__ import annotations
 
@@ -236,21 +236,53 @@ def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr, one_bits):
 
 
 @triton.jit
+def fragment_columns(GROUP: tl.constexpr):
+    """The column of x that each column c of a fragment_tile multiplies: 8w + j for code j = (c4 c3 c0) of word
+    w = (c >> 5, c2 c1) in binary. Written with // and % so the compiler sees pairs of consecutive columns, which
+    it copies to shared memory 4 bytes at a time in the software pipeline."""
+    c = tl.arange(0, GROUP)
+    return 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * ((c // 16) % 2) + 2 * ((c // 8) % 2) + c % 2
+
+
+@triton.jit
+def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """The dequantized [ROWS, 8 * WORDS] tile of one group, 16 s u + (z - 24 s) with u = 1 + code/16, its columns in
+    fragment order (see fragment_columns) rather than in x's order.
+
+    In that order the eight codes of a word land in the registers of the one thread whose share of Hopper's MMA
+    left operand they are (column bits 0, 3 and 4 are register bits of that operand, bits 1 and 2 lane bits), so
+    the tile goes from the loaded words to the tensor cores without a round trip through shared memory, which the
+    x-ordered tile takes (SASS of the sm_90 build: 8 STS and 8 LDSM a step, none in this order).
+    """
+    c0 = unit_plus_code(q, 0, ONE_BITS) * s16 + z24
+    c1 = unit_plus_code(q, 1, ONE_BITS) * s16 + z24
+    c2 = unit_plus_code(q, 2, ONE_BITS) * s16 + z24
+    c3 = unit_plus_code(q, 3, ONE_BITS) * s16 + z24
+    c4 = unit_plus_code(q, 4, ONE_BITS) * s16 + z24
+    c5 = unit_plus_code(q, 5, ONE_BITS) * s16 + z24
+    c6 = unit_plus_code(q, 6, ONE_BITS) * s16 + z24
+    c7 = unit_plus_code(q, 7, ONE_BITS) * s16 + z24
+    # tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0, j1, j2]
+    t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+    t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2, 2))
+    return tl.reshape(tl.permute(t, (0, 1, 5, 4, 2, 3)), (ROWS, 8 * WORDS))
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
-    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, XPERM: tl.constexpr,
+    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step. With units u = 1 + code/16 (exact in bf16 and
     # fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is dequantized that way (one FMA an element) and
     # every step's dot accumulates straight into the tile. Otherwise d = dot(x, u) per step and
     # sum(x * w) = 16 s d + (z - 24 s) sum(x) per column. SPLIT_X: eight dots of depth GROUP/8, codes j of every
     # word against x's columns 8w + j, in place of one dot over the interleaved weight tile. SWAP: the tile is
-    # computed as w @ x.T, in that orientation to the end. XPERM (with FULL_DQ): the codes are unpacked by
-    # position, column j * WORDS + w holding code j of word w, and x's columns are loaded in that order (x[8w + j]),
-    # so the weight tile needs no interleaving.
+    # computed as w @ x.T, in that orientation to the end. GATHER_X (with SWAP): the dequantized tile in fragment
+    # order (fragment_tile), x's columns gathered in the same order.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -259,8 +291,8 @@ def _w4a16_gemm_kernel(
     n_groups = tl.cdiv(K, GROUP)
     per_split = tl.cdiv(n_groups, split_k)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
-    if XPERM:
-        offs_k = 8 * (offs_k % WORDS) + offs_k // WORDS
+    if GATHER_X:
+        offs_k = fragment_columns(GROUP)
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_groups)):
         k = g * GROUP + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -270,12 +302,8 @@ def _w4a16_gemm_kernel(
         z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
         s16 = 16.0 * s
         z24 = z - 24.0 * s
-        if XPERM:
-            # code j of a word sits in bits 4 * (j ^ 1) .. + 3; 2**23 + code as fp32 bits, minus 2**23 + 8
-            shifts = 4 * (tl.arange(0, 8) ^ 1)
-            codes = ((q[:, None, :] >> shifts[None, :, None]) & 15) | 0x4B000000
-            w3 = (codes.to(tl.float32, bitcast=True) - 8388616.0) * s[:, None, None] + z[:, None, None]
-            acc = dot_acc(acc, tl.reshape(w3, (BLOCK_N, GROUP)), xt, SWAP, DOT_FP32)
+        if GATHER_X:
+            acc = dot_acc(acc, fragment_tile(q, s16[:, None], z24[:, None], BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
         elif FULL_DQ:
             if SPLIT_X:
                 x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
@@ -314,22 +342,25 @@ def _w4a16_gemm_kernel(
 
 
 @triton.jit
-def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn,
-                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    # w[n, 8v + j] for BLOCK_N rows and BLOCK_W words of codes.
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn, stride_zn,
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK int32 words of qdata in row-major order, each to its eight columns w[n, 8v .. 8v + 7] (one 16-byte store
+    # for 16-bit w when K is a multiple of 8). Flat over words, so the loads and stores of a program are contiguous
+    # runs whatever N and K are: on an H200 this runs 8192 x 28672 in 162 us against 301 us for [rows, words]
+    # tiles (the bytes moved take 122 us at 4.8 TB/s).
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N * row_words
+    q = tl.load(q_ptr + offs, mask=mask, other=0)
+    n = offs // row_words
+    v = offs % row_words
+    grp = v // (GROUP // 8)
+    s = tl.load(s_ptr + n * stride_sn + grp, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + n * stride_zn + grp, mask=mask, other=0.0).to(tl.float32)
     shifts = (tl.arange(0, 8) ^ 1) * 4
-    mask = (offs_n < N)[:, None] & (offs_v < tl.cdiv(K, 8))[None, :]
-    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_v[None, :], mask=mask, other=0)
-    grp = offs_v // (GROUP // 8)
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + grp[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs_n[:, None] * stride_zn + grp[None, :], mask=mask, other=0.0).to(tl.float32)
-    codes = (((q[:, :, None] >> shifts) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    w = codes * s[:, :, None] + z[:, :, None]
-    k = offs_v[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    tl.store(w_ptr + offs_n[:, None, None] * K + k, w.to(w_ptr.dtype.element_ty),
-             mask=mask[:, :, None] & (k < K))
+    codes = (((q[:, None] >> shifts[None, :]) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    w = codes * s[:, None] + z[:, None]
+    k = v[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(w_ptr + n[:, None] * K + k, w.to(w_ptr.dtype.element_ty), mask=mask[:, None] & (k < K))
 
 
 def _words(qdata: torch.Tensor) -> torch.Tensor:
@@ -337,17 +368,17 @@ def _words(qdata: torch.Tensor) -> torch.Tensor:
     return qdata.contiguous().view(torch.int32)
 
 
-def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype, *, block_n: int = 16,
-                     block_w: int = 64, num_warps: int = 4) -> torch.Tensor:
+def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype, *, block: int = 1024,
+                     num_warps: int = 4) -> torch.Tensor:
     """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g] in fp32, then cast: [N, k] in dtype (Triton).
 
-    Each program writes block_n rows by 8 * block_w columns."""
+    Each program dequantizes ``block`` int32 words (8 * block codes)."""
     n = qdata.shape[0]
+    row_words = qdata.shape[1] // 4
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 8), block_w))
-    _w4a16_dequant_kernel[grid](_words(qdata), scale, zero, w, n, k, qdata.shape[1] // 4, scale.stride(0),
-                                zero.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w,
-                                num_warps=num_warps)
+    _w4a16_dequant_kernel[(triton.cdiv(n * row_words, block),)](
+        _words(qdata), scale, zero, w, n, k, row_words, scale.stride(0), zero.stride(0), GROUP=group_size,
+        BLOCK=block, num_warps=num_warps)
     return w
 
 
@@ -365,11 +396,14 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
                     PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3,
                     num_warps=1 if long_rows else 2, num_stages=3)
     if path == "gemm":
-        # the H200 search's winners: one dequantized tile a step, 64 rows of w, programs along M first past 64
+        # the H200 searches' winners: one dequantized tile a step, 64 rows of w; up to 16 rows of x that tile in
+        # fragment order (1.1-1.3x the x-ordered tile's speed there, slower from 64 rows up, where x's gathered
+        # columns cost more than the shared-memory round trip saves); programs along M first past 64
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
+        form = dict(GATHER_X=True) if m <= 16 else dict(FULL_DQ=True)
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split_k(programs, n_groups, device), SWAP=True,
-                    FULL_DQ=True, M_FAST=m > 64, num_warps=4, num_stages=3)
+                    M_FAST=m > 64, num_warps=4, num_stages=3, **form)
     return dict(path="dequant")
 
 
@@ -397,7 +431,7 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                                             PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True,
                                             LOOP_STAGES=stages, num_warps=warps, num_stages=3))
     if m >= 2 and dtype != torch.float32:
-        forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, XPERM=True)]
+        forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, GATHER_X=True)]
         if group_size >= SPLIT_X_MIN_GROUP:
             forms += [dict(SWAP=swap, SPLIT_X=True, FULL_DQ=full) for swap, full in ((False, False), (True, False),
                                                                                     (True, True))]
@@ -419,8 +453,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
-        w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block_n=params.get("BLOCK_N", 16),
-                             block_w=params.get("BLOCK_W", 64), num_warps=params.get("num_warps", 4))
+        w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block=params.get("BLOCK", 1024),
+                             num_warps=params.get("num_warps", 4))
         return torch.nn.functional.linear(x, w, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -436,7 +470,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         kernel = _w4a16_gemm_kernel
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
                      FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False),
-                     XPERM=params.pop("XPERM", False))
+                     GATHER_X=params.pop("GATHER_X", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,

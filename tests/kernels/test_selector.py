@@ -31,9 +31,10 @@ def test_int4_and_int8_routes(m, dtype, device, want):
         assert default_path(fmt, Problem(m, 64, 256, dtype, device, 128)) == want
 
 
-def test_int8_weights_leave_the_gemm_earlier_than_int4():
-    assert default_path("w4a16", Problem(256, 64, 256, torch.bfloat16, CUDA, 128)) == "gemm"
-    assert default_path("w8a16", Problem(256, 64, 256, torch.bfloat16, CUDA)) == "dequant"
+@pytest.mark.parametrize("fmt,block", [("w4a16", 128), ("w8a16", 0)])
+def test_weight_only_gemm_hands_over_to_dequant_past_128_rows(fmt, block):
+    assert default_path(fmt, Problem(128, 64, 256, torch.bfloat16, CUDA, block)) == "gemm"
+    assert default_path(fmt, Problem(129, 64, 256, torch.bfloat16, CUDA, block)) == "dequant"
 
 
 def test_nf4_constraints_send_odd_shapes_to_dequant():
@@ -59,8 +60,8 @@ def test_routes_table_lists_every_route_with_its_range():
     text = selector.routes_table()
     assert len(text.splitlines()) == 2 + len(selector.ROUTES)
     assert "| w4a16 | gemv | 1 |" in text
-    assert "| w4a16 | gemm | 2 to 256 |" in text
-    assert "| w4a16 | dequant | 257 and up |" in text
+    assert "| w4a16 | gemm | 2 to 128 |" in text
+    assert "| w4a16 | dequant | 129 and up |" in text
 
 
 @pytest.mark.parametrize("module", ["w4a16", "w8a16", "nf4", "w8a8", "int8_int4"])

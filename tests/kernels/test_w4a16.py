@@ -40,7 +40,7 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=False, num_warps=2, num_stages=1)]
     configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, FULL_DQ=True, M_FAST=m_fast,
                      num_warps=2, num_stages=1) for swap, split, m_fast in ((True, 2, True), (False, 1, False))]
-    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, XPERM=True, num_warps=2,
+    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, GATHER_X=True, num_warps=2,
                      num_stages=1) for swap, split in ((True, 2), (False, 1))]
     if g >= w4a16.SPLIT_X_MIN_GROUP:
         configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, FULL_DQ=full,
