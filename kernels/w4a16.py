@@ -410,7 +410,8 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
 def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device):
     """The search space of the tuner for one key: every path and its block sizes, warps, stages, splits."""
     n_groups = -(-k // group_size)
-    out = [dict(path="dequant")]
+    out = [dict(path="dequant")] + [dict(path="dequant", BLOCK=block, num_warps=warps)
+                                     for block, warps in ((512, 4), (2048, 8))]
     if m <= 8:
         for block_n, warps in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
             for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (128, 256, 512)}):
