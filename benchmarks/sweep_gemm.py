@@ -26,9 +26,9 @@ from bench_kernels import int4_weight, int8_weight, nf4_weight, GROUP, NF4_BLOCK
 def gemm_forms(m: int, fmt: str):
     """Block shapes and forms worth timing for M rows (every config also names its split of K later)."""
     if m <= 16:
-        tiles = [(16, 64, 4), (16, 128, 4), (16, 128, 8)]
+        tiles = [(16, 64, 4), (16, 128, 8)]
     elif m <= 64:
-        tiles = [(m, 64, 4), (m, 128, 4), (m, 128, 8)]
+        tiles = [(m, 64, 4), (m, 128, 8)]
     elif m <= 256:
         tiles = [(64, 128, 4), (128, 128, 8), (128, 64, 4)]
     else:
@@ -36,7 +36,11 @@ def gemm_forms(m: int, fmt: str):
     forms = [dict()]
     if fmt == "w4a16":
         # the per-group and SPLIT_X forms lost to FULL_DQ at every M >= 16 on an H200; GATHER_X wins up to 16 rows
-        forms = [dict(FULL_DQ=True), dict(GATHER_X=True)]
+        forms = [dict(FULL_DQ=True), dict(GATHER_X=True), dict(GATHER_X=True, PAIRS=True)]
+        if m > 16:
+            forms.append(dict(FULL_DQ=True, PREFETCH=True))
+    elif fmt == "w8a16":
+        forms = [dict(), dict(GATHER_X=True)]
     for block_m, block_n, warps in tiles:
         for form in forms:
             for stages in ((3, 4) if m > 256 and (block_m, block_n) == (128, 128) else (3,)):

@@ -268,13 +268,74 @@ def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
     return tl.reshape(tl.permute(t, (0, 1, 5, 4, 2, 3)), (ROWS, 8 * WORDS))
 
 
+# Four bytes of a word a call: both codes of byte b as a pair of 16-bit floats, magic + code (magic = 128 in bf16,
+# 1024 in fp16, where the float's step is 1, so the code lands in the low mantissa bits exactly). prmt puts byte b
+# of (word >> 4) in the low half and byte b of the word in the high half, so one mask leaves code 2b (the byte's
+# high nibble) in the low half and code 2b + 1 in the high half: the order of k. Then two packed fused
+# multiply-adds: (magic + code) - (magic + 8), exact, then (code - 8) * scale + zero, rounded once.
+_PAIRS_PTX = """{
+.reg .b32 h, t, one, off;
+mov.b32 one, ONE;
+mov.b32 off, OFF;
+shr.u32 h, $4, 4;
+prmt.b32 t, $4, h, 0x0004;
+and.b32 t, t, 0x000F000F;
+or.b32 t, t, MAGIC;
+fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE $0, t, $6, $7;
+prmt.b32 t, $4, h, 0x0105;
+and.b32 t, t, 0x000F000F;
+or.b32 t, t, MAGIC;
+fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE $1, t, $6, $7;
+prmt.b32 t, $4, h, 0x0206;
+and.b32 t, t, 0x000F000F;
+or.b32 t, t, MAGIC;
+fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE $2, t, $6, $7;
+prmt.b32 t, $4, h, 0x0307;
+and.b32 t, t, 0x000F000F;
+or.b32 t, t, MAGIC;
+fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE $3, t, $6, $7;
+}"""
+PAIRS_BF16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3F803F80").replace("OFF", "0xC308C308")
+                                        .replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2"))
+PAIRS_FP16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3C003C00").replace("OFF", "0xE408E408")
+                                        .replace("MAGIC", "0x64006400").replace("TYPE", "f16x2"))
+
+
+@triton.jit
+def fragment_tile_pairs(q, s, z, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """fragment_tile's tile computed in 16-bit pairs, w = (code - 8) * s + z rounded once to s's dtype (fp16 or
+    bf16, z's and x's too): two codes per packed multiply-add instead of one fp32 multiply-add and half a
+    conversion per code (CUDA only: inline PTX; s and z are [ROWS, 1])."""
+    q2 = tl.join(q, q)
+    s2 = tl.broadcast_to(tl.join(s, s), (ROWS, WORDS, 2))
+    z2 = tl.broadcast_to(tl.join(z, z), (ROWS, WORDS, 2))
+    if s.dtype == tl.float16:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_FP16, "=r,=r,=r,=r,r,r,r,r", [q2, s2, z2],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_BF16, "=r,=r,=r,=r,r,r,r,r", [q2, s2, z2],
+                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=2)
+    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0,
+    # j1, j2], as in fragment_tile
+    t = tl.join(tl.join(b0, b1), tl.join(b2, b3))
+    t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2, 2))
+    return tl.reshape(tl.permute(t, (0, 1, 5, 4, 2, 3)), (ROWS, 8 * WORDS))
+
+
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
-    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr,
+    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step. With units u = 1 + code/16 (exact in bf16 and
     # fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is dequantized that way (one FMA an element) and
@@ -282,7 +343,11 @@ def _w4a16_gemm_kernel(
     # sum(x * w) = 16 s d + (z - 24 s) sum(x) per column. SPLIT_X: eight dots of depth GROUP/8, codes j of every
     # word against x's columns 8w + j, in place of one dot over the interleaved weight tile. SWAP: the tile is
     # computed as w @ x.T, in that orientation to the end. GATHER_X (with SWAP): the dequantized tile in fragment
-    # order (fragment_tile), x's columns gathered in the same order.
+    # order (fragment_tile), x's columns gathered in the same order. PREFETCH: each step loads the next step's
+    # scales and zeros, whose latency the step's work then hides (the compiler's software pipeline copies the codes
+    # and x ahead, but not these: two bytes a row are too few for its asynchronous copies). PAIRS (with GATHER_X,
+    # CUDA, scales, zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is a whole
+    # number of groups, so x's loads need no mask along K.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -293,30 +358,49 @@ def _w4a16_gemm_kernel(
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     if GATHER_X:
         offs_k = fragment_columns(GROUP)
-    for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_groups)):
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, n_groups) - 1
+    if PREFETCH:
+        s_next = tl.load(s_ptr + rows[:, None] * stride_sn + tl.minimum(first, n_groups - 1))
+        z_next = tl.load(z_ptr + rows[:, None] * stride_zn + tl.minimum(first, n_groups - 1))
+    for g in range(first, last + 1):
         k = g * GROUP + offs_k
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+        if EVEN_K:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_mask[:, None],
+                         other=0.0)
+        else:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qn + g * WORDS + offs_w[None, :])
-        s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+        if PREFETCH:
+            s_row = s_next
+            z_row = z_next
+            s_next = tl.load(s_ptr + rows[:, None] * stride_sn + tl.minimum(g + 1, last))
+            z_next = tl.load(z_ptr + rows[:, None] * stride_zn + tl.minimum(g + 1, last))
+        else:
+            s_row = tl.load(s_ptr + rows[:, None] * stride_sn + g)
+            z_row = tl.load(z_ptr + rows[:, None] * stride_zn + g)
+        # [BLOCK_N, 1] columns: the weight tile's row factors
+        s = s_row.to(tl.float32)
         s16 = 16.0 * s
-        z24 = z - 24.0 * s
-        if GATHER_X:
-            acc = dot_acc(acc, fragment_tile(q, s16[:, None], z24[:, None], BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
+        z24 = z_row.to(tl.float32) - 24.0 * s
+        if PAIRS:
+            acc = dot_acc(acc, fragment_tile_pairs(q, s_row, z_row, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
+        elif GATHER_X:
+            acc = dot_acc(acc, fragment_tile(q, s16, z24, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
         elif FULL_DQ:
             if SPLIT_X:
                 x0, x1, x2, x3, x4, x5, x6, x7 = split_by_code(xt, BLOCK_M, WORDS)
-                acc = dot_acc(acc, unit_plus_code(q, 0, ONE_BITS) * s16[:, None] + z24[:, None], x0, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 1, ONE_BITS) * s16[:, None] + z24[:, None], x1, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 2, ONE_BITS) * s16[:, None] + z24[:, None], x2, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 3, ONE_BITS) * s16[:, None] + z24[:, None], x3, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 4, ONE_BITS) * s16[:, None] + z24[:, None], x4, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 5, ONE_BITS) * s16[:, None] + z24[:, None], x5, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 6, ONE_BITS) * s16[:, None] + z24[:, None], x6, SWAP, DOT_FP32)
-                acc = dot_acc(acc, unit_plus_code(q, 7, ONE_BITS) * s16[:, None] + z24[:, None], x7, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 0, ONE_BITS) * s16 + z24, x0, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 1, ONE_BITS) * s16 + z24, x1, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 2, ONE_BITS) * s16 + z24, x2, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 3, ONE_BITS) * s16 + z24, x3, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 4, ONE_BITS) * s16 + z24, x4, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 5, ONE_BITS) * s16 + z24, x5, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 6, ONE_BITS) * s16 + z24, x6, SWAP, DOT_FP32)
+                acc = dot_acc(acc, unit_plus_code(q, 7, ONE_BITS) * s16 + z24, x7, SWAP, DOT_FP32)
             else:
-                acc = dot_acc(acc, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS) * s16[:, None] + z24[:, None],
+                acc = dot_acc(acc, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS) * s16 + z24,
                               xt, SWAP, DOT_FP32)
         else:
             xs = tl.sum(xt.to(tl.float32), axis=1)
@@ -334,9 +418,9 @@ def _w4a16_gemm_kernel(
             else:
                 d = dot_acc(d, units_plus_codes(q, BLOCK_N, WORDS, ONE_BITS), xt, SWAP, DOT_FP32)
             if SWAP:
-                acc += d * s16[:, None] + z24[:, None] * xs[None, :]
+                acc += d * s16 + z24 * xs[None, :]
             else:
-                acc += d * s16[None, :] + xs[:, None] * z24[None, :]
+                acc += d * tl.trans(s16) + xs[:, None] * tl.trans(z24)
     gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
                 SWAP)
 
@@ -401,7 +485,7 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
         # columns cost more than the shared-memory round trip saves); programs along M first past 64
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
-        form = dict(GATHER_X=True) if m <= 16 else dict(FULL_DQ=True)
+        form = dict(GATHER_X=True, PAIRS=True) if m <= 16 else dict(FULL_DQ=True)
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split_k(programs, n_groups, device), SWAP=True,
                     M_FAST=m > 64, num_warps=4, num_stages=3, **form)
     return dict(path="dequant")
@@ -432,7 +516,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                                             PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True,
                                             LOOP_STAGES=stages, num_warps=warps, num_stages=3))
     if m >= 2 and dtype != torch.float32:
-        forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, GATHER_X=True)]
+        forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, GATHER_X=True),
+                 dict(SWAP=True, GATHER_X=True, PAIRS=True), dict(SWAP=True, FULL_DQ=True, PREFETCH=True)]
         if group_size >= SPLIT_X_MIN_GROUP:
             forms += [dict(SWAP=swap, SPLIT_X=True, FULL_DQ=full) for swap, full in ((False, False), (True, False),
                                                                                     (True, True))]
@@ -471,7 +556,11 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         kernel = _w4a16_gemm_kernel
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
                      FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False),
-                     GATHER_X=params.pop("GATHER_X", False))
+                     GATHER_X=params.pop("GATHER_X", False), PREFETCH=params.pop("PREFETCH", False))
+        # the packed 16-bit form needs inline PTX (not the interpreter) and one 16-bit dtype for x, scale and zero
+        extra["PAIRS"] = (params.pop("PAIRS", False) and extra["GATHER_X"] and not extra["DOT_FP32"]
+                          and x.dtype == scale.dtype == zero.dtype)
+        extra["EVEN_K"] = k % group_size == 0
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,

@@ -66,6 +66,27 @@ def byte_value(q, J: tl.constexpr):
 
 
 @triton.jit
+def fragment_columns(COLUMNS: tl.constexpr):
+    """The column of x that each column c of a fragment_tile multiplies: 4w + j for byte j = (c3 c0) of word
+    w = (c >> 4, c2 c1) in binary (pairs of consecutive columns, which the software pipeline copies 4 bytes at a
+    time)."""
+    c = tl.arange(0, COLUMNS)
+    return 16 * (c // 16) + 4 * ((c // 2) % 4) + 2 * ((c // 8) % 2) + c % 2
+
+
+@triton.jit
+def fragment_tile(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """The [ROWS, 4 * WORDS] tile of byte values of int32 words q, its columns in fragment order (see
+    fragment_columns): column bits 0 and 3 are register bits of Hopper's MMA left operand and bits 1 and 2 lane
+    bits, so each word's four bytes stay in the thread that feeds them to the MMA, with no pass through shared
+    memory (the W4A16 kernel's fragment_tile does the same for eight codes a word)."""
+    # tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0, j1]
+    t = tl.join(tl.join(byte_value(q, 0), byte_value(q, 1)), tl.join(byte_value(q, 2), byte_value(q, 3)))
+    t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2))
+    return tl.reshape(tl.permute(t, (0, 1, 4, 2, 3)), (ROWS, 4 * WORDS))
+
+
+@triton.jit
 def _w8a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
@@ -107,10 +128,12 @@ def _w8a16_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, M_FAST: tl.constexpr,
+    GATHER_X: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y (SWAP: computed as dot(w, x.T), the converted weight tile in registers as
     # the left operand, in that orientation to the end); each step dots x with 4 * BLOCK_W columns of q as exact
-    # floats; the per-row scale is applied once at the end.
+    # floats; the per-row scale is applied once at the end. GATHER_X (with SWAP): the tile in fragment order
+    # (fragment_tile), x's columns gathered to match.
     pid_k = tl.program_id(2)
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     offs_w = tl.arange(0, BLOCK_W)
@@ -119,15 +142,21 @@ def _w8a16_gemm_kernel(
     n_steps = tl.cdiv(n_words, BLOCK_W)
     per_split = tl.cdiv(n_steps, split_k)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
+    if GATHER_X:
+        offs_k = fragment_columns(4 * BLOCK_W)
     for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
         k = step * 4 * BLOCK_W + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
         words = step * BLOCK_W + offs_w
         q = tl.load(q_ptr + rows[:, None] * stride_qn + words[None, :], mask=(words < n_words)[None, :], other=0)
-        # tl.join appends its choice as the last axis: t[..., a, b] = byte 2a + b.
-        w = tl.join(tl.join(byte_value(q, 0), byte_value(q, 2)), tl.join(byte_value(q, 1), byte_value(q, 3)))
-        acc = dot_acc(acc, tl.reshape(w, (BLOCK_N, 4 * BLOCK_W)), xt, SWAP, DOT_FP32)
+        if GATHER_X:
+            w = fragment_tile(q, BLOCK_N, BLOCK_W)
+        else:
+            # tl.join appends its choice as the last axis: t[..., a, b] = byte 2a + b.
+            w = tl.join(tl.join(byte_value(q, 0), byte_value(q, 2)), tl.join(byte_value(q, 1), byte_value(q, 3)))
+            w = tl.reshape(w, (BLOCK_N, 4 * BLOCK_W))
+        acc = dot_acc(acc, w, xt, SWAP, DOT_FP32)
     s = tl.load(s_ptr + rows).to(tl.float32)
     if SWAP:
         acc = acc * s[:, None]
@@ -197,10 +226,10 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
-                    for swap in (False, True):
+                    for form in (dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, GATHER_X=True)):
                         for stages in (3, 4):
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32,
-                                            SPLIT_K=split, SWAP=swap, num_warps=4, num_stages=stages))
+                                            SPLIT_K=split, num_warps=4, num_stages=stages, **form))
     return out
 
 
@@ -221,7 +250,8 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     else:
         grid = gemm_grid(m, n, params, split)
         kernel = _w8a16_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False))
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False),
+                     GATHER_X=params.pop("GATHER_X", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters,

@@ -22,13 +22,15 @@ NF4 = dict(x_ptr="*bf16", q_ptr="*i32", sq_ptr="*i8", f_ptr="*fp32", mean_ptr="*
 W8 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 CASES = [
     (w4a16._w4a16_gemm_kernel, W4, dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False,
-                                        SWAP=True, SPLIT_X=False, FULL_DQ=True, M_FAST=True, GATHER_X=False), True),
+                                        SWAP=True, SPLIT_X=False, FULL_DQ=True, M_FAST=True, GATHER_X=False,
+                                        PREFETCH=True, PAIRS=False, EVEN_K=False), True),
     (w4a16._w4a16_gemm_kernel, W4, dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False,
-                                        SWAP=True, SPLIT_X=False, FULL_DQ=False, M_FAST=False, GATHER_X=True), True),
+                                        SWAP=True, SPLIT_X=False, FULL_DQ=False, M_FAST=False, GATHER_X=True,
+                                        PREFETCH=False, PAIRS=True, EVEN_K=True), True),
     (w4a16._w4a16_gemv_kernel, W4, dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True,
                                         PREFETCH=False, REDUCE_W=True, COARSE=True, XVEC=True, LOOP_STAGES=3), False),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,
-                                        DOT_FP32=False, SWAP=True, M_FAST=False), True),
+                                        DOT_FP32=False, SWAP=True, M_FAST=False, GATHER_X=True), True),
     (nf4._nf4_gemm_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_M=64, BLOCK_N=64, SPLIT=False, HAS_BIAS=False,
                                      DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False), True),
     (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",

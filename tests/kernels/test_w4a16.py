@@ -40,8 +40,10 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=False, num_warps=2, num_stages=1)]
     configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, FULL_DQ=True, M_FAST=m_fast,
                      num_warps=2, num_stages=1) for swap, split, m_fast in ((True, 2, True), (False, 1, False))]
-    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, GATHER_X=True, num_warps=2,
-                     num_stages=1) for swap, split in ((True, 2), (False, 1))]
+    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, GATHER_X=True, PREFETCH=prefetch,
+                     num_warps=2, num_stages=1) for swap, split, prefetch in ((True, 2, True), (False, 1, False))]
+    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, FULL_DQ=True, PREFETCH=True,
+                     num_warps=2, num_stages=1)]
     if g >= w4a16.SPLIT_X_MIN_GROUP:
         configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, FULL_DQ=full,
                          num_warps=2, num_stages=1) for swap in (False, True) for full in (False, True)]
@@ -71,6 +73,23 @@ def test_strided_x_mixed_weight_dtype_no_bias(m):
 @pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter gets bf16 tl.dot wrong (triton issue 11584)")
 def test_bf16_activations():
     run_all_paths(5, 40, 200, 64, torch.bfloat16, torch.bfloat16, bias=True, strided=False)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("m,k,g", [(2, 256, 128), (5, 300, 64), (16, 512, 32), (40, 1024, 256)])
+def test_fragment_order_and_packed_pairs(m, k, g, x_dtype):
+    # The GEMM's fragment-ordered tile with x's columns gathered, in fp32 and (on CUDA, weights in x's dtype) in
+    # packed 16-bit pairs; ragged K takes the masked loads. Sizes stay small on CPU, where the interpreter runs.
+    n = 192 if DEVICE == "cuda" else 24
+    q, scale, zero = weight(n, k, g, x_dtype)
+    x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
+    b = torch.randn(n, device=DEVICE, dtype=x_dtype)
+    want = w4a16_linear_ref(x, q, scale, zero, g, b)
+    for block_n, warps, split, pairs in ((64, 4, 1, True), (128, 8, 3, True), (64, 4, 2, False)):
+        config = dict(path="gemm", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
+                      GATHER_X=True, PAIRS=pairs, num_warps=warps, num_stages=3)
+        y = w4a16.w4a16_linear_triton(x, q, scale, zero, g, b, config=config)
+        assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
 
 
 def test_split_k_repeats_exactly():

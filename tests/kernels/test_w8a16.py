@@ -24,6 +24,10 @@ def run_all_paths(m, n, k, x_dtype, w_dtype, bias, strided):
                dict(path="gemv", BLOCK_N=8, BLOCK_W=4, SPLIT_K=3, num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=1, SWAP=False, M_FAST=True, num_warps=2,
+                    num_stages=1),
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, GATHER_X=True, num_warps=2,
+                    num_stages=1),
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=8, SPLIT_K=1, SWAP=True, GATHER_X=True, num_warps=2,
                     num_stages=1)]
     for config in configs:
         if config["path"] == "gemv" and m > 3:
