@@ -480,14 +480,19 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
                     PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3,
                     num_warps=1 if long_rows else 2, num_stages=3)
     if path == "gemm":
-        # the H200 searches' winners: one dequantized tile a step, 64 rows of w; up to 16 rows of x that tile in
-        # fragment order (1.1-1.3x the x-ordered tile's speed there, slower from 64 rows up, where x's gathered
-        # columns cost more than the shared-memory round trip saves); programs along M first past 64
+        # the H200 searches' winners: one dequantized tile a step; up to 32 rows of x the fragment-ordered tile in
+        # packed 16-bit pairs (64 rows of w on 4 warps, 128 on 8 past 16 rows of x), from 33 rows the x-ordered
+        # tile with its scales prefetched (x's gathered columns then cost more than the shared-memory round trip of
+        # the x-ordered tile); programs along M first past 64
         block_m = min(128, max(16, triton.next_power_of_2(m)))
-        programs = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
-        form = dict(GATHER_X=True, PAIRS=True) if m <= 16 else dict(FULL_DQ=True)
-        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split_k(programs, n_groups, device), SWAP=True,
-                    M_FAST=m > 64, num_warps=4, num_stages=3, **form)
+        if m <= 32:
+            block_n, warps = (64, 4) if m <= 16 else (128, 8)
+            form = dict(GATHER_X=True, PAIRS=True)
+        else:
+            block_n, warps, form = 64, 4, dict(FULL_DQ=True, PREFETCH=True)
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k(programs, n_groups, device),
+                    SWAP=True, M_FAST=m > 64, num_warps=warps, num_stages=3, **form)
     return dict(path="dequant")
 
 

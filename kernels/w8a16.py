@@ -208,8 +208,9 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
         block_n, block_w = 64, 32
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = split_k(programs, triton.cdiv(n_words, block_w), device)
+        # up to 32 rows of x the fragment-ordered tile (H200: 1.15x bf16 at 16 rows of 8192 x 28672, from 0.84x)
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, SWAP=True,
-                    num_warps=4, num_stages=3)
+                    GATHER_X=m <= 32, num_warps=4, num_stages=3)
     return dict(path="dequant")
 
 
@@ -224,12 +225,12 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
                                     num_stages=3))
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
-            for block_n in (32, 64, 128):
+            for block_n, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
                 for split in (1, 2, 4, 8):
                     for form in (dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, GATHER_X=True)):
                         for stages in (3, 4):
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32,
-                                            SPLIT_K=split, num_warps=4, num_stages=stages, **form))
+                                            SPLIT_K=split, num_warps=warps, num_stages=stages, **form))
     return out
 
 
