@@ -129,11 +129,9 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
         # kernels below then see an ordinary weight
         x = x.index_select(-1, perm)
         t = {name: v for name, v in t.items() if name != "perm"}
-    # every grid runs on the tinygemm kernels through its float zero: the stored one ("float"), else a small fp32
-    # [N, Kp/g] tensor derived on each call, (8 - z) * scale for "int" and 0 for "none" (Int4WeightOnly.kernel_zero)
+    # the CUDA kernels read every grid as stored: a float zero, uint8 zero points, or none
     if x.is_cuda:
-        zero = scheme.kernel_zero(t)
-        return w4a16.w4a16_linear(x, t["qdata"], t["scale"], zero, scheme.group_size, bias)
+        return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t.get("zero"), scheme.group_size, bias)
     # the CPU kernel takes the zeros in x's dtype: (8 - z) * scale rounded to fp16/bf16 is no longer exact, so the
     # integer grid takes the packed kernel for fp32 activations only (0, the symmetric grid's zero, is exact)
     packed_exact = scheme.zero_point != "int" or x.dtype == torch.float32

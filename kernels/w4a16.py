@@ -1,9 +1,15 @@
 """W4A16: int4 groupwise weights (tinygemm convention) times fp16/bf16/fp32 activations.
 
-y = x @ w[:, :K].T + bias,  w[n, k] = (code[n, k] - 8) * scale[n, k // g] + zero[n, k // g]
+y = x @ w[:, :K].T + bias, on one of three grids, by what ``zero`` is:
+
+- a float tensor (tinygemm's grid): w[n, k] = (code[n, k] - 8) * scale[n, k // g] + zero[n, k // g];
+- a uint8 tensor of integer zero points (GPTQ's): w[n, k] = (code[n, k] - zero[n, k // g]) * scale[n, k // g];
+- None (symmetric): w[n, k] = (code[n, k] - 8) * scale[n, k // g].
 
 Layout (as stored; docs/file-format.md): ``qdata`` uint8 [N, Kp/2], byte j of row n = (code[2j] << 4) | code[2j+1];
-``scale`` and ``zero`` [N, Kp/g] in the weight's dtype; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}.
+``scale`` (and ``zero``) [N, Kp/g]; Kp = K rounded up to the group ``g`` in {32, 64, 128, 256}. The kernels see
+every grid as tinygemm's: the integer grid's float zero is (8 - zero) * scale, exact in fp32 for 16-bit scales,
+derived inside the kernels (nothing is built per call), and the symmetric grid is the integer one with zero 8.
 
 Three paths, picked per shape by ``w4a16_linear_triton`` (the selector's table, or a tuned choice):
 ``gemv`` for a few rows of x (fp32 FMA per element, split-K; ``REDUCE_W`` keeps one accumulator per row and
@@ -43,10 +49,13 @@ def check_w4a16(x, qdata, scale, zero, group_size, bias) -> None:
         raise ValueError(f"qdata must be uint8 [N, {kp // 2}] for K={k}, g={group_size}; got "
                          f"{qdata.dtype} of shape {tuple(qdata.shape)}")
     n = qdata.shape[0]
-    for name, t in (("scale", scale), ("zero", zero)):
-        if t.shape != (n, kp // group_size) or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a float tensor of shape {(n, kp // group_size)}, got "
-                             f"{t.dtype} of shape {tuple(t.shape)}")
+    groups = (n, kp // group_size)
+    if scale.shape != groups or scale.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"scale must be a float tensor of shape {groups}, got {scale.dtype} of shape "
+                         f"{tuple(scale.shape)}")
+    if zero is not None and (zero.shape != groups or zero.dtype not in FLOAT_DTYPES + (torch.uint8,)):
+        raise ValueError(f"zero must be a float or uint8 tensor of shape {groups} (or None), got {zero.dtype} "
+                         f"of shape {tuple(zero.shape)}")
     if bias is not None and (bias.shape != (n,) or bias.dtype not in FLOAT_DTYPES):
         raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} of shape {tuple(bias.shape)}")
     for name, t in (("qdata", qdata), ("scale", scale), ("zero", zero), ("bias", bias)):
@@ -55,11 +64,16 @@ def check_w4a16(x, qdata, scale, zero, group_size, bias) -> None:
 
 
 def w4a16_dequantize_ref(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g], computed in fp32, then cast: [N, k] in dtype."""
+    """w on the grid ``zero`` names (see the module), computed in fp32, then cast: [N, k] in dtype."""
     codes = unpack_uint4(qdata).float()
     s = scale.float().repeat_interleave(group_size, dim=1)
-    z = zero.float().repeat_interleave(group_size, dim=1)
-    return ((codes - 8) * s + z)[:, :k].to(dtype)
+    if zero is None:
+        w = (codes - 8) * s
+    elif zero.dtype == torch.uint8:
+        w = (codes - zero.float().repeat_interleave(group_size, dim=1)) * s
+    else:
+        w = (codes - 8) * s + zero.float().repeat_interleave(group_size, dim=1)
+    return w[:, :k].to(dtype)
 
 
 def w4a16_linear_ref(x, qdata, scale, zero, group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -119,22 +133,55 @@ def coarse_unit(q, J: tl.constexpr, one_bits):
 
 
 
+# How a kernel reads ``zero``: float zeros, integer zero points, or none stored (the integer grid with zero 8).
+FLOAT_ZERO: tl.constexpr = tl.constexpr(0)
+INT_ZERO: tl.constexpr = tl.constexpr(1)
+NO_ZERO: tl.constexpr = tl.constexpr(2)
+
+
+def zero_kind(zero: Optional[torch.Tensor]) -> int:
+    """The kernels' ZERO argument for a ``zero`` tensor: FLOAT_ZERO, INT_ZERO (uint8) or NO_ZERO (None)."""
+    if zero is None:
+        return NO_ZERO.value
+    return INT_ZERO.value if zero.dtype == torch.uint8 else FLOAT_ZERO.value
+
+
+@triton.jit
+def load_zero(z_ptr, offsets, mask, ZERO: tl.constexpr):
+    """The stored zeros at z_ptr + offsets as loaded (float, or uint8 zero points), 8 where none are stored."""
+    if ZERO == NO_ZERO:
+        return tl.full(offsets.shape, 8, tl.uint8)
+    elif mask is None:
+        return tl.load(z_ptr + offsets)
+    else:
+        return tl.load(z_ptr + offsets, mask=mask, other=0)
+
+
+@triton.jit
+def float_zero(z, s, ZERO: tl.constexpr):
+    """The fp32 zero of tinygemm's grid, w = (code - 8) * s + zero, from load_zero's z and fp32 scales s."""
+    if ZERO == FLOAT_ZERO:
+        return z.to(tl.float32)
+    else:
+        return (8.0 - z.to(tl.float32)) * s
+
+
 @triton.jit
 def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS: tl.constexpr,
-                     WORDS: tl.constexpr, EVEN_K: tl.constexpr):
-    # The codes [BLOCK_N, GROUPS, WORDS], scales and zeros [BLOCK_N, GROUPS] of one step.
+                     WORDS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr):
+    # The codes [BLOCK_N, GROUPS, WORDS], fp32 scales and float zeros [BLOCK_N, GROUPS] of one step.
     grp = step * GROUPS + offs_g
     words = grp[:, None] * WORDS + offs_w[None, :]
     if EVEN_K:
         q = tl.load(q_rows + words[None, :, :])
-        s = tl.load(s_rows + grp[None, :])
-        z = tl.load(z_rows + grp[None, :])
+        s = tl.load(s_rows + grp[None, :]).to(tl.float32)
+        z = load_zero(z_rows, grp[None, :], None, ZERO)
     else:
         g_mask = grp < n_groups
         q = tl.load(q_rows + words[None, :, :], mask=g_mask[None, :, None], other=0)
-        s = tl.load(s_rows + grp[None, :], mask=g_mask[None, :], other=0.0)
-        z = tl.load(z_rows + grp[None, :], mask=g_mask[None, :], other=0.0)
-    return q, s, z
+        s = tl.load(s_rows + grp[None, :], mask=g_mask[None, :], other=0.0).to(tl.float32)
+        z = load_zero(z_rows, grp[None, :], g_mask[None, :], ZERO)
+    return q, s, float_zero(z, s, ZERO)
 
 
 @triton.jit
@@ -143,7 +190,7 @@ def _w4a16_gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
-    COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
@@ -173,14 +220,15 @@ def _w4a16_gemv_kernel(
     z_rows = z_ptr + rows[:, None] * stride_zn
     if PREFETCH:
         q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(first, n_steps - 1), offs_g,
-                                                  offs_w, n_groups, GROUPS, WORDS, EVEN_K)
+                                                  offs_w, n_groups, GROUPS, WORDS, EVEN_K, ZERO)
     for step in tl.range(first, last + 1, num_stages=LOOP_STAGES):
         if PREFETCH:
             q, s, z = q_next, s_next, z_next
             q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(step + 1, last), offs_g,
-                                                      offs_w, n_groups, GROUPS, WORDS, EVEN_K)
+                                                      offs_w, n_groups, GROUPS, WORDS, EVEN_K, ZERO)
         else:
-            q, s, z = _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS, WORDS, EVEN_K)
+            q, s, z = _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS, WORDS, EVEN_K,
+                                       ZERO)
         words = (step * GROUPS + offs_g)[:, None] * WORDS + offs_w[None, :]
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
@@ -211,14 +259,13 @@ def _w4a16_gemv_kernel(
         else:
             unit = 16.0
             xu_sum = x_sum  # the fine units need no weighting of x
-        s = s.to(tl.float32)
         # sum over the step of x * (code - 8) * s + x * z = unit s (part - sum(xu)) + (z - 8 s) sum(x)
         x_group = tl.sum(x_sum, axis=1)
         if REDUCE_W:
             acc += (tl.sum(part, axis=2) - tl.sum(xu_sum, axis=1)[None, :]) * (unit * s)
         else:
             acc += (part - xu_sum[None, :, :]) * (unit * s)[:, :, None]
-        acc_zero += (z.to(tl.float32) - 8.0 * s) * x_group[None, :]
+        acc_zero += (z - 8.0 * s) * x_group[None, :]
     if REDUCE_W:
         y = tl.sum(acc + acc_zero, axis=1)
     else:
@@ -272,53 +319,69 @@ def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
 # 1024 in fp16, where the float's step is 1, so the code lands in the low mantissa bits exactly). prmt puts byte b
 # of (word >> 4) in the low half and byte b of the word in the high half, so one mask leaves code 2b (the byte's
 # high nibble) in the low half and code 2b + 1 in the high half: the order of k. Then two packed fused
-# multiply-adds: (magic + code) - (magic + 8), exact, then (code - 8) * scale + zero, rounded once.
+# multiply-adds: (magic + code) + off, exact, then times scale plus zero, rounded once (pair_offsets gives off and
+# zero: -(magic + 8) and the float zero, or -(magic + zero point) and 0).
 _PAIRS_PTX = """{
 .reg .b32 h, t, one, off;
 mov.b32 one, ONE;
-mov.b32 off, OFF;
 shr.u32 h, $4, 4;
 prmt.b32 t, $4, h, 0x0004;
 and.b32 t, t, 0x000F000F;
 or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE t, t, one, $8;
 fma.rn.TYPE $0, t, $6, $7;
 prmt.b32 t, $4, h, 0x0105;
 and.b32 t, t, 0x000F000F;
 or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE t, t, one, $8;
 fma.rn.TYPE $1, t, $6, $7;
 prmt.b32 t, $4, h, 0x0206;
 and.b32 t, t, 0x000F000F;
 or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE t, t, one, $8;
 fma.rn.TYPE $2, t, $6, $7;
 prmt.b32 t, $4, h, 0x0307;
 and.b32 t, t, 0x000F000F;
 or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, off;
+fma.rn.TYPE t, t, one, $8;
 fma.rn.TYPE $3, t, $6, $7;
 }"""
-PAIRS_BF16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3F803F80").replace("OFF", "0xC308C308")
+PAIRS_BF16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3F803F80")
                                         .replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2"))
-PAIRS_FP16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3C003C00").replace("OFF", "0xE408E408")
+PAIRS_FP16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3C003C00")
                                         .replace("MAGIC", "0x64006400").replace("TYPE", "f16x2"))
 
 
 @triton.jit
-def fragment_tile_pairs(q, s, z, ROWS: tl.constexpr, WORDS: tl.constexpr):
-    """fragment_tile's tile computed in 16-bit pairs, w = (code - 8) * s + z rounded once to s's dtype (fp16 or
-    bf16, z's and x's too): two codes per packed multiply-add instead of one fp32 multiply-add and half a
-    conversion per code (CUDA only: inline PTX; s and z are [ROWS, 1])."""
+def pair_offsets(s, z, ZERO: tl.constexpr):
+    """(off, zero) for fragment_tile_pairs from the [ROWS, 1] scales s (fp16 or bf16) and load_zero's z: with
+    magic the 16-bit float whose step is 1 (1024 in fp16, 128 in bf16), -(magic + 8) and the float zero on
+    tinygemm's grid, -(magic + zero point) and 0 on the integer grid; each exact in s's dtype."""
+    if s.dtype == tl.float16:
+        magic = 1024.0
+    else:
+        magic = 128.0
+    if ZERO == FLOAT_ZERO:
+        return (s.to(tl.float32) * 0.0 - (magic + 8.0)).to(s.dtype), z
+    else:
+        return (-magic - z.to(tl.float32)).to(s.dtype), (s.to(tl.float32) * 0.0).to(s.dtype)
+
+
+@triton.jit
+def fragment_tile_pairs(q, s, z, off, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """fragment_tile's tile computed in 16-bit pairs, w = (code + magic + off) * s + z rounded once to s's dtype
+    (fp16 or bf16; z's, off's and x's too; see pair_offsets): two codes per packed multiply-add instead of one
+    fp32 multiply-add and half a conversion per code (CUDA only: inline PTX; s, z and off are [ROWS, 1])."""
     q2 = tl.join(q, q)
     s2 = tl.broadcast_to(tl.join(s, s), (ROWS, WORDS, 2))
     z2 = tl.broadcast_to(tl.join(z, z), (ROWS, WORDS, 2))
+    off2 = tl.broadcast_to(tl.join(off, off), (ROWS, WORDS, 2))
     if s.dtype == tl.float16:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_FP16, "=r,=r,=r,=r,r,r,r,r", [q2, s2, z2],
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_FP16, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
                                                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                                    is_pure=True, pack=2)
     else:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_BF16, "=r,=r,=r,=r,r,r,r,r", [q2, s2, z2],
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_BF16, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
                                                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                                    is_pure=True, pack=2)
     # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0,
@@ -335,7 +398,7 @@ def _w4a16_gemm_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
     FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one group of K per step. With units u = 1 + code/16 (exact in bf16 and
     # fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is dequantized that way (one FMA an element) and
@@ -346,8 +409,8 @@ def _w4a16_gemm_kernel(
     # order (fragment_tile), x's columns gathered in the same order. PREFETCH: each step loads the next step's
     # scales and zeros, whose latency the step's work then hides (the compiler's software pipeline copies the codes
     # and x ahead, but not these: two bytes a row are too few for its asynchronous copies). PAIRS (with GATHER_X,
-    # CUDA, scales, zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is a whole
-    # number of groups, so x's loads need no mask along K.
+    # CUDA, scales, float zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is a
+    # whole number of groups, so x's loads need no mask along K. ZERO: the grid (FLOAT_ZERO, INT_ZERO, NO_ZERO).
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -362,7 +425,7 @@ def _w4a16_gemm_kernel(
     last = tl.minimum(first + per_split, n_groups) - 1
     if PREFETCH:
         s_next = tl.load(s_ptr + rows[:, None] * stride_sn + tl.minimum(first, n_groups - 1))
-        z_next = tl.load(z_ptr + rows[:, None] * stride_zn + tl.minimum(first, n_groups - 1))
+        z_next = load_zero(z_ptr, rows[:, None] * stride_zn + tl.minimum(first, n_groups - 1), None, ZERO)
     for g in range(first, last + 1):
         k = g * GROUP + offs_k
         if EVEN_K:
@@ -376,16 +439,17 @@ def _w4a16_gemm_kernel(
             s_row = s_next
             z_row = z_next
             s_next = tl.load(s_ptr + rows[:, None] * stride_sn + tl.minimum(g + 1, last))
-            z_next = tl.load(z_ptr + rows[:, None] * stride_zn + tl.minimum(g + 1, last))
+            z_next = load_zero(z_ptr, rows[:, None] * stride_zn + tl.minimum(g + 1, last), None, ZERO)
         else:
             s_row = tl.load(s_ptr + rows[:, None] * stride_sn + g)
-            z_row = tl.load(z_ptr + rows[:, None] * stride_zn + g)
+            z_row = load_zero(z_ptr, rows[:, None] * stride_zn + g, None, ZERO)
         # [BLOCK_N, 1] columns: the weight tile's row factors
         s = s_row.to(tl.float32)
         s16 = 16.0 * s
-        z24 = z_row.to(tl.float32) - 24.0 * s
+        z24 = float_zero(z_row, s, ZERO) - 24.0 * s
         if PAIRS:
-            acc = dot_acc(acc, fragment_tile_pairs(q, s_row, z_row, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
+            off, z_pair = pair_offsets(s_row, z_row, ZERO)
+            acc = dot_acc(acc, fragment_tile_pairs(q, s_row, z_pair, off, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
         elif GATHER_X:
             acc = dot_acc(acc, fragment_tile(q, s16, z24, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
         elif FULL_DQ:
@@ -427,7 +491,7 @@ def _w4a16_gemm_kernel(
 
 @triton.jit
 def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn, stride_zn,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr):
     # BLOCK int32 words of qdata in row-major order, each to its eight columns w[n, 8v .. 8v + 7] (one 16-byte store
     # for 16-bit w when K is a multiple of 8). Flat over words, so the loads and stores of a program are contiguous
     # runs whatever N and K are: on an H200 this runs 8192 x 28672 in 162 us against 301 us for [rows, words]
@@ -439,7 +503,7 @@ def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn
     v = offs % row_words
     grp = v // (GROUP // 8)
     s = tl.load(s_ptr + n * stride_sn + grp, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + n * stride_zn + grp, mask=mask, other=0.0).to(tl.float32)
+    z = float_zero(load_zero(z_ptr, n * stride_zn + grp, mask, ZERO), s, ZERO)
     shifts = (tl.arange(0, 8) ^ 1) * 4
     codes = (((q[:, None] >> shifts[None, :]) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     w = codes * s[:, None] + z[:, None]
@@ -454,15 +518,16 @@ def _words(qdata: torch.Tensor) -> torch.Tensor:
 
 def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype, *, block: int = 1024,
                      num_warps: int = 4) -> torch.Tensor:
-    """w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g] in fp32, then cast: [N, k] in dtype (Triton).
+    """w on the grid ``zero`` names (see the module) in fp32, then cast: [N, k] in dtype (Triton).
 
     Each program dequantizes ``block`` int32 words (8 * block codes)."""
     n = qdata.shape[0]
     row_words = qdata.shape[1] // 4
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     _w4a16_dequant_kernel[(triton.cdiv(n * row_words, block),)](
-        _words(qdata), scale, zero, w, n, k, row_words, scale.stride(0), zero.stride(0), GROUP=group_size,
-        BLOCK=block, num_warps=num_warps)
+        _words(qdata), scale, scale if zero is None else zero, w, n, k, row_words, scale.stride(0),
+        scale.stride(0) if zero is None else zero.stride(0), GROUP=group_size, BLOCK=block, ZERO=zero_kind(zero),
+        num_warps=num_warps)
     return w
 
 
@@ -562,15 +627,18 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
                      FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False),
                      GATHER_X=params.pop("GATHER_X", False), PREFETCH=params.pop("PREFETCH", False))
-        # the packed 16-bit form needs inline PTX (not the interpreter) and one 16-bit dtype for x, scale and zero
+        # the packed 16-bit form needs inline PTX (not the interpreter) and one 16-bit dtype for x, scale and a
+        # float zero
+        float_zero_dtype = x.dtype if zero is None or zero.dtype == torch.uint8 else zero.dtype
         extra["PAIRS"] = (params.pop("PAIRS", False) and extra["GATHER_X"] and not extra["DOT_FP32"]
-                          and x.dtype == scale.dtype == zero.dtype)
+                          and x.dtype == scale.dtype == float_zero_dtype)
         extra["EVEN_K"] = k % group_size == 0
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
     kernel[grid](
-        x, _words(qdata), scale, zero, bias if bias is not None else y, y, ws, counters,
-        m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), zero.stride(0), y.stride(0),
-        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
+        x, _words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
+        m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
+        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, ZERO=zero_kind(zero), **extra, **params,
     )
     return y
 
@@ -598,9 +666,9 @@ def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[t
 
 
 @torch.library.custom_op("aofunc::w4a16_linear", mutates_args=())
-def w4a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ w.T + bias, w[n, k] = (code - 8) * scale[n, k // g] + zero[n, k // g]: y [M, N] in x.dtype.
+def w4a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                 group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ w.T + bias, w on the grid ``zero`` names (see the module): y [M, N] in x.dtype.
 
     One opaque op for ``torch.compile``: Triton kernels on CUDA, the fp32 reference twin elsewhere.
     """

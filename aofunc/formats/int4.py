@@ -143,7 +143,7 @@ class Int4WeightOnly(Scheme):
         return P.dequantize_int4_asymmetric(q, tensors["scale"], tensors["zero"], k, dtype)
 
     def kernel_zero(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The float zero [N, Kp/g] of the tinygemm grid that the W4A16 kernels take, w = (q - 8) * scale + zero:
+        """The float zero [N, Kp/g] of the tinygemm grid that torch's CPU int4 kernel takes, w = (q - 8) * scale + zero:
         the stored zero for "float"; (8 - z) * scale in float32 for "int" and 0 for "none". For scales in bf16 or
         fp16 both products are exact in float32, so (q - 8) * scale + zero is exactly (q - z) * scale."""
         if self.zero_point == "float":

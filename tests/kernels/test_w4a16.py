@@ -11,20 +11,24 @@ from aofunc.kernels.w4a16 import w4a16_dequantize, w4a16_dequantize_ref, w4a16_l
 from tests.kernels.devices import DEVICE
 
 
-def weight(n, k, g, dtype=torch.float32, device=DEVICE):
+def weight(n, k, g, dtype=torch.float32, device=DEVICE, grid="float"):
+    """Random codes, scales and zeros of one grid: float zeros, uint8 zero points ("int") or none stored."""
     kp = -(-k // g) * g
     q = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, device=device)
     scale = (torch.rand(n, kp // g, device=device) * 0.1 + 0.01).to(dtype)
-    zero = (torch.randn(n, kp // g, device=device) * 0.1).to(dtype)
-    return q, scale, zero
+    if grid == "int":
+        return q, scale, torch.randint(0, 16, (n, kp // g), dtype=torch.uint8, device=device)
+    if grid == "none":
+        return q, scale, None
+    return q, scale, (torch.randn(n, kp // g, device=device) * 0.1).to(dtype)
 
 
-def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
-    q, scale, zero = weight(n, k, g, w_dtype)
+def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided, grid="float"):
+    q, scale, zero = weight(n, k, g, w_dtype, grid=grid)
     x = torch.randn(m, 2 * k if strided else k, device=DEVICE, dtype=x_dtype)
     x = x[:, ::2] if strided else x
     b = torch.randn(n, device=DEVICE, dtype=x_dtype) if bias else None
-    inputs = [t.clone() for t in (x, q, scale, zero)]
+    inputs = [t.clone() for t in (x, q, scale, zero) if t is not None]
     want = w4a16_linear_ref(x, q, scale, zero, g, b)
     configs = [w4a16.default_config(m, n, k, g, x_dtype, x.device), dict(path="dequant"),
                dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=3, PREFETCH=True, num_warps=2, num_stages=1),
@@ -54,7 +58,7 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
         assert y.dtype == x_dtype and y.shape == (m, n)
         err = autotune.relative_error(y, want)
         assert err <= w4a16.tolerance(x_dtype), (config, err)
-    for before, after in zip(inputs, (x, q, scale, zero)):
+    for before, after in zip(inputs, [t for t in (x, q, scale, zero) if t is not None]):
         assert torch.equal(before, after)  # inputs are never modified
 
 
@@ -63,6 +67,13 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
 def test_kernels_equal_twin(m, n, k, g, x_dtype):
     run_all_paths(m, n, k, g, x_dtype, torch.float32, bias=True, strided=False)
+
+
+@pytest.mark.parametrize("grid", ["int", "none"])
+@pytest.mark.parametrize("m,n,k,g", [(1, 17, 40, 32), (3, 33, 64, 32), (18, 20, 300, 128)])
+def test_integer_and_symmetric_grids_equal_twin(m, n, k, g, grid):
+    # zero points (uint8) and no zero at all: the kernels derive the float zero themselves
+    run_all_paths(m, n, k, g, torch.float16, torch.float16, bias=True, strided=False, grid=grid)
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -76,12 +87,14 @@ def test_bf16_activations():
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-@pytest.mark.parametrize("m,k,g", [(2, 256, 128), (5, 300, 64), (16, 512, 32), (40, 1024, 256)])
-def test_fragment_order_and_packed_pairs(m, k, g, x_dtype):
+@pytest.mark.parametrize("m,k,g,grid", [(2, 256, 128, "float"), (5, 300, 64, "int"), (16, 512, 32, "none"),
+                                         (40, 1024, 256, "float"), (7, 512, 128, "int")])
+def test_fragment_order_and_packed_pairs(m, k, g, grid, x_dtype):
     # The GEMM's fragment-ordered tile with x's columns gathered, in fp32 and (on CUDA, weights in x's dtype) in
-    # packed 16-bit pairs; ragged K takes the masked loads. Sizes stay small on CPU, where the interpreter runs.
+    # packed 16-bit pairs, on each grid; ragged K takes the masked loads. Sizes stay small on CPU, where the
+    # interpreter runs.
     n = 192 if DEVICE == "cuda" else 24
-    q, scale, zero = weight(n, k, g, x_dtype)
+    q, scale, zero = weight(n, k, g, x_dtype, grid=grid)
     x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
     b = torch.randn(n, device=DEVICE, dtype=x_dtype)
     want = w4a16_linear_ref(x, q, scale, zero, g, b)
@@ -103,8 +116,9 @@ def test_split_k_repeats_exactly():
         assert torch.equal(first, second), config
 
 
-def test_dequantize_equals_twin():
-    q, scale, zero = weight(9, 70, 32)
+@pytest.mark.parametrize("grid", ["float", "int", "none"])
+def test_dequantize_equals_twin(grid):
+    q, scale, zero = weight(9, 70, 32, grid=grid)
     for dtype in (torch.float32, torch.float16):
         # (q - 8) * scale + zero: a fused multiply-add on the GPU may round the last bit differently
         torch.testing.assert_close(w4a16_dequantize(q, scale, zero, 32, 70, dtype),
