@@ -321,31 +321,9 @@ def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
 # high nibble) in the low half and code 2b + 1 in the high half: the order of k. Then two packed fused
 # multiply-adds: (magic + code) + off, exact, then times scale plus zero, rounded once (pair_offsets gives off and
 # zero: -(magic + 8) and the float zero, or -(magic + zero point) and 0).
-_PAIRS_PTX = """{
-.reg .b32 h, t, one, off;
-mov.b32 one, ONE;
-shr.u32 h, $4, 4;
-prmt.b32 t, $4, h, 0x0004;
-and.b32 t, t, 0x000F000F;
-or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, $8;
-fma.rn.TYPE $0, t, $6, $7;
-prmt.b32 t, $4, h, 0x0105;
-and.b32 t, t, 0x000F000F;
-or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, $8;
-fma.rn.TYPE $1, t, $6, $7;
-prmt.b32 t, $4, h, 0x0206;
-and.b32 t, t, 0x000F000F;
-or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, $8;
-fma.rn.TYPE $2, t, $6, $7;
-prmt.b32 t, $4, h, 0x0307;
-and.b32 t, t, 0x000F000F;
-or.b32 t, t, MAGIC;
-fma.rn.TYPE t, t, one, $8;
-fma.rn.TYPE $3, t, $6, $7;
-}"""
+_PAIRS_PTX = ("{\n.reg .b32 h, t, one;\nmov.b32 one, ONE;\nshr.u32 h, $4, 4;\n" + "".join(
+    f"prmt.b32 t, $4, h, {(b << 8) | (4 + b):#06x};\nand.b32 t, t, 0x000F000F;\nor.b32 t, t, MAGIC;\n"
+    f"fma.rn.TYPE t, t, one, $8;\nfma.rn.TYPE ${b}, t, $6, $7;\n" for b in range(4)) + "}")
 PAIRS_BF16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3F803F80")
                                         .replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2"))
 PAIRS_FP16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3C003C00")
