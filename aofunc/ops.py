@@ -10,6 +10,7 @@ from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
 from aofunc.formats.qtensor import implements
 from aofunc.kernels import int8_int4, int_mm, nf4, w4a16, w8a8, w8a16
+from aofunc.kernels.selector import Problem, default_path
 
 
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,21 +269,53 @@ def grouped_qlinear(x: torch.Tensor, w: QTensor, offs: torch.Tensor) -> torch.Te
     n, k = w.nk
     if x.shape[-1] != k:
         raise ValueError(f"grouped_mm: {w.describe()} takes inputs of {k} features, got x of shape {tuple(x.shape)}")
+    grouped = _grouped_kernel(x, w, n, k)
+    if grouped is not None:
+        if not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+            _check_offsets(offs.tolist(), x.shape[0], w)  # one read of E offsets; the kernel reads them itself
+        return grouped(offs)
     if torch.compiler.is_compiling():
         # the loop below reads offs on the host (a sync that breaks the graph): traced, the stack is dequantized
         # and torch's grouped product runs on it
         return torch._grouped_mm(x, w.dequantize().to(x.dtype), offs=offs)
     ends = offs.tolist()
+    _check_offsets(ends, x.shape[0], w)
     y = x.new_zeros(x.shape[0], n)
     start = 0
     for e, end in enumerate(ends):
-        if end < start or end > x.shape[0]:
-            raise ValueError(f"grouped_mm: offs must rise from 0 to at most {x.shape[0]} (the rows of x), got "
-                             f"{ends} for {w.describe()}")
         if end > start:
             y[start:end] = qlinear(x[start:end], w.expert(e))
         start = end
     return y
+
+
+def _check_offsets(ends: list[int], rows: int, w: QTensor) -> None:
+    start = 0
+    for end in ends:
+        if end < start or end > rows:
+            raise ValueError(f"grouped_mm: offs must rise from 0 to at most {rows} (the rows of x), got {ends} for "
+                             f"{w.describe()}")
+        start = end
+
+
+def _grouped_kernel(x: torch.Tensor, w: QTensor, n: int, k: int):
+    """offs -> y through the one-launch grouped kernel of w's format, where the kernels' route table sends this
+    problem there (CUDA, 16-bit x, W4A16 without act-order or W8A16); else None."""
+    if not x.is_cuda or x.dim() != 2:
+        return None
+    t, scheme = w.tensors, w.scheme
+    if isinstance(scheme, Int4WeightOnly) and "perm" not in t:
+        fmt, block = "w4a16_experts", scheme.group_size
+    elif isinstance(scheme, Int8WeightOnly):
+        fmt, block = "w8a16_experts", 0
+    else:
+        return None
+    if default_path(fmt, Problem(x.shape[0], n, k, x.dtype, x.device, block)) != "grouped":
+        return None
+    if fmt == "w4a16_experts":
+        return lambda offs: w4a16.w4a16_grouped_linear(x, t["qdata"], t["scale"], t.get("zero"), offs.to(torch.int32),
+                                                       scheme.group_size)
+    return lambda offs: w8a16.w8a16_grouped_linear(x, t["qdata"], t["scale"], offs.to(torch.int32))
 
 
 @implements(torch._grouped_mm)

@@ -86,6 +86,21 @@ def model_table(rows) -> str:
         + ["tokens/s", "bf16 tokens/s", "× bf16"], body)
 
 
+def moe_table(rows) -> str:
+    """One table of a card's stacked-experts rows."""
+    def order(r):
+        return (_format_rank(r["format"]), r["variant"], r["batch"])
+
+    note = (f"commit {_joined(r.get('commit') for r in rows)}. Ratios are bf16 `torch._grouped_mm` time over "
+            "aofunc's (> 1: aofunc faster).")
+    body = [[r["format"], r["variant"], f"{r['experts']} × {r['N']}×{r['K']}", str(r["top_k"]), str(r["batch"]),
+             str(r["M"]), r.get("bf16_us"), r.get("aofunc_us"), fmt(ratio(r.get("bf16_us"), r.get("aofunc_us")), 2),
+             r.get("path") or "—"] for r in sorted(rows, key=order)]
+    return note + "\n\n" + markdown_table(
+        ["format", "variant", "experts × N×K", "top k", "tokens", "rows", "bf16 µs", "aofunc µs", "bf16/aofunc",
+         "path"], body)
+
+
 def sections(path) -> dict:
     """``{heading title: body}`` of the generated sections of one results file."""
     path = Path(path)
@@ -109,6 +124,12 @@ def sections(path) -> dict:
             "Llama-3-8B shapes (`benchmarks/decode.py`, model in `benchmarks/llama.py`, random bf16 weights): "
             "decode is one token a step with a static KV cache, prefill one forward over the prompt; mode as in "
             "decode.py's docstring.\n\n" + model_table(model))
+    moe = [r for r in data["rows"] if r.get("kind") == "moe"]
+    if moe:
+        out[f"Stacked experts: {card}"] = (
+            f"{source}; do not edit by hand.\n\n"
+            "One mixture-of-experts layer's grouped product (`benchmarks/bench_moe.py`): the routed rows of a batch of "
+            "tokens, sorted by expert, through a stack of experts, in µs.\n\n" + moe_table(moe))
     return out
 
 

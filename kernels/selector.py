@@ -8,6 +8,9 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).
+- ``grouped`` (stacked experts, rows of x sorted by expert as ``torch._grouped_mm`` takes them): one launch for
+  every routed expert, tiles of one expert's rows each; ``per_expert``: each expert's rows through that expert's
+  own route above.
 
 Constraints in ``when`` are also checked in code (``fits``); a route whose constraint fails is skipped.
 """
@@ -71,6 +74,12 @@ ROUTES = (
     Route("nf4", "gemm", 128, "as gemv, blocks a power of two >= 16, 16-bit x on CUDA",
           lambda p: nf4_gemm_fits(p.k, p.block) and _sixteen_bit_or_interpreted(p)),
     Route("nf4", "dequant", math.inf, "any x", _any),
+    Route("w4a16_experts", "grouped", math.inf, "16-bit x on CUDA (any x under the interpreter)",
+          _sixteen_bit_or_interpreted),
+    Route("w4a16_experts", "per_expert", math.inf, "any x", _any),
+    Route("w8a16_experts", "grouped", math.inf, "16-bit x on CUDA (any x under the interpreter)",
+          _sixteen_bit_or_interpreted),
+    Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
     Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
 )

@@ -209,6 +209,51 @@ def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_p
 
 
 
+@triton.jit
+def expert_rows(offs_ptr, E, S, BLOCK_M: tl.constexpr):
+    """This program's rows of a grouped product whose rows of x are sorted by expert: offs_ptr[e] is the end of
+    expert e's rows (torch._grouped_mm's convention, rows past the last end belong to no expert), and program axis 1
+    numbers the BLOCK_M-row tiles of every expert in turn (an expert with no rows has none).
+
+    Returns (expert, offs_m, m_mask, valid). A program past the last tile gets valid False, no rows, and expert
+    E - 1, so that pointers computed from it stay inside the stack. Ends are clamped to [0, S] and to the previous
+    end, so malformed offsets cannot make a program read or write outside x and y.
+    """
+    tile = tl.program_id(1)
+    seen = tile * 0  # tiles of the experts before e
+    start = tile * 0
+    expert = tile * 0 + E
+    row0 = tile * 0
+    row1 = tile * 0
+    for e in range(E):
+        end = tl.maximum(tl.minimum(tl.load(offs_ptr + e), S), start)
+        tiles = tl.cdiv(end - start, BLOCK_M)
+        mine = (tile >= seen) & (tile < seen + tiles)
+        expert = tl.where(mine, e, expert)
+        row0 = tl.where(mine, start + (tile - seen) * BLOCK_M, row0)
+        row1 = tl.where(mine, end, row1)
+        seen += tiles
+        start = end
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    return tl.minimum(expert, E - 1), offs_m, offs_m < row1, expert < E  # no tile: row0 = row1 = 0
+
+
+def check_offsets(offs: torch.Tensor, experts: int, x: torch.Tensor) -> None:
+    """Raise ValueError unless offs is a 1-D integer tensor of one end offset per expert on x's device. Its values
+    are not read here (that would wait for the device); the kernels clamp them to the rows of x."""
+    if offs.dim() != 1 or offs.numel() != experts or offs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"offs must be an int32 tensor of {experts} end offsets (one per expert), got "
+                         f"{offs.dtype} of shape {tuple(offs.shape)}")
+    if offs.device != x.device:
+        raise ValueError(f"offs is on {offs.device} but x is on {x.device}")
+
+
+def grouped_grid(s: int, experts: int, n: int, config: dict) -> tuple[int, int]:
+    """The launch grid of a grouped product of s sorted rows over `experts` experts: tiles of N, and an upper bound
+    on the BLOCK_M-row tiles of all experts (each expert's last tile may be partial: at most one more each)."""
+    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(s, config["BLOCK_M"]) + experts
+
+
 def gemm_grid(m: int, n: int, config: dict, split: int) -> tuple[int, int, int]:
     """The launch grid of a GEMM configuration: tiles of N, tiles of M (swapped with M_FAST) and splits of K."""
     n_tiles, m_tiles = triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"])

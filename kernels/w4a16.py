@@ -26,9 +26,10 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
-                                  load_x, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
+                                  gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k,
+                                  grouped_grid, interleave8, interpreting, load_x, pow2_at_most, split_by_code,
+                                  split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -370,37 +371,32 @@ def fragment_tile_pairs(q, s, z, off, ROWS: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_gemm_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
-    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
-):
-    # A BLOCK_M x BLOCK_N tile of y, one group of K per step. With units u = 1 + code/16 (exact in bf16 and
-    # fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is dequantized that way (one FMA an element) and
-    # every step's dot accumulates straight into the tile. Otherwise d = dot(x, u) per step and
-    # sum(x * w) = 16 s d + (z - 24 s) sum(x) per column. SPLIT_X: eight dots of depth GROUP/8, codes j of every
-    # word against x's columns 8w + j, in place of one dot over the interleaved weight tile. SWAP: the tile is
-    # computed as w @ x.T, in that orientation to the end. GATHER_X (with SWAP): the dequantized tile in fragment
-    # order (fragment_tile), x's columns gathered in the same order. PREFETCH: each step loads the next step's
-    # scales and zeros, whose latency the step's work then hides (the compiler's software pipeline copies the codes
-    # and x ahead, but not these: two bytes a row are too few for its asynchronous copies). PAIRS (with GATHER_X,
-    # CUDA, scales, float zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is a
-    # whole number of groups, so x's loads need no mask along K. ZERO: the grid (FLOAT_ZERO, INT_ZERO, NO_ZERO).
-    pid_k = tl.program_id(2)
+def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk, stride_qn,
+               stride_sn, stride_zn, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr,
+               GATHER_X: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
+               ZERO: tl.constexpr):
+    """The fp32 accumulator of one tile of y over groups first..last of K: rows offs_m of x (m_mask: which are
+    real), rows ``rows`` of w; [BLOCK_N, BLOCK_M] with SWAP, else [BLOCK_M, BLOCK_N]. The forms:
+
+    With units u = 1 + code/16 (exact in bf16 and fp16), w = 16 s u + (z - 24 s). FULL_DQ: the weight tile is
+    dequantized that way (one FMA an element) and every step's dot accumulates straight into the tile. Otherwise
+    d = dot(x, u) per step and sum(x * w) = 16 s d + (z - 24 s) sum(x) per column. SPLIT_X: eight dots of depth
+    GROUP/8, codes j of every word against x's columns 8w + j, in place of one dot over the interleaved weight tile.
+    SWAP: the tile is computed as w @ x.T, in that orientation to the end. GATHER_X (with SWAP): the dequantized
+    tile in fragment order (fragment_tile), x's columns gathered in the same order. PREFETCH: each step loads the
+    next step's scales and zeros, whose latency the step's work then hides (the compiler's software pipeline copies
+    the codes and x ahead, but not these: two bytes a row are too few for its asynchronous copies). PAIRS (with
+    GATHER_X, CUDA, scales, float zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is
+    a whole number of groups, so x's loads need no mask along K. ZERO: the grid (FLOAT_ZERO, INT_ZERO, NO_ZERO).
+    """
     WORDS: tl.constexpr = GROUP // 8
-    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, GROUP)
     n_groups = tl.cdiv(K, GROUP)
-    per_split = tl.cdiv(n_groups, split_k)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     if GATHER_X:
         offs_k = fragment_columns(GROUP)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, n_groups) - 1
     if PREFETCH:
         s_next = tl.load(s_ptr + rows[:, None] * stride_sn + tl.minimum(first, n_groups - 1))
         z_next = load_zero(z_ptr, rows[:, None] * stride_zn + tl.minimum(first, n_groups - 1), None, ZERO)
@@ -463,8 +459,50 @@ def _w4a16_gemm_kernel(
                 acc += d * s16 + z24 * xs[None, :]
             else:
                 acc += d * tl.trans(s16) + xs[:, None] * tl.trans(z24)
+    return acc
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
+    FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do).
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
+    n_groups = tl.cdiv(K, GROUP)
+    per_split = tl.cdiv(n_groups, split_k)
+    first = tl.program_id(2) * per_split
+    last = tl.minimum(first + per_split, n_groups) - 1
+    acc = w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk,
+                     stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M, BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ,
+                     GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO)
     gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
                 SWAP)
+
+
+@triton.jit
+def _w4a16_grouped_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, offs_ptr, y_ptr,
+    S, N, K, E, stride_xm, stride_xk, stride_qe, stride_qn, stride_se, stride_sn, stride_ze, stride_zn, stride_ym,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr,
+    SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), all of K, through that expert's
+    # weights: every routed expert of a layer in one launch.
+    expert, offs_m, m_mask, valid = expert_rows(offs_ptr, E, S, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    e = expert.to(tl.int64)
+    last = tl.where(valid, tl.cdiv(K, GROUP) - 1, -1)  # a program with no rows runs no step
+    acc = w4a16_tile(x_ptr, q_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_ze, offs_m, m_mask,
+                     rows, K, 0, last, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M,
+                     BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ, GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO)
+    gemm_finish(acc, offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr, y_ptr, y_ptr, offs_ptr, 1, False, False, SWAP)
 
 
 @triton.jit
@@ -580,6 +618,20 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
     return out
 
 
+def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
+    """The w4a16_tile flags of a GEMM configuration, popped from ``params``, and those the inputs decide."""
+    forms = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
+                 FULL_DQ=params.pop("FULL_DQ", False), GATHER_X=params.pop("GATHER_X", False),
+                 PREFETCH=params.pop("PREFETCH", False))
+    # the packed 16-bit form needs inline PTX (not the interpreter) and one 16-bit dtype for x, scale and a float zero
+    float_zero_dtype = x.dtype if zero is None or zero.dtype == torch.uint8 else zero.dtype
+    forms["PAIRS"] = (params.pop("PAIRS", False) and forms["GATHER_X"] and not forms["DOT_FP32"]
+                      and x.dtype == scale.dtype == float_zero_dtype)
+    forms["EVEN_K"] = x.shape[1] % group_size == 0
+    forms["ZERO"] = zero_kind(zero)
+    return forms
+
+
 def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype."""
     m, k = x.shape
@@ -598,25 +650,17 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False),
                      COARSE=params.pop("COARSE", False) and x.dtype != torch.float32,
                      XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", 1),
-                     one_bits=ONE_BITS.value)
+                     one_bits=ONE_BITS.value, ZERO=zero_kind(zero))
     else:
         grid = gemm_grid(m, n, params, split)
         kernel = _w4a16_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
-                     FULL_DQ=params.pop("FULL_DQ", False), M_FAST=params.pop("M_FAST", False),
-                     GATHER_X=params.pop("GATHER_X", False), PREFETCH=params.pop("PREFETCH", False))
-        # the packed 16-bit form needs inline PTX (not the interpreter) and one 16-bit dtype for x, scale and a
-        # float zero
-        float_zero_dtype = x.dtype if zero is None or zero.dtype == torch.uint8 else zero.dtype
-        extra["PAIRS"] = (params.pop("PAIRS", False) and extra["GATHER_X"] and not extra["DOT_FP32"]
-                          and x.dtype == scale.dtype == float_zero_dtype)
-        extra["EVEN_K"] = k % group_size == 0
+        extra = dict(tile_forms(params, x, scale, zero, group_size), M_FAST=params.pop("M_FAST", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
     kernel[grid](
         x, _words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
-        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, ZERO=zero_kind(zero), **extra, **params,
+        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
     return y
 
@@ -659,3 +703,75 @@ def w4a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero
 def _(x, qdata, scale, zero, group_size, bias=None):
     check_w4a16(x, qdata, scale, zero, group_size, bias)
     return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- stacked experts
+
+def check_w4a16_grouped(x, qdata, scale, zero, offs, group_size) -> None:
+    """Raise ValueError naming the argument when the inputs are not a valid grouped W4A16 problem: x [S, K] with
+    its rows sorted by expert, stacked weights (qdata [E, N, Kp/2], scale and zero [E, N, Kp/g]) and offs [E]."""
+    if qdata.dim() != 3:
+        raise ValueError(f"qdata must be a stack of experts [E, N, Kp/2], got shape {tuple(qdata.shape)}")
+    experts = qdata.shape[0]
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t is not None and (t.dim() != 3 or t.shape[0] != experts):
+            raise ValueError(f"{name} must be [E, N, Kp/g] with E = {experts}, got shape {tuple(t.shape)}")
+    check_w4a16(x, qdata[0], scale[0], None if zero is None else zero[0], group_size, None)
+    check_offsets(offs, experts, x)
+
+
+def w4a16_grouped_linear_ref(x, qdata, scale, zero, offs, group_size: int) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x through expert e (w4a16_linear_ref), rows past offs[-1] zero: the grouped
+    kernel's twin."""
+    check_w4a16_grouped(x, qdata, scale, zero, offs, group_size)
+    y = x.new_zeros(x.shape[0], qdata.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            y[start:end] = w4a16_linear_ref(x[start:end], qdata[e], scale[e], None if zero is None else zero[e],
+                                            group_size)
+        start = end
+    return y
+
+
+def grouped_config(s: int, experts: int, dtype: torch.dtype) -> dict:
+    """The grouped kernel's configuration for s rows over `experts` experts: tiles of about the rows an expert gets
+    (at least 16), the GEMM forms the single-weight GEMM uses for that many rows."""
+    block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
+    form = dict(GATHER_X=True, PAIRS=True) if block_m <= 32 else dict(FULL_DQ=True, PREFETCH=True)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, SWAP=True, num_warps=4, num_stages=3, **form)
+
+
+def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
+                                config: Optional[dict] = None) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x [S, K] through expert e of the stack, every expert in one launch (Triton: CUDA,
+    or CPU tensors under the interpreter); rows past offs[-1] come back as zeros. y [S, N] in x.dtype."""
+    check_w4a16_grouped(x, qdata, scale, zero, offs, group_size)
+    s, k = x.shape
+    experts, n = qdata.shape[0], qdata.shape[1]
+    params = dict(config or grouped_config(s, experts, x.dtype))
+    forms = tile_forms(params, x, scale, zero, group_size)
+    y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
+    words = qdata.contiguous().view(torch.int32)
+    z = scale if zero is None else zero
+    _w4a16_grouped_kernel[grouped_grid(s, experts, n, params)](
+        x, words, scale, z, offs, y, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0), words.stride(1),
+        scale.stride(0), scale.stride(1), z.stride(0), z.stride(1), y.stride(0), GROUP=group_size, **forms,
+        **params)
+    return y
+
+
+@torch.library.custom_op("aofunc::w4a16_grouped_linear", mutates_args=())
+def w4a16_grouped_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                         offs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x through expert e of a stacked W4A16 weight (see the module for the grids), rows
+    past offs[-1] zero: one opaque op for ``torch.compile``; the grouped kernel on CUDA, the twin elsewhere."""
+    if x.device.type == "cuda":
+        return w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size)
+    return w4a16_grouped_linear_ref(x, qdata, scale, zero, offs, group_size)
+
+
+@w4a16_grouped_linear.register_fake
+def _(x, qdata, scale, zero, offs, group_size):
+    check_w4a16(x, qdata[0], scale[0], None if zero is None else zero[0], group_size, None)
+    return x.new_empty(x.shape[0], qdata.shape[1])

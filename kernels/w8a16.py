@@ -14,8 +14,9 @@ import torch
 
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_finish, gemv_rows, interpreting, load_x, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
+                                  gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_grid, interpreting, load_x,
+                                  split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -123,28 +124,21 @@ def _w8a16_gemv_kernel(
 
 
 @triton.jit
-def _w8a16_gemm_kernel(
-    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, M_FAST: tl.constexpr,
-    GATHER_X: tl.constexpr,
-):
-    # A BLOCK_M x BLOCK_N tile of y (SWAP: computed as dot(w, x.T), the converted weight tile in registers as
-    # the left operand, in that orientation to the end); each step dots x with 4 * BLOCK_W columns of q as exact
-    # floats; the per-row scale is applied once at the end. GATHER_X (with SWAP): the tile in fragment order
-    # (fragment_tile), x's columns gathered to match.
-    pid_k = tl.program_id(2)
-    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
+def w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk, stride_qn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT_FP32: tl.constexpr,
+               SWAP: tl.constexpr, GATHER_X: tl.constexpr):
+    """The fp32 accumulator of one tile of x @ q.T (unscaled) over steps first..last of K (a step is BLOCK_W int32
+    words, 4 * BLOCK_W columns): rows offs_m of x (m_mask: which are real), rows ``rows`` of q; [BLOCK_N, BLOCK_M]
+    with SWAP (computed as dot(q, x.T), the converted weight tile in registers as the left operand, in that
+    orientation to the end), else [BLOCK_M, BLOCK_N]. Each step dots x with the bytes of q as exact floats.
+    GATHER_X (with SWAP): the tile in fragment order (fragment_tile), x's columns gathered to match."""
     offs_w = tl.arange(0, BLOCK_W)
     offs_k = tl.arange(0, 4 * BLOCK_W)
     n_words = tl.cdiv(K, 4)
-    n_steps = tl.cdiv(n_words, BLOCK_W)
-    per_split = tl.cdiv(n_steps, split_k)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     if GATHER_X:
         offs_k = fragment_columns(4 * BLOCK_W)
-    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+    for step in range(first, last + 1):
         k = step * 4 * BLOCK_W + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
@@ -157,13 +151,57 @@ def _w8a16_gemm_kernel(
             w = tl.join(tl.join(byte_value(q, 0), byte_value(q, 2)), tl.join(byte_value(q, 1), byte_value(q, 3)))
             w = tl.reshape(w, (BLOCK_N, 4 * BLOCK_W))
         acc = dot_acc(acc, w, xt, SWAP, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def scaled_rows(acc, s_ptr, rows, SWAP: tl.constexpr):
+    """acc times the per-row scales of w, in acc's orientation."""
     s = tl.load(s_ptr + rows).to(tl.float32)
     if SWAP:
-        acc = acc * s[:, None]
+        return acc * s[:, None]
     else:
-        acc = acc * s[None, :]
-    gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
-                SWAP)
+        return acc * s[None, :]
+
+
+@triton.jit
+def _w8a16_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, M_FAST: tl.constexpr,
+    GATHER_X: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w8a16_tile); the per-row scale is applied once
+    # at the end.
+    offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
+    n_steps = tl.cdiv(tl.cdiv(K, 4), BLOCK_W)
+    per_split = tl.cdiv(n_steps, split_k)
+    first = tl.program_id(2) * per_split
+    acc = w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, tl.minimum(first + per_split, n_steps) - 1,
+                     stride_xm, stride_xk, stride_qn, BLOCK_M, BLOCK_N, BLOCK_W, DOT_FP32, SWAP, GATHER_X)
+    gemm_finish(scaled_rows(acc, s_ptr, rows, SWAP), offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr,
+                cnt_ptr, split_k, SPLIT, HAS_BIAS, SWAP)
+
+
+@triton.jit
+def _w8a16_grouped_kernel(
+    x_ptr, q_ptr, s_ptr, offs_ptr, y_ptr,
+    S, N, K, E, stride_xm, stride_xk, stride_qe, stride_qn, stride_se, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT_FP32: tl.constexpr,
+    SWAP: tl.constexpr, GATHER_X: tl.constexpr,
+):
+    # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), all of K, through that expert's
+    # weights: every routed expert of a layer in one launch.
+    expert, offs_m, m_mask, valid = expert_rows(offs_ptr, E, S, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    e = expert.to(tl.int64)
+    last = tl.where(valid, tl.cdiv(tl.cdiv(K, 4), BLOCK_W) - 1, -1)  # a program with no rows runs no step
+    acc = w8a16_tile(x_ptr, q_ptr + e * stride_qe, offs_m, m_mask, rows, K, 0, last, stride_xm, stride_xk,
+                     stride_qn, BLOCK_M, BLOCK_N, BLOCK_W, DOT_FP32, SWAP, GATHER_X)
+    gemm_finish(scaled_rows(acc, s_ptr + e * stride_se, rows, SWAP), offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr,
+                y_ptr, y_ptr, offs_ptr, 1, False, False, SWAP)
 
 
 @triton.jit
@@ -300,3 +338,68 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
 def _(x, qdata, scale, bias=None):
     check_w8a16(x, qdata, scale, bias)
     return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- stacked experts
+
+def check_w8a16_grouped(x, qdata, scale, offs) -> None:
+    """Raise ValueError naming the argument when the inputs are not a valid grouped W8A16 problem: x [S, K] with its
+    rows sorted by expert, stacked weights (qdata int8 [E, N, K], scale [E, N]) and offs [E]."""
+    if qdata.dim() != 3:
+        raise ValueError(f"qdata must be a stack of experts [E, N, K], got shape {tuple(qdata.shape)}")
+    if scale.dim() != 2 or scale.shape[0] != qdata.shape[0]:
+        raise ValueError(f"scale must be [E, N] with E = {qdata.shape[0]}, got shape {tuple(scale.shape)}")
+    check_w8a16(x, qdata[0], scale[0], None)
+    check_offsets(offs, qdata.shape[0], x)
+
+
+def w8a16_grouped_linear_ref(x, qdata, scale, offs) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x through expert e (w8a16_linear_ref), rows past offs[-1] zero: the grouped
+    kernel's twin."""
+    check_w8a16_grouped(x, qdata, scale, offs)
+    y = x.new_zeros(x.shape[0], qdata.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            y[start:end] = w8a16_linear_ref(x[start:end], qdata[e], scale[e])
+        start = end
+    return y
+
+
+def grouped_config(s: int, experts: int, dtype: torch.dtype) -> dict:
+    """The grouped kernel's configuration for s rows over `experts` experts: tiles of about the rows an expert gets
+    (at least 16), the fragment-ordered tile up to 32 rows as for a single weight."""
+    block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_W=32, SWAP=True, GATHER_X=block_m <= 32, num_warps=4,
+                num_stages=3)
+
+
+def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict] = None) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x [S, K] through expert e of the stack, every expert in one launch (Triton: CUDA,
+    or CPU tensors under the interpreter); rows past offs[-1] come back as zeros. y [S, N] in x.dtype."""
+    check_w8a16_grouped(x, qdata, scale, offs)
+    s, k = x.shape
+    experts, n = qdata.shape[0], qdata.shape[1]
+    params = dict(config or grouped_config(s, experts, x.dtype))
+    y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
+    words = torch.stack([_words(q) for q in qdata]) if k % 4 else qdata.contiguous().view(torch.int32)
+    _w8a16_grouped_kernel[grouped_grid(s, experts, n, params)](
+        x, words, scale, offs, y, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0), words.stride(1),
+        scale.stride(0), y.stride(0), DOT_FP32=x.dtype == torch.float32 or interpreting(), **params)
+    return y
+
+
+@torch.library.custom_op("aofunc::w8a16_grouped_linear", mutates_args=())
+def w8a16_grouped_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                         offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x through expert e of a stacked int8 weight (y = x @ q_e.T * scale_e), rows past
+    offs[-1] zero: one opaque op for ``torch.compile``; the grouped kernel on CUDA, the twin elsewhere."""
+    if x.device.type == "cuda":
+        return w8a16_grouped_linear_triton(x, qdata, scale, offs)
+    return w8a16_grouped_linear_ref(x, qdata, scale, offs)
+
+
+@w8a16_grouped_linear.register_fake
+def _(x, qdata, scale, offs):
+    check_w8a16(x, qdata[0], scale[0], None)
+    return x.new_empty(x.shape[0], qdata.shape[1])

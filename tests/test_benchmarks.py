@@ -247,3 +247,22 @@ def test_render_cli_takes_the_folder_and_the_doc(results, capsys):
     render.main(["--results", str(folder), "--doc", str(doc)])
     assert "wrote ## Linear: NVIDIA H200" in capsys.readouterr().out
     assert "## Decode: NVIDIA H200" in doc.read_text()
+
+
+def test_moe_rows_carry_their_routing_and_render_as_one_table(tmp_path, monkeypatch):
+    import bench_moe
+    import torch
+
+    offs = bench_moe.routed_offsets(32)
+    assert offs.dtype == torch.int32 and offs.shape == (bench_moe.EXPERTS,)
+    assert int(offs[-1]) == 32 * bench_moe.TOP_K and bool((offs[1:] >= offs[:-1]).all())
+    monkeypatch.setattr(bench_moe, "git_commit", lambda: "abc1234")
+    times = {"bf16": (100.0, "cold_us"), "aofunc": (40.0, "cold_us")}
+    row = bench_moe.moe_row("w4a16", "down", 32, 4096, 14336, times)
+    assert common.row_key(row) == ("moe", "w4a16", "down", 8, 2, 14336, 4096, 64, 32, "bfloat16")
+    folder = tmp_path / "results"
+    folder.mkdir()
+    common.record_rows([row], card=CARD, path=folder / "nvidia-h200.json")
+    doc = tmp_path / "benchmarks.md"
+    assert render.render(folder, doc) == ["Stacked experts: NVIDIA H200"]
+    assert "| w4a16 | down | 8 × 4096×14336 | 2 | 32 | 64 | 100.0 | 40.0 | 2.50 | grouped |" in doc.read_text()

@@ -91,3 +91,21 @@ def test_act_order_int4_on_cuda_gathers_the_input_then_runs_the_kernels(zero_poi
     q, _, _ = act_order_weight(w, aofunc.Int4WeightOnly(128, zero_point=zero_point))
     y = aofunc.qlinear(x.cuda(), q.to("cuda"))
     assert relative_error(y.cpu(), reference_linear(x, q, None)) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("scheme", [aofunc.Int4WeightOnly(64), aofunc.Int4WeightOnly(64, zero_point="int"),
+                                    aofunc.Int4WeightOnly(128, zero_point="none"), aofunc.Int8WeightOnly()],
+                         ids=repr)
+@pytest.mark.parametrize("counts", [[3, 0, 1, 12], [40, 25, 0, 64]])
+def test_grouped_mm_over_quantized_experts_runs_one_kernel_on_cuda(scheme, counts):
+    # transformers' grouped_mm experts: rows sorted by expert, per-expert counts from 0 up, rows past the last end
+    # zero; eager, and compiled without a graph break
+    w = torch.randn(4, 384, 256, device="cuda", dtype=torch.bfloat16)
+    q = aofunc.quantize({"experts.w": w}, aofunc.Spec([aofunc.Rule("experts.w", scheme)]))["experts.w"]
+    x = torch.randn(sum(counts) + 2, 256, device="cuda", dtype=torch.bfloat16)
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    want = torch._grouped_mm(x, q.dequantize().transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(x, q.transpose(-2, -1), offs=offs)
+    assert aofunc.sqnr(want, y) > 40 and torch.equal(y[sum(counts):], torch.zeros_like(y[sum(counts):]))
+    compiled = torch.compile(lambda a, b, o: torch._grouped_mm(a, b.transpose(-2, -1), offs=o), fullgraph=True)
+    assert aofunc.sqnr(want, compiled(x, q, offs)) > 40

@@ -190,3 +190,55 @@ def test_code_units_are_exact(coarse):
     else:
         step = torch.full((8, 1), 1 / 16, dtype=torch.float64)
     assert torch.equal(out.double().cpu(), 1 + codes * step)
+
+
+def expert_stack(experts, n, k, g, dtype, grid):
+    parts = [weight(n, k, g, dtype, grid=grid) for _ in range(experts)]
+    q, scale = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return q, scale, None if grid == "none" else torch.stack([p[2] for p in parts])
+
+
+@pytest.mark.parametrize("grid", ["float", "int", "none"])
+@pytest.mark.parametrize("counts,tail", [([0, 5, 17], 3), ([16, 0, 1, 40], 0), ([0, 0, 0], 4)])
+def test_grouped_kernel_equals_twin(counts, tail, grid):
+    # rows sorted by expert, per-expert counts from 0 up (tiles straddle no expert), rows past the last end zero
+    x_dtype = torch.float16
+    n, k, g = 40, 100, 32
+    q, scale, zero = expert_stack(len(counts), n, k, g, x_dtype, grid)
+    x = torch.randn(sum(counts) + tail, k, device=DEVICE, dtype=x_dtype)
+    offs = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
+    want = w4a16.w4a16_grouped_linear_ref(x, q, scale, zero, offs, g)
+    assert torch.equal(want[sum(counts):], torch.zeros_like(want[sum(counts):]))
+    for config in (None, dict(BLOCK_M=16, BLOCK_N=16, SWAP=True, GATHER_X=True, PAIRS=True, num_warps=2,
+                              num_stages=1),
+                   dict(BLOCK_M=16, BLOCK_N=32, SWAP=True, FULL_DQ=True, PREFETCH=True, num_warps=2, num_stages=1),
+                   dict(BLOCK_M=16, BLOCK_N=16, SWAP=False, num_warps=2, num_stages=1)):
+        y = w4a16.w4a16_grouped_linear_triton(x, q, scale, zero, offs, g, config=config)
+        assert y.shape == want.shape and y.dtype == x_dtype
+        assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
+        assert torch.equal(y[sum(counts):], want[sum(counts):])
+
+
+def test_grouped_kernel_clamps_malformed_offsets():
+    # offsets past the rows of x, or falling back: no read or write outside x and y, every row a defined value
+    q, scale, zero = expert_stack(3, 24, 64, 32, torch.float16, "float")
+    x = torch.randn(10, 64, device=DEVICE, dtype=torch.float16)
+    offs = torch.tensor([6, 2, 50], device=DEVICE, dtype=torch.int32)
+    y = w4a16.w4a16_grouped_linear_triton(x, q, scale, zero, offs, 32)
+    clamped = torch.tensor([6, 6, 10], device=DEVICE, dtype=torch.int32)
+    assert autotune.relative_error(y, w4a16.w4a16_grouped_linear_ref(x, q, scale, zero, clamped, 32)) <= 2e-3
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(offs=torch.tensor([1, 2], dtype=torch.int32)), "offs must be"),
+    (dict(offs=torch.tensor([1.0, 2.0, 3.0])), "offs must be"),
+    (dict(qdata=torch.zeros(8, 32, dtype=torch.uint8)), "qdata must be a stack"),
+    (dict(scale=torch.ones(2, 8, 2)), "scale must be"),
+])
+def test_grouped_bad_input_names_the_argument(bad, match):
+    q, scale, zero = expert_stack(3, 8, 64, 32, torch.float32, "float")
+    args = dict(x=torch.randn(4, 64), qdata=q.cpu(), scale=scale.cpu(), zero=zero.cpu(),
+                offs=torch.tensor([1, 2, 4], dtype=torch.int32), group_size=32)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        w4a16.w4a16_grouped_linear_ref(**args)

@@ -84,3 +84,29 @@ def test_bad_input_names_the_argument(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         w8a16.w8a16_linear_triton(**args)
+
+
+@pytest.mark.parametrize("counts,tail,k", [([0, 5, 17], 3, 96), ([16, 0, 1, 40], 0, 70), ([0, 0, 0], 4, 64)])
+def test_grouped_kernel_equals_twin(counts, tail, k):
+    # rows sorted by expert, per-expert counts from 0 up, K not a multiple of 4 (padded words), rows past the last
+    # end zero
+    n, experts = 40, len(counts)
+    q = torch.randint(-128, 128, (experts, n, k), dtype=torch.int8, device=DEVICE)
+    scale = (torch.rand(experts, n, device=DEVICE) * 0.01 + 1e-3).to(torch.float16)
+    x = torch.randn(sum(counts) + tail, k, device=DEVICE, dtype=torch.float16)
+    offs = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
+    want = w8a16.w8a16_grouped_linear_ref(x, q, scale, offs)
+    for config in (None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SWAP=True, GATHER_X=True, num_warps=2, num_stages=1),
+                   dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=8, SWAP=False, GATHER_X=False, num_warps=2, num_stages=1)):
+        y = w8a16.w8a16_grouped_linear_triton(x, q, scale, offs, config=config)
+        assert y.shape == want.shape and y.dtype == x.dtype
+        assert autotune.relative_error(y, want) <= w8a16.tolerance(x.dtype), config
+        assert torch.equal(y[sum(counts):], want[sum(counts):])
+
+
+def test_grouped_bad_input_names_the_argument():
+    q = torch.zeros(3, 8, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="offs must be"):
+        w8a16.w8a16_grouped_linear_ref(torch.randn(4, 64), q, torch.ones(3, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="scale must be"):
+        w8a16.w8a16_grouped_linear_ref(torch.randn(4, 64), q, torch.ones(8), torch.tensor([1, 2, 4]))
