@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import card_name, git_commit, markdown_table, ratio, record_rows, timed_us, timing_of, torchao_name
+from common import (add_record_options, card_name, git_commit, markdown_table, ratio, recorder, timed_us, timing_of,
+                    torchao_name)
 from common import fmt as cell
 
 SHAPES = ("4096x4096", "4096x14336", "14336x4096", "8192x28672")
@@ -227,11 +228,9 @@ def main(argv=None):
     parser.add_argument("--peers", default="tinygemm", help="comma list of tinygemm, torchao")
     parser.add_argument("--tune-ms", default="", help="comma list of M whose keys are tuned before timing")
     parser.add_argument("--check", action="store_true", help="compare every path with its twin first")
-    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
-    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
+    add_record_options(parser)
     args = parser.parse_args(argv)
-    record = None if args.no_record else (lambda rows: print(f"recorded in {record_rows(rows, path=args.results)}",
-                                                             flush=True))
+    record = recorder(args)
     rows = measure(args, record)
     print(table(rows))
 

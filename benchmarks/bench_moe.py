@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import card_name, git_commit, markdown_table, ratio, record_rows, timed_us, timing_of  # noqa: E402
+from common import (add_record_options, card_name, git_commit, markdown_table, ratio, recorder, timed_us,  # noqa: E402
+                    timing_of)
 from common import fmt as cell  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 2, 4096, 14336
@@ -45,7 +46,8 @@ def moe_row(fmt, variant, tokens, n, k, times, x_dtype="bfloat16"):
             "timing": timing_of(bf16=times["bf16"][1], aofunc=times["aofunc"][1]), "commit": git_commit()}
 
 
-def bench(fmts, tokens_list, record=None):
+def bench(fmts, tokens_list, record=lambda rows: None):
+    """Time every (variant, format, tokens); returns the rows, each (variant, format) passed to ``record`` when done."""
     import aofunc
 
     rows = []
@@ -61,11 +63,9 @@ def bench(fmts, tokens_list, record=None):
                 times = {"bf16": timed_us(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)),
                          "aofunc": timed_us(lambda: torch._grouped_mm(x, q.transpose(-2, -1), offs=offs))}
                 done.append(moe_row(name, variant, tokens, n, k, times))
-                r = done[-1]
-                print(f"{name} {variant} tokens={tokens}: bf16 {r['bf16_us']:.1f} aofunc {r['aofunc_us']:.1f} "
-                      f"({r['bf16_us'] / r['aofunc_us']:.2f}x)", flush=True)
-            if record is not None:
-                record(done)
+                print(f"{name} {variant} tokens={tokens}: bf16 {done[-1]['bf16_us']:.1f} aofunc "
+                      f"{done[-1]['aofunc_us']:.1f}", flush=True)
+            record(done)
             rows += done
     return rows
 
@@ -80,11 +80,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="w4a16,w8a16")
     parser.add_argument("--tokens", default="1,8,32,128,512")
-    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
-    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
+    add_record_options(parser)
     args = parser.parse_args(argv)
-    record = None if args.no_record else (lambda rows: print(f"recorded in {record_rows(rows, path=args.results)}",
-                                                             flush=True))
+    record = recorder(args)
     torch.manual_seed(0)
     print(f"card: {card_name()}, torch {torch.__version__}", flush=True)
     rows = bench(args.formats.split(","), [int(t) for t in args.tokens.split(",")], record)

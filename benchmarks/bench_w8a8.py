@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    card_name, git_commit, markdown_table, median_us, ratio, record_rows, timed_us, timing_of, torchao_name,
+    add_record_options, card_name, git_commit, markdown_table, median_us, ratio, recorder, timed_us, timing_of,
+    torchao_name,
 )
 from common import fmt as cell  # noqa: E402
 
@@ -188,8 +189,7 @@ def main(argv=None):
     parser.add_argument("--torchao-m", default="", help="M values at which to time torchao (compiles per M)")
     parser.add_argument("--no-int4", action="store_true", help="skip the 8da4w kernel")
     parser.add_argument("--timer", choices=["cold_us", "do_bench"], default="cold_us")
-    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
-    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
+    add_record_options(parser)
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
@@ -199,8 +199,7 @@ def main(argv=None):
     for k, n in shapes:
         print(f"K={k} N={n}", flush=True)
         done = bench_shape(k, n, ms, args.search, torchao_ms, not args.no_int4, timer(args.timer))
-        if not args.no_record:
-            print(f"recorded in {record_rows(done, path=args.results)}", flush=True)
+        recorder(args)(done)
         rows += done
     print(table(rows))
 

@@ -269,6 +269,22 @@ def record_rows(rows: Iterable[dict], card: Optional[str] = None, path=None) -> 
 
 
 @functools.lru_cache(maxsize=None)
+def add_record_options(parser) -> None:
+    """The harnesses' ``--results FILE`` (record there instead of ``benchmarks/results/<card>.json``) and
+    ``--no-record`` (print only) options."""
+    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
+    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
+
+
+def recorder(args) -> Callable[[Sequence[dict]], None]:
+    """``record(rows)`` for parsed ``add_record_options``: record_rows into the chosen file and say where, or nothing
+    with ``--no-record`` or no rows."""
+    def record(rows):
+        if rows and not args.no_record:
+            print(f"recorded in {record_rows(rows, path=args.results)}", flush=True)
+    return record
+
+
 def git_commit() -> Optional[str]:
     """``git rev-parse --short HEAD`` of this checkout, with "+dirty" when tracked files outside
     benchmarks/results differ from it; None where git or the repository is unavailable.

@@ -29,7 +29,7 @@ from torch.func import functional_call
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import aofunc  # noqa: E402
-from common import card_name, git_commit, markdown_table, record_rows  # noqa: E402
+from common import add_record_options, card_name, git_commit, markdown_table, recorder  # noqa: E402
 from llama import LlamaShape, random_llama  # noqa: E402
 
 LINEARS = r".*(wq|wk|wv|wo|w1|w2|w3|output)\.weight"
@@ -136,8 +136,7 @@ def main(argv=None):
     parser.add_argument("--prefill", type=int, default=0, help="also time a forward over this many prompt tokens")
     parser.add_argument("--mode", choices=MODES, default="manual-graphs")
     parser.add_argument("--compile", action="store_true", help="the same as --mode compile+manual-graphs")
-    parser.add_argument("--results", help="record into this file instead of benchmarks/results/<card>.json")
-    parser.add_argument("--no-record", action="store_true", help="print the table only, record nothing")
+    add_record_options(parser)
     args = parser.parse_args(argv)
     mode = "compile+manual-graphs" if args.compile else args.mode
     shape = LlamaShape(layers=args.layers)
@@ -182,8 +181,7 @@ def main(argv=None):
         if variant == "bf16":
             bf16 = {kind: tps for kind, (tps, _) in times.items()}
         rows = model_rows(variant, shape, mode, times, bf16)
-        if rows and not args.no_record:
-            print(f"recorded in {record_rows(rows, path=args.results)}", flush=True)
+        recorder(args)(rows)
         for kind, (tps, _) in times.items():
             ratio = tps / bf16[kind] if tps and bf16.get(kind) else None
             table.append([variant if kind == "decode" else f"{variant} (prefill {args.prefill})",
