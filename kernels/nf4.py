@@ -25,9 +25,10 @@ from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
-from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
-                                  load_x, pow2_at_most, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, fragment_columns, gemm_finish, gemm_grid,
+                                  gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8,
+                                  interpreting, load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers,
+                                  tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -206,13 +207,24 @@ def _nf4_gemv_kernel(
 
 
 @triton.jit
-def nf4_levels_tile(q, lut_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, USE_SHFL: tl.constexpr):
-    """[ROWS, 8 * WORDS] fp32 tile of NF4 levels from [ROWS, WORDS] int32 words (code 8w + j at column 8w + j)."""
-    return interleave8(nf4_level((q >> 4) & 15, lut_ptr, USE_SHFL), nf4_level(q & 15, lut_ptr, USE_SHFL),
-                       nf4_level((q >> 12) & 15, lut_ptr, USE_SHFL), nf4_level((q >> 8) & 15, lut_ptr, USE_SHFL),
-                       nf4_level((q >> 20) & 15, lut_ptr, USE_SHFL), nf4_level((q >> 16) & 15, lut_ptr, USE_SHFL),
-                       nf4_level((q >> 28) & 15, lut_ptr, USE_SHFL), nf4_level((q >> 24) & 15, lut_ptr, USE_SHFL),
-                       ROWS, WORDS)
+def nf4_levels_tile(q, lut_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, USE_SHFL: tl.constexpr,
+                    GATHER_X: tl.constexpr):
+    """[ROWS, 8 * WORDS] fp32 tile of NF4 levels from [ROWS, WORDS] int32 words: code 8w + j at column 8w + j, or
+    with GATHER_X in fragment order (tiles.nibble_fragments; WORDS >= 4)."""
+    # code j of a word sits in bits 4 * (j ^ 1) .. + 3
+    c0 = nf4_level((q >> 4) & 15, lut_ptr, USE_SHFL)
+    c1 = nf4_level(q & 15, lut_ptr, USE_SHFL)
+    c2 = nf4_level((q >> 12) & 15, lut_ptr, USE_SHFL)
+    c3 = nf4_level((q >> 8) & 15, lut_ptr, USE_SHFL)
+    c4 = nf4_level((q >> 20) & 15, lut_ptr, USE_SHFL)
+    c5 = nf4_level((q >> 16) & 15, lut_ptr, USE_SHFL)
+    c6 = nf4_level((q >> 28) & 15, lut_ptr, USE_SHFL)
+    c7 = nf4_level((q >> 24) & 15, lut_ptr, USE_SHFL)
+    if GATHER_X:
+        # tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
+        t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+        return nibble_fragments(t, ROWS, WORDS)
+    return interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS, WORDS)
 
 
 @triton.jit
@@ -221,10 +233,11 @@ def _nf4_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, USE_SHFL: tl.constexpr,
-    M_FAST: tl.constexpr,
+    M_FAST: tl.constexpr, GATHER_X: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
-    # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. .
+    # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. . GATHER_X
+    # (with SWAP, blocks of at least 32): the levels in fragment order, x's columns gathered to match.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -234,12 +247,14 @@ def _nf4_gemm_kernel(
     per_split = tl.cdiv(row_blocks, split_k)
     mean = tl.load(mean_ptr)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
+    if GATHER_X:
+        offs_k = fragment_columns(BLOCK)
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, row_blocks)):
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK + offs_k)[None, :] * stride_xk,
                      mask=m_mask[:, None], other=0.0)
         blocks = rows * row_blocks + g
         w = nf4_levels_tile(tl.load(q_ptr + blocks[:, None] * WORDS + offs_w[None, :]), lut_ptr, BLOCK_N, WORDS,
-                            USE_SHFL)
+                            USE_SHFL, GATHER_X)
         s = block_scale(sq_ptr, f_ptr, mean, blocks, SCALER_BLOCK)
         d = dot_acc(dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP), w, xt, SWAP, DOT_FP32)
         if SWAP:
@@ -306,11 +321,12 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
-                    for swap in (False, True):
+                    for form in (dict(SWAP=False), dict(SWAP=True)) + (
+                            (dict(SWAP=True, GATHER_X=True),) if block_size >= 32 else ()):
                         for warps, stages in ((4, 3), (4, 4), (8, 3)):
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-                                                SWAP=swap, M_FAST=m_fast, num_warps=warps, num_stages=stages))
+                                                M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
     return out
 
 
@@ -334,7 +350,8 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
     else:
         grid = gemm_grid(m, n, params, split)
         kernel = _nf4_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False))
+        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False),
+                     GATHER_X=params.pop("GATHER_X", False) and block_size >= 32)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, levels_operand(x),

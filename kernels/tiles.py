@@ -129,6 +129,29 @@ def interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, WORDS: tl.co
 
 
 @triton.jit
+def fragment_columns(COLUMNS: tl.constexpr):
+    """The column of x that each column c of a nibble_fragments tile multiplies: 8w + j for code j = (c4 c3 c0) of
+    word w = (c >> 5, c2 c1) in binary. Written with // and % so the compiler sees pairs of consecutive columns,
+    which it copies to shared memory 4 bytes at a time in the software pipeline."""
+    c = tl.arange(0, COLUMNS)
+    return 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * ((c // 16) % 2) + 2 * ((c // 8) % 2) + c % 2
+
+
+@triton.jit
+def nibble_fragments(t, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """The [ROWS, 8 * WORDS] tile of t[r, w, j0, j1, j2] (code j = 4 j2 + 2 j1 + j0 of word w, 4-bit codes packed
+    eight to an int32 word), its columns in fragment order (fragment_columns) rather than in x's order.
+
+    In that order the eight codes of a word land in the registers of the one thread whose share of Hopper's MMA
+    left operand they are (column bits 0, 3 and 4 are register bits of that operand, bits 1 and 2 lane bits), so
+    the tile goes from the loaded words to the tensor cores without a round trip through shared memory, which the
+    x-ordered tile takes (SASS of the sm_90 build: 8 STS and 8 LDSM a step, none in this order). WORDS >= 4.
+    """
+    t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2, 2))  # r, w >> 2, w & 3, j0, j1, j2
+    return tl.reshape(tl.permute(t, (0, 1, 5, 4, 2, 3)), (ROWS, 8 * WORDS))
+
+
+@triton.jit
 def split_by_code(xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """The eight [ROWS, WORDS] tiles xt[:, 8w + j], j = 0..7, of a [ROWS, 8 * WORDS] tile (interleave8 undone)."""
     t = tl.reshape(xt, (ROWS, WORDS, 2, 2, 2))  # t[r, w, a, b, c] = xt[r, 8w + 4a + 2b + c]

@@ -26,10 +26,10 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
-                                  gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k,
-                                  grouped_grid, interleave8, interpreting, load_x, pow2_at_most, split_by_code,
-                                  split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows,
+                                  fragment_columns, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
+                                  gemv_rows, gemv_split_k, grouped_grid, interleave8, interpreting, load_x,
+                                  nibble_fragments, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -284,24 +284,9 @@ def units_plus_codes(q, ROWS: tl.constexpr, WORDS: tl.constexpr, one_bits):
 
 
 @triton.jit
-def fragment_columns(GROUP: tl.constexpr):
-    """The column of x that each column c of a fragment_tile multiplies: 8w + j for code j = (c4 c3 c0) of word
-    w = (c >> 5, c2 c1) in binary. Written with // and % so the compiler sees pairs of consecutive columns, which
-    it copies to shared memory 4 bytes at a time in the software pipeline."""
-    c = tl.arange(0, GROUP)
-    return 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * ((c // 16) % 2) + 2 * ((c // 8) % 2) + c % 2
-
-
-@triton.jit
 def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """The dequantized [ROWS, 8 * WORDS] tile of one group, 16 s u + (z - 24 s) with u = 1 + code/16, its columns in
-    fragment order (see fragment_columns) rather than in x's order.
-
-    In that order the eight codes of a word land in the registers of the one thread whose share of Hopper's MMA
-    left operand they are (column bits 0, 3 and 4 are register bits of that operand, bits 1 and 2 lane bits), so
-    the tile goes from the loaded words to the tensor cores without a round trip through shared memory, which the
-    x-ordered tile takes (SASS of the sm_90 build: 8 STS and 8 LDSM a step, none in this order).
-    """
+    fragment order (nibble_fragments)."""
     c0 = unit_plus_code(q, 0, ONE_BITS) * s16 + z24
     c1 = unit_plus_code(q, 1, ONE_BITS) * s16 + z24
     c2 = unit_plus_code(q, 2, ONE_BITS) * s16 + z24
@@ -310,10 +295,9 @@ def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
     c5 = unit_plus_code(q, 5, ONE_BITS) * s16 + z24
     c6 = unit_plus_code(q, 6, ONE_BITS) * s16 + z24
     c7 = unit_plus_code(q, 7, ONE_BITS) * s16 + z24
-    # tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0, j1, j2]
+    # tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
     t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
-    t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2, 2))
-    return tl.reshape(tl.permute(t, (0, 1, 5, 4, 2, 3)), (ROWS, 8 * WORDS))
+    return nibble_fragments(t, ROWS, WORDS)
 
 
 # Four bytes of a word a call: both codes of byte b as a pair of 16-bit floats, magic + code (magic = 128 in bf16,
@@ -363,11 +347,8 @@ def fragment_tile_pairs(q, s, z, off, ROWS: tl.constexpr, WORDS: tl.constexpr):
         b0, b1, b2, b3 = tl.inline_asm_elementwise(PAIRS_BF16, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
                                                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                                    is_pure=True, pack=2)
-    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0,
-    # j1, j2], as in fragment_tile
-    t = tl.join(tl.join(b0, b1), tl.join(b2, b3))
-    t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2, 2))
-    return tl.reshape(tl.permute(t, (0, 1, 5, 4, 2, 3)), (ROWS, 8 * WORDS))
+    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
+    return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
 
 
 @triton.jit

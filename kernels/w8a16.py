@@ -67,8 +67,8 @@ def byte_value(q, J: tl.constexpr):
 
 
 @triton.jit
-def fragment_columns(COLUMNS: tl.constexpr):
-    """The column of x that each column c of a fragment_tile multiplies: 4w + j for byte j = (c3 c0) of word
+def byte_fragment_columns(COLUMNS: tl.constexpr):
+    """The column of x that each column c of a byte_fragment_tile multiplies: 4w + j for byte j = (c3 c0) of word
     w = (c >> 4, c2 c1) in binary (pairs of consecutive columns, which the software pipeline copies 4 bytes at a
     time)."""
     c = tl.arange(0, COLUMNS)
@@ -76,11 +76,11 @@ def fragment_columns(COLUMNS: tl.constexpr):
 
 
 @triton.jit
-def fragment_tile(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
+def byte_fragment_tile(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """The [ROWS, 4 * WORDS] tile of byte values of int32 words q, its columns in fragment order (see
-    fragment_columns): column bits 0 and 3 are register bits of Hopper's MMA left operand and bits 1 and 2 lane
+    byte_fragment_columns): column bits 0 and 3 are register bits of Hopper's MMA left operand and bits 1 and 2 lane
     bits, so each word's four bytes stay in the thread that feeds them to the MMA, with no pass through shared
-    memory (the W4A16 kernel's fragment_tile does the same for eight codes a word)."""
+    memory (tiles.nibble_fragments does the same for eight codes a word)."""
     # tl.join appends its choice as the last axis: t[r, w >> 2, w & 3, j0, j1]
     t = tl.join(tl.join(byte_value(q, 0), byte_value(q, 1)), tl.join(byte_value(q, 2), byte_value(q, 3)))
     t = tl.reshape(t, (ROWS, WORDS // 4, 4, 2, 2))
@@ -131,13 +131,13 @@ def w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, st
     words, 4 * BLOCK_W columns): rows offs_m of x (m_mask: which are real), rows ``rows`` of q; [BLOCK_N, BLOCK_M]
     with SWAP (computed as dot(q, x.T), the converted weight tile in registers as the left operand, in that
     orientation to the end), else [BLOCK_M, BLOCK_N]. Each step dots x with the bytes of q as exact floats.
-    GATHER_X (with SWAP): the tile in fragment order (fragment_tile), x's columns gathered to match."""
+    GATHER_X (with SWAP): the tile in fragment order (byte_fragment_tile), x's columns gathered to match."""
     offs_w = tl.arange(0, BLOCK_W)
     offs_k = tl.arange(0, 4 * BLOCK_W)
     n_words = tl.cdiv(K, 4)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
     if GATHER_X:
-        offs_k = fragment_columns(4 * BLOCK_W)
+        offs_k = byte_fragment_columns(4 * BLOCK_W)
     for step in range(first, last + 1):
         k = step * 4 * BLOCK_W + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -145,7 +145,7 @@ def w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, st
         words = step * BLOCK_W + offs_w
         q = tl.load(q_ptr + rows[:, None] * stride_qn + words[None, :], mask=(words < n_words)[None, :], other=0)
         if GATHER_X:
-            w = fragment_tile(q, BLOCK_N, BLOCK_W)
+            w = byte_fragment_tile(q, BLOCK_N, BLOCK_W)
         else:
             # tl.join appends its choice as the last axis: t[..., a, b] = byte 2a + b.
             w = tl.join(tl.join(byte_value(q, 0), byte_value(q, 2)), tl.join(byte_value(q, 1), byte_value(q, 3)))

@@ -36,7 +36,7 @@ CASES = [
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,
                                         DOT_FP32=False, SWAP=True, M_FAST=False, GATHER_X=True), True),
     (nf4._nf4_gemm_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_M=64, BLOCK_N=64, SPLIT=False, HAS_BIAS=False,
-                                     DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False), True),
+                                     DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True), True),
     (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",
                                       col_scale_ptr="*bf16", bias_ptr="*bf16"),
      dict(SCALED=True, HAS_BIAS=True, EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), True),

@@ -36,6 +36,9 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
         for swap in (False, True):
             configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, M_FAST=swap, num_warps=2,
                                 num_stages=1))
+        # the fragment-ordered levels (blocks of 32 and up; a smaller block runs the x-ordered tile)
+        configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, GATHER_X=True, num_warps=2,
+                            num_stages=1))
     for config in configs:
         y = nf4.nf4_linear_triton(x, *args, b, config=config)
         assert y.dtype == x_dtype and y.shape == (m, n)
