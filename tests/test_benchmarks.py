@@ -266,3 +266,17 @@ def test_moe_rows_carry_their_routing_and_render_as_one_table(tmp_path, monkeypa
     doc = tmp_path / "benchmarks.md"
     assert render.render(folder, doc) == ["Stacked experts: NVIDIA H200"]
     assert "| w4a16 | down | 8 × 4096×14336 | 2 | 32 | 64 | 100.0 | 40.0 | 2.50 | grouped |" in doc.read_text()
+
+
+def test_generate_harness_records_a_row_per_variant(tmp_path):
+    # the script's --tiny smoke run (small shapes, no compile) on the CPU; the measurement itself needs a GPU
+    pytest.importorskip("transformers")
+    import generate
+
+    out = tmp_path / "card.json"
+    generate.main(["--tiny", "--layers", "1", "--prompt", "4", "--new-tokens", "3", "--variants", "int4,bf16",
+                   "--results", str(out)])
+    rows = common.load_results(out)["rows"]
+    assert [(r["kind"], r["variant"], r["layers"], r["mode"], r["tokens"]) for r in rows] == [
+        ("generate", "bf16", 1, "eager-static", 3), ("generate", "int4", 1, "eager-static", 3)]
+    assert rows[1]["bf16_tokens_per_s"] == rows[0]["tokens_per_s"] > 0
