@@ -35,6 +35,8 @@ CASES = [
                                         ZERO=2), False),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,
                                         DOT_FP32=False, SWAP=True, M_FAST=False, GATHER_X=True), True),
+    (w8a16._w8a16_grouped_kernel, dict(W8, offs_ptr="*i32"),
+     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_W=32, DOT_FP32=False, SWAP=True, GATHER_X=True), True),
     (nf4._nf4_gemm_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_M=64, BLOCK_N=64, SPLIT=False, HAS_BIAS=False,
                                      DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True), True),
     (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",
@@ -62,4 +64,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 9", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 10", done.stderr[-3000:]
