@@ -133,15 +133,20 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
     # the CUDA kernels read every grid as stored: a float zero, uint8 zero points, or none
     if x.is_cuda:
         return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t.get("zero"), scheme.group_size, bias)
-    # the CPU kernel takes the zeros in x's dtype: (8 - z) * scale rounded to fp16/bf16 is no longer exact, so the
-    # integer grid takes the packed kernel for fp32 activations only (0, the symmetric grid's zero, is exact)
-    packed_exact = scheme.zero_point != "int" or x.dtype == torch.float32
-    if x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M and packed_exact:
+    if x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M:
         kp = t["qdata"].shape[1] * 2
+        xp = P.pad_to_multiple(x, kp).contiguous()
         zero = scheme.kernel_zero(t)
-        scales_and_zeros = torch.stack((t["scale"].t(), zero.t()), dim=-1).to(x.dtype).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            P.pad_to_multiple(x, kp).contiguous(), _cpu_int4_packed(t["qdata"]), scheme.group_size, scales_and_zeros)
+        # the CPU kernel takes its zeros in x's dtype: for the integer grid, (8 - z) * scale rounded to fp16/bf16 is no
+        # longer exact, so its rounding error comes back as a small product, sum of x over each group times it
+        zero_x = zero.to(x.dtype)
+        scales_and_zeros = torch.stack((t["scale"].t(), zero_x.t()), dim=-1).to(x.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp, _cpu_int4_packed(t["qdata"]), scheme.group_size,
+                                                       scales_and_zeros)
+        if scheme.zero_point == "int" and x.dtype != torch.float32:
+            residual = zero.float() - zero_x.float()  # [N, Kp/g]
+            group_sums = xp.float().reshape(xp.shape[0], -1, scheme.group_size).sum(-1)  # [M, Kp/g]
+            y = (y.float() + group_sums @ residual.t()).to(x.dtype)
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
 
