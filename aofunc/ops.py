@@ -133,30 +133,45 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
     # the CUDA kernels read every grid as stored: a float zero, uint8 zero points, or none
     if x.is_cuda:
         return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t.get("zero"), scheme.group_size, bias)
-    if x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M:
-        kp = t["qdata"].shape[1] * 2
-        xp = P.pad_to_multiple(x, kp).contiguous()
+    if _cpu_packed_fits(x, n):
         zero = scheme.kernel_zero(t)
-        # the CPU kernel takes its zeros in x's dtype: for the integer grid, (8 - z) * scale rounded to fp16/bf16 is no
-        # longer exact, so its rounding error comes back as a small product, sum of x over each group times it
-        zero_x = zero.to(x.dtype)
-        scales_and_zeros = torch.stack((t["scale"].t(), zero_x.t()), dim=-1).to(x.dtype).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp, _cpu_int4_packed(t["qdata"]), scheme.group_size,
-                                                       scales_and_zeros)
+        y = _cpu_int4_linear(x, t["qdata"], t["scale"], zero, scheme.group_size)
         if scheme.zero_point == "int" and x.dtype != torch.float32:
-            residual = zero.float() - zero_x.float()  # [N, Kp/g]
+            # the CPU kernel takes its zeros in x's dtype, where (8 - z) * scale is no longer exact: its rounding
+            # error comes back as a small product, each group's sum of x times it
+            residual = zero.float() - zero.to(x.dtype).float()  # [N, Kp/g]
+            xp = P.pad_to_multiple(x, t["qdata"].shape[1] * 2)
             group_sums = xp.float().reshape(xp.shape[0], -1, scheme.group_size).sum(-1)  # [M, Kp/g]
             y = (y.float() + group_sums @ residual.t()).to(x.dtype)
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
 
 
+def _cpu_packed_fits(x: torch.Tensor, n: int) -> bool:
+    """Whether torch's packed int4 CPU kernel takes this call: a few rows of x, outputs a multiple of 16."""
+    return x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M
+
+
+def _cpu_int4_linear(x, qdata, scale, zero, group_size: int) -> torch.Tensor:
+    """x @ w.T with w = (code - 8) * scale + zero through torch's packed int4 CPU kernel, scales and zeros taken in
+    x's dtype (rounded to it); y in x's dtype."""
+    scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(x.dtype).contiguous()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(P.pad_to_multiple(x, qdata.shape[1] * 2).contiguous(),
+                                                     _cpu_int4_packed(qdata), group_size, scales_and_zeros)
+
+
 def _int8_dynamic_int4(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return int8_int4.int8_int4_linear(x, t["qdata"], t["scale"], scheme.group_size, bias)
     xq, sx, zp = int8_int4.quantize_per_token_asym_int8(x)
-    x_dq = (xq.float() - zp[:, None].float()) * sx[:, None]
-    y = F.linear(x_dq, scheme.dequantize(t, n, k, torch.float32))
+    x_int = xq.float() - zp[:, None].float()  # integers in -255..255
+    if _cpu_packed_fits(x, n):
+        # the packed int4 kernel on the integer activations: exact in bf16 (integers up to 256 are), whose kernel is
+        # the fast one, where the result may round there (bf16 x); in fp32 otherwise
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        y = _cpu_int4_linear(x_int.to(dtype), t["qdata"], t["scale"], torch.zeros_like(t["scale"]), scheme.group_size)
+        return _add_bias((y.float() * sx[:, None]).to(x.dtype), bias)
+    y = F.linear(x_int * sx[:, None], scheme.dequantize(t, n, k, torch.float32))
     return _add_bias(y.to(x.dtype), bias)
 
 

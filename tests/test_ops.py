@@ -265,3 +265,20 @@ def test_qlinear_of_an_empty_input_is_an_empty_output_whatever_its_strides(schem
     bias = torch.randn(n).to(dtype) if with_bias else None
     y = aofunc.qlinear(x, qw, bias)
     assert y.shape == (*lead, n) and y.dtype == dtype and y.numel() == 0
+
+
+@pytest.mark.parametrize("x_dtype", FLOATS)
+@pytest.mark.parametrize("m", [1, 4, 9])
+def test_8da4w_on_cpu_agrees_with_the_integer_twin(x_dtype, m):
+    """A few rows take torch's packed int4 CPU kernel on the integer activations (exact in bf16), more rows the
+    dequantized weight: both give the twin that sums integers inside each group."""
+    from aofunc.kernels import int8_int4
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(32, 256, generator=g).to(x_dtype)
+    x = torch.randn(m, 256, generator=g).to(x_dtype)
+    bias = torch.randn(32, generator=g).to(x_dtype)
+    qw = quantize_weight(w, aofunc.Int8DynamicInt4(64))
+    t = qw.tensors
+    y = aofunc.qlinear(x, qw, bias)
+    assert y.dtype == x_dtype and y.shape == (m, 32)
+    assert relative_error(y, int8_int4.int8_int4_linear_ref(x, t["qdata"], t["scale"], 64, bias)) <= TOLERANCE[x_dtype]
