@@ -135,12 +135,12 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
         return w4a16.w4a16_linear(x, t["qdata"], t["scale"], t.get("zero"), scheme.group_size, bias)
     if _cpu_packed_fits(x, n):
         zero = scheme.kernel_zero(t)
-        y = _cpu_int4_linear(x, t["qdata"], t["scale"], zero, scheme.group_size)
+        xp = P.pad_to_multiple(x, t["qdata"].shape[1] * 2)
+        y = _cpu_int4_linear(xp, t["qdata"], t["scale"], zero, scheme.group_size)
         if scheme.zero_point == "int" and x.dtype != torch.float32:
             # the CPU kernel takes its zeros in x's dtype, where (8 - z) * scale is no longer exact: its rounding
             # error comes back as a small product, each group's sum of x times it
             residual = zero.float() - zero.to(x.dtype).float()  # [N, Kp/g]
-            xp = P.pad_to_multiple(x, t["qdata"].shape[1] * 2)
             group_sums = xp.float().reshape(xp.shape[0], -1, scheme.group_size).sum(-1)  # [M, Kp/g]
             y = (y.float() + group_sums @ residual.t()).to(x.dtype)
         return _add_bias(y, bias)

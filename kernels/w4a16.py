@@ -715,7 +715,7 @@ def w4a16_grouped_linear_ref(x, qdata, scale, zero, offs, group_size: int) -> to
     return y
 
 
-def grouped_config(s: int, experts: int, dtype: torch.dtype) -> dict:
+def grouped_config(s: int, experts: int) -> dict:
     """The grouped kernel's configuration for s rows over `experts` experts: tiles of about the rows an expert gets
     (at least 16), the GEMM forms the single-weight GEMM uses for that many rows."""
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
@@ -730,7 +730,7 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     check_w4a16_grouped(x, qdata, scale, zero, offs, group_size)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
-    params = dict(config or grouped_config(s, experts, x.dtype))
+    params = dict(config or grouped_config(s, experts))
     forms = tile_forms(params, x, scale, zero, group_size)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = qdata.contiguous().view(torch.int32)

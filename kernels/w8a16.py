@@ -226,8 +226,8 @@ def w8a16_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _words(qdata: torch.Tensor) -> torch.Tensor:
-    """qdata as int32 words of 4 values, rows zero-padded to a multiple of 4 values (a copy only then)."""
-    n, k = qdata.shape
+    """qdata [..., K] as int32 words of 4 values, rows zero-padded to a multiple of 4 values (a copy only then)."""
+    k = qdata.shape[-1]
     if k % 4:
         qdata = torch.nn.functional.pad(qdata, (0, 4 - k % 4))
     return qdata.contiguous().view(torch.int32)
@@ -366,7 +366,7 @@ def w8a16_grouped_linear_ref(x, qdata, scale, offs) -> torch.Tensor:
     return y
 
 
-def grouped_config(s: int, experts: int, dtype: torch.dtype) -> dict:
+def grouped_config(s: int, experts: int) -> dict:
     """The grouped kernel's configuration for s rows over `experts` experts: tiles of about the rows an expert gets
     (at least 16), the fragment-ordered tile up to 32 rows as for a single weight."""
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
@@ -380,9 +380,9 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     check_w8a16_grouped(x, qdata, scale, offs)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
-    params = dict(config or grouped_config(s, experts, x.dtype))
+    params = dict(config or grouped_config(s, experts))
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
-    words = torch.stack([_words(q) for q in qdata]) if k % 4 else qdata.contiguous().view(torch.int32)
+    words = _words(qdata)
     _w8a16_grouped_kernel[grouped_grid(s, experts, n, params)](
         x, words, scale, offs, y, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0), words.stride(1),
         scale.stride(0), y.stride(0), DOT_FP32=x.dtype == torch.float32 or interpreting(), **params)
