@@ -7,7 +7,8 @@ The layer is Mixtral-8x7B's (8 experts, top 2, hidden 4096, intermediate 14336):
 rows by [E, 2·14336, 4096], ``down`` by [E, 4096, 14336]. A batch of T tokens routes 2·T rows, sorted by expert as
 transformers' ``grouped_mm`` experts sort them; the routing is random and balanced in expectation (seeded). bf16 is
 ``torch._grouped_mm`` on the bf16 stack, what transformers runs unquantized; aofunc is the same call on the
-quantized stack (the grouped kernel). Times are ``cold_us`` (CUDA graphs, L2 cold). Each measurement is a ``moe``
+quantized stack (the grouped kernel); ``loop_us`` times one ``aofunc.qlinear`` call per expert that received rows
+(the alternative to a grouped kernel). Times are ``cold_us`` (CUDA graphs, L2 cold). Each measurement is a ``moe``
 row recorded with ``common.record_rows`` into ``benchmarks/results/<card>.json``.
 """
 from __future__ import annotations
@@ -42,8 +43,10 @@ def moe_row(fmt, variant, tokens, n, k, times, x_dtype="bfloat16"):
     """The ``moe`` results row (benchmarks/common.py) of one measurement; times: {"bf16" | "aofunc": (µs, how)}."""
     return {"kind": "moe", "format": fmt, "variant": variant, "experts": EXPERTS, "top_k": TOP_K, "K": k, "N": n,
             "M": tokens * TOP_K, "batch": tokens, "x_dtype": x_dtype, "bf16_us": round(times["bf16"][0], 2),
-            "aofunc_us": round(times["aofunc"][0], 2), "path": "grouped", "peer": None, "peer_us": None,
-            "timing": timing_of(bf16=times["bf16"][1], aofunc=times["aofunc"][1]), "commit": git_commit()}
+            "aofunc_us": round(times["aofunc"][0], 2),
+            "loop_us": round(times["loop"][0], 2) if "loop" in times else None, "path": "grouped", "peer": None,
+            "peer_us": None, "timing": timing_of(**{name: how for name, (_, how) in times.items()}),
+            "commit": git_commit()}
 
 
 def bench(fmts, tokens_list, record=lambda rows: None):
@@ -60,20 +63,29 @@ def bench(fmts, tokens_list, record=lambda rows: None):
             for tokens in tokens_list:
                 offs = routed_offsets(tokens).cuda()
                 x = torch.randn(tokens * TOP_K, k, device="cuda", dtype=torch.bfloat16)
+                ends = offs.tolist()
+                spans = [(e, start, end) for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
+                experts = [q[e] for e, _, _ in spans]  # indexed once, as a per-expert loop would hold them
+
+                def loop():
+                    return [aofunc.qlinear(x[start:end], qe) for qe, (_, start, end) in zip(experts, spans)]
+
                 times = {"bf16": timed_us(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)),
-                         "aofunc": timed_us(lambda: torch._grouped_mm(x, q.transpose(-2, -1), offs=offs))}
+                         "aofunc": timed_us(lambda: torch._grouped_mm(x, q.transpose(-2, -1), offs=offs)),
+                         "loop": timed_us(loop)}
                 done.append(moe_row(name, variant, tokens, n, k, times))
                 print(f"{name} {variant} tokens={tokens}: bf16 {done[-1]['bf16_us']:.1f} aofunc "
-                      f"{done[-1]['aofunc_us']:.1f}", flush=True)
+                      f"{done[-1]['aofunc_us']:.1f} loop of qlinear {done[-1]['loop_us']:.1f}", flush=True)
             record(done)
             rows += done
     return rows
 
 
 def table(rows):
-    body = [[r["format"], r["variant"], str(r["batch"]), str(r["M"]), r["bf16_us"], r["aofunc_us"],
+    body = [[r["format"], r["variant"], str(r["batch"]), str(r["M"]), r["bf16_us"], r["aofunc_us"], r["loop_us"],
              cell(ratio(r["bf16_us"], r["aofunc_us"]), 2)] for r in rows]
-    return markdown_table(["format", "variant", "tokens", "rows", "bf16 µs", "aofunc µs", "bf16/aofunc"], body)
+    return markdown_table(["format", "variant", "tokens", "rows", "bf16 µs", "aofunc µs", "qlinear loop µs",
+                           "bf16/aofunc"], body)
 
 
 def main(argv=None):

@@ -14,14 +14,18 @@ torchao's through its own module swap. ``--mode`` says how a step runs:
 bf16 is measured first in the same process, so every ratio comes from one card. Each variant gives a ``decode`` row
 (and a ``prefill`` row with ``--prefill N``: one forward of N prompt tokens) recorded with ``common.record_rows``
 into ``benchmarks/results/<card>.json`` (``--results`` names another file, ``--no-record`` prints only).
+``--mode`` takes a comma list to compare harnesses in one process; ``--batch B`` decodes B sequences a step (tokens/s
+counts all of them); ``--profile`` prints where one decode step's GPU time goes, matmuls against the rest.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import re
 import sys
 import time
+from collections import defaultdict
 
 import torch
 from torch.func import functional_call
@@ -65,11 +69,19 @@ def runner(step, tok, pos, mode: str):
     return replay
 
 
-def decode_tokens_per_s(step, tokens: int, max_seq: int, mode: str) -> float:
-    """Tokens a second of greedy decoding, one token a step at growing positions, ``tokens`` steps timed."""
-    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+# Kernel names of matrix products: cuBLAS/CUTLASS GEMMs, aofunc's linears, inductor's mm templates.
+MATMUL_KERNELS = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|wgmma|_mm_|matmul|w4a16|w8a16|nf4|w8a8|int_mm|splitk",
+                            re.IGNORECASE)
+
+
+def decode_tokens_per_s(step, tokens: int, max_seq: int, mode: str, batch: int = 1, profile: bool = False) -> float:
+    """Tokens a second of greedy decoding of ``batch`` sequences, one token each a step at growing positions,
+    ``tokens`` steps timed. ``profile``: also print where one step's GPU time goes."""
+    tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
     run = runner(step, tok, pos, mode)
+    if profile:
+        print_step_profile(run)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for warm in (True, False):
         torch.cuda.synchronize()
@@ -80,12 +92,37 @@ def decode_tokens_per_s(step, tokens: int, max_seq: int, mode: str) -> float:
             tok.copy_(logits[:, -1:].argmax(-1))
         end.record()
         torch.cuda.synchronize()
-    return tokens / (start.elapsed_time(end) / 1e3)
+    return batch * tokens / (start.elapsed_time(end) / 1e3)
 
 
-def prefill_tokens_per_s(step, prompt: int, repeats: int, mode: str) -> float:
-    """Prompt tokens a second of one forward over ``prompt`` tokens at positions 0..prompt-1, ``repeats`` timed."""
-    tok = torch.randint(0, 1000, (1, prompt), device="cuda")
+def print_step_profile(run, steps: int = 5, top: int = 12) -> None:
+    """GPU time of one step by kernel (mean over ``steps`` steps): the ``top`` kernels, then matmuls against the rest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    by_kernel, launches = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            by_kernel[event.name] += event.time_range.elapsed_us() / steps
+            launches[event.name] += 1
+    matmul = sum(t for name, t in by_kernel.items() if MATMUL_KERNELS.search(name))
+    total = sum(by_kernel.values())
+    for name, t in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {t:9.1f} us  x{launches[name] / steps:<5g} {name[:110]}")
+    print(f"  one step: {total:.1f} us of kernels, matmuls {matmul:.1f} us, the rest {total - matmul:.1f} us "
+          f"({sum(launches.values()) / steps:g} kernels)", flush=True)
+
+
+def prefill_tokens_per_s(step, prompt: int, repeats: int, mode: str, batch: int = 1) -> float:
+    """Prompt tokens a second of one forward over ``batch`` prompts of ``prompt`` tokens at positions 0..prompt-1,
+    ``repeats`` timed."""
+    tok = torch.randint(0, 1000, (batch, prompt), device="cuda")
     pos = torch.arange(prompt, device="cuda")
     run = runner(step, tok, pos, mode)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -96,7 +133,7 @@ def prefill_tokens_per_s(step, prompt: int, repeats: int, mode: str) -> float:
             run()
         end.record()
         torch.cuda.synchronize()
-    return prompt * repeats / (start.elapsed_time(end) / 1e3)
+    return batch * prompt * repeats / (start.elapsed_time(end) / 1e3)
 
 
 def aofunc_step(model, qparams):
@@ -122,78 +159,87 @@ def compiled(step, mode: str, fullgraph: bool):
 
 def model_rows(variant, shape, mode, times, bf16_times):
     """The ``decode`` and ``prefill`` rows of one variant (benchmarks/common.py); ``times`` by kind, None: failed."""
-    return [{"kind": kind, "variant": variant, "batch": 1, "layers": shape.layers, "mode": mode,
+    return [{"kind": kind, "variant": variant, "batch": shape.batch, "layers": shape.layers, "mode": mode,
              "tokens_per_s": round(tps, 2), "bf16_tokens_per_s": round(bf16_times[kind], 2)
              if bf16_times.get(kind) else None, "commit": git_commit(), **extra}
             for kind, (tps, extra) in times.items() if tps is not None]
+
+
+def variant_step(variant: str, model, params, shape):
+    """(step function, weight bytes or None) of one variant; raises for a torchao peer that cannot be built."""
+    if variant == "bf16":
+        return aofunc_step(model, params), aofunc.size_in_bytes(params)
+    if variant in SCHEMES:
+        qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(LINEARS, SCHEMES[variant])]))
+        return aofunc_step(model, qparams), aofunc.size_in_bytes(qparams)
+    if variant.startswith("torchao-"):
+        return torchao_model(variant.removeprefix("torchao-"), shape), None
+    raise SystemExit(f"unknown variant {variant!r}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="bf16,int4,int8wo,nf4")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--tokens", type=int, default=200, help="decode steps timed")
     parser.add_argument("--prefill", type=int, default=0, help="also time a forward over this many prompt tokens")
-    parser.add_argument("--mode", choices=MODES, default="manual-graphs")
+    parser.add_argument("--mode", default="manual-graphs", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--compile", action="store_true", help="the same as --mode compile+manual-graphs")
+    parser.add_argument("--profile", action="store_true", help="print one decode step's GPU time by kernel")
     add_record_options(parser)
     args = parser.parse_args(argv)
-    mode = "compile+manual-graphs" if args.compile else args.mode
-    shape = LlamaShape(layers=args.layers)
+    modes = ["compile+manual-graphs"] if args.compile else args.mode.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"--mode: unknown {unknown}; choose from {', '.join(MODES)}")
+    shape = LlamaShape(layers=args.layers, batch=args.batch)
     if args.prefill > shape.max_seq:
         raise SystemExit(f"--prefill must be at most the cache length {shape.max_seq}")
     model = random_llama(shape)
     params = dict(model.named_parameters())
     variants = args.variants.split(",")
     variants.sort(key=lambda v: v != "bf16")  # bf16 first: every other row carries its speed
-    table, bf16 = [], {}
-    for variant in variants:
-        t0 = time.perf_counter()
-        qparams = None
-        if variant == "bf16":
-            step, size = aofunc_step(model, params), aofunc.size_in_bytes(params)
-        elif variant in SCHEMES:
-            spec = aofunc.Spec([aofunc.Rule(LINEARS, SCHEMES[variant])])
-            qparams = aofunc.quantize(params, spec)
-            step, size = aofunc_step(model, qparams), aofunc.size_in_bytes(qparams)
-        elif variant.startswith("torchao-"):
+    for mode in modes:
+        table, bf16 = [], {}
+        for variant in variants:
+            t0 = time.perf_counter()
             try:
-                step, size = torchao_model(variant.removeprefix("torchao-"), shape), None
+                step, size = variant_step(variant, model, params, shape)
             except Exception as e:  # a peer that fails to build is reported, not fatal
                 print(f"{variant}: {type(e).__name__}: {e}", flush=True)
                 table.append([variant, "—", None, None, "failed to build"])
                 continue
-        else:
-            raise SystemExit(f"unknown variant {variant!r}")
-        step = compiled(step, mode, fullgraph=not variant.startswith("torchao-"))
-        weights = {"weights_gib": round(size / 2**30, 2)} if size else {}
-        times, notes = {}, []
-        for kind in ("decode", "prefill") if args.prefill else ("decode",):
-            try:
-                tps = (decode_tokens_per_s(step, args.tokens, shape.max_seq, mode) if kind == "decode" else
-                       prefill_tokens_per_s(step, args.prefill, 10, mode))
-            except Exception as e:  # report and continue with the other variants
-                tps = None
-                notes.append(f"{kind}: {type(e).__name__}: {str(e)[:80]}")
-                print(f"{variant} {kind} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-            extra = dict(weights, tokens=args.tokens) if kind == "decode" else dict(weights, prompt=args.prefill)
-            times[kind] = (tps, extra)
-        if variant == "bf16":
-            bf16 = {kind: tps for kind, (tps, _) in times.items()}
-        rows = model_rows(variant, shape, mode, times, bf16)
-        recorder(args)(rows)
-        for kind, (tps, _) in times.items():
-            ratio = tps / bf16[kind] if tps and bf16.get(kind) else None
-            table.append([variant if kind == "decode" else f"{variant} (prefill {args.prefill})",
-                          f"{size / 2**30:.1f}" if size else "—", tps, f"{ratio:.2f}" if ratio else "—",
-                          "; ".join(notes) or f"{time.perf_counter() - t0:.0f} s"])
-            print(" ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in table[-1]), flush=True)
-        step = qparams = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(f"Card: {card_name()}. Llama-3-8B shapes ({shape.layers} layers, random bf16 weights), batch 1, static KV "
-          f"cache of {shape.max_seq}, mode {mode}, {args.tokens} decode steps timed.\n")
-    print(markdown_table(["variant", "weights GiB", "tokens/s", "× bf16", "wall s (setup and run)"], table))
+            step = compiled(step, mode, fullgraph=not variant.startswith("torchao-"))
+            weights = {"weights_gib": round(size / 2**30, 2)} if size else {}
+            times, notes = {}, []
+            for kind in ("decode", "prefill") if args.prefill else ("decode",):
+                if args.profile and kind == "decode":
+                    print(f"{variant}, {mode}: one decode step", flush=True)
+                try:
+                    tps = (decode_tokens_per_s(step, args.tokens, shape.max_seq, mode, shape.batch, args.profile)
+                           if kind == "decode" else prefill_tokens_per_s(step, args.prefill, 10, mode, shape.batch))
+                except Exception as e:  # report and continue with the other variants
+                    tps = None
+                    notes.append(f"{kind}: {type(e).__name__}: {str(e)[:80]}")
+                    print(f"{variant} {kind} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                extra = dict(weights, tokens=args.tokens) if kind == "decode" else dict(weights, prompt=args.prefill)
+                times[kind] = (tps, extra)
+            if variant == "bf16":
+                bf16 = {kind: tps for kind, (tps, _) in times.items()}
+            recorder(args)(model_rows(variant, shape, mode, times, bf16))
+            for kind, (tps, _) in times.items():
+                ratio = tps / bf16[kind] if tps and bf16.get(kind) else None
+                table.append([variant if kind == "decode" else f"{variant} (prefill {args.prefill})",
+                              f"{size / 2**30:.1f}" if size else "—", tps, f"{ratio:.2f}" if ratio else "—",
+                              "; ".join(notes) or f"{time.perf_counter() - t0:.0f} s"])
+                print(" ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in table[-1]), flush=True)
+            step = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+        print(f"Card: {card_name()}. Llama-3-8B shapes ({shape.layers} layers, random bf16 weights), batch "
+              f"{shape.batch}, static KV cache of {shape.max_seq}, mode {mode}, {args.tokens} decode steps timed.\n")
+        print(markdown_table(["variant", "weights GiB", "tokens/s", "× bf16", "wall s (setup and run)"], table))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class LlamaShape:
     vocab: int = 128256
     rope_theta: float = 500000.0
     max_seq: int = 1024
+    batch: int = 1  # sequences decoded together: the KV cache's first dimension
 
     @property
     def head_dim(self) -> int:
@@ -45,8 +46,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(s.dim, s.kv_heads * s.head_dim, bias=False)
         self.wv = nn.Linear(s.dim, s.kv_heads * s.head_dim, bias=False)
         self.wo = nn.Linear(s.dim, s.dim, bias=False)
-        self.register_buffer("k_cache", torch.zeros(1, s.kv_heads, s.max_seq, s.head_dim), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(1, s.kv_heads, s.max_seq, s.head_dim), persistent=False)
+        self.register_buffer("k_cache", torch.zeros(s.batch, s.kv_heads, s.max_seq, s.head_dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(s.batch, s.kv_heads, s.max_seq, s.head_dim), persistent=False)
 
     def forward(self, x, pos, cos, sin, mask):
         b, t, _ = x.shape
@@ -78,7 +79,7 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder with a static KV cache: forward(tokens [1, T], pos [T]) -> logits [1, T, vocab]."""
+    """Decoder with a static KV cache: forward(tokens [batch, T], pos [T]) -> logits [batch, T, vocab]."""
 
     def __init__(self, s: LlamaShape):
         super().__init__()

@@ -257,7 +257,7 @@ def test_moe_rows_carry_their_routing_and_render_as_one_table(tmp_path, monkeypa
     assert offs.dtype == torch.int32 and offs.shape == (bench_moe.EXPERTS,)
     assert int(offs[-1]) == 32 * bench_moe.TOP_K and bool((offs[1:] >= offs[:-1]).all())
     monkeypatch.setattr(bench_moe, "git_commit", lambda: "abc1234")
-    times = {"bf16": (100.0, "cold_us"), "aofunc": (40.0, "cold_us")}
+    times = {"bf16": (100.0, "cold_us"), "aofunc": (40.0, "cold_us"), "loop": (90.0, "cold_us")}
     row = bench_moe.moe_row("w4a16", "down", 32, 4096, 14336, times)
     assert common.row_key(row) == ("moe", "w4a16", "down", 8, 2, 14336, 4096, 64, 32, "bfloat16")
     folder = tmp_path / "results"
@@ -265,7 +265,7 @@ def test_moe_rows_carry_their_routing_and_render_as_one_table(tmp_path, monkeypa
     common.record_rows([row], card=CARD, path=folder / "nvidia-h200.json")
     doc = tmp_path / "benchmarks.md"
     assert render.render(folder, doc) == ["Stacked experts: NVIDIA H200"]
-    assert "| w4a16 | down | 8 × 4096×14336 | 2 | 32 | 64 | 100.0 | 40.0 | 2.50 | grouped |" in doc.read_text()
+    assert "| w4a16 | down | 8 × 4096×14336 | 2 | 32 | 64 | 100.0 | 40.0 | 90.0 | 2.50 | grouped |" in doc.read_text()
 
 
 def test_generate_harness_records_a_row_per_variant(tmp_path):
