@@ -8,7 +8,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
-from aofunc.formats.qtensor import implements
+from aofunc.formats.qtensor import implements, values_readable
 from aofunc.kernels import int8_int4, int_mm, nf4, w4a16, w8a8, w8a16
 from aofunc.kernels.selector import Problem, default_path
 
@@ -291,10 +291,10 @@ def grouped_qlinear(x: torch.Tensor, w: QTensor, offs: torch.Tensor) -> torch.Te
         raise ValueError(f"grouped_mm: {w.describe()} takes inputs of {k} features, got x of shape {tuple(x.shape)}")
     grouped = _grouped_kernel(x, w, n, k)
     if grouped is not None:
-        if not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        if values_readable(offs):
             _check_offsets(offs.tolist(), x.shape[0], w)  # one read of E offsets; the kernel reads them itself
         return grouped(offs)
-    if torch.compiler.is_compiling():
+    if not values_readable(offs):
         # the loop below reads offs on the host (a sync that breaks the graph): traced, the stack is dequantized
         # and torch's grouped product runs on it
         return torch._grouped_mm(x, w.dequantize().to(x.dtype), offs=offs)

@@ -97,3 +97,27 @@ def test_compiled_functions_read_quantized_weights_in_place(qweight):
 
     for w in (qweight, qweight.detach(), qweight.to(torch.float16), qweight.clone()):
         assert get_static_address_type(w) == "unguarded"
+
+
+def test_values_are_readable_only_outside_tracing():
+    # host reads of offsets and indices are skipped while any stage of torch.compile traces (dynamo, or the fake
+    # tensors of AOT tracing that torch.compiler.is_compiling() does not flag in every torch release)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from aofunc.formats.qtensor import values_readable
+    t = torch.arange(4)
+    assert values_readable(t)
+    with FakeTensorMode() as mode:
+        assert not values_readable(mode.from_tensor(t))
+    assert not torch.compile(lambda x: torch.tensor(values_readable(x)), fullgraph=True, backend="eager")(t)
+
+
+def test_flattening_for_compiled_code_reads_no_tensor_property():
+    # compiled code unwraps every QTensor input on each call: its flatten context is built once, and size/stride
+    # queries take the first branch of __torch_function__
+    import aofunc.formats.qtensor as qt
+    q = aofunc.quantize({"w": torch.randn(64, 64)}, aofunc.Spec([aofunc.Rule("w", aofunc.Int4WeightOnly(32))]))["w"]
+    names, context = q.__tensor_flatten__()
+    assert names == list(q._names) and context is q.__tensor_flatten__()[1]
+    assert context == (q.scheme, (64, 64), torch.float32, False)
+    assert qt._METADATA >= {torch.Tensor.size, torch.Tensor.stride, torch.Tensor.shape.__get__}
+    assert q.size() == (64, 64) and q.stride() == (64, 1) and q.dim() == 2

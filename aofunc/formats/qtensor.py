@@ -47,6 +47,15 @@ def keep_address_static(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether t's values may be read on the host now: not while torch.compile or export traces (they are unknown
+    there, at any stage of tracing) nor during CUDA graph capture (a read would synchronize)."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t) and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """A weight as [N, K] (outputs, inputs): transposed for [in, out] storage, flattened for 1x1 convs (a view);
     stacked experts as [E, N, K]."""
@@ -88,6 +97,8 @@ class QTensor(torch.Tensor):
         self.transposed = bool(transposed)
         self.param_name = param_name
         self._names = tuple(tensors)
+        # what torch.compile flattens this into, built once: compiled code unwraps every QTensor input on every call
+        self._flat_context = (scheme, tuple(shape), dtype, self.transposed)
         for key, tensor in tensors.items():
             setattr(self, key, tensor)
         if len(shape) == 3:
@@ -134,7 +145,7 @@ class QTensor(torch.Tensor):
         if index.dim() > 1:
             raise NotImplementedError(f"aofunc.QTensor: {self.describe()}: indexing experts by a "
                                       f"{index.dim()}-D index tensor; use a 1-D one")
-        if index.numel() and not torch.compiler.is_compiling():
+        if index.numel() and values_readable(index):
             experts = self.shape[0]
             low, high = int(index.min()), int(index.max())
             self._check_expert(low if low < -experts else high)
@@ -172,7 +183,7 @@ class QTensor(torch.Tensor):
 
     # ------------------------------------------------------------------------------------------ torch.compile
     def __tensor_flatten__(self):
-        return list(self._names), (self.scheme, tuple(self.shape), self.dtype, self.transposed)
+        return list(self._names), self._flat_context
 
     def _stable_hash_for_caching(self) -> str:
         """What compiled-graph caches key on: the format and the layout, not the values."""
@@ -187,6 +198,9 @@ class QTensor(torch.Tensor):
     # ------------------------------------------------------------------------------------------ dispatch
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA:  # first and cheapest: compiled code asks every QTensor input for these on every call
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         handler = HANDLERS.get(func)
         if handler is not None:
@@ -211,6 +225,13 @@ class QTensor(torch.Tensor):
                 "indexing by expert, transposing the last two dims, bmm and grouped_mm); call .dequantize() "
                 "for anything else")
         return handler(*args, **kwargs)
+
+
+#: Tensor methods and properties that only read metadata: answered as for any tensor, before any other lookup.
+_METADATA = frozenset([torch.Tensor.size, torch.Tensor.stride, torch.Tensor.dim, torch.Tensor.storage_offset,
+                       torch.Tensor.is_contiguous, torch.Tensor.numel, torch.Tensor.shape.__get__,
+                       torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__,
+                       torch.Tensor.is_cuda.__get__, torch.Tensor.ndim.__get__, torch.Tensor.layout.__get__])
 
 
 def _is_custom_op(func) -> bool:
@@ -288,7 +309,7 @@ def _index(w: QTensor, indices) -> QTensor:
         raise NotImplementedError(f"aofunc.QTensor: {w.describe()} is a stack of experts: index it by expert "
                                   "(an int or an integer tensor) only")
     index = indices[0]
-    if index.dim() == 0 and not torch.compiler.is_compiling():
+    if index.dim() == 0 and values_readable(index):
         return w.expert(int(index))
     return w.experts(index)
 
@@ -318,7 +339,7 @@ def _getitem(w, index):
             return w.expert(index)
         if isinstance(index, torch.Tensor) and not isinstance(index, QTensor) and index.dim() <= 1 \
                 and not (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
-            if index.dim() == 0 and not torch.compiler.is_compiling():
+            if index.dim() == 0 and values_readable(index):
                 return w.expert(int(index))
             return w.experts(index)
     with torch._C.DisableTorchFunctionSubclass():
