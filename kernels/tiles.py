@@ -271,10 +271,18 @@ def check_offsets(offs: torch.Tensor, experts: int, x: torch.Tensor) -> None:
         raise ValueError(f"offs is on {offs.device} but x is on {x.device}")
 
 
-def grouped_grid(s: int, experts: int, n: int, config: dict) -> tuple[int, int]:
-    """The launch grid of a grouped product of s sorted rows over `experts` experts: tiles of N, and an upper bound
-    on the BLOCK_M-row tiles of all experts (each expert's last tile may be partial: at most one more each)."""
-    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(s, config["BLOCK_M"]) + experts
+def grouped_grid(s: int, experts: int, n: int, config: dict) -> tuple[int, int, int]:
+    """The launch grid of a grouped product of s sorted rows over `experts` experts: tiles of N, an upper bound on
+    the BLOCK_M-row tiles of all experts (each expert's last tile may be partial: at most one more each), and
+    splits of K."""
+    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(s, config["BLOCK_M"]) + experts, config.get("SPLIT_K", 1)
+
+
+def grouped_split_k(s: int, experts: int, n_tiles: int, block_m: int, n_steps: int, device: torch.device) -> int:
+    """Splits of K for a grouped product, sized as split_k sizes them for its busy tiles: the host does not read
+    the offsets, so few rows (decode) count as one tile for each of up to s experts, many as s / BLOCK_M tiles."""
+    busy = n_tiles * max(min(s, experts), triton.cdiv(s, block_m))
+    return split_k(busy, n_steps, device)
 
 
 def gemm_grid(m: int, n: int, config: dict, split: int) -> tuple[int, int, int]:

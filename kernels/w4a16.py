@@ -26,9 +26,9 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows,
-                                  fragment_columns, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
-                                  gemv_rows, gemv_split_k, grouped_grid, interleave8, interpreting, load_x,
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, fragment_columns,
+                                  gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
+                                  gemv_split_k, grouped_grid, grouped_split_k, interleave8, interpreting, load_x,
                                   nibble_fragments, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
@@ -467,23 +467,28 @@ def _w4a16_gemm_kernel(
 
 @triton.jit
 def _w4a16_grouped_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, offs_ptr, y_ptr,
+    x_ptr, q_ptr, s_ptr, z_ptr, offs_ptr, y_ptr, ws_ptr, cnt_ptr,
     S, N, K, E, stride_xm, stride_xk, stride_qe, stride_qn, stride_se, stride_sn, stride_ze, stride_zn, stride_ym,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr,
-    SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
+    split_k,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    SWAP: tl.constexpr, SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
     PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
 ):
-    # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), all of K, through that expert's
-    # weights: every routed expert of a layer in one launch.
+    # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), over this program's split of K,
+    # through that expert's weights: every routed expert of a layer in one launch.
     expert, offs_m, m_mask, valid = expert_rows(offs_ptr, E, S, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
     e = expert.to(tl.int64)
-    last = tl.where(valid, tl.cdiv(K, GROUP) - 1, -1)  # a program with no rows runs no step
+    n_groups = tl.cdiv(K, GROUP)
+    per_split = tl.cdiv(n_groups, split_k)
+    first = tl.program_id(2) * per_split
+    last = tl.where(valid, tl.minimum(first + per_split, n_groups) - 1, -1)  # a program with no rows runs no step
     acc = w4a16_tile(x_ptr, q_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_ze, offs_m, m_mask,
-                     rows, K, 0, last, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M,
+                     rows, K, first, last, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M,
                      BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ, GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO)
-    gemm_finish(acc, offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr, y_ptr, y_ptr, offs_ptr, 1, False, False, SWAP)
+    gemm_finish(acc, offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, False,
+                SWAP)
 
 
 @triton.jit
@@ -715,12 +720,14 @@ def w4a16_grouped_linear_ref(x, qdata, scale, zero, offs, group_size: int) -> to
     return y
 
 
-def grouped_config(s: int, experts: int) -> dict:
-    """The grouped kernel's configuration for s rows over `experts` experts: tiles of about the rows an expert gets
-    (at least 16), the GEMM forms the single-weight GEMM uses for that many rows."""
+def grouped_config(s: int, experts: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
+    """The grouped kernel's configuration for s rows over `experts` experts of [n, k]: tiles of about the rows an
+    expert gets (at least 16), the GEMM forms the single-weight GEMM uses for that many rows, K split while the busy
+    tiles cannot fill the card (decode: a few rows each through a few experts)."""
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
     form = dict(GATHER_X=True, PAIRS=True) if block_m <= 32 else dict(FULL_DQ=True, PREFETCH=True)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, SWAP=True, num_warps=4, num_stages=3, **form)
+    split = grouped_split_k(s, experts, triton.cdiv(n, 64), block_m, -(-k // group_size), device)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split, SWAP=True, num_warps=4, num_stages=3, **form)
 
 
 def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
@@ -730,15 +737,18 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     check_w4a16_grouped(x, qdata, scale, zero, offs, group_size)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
-    params = dict(config or grouped_config(s, experts))
+    params = dict(config or grouped_config(s, experts, n, k, group_size, x.device))
     forms = tile_forms(params, x, scale, zero, group_size)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = qdata.contiguous().view(torch.int32)
     z = scale if zero is None else zero
-    _w4a16_grouped_kernel[grouped_grid(s, experts, n, params)](
-        x, words, scale, z, offs, y, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0), words.stride(1),
-        scale.stride(0), scale.stride(1), z.stride(0), z.stride(1), y.stride(0), GROUP=group_size, **forms,
-        **params)
+    grid = grouped_grid(s, experts, n, params)
+    split = params.pop("SPLIT_K", 1)
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    _w4a16_grouped_kernel[grid](
+        x, words, scale, z, offs, y, ws, counters, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0),
+        words.stride(1), scale.stride(0), scale.stride(1), z.stride(0), z.stride(1), y.stride(0), split,
+        GROUP=group_size, SPLIT=split > 1, **forms, **params)
     return y
 
 

@@ -15,8 +15,8 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
-                                  gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_grid, interpreting, load_x,
-                                  split_k, splitk_buffers, tolerance)
+                                  gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_grid, grouped_split_k,
+                                  interpreting, load_x, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -186,22 +186,25 @@ def _w8a16_gemm_kernel(
 
 @triton.jit
 def _w8a16_grouped_kernel(
-    x_ptr, q_ptr, s_ptr, offs_ptr, y_ptr,
-    S, N, K, E, stride_xm, stride_xk, stride_qe, stride_qn, stride_se, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT_FP32: tl.constexpr,
-    SWAP: tl.constexpr, GATHER_X: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, offs_ptr, y_ptr, ws_ptr, cnt_ptr,
+    S, N, K, E, stride_xm, stride_xk, stride_qe, stride_qn, stride_se, stride_ym, split_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_FP32: tl.constexpr, SWAP: tl.constexpr, GATHER_X: tl.constexpr,
 ):
-    # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), all of K, through that expert's
-    # weights: every routed expert of a layer in one launch.
+    # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), over this program's split of K,
+    # through that expert's weights: every routed expert of a layer in one launch.
     expert, offs_m, m_mask, valid = expert_rows(offs_ptr, E, S, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
     e = expert.to(tl.int64)
-    last = tl.where(valid, tl.cdiv(tl.cdiv(K, 4), BLOCK_W) - 1, -1)  # a program with no rows runs no step
-    acc = w8a16_tile(x_ptr, q_ptr + e * stride_qe, offs_m, m_mask, rows, K, 0, last, stride_xm, stride_xk,
+    n_steps = tl.cdiv(tl.cdiv(K, 4), BLOCK_W)
+    per_split = tl.cdiv(n_steps, split_k)
+    first = tl.program_id(2) * per_split
+    last = tl.where(valid, tl.minimum(first + per_split, n_steps) - 1, -1)  # a program with no rows runs no step
+    acc = w8a16_tile(x_ptr, q_ptr + e * stride_qe, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk,
                      stride_qn, BLOCK_M, BLOCK_N, BLOCK_W, DOT_FP32, SWAP, GATHER_X)
     gemm_finish(scaled_rows(acc, s_ptr + e * stride_se, rows, SWAP), offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr,
-                y_ptr, y_ptr, offs_ptr, 1, False, False, SWAP)
+                y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, False, SWAP)
 
 
 @triton.jit
@@ -366,12 +369,14 @@ def w8a16_grouped_linear_ref(x, qdata, scale, offs) -> torch.Tensor:
     return y
 
 
-def grouped_config(s: int, experts: int) -> dict:
-    """The grouped kernel's configuration for s rows over `experts` experts: tiles of about the rows an expert gets
-    (at least 16), the fragment-ordered tile up to 32 rows as for a single weight."""
+def grouped_config(s: int, experts: int, n: int, k: int, device: torch.device) -> dict:
+    """The grouped kernel's configuration for s rows over `experts` experts of [n, k]: tiles of about the rows an
+    expert gets (at least 16), the fragment-ordered tile up to 32 rows as for a single weight, K split while the
+    busy tiles cannot fill the card."""
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_W=32, SWAP=True, GATHER_X=block_m <= 32, num_warps=4,
-                num_stages=3)
+    split = grouped_split_k(s, experts, triton.cdiv(n, 64), block_m, triton.cdiv(triton.cdiv(k, 4), 32), device)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_W=32, SPLIT_K=split, SWAP=True, GATHER_X=block_m <= 32,
+                num_warps=4, num_stages=3)
 
 
 def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict] = None) -> torch.Tensor:
@@ -380,12 +385,16 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     check_w8a16_grouped(x, qdata, scale, offs)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
-    params = dict(config or grouped_config(s, experts))
+    params = dict(config or grouped_config(s, experts, n, k, x.device))
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = _words(qdata)
-    _w8a16_grouped_kernel[grouped_grid(s, experts, n, params)](
-        x, words, scale, offs, y, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0), words.stride(1),
-        scale.stride(0), y.stride(0), DOT_FP32=x.dtype == torch.float32 or interpreting(), **params)
+    grid = grouped_grid(s, experts, n, params)
+    split = params.pop("SPLIT_K", 1)
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    _w8a16_grouped_kernel[grid](
+        x, words, scale, offs, y, ws, counters, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0),
+        words.stride(1), scale.stride(0), y.stride(0), split, SPLIT=split > 1,
+        DOT_FP32=x.dtype == torch.float32 or interpreting(), **params)
     return y
 
 

@@ -212,7 +212,10 @@ def test_grouped_kernel_equals_twin(counts, tail, grid):
     for config in (None, dict(BLOCK_M=16, BLOCK_N=16, SWAP=True, GATHER_X=True, PAIRS=True, num_warps=2,
                               num_stages=1),
                    dict(BLOCK_M=16, BLOCK_N=32, SWAP=True, FULL_DQ=True, PREFETCH=True, num_warps=2, num_stages=1),
-                   dict(BLOCK_M=16, BLOCK_N=16, SWAP=False, num_warps=2, num_stages=1)):
+                   dict(BLOCK_M=16, BLOCK_N=16, SWAP=False, num_warps=2, num_stages=1),
+                   # K split three ways over four groups: the last split has no step and adds zeros
+                   dict(BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, GATHER_X=True, PAIRS=True, num_warps=2,
+                        num_stages=1)):
         y = w4a16.w4a16_grouped_linear_triton(x, q, scale, zero, offs, g, config=config)
         assert y.shape == want.shape and y.dtype == x_dtype
         assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config

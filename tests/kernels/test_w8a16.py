@@ -97,7 +97,9 @@ def test_grouped_kernel_equals_twin(counts, tail, k):
     offs = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
     want = w8a16.w8a16_grouped_linear_ref(x, q, scale, offs)
     for config in (None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SWAP=True, GATHER_X=True, num_warps=2, num_stages=1),
-                   dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=8, SWAP=False, GATHER_X=False, num_warps=2, num_stages=1)):
+                   dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=8, SWAP=False, GATHER_X=False, num_warps=2, num_stages=1),
+                   dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=4, SWAP=True, GATHER_X=True, num_warps=2,
+                        num_stages=1)):
         y = w8a16.w8a16_grouped_linear_triton(x, q, scale, offs, config=config)
         assert y.shape == want.shape and y.dtype == x.dtype
         assert autotune.relative_error(y, want) <= w8a16.tolerance(x.dtype), config
