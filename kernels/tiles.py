@@ -261,6 +261,19 @@ def expert_rows(offs_ptr, E, S, BLOCK_M: tl.constexpr):
     return tl.minimum(expert, E - 1), offs_m, offs_m < row1, expert < E  # no tile: row0 = row1 = 0
 
 
+@triton.jit
+def row_expert(offs_ptr, E, S, row):
+    """The expert whose rows of a grouped product hold ``row`` (ends offs_ptr[e], clamped as expert_rows clamps
+    them), as an index that stays inside the stack, and whether any expert holds it (rows past the last end: no)."""
+    expert = row * 0 + E
+    start = row * 0
+    for e in range(E):
+        end = tl.maximum(tl.minimum(tl.load(offs_ptr + e), S), start)
+        expert = tl.where((row >= start) & (row < end), e, expert)
+        start = end
+    return tl.minimum(expert, E - 1), expert < E
+
+
 def check_offsets(offs: torch.Tensor, experts: int, x: torch.Tensor) -> None:
     """Raise ValueError unless offs is a 1-D integer tensor of one end offset per expert on x's device. Its values
     are not read here (that would wait for the device); the kernels clamp them to the rows of x."""
@@ -271,11 +284,11 @@ def check_offsets(offs: torch.Tensor, experts: int, x: torch.Tensor) -> None:
         raise ValueError(f"offs is on {offs.device} but x is on {x.device}")
 
 
-def grouped_grid(s: int, experts: int, n: int, config: dict) -> tuple[int, int, int]:
+def grouped_grid(s: int, experts: int, n: int, config: dict, split: int) -> tuple[int, int, int]:
     """The launch grid of a grouped product of s sorted rows over `experts` experts: tiles of N, an upper bound on
     the BLOCK_M-row tiles of all experts (each expert's last tile may be partial: at most one more each), and
     splits of K."""
-    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(s, config["BLOCK_M"]) + experts, config.get("SPLIT_K", 1)
+    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(s, config["BLOCK_M"]) + experts, split
 
 
 def grouped_split_k(s: int, experts: int, n_tiles: int, block_m: int, n_steps: int, device: torch.device) -> int:

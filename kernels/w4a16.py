@@ -29,7 +29,8 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, fragment_columns,
                                   gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
                                   gemv_split_k, grouped_grid, grouped_split_k, interleave8, interpreting, load_x,
-                                  nibble_fragments, pow2_at_most, split_by_code, split_k, splitk_buffers, tolerance)
+                                  nibble_fragments, pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers,
+                                  tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -189,9 +190,11 @@ def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GRO
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
+    offs_ptr, E, stride_qe, stride_se, stride_ze,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
     COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
@@ -201,6 +204,8 @@ def _w4a16_gemv_kernel(
     # coarse_unit, fewer integer operations. XVEC: x loaded once a step as contiguous vectors and split by code
     # position, in place of eight strided loads. LOOP_STAGES > 1: the compiler's software pipeline copies the
     # codes of the next steps into shared memory asynchronously (more bytes in flight, fewer registers).
+    # GROUPED: q, s and z are stacks of experts (strides *_e) and x's rows are sorted by expert (end offsets
+    # offs_ptr[E]): each row goes through its own expert's weights; rows past the last end come out zero.
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -213,6 +218,13 @@ def _w4a16_gemv_kernel(
     per_split = tl.cdiv(n_steps, split_k)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, n_steps) - 1
+    if GROUPED:
+        expert, has_expert = row_expert(offs_ptr, E, M, pid_m)
+        e = expert.to(tl.int64)
+        q_ptr += e * stride_qe
+        s_ptr += e * stride_se
+        z_ptr += e * stride_ze
+        last = tl.where(has_expert, last, first - 1)
     acc = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
@@ -538,14 +550,7 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
     n_groups = -(-k // group_size)
     path = default_path("w4a16", Problem(m, n, k, dtype, device, group_size))
     if path == "gemv":
-        # The winners of the H100 and H200 searches: 512 codes a row a step on two warps, halved (one warp, 256
-        # codes) for long rows (K >= 8192), where more programs in flight hide more of the memory latency.
-        block_n, long_rows = 32, k >= LONG_ROW_K
-        groups = pow2_at_most(max(1, min((256 if long_rows else 512) // group_size, n_groups)))
-        return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups,
-                    SPLIT_K=gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_groups, groups), device),
-                    PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3,
-                    num_warps=1 if long_rows else 2, num_stages=3)
+        return gemv_config(m, n, k, group_size, device)
     if path == "gemm":
         # the H200 searches' winners: one dequantized tile a step; up to 32 rows of x the fragment-ordered tile in
         # packed 16-bit pairs (64 rows of w on 4 warps, 128 on 8 past 16 rows of x), from 33 rows the x-ordered
@@ -561,6 +566,19 @@ def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, 
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k(programs, n_groups, device),
                     SWAP=True, M_FAST=m > 64, num_warps=warps, num_stages=3, **form)
     return dict(path="dequant")
+
+
+def gemv_config(rows: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
+    """The GEMV kernel's default configuration for ``rows`` rows of x (one program per row and BLOCK_N outputs)."""
+    # The winners of the H100 and H200 searches: 512 codes a row a step on two warps, halved (one warp, 256
+    # codes) for long rows (K >= 8192), where more programs in flight hide more of the memory latency.
+    n_groups = -(-k // group_size)
+    block_n, long_rows = 32, k >= LONG_ROW_K
+    groups = pow2_at_most(max(1, min((256 if long_rows else 512) // group_size, n_groups)))
+    return dict(path="gemv", BLOCK_N=block_n, GROUPS=groups,
+                SPLIT_K=gemv_split_k(rows * triton.cdiv(n, block_n), triton.cdiv(n_groups, groups), device),
+                PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True, LOOP_STAGES=3,
+                num_warps=1 if long_rows else 2, num_stages=3)
 
 
 def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device):
@@ -633,10 +651,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
         kernel = _w4a16_gemv_kernel
-        extra = dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, REDUCE_W=params.pop("REDUCE_W", False),
-                     COARSE=params.pop("COARSE", False) and x.dtype != torch.float32,
-                     XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", 1),
-                     one_bits=ONE_BITS.value, ZERO=zero_kind(zero))
+        extra = dict(gemv_forms(params, k, group_size, x, zero), offs_ptr=scale, E=1, stride_qe=0, stride_se=0,
+                     stride_ze=0, GROUPED=False)
     else:
         grid = gemm_grid(m, n, params, split)
         kernel = _w4a16_gemm_kernel
@@ -648,6 +664,34 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
         split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
     )
+    return y
+
+
+def gemv_forms(params: dict, k: int, group_size: int, x: torch.Tensor, zero) -> dict:
+    """The GEMV kernel's forms from a configuration (taken out of ``params``) and the problem."""
+    return dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, PREFETCH=params.pop("PREFETCH", False),
+                REDUCE_W=params.pop("REDUCE_W", False),
+                COARSE=params.pop("COARSE", False) and x.dtype != torch.float32, XVEC=params.pop("XVEC", False),
+                LOOP_STAGES=params.pop("LOOP_STAGES", 1), one_bits=ONE_BITS.value, ZERO=zero_kind(zero))
+
+
+def grouped_gemv(x, qdata, scale, zero, offs, group_size: int, config: dict) -> torch.Tensor:
+    """Rows of x sorted by expert, each through its expert's weights by the GEMV kernel: y [S, N] in x.dtype."""
+    s, k = x.shape
+    experts, n = qdata.shape[0], qdata.shape[1]
+    params = dict(config)
+    params.pop("path")
+    split = params.pop("SPLIT_K")
+    y = torch.empty(s, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, params["BLOCK_N"]), s, split)
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    words = _words(qdata)
+    z = scale if zero is None else zero
+    _w4a16_gemv_kernel[grid](
+        x, words, scale, z, y, y, ws, counters, s, n, k, x.stride(0), x.stride(1), words.stride(1), scale.stride(1),
+        z.stride(1), y.stride(0), split, offs_ptr=offs, E=experts, stride_qe=words.stride(0),
+        stride_se=scale.stride(0), stride_ze=z.stride(0), GROUP=group_size, SPLIT=split > 1, HAS_BIAS=False,
+        GROUPED=True, **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
 
@@ -721,13 +765,18 @@ def w4a16_grouped_linear_ref(x, qdata, scale, zero, offs, group_size: int) -> to
 
 
 def grouped_config(s: int, experts: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """The grouped kernel's configuration for s rows over `experts` experts of [n, k]: tiles of about the rows an
-    expert gets (at least 16), the GEMM forms the single-weight GEMM uses for that many rows, K split while the busy
-    tiles cannot fill the card (decode: a few rows each through a few experts)."""
+    """The grouped product's configuration for s rows over `experts` experts of [n, k]. Up to a row an expert on
+    average (decode) the GEMV kernel, a program per row through its expert, rather than tiles of 16 rows that are
+    mostly padding; else tiles of about the rows an expert gets (at least 16),
+    the GEMM forms the single-weight GEMM uses for that many rows, K split while the busy tiles cannot fill the
+    card."""
+    if s <= experts:
+        return gemv_config(s, n, k, group_size, device)
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
     form = dict(GATHER_X=True, PAIRS=True) if block_m <= 32 else dict(FULL_DQ=True, PREFETCH=True)
     split = grouped_split_k(s, experts, triton.cdiv(n, 64), block_m, -(-k // group_size), device)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split, SWAP=True, num_warps=4, num_stages=3, **form)
+    return dict(path="grouped", BLOCK_M=block_m, BLOCK_N=64, SPLIT_K=split, SWAP=True, num_warps=4, num_stages=3,
+                **form)
 
 
 def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
@@ -738,12 +787,14 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, group_size, x.device))
+    if params.pop("path", "grouped") == "gemv":
+        return grouped_gemv(x, qdata, scale, zero, offs, group_size, dict(params, path="gemv"))
     forms = tile_forms(params, x, scale, zero, group_size)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = qdata.contiguous().view(torch.int32)
     z = scale if zero is None else zero
-    grid = grouped_grid(s, experts, n, params)
     split = params.pop("SPLIT_K", 1)
+    grid = grouped_grid(s, experts, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     _w4a16_grouped_kernel[grid](
         x, words, scale, z, offs, y, ws, counters, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0),

@@ -16,7 +16,7 @@ from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
                                   gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_grid, grouped_split_k,
-                                  interpreting, load_x, split_k, splitk_buffers, tolerance)
+                                  interpreting, load_x, row_expert, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -90,12 +90,14 @@ def byte_fragment_tile(q, ROWS: tl.constexpr, WORDS: tl.constexpr):
 @triton.jit
 def _w8a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k, offs_ptr, E, stride_qe, stride_se,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, GROUPED: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of q, a slice of the steps along K (a step is BLOCK_W int32 words = 4 * BLOCK_W
     # values of a row). q_ptr is qdata viewed as int32 words when K % 4 == 0 (the launcher pads otherwise).
+    # GROUPED: q and s are stacks of experts (strides *_e) and x's rows are sorted by expert (end offsets
+    # offs_ptr[E]): each row goes through its own expert's weights; rows past the last end come out zero.
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n, rows = gemv_rows(N, BLOCK_N)
@@ -103,11 +105,18 @@ def _w8a16_gemv_kernel(
     n_words = tl.cdiv(K, 4)
     n_steps = tl.cdiv(n_words, BLOCK_W)
     per_split = tl.cdiv(n_steps, split_k)
+    end = tl.minimum(pid_k * per_split + per_split, n_steps)
+    if GROUPED:
+        expert, has_expert = row_expert(offs_ptr, E, M, pid_m)
+        e = expert.to(tl.int64)
+        q_ptr += e * stride_qe
+        s_ptr += e * stride_se
+        end = tl.where(has_expert, end, 0)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_W], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     q_rows = q_ptr + rows[:, None] * stride_qn
-    for step in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, n_steps)):
+    for step in range(pid_k * per_split, end):
         words = step * BLOCK_W + offs_w
         if EVEN_K:
             q = tl.load(q_rows + words[None, :])
@@ -241,9 +250,7 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
     n_words = -(-k // 4)
     path = default_path("w8a16", Problem(m, n, k, dtype, device))
     if path == "gemv":
-        block_n, block_w = 64, 64
-        split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(n_words, block_w), device)
-        return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4, num_stages=3)
+        return gemv_config(m, n, k, device)
     if path == "gemm":
         block_m = min(128, max(16, triton.next_power_of_2(m)))
         block_n, block_w = 64, 32
@@ -253,6 +260,13 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, SWAP=True,
                     GATHER_X=m <= 32, num_warps=4, num_stages=3)
     return dict(path="dequant")
+
+
+def gemv_config(rows: int, n: int, k: int, device: torch.device) -> dict:
+    """The GEMV kernel's default configuration for ``rows`` rows of x (one program per row and BLOCK_N outputs)."""
+    block_n, block_w = 64, 64
+    split = split_k(rows * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), device)
+    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
@@ -288,7 +302,9 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     words = _words(qdata)
     if path == "gemv":
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-        kernel, extra = _w8a16_gemv_kernel, dict(EVEN_K=k % (4 * params["BLOCK_W"]) == 0)
+        kernel = _w8a16_gemv_kernel
+        extra = dict(EVEN_K=k % (4 * params["BLOCK_W"]) == 0, offs_ptr=scale, E=1, stride_qe=0, stride_se=0,
+                     GROUPED=False)
     else:
         grid = gemm_grid(m, n, params, split)
         kernel = _w8a16_gemm_kernel
@@ -370,13 +386,16 @@ def w8a16_grouped_linear_ref(x, qdata, scale, offs) -> torch.Tensor:
 
 
 def grouped_config(s: int, experts: int, n: int, k: int, device: torch.device) -> dict:
-    """The grouped kernel's configuration for s rows over `experts` experts of [n, k]: tiles of about the rows an
-    expert gets (at least 16), the fragment-ordered tile up to 32 rows as for a single weight, K split while the
-    busy tiles cannot fill the card."""
+    """The grouped product's configuration for s rows over `experts` experts of [n, k]. Up to a row an expert on
+    average (decode) the GEMV kernel, a program per row through its expert, rather than tiles of 16 rows that are
+    mostly padding; else tiles of about the rows an expert gets (at least 16), the fragment-ordered tile up to 32
+    rows as for a single weight, K split while the busy tiles cannot fill the card."""
+    if s <= experts:
+        return gemv_config(s, n, k, device)
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
     split = grouped_split_k(s, experts, triton.cdiv(n, 64), block_m, triton.cdiv(triton.cdiv(k, 4), 32), device)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_W=32, SPLIT_K=split, SWAP=True, GATHER_X=block_m <= 32,
-                num_warps=4, num_stages=3)
+    return dict(path="grouped", BLOCK_M=block_m, BLOCK_N=64, BLOCK_W=32, SPLIT_K=split, SWAP=True,
+                GATHER_X=block_m <= 32, num_warps=4, num_stages=3)
 
 
 def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict] = None) -> torch.Tensor:
@@ -386,10 +405,19 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, x.device))
-    y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = _words(qdata)
-    grid = grouped_grid(s, experts, n, params)
     split = params.pop("SPLIT_K", 1)
+    if params.pop("path", "grouped") == "gemv":
+        y = torch.empty(s, n, dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(n, params["BLOCK_N"]), s, split)
+        ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+        _w8a16_gemv_kernel[grid](
+            x, words, scale, y, y, ws, counters, s, n, k, x.stride(0), x.stride(1), words.stride(1), y.stride(0),
+            split, offs, experts, words.stride(0), scale.stride(0), SPLIT=split > 1, HAS_BIAS=False,
+            EVEN_K=k % (4 * params["BLOCK_W"]) == 0, GROUPED=True, **params)
+        return y
+    y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
+    grid = grouped_grid(s, experts, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     _w8a16_grouped_kernel[grid](
         x, words, scale, offs, y, ws, counters, s, n, k, experts, x.stride(0), x.stride(1), words.stride(0),

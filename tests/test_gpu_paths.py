@@ -104,8 +104,9 @@ def test_grouped_mm_over_quantized_experts_runs_one_kernel_on_cuda(scheme, count
     q = aofunc.quantize({"experts.w": w}, aofunc.Spec([aofunc.Rule("experts.w", scheme)]))["experts.w"]
     x = torch.randn(sum(counts) + 2, 256, device="cuda", dtype=torch.bfloat16)
     offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
-    want = torch._grouped_mm(x, q.dequantize().transpose(-2, -1), offs=offs)
+    rows = sum(counts)  # torch's own grouped_mm leaves the rows past the last end unwritten on CUDA
+    want = torch._grouped_mm(x, q.dequantize().transpose(-2, -1), offs=offs)[:rows]
     y = torch._grouped_mm(x, q.transpose(-2, -1), offs=offs)
-    assert aofunc.sqnr(want, y) > 40 and torch.equal(y[sum(counts):], torch.zeros_like(y[sum(counts):]))
+    assert aofunc.sqnr(want, y[:rows]) > 40 and torch.equal(y[rows:], torch.zeros_like(y[rows:]))
     compiled = torch.compile(lambda a, b, o: torch._grouped_mm(a, b.transpose(-2, -1), offs=o), fullgraph=True)
-    assert aofunc.sqnr(want, compiled(x, q, offs)) > 40
+    assert aofunc.sqnr(want, compiled(x, q, offs)[:rows]) > 40

@@ -199,7 +199,7 @@ def expert_stack(experts, n, k, g, dtype, grid):
 
 
 @pytest.mark.parametrize("grid", ["float", "int", "none"])
-@pytest.mark.parametrize("counts,tail", [([0, 5, 17], 3), ([16, 0, 1, 40], 0), ([0, 0, 0], 4)])
+@pytest.mark.parametrize("counts,tail", [([0, 5, 17], 3), ([16, 0, 1, 40], 0), ([0, 0, 0], 4), ([1, 0, 2, 0], 1)])
 def test_grouped_kernel_equals_twin(counts, tail, grid):
     # rows sorted by expert, per-expert counts from 0 up (tiles straddle no expert), rows past the last end zero
     x_dtype = torch.float16
@@ -215,7 +215,11 @@ def test_grouped_kernel_equals_twin(counts, tail, grid):
                    dict(BLOCK_M=16, BLOCK_N=16, SWAP=False, num_warps=2, num_stages=1),
                    # K split three ways over four groups: the last split has no step and adds zeros
                    dict(BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, GATHER_X=True, PAIRS=True, num_warps=2,
-                        num_stages=1)):
+                        num_stages=1),
+                   # a GEMV program per row through its expert (the default up to a row an expert)
+                   dict(path="gemv", BLOCK_N=16, GROUPS=2, SPLIT_K=2, REDUCE_W=True, XVEC=True, COARSE=True,
+                        num_warps=2, num_stages=1),
+                   dict(path="gemv", BLOCK_N=32, GROUPS=1, SPLIT_K=1, num_warps=1, num_stages=1)):
         y = w4a16.w4a16_grouped_linear_triton(x, q, scale, zero, offs, g, config=config)
         assert y.shape == want.shape and y.dtype == x_dtype
         assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config

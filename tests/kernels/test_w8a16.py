@@ -86,7 +86,8 @@ def test_bad_input_names_the_argument(bad, match):
         w8a16.w8a16_linear_triton(**args)
 
 
-@pytest.mark.parametrize("counts,tail,k", [([0, 5, 17], 3, 96), ([16, 0, 1, 40], 0, 70), ([0, 0, 0], 4, 64)])
+@pytest.mark.parametrize("counts,tail,k", [([0, 5, 17], 3, 96), ([16, 0, 1, 40], 0, 70), ([0, 0, 0], 4, 64),
+                                           ([1, 0, 2, 0], 1, 70)])
 def test_grouped_kernel_equals_twin(counts, tail, k):
     # rows sorted by expert, per-expert counts from 0 up, K not a multiple of 4 (padded words), rows past the last
     # end zero
@@ -99,7 +100,9 @@ def test_grouped_kernel_equals_twin(counts, tail, k):
     for config in (None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SWAP=True, GATHER_X=True, num_warps=2, num_stages=1),
                    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=8, SWAP=False, GATHER_X=False, num_warps=2, num_stages=1),
                    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=4, SWAP=True, GATHER_X=True, num_warps=2,
-                        num_stages=1)):
+                        num_stages=1),
+                   # a GEMV program per row through its expert (the default up to a row an expert)
+                   dict(path="gemv", BLOCK_N=16, BLOCK_W=4, SPLIT_K=3, num_warps=2, num_stages=1)):
         y = w8a16.w8a16_grouped_linear_triton(x, q, scale, offs, config=config)
         assert y.shape == want.shape and y.dtype == x.dtype
         assert autotune.relative_error(y, want) <= w8a16.tolerance(x.dtype), config
