@@ -15,7 +15,8 @@ bf16 is measured first in the same process, so every ratio comes from one card. 
 (and a ``prefill`` row with ``--prefill N``: one forward of N prompt tokens) recorded with ``common.record_rows``
 into ``benchmarks/results/<card>.json`` (``--results`` names another file, ``--no-record`` prints only).
 ``--mode`` takes a comma list to compare harnesses in one process; ``--batch B`` decodes B sequences a step (tokens/s
-counts all of them); ``--profile`` prints where one decode step's GPU time goes, matmuls against the rest.
+counts all of them); ``--profile`` prints where one decode step's GPU time goes, matmuls against the rest, and
+records nothing (a profiler session slows the launches of every later variant in the process).
 """
 from __future__ import annotations
 
@@ -226,7 +227,8 @@ def main(argv=None):
                 times[kind] = (tps, extra)
             if variant == "bf16":
                 bf16 = {kind: tps for kind, (tps, _) in times.items()}
-            recorder(args)(model_rows(variant, shape, mode, times, bf16))
+            if not args.profile:
+                recorder(args)(model_rows(variant, shape, mode, times, bf16))
             for kind, (tps, _) in times.items():
                 ratio = tps / bf16[kind] if tps and bf16.get(kind) else None
                 table.append([variant if kind == "decode" else f"{variant} (prefill {args.prefill})",
