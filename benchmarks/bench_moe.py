@@ -39,13 +39,19 @@ def routed_offsets(tokens: int, experts: int = EXPERTS, top_k: int = TOP_K, seed
     return torch.bincount(picks, minlength=experts).cumsum(0).to(torch.int32)
 
 
+def grouped_path(tokens: int, experts: int = EXPERTS, top_k: int = TOP_K) -> str:
+    """The kernel the grouped product takes for this many routed rows: "gemv" (a program per row, up to a row an
+    expert) or "grouped" (tiles of each expert's rows), as kernels/w4a16.py and w8a16.py's grouped_config choose."""
+    return "gemv" if tokens * top_k <= experts else "grouped"
+
+
 def moe_row(fmt, variant, tokens, n, k, times, x_dtype="bfloat16"):
     """The ``moe`` results row (benchmarks/common.py) of one measurement; times: {"bf16" | "aofunc": (µs, how)}."""
     return {"kind": "moe", "format": fmt, "variant": variant, "experts": EXPERTS, "top_k": TOP_K, "K": k, "N": n,
             "M": tokens * TOP_K, "batch": tokens, "x_dtype": x_dtype, "bf16_us": round(times["bf16"][0], 2),
             "aofunc_us": round(times["aofunc"][0], 2),
-            "loop_us": round(times["loop"][0], 2) if "loop" in times else None, "path": "grouped", "peer": None,
-            "peer_us": None, "timing": timing_of(**{name: how for name, (_, how) in times.items()}),
+            "loop_us": round(times["loop"][0], 2) if "loop" in times else None, "path": grouped_path(tokens),
+            "peer": None, "peer_us": None, "timing": timing_of(**{name: how for name, (_, how) in times.items()}),
             "commit": git_commit()}
 
 

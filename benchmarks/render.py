@@ -86,14 +86,35 @@ def model_table(rows) -> str:
         + ["tokens/s", "bf16 tokens/s", "× bf16"], body)
 
 
+def layer_rows(rows) -> list:
+    """A "layer" row for each (format, experts, top k, tokens) measured with both of an MoE layer's products (gate_up
+    and down, Mixtral's): the sums of their times, so the ratio is the whole layer's."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["format"], r["experts"], r["top_k"], r["batch"], r["M"]), {})[r["variant"]] = r
+    out = []
+    for parts in by_key.values():
+        if set(parts) >= {"gate_up", "down"}:
+            up, down = parts["gate_up"], parts["down"]
+            total = {key: round(up[key] + down[key], 2) if up.get(key) is not None and down.get(key) is not None
+                     else None for key in ("bf16_us", "aofunc_us", "loop_us")}
+            out.append({**up, **total, "variant": "layer", "N": None, "K": None, "path": up.get("path")})
+    return out
+
+
 def moe_table(rows) -> str:
-    """One table of a card's stacked-experts rows."""
+    """One table of a card's stacked-experts rows, with a whole-layer row where both products were measured."""
+    rank = {"gate_up": 0, "down": 1, "layer": 2}
+
     def order(r):
-        return (_format_rank(r["format"]), r["variant"], r["batch"])
+        return (_format_rank(r["format"]), r["batch"], rank.get(r["variant"], 3), r["variant"])
+
+    rows = rows + layer_rows(rows)
 
     note = (f"commit {_joined(r.get('commit') for r in rows)}. Ratios are bf16 `torch._grouped_mm` time over "
             "aofunc's (> 1: aofunc faster).")
-    body = [[r["format"], r["variant"], f"{r['experts']} × {r['N']}×{r['K']}", str(r["top_k"]), str(r["batch"]),
+    body = [[r["format"], r["variant"], f"{r['experts']} × " + (f"{r['N']}×{r['K']}" if r["N"] else "both"),
+             str(r["top_k"]), str(r["batch"]),
              str(r["M"]), r.get("bf16_us"), r.get("aofunc_us"), r.get("loop_us"),
              fmt(ratio(r.get("bf16_us"), r.get("aofunc_us")), 2), r.get("path") or "—"] for r in sorted(rows, key=order)]
     return note + "\n\n" + markdown_table(

@@ -9,8 +9,8 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).
 - ``grouped`` (stacked experts, rows of x sorted by expert as ``torch._grouped_mm`` takes them): one launch for
-  every routed expert, tiles of one expert's rows each; ``per_expert``: each expert's rows through that expert's
-  own route above.
+  every routed expert, tiles of one expert's rows each (the GEMV kernel, a program per row, up to a row an
+  expert); ``per_expert``: each expert's rows through that expert's own route above.
 
 Constraints in ``when`` are also checked in code (``fits``); a route whose constraint fails is skipped.
 """

@@ -266,6 +266,13 @@ def test_moe_rows_carry_their_routing_and_render_as_one_table(tmp_path, monkeypa
     doc = tmp_path / "benchmarks.md"
     assert render.render(folder, doc) == ["Stacked experts: NVIDIA H200"]
     assert "| w4a16 | down | 8 × 4096×14336 | 2 | 32 | 64 | 100.0 | 40.0 | 90.0 | 2.50 | grouped |" in doc.read_text()
+    # with the other product of the layer measured too, a row for the whole layer sums the two
+    up = bench_moe.moe_row("w4a16", "gate_up", 32, 28672, 4096, {"bf16": (200.0, "cold_us"),
+                                                                   "aofunc": (60.0, "cold_us"),
+                                                                   "loop": (150.0, "cold_us")})
+    common.record_rows([up], card=CARD, path=folder / "nvidia-h200.json")
+    render.render(folder, doc)
+    assert "| w4a16 | layer | 8 × both | 2 | 32 | 64 | 300.0 | 100.0 | 240.0 | 3.00 | grouped |" in doc.read_text()
 
 
 def test_generate_harness_records_a_row_per_variant(tmp_path):
