@@ -185,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--tokens", type=int, default=200, help="decode steps timed")
     parser.add_argument("--prefill", type=int, default=0, help="also time a forward over this many prompt tokens")
+    parser.add_argument("--max-seq", type=int, default=None,
+                        help="positions of the KV cache (default 1024, or the prefill length when longer)")
     parser.add_argument("--mode", default="manual-graphs", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--compile", action="store_true", help="the same as --mode compile+manual-graphs")
     parser.add_argument("--profile", action="store_true", help="print one decode step's GPU time by kernel")
@@ -193,9 +195,10 @@ def main(argv=None):
     modes = ["compile+manual-graphs"] if args.compile else args.mode.split(",")
     if unknown := [m for m in modes if m not in MODES]:
         raise SystemExit(f"--mode: unknown {unknown}; choose from {', '.join(MODES)}")
-    shape = LlamaShape(layers=args.layers, batch=args.batch)
-    if args.prefill > shape.max_seq:
-        raise SystemExit(f"--prefill must be at most the cache length {shape.max_seq}")
+    max_seq = args.max_seq or max(LlamaShape.max_seq, args.prefill)
+    if args.prefill > max_seq:
+        raise SystemExit(f"--prefill must be at most the cache length --max-seq {max_seq}")
+    shape = LlamaShape(layers=args.layers, batch=args.batch, max_seq=max_seq)
     model = random_llama(shape)
     params = dict(model.named_parameters())
     variants = args.variants.split(",")

@@ -287,3 +287,20 @@ def test_generate_harness_records_a_row_per_variant(tmp_path):
     assert [(r["kind"], r["variant"], r["layers"], r["mode"], r["tokens"]) for r in rows] == [
         ("generate", "bf16", 1, "eager-static", 3), ("generate", "int4", 1, "eager-static", 3)]
     assert rows[1]["bf16_tokens_per_s"] == rows[0]["tokens_per_s"] > 0
+
+
+def test_benchmark_llama_decodes_a_batch_with_its_own_cache_rows():
+    # decode.py --batch B: B sequences a step, each with its own rows of the static KV cache
+    import torch
+    from llama import LlamaShape, random_llama
+    shape = LlamaShape(dim=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=100, max_seq=16, batch=3)
+    model = random_llama(shape, device="cpu", dtype=torch.float32)
+    tokens = torch.tensor([[1], [2], [3]])
+    with torch.no_grad():
+        logits = model(tokens, torch.zeros(1, dtype=torch.long))
+    assert logits.shape == (3, 1, 100)
+    one = random_llama(LlamaShape(dim=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=100, max_seq=16),
+                       device="cpu", dtype=torch.float32)
+    with torch.no_grad():  # the same weights (same seed): sequence 1 of the batch equals it decoded alone
+        alone = one(tokens[1:2], torch.zeros(1, dtype=torch.long))
+    assert torch.allclose(logits[1:2], alone, atol=1e-5)
