@@ -195,6 +195,18 @@ def lookup(key: ConfigKey) -> Optional[Config]:
     return _known.get((key.device, str(key)))
 
 
+def same_tile_config(key: ConfigKey, default: Config) -> Optional[Config]:
+    """For 2 to 8 rows whose default is a GEMM, the stored GEMM configuration of the 16-row bucket when its tiles
+    are 16 rows: such tiles pad x to 16 rows, so the winner's time at 16 rows bounds its time at fewer, and a
+    tuned 16-row key then serves the 2, 4 and 8-row keys no search has reached. None otherwise."""
+    if not 1 < key.m_bucket < 16 or default.get("path") != "gemm":
+        return None
+    config = lookup(key._replace(m_bucket=16))
+    if config is not None and config.get("path") == "gemm" and config.get("BLOCK_M") == 16:
+        return dict(config)
+    return None
+
+
 def store(key: ConfigKey, config: Config) -> None:
     """Remember ``config`` for ``key`` in this process and in the user cache file (unless that file is unusable)."""
     _load_device(key.device)
@@ -347,7 +359,7 @@ def choose(
         if known is not None and not (_verifying() and not _matches(known, run, reference(), tolerance, key)):
             return known
     if not tuning_enabled():
-        return default
+        return same_tile_config(key, default) or default
     pool = [dict(default)] + [dict(c) for c in candidates() if dict(c) != dict(default)]
     best, _ = search(pool, run, reference(), tolerance)
     if best is None:

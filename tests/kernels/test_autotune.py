@@ -180,3 +180,21 @@ def test_relative_error():
     assert autotune.relative_error(a, a) == 0.0
     assert autotune.relative_error(a * 1.5, a) == pytest.approx(0.5)
     assert autotune.relative_error(torch.tensor([float("nan"), 4.0]), a) == float("inf")
+
+
+def test_a_16_row_gemm_winner_serves_fewer_rows_when_nothing_is_tuned_for_them():
+    # its tiles pad x to 16 rows: the same work for 2, 4 or 8 rows; never for one row, another path's default, a
+    # winner of other tiles, or when tuning is on (a search then runs for the key itself)
+    gemm = {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 64}
+    autotune.store(autotune.config_key("k", 16, 64, 64, ("bfloat16",), "card"), dict(gemm, SPLIT_K=2))
+    default = {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32}
+
+    def choose(m, default=default):
+        return autotune.choose(autotune.config_key("k", m, 64, 64, ("bfloat16",), "card"), default,
+                               candidates=lambda: [], run=None, reference=None, tolerance=0.0)
+    assert [choose(m) for m in (2, 3, 5, 8)] == [dict(gemm, SPLIT_K=2)] * 4
+    assert choose(1) == default and choose(16) == dict(gemm, SPLIT_K=2)
+    assert choose(4, {"path": "gemv", "BLOCK_N": 32}) == {"path": "gemv", "BLOCK_N": 32}
+    autotune.store(autotune.config_key("j", 16, 64, 64, ("bfloat16",), "card"), {"path": "gemm", "BLOCK_M": 32})
+    assert autotune.choose(autotune.config_key("j", 4, 64, 64, ("bfloat16",), "card"), default, candidates=lambda: [],
+                           run=None, reference=None, tolerance=0.0) == default
