@@ -93,6 +93,29 @@ def test_act_order_int4_on_cuda_gathers_the_input_then_runs_the_kernels(zero_poi
     assert relative_error(y.cpu(), reference_linear(x, q, None)) <= TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("scheme", [aofunc.Int4WeightOnly(128), aofunc.Int8WeightOnly()], ids=repr)
+@pytest.mark.parametrize("counts", [[0, 1, 0, 0, 0, 0, 1, 0], [0, 5, 1, 9, 0, 7, 6, 4], [40, 0, 33, 12, 0, 51, 20, 0]],
+                         ids=["decode-1", "decode-16", "prefill"])
+def test_grouped_kernels_at_mixtral_size_equal_their_twin(scheme, counts):
+    # Mixtral-8x7B's down projection stack (8 experts of 4096 x 14336) and routings with empty experts: one token
+    # (the GEMV, a program per row), sixteen and a prefill's worth (the tiles, K split or not); rows past the end zero
+    from aofunc.kernels import w4a16, w8a16
+    gen = torch.Generator(device="cuda").manual_seed(len(counts) + sum(counts))
+    w = torch.randn(8, 4096, 14336, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    q = aofunc.quantize({"experts.w": w}, aofunc.Spec([aofunc.Rule("experts.w", scheme)]))["experts.w"]
+    t = q.tensors
+    x = torch.randn(sum(counts) + 3, 14336, device="cuda", dtype=torch.bfloat16, generator=gen)
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    if isinstance(scheme, aofunc.Int4WeightOnly):
+        y = w4a16.w4a16_grouped_linear(x, t["qdata"], t["scale"], t["zero"], offs, 128)
+        want = w4a16.w4a16_grouped_linear_ref(x, t["qdata"], t["scale"], t["zero"], offs, 128)
+    else:
+        y = w8a16.w8a16_grouped_linear(x, t["qdata"], t["scale"], offs)
+        want = w8a16.w8a16_grouped_linear_ref(x, t["qdata"], t["scale"], offs)
+    assert relative_error(y.float(), want.float()) <= TOLERANCE[torch.bfloat16]
+    assert torch.equal(y[sum(counts):], torch.zeros_like(y[sum(counts):]))
+
+
 @pytest.mark.parametrize("scheme", [aofunc.Int4WeightOnly(64), aofunc.Int4WeightOnly(64, zero_point="int"),
                                     aofunc.Int4WeightOnly(128, zero_point="none"), aofunc.Int8WeightOnly()],
                          ids=repr)
