@@ -83,17 +83,26 @@ def _dequantized_linear(x, scheme, t, n, k, bias):
     return F.linear(x, scheme.dequantize(t, n, k, x.dtype), bias)
 
 
-#: torch's CPU weight-only kernels reread the weight for every row of x: beyond a few rows (decode), dequantizing
-#: once and running the float matmul is faster (4x at 16 rows of a 4096x4096 int4 weight).
-CPU_PACKED_MAX_M = 4
+#: The most rows of x that torch's packed CPU weight-only kernels (int8, int4) take, by x's dtype; past them the
+#: weight is dequantized once and the float matmul runs. The kernels reread the weight for every row and are fast for
+#: bf16 rows only. Two cores, a 4096x4096 weight: bf16 rows take 4.6 (int8) and 4.0 ms (int4) at 16 rows and 34 and
+#: 29 ms at 128, where dequantizing alone takes 70 and 125 ms; fp16 and fp32 rows take 10 to 34 ms at one row and
+#: lose to dequantizing from a few rows.
+CPU_PACKED_MAX_M = {torch.bfloat16: 128}
+CPU_PACKED_MAX_M_OTHER = 4
+
+
+def _cpu_packed_rows(x: torch.Tensor) -> bool:
+    """Whether x is a CPU activation with rows for torch's packed kernels (an empty x takes F.linear: the packed
+    kernels refuse its strides, whatever they are)."""
+    return x.device.type == "cpu" and 0 < x.shape[0] <= CPU_PACKED_MAX_M.get(x.dtype, CPU_PACKED_MAX_M_OTHER)
 
 
 def _int8_weight_only(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w8a16.w8a16_linear(x, t["qdata"], t["scale"], bias)
     # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
-    # an empty x (no rows) goes to F.linear: the packed kernel refuses its strides, whatever they are
-    if x.device.type == "cpu" and k % 16 == 0 and 0 < x.shape[0] <= CPU_PACKED_MAX_M:
+    if k % 16 == 0 and _cpu_packed_rows(x):
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
@@ -148,8 +157,8 @@ def _int4_weight_only(x, scheme, t, n, k, bias):
 
 
 def _cpu_packed_fits(x: torch.Tensor, n: int) -> bool:
-    """Whether torch's packed int4 CPU kernel takes this call: a few rows of x, outputs a multiple of 16."""
-    return x.device.type == "cpu" and n % 16 == 0 and x.shape[0] <= CPU_PACKED_MAX_M
+    """Whether torch's packed int4 CPU kernel takes this call: rows of x it is fast for, outputs a multiple of 16."""
+    return n % 16 == 0 and _cpu_packed_rows(x)
 
 
 def _cpu_int4_linear(x, qdata, scale, zero, group_size: int) -> torch.Tensor:

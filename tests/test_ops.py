@@ -96,11 +96,12 @@ INT4_GRIDS = [aofunc.Int4WeightOnly(64, zero_point=z) for z in ("float", "int", 
 @pytest.mark.parametrize("scheme", INT4_GRIDS, ids=repr)
 @pytest.mark.parametrize("w_dtype", FLOATS)
 @pytest.mark.parametrize("x_dtype", FLOATS)
-@pytest.mark.parametrize("m", [1, 4, 9])
+@pytest.mark.parametrize("m", [1, 4, 9, 130])
 def test_int4_grids_on_cpu_agree_with_the_dequantized_twin(scheme, w_dtype, x_dtype, m):
-    """The packed CPU kernel (N % 16 == 0, a few rows; on the integer grid with 16-bit activations its float zero,
-    rounded to x's dtype, is corrected by the rounding error times each group's sum of x) and the dequantized
-    fallback both give the twin, F.linear on the dequantized weight."""
+    """The packed CPU kernel (N % 16 == 0, the rows ops.CPU_PACKED_MAX_M gives x's dtype; on the integer grid with
+    16-bit activations its float zero, rounded to x's dtype, is corrected by the rounding error times each group's
+    sum of x) and the dequantized fallback both give the twin, F.linear on the dequantized weight."""
+    from aofunc import ops
     g = torch.Generator().manual_seed(m)
     w = torch.randn(32, 200, generator=g).to(w_dtype)
     x = torch.randn(m, 200, generator=g).to(x_dtype)
@@ -110,7 +111,7 @@ def test_int4_grids_on_cpu_agree_with_the_dequantized_twin(scheme, w_dtype, x_dt
     assert y.dtype == x_dtype and y.shape == (m, 32)
     twin = F.linear(x.double(), scheme.dequantize(qw.tensors, 32, 200, torch.float64), bias.double())
     assert relative_error(y, twin) <= TOLERANCE[x_dtype]
-    if m > 4:  # the dequantized path itself
+    if m > ops.CPU_PACKED_MAX_M.get(x_dtype, ops.CPU_PACKED_MAX_M_OTHER):  # the dequantized path itself
         assert torch.equal(y, F.linear(x, scheme.dequantize(qw.tensors, 32, 200, x_dtype), bias))
 
 
