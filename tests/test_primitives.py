@@ -61,6 +61,15 @@ def test_int8_per_row_error_is_at_most_half_a_step(w):
     assert bool((err <= s / 2 * (1 + 1e-5) + 1e-30)[inside].all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_dequantized_in_a_16_bit_dtype_is_the_float32_product_rounded_once(dtype):
+    # every int8 code against scales across the dtype's range, subnormals included
+    q = torch.arange(-128, 128, dtype=torch.int8).repeat(64, 1)
+    scale = torch.logspace(-30 if dtype == torch.bfloat16 else -7, 4, 64, dtype=torch.float64).to(dtype)
+    want = (q.float() * scale.float()[:, None]).to(dtype)
+    assert torch.equal(P.dequantize_int8_per_row(q, scale, dtype), want)
+
+
 # ---------------------------------------------------------------------------------------------- int4 asymmetric
 
 def test_int4_asymmetric_matches_the_tinygemm_formula_on_a_hand_example():
