@@ -35,6 +35,8 @@ from common import fmt as cell  # noqa: E402
 
 from aofunc.kernels import autotune  # noqa: E402
 from aofunc.kernels.int8_int4 import default_config as default_int8_int4_config  # noqa: E402
+from aofunc.kernels.int8_int4 import gemv_config as int8_int4_gemv_config  # noqa: E402
+from aofunc.kernels.selector import Problem, default_path  # noqa: E402
 from aofunc.kernels.int8_int4 import int8_int4_linear, int8_int4_linear_ref  # noqa: E402
 from aofunc.kernels.w8a8 import (  # noqa: E402
     default_config as default_w8a8_config,
@@ -103,6 +105,8 @@ def configured(kernel, m, n, k, x, default):
     """The configuration the op runs for this call (a stored winner, else ``default``), ``tuned`` set, and its path."""
     stored = autotune.lookup(autotune.config_key(kernel, m, n, k, (x.dtype,), x.device))
     config = dict(stored or default, tuned=stored is not None)
+    if config.get("path") == "gemv":
+        return config, "quantize+gemv"
     return config, "fused" if config.get("FUSED") else "quantize+gemm"
 
 
@@ -162,8 +166,10 @@ def bench_shape(k, n, ms, search, torchao_ms, int4, time_us):
                 / want4.double().norm()))
             ours4 = attempt(errors, "8da4w", lambda: time_us(lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None)))
             if ours4 is not None:
+                default4 = int8_int4_gemv_config(m, n, k, GROUP_SIZE, x.dtype, scale4.dtype, dev) if default_path(
+                    "8da4w", Problem(m, n, k, x.dtype, dev, GROUP_SIZE)) == "gemv" else default_int8_int4_config(m, dev)
                 rows.append(linear_row("8da4w", k, n, m, bf16, ours4, configured(
-                    f"int8_int4_g{GROUP_SIZE}", m, n, k, x, default_int8_int4_config(m, dev))))
+                    f"int8_int4_g{GROUP_SIZE}", m, n, k, x, default4)))
             print(f"  8da4w rel. error {err4}", flush=True)
         print(f"  M={m}: w8a8 exact {exact}; " + "; ".join(
             f"{r['format']} {r['aofunc_us']} µs ({r['path']}{', tuned' if r['tuned'] else ''}), bf16 {r['bf16_us']}, "

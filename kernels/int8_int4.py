@@ -20,8 +20,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import autotune
+from . import autotune, w4a16
 from .packing import GROUP_SIZES, unpack_uint4
+from .selector import Problem, default_path
 from .w8a8 import check_activation, check_vector, round_half_even
 from .triton_compat import tl, triton
 
@@ -45,10 +46,21 @@ def _asym_quantize(x, s, zp):
 
 
 @triton.jit
+def _quantized(x, s, zp, xq_ptr, CENTERED: tl.constexpr):
+    """What the quantization kernel stores for x: xq (int8), or with CENTERED xq - zp in xq_ptr's float dtype (the
+    integers -255..255, exact in every float dtype)."""
+    q = _asym_quantize(x, s, zp)
+    if CENTERED:
+        return (q.to(tl.float32) - zp).to(xq_ptr.dtype.element_ty)
+    else:
+        return q
+
+
+@triton.jit
 def _quantize_per_token_asym_int8_kernel(
     x_ptr, xq_ptr, s_ptr, zp_ptr,
     K, stride_xm, stride_xk, stride_qm,
-    EPS_: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPS_: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr, CENTERED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -58,7 +70,7 @@ def _quantize_per_token_asym_int8_kernel(
         mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
         s, zp = _asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
-        tl.store(q_row + offs, _asym_quantize(x, s, zp), mask=mask)
+        tl.store(q_row + offs, _quantized(x, s, zp, xq_ptr, CENTERED), mask=mask)
     else:
         lo = tl.zeros((BLOCK_K,), dtype=tl.float32)
         hi = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -70,7 +82,7 @@ def _quantize_per_token_asym_int8_kernel(
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + k0 + offs, _asym_quantize(x, s, zp), mask=mask)
+            tl.store(q_row + k0 + offs, _quantized(x, s, zp, xq_ptr, CENTERED), mask=mask)
     tl.store(s_ptr + row, s)
     tl.store(zp_ptr + row, zp.to(tl.int32))
 
@@ -181,13 +193,20 @@ def candidate_configs(m: int) -> list:
                                          (256, 128, 8, 8, 3), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4))]
 
 
-def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, group_size: int, run, reference) -> dict:
-    """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search."""
+def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, group_size: int, run,
+                     reference) -> dict:
+    """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search. The default
+    follows the route table (the GEMV path for one row), and a search weighs the GEMV against the GEMMs up to 8
+    rows."""
     m, k = x.shape
+    n = qdata.shape[0]
+    gemv = gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)
+    routed = default_path("8da4w", Problem(m, n, k, x.dtype, x.device, group_size)) == "gemv"
+    default = gemv if routed else default_config(m, x.device)
     if x.device.type != "cuda" or m == 0:
-        return default_config(m, x.device)
-    key = autotune.config_key(f"int8_int4_g{group_size}", m, qdata.shape[0], k, (x.dtype,), x.device)
-    return autotune.choose(key, default_config(m, x.device), lambda: candidate_configs(m), run,
+        return default
+    key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
+    return autotune.choose(key, default, lambda: candidate_configs(m) + ([gemv] if m <= 8 else []), run,
                            reference, tolerance=1e-3)
 
 
@@ -233,12 +252,13 @@ def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, tor
 
 
 def quantize_per_token_asym_int8_triton(
-    x: torch.Tensor, block_k: Optional[int] = None
+    x: torch.Tensor, block_k: Optional[int] = None, *, centered: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``."""
+    """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``.
+    ``centered``: xq - zp in x's dtype in place of xq (the integer activations the GEMV path multiplies)."""
     _check_quantize_args(x)
     m, k = x.shape
-    xq = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    xq = torch.empty((m, k), device=x.device, dtype=x.dtype if centered else torch.int8)
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
     if m == 0:
@@ -247,7 +267,7 @@ def quantize_per_token_asym_int8_triton(
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
     _quantize_per_token_asym_int8_kernel[(m,)](
         x, xq, s, zp, k, x.stride(0), x.stride(1), xq.stride(0),
-        EPS_=EPS, ONE_PASS=block_k >= k, BLOCK_K=block_k, num_warps=num_warps,
+        EPS_=EPS, ONE_PASS=block_k >= k, BLOCK_K=block_k, CENTERED=centered, num_warps=num_warps,
     )
     return xq, s, zp
 
@@ -293,6 +313,16 @@ def int8_int4_linear_ref(
     return y if bias is None else y + bias.to(x.dtype)
 
 
+def gemv_config(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:
+    """The GEMV path's configuration: the W4A16 GEMV's stored winner for the same shape and dtypes where one is
+    known (the same kernel, on 16-bit integers here), else its default."""
+    key = autotune.config_key(f"w4a16_g{group_size}", m, n, k, (x_dtype, scale_dtype), device)
+    tuned = autotune.lookup(key) if torch.device(device).type == "cuda" else None
+    if tuned is not None and tuned.get("path") == "gemv":
+        return dict(tuned)
+    return w4a16.gemv_config(m, n, k, group_size, device)
+
+
 def int8_int4_linear_triton(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -310,9 +340,13 @@ def int8_int4_linear_triton(
         return y
     if config is None:
         config = int8_int4_config(
-            x, qdata, group_size, lambda c: int8_int4_linear_triton(x, qdata, scale, group_size, bias, c),
+            x, qdata, scale, group_size, lambda c: int8_int4_linear_triton(x, qdata, scale, group_size, bias, c),
             lambda: int8_int4_linear_ref(x, qdata, scale, group_size, bias),
         )
+    if config.get("path") == "gemv":
+        # the W4A16 GEMV on the centered integer activations, symmetric grid (no zero), each row times its scale
+        xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True)
+        return w4a16.launch(xi, qdata, scale, None, group_size, bias, config, row_scale=sx)
     launch = dict(config)
     fused = launch.pop("FUSED")
     if fused:

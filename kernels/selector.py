@@ -3,7 +3,8 @@
 A tuned configuration (the user cache, or the table shipped for the card) names its own path and overrides this
 table; the table gives each format's default for a problem nobody tuned. Paths:
 
-- ``gemv``: one program per row of x and block of outputs, fp32 multiply-adds, split along K (decode).
+- ``gemv``: one program per row of x and block of outputs, fp32 multiply-adds, split along K (decode); 8da4w runs
+  the W4A16 GEMV on its centered integer activations, each row scaled by its activation scale.
 - ``gemm``: ``tl.dot`` on weight tiles dequantized in registers, split along K when the tiles are too few.
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
@@ -81,6 +82,7 @@ ROUTES = (
           _sixteen_bit_or_interpreted),
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
+    Route("8da4w", "gemv", 1, "any x", _any),
     Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
 )
 

@@ -190,11 +190,11 @@ def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GRO
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
-    offs_ptr, E, stride_qe, stride_se, stride_ze,
+    offs_ptr, E, stride_qe, stride_se, stride_ze, rs_ptr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
     COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
@@ -206,6 +206,8 @@ def _w4a16_gemv_kernel(
     # codes of the next steps into shared memory asynchronously (more bytes in flight, fewer registers).
     # GROUPED: q, s and z are stacks of experts (strides *_e) and x's rows are sorted by expert (end offsets
     # offs_ptr[E]): each row goes through its own expert's weights; rows past the last end come out zero.
+    # ROW_SCALE: each row's products are multiplied by rs_ptr[row] (fp32) before the bias is added (8da4w's
+    # activation scale, x being its centered integer codes).
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -283,6 +285,8 @@ def _w4a16_gemv_kernel(
         y = tl.sum(acc + acc_zero, axis=1)
     else:
         y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
+    if ROW_SCALE:
+        y = y * tl.load(rs_ptr + pid_m)
     gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
@@ -636,12 +640,15 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
     return forms
 
 
-def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tensor:
-    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype."""
+def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None) -> torch.Tensor:
+    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype. ``row_scale`` (fp32 [M],
+    the GEMV only) multiplies each row's products before the bias."""
     m, k = x.shape
     n = qdata.shape[0]
     params = dict(config)
     path = params.pop("path")
+    if row_scale is not None and path != "gemv":
+        raise ValueError(f"row_scale is taken by the gemv path only, not {path!r}")
     if path == "dequant":
         w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block=params.get("BLOCK", 1024),
                              num_warps=params.get("num_warps", 4))
@@ -652,7 +659,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict) -> torch.Tenso
         grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
         kernel = _w4a16_gemv_kernel
         extra = dict(gemv_forms(params, k, group_size, x, zero), offs_ptr=scale, E=1, stride_qe=0, stride_se=0,
-                     stride_ze=0, GROUPED=False)
+                     stride_ze=0, GROUPED=False, rs_ptr=scale if row_scale is None else row_scale,
+                     ROW_SCALE=row_scale is not None)
     else:
         grid = gemm_grid(m, n, params, split)
         kernel = _w4a16_gemm_kernel
@@ -690,8 +698,8 @@ def grouped_gemv(x, qdata, scale, zero, offs, group_size: int, config: dict) -> 
     _w4a16_gemv_kernel[grid](
         x, words, scale, z, y, y, ws, counters, s, n, k, x.stride(0), x.stride(1), words.stride(1), scale.stride(1),
         z.stride(1), y.stride(0), split, offs_ptr=offs, E=experts, stride_qe=words.stride(0),
-        stride_se=scale.stride(0), stride_ze=z.stride(0), GROUP=group_size, SPLIT=split > 1, HAS_BIAS=False,
-        GROUPED=True, **gemv_forms(params, k, group_size, x, zero), **params)
+        stride_se=scale.stride(0), stride_ze=z.stride(0), rs_ptr=scale, GROUP=group_size, SPLIT=split > 1,
+        HAS_BIAS=False, GROUPED=True, ROW_SCALE=False, **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
 

@@ -30,9 +30,9 @@ CASES = [
     (w4a16._w4a16_grouped_kernel, dict(W4, offs_ptr="*i32"),
      dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, DOT_FP32=False, SWAP=True, SPLIT_X=False, FULL_DQ=False,
           GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0), True),
-    (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32"),
+    (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
-          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True), False),
+          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True), False),
     (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
      dict(BLOCK_N=64, BLOCK_W=64, SPLIT=True, HAS_BIAS=False, EVEN_K=True, GROUPED=True), False),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,
@@ -47,7 +47,10 @@ CASES = [
     (w8a8._quantize_per_token_int8_kernel, dict(x_ptr="*bf16", act_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32"),
      dict(HAS_ACT=True, ONE_PASS=True, BLOCK_K=4096), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
-     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096), False),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False), False),
+    (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*bf16", s_ptr="*fp32",
+                                                          zp_ptr="*i32"),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=False, BLOCK_K=4096, CENTERED=True), False),
 ]
 for kernel, pointers, constexprs, tensor_cores in CASES:
     names = list(inspect.signature(kernel.fn).parameters)
@@ -66,4 +69,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 11", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 12", done.stderr[-3000:]

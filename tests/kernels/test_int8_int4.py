@@ -171,3 +171,29 @@ def test_real_sizes_on_gpu(k, n, m, group_size):
     _close(int8_int4_linear(x, qdata, scale, group_size, bias), int8_int4_linear_ref(x, qdata, scale, group_size, bias))
     for a, b in zip(quantize_per_token_asym_int8(x), quantize_per_token_asym_int8_ref(x)):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ the GEMV path
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("m,k,group_size", [(1, 64, 32), (3, 100, 64), (1, 256, 128)])
+def test_gemv_path_equals_twin(dtype, m, k, group_size):
+    # the default for one row: the W4A16 GEMV on the centered integer activations, rows scaled by their scale
+    x = _activation(m, k, dtype, seed=m + k)
+    qdata, scale, bias = _weight(40, k, group_size, dtype, seed=k)
+    for config in (dict(path="gemv", BLOCK_N=16, GROUPS=1, SPLIT_K=2, REDUCE_W=True, XVEC=True, COARSE=True,
+                        num_warps=2, num_stages=1),
+                   dict(path="gemv", BLOCK_N=32, GROUPS=2, SPLIT_K=1, num_warps=1, num_stages=1)):
+        for b in (bias, None):
+            _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
+                   int8_int4_linear_ref(x, qdata, scale, group_size, b))
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+def test_centered_quantization_is_xq_minus_zp_in_the_activation_dtype(dtype):
+    x = _activation(3, 300, dtype, seed=5)
+    xq, s, zp = quantize_per_token_asym_int8_ref(x)
+    for block_k in (None, 128):  # one pass, and two
+        xi, s2, zp2 = quantize_per_token_asym_int8_triton(x, block_k, centered=True)
+        assert xi.dtype == dtype and torch.equal(xi, (xq.int() - zp[:, None]).to(dtype))
+        assert torch.equal(s2, s) and torch.equal(zp2, zp)
