@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 # the stored layouts' facts have one home, beside the kernels that read them: the 16 NF4 levels and the 4-bit unpack
-from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4  # noqa: F401  (re-exported)
+from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, pack_uint4, unpack_uint4  # noqa: F401  (re-exported)
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -217,16 +217,6 @@ def dequantize_int4_symmetric(q: torch.Tensor, scale: torch.Tensor, k: int, dtyp
     n, groups = scale.shape
     w = q.float().reshape(n, groups, -1) * scale.float()[..., None]
     return w.reshape(n, -1)[:, :k].to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------- 4-bit packing
-
-def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
-    """Two codes 0..15 a byte along the last dimension, the first in the high nibble: [..., 2k] -> [..., k] uint8."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_uint4: the last dimension must be even, got shape {tuple(codes.shape)}")
-    c = codes.to(torch.uint8)
-    return (c[..., 0::2] << 4) | c[..., 1::2]
 
 
 # ---------------------------------------------------------------------------------------------- NF4

@@ -21,6 +21,14 @@ def nf4_levels(device=None) -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
+def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes 0..15 a byte along the last dimension, the first in the high nibble: [..., 2k] -> [..., k] uint8."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_uint4: the last dimension must be even, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] << 4) | c[..., 1::2]
+
+
 def unpack_uint4(qdata: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 [..., 2B] from uint8 [..., B]."""
     return torch.stack((qdata >> 4, qdata & 15), dim=-1).reshape(*qdata.shape[:-1], -1)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from aofunc.kernels import autotune
-from aofunc.kernels.packing import GROUP_SIZES, unpack_uint4
+from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, fragment_columns,
                                   gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
@@ -372,7 +372,7 @@ def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last,
                stride_sn, stride_zn, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr,
                GATHER_X: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
-               ZERO: tl.constexpr):
+               ZERO: tl.constexpr, PREPACKED: tl.constexpr):
     """The fp32 accumulator of one tile of y over groups first..last of K: rows offs_m of x (m_mask: which are
     real), rows ``rows`` of w; [BLOCK_N, BLOCK_M] with SWAP, else [BLOCK_M, BLOCK_N]. The forms:
 
@@ -386,13 +386,15 @@ def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last,
     the codes and x ahead, but not these: two bytes a row are too few for its asynchronous copies). PAIRS (with
     GATHER_X, CUDA, scales, float zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is
     a whole number of groups, so x's loads need no mask along K. ZERO: the grid (FLOAT_ZERO, INT_ZERO, NO_ZERO).
+    PREPACKED (with GATHER_X): the codes are stored in fragment order (prepack_fragments), so the tile's column c
+    holds column c's code and x is read in its own order, contiguously, with no gather.
     """
     WORDS: tl.constexpr = GROUP // 8
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, GROUP)
     n_groups = tl.cdiv(K, GROUP)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
-    if GATHER_X:
+    if GATHER_X and not PREPACKED:
         offs_k = fragment_columns(GROUP)
     if PREFETCH:
         s_next = tl.load(s_ptr + rows[:, None] * stride_sn + tl.minimum(first, n_groups - 1))
@@ -466,7 +468,7 @@ def _w4a16_gemm_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
     FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do).
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -476,7 +478,7 @@ def _w4a16_gemm_kernel(
     last = tl.minimum(first + per_split, n_groups) - 1
     acc = w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk,
                      stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M, BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ,
-                     GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO)
+                     GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED)
     gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
                 SWAP)
 
@@ -488,7 +490,7 @@ def _w4a16_grouped_kernel(
     split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     SWAP: tl.constexpr, SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), over this program's split of K,
     # through that expert's weights: every routed expert of a layer in one launch.
@@ -502,7 +504,7 @@ def _w4a16_grouped_kernel(
     last = tl.where(valid, tl.minimum(first + per_split, n_groups) - 1, -1)  # a program with no rows runs no step
     acc = w4a16_tile(x_ptr, q_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_ze, offs_m, m_mask,
                      rows, K, first, last, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M,
-                     BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ, GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO)
+                     BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ, GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED)
     gemm_finish(acc, offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, False,
                 SWAP)
 
@@ -527,6 +529,24 @@ def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn
     w = codes * s[:, None] + z[:, None]
     k = v[:, None] * 8 + tl.arange(0, 8)[None, :]
     tl.store(w_ptr + n[:, None] * K + k, w.to(w_ptr.dtype.element_ty), mask=mask[:, None] & (k < K))
+
+
+def fragment_order(columns: int) -> torch.Tensor:
+    """tiles.fragment_columns on the host: the column of x that each column of a fragment-ordered tile multiplies
+    (a permutation within every 32 columns)."""
+    c = torch.arange(columns)
+    return 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * ((c // 16) % 2) + 2 * ((c // 8) % 2) + c % 2
+
+
+def prepack_fragments(qdata: torch.Tensor) -> torch.Tensor:
+    """The codes of qdata (uint8 [..., Kp/2], two a byte) reordered within every 32 columns so that the GATHER_X
+    tile built from them holds column c's code in its column c (stored position fragment_order[c] takes code c):
+    the GEMM then reads x in its own order (config PREPACKED). The same bytes, permuted; Kp is a multiple of 32."""
+    codes = unpack_uint4(qdata)
+    order = fragment_order(codes.shape[-1]).to(codes.device)
+    packed = torch.empty_like(codes)
+    packed[..., order] = codes
+    return pack_uint4(packed)
 
 
 def _words(qdata: torch.Tensor) -> torch.Tensor:
@@ -637,6 +657,9 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
                       and x.dtype == scale.dtype == float_zero_dtype)
     forms["EVEN_K"] = x.shape[1] % group_size == 0
     forms["ZERO"] = zero_kind(zero)
+    forms["PREPACKED"] = params.pop("PREPACKED", False)
+    if forms["PREPACKED"] and not forms["GATHER_X"]:
+        raise ValueError("PREPACKED codes are read by the GATHER_X form only")
     return forms
 
 

@@ -105,6 +105,44 @@ def test_fragment_order_and_packed_pairs(m, k, g, grid, x_dtype):
         assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("m,k,g,grid", [(2, 256, 128, "float"), (5, 300, 64, "int"), (16, 512, 32, "none")])
+def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
+    # codes stored in fragment order: the GATHER_X tile then holds column c's code in column c, x is not gathered
+    n = 192 if DEVICE == "cuda" else 24
+    q, scale, zero = weight(n, k, g, x_dtype, grid=grid)
+    x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
+    want = w4a16_linear_ref(x, q, scale, zero, g, None)
+    packed = w4a16.prepack_fragments(q)
+    assert packed.shape == q.shape and not torch.equal(packed, q)
+    assert torch.equal(unpack_uint4(packed).sort(-1).values, unpack_uint4(q).sort(-1).values)  # the same codes
+    for pairs, split in ((True, 1), (False, 2)):
+        config = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=split, SWAP=True, GATHER_X=True, PAIRS=pairs,
+                      PREPACKED=True, num_warps=4, num_stages=3)
+        y = w4a16.launch(x, packed, scale, zero, g, None, config)
+        assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
+    with pytest.raises(ValueError, match="GATHER_X form only"):
+        w4a16.launch(x, packed, scale, zero, g, None, dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
+                                                          SWAP=True, PREPACKED=True, num_warps=4, num_stages=3))
+
+
+def test_fragment_order_is_the_kernels_column_map():
+    # the host's permutation and the kernel's fragment_columns are one map: a bit permutation within 32 columns
+    order = w4a16.fragment_order(256)
+    assert sorted(order.tolist()) == list(range(256))
+    assert all(set(order[b:b + 32].tolist()) == set(range(b, b + 32)) for b in range(0, 256, 32))
+    triton_compat.load()
+
+    @triton.jit
+    def columns(out_ptr, COLUMNS: tl.constexpr):
+        from aofunc.kernels.tiles import fragment_columns
+        tl.store(out_ptr + tl.arange(0, COLUMNS), fragment_columns(COLUMNS))
+
+    out = torch.empty(256, dtype=torch.int32, device=DEVICE)
+    columns[(1,)](out, COLUMNS=256)
+    assert torch.equal(out.cpu().long(), order)
+
+
 def test_split_k_repeats_exactly():
     q, scale, zero = weight(16, 256, 32)
     x = torch.randn(2, 256, device=DEVICE)
