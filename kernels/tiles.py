@@ -133,7 +133,14 @@ def fragment_columns(COLUMNS: tl.constexpr):
     """The column of x that each column c of a nibble_fragments tile multiplies: 8w + j for code j = (c4 c3 c0) of
     word w = (c >> 5, c2 c1) in binary. Written with // and % so the compiler sees pairs of consecutive columns,
     which it copies to shared memory 4 bytes at a time in the software pipeline."""
-    c = tl.arange(0, COLUMNS)
+    return fragment_column_of(tl.arange(0, COLUMNS))
+
+
+@triton.jit
+def fragment_column_of(c):
+    """fragment_columns for any tensor of column indices: a permutation within every 32 columns that is its own
+    inverse (it swaps bits 1 and 3 and bits 2 and 4 of the index), so it also maps a stored position of codes in
+    fragment order (w4a16.prepack_fragments) back to its column."""
     return 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * ((c // 16) % 2) + 2 * ((c // 8) % 2) + c % 2
 
 

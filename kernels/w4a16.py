@@ -26,8 +26,8 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, fragment_columns,
-                                  gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows,
+                                  fragment_column_of, fragment_columns, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
                                   gemv_split_k, grouped_grid, grouped_split_k, interleave8, interpreting, load_x,
                                   nibble_fragments, pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers,
                                   tolerance)
@@ -187,6 +187,16 @@ def _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GRO
 
 
 @triton.jit
+def x_columns(positions, PREPACKED: tl.constexpr):
+    """The columns of x that the codes at these stored positions of a row multiply (positions within a group, or
+    any: the map keeps every 32 columns in place)."""
+    if PREPACKED:
+        return fragment_column_of(positions)
+    else:
+        return positions
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
@@ -194,7 +204,7 @@ def _w4a16_gemv_kernel(
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
     COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
-    GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr, PREPACKED: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
     # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
@@ -207,7 +217,8 @@ def _w4a16_gemv_kernel(
     # GROUPED: q, s and z are stacks of experts (strides *_e) and x's rows are sorted by expert (end offsets
     # offs_ptr[E]): each row goes through its own expert's weights; rows past the last end come out zero.
     # ROW_SCALE: each row's products are multiplied by rs_ptr[row] (fp32) before the bias is added (8da4w's
-    # activation scale, x being its centered integer codes).
+    # activation scale, x being its centered integer codes). PREPACKED: codes stored in fragment order
+    # (prepack_fragments): the code at stored position p multiplies x's column fragment_column_of(p).
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -215,6 +226,7 @@ def _w4a16_gemv_kernel(
     offs_g = tl.arange(0, GROUPS)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, GROUP)
+    x_local = x_columns(offs_k, PREPACKED)  # x's column, within its group, of each stored position
     n_groups = tl.cdiv(K, GROUP)
     n_steps = tl.cdiv(n_groups, GROUPS)
     per_split = tl.cdiv(n_steps, split_k)
@@ -244,19 +256,19 @@ def _w4a16_gemv_kernel(
         else:
             q, s, z = _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS, WORDS, EVEN_K,
                                        ZERO)
-        words = (step * GROUPS + offs_g)[:, None] * WORDS + offs_w[None, :]
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if COARSE:
             xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if XVEC:
-            x_codes = split_by_code(load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP + offs_k[None, :],
+            x_codes = split_by_code(load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP + x_local[None, :],
                                            stride_xk, K, EVEN_K), GROUPS, WORDS)
         for j in tl.static_range(8):
             if XVEC:
                 xj = x_codes[j]
             else:
-                xj = load_x(x_row, words * 8 + j, stride_xk, K, EVEN_K)
+                xj = load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP
+                            + x_columns(offs_w * 8 + j, PREPACKED)[None, :], stride_xk, K, EVEN_K)
             if COARSE:
                 # part = sum(xu * unit) with xu = 16 x for even codes: sum(x * code) = 128 (part - sum(xu))
                 if j % 2 == 0:
@@ -533,7 +545,7 @@ def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn
 
 def fragment_order(columns: int) -> torch.Tensor:
     """tiles.fragment_columns on the host: the column of x that each column of a fragment-ordered tile multiplies
-    (a permutation within every 32 columns)."""
+    (a permutation within every 32 columns, its own inverse)."""
     c = torch.arange(columns)
     return 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * ((c // 16) % 2) + 2 * ((c // 8) % 2) + c % 2
 
@@ -543,10 +555,8 @@ def prepack_fragments(qdata: torch.Tensor) -> torch.Tensor:
     tile built from them holds column c's code in its column c (stored position fragment_order[c] takes code c):
     the GEMM then reads x in its own order (config PREPACKED). The same bytes, permuted; Kp is a multiple of 32."""
     codes = unpack_uint4(qdata)
-    order = fragment_order(codes.shape[-1]).to(codes.device)
-    packed = torch.empty_like(codes)
-    packed[..., order] = codes
-    return pack_uint4(packed)
+    # the order is its own inverse: position fragment_order[c] takes code c, so position p takes code order[p]
+    return pack_uint4(codes[..., fragment_order(codes.shape[-1]).to(codes.device)])
 
 
 def _words(qdata: torch.Tensor) -> torch.Tensor:
@@ -703,6 +713,7 @@ def gemv_forms(params: dict, k: int, group_size: int, x: torch.Tensor, zero) -> 
     return dict(EVEN_K=k % (group_size * params["GROUPS"]) == 0, PREFETCH=params.pop("PREFETCH", False),
                 REDUCE_W=params.pop("REDUCE_W", False),
                 COARSE=params.pop("COARSE", False) and x.dtype != torch.float32, XVEC=params.pop("XVEC", False),
+                PREPACKED=params.pop("PREPACKED", False),
                 LOOP_STAGES=params.pop("LOOP_STAGES", 1), one_bits=ONE_BITS.value, ZERO=zero_kind(zero))
 
 

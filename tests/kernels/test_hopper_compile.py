@@ -32,7 +32,7 @@ CASES = [
           GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0, PREPACKED=False), True),
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
-          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True), False),
+          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True, PREPACKED=True), False),
     (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
      dict(BLOCK_N=64, BLOCK_W=64, SPLIT=True, HAS_BIAS=False, EVEN_K=True, GROUPED=True), False),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,

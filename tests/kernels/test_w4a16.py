@@ -108,7 +108,8 @@ def test_fragment_order_and_packed_pairs(m, k, g, grid, x_dtype):
 @pytest.mark.parametrize("x_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("m,k,g,grid", [(2, 256, 128, "float"), (5, 300, 64, "int"), (16, 512, 32, "none")])
 def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
-    # codes stored in fragment order: the GATHER_X tile then holds column c's code in column c, x is not gathered
+    # codes stored in fragment order: the GATHER_X tile then holds column c's code in column c, x is not gathered;
+    # the GEMV reads the same codes and gathers x instead
     n = 192 if DEVICE == "cuda" else 24
     q, scale, zero = weight(n, k, g, x_dtype, grid=grid)
     x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
@@ -116,11 +117,14 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
     packed = w4a16.prepack_fragments(q)
     assert packed.shape == q.shape and not torch.equal(packed, q)
     assert torch.equal(unpack_uint4(packed).sort(-1).values, unpack_uint4(q).sort(-1).values)  # the same codes
+    gemv = [dict(path="gemv", BLOCK_N=16, GROUPS=2, SPLIT_K=2, REDUCE_W=True, XVEC=xvec, COARSE=True, PREPACKED=True,
+                 num_warps=2, num_stages=1) for xvec in (True, False)]
     for pairs, split in ((True, 1), (False, 2)):
         config = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=split, SWAP=True, GATHER_X=True, PAIRS=pairs,
                       PREPACKED=True, num_warps=4, num_stages=3)
-        y = w4a16.launch(x, packed, scale, zero, g, None, config)
-        assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
+        for config in [config] + (gemv if pairs else []):  # the GEMV reads the same layout, x gathered
+            y = w4a16.launch(x, packed, scale, zero, g, None, config)
+            assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
     with pytest.raises(ValueError, match="GATHER_X form only"):
         w4a16.launch(x, packed, scale, zero, g, None, dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                                                           SWAP=True, PREPACKED=True, num_warps=4, num_stages=3))
