@@ -523,7 +523,7 @@ def _w4a16_grouped_kernel(
 
 @triton.jit
 def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn, stride_zn,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr):
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr):
     # BLOCK int32 words of qdata in row-major order, each to its eight columns w[n, 8v .. 8v + 7] (one 16-byte store
     # for 16-bit w when K is a multiple of 8). Flat over words, so the loads and stores of a program are contiguous
     # runs whatever N and K are: on an H200 this runs 8192 x 28672 in 162 us against 301 us for [rows, words]
@@ -539,7 +539,7 @@ def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_words, stride_sn
     shifts = (tl.arange(0, 8) ^ 1) * 4
     codes = (((q[:, None] >> shifts[None, :]) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     w = codes * s[:, None] + z[:, None]
-    k = v[:, None] * 8 + tl.arange(0, 8)[None, :]
+    k = x_columns(v[:, None] * 8 + tl.arange(0, 8)[None, :], PREPACKED)  # PREPACKED: codes in fragment order
     tl.store(w_ptr + n[:, None] * K + k, w.to(w_ptr.dtype.element_ty), mask=mask[:, None] & (k < K))
 
 
@@ -565,17 +565,18 @@ def _words(qdata: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype, *, block: int = 1024,
-                     num_warps: int = 4) -> torch.Tensor:
+                     num_warps: int = 4, prepacked: bool = False) -> torch.Tensor:
     """w on the grid ``zero`` names (see the module) in fp32, then cast: [N, k] in dtype (Triton).
 
-    Each program dequantizes ``block`` int32 words (8 * block codes)."""
+    Each program dequantizes ``block`` int32 words (8 * block codes); ``prepacked``: the codes are in fragment
+    order (prepack_fragments), w comes out in column order all the same."""
     n = qdata.shape[0]
     row_words = qdata.shape[1] // 4
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     _w4a16_dequant_kernel[(triton.cdiv(n * row_words, block),)](
         _words(qdata), scale, scale if zero is None else zero, w, n, k, row_words, scale.stride(0),
         scale.stride(0) if zero is None else zero.stride(0), GROUP=group_size, BLOCK=block, ZERO=zero_kind(zero),
-        num_warps=num_warps)
+        PREPACKED=prepacked, num_warps=num_warps)
     return w
 
 
@@ -684,7 +685,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         raise ValueError(f"row_scale is taken by the gemv path only, not {path!r}")
     if path == "dequant":
         w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block=params.get("BLOCK", 1024),
-                             num_warps=params.get("num_warps", 4))
+                             num_warps=params.get("num_warps", 4), prepacked=params.get("PREPACKED", False))
         return torch.nn.functional.linear(x, w, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")

@@ -118,11 +118,11 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
     assert packed.shape == q.shape and not torch.equal(packed, q)
     assert torch.equal(unpack_uint4(packed).sort(-1).values, unpack_uint4(q).sort(-1).values)  # the same codes
     gemv = [dict(path="gemv", BLOCK_N=16, GROUPS=2, SPLIT_K=2, REDUCE_W=True, XVEC=xvec, COARSE=True, PREPACKED=True,
-                 num_warps=2, num_stages=1) for xvec in (True, False)]
+                 num_warps=2, num_stages=1) for xvec in (True, False)] + [dict(path="dequant", PREPACKED=True)]
     for pairs, split in ((True, 1), (False, 2)):
         config = dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=split, SWAP=True, GATHER_X=True, PAIRS=pairs,
                       PREPACKED=True, num_warps=4, num_stages=3)
-        for config in [config] + (gemv if pairs else []):  # the GEMV reads the same layout, x gathered
+        for config in [config] + (gemv if pairs else []):  # the GEMV and the dequantization read it too
             y = w4a16.launch(x, packed, scale, zero, g, None, config)
             assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
     with pytest.raises(ValueError, match="GATHER_X form only"):
@@ -164,6 +164,10 @@ def test_dequantize_equals_twin(grid):
     for dtype in (torch.float32, torch.float16):
         # (q - 8) * scale + zero: a fused multiply-add on the GPU may round the last bit differently
         torch.testing.assert_close(w4a16_dequantize(q, scale, zero, 32, 70, dtype),
+                                   w4a16_dequantize_ref(q, scale, zero, 32, 70, dtype))
+        # codes in fragment order come out in column order all the same
+        torch.testing.assert_close(w4a16_dequantize(w4a16.prepack_fragments(q), scale, zero, 32, 70, dtype,
+                                                    prepacked=True),
                                    w4a16_dequantize_ref(q, scale, zero, 32, 70, dtype))
 
 
