@@ -130,6 +130,16 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
                                                           SWAP=True, PREPACKED=True, num_warps=4, num_stages=3))
 
 
+def test_prepacking_twice_gives_the_codes_back():
+    # the fragment order is its own inverse, and every 32 columns keep their own codes
+    q = torch.randint(0, 256, (3, 5, 96), dtype=torch.uint8)
+    packed = w4a16.prepack_fragments(q)
+    assert torch.equal(w4a16.prepack_fragments(packed), q)
+    codes, moved = unpack_uint4(q), unpack_uint4(packed)
+    for b in range(0, 192, 32):
+        assert torch.equal(codes[..., b:b + 32].sort(-1).values, moved[..., b:b + 32].sort(-1).values)
+
+
 def test_fragment_order_is_the_kernels_column_map():
     # the host's permutation and the kernel's fragment_columns are one map: a bit permutation within 32 columns
     order = w4a16.fragment_order(256)
