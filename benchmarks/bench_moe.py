@@ -40,9 +40,10 @@ def routed_offsets(tokens: int, experts: int = EXPERTS, top_k: int = TOP_K, seed
 
 
 def grouped_path(tokens: int, experts: int = EXPERTS, top_k: int = TOP_K) -> str:
-    """The kernel the grouped product takes for this many routed rows: "gemv" (a program per row, up to a row an
-    expert) or "grouped" (tiles of each expert's rows), as kernels/w4a16.py and w8a16.py's grouped_config choose."""
-    return "gemv" if tokens * top_k <= experts else "grouped"
+    """The kernel the grouped product takes for this many routed rows: "gemv" (a program per row) or "grouped"
+    (tiles of each expert's rows)."""
+    from aofunc.kernels.tiles import grouped_by_rows
+    return "gemv" if grouped_by_rows(tokens * top_k, experts) else "grouped"
 
 
 def moe_row(fmt, variant, tokens, n, k, times, x_dtype="bfloat16"):

@@ -97,7 +97,8 @@ def decode_tokens_per_s(step, tokens: int, max_seq: int, mode: str, batch: int =
 
 
 def print_step_profile(run, steps: int = 5, top: int = 12) -> None:
-    """GPU time of one step by kernel (mean over ``steps`` steps): the ``top`` kernels, then matmuls against the rest."""
+    """GPU time of one step by kernel (mean over ``steps`` steps): the ``top`` kernels, then matmuls against the
+    rest."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

@@ -114,9 +114,9 @@ def moe_table(rows) -> str:
     note = (f"commit {_joined(r.get('commit') for r in rows)}. Ratios are bf16 `torch._grouped_mm` time over "
             "aofunc's (> 1: aofunc faster).")
     body = [[r["format"], r["variant"], f"{r['experts']} × " + (f"{r['N']}×{r['K']}" if r["N"] else "both"),
-             str(r["top_k"]), str(r["batch"]),
-             str(r["M"]), r.get("bf16_us"), r.get("aofunc_us"), r.get("loop_us"),
-             fmt(ratio(r.get("bf16_us"), r.get("aofunc_us")), 2), r.get("path") or "—"] for r in sorted(rows, key=order)]
+             str(r["top_k"]), str(r["batch"]), str(r["M"]), r.get("bf16_us"), r.get("aofunc_us"), r.get("loop_us"),
+             fmt(ratio(r.get("bf16_us"), r.get("aofunc_us")), 2), r.get("path") or "—"]
+            for r in sorted(rows, key=order)]
     return note + "\n\n" + markdown_table(
         ["format", "variant", "experts × N×K", "top k", "tokens", "rows", "bf16 µs", "aofunc µs", "qlinear loop µs",
          "bf16/aofunc", "path"], body)

@@ -200,14 +200,23 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     rows."""
     m, k = x.shape
     n = qdata.shape[0]
-    gemv = gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)
-    routed = default_path("8da4w", Problem(m, n, k, x.dtype, x.device, group_size)) == "gemv"
-    default = gemv if routed else default_config(m, x.device)
+    default = routed_default(m, n, k, group_size, x.dtype, scale.dtype, x.device)
     if x.device.type != "cuda" or m == 0:
         return default
+
+    def candidates():
+        gemv = [gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)] if m <= 8 else []
+        return candidate_configs(m) + gemv
+
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
-    return autotune.choose(key, default, lambda: candidate_configs(m) + ([gemv] if m <= 8 else []), run,
-                           reference, tolerance=1e-3)
+    return autotune.choose(key, default, candidates, run, reference, tolerance=1e-3)
+
+
+def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:
+    """The configuration the kernels' route table gives an untuned call: the GEMV path's, or the int8 GEMM's."""
+    if default_path("8da4w", Problem(m, n, k, x_dtype, torch.device(device), group_size)) == "gemv":
+        return gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)
+    return default_config(m, device)
 
 
 def _check_quantize_args(x: torch.Tensor) -> None:

@@ -298,6 +298,12 @@ def grouped_grid(s: int, experts: int, n: int, config: dict, split: int) -> tupl
     return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(s, config["BLOCK_M"]) + experts, split
 
 
+def grouped_by_rows(s: int, experts: int) -> bool:
+    """Whether a grouped product of s rows over ``experts`` experts runs the GEMV kernel, a program per row through
+    its expert: up to a row an expert on average (decode), where tiles of 16 rows would be mostly padding."""
+    return s <= experts
+
+
 def grouped_split_k(s: int, experts: int, n_tiles: int, block_m: int, n_steps: int, device: torch.device) -> int:
     """Splits of K for a grouped product, sized as split_k sizes them for its busy tiles: the host does not read
     the offsets, so few rows (decode) count as one tile for each of up to s experts, many as s / BLOCK_M tiles."""

@@ -27,10 +27,10 @@ from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows,
-                                  fragment_column_of, fragment_columns, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
-                                  gemv_split_k, grouped_grid, grouped_split_k, interleave8, interpreting, load_x,
-                                  nibble_fragments, pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers,
-                                  tolerance)
+                                  fragment_column_of, fragment_columns, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, grouped_by_rows,
+                                  grouped_grid, grouped_split_k, interleave8, interpreting, load_x, nibble_fragments,
+                                  pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -687,25 +687,45 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block=params.get("BLOCK", 1024),
                              num_warps=params.get("num_warps", 4), prepacked=params.get("PREPACKED", False))
         return torch.nn.functional.linear(x, w, bias)
+    if path == "gemv":
+        return gemv(x, qdata, scale, zero, group_size, bias, params, row_scale=row_scale)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
-    if path == "gemv":
-        grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-        kernel = _w4a16_gemv_kernel
-        extra = dict(gemv_forms(params, k, group_size, x, zero), offs_ptr=scale, E=1, stride_qe=0, stride_se=0,
-                     stride_ze=0, GROUPED=False, rs_ptr=scale if row_scale is None else row_scale,
-                     ROW_SCALE=row_scale is not None)
-    else:
-        grid = gemm_grid(m, n, params, split)
-        kernel = _w4a16_gemm_kernel
-        extra = dict(tile_forms(params, x, scale, zero, group_size), M_FAST=params.pop("M_FAST", False))
+    grid = gemm_grid(m, n, params, split)
+    forms = dict(tile_forms(params, x, scale, zero, group_size), M_FAST=params.pop("M_FAST", False))
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
-    kernel[grid](
+    _w4a16_gemm_kernel[grid](
         x, _words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
-        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
+        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **forms, **params,
     )
+    return y
+
+
+def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scale=None,
+         offs=None) -> torch.Tensor:
+    """The GEMV kernel with a configuration's parameters (``path`` taken out): one weight, or with ``offs`` a stack
+    of experts whose rows of x are sorted by expert (end offsets [E]); ``row_scale`` (fp32 [M]) multiplies each
+    row's products before the bias. y [M, N] in x.dtype."""
+    params = dict(params)
+    m, k = x.shape
+    n = qdata.shape[-2]
+    split = params.pop("SPLIT_K")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    words = _words(qdata)
+    z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
+    stacked = offs is not None
+    _w4a16_gemv_kernel[grid](
+        x, words, scale, z, bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1),
+        words.stride(-2), scale.stride(-2), z.stride(-2), y.stride(0), split,
+        offs_ptr=offs if stacked else scale, E=qdata.shape[0] if stacked else 1,
+        stride_qe=words.stride(0) if stacked else 0, stride_se=scale.stride(0) if stacked else 0,
+        stride_ze=z.stride(0) if stacked else 0, rs_ptr=scale if row_scale is None else row_scale,
+        GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, GROUPED=stacked, ROW_SCALE=row_scale is not None,
+        **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
 
@@ -716,26 +736,6 @@ def gemv_forms(params: dict, k: int, group_size: int, x: torch.Tensor, zero) -> 
                 COARSE=params.pop("COARSE", False) and x.dtype != torch.float32, XVEC=params.pop("XVEC", False),
                 PREPACKED=params.pop("PREPACKED", False),
                 LOOP_STAGES=params.pop("LOOP_STAGES", 1), one_bits=ONE_BITS.value, ZERO=zero_kind(zero))
-
-
-def grouped_gemv(x, qdata, scale, zero, offs, group_size: int, config: dict) -> torch.Tensor:
-    """Rows of x sorted by expert, each through its expert's weights by the GEMV kernel: y [S, N] in x.dtype."""
-    s, k = x.shape
-    experts, n = qdata.shape[0], qdata.shape[1]
-    params = dict(config)
-    params.pop("path")
-    split = params.pop("SPLIT_K")
-    y = torch.empty(s, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, params["BLOCK_N"]), s, split)
-    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
-    words = _words(qdata)
-    z = scale if zero is None else zero
-    _w4a16_gemv_kernel[grid](
-        x, words, scale, z, y, y, ws, counters, s, n, k, x.stride(0), x.stride(1), words.stride(1), scale.stride(1),
-        z.stride(1), y.stride(0), split, offs_ptr=offs, E=experts, stride_qe=words.stride(0),
-        stride_se=scale.stride(0), stride_ze=z.stride(0), rs_ptr=scale, GROUP=group_size, SPLIT=split > 1,
-        HAS_BIAS=False, GROUPED=True, ROW_SCALE=False, **gemv_forms(params, k, group_size, x, zero), **params)
-    return y
 
 
 def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[torch.Tensor] = None, *,
@@ -813,7 +813,7 @@ def grouped_config(s: int, experts: int, n: int, k: int, group_size: int, device
     mostly padding; else tiles of about the rows an expert gets (at least 16),
     the GEMM forms the single-weight GEMM uses for that many rows, K split while the busy tiles cannot fill the
     card."""
-    if s <= experts:
+    if grouped_by_rows(s, experts):
         return gemv_config(s, n, k, group_size, device)
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
     form = dict(GATHER_X=True, PAIRS=True) if block_m <= 32 else dict(FULL_DQ=True, PREFETCH=True)
@@ -831,7 +831,7 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, group_size, x.device))
     if params.pop("path", "grouped") == "gemv":
-        return grouped_gemv(x, qdata, scale, zero, offs, group_size, dict(params, path="gemv"))
+        return gemv(x, qdata, scale, zero, group_size, None, params, offs=offs)
     forms = tile_forms(params, x, scale, zero, group_size)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = qdata.contiguous().view(torch.int32)

@@ -15,8 +15,9 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
-                                  gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_grid, grouped_split_k,
-                                  interpreting, load_x, row_expert, split_k, splitk_buffers, tolerance)
+                                  gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_by_rows, grouped_grid,
+                                  grouped_split_k, interpreting, load_x, row_expert, split_k, splitk_buffers,
+                                  tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -297,25 +298,39 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     path = params.pop("path")
     if path == "dequant":
         return torch.nn.functional.linear(x, w8a16_dequantize(qdata, scale, x.dtype), bias)
+    if path == "gemv":
+        return gemv(x, qdata, scale, bias, params)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
     words = _words(qdata)
-    if path == "gemv":
-        grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-        kernel = _w8a16_gemv_kernel
-        extra = dict(EVEN_K=k % (4 * params["BLOCK_W"]) == 0, offs_ptr=scale, E=1, stride_qe=0, stride_se=0,
-                     GROUPED=False)
-    else:
-        grid = gemm_grid(m, n, params, split)
-        kernel = _w8a16_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False),
-                     GATHER_X=params.pop("GATHER_X", False))
+    grid = gemm_grid(m, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
-    kernel[grid](
+    _w8a16_gemm_kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), words.stride(0), y.stride(0),
-        split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, **extra, **params,
+        split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32 or interpreting(),
+        M_FAST=params.pop("M_FAST", False), GATHER_X=params.pop("GATHER_X", False), **params,
     )
+    return y
+
+
+def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:
+    """The GEMV kernel with a configuration's parameters (``path`` taken out): one weight, or with ``offs`` a stack
+    of experts whose rows of x are sorted by expert (end offsets [E]). y [M, N] in x.dtype."""
+    params = dict(params)
+    m, k = x.shape
+    n = qdata.shape[-2]
+    split = params.pop("SPLIT_K")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    words = _words(qdata)
+    stacked = offs is not None
+    _w8a16_gemv_kernel[grid](
+        x, words, scale, bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1),
+        words.stride(-2), y.stride(0), split, offs if stacked else scale, qdata.shape[0] if stacked else 1,
+        words.stride(0) if stacked else 0, scale.stride(0) if stacked else 0, SPLIT=split > 1,
+        HAS_BIAS=bias is not None, EVEN_K=k % (4 * params["BLOCK_W"]) == 0, GROUPED=stacked, **params)
     return y
 
 
@@ -390,7 +405,7 @@ def grouped_config(s: int, experts: int, n: int, k: int, device: torch.device) -
     average (decode) the GEMV kernel, a program per row through its expert, rather than tiles of 16 rows that are
     mostly padding; else tiles of about the rows an expert gets (at least 16), the fragment-ordered tile up to 32
     rows as for a single weight, K split while the busy tiles cannot fill the card."""
-    if s <= experts:
+    if grouped_by_rows(s, experts):
         return gemv_config(s, n, k, device)
     block_m = min(64, max(16, triton.next_power_of_2(max(1, s // max(experts, 1)))))
     split = grouped_split_k(s, experts, triton.cdiv(n, 64), block_m, triton.cdiv(triton.cdiv(k, 4), 32), device)
@@ -405,17 +420,10 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, x.device))
+    if params.pop("path", "grouped") == "gemv":
+        return gemv(x, qdata, scale, None, params, offs=offs)
     words = _words(qdata)
     split = params.pop("SPLIT_K", 1)
-    if params.pop("path", "grouped") == "gemv":
-        y = torch.empty(s, n, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(n, params["BLOCK_N"]), s, split)
-        ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
-        _w8a16_gemv_kernel[grid](
-            x, words, scale, y, y, ws, counters, s, n, k, x.stride(0), x.stride(1), words.stride(1), y.stride(0),
-            split, offs, experts, words.stride(0), scale.stride(0), SPLIT=split > 1, HAS_BIAS=False,
-            EVEN_K=k % (4 * params["BLOCK_W"]) == 0, GROUPED=True, **params)
-        return y
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     grid = grouped_grid(s, experts, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])

@@ -5,6 +5,7 @@ from typing import Callable
 
 import optree
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_map_only
 
 from aofunc.formats.scheme import Scheme
@@ -52,7 +53,6 @@ def values_readable(t: torch.Tensor) -> bool:
     there, at any stage of tracing) nor during CUDA graph capture (a read would synchronize)."""
     if torch.compiler.is_compiling():
         return False
-    from torch._subclasses.fake_tensor import is_fake
     return not is_fake(t) and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
