@@ -100,6 +100,15 @@ def gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split
                   tile, tl.program_id(2), M * N, split_k, SPLIT, HAS_BIAS)
 
 
+def gemv_launch(x: torch.Tensor, n: int, params: dict):
+    """(y [M, N] in x's dtype, grid, split, workspace, counters) of a GEMV launch: a program per row of x and
+    BLOCK_N outputs, split K ways (SPLIT_K, taken out of ``params``)."""
+    split = params.pop("SPLIT_K")
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, params["BLOCK_N"]), x.shape[0], split)
+    return (y, grid, split) + splitk_buffers(y, split, grid[0] * grid[1])
+
+
 def splitk_buffers(y: torch.Tensor, split: int, tiles: int):
     """(fp32 workspace [split, M, N], zeroed arrival counters for ``tiles`` tiles) of a split-K launch writing y,
     or (y, y) as unused placeholders when split == 1.

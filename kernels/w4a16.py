@@ -28,7 +28,7 @@ from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows,
                                   fragment_column_of, fragment_columns, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, grouped_by_rows,
+                                  gemv_accumulator, gemv_finish, gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows,
                                   grouped_grid, grouped_split_k, interleave8, interpreting, load_x, nibble_fragments,
                                   pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
@@ -711,10 +711,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
-    split = params.pop("SPLIT_K")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    y, grid, split, ws, counters = gemv_launch(x, n, params)
     words = _words(qdata)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
     stacked = offs is not None

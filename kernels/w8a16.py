@@ -15,9 +15,9 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
-                                  gemm_grid, gemm_tile, gemv_finish, gemv_rows, grouped_by_rows, grouped_grid,
-                                  grouped_split_k, interpreting, load_x, row_expert, split_k, splitk_buffers,
-                                  tolerance)
+                                  gemm_grid, gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows,
+                                  grouped_grid, grouped_split_k, interpreting, load_x, row_expert, split_k,
+                                  splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -320,10 +320,7 @@ def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
-    split = params.pop("SPLIT_K")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-    ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    y, grid, split, ws, counters = gemv_launch(x, n, params)
     words = _words(qdata)
     stacked = offs is not None
     _w8a16_gemv_kernel[grid](
