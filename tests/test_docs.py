@@ -6,6 +6,7 @@ import doctest
 import importlib.util
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -36,17 +37,19 @@ def run_page(page: str) -> dict:
     """Every Python block of the page, in order, in one namespace; returns the namespace.
 
     One intra-op thread: the snippets are tiny, and on a small shared machine more threads only contend."""
-    namespace = {"__name__": "__docs__"}
+    module = types.ModuleType("__docs__")  # importable while it runs: torch.compile looks globals up by module
     blocks = python_blocks(page)
     assert blocks, f"{page} has no python blocks"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    sys.modules["__docs__"] = module
     try:
         for i, block in enumerate(blocks):
-            exec(compile(block, f"{page}, python block {i + 1}", "exec"), namespace)
+            exec(compile(block, f"{page}, python block {i + 1}", "exec"), module.__dict__)
     finally:
         torch.set_num_threads(threads)
-    return namespace
+        del sys.modules["__docs__"]
+    return module.__dict__
 
 
 # ---------------------------------------------------------------------------------------------- the API page
@@ -57,8 +60,6 @@ def test_api_page_is_what_make_api_generates_now():
 
 
 def test_all_lists_exactly_the_public_names():
-    import types
-
     public = {name for name in dir(aofunc) if not name.startswith("_")
               and not isinstance(getattr(aofunc, name), types.ModuleType)}
     assert len(aofunc.__all__) == len(set(aofunc.__all__))

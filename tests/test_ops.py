@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import aofunc
 from aofunc.quantize import quantize_weight
+from tests.kernels.devices import DEVICE
 from tests.models import ALL_SCHEMES
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -127,8 +128,9 @@ def test_int4_grids_run_on_the_w4a16_kernels_as_stored(scheme, config):
     w = torch.randn(24, 128, generator=g).to(torch.bfloat16)
     x = torch.randn(3, 128, generator=g, dtype=torch.float16)
     t = quantize_weight(w, scheme).tensors
-    y = w4a16.w4a16_linear_triton(x, t["qdata"], t["scale"], t.get("zero"), 64, None, config=config)
-    twin = F.linear(x.double(), scheme.dequantize(t, 24, 128, torch.float64))
+    on = {k: v.to(DEVICE) for k, v in t.items()}
+    y = w4a16.w4a16_linear_triton(x.to(DEVICE), on["qdata"], on["scale"], on.get("zero"), 64, None, config=config)
+    twin = F.linear(x.double(), scheme.dequantize(t, 24, 128, torch.float64)).to(DEVICE)
     assert relative_error(y, twin) <= TOLERANCE[torch.float16]
 
 

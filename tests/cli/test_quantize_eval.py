@@ -54,7 +54,7 @@ def float_and_quantized_logits(model_dir, qfile, text):
 def quantize(workdir, kind, method, scheme, out, *extra):
     return main(["quantize", str(workdir / kind), "--method", method, "--scheme", scheme, "--calib",
                  str(workdir / "calib.txt"), "--out", str(out), "--seq-len", "64", "--calib-samples", "8",
-                 "--no-progress", *extra])
+                 "--no-progress", "--device", "cpu", *extra])  # the tests recompute on the CPU in fp32
 
 
 @pytest.mark.parametrize("kind", list(BLOCK_LINEARS))

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aofunc.kernels import autotune, triton_compat, w4a16
+from aofunc.kernels import autotune, tiles, triton_compat, w4a16
 from aofunc.kernels.packing import unpack_uint4
 from aofunc.kernels.w4a16 import w4a16_dequantize, w4a16_dequantize_ref, w4a16_linear, w4a16_linear_ref
 
@@ -140,6 +140,11 @@ def test_prepacking_twice_gives_the_codes_back():
         assert torch.equal(codes[..., b:b + 32].sort(-1).values, moved[..., b:b + 32].sort(-1).values)
 
 
+@triton.jit
+def _store_fragment_columns(out_ptr, COLUMNS: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, COLUMNS), tiles.fragment_columns(COLUMNS))
+
+
 def test_fragment_order_is_the_kernels_column_map():
     # the host's permutation and the kernel's fragment_columns are one map: a bit permutation within 32 columns
     order = w4a16.fragment_order(256)
@@ -147,13 +152,8 @@ def test_fragment_order_is_the_kernels_column_map():
     assert all(set(order[b:b + 32].tolist()) == set(range(b, b + 32)) for b in range(0, 256, 32))
     triton_compat.load()
 
-    @triton.jit
-    def columns(out_ptr, COLUMNS: tl.constexpr):
-        from aofunc.kernels.tiles import fragment_columns
-        tl.store(out_ptr + tl.arange(0, COLUMNS), fragment_columns(COLUMNS))
-
     out = torch.empty(256, dtype=torch.int32, device=DEVICE)
-    columns[(1,)](out, COLUMNS=256)
+    _store_fragment_columns[(1,)](out, COLUMNS=256)
     assert torch.equal(out.cpu().long(), order)
 
 
