@@ -98,12 +98,20 @@ def _cpu_packed_rows(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and 0 < x.shape[0] <= CPU_PACKED_MAX_M.get(x.dtype, CPU_PACKED_MAX_M_OTHER)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where its data does not start on a 64-byte boundary (a fresh allocation does)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def _int8_weight_only(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w8a16.w8a16_linear(x, t["qdata"], t["scale"], bias)
-    # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
+    # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash), and
+    # crashes on x or codes that do not start on a vector boundary: tensors read from a file (memory-mapped at the
+    # file's offsets) or sliced from a larger one
     if k % 16 == 0 and _cpu_packed_rows(x):
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
+        y = torch.ops.aten._weight_int8pack_mm(_aligned(x.contiguous()), _aligned(t["qdata"]),
+                                               t["scale"].to(x.dtype))
         return _add_bias(y, bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
 

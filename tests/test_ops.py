@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aofunc
+from aofunc import QTensor
 from aofunc.quantize import quantize_weight
 from tests.kernels.devices import DEVICE
 from tests.models import ALL_SCHEMES
@@ -248,6 +249,27 @@ def test_cpu_weight_only_paths_agree_across_batch_sizes(scheme, m):
     qw = quantize_weight(torch.randn(32, 64, generator=g), scheme)
     x = torch.randn(m, 64, generator=g)
     assert relative_error(aofunc.qlinear(x, qw), x @ qw.dequantize().t()) < 1e-5
+
+
+def _unaligned(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
+    """A copy of t whose data starts offset_bytes past a 64-byte boundary (as tensors read from a file do)."""
+    raw = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
+    return raw[offset_bytes:offset_bytes + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("x_dtype, m", [(torch.float32, 1), (torch.bfloat16, 4), (torch.bfloat16, 128)])
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_cpu_kernels_take_weights_and_rows_at_any_address(scheme, x_dtype, m, tmp_path):
+    # torch's CPU int8 weight-only kernel crashed on codes or rows off a 64-byte boundary; a file maps them anywhere
+    g = torch.Generator().manual_seed(3)
+    qw = quantize_weight(torch.randn(64, 64, generator=g).to(x_dtype), scheme)
+    aofunc.save({"w": qw}, tmp_path / "w.safetensors")
+    loaded = aofunc.load(tmp_path / "w.safetensors")["w"]
+    shifted = QTensor(qw.scheme, {k: _unaligned(t, 16) for k, t in qw.tensors.items()}, qw.shape, qw.dtype)
+    x = _unaligned(torch.randn(m, 64, generator=g).to(x_dtype), 8)
+    want = reference_linear(x, qw, None)
+    for w in (loaded, shifted):
+        assert relative_error(aofunc.qlinear(x, w), want) <= TOLERANCE[x_dtype]
 
 
 @given(st.sampled_from(ALL_SCHEMES), st.sampled_from([(0,), (0, 3), (2, 0), (0, 0)]),
