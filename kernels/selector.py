@@ -82,7 +82,7 @@ ROUTES = (
           _sixteen_bit_or_interpreted),
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
-    Route("8da4w", "gemv", 1, "any x", _any),
+    Route("8da4w", "gemv", 4, "any x", _any),
     Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
 )
 

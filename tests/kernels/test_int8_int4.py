@@ -18,6 +18,7 @@ from aofunc.kernels.int8_int4 import (
 )
 
 from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.selector import Problem, default_path
 from tests.kernels.devices import DEVICE, LINEAR_DTYPES, ON_GPU, gpu_only
 
 
@@ -170,12 +171,13 @@ def test_ops_register():
 
 @gpu_only
 @pytest.mark.parametrize("k,n", [(4096, 4096), (14336, 4096)])
-@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+@pytest.mark.parametrize("m", [1, 3, 16, 128, 2048])
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_real_sizes_on_gpu(k, n, m, group_size):
     x = _activation(m, k, torch.bfloat16, seed=m)
     qdata, scale, bias = _weight(n, k, group_size, torch.bfloat16, seed=n)
-    twin = _twin_rounded_once if m == 1 else int8_int4_linear_ref  # one row takes the GEMV path
+    gemv = default_path("8da4w", Problem(m, n, k, x.dtype, x.device, group_size)) == "gemv"
+    twin = _twin_rounded_once if gemv else int8_int4_linear_ref
     _close(int8_int4_linear(x, qdata, scale, group_size, bias), twin(x, qdata, scale, group_size, bias))
     for a, b in zip(quantize_per_token_asym_int8(x), quantize_per_token_asym_int8_ref(x)):
         assert torch.equal(a, b)
