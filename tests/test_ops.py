@@ -257,7 +257,8 @@ def _unaligned(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
     return raw[offset_bytes:offset_bytes + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
 
 
-@pytest.mark.parametrize("x_dtype, m", [(torch.float32, 1), (torch.float16, 2), (torch.bfloat16, 4), (torch.bfloat16, 128)])
+@pytest.mark.parametrize("x_dtype, m",
+                         [(torch.float32, 1), (torch.float16, 2), (torch.bfloat16, 4), (torch.bfloat16, 128)])
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
 def test_cpu_kernels_take_weights_and_rows_at_any_address(scheme, x_dtype, m, tmp_path):
     # torch's CPU int8 weight-only kernel crashed on codes or rows off a 64-byte boundary; a file maps them anywhere
