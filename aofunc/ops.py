@@ -103,16 +103,26 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("aofunc::cpu_int8pack_mm", mutates_args=())
+def _cpu_int8pack_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch's packed CPU int8 weight-only matmul, x @ (qdata * scale[:, None]).T in x's dtype, given x and codes
+    that start on a 64-byte boundary: its vector loads crash on others, such as tensors read from a file (mapped at
+    the file's offsets) or sliced from a larger one, so those are copied first. An opaque op, so under
+    torch.compile the addresses are checked on the real tensors of each call."""
+    return torch.ops.aten._weight_int8pack_mm(_aligned(x.contiguous()), _aligned(qdata), scale.to(x.dtype))
+
+
+@_cpu_int8pack_mm.register_fake
+def _(x, qdata, scale):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
 def _int8_weight_only(x, scheme, t, n, k, bias):
     if x.is_cuda:
         return w8a16.w8a16_linear(x, t["qdata"], t["scale"], bias)
-    # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash), and
-    # crashes on x or codes that do not start on a vector boundary: tensors read from a file (memory-mapped at the
-    # file's offsets) or sliced from a larger one
+    # torch's CPU int8 kernel reads out of bounds when K is not a multiple of 16 (wrong values or a crash)
     if k % 16 == 0 and _cpu_packed_rows(x):
-        y = torch.ops.aten._weight_int8pack_mm(_aligned(x.contiguous()), _aligned(t["qdata"]),
-                                               t["scale"].to(x.dtype))
-        return _add_bias(y, bias)
+        return _add_bias(_cpu_int8pack_mm(x, t["qdata"], t["scale"]), bias)
     return _dequantized_linear(x, scheme, t, n, k, bias)
 
 

@@ -273,6 +273,18 @@ def test_cpu_kernels_take_weights_and_rows_at_any_address(scheme, x_dtype, m, tm
         assert relative_error(aofunc.qlinear(x, w), want) <= TOLERANCE[x_dtype]
 
 
+def test_compiled_cpu_int8_checks_the_addresses_of_each_call(tmp_path):
+    # the address check runs inside an opaque op: a compiled function given weights read from a file runs too
+    qw = quantize_weight(torch.randn(64, 64).to(torch.bfloat16), aofunc.Int8WeightOnly())
+    aofunc.save({"w": qw}, tmp_path / "w.safetensors")
+    loaded = aofunc.load(tmp_path / "w.safetensors")["w"]
+    shifted = QTensor(qw.scheme, {k: _unaligned(t, 16) for k, t in qw.tensors.items()}, qw.shape, qw.dtype)
+    run = torch.compile(aofunc.qlinear, fullgraph=True, backend="aot_eager")
+    x = _unaligned(torch.randn(4, 64).to(torch.bfloat16), 8)
+    for w in (loaded, shifted):
+        assert torch.equal(run(x, w), aofunc.qlinear(x, qw))
+
+
 @given(st.sampled_from(ALL_SCHEMES), st.sampled_from([(0,), (0, 3), (2, 0), (0, 0)]),
        st.sampled_from(["contiguous", "every other column", "zero strides", "transposed"]), st.sampled_from(FLOATS),
        st.booleans())
