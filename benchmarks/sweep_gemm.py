@@ -49,7 +49,13 @@ def gemm_forms(m: int, fmt: str):
 
 
 def gemv_forms(fmt: str):
-    """GEMV shapes worth timing at M = 1 (W4A16: the accumulator-per-group form with vector x and coarse units)."""
+    """GEMV shapes worth timing at M = 1 (W4A16: the accumulator-per-group form with vector x and coarse units;
+    W8A16: rows of outputs by words of codes, the tuner's own GEMV grid)."""
+    if fmt == "w8a16":
+        for block_n in (16, 32, 64, 128):
+            for block_w in (32, 64):
+                yield dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4, num_stages=3)
+        return
     for block_n in (32, 64):
         for groups in (2, 4):
             for warps in (1, 2):

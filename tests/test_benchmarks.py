@@ -304,3 +304,16 @@ def test_benchmark_llama_decodes_a_batch_with_its_own_cache_rows():
     with torch.no_grad():  # the same weights (same seed): sequence 1 of the batch equals it decoded alone
         alone = one(tokens[1:2], torch.zeros(1, dtype=torch.long))
     assert torch.allclose(logits[1:2], alone, atol=1e-5)
+
+
+def test_the_one_row_sweep_times_gemv_candidates_of_every_format():
+    # the shipped tables' one-row winners come from this list, for every format (the tuner's own W8A16 grid)
+    import torch
+    import sweep_gemm
+    from aofunc.kernels import w8a16
+    device = torch.device("cpu")
+    for fmt in ("w4a16", "w8a16", "nf4"):
+        pool = sweep_gemm.candidates(fmt, 1, 4096, 4096, device)
+        assert pool and all(c["path"] == "gemv" for c in pool), fmt
+    searched = w8a16.candidate_configs(1, 4096, 4096, torch.bfloat16, device)
+    assert all(c in searched for c in sweep_gemm.candidates("w8a16", 1, 4096, 4096, device))
