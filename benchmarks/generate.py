@@ -9,8 +9,9 @@ The model is transformers' ``LlamaForCausalLM`` with Llama-3-8B's shapes (hidden
 a static KV cache, with which ``generate`` compiles the decoding step itself (``CompileConfig(fullgraph=True,
 mode="reduce-overhead")``; the prompt's forward runs uncompiled). The quantized
 variants run the unmodified model under ``aofunc.bind(model, qparams)``. Tokens/s counts new tokens over the wall
-time of a whole ``generate`` call (prefill included), after two warm-up calls. bf16 runs first in the same process;
-each variant gives a ``generate`` row recorded with ``common.record_rows``. ``--tiny`` builds a two-layer model of
+time of a whole ``generate`` call (prefill included), after two warm-up calls; the row also says where that time
+went: ``prefill_ms`` (a call for one token) and ``step_ms`` (each further token). bf16 runs first in the same
+process; each variant gives a ``generate`` row recorded with ``common.record_rows``. ``--tiny`` builds a two-layer model of
 small shapes without compiling, on the CPU when there is no GPU (a smoke test of the script, not a measurement).
 """
 from __future__ import annotations
@@ -52,28 +53,38 @@ def build_model(layers: int, tiny: bool, device: str):
     return model
 
 
-def tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> tuple[float, torch.Tensor]:
-    """(new tokens per second of one greedy ``generate`` call, the tokens it produced), after ``warmup`` calls."""
-    def run():
-        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """(seconds, the new tokens) of one greedy ``generate`` call of exactly ``new_tokens`` tokens."""
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out[:, prompt.shape[1]:]
 
+
+def tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> tuple[float, torch.Tensor, dict]:
+    """(new tokens per second of one greedy ``generate`` call, the tokens it produced, where its time went), after
+    ``warmup`` calls. Where the time went: ``prefill_ms``, a call for one token (the prompt's forward and the
+    call's own work), and ``step_ms``, each further token: the difference of the two calls over the extra tokens."""
     with torch.no_grad():
         for _ in range(warmup):
-            run()
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = run()
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - start), out[:, prompt.shape[1]:]
+            timed_generate(model, prompt, new_tokens)
+            timed_generate(model, prompt, 1)
+        seconds, tokens = timed_generate(model, prompt, new_tokens)
+        one, _ = timed_generate(model, prompt, 1)
+    split = {"prefill_ms": round(1e3 * one, 3),
+             "step_ms": round(1e3 * (seconds - one) / (new_tokens - 1), 3) if new_tokens > 1 else None}
+    return new_tokens / seconds, tokens, split
 
 
-def generate_row(variant: str, layers: int, tps: float, bf16_tps, prompt: int, new_tokens: int, mode: str) -> dict:
-    """The ``generate`` results row (benchmarks/common.py) of one variant."""
+def generate_row(variant: str, layers: int, tps: float, bf16_tps, prompt: int, new_tokens: int, mode: str,
+                 split: dict) -> dict:
+    """The ``generate`` results row (benchmarks/common.py) of one variant, with where its time went."""
     return {"kind": "generate", "variant": variant, "batch": 1, "layers": layers, "mode": mode,
             "tokens_per_s": round(tps, 2), "bf16_tokens_per_s": round(bf16_tps, 2) if bf16_tps else None,
-            "prompt": prompt, "tokens": new_tokens, "commit": git_commit()}
+            "prompt": prompt, "tokens": new_tokens, **split, "commit": git_commit()}
 
 
 def main(argv=None):
@@ -96,17 +107,18 @@ def main(argv=None):
     rows, bf16_tps, bf16_tokens = [], None, None
     for variant in variants:
         if variant == "bf16":
-            tps, tokens = tokens_per_s(model, prompt, args.new_tokens)
+            tps, tokens, split = tokens_per_s(model, prompt, args.new_tokens)
             bf16_tps, bf16_tokens = tps, tokens
         elif variant in SCHEMES:
             qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(LINEARS, SCHEMES[variant])]))
             with aofunc.bind(model, qparams):
-                tps, tokens = tokens_per_s(model, prompt, args.new_tokens)
+                tps, tokens, split = tokens_per_s(model, prompt, args.new_tokens)
         else:
             raise SystemExit(f"unknown variant {variant!r}: expected bf16 or one of {', '.join(SCHEMES)}")
         same = None if bf16_tokens is None or variant == "bf16" else float((tokens == bf16_tokens).float().mean())
-        rows.append(generate_row(variant, args.layers, tps, bf16_tps, args.prompt, args.new_tokens, mode))
+        rows.append(generate_row(variant, args.layers, tps, bf16_tps, args.prompt, args.new_tokens, mode, split))
         print(f"{variant}: {tps:.1f} tokens/s" + (f" ({tps / bf16_tps:.2f}x bf16)" if bf16_tps else "")
+              + f"; one-token call {split['prefill_ms']} ms, then {split['step_ms']} ms a token"
               + (f", {100 * same:.0f} % of tokens as bf16's" if same is not None else ""), flush=True)
     recorder(args)(rows)
     print(markdown_table(["variant", "tokens/s", "bf16 tokens/s"],

@@ -287,6 +287,7 @@ def test_generate_harness_records_a_row_per_variant(tmp_path):
     assert [(r["kind"], r["variant"], r["layers"], r["mode"], r["tokens"]) for r in rows] == [
         ("generate", "bf16", 1, "eager-static", 3), ("generate", "int4", 1, "eager-static", 3)]
     assert rows[1]["bf16_tokens_per_s"] == rows[0]["tokens_per_s"] > 0
+    assert all(r["prefill_ms"] > 0 and isinstance(r["step_ms"], float) for r in rows)  # where the time went
 
 
 def test_benchmark_llama_decodes_a_batch_with_its_own_cache_rows():
