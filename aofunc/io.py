@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from aofunc.formats import QTensor, scheme_from_dict
 from aofunc.formats.qtensor import canonical_shape
+from aofunc.kernels.packing import aligned
 from aofunc.tree import check_params
 
 #: the version `save` writes
@@ -314,7 +315,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> d
                                  f"other name may start with {owner + '.'!r}")
         out: dict[str, torch.Tensor] = {}
         for name, (scheme, shape, dtype, transposed, stored_names) in parts.items():
-            tensors = {s: f.get_tensor(f"{name}.{s}") for s in stored_names}
+            # stored tensors start on 64-byte boundaries, as kernels' vector loads want (a file maps them anywhere)
+            tensors = {s: aligned(f.get_tensor(f"{name}.{s}")) for s in stored_names}
             out[name] = QTensor(scheme, tensors, shape, dtype, transposed, param_name=name)
         for key in plain:
             out[key] = f.get_tensor(key)

@@ -10,6 +10,7 @@ from aofunc import primitives as P
 from aofunc.formats import Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, NF4, QTensor
 from aofunc.formats.qtensor import implements, values_readable
 from aofunc.kernels import int8_int4, int_mm, nf4, w4a16, w8a8, w8a16
+from aofunc.kernels.packing import aligned
 from aofunc.kernels.selector import Problem, default_path
 
 
@@ -98,18 +99,13 @@ def _cpu_packed_rows(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and 0 < x.shape[0] <= CPU_PACKED_MAX_M.get(x.dtype, CPU_PACKED_MAX_M_OTHER)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy where its data does not start on a 64-byte boundary (a fresh allocation does)."""
-    return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("aofunc::cpu_int8pack_mm", mutates_args=())
 def _cpu_int8pack_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """torch's packed CPU int8 weight-only matmul, x @ (qdata * scale[:, None]).T in x's dtype, given x and codes
     that start on a 64-byte boundary: its vector loads crash on others, such as tensors read from a file (mapped at
     the file's offsets) or sliced from a larger one, so those are copied first. An opaque op, so under
     torch.compile the addresses are checked on the real tensors of each call."""
-    return torch.ops.aten._weight_int8pack_mm(_aligned(x.contiguous()), _aligned(qdata), scale.to(x.dtype))
+    return torch.ops.aten._weight_int8pack_mm(aligned(x.contiguous()), aligned(qdata), scale.to(x.dtype))
 
 
 @_cpu_int8pack_mm.register_fake

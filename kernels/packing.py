@@ -1,5 +1,5 @@
-"""Facts of the stored layouts that every layer reads from here: the 4-bit packing, the int4 group sizes, and the
-16 NF4 levels.
+"""Facts of the stored layouts that every layer reads from here: the 4-bit packing, the int4 group sizes, the
+16 NF4 levels, and where stored tensors start in memory.
 
 Packing: two 4-bit codes a byte along the last dimension, the first in the high nibble.
 """
@@ -32,3 +32,10 @@ def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_uint4(qdata: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 [..., 2B] from uint8 [..., B]."""
     return torch.stack((qdata >> 4, qdata & 15), dim=-1).reshape(*qdata.shape[:-1], -1)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy of it where its data does not start on a 64-byte boundary (a fresh allocation does):
+    torch's packed CPU kernels crash on codes off that boundary, as tensors memory-mapped from a file or sliced
+    from a larger one may be."""
+    return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
