@@ -11,8 +11,9 @@ mode="reduce-overhead")``; the prompt's forward runs uncompiled). The quantized
 variants run the unmodified model under ``aofunc.bind(model, qparams)``. Tokens/s counts new tokens over the wall
 time of a whole ``generate`` call (prefill included), after two warm-up calls; the row also says where that time
 went: ``prefill_ms`` (a call for one token) and ``step_ms`` (each further token). bf16 runs first in the same
-process; each variant gives a ``generate`` row recorded with ``common.record_rows``. ``--tiny`` builds a two-layer model of
-small shapes without compiling, on the CPU when there is no GPU (a smoke test of the script, not a measurement).
+process; each variant gives a ``generate`` row recorded with ``common.record_rows``. ``--tiny`` builds a two-layer
+model of small shapes without compiling, on the CPU when there is no GPU (a smoke test of the script, not a
+measurement).
 """
 from __future__ import annotations
 
