@@ -207,7 +207,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
 
     def candidates():
         gemv = [gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)] if m <= 8 else []
-        return candidate_configs(m) + gemv
+        two_rows = [dict(c, TWO_ROWS=True) for c in gemv] if m >= 2 else []  # each code's unit shared by 2 rows
+        return candidate_configs(m) + gemv + two_rows
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
     return autotune.choose(key, default, candidates, run, reference, tolerance=1e-3)

@@ -203,7 +203,7 @@ def _nf4_gemv_kernel(
         y = tl.sum(acc, axis=1)
     else:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+    gemv_finish(y, offs_n, pid_m, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit

@@ -90,23 +90,23 @@ def gemv_accumulator(BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.cons
 
 
 @triton.jit
-def gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr,
+def gemv_finish(y, offs_n, row, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
-    """Store this GEMV program's [BLOCK_N] outputs y (+ bias) in its row of x's output (program axis 1), through
-    the split-K workspace with SPLIT."""
-    pid_m = tl.program_id(1)
-    tile = pid_m * tl.num_programs(0) + tl.program_id(0)
-    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, cnt_ptr,
+    """Store this GEMV program's [BLOCK_N] outputs y (+ bias) in row ``row`` of x's output, through the split-K
+    workspace with SPLIT (a tile per row of x and block of outputs)."""
+    tile = row * tl.num_programs(0) + tl.program_id(0)
+    splitk_finish(y, offs_n, offs_n < N, offs_n, b_ptr, y_ptr + row * stride_ym, ws_ptr + row * N, cnt_ptr,
                   tile, tl.program_id(2), M * N, split_k, SPLIT, HAS_BIAS)
 
 
-def gemv_launch(x: torch.Tensor, n: int, params: dict):
-    """(y [M, N] in x's dtype, grid, split, workspace, counters) of a GEMV launch: a program per row of x and
-    BLOCK_N outputs, split K ways (SPLIT_K, taken out of ``params``)."""
+def gemv_launch(x: torch.Tensor, n: int, params: dict, x_rows: int = 1):
+    """(y [M, N] in x's dtype, grid, split, workspace, counters) of a GEMV launch: a program per ``x_rows`` rows of
+    x and BLOCK_N outputs, split K ways (SPLIT_K, taken out of ``params``)."""
     split = params.pop("SPLIT_K")
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, params["BLOCK_N"]), x.shape[0], split)
-    return (y, grid, split) + splitk_buffers(y, split, grid[0] * grid[1])
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, x_rows), split)
+    return (y, grid, split) + splitk_buffers(y, split, grid[0] * m)
 
 
 def splitk_buffers(y: torch.Tensor, split: int, tiles: int):

@@ -197,6 +197,28 @@ def x_columns(positions, PREPACKED: tl.constexpr):
 
 
 @triton.jit
+def _gemv_fold(acc, acc_zero, part, xu_sum, x_sum, s, z, unit, REDUCE_W: tl.constexpr):
+    """One step's products of one row of x folded into its accumulators: sum over the step of x * (code - 8) * s +
+    x * z = unit s (part - sum(xu)) + (z - 8 s) sum(x)."""
+    x_group = tl.sum(x_sum, axis=1)
+    if REDUCE_W:
+        acc += (tl.sum(part, axis=2) - tl.sum(xu_sum, axis=1)[None, :]) * (unit * s)
+    else:
+        acc += (part - xu_sum[None, :, :]) * (unit * s)[:, :, None]
+    acc_zero += (z - 8.0 * s) * x_group[None, :]
+    return acc, acc_zero
+
+
+@triton.jit
+def _gemv_total(acc, acc_zero, REDUCE_W: tl.constexpr):
+    """A row of x's [BLOCK_N] outputs from its accumulators."""
+    if REDUCE_W:
+        return tl.sum(acc + acc_zero, axis=1)
+    else:
+        return tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, one_bits,
@@ -204,13 +226,13 @@ def _w4a16_gemv_kernel(
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
     COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
-    GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr, PREPACKED: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr, PREPACKED: tl.constexpr, TWO_ROWS: tl.constexpr,
 ):
-    # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups). q_ptr is qdata
-    # viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of steps.
-    # PREFETCH: the next step's codes are loaded before this step's arithmetic. REDUCE_W: each step's products
-    # are summed over the words of a group before scaling, so the accumulator holds one value per (row, group)
-    # rather than per word (fewer registers, a reduction a step). COARSE (16-bit x only): codes through
+    # One row of x (two with TWO_ROWS), BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups).
+    # q_ptr is qdata viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of
+    # steps. PREFETCH: the next step's codes are loaded before this step's arithmetic. REDUCE_W: each step's
+    # products are summed over the words of a group before scaling, so the accumulator holds one value per (row,
+    # group) rather than per word (fewer registers, a reduction a step). COARSE (16-bit x only): codes through
     # coarse_unit, fewer integer operations. XVEC: x loaded once a step as contiguous vectors and split by code
     # position, in place of eight strided loads. LOOP_STAGES > 1: the compiler's software pipeline copies the
     # codes of the next steps into shared memory asynchronously (more bytes in flight, fewer registers).
@@ -219,6 +241,8 @@ def _w4a16_gemv_kernel(
     # ROW_SCALE: each row's products are multiplied by rs_ptr[row] (fp32) before the bias is added (8da4w's
     # activation scale, x being its centered integer codes). PREPACKED: codes stored in fragment order
     # (prepack_fragments): the code at stored position p multiplies x's column fragment_column_of(p).
+    # TWO_ROWS (not with GROUPED): rows 2p and 2p + 1 of x share each code's unit, so the weight is read and
+    # turned into floats once for both; a second row past M is computed on row M - 1 and not stored.
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -239,9 +263,17 @@ def _w4a16_gemv_kernel(
         s_ptr += e * stride_se
         z_ptr += e * stride_ze
         last = tl.where(has_expert, last, first - 1)
+    if TWO_ROWS:
+        row = 2 * pid_m
+        row_b = tl.minimum(row + 1, M - 1)
+        x_row_b = x_ptr + row_b * stride_xm
+        acc_b = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
+        acc_zero_b = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    else:
+        row = pid_m
     acc = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    x_row = x_ptr + pid_m * stride_xm
+    x_row = x_ptr + row * stride_xm
     q_rows = q_ptr + rows[:, None, None] * stride_qn
     s_rows = s_ptr + rows[:, None] * stride_sn
     z_rows = z_ptr + rows[:, None] * stride_zn
@@ -256,50 +288,78 @@ def _w4a16_gemv_kernel(
         else:
             q, s, z = _gemv_step_loads(q_rows, s_rows, z_rows, step, offs_g, offs_w, n_groups, GROUPS, WORDS, EVEN_K,
                                        ZERO)
+        step_cols = (step * GROUPS + offs_g)[:, None] * GROUP
         part = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if COARSE:
             xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if XVEC:
-            x_codes = split_by_code(load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP + x_local[None, :],
-                                           stride_xk, K, EVEN_K), GROUPS, WORDS)
+            x_codes = split_by_code(load_x(x_row, step_cols + x_local[None, :], stride_xk, K, EVEN_K), GROUPS, WORDS)
+        if TWO_ROWS:
+            part_b = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
+            x_sum_b = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
+            if COARSE:
+                xu_sum_b = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
+            if XVEC:
+                x_codes_b = split_by_code(load_x(x_row_b, step_cols + x_local[None, :], stride_xk, K, EVEN_K),
+                                          GROUPS, WORDS)
         for j in tl.static_range(8):
             if XVEC:
                 xj = x_codes[j]
             else:
-                xj = load_x(x_row, (step * GROUPS + offs_g)[:, None] * GROUP
-                            + x_columns(offs_w * 8 + j, PREPACKED)[None, :], stride_xk, K, EVEN_K)
+                xj = load_x(x_row, step_cols + x_columns(offs_w * 8 + j, PREPACKED)[None, :], stride_xk, K, EVEN_K)
+            if TWO_ROWS:
+                if XVEC:
+                    xj_b = x_codes_b[j]
+                else:
+                    xj_b = load_x(x_row_b, step_cols + x_columns(offs_w * 8 + j, PREPACKED)[None, :], stride_xk, K,
+                                  EVEN_K)
             if COARSE:
                 # part = sum(xu * unit) with xu = 16 x for even codes: sum(x * code) = 128 (part - sum(xu))
                 if j % 2 == 0:
                     xu = 16.0 * xj
                 else:
                     xu = xj
-                part += coarse_unit(q, j, one_bits) * xu[None, :, :]
+                code_unit = coarse_unit(q, j, one_bits)
+                part += code_unit * xu[None, :, :]
                 xu_sum += xu
+                if TWO_ROWS:
+                    if j % 2 == 0:
+                        xu_b = 16.0 * xj_b
+                    else:
+                        xu_b = xj_b
+                    part_b += code_unit * xu_b[None, :, :]
+                    xu_sum_b += xu_b
             else:
                 # sum(x * code) = 16 (part - sum(x))
-                part += unit_plus_code(q, j, one_bits) * xj[None, :, :]
+                code_unit = unit_plus_code(q, j, one_bits)
+                part += code_unit * xj[None, :, :]
+                if TWO_ROWS:
+                    part_b += code_unit * xj_b[None, :, :]
             x_sum += xj
+            if TWO_ROWS:
+                x_sum_b += xj_b
         if COARSE:
             unit = 128.0
         else:
             unit = 16.0
             xu_sum = x_sum  # the fine units need no weighting of x
-        # sum over the step of x * (code - 8) * s + x * z = unit s (part - sum(xu)) + (z - 8 s) sum(x)
-        x_group = tl.sum(x_sum, axis=1)
-        if REDUCE_W:
-            acc += (tl.sum(part, axis=2) - tl.sum(xu_sum, axis=1)[None, :]) * (unit * s)
-        else:
-            acc += (part - xu_sum[None, :, :]) * (unit * s)[:, :, None]
-        acc_zero += (z - 8.0 * s) * x_group[None, :]
-    if REDUCE_W:
-        y = tl.sum(acc + acc_zero, axis=1)
-    else:
-        y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_zero, axis=1)
+            if TWO_ROWS:
+                xu_sum_b = x_sum_b
+        acc, acc_zero = _gemv_fold(acc, acc_zero, part, xu_sum, x_sum, s, z, unit, REDUCE_W)
+        if TWO_ROWS:
+            acc_b, acc_zero_b = _gemv_fold(acc_b, acc_zero_b, part_b, xu_sum_b, x_sum_b, s, z, unit, REDUCE_W)
+    y = _gemv_total(acc, acc_zero, REDUCE_W)
     if ROW_SCALE:
-        y = y * tl.load(rs_ptr + pid_m)
-    gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+        y = y * tl.load(rs_ptr + row)
+    gemv_finish(y, offs_n, row, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+    if TWO_ROWS:
+        y_b = _gemv_total(acc_b, acc_zero_b, REDUCE_W)
+        if ROW_SCALE:
+            y_b = y_b * tl.load(rs_ptr + row_b)
+        if row + 1 < M:
+            gemv_finish(y_b, offs_n, row + 1, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT,
+                        HAS_BIAS)
 
 
 @triton.jit
@@ -631,15 +691,17 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
                                         PREFETCH=prefetch, REDUCE_W=reduce_w, XVEC=xvec, COARSE=True,
                                         num_warps=warps, num_stages=3))
-        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins
+        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins; from two rows of x also with two
+        # rows a program (each code's unit shared by both)
         for block_n in (32, 64):
             for warps in (1, 2):
                 for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (256, 512)}):
                     for split in (1, 2, 4, 8):
                         for stages in (3, 4):
-                            out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                            PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True,
-                                            LOOP_STAGES=stages, num_warps=warps, num_stages=3))
+                            config = dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                          PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True,
+                                          LOOP_STAGES=stages, num_warps=warps, num_stages=3)
+                            out += [config, dict(config, TWO_ROWS=True)] if m >= 2 else [config]
     if m >= 2 and dtype != torch.float32:
         forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, GATHER_X=True),
                  dict(SWAP=True, GATHER_X=True, PAIRS=True), dict(SWAP=True, FULL_DQ=True, PREFETCH=True)]
@@ -711,7 +773,10 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
-    y, grid, split, ws, counters = gemv_launch(x, n, params)
+    two_rows = params.pop("TWO_ROWS", False)
+    if two_rows and offs is not None:
+        raise ValueError("TWO_ROWS GEMV programs take rows of one weight, not of a stack of experts")
+    y, grid, split, ws, counters = gemv_launch(x, n, params, x_rows=2 if two_rows else 1)
     words = _words(qdata)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
     stacked = offs is not None
@@ -722,7 +787,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
         stride_qe=words.stride(0) if stacked else 0, stride_se=scale.stride(0) if stacked else 0,
         stride_ze=z.stride(0) if stacked else 0, rs_ptr=scale if row_scale is None else row_scale,
         GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, GROUPED=stacked, ROW_SCALE=row_scale is not None,
-        **gemv_forms(params, k, group_size, x, zero), **params)
+        TWO_ROWS=two_rows, **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
 

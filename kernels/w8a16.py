@@ -130,7 +130,7 @@ def _w8a16_gemv_kernel(
             acc_x += xj
     s = tl.load(s_ptr + rows).to(tl.float32)
     y = s * (256.0 * tl.sum(acc, axis=1) - 384.0 * tl.sum(acc_x, axis=0))
-    gemv_finish(y, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
+    gemv_finish(y, offs_n, pid_m, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit

@@ -32,7 +32,12 @@ CASES = [
           GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0, PREPACKED=False), True),
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
-          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True, PREPACKED=True), False),
+          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True, PREPACKED=True,
+          TWO_ROWS=False), False),
+    (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
+     dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=True, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
+          COARSE=True, XVEC=True, LOOP_STAGES=4, ZERO=0, GROUPED=False, ROW_SCALE=True, PREPACKED=False,
+          TWO_ROWS=True), False),
     (w4a16._w4a16_dequant_kernel, dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", w_ptr="*bf16"),
      dict(GROUP=128, BLOCK=1024, ZERO=0, PREPACKED=True), False),
     (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
@@ -71,4 +76,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 13", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 14", done.stderr[-3000:]

@@ -193,7 +193,9 @@ def test_gemv_path_equals_twin(dtype, m, k, group_size):
     qdata, scale, bias = _weight(40, k, group_size, dtype, seed=k)
     for config in (dict(path="gemv", BLOCK_N=16, GROUPS=1, SPLIT_K=2, REDUCE_W=True, XVEC=True, COARSE=True,
                         num_warps=2, num_stages=1),
-                   dict(path="gemv", BLOCK_N=32, GROUPS=2, SPLIT_K=1, num_warps=1, num_stages=1)):
+                   dict(path="gemv", BLOCK_N=32, GROUPS=2, SPLIT_K=1, num_warps=1, num_stages=1),
+                   dict(path="gemv", BLOCK_N=16, GROUPS=1, SPLIT_K=2, REDUCE_W=True, XVEC=True, COARSE=True,
+                        TWO_ROWS=True, num_warps=2, num_stages=1)):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))

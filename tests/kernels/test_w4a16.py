@@ -8,7 +8,7 @@ from aofunc.kernels import autotune, tiles, triton_compat, w4a16
 from aofunc.kernels.packing import unpack_uint4
 from aofunc.kernels.w4a16 import w4a16_dequantize, w4a16_dequantize_ref, w4a16_linear, w4a16_linear_ref
 
-from tests.kernels.devices import DEVICE
+from tests.kernels.devices import DEVICE, gpu_only
 
 
 def weight(n, k, g, dtype=torch.float32, device=DEVICE, grid="float"):
@@ -40,6 +40,11 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided, grid="float"):
                     num_stages=1),
                dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=2, PREFETCH=False, REDUCE_W=True, COARSE=True,
                     LOOP_STAGES=3, num_warps=2, num_stages=1),
+               # two rows of x a program (a second row past M is not stored): fine units and strided x, then coarse
+               dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=2, PREFETCH=True, TWO_ROWS=True, num_warps=2,
+                    num_stages=1),
+               dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=1, REDUCE_W=True, COARSE=True, XVEC=True, TWO_ROWS=True,
+                    num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=False, num_warps=2, num_stages=1)]
     configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, FULL_DQ=True, M_FAST=m_fast,
@@ -280,6 +285,27 @@ def test_grouped_kernel_equals_twin(counts, tail, grid):
         assert y.shape == want.shape and y.dtype == x_dtype
         assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
         assert torch.equal(y[sum(counts):], want[sum(counts):])
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [2, 3])
+def test_two_rows_a_program_at_a_real_size(m):
+    # the decode default's tiles with two rows of x a program, compiled for the card (the interpreter runs the rest)
+    q, scale, zero = weight(14336, 4096, 128, torch.bfloat16)
+    x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
+    config = dict(w4a16.gemv_config(m, 14336, 4096, 128, x.device), TWO_ROWS=True)
+    y = w4a16.w4a16_linear_triton(x, q, scale, zero, 128, config=config)
+    assert autotune.relative_error(y, w4a16_linear_ref(x, q, scale, zero, 128)) <= w4a16.tolerance(torch.bfloat16)
+
+
+def test_two_rows_a_program_are_refused_for_a_stack_of_experts():
+    # the rows of a program would belong to different experts
+    q, scale, zero = expert_stack(2, 16, 64, 32, torch.float16, "float")
+    x = torch.randn(4, 64, device=DEVICE, dtype=torch.float16)
+    offs = torch.tensor([2, 4], device=DEVICE, dtype=torch.int32)
+    with pytest.raises(ValueError, match="TWO_ROWS"):
+        w4a16.w4a16_grouped_linear_triton(x, q, scale, zero, offs, 32, config=dict(
+            path="gemv", BLOCK_N=16, GROUPS=1, SPLIT_K=1, TWO_ROWS=True, num_warps=2, num_stages=1))
 
 
 def test_grouped_kernel_clamps_malformed_offsets():
