@@ -54,7 +54,8 @@ def gemv_forms(fmt: str):
     if fmt == "w8a16":
         for block_n in (16, 32, 64, 128):
             for block_w in (32, 64):
-                yield dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4, num_stages=3)
+                for form in (dict(), dict(XVEC=True), dict(XVEC=True, LOOP_STAGES=3)):
+                    yield dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4, num_stages=3, **form)
         return
     for block_n in (32, 64):
         for groups in (2, 4):

@@ -93,12 +93,15 @@ def _w8a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k, offs_ptr, E, stride_qe, stride_se,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, GROUPED: tl.constexpr,
+    EVEN_K: tl.constexpr, GROUPED: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     # One row of x, BLOCK_N rows of q, a slice of the steps along K (a step is BLOCK_W int32 words = 4 * BLOCK_W
     # values of a row). q_ptr is qdata viewed as int32 words when K % 4 == 0 (the launcher pads otherwise).
     # GROUPED: q and s are stacks of experts (strides *_e) and x's rows are sorted by expert (end offsets
     # offs_ptr[E]): each row goes through its own expert's weights; rows past the last end come out zero.
+    # XVEC: x loaded once a step as contiguous vectors and split by byte position, in place of four strided
+    # loads. LOOP_STAGES > 1: the compiler's software pipeline copies the next steps' words into shared memory
+    # asynchronously.
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n, rows = gemv_rows(N, BLOCK_N)
@@ -117,15 +120,24 @@ def _w8a16_gemv_kernel(
     acc_x = tl.zeros([BLOCK_W], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     q_rows = q_ptr + rows[:, None] * stride_qn
-    for step in range(pid_k * per_split, end):
+    for step in tl.range(pid_k * per_split, end, num_stages=LOOP_STAGES):
         words = step * BLOCK_W + offs_w
         if EVEN_K:
             q = tl.load(q_rows + words[None, :])
         else:
             q = tl.load(q_rows + words[None, :], mask=(words < n_words)[None, :], other=0)
+        if XVEC:
+            # [BLOCK_W, 4] values of x, then its four columns (byte j of word w multiplies x[4w + j])
+            xt = load_x(x_row, (words * 4)[:, None] + tl.arange(0, 4)[None, :], stride_xk, K, EVEN_K)
+            x02, x13 = tl.split(tl.reshape(xt, (BLOCK_W, 2, 2)))
+            x0, x2 = tl.split(x02)
+            x1, x3 = tl.split(x13)
+            x_bytes = (x0, x1, x2, x3)
         for j in tl.static_range(4):
-            k = words * 4 + j
-            xj = load_x(x_row, k, stride_xk, K, EVEN_K)
+            if XVEC:
+                xj = x_bytes[j]
+            else:
+                xj = load_x(x_row, words * 4 + j, stride_xk, K, EVEN_K)
             acc += unit_plus_byte(q, j) * xj[None, :]
             acc_x += xj
     s = tl.load(s_ptr + rows).to(tl.float32)
@@ -277,8 +289,10 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
         for block_n in (16, 32, 64, 128):
             for block_w in (32, 64):
                 for split in (1, 2, 4, 8):
-                    out.append(dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4,
-                                    num_stages=3))
+                    config = dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4,
+                                  num_stages=3)
+                    # x as vectors split by byte (fewer instructions a code on sm_90), then also pipelined
+                    out += [config, dict(config, XVEC=True), dict(config, XVEC=True, LOOP_STAGES=3)]
     if m >= 2 and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
@@ -327,7 +341,8 @@ def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:
         x, words, scale, bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1),
         words.stride(-2), y.stride(0), split, offs if stacked else scale, qdata.shape[0] if stacked else 1,
         words.stride(0) if stacked else 0, scale.stride(0) if stacked else 0, SPLIT=split > 1,
-        HAS_BIAS=bias is not None, EVEN_K=k % (4 * params["BLOCK_W"]) == 0, GROUPED=stacked, **params)
+        HAS_BIAS=bias is not None, EVEN_K=k % (4 * params["BLOCK_W"]) == 0, GROUPED=stacked,
+        XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", None), **params)
     return y
 
 

@@ -41,7 +41,11 @@ CASES = [
     (w4a16._w4a16_dequant_kernel, dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", w_ptr="*bf16"),
      dict(GROUP=128, BLOCK=1024, ZERO=0, PREPACKED=True), False),
     (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
-     dict(BLOCK_N=64, BLOCK_W=64, SPLIT=True, HAS_BIAS=False, EVEN_K=True, GROUPED=True), False),
+     dict(BLOCK_N=64, BLOCK_W=64, SPLIT=True, HAS_BIAS=False, EVEN_K=True, GROUPED=True, XVEC=False,
+          LOOP_STAGES=None), False),
+    (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
+     dict(BLOCK_N=64, BLOCK_W=64, SPLIT=False, HAS_BIAS=True, EVEN_K=False, GROUPED=False, XVEC=True,
+          LOOP_STAGES=3), False),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,
                                         DOT_FP32=False, SWAP=True, M_FAST=False, GATHER_X=True), True),
     (w8a16._w8a16_grouped_kernel, dict(W8, offs_ptr="*i32"),
@@ -76,4 +80,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 14", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 15", done.stderr[-3000:]

@@ -5,7 +5,7 @@ import torch
 from aofunc.kernels import autotune, w8a16
 from aofunc.kernels.w8a16 import w8a16_linear, w8a16_linear_ref
 
-from tests.kernels.devices import DEVICE
+from tests.kernels.devices import DEVICE, gpu_only
 
 
 def weight(n, k, dtype=torch.float32, device=DEVICE):
@@ -22,6 +22,10 @@ def run_all_paths(m, n, k, x_dtype, w_dtype, bias, strided):
     want = w8a16_linear_ref(x, q, scale, b)
     configs = [w8a16.default_config(m, n, k, x_dtype, x.device), dict(path="dequant"),
                dict(path="gemv", BLOCK_N=8, BLOCK_W=4, SPLIT_K=3, num_warps=2, num_stages=1),
+               # x as contiguous vectors split by byte position, and the software-pipelined loop
+               dict(path="gemv", BLOCK_N=8, BLOCK_W=4, SPLIT_K=2, XVEC=True, num_warps=2, num_stages=1),
+               dict(path="gemv", BLOCK_N=8, BLOCK_W=8, SPLIT_K=1, XVEC=True, LOOP_STAGES=3, num_warps=2,
+                    num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, num_warps=2, num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=1, SWAP=False, M_FAST=True, num_warps=2,
                     num_stages=1),
@@ -115,3 +119,14 @@ def test_grouped_bad_input_names_the_argument():
         w8a16.w8a16_grouped_linear_ref(torch.randn(4, 64), q, torch.ones(3, 8), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="scale must be"):
         w8a16.w8a16_grouped_linear_ref(torch.randn(4, 64), q, torch.ones(8), torch.tensor([1, 2, 4]))
+
+
+@gpu_only
+@pytest.mark.parametrize("form", [dict(XVEC=True), dict(XVEC=True, LOOP_STAGES=3)], ids=["xvec", "xvec-pipelined"])
+def test_gemv_forms_at_a_real_size(form):
+    # the one-row GEMV's vector-x forms compiled for the card (the interpreter runs the rest)
+    q, scale = weight(14336, 4096, torch.bfloat16)
+    x = torch.randn(1, 4096, device=DEVICE, dtype=torch.bfloat16)
+    config = dict(path="gemv", BLOCK_N=32, BLOCK_W=64, SPLIT_K=2, num_warps=4, num_stages=3, **form)
+    y = w8a16.w8a16_linear_triton(x, q, scale, config=config)
+    assert autotune.relative_error(y, w8a16_linear_ref(x, q, scale)) <= w8a16.tolerance(torch.bfloat16)
