@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from aofunc import primitives as P
 from aofunc.formats import NF4, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4, Int8WeightOnly, QTensor
 from aofunc.io import HEADER_KEY, _load_device, load
-from aofunc.kernels.packing import GROUP_SIZES
+from aofunc.kernels.packing import GROUP_SIZES, aligned
 from aofunc.tree import check_params
 
 #: the formats `save_pretrained` writes
@@ -535,7 +535,9 @@ def _import_ct(qconfig: dict, config_path: Path, tensors: dict, where: dict) -> 
         if not scale.dtype.is_floating_point:
             raise ImportFormatError(f"load_pretrained: {where[scale_key]}: {scale_key!r} is {scale.dtype}, not a "
                                     "floating point scale")
-        out[f"{module}.weight"] = QTensor(scheme, {s: t.contiguous() for s, t in stored.items()}, (n, k), scale.dtype)
+        # contiguous and starting on 64-byte boundaries, as the kernels want (a file maps tensors at its offsets)
+        out[f"{module}.weight"] = QTensor(scheme, {s: aligned(t.contiguous()) for s, t in stored.items()}, (n, k),
+                                          scale.dtype)
     extra = sorted(key for key in tensors if key not in claimed and key.rsplit(".", 1)[-1] in _CT_WEIGHT_NAMES)
     if extra:
         raise ImportFormatError(f"load_pretrained: {where[extra[0]]}: {extra[0]!r} belongs to no quantized weight "

@@ -28,6 +28,7 @@ def assert_same_tree(got, expected):
             assert set(g.tensors) == set(w.tensors), name
             for part, t in w.tensors.items():
                 assert g.tensors[part].dtype == t.dtype and torch.equal(g.tensors[part], t), (name, part)
+                assert g.tensors[part].data_ptr() % 64 == 0, (name, part)  # where the kernels want it
         else:
             assert not isinstance(g, aofunc.QTensor) and g.dtype == w.dtype and torch.equal(g, w), name
 
