@@ -197,6 +197,36 @@ def x_columns(positions, PREPACKED: tl.constexpr):
 
 
 @triton.jit
+def _gemv_step_x(x_row, step_cols, x_local, stride_xk, K, EVEN_K: tl.constexpr, GROUPS: tl.constexpr,
+                 WORDS: tl.constexpr, XVEC: tl.constexpr):
+    """With XVEC, one row of x's values for the step loaded once as contiguous vectors and split by code position
+    (eight [GROUPS, WORDS] tiles); else None (_gemv_x_of_code loads them code by code)."""
+    if XVEC:
+        return split_by_code(load_x(x_row, step_cols + x_local[None, :], stride_xk, K, EVEN_K), GROUPS, WORDS)
+    else:
+        return None
+
+
+@triton.jit
+def _gemv_x_of_code(x_row, x_codes, step_cols, offs_w, J: tl.constexpr, stride_xk, K, EVEN_K: tl.constexpr,
+                    XVEC: tl.constexpr, PREPACKED: tl.constexpr):
+    """The [GROUPS, WORDS] values of one row of x that code J of each word of the step multiplies."""
+    if XVEC:
+        return x_codes[J]
+    else:
+        return load_x(x_row, step_cols + x_columns(offs_w * 8 + J, PREPACKED)[None, :], stride_xk, K, EVEN_K)
+
+
+@triton.jit
+def _coarse_x(xj, J: tl.constexpr):
+    """x weighted for coarse_unit's code J: 16 x for even codes (units of 2**-11 against 2**-7 for odd ones)."""
+    if J % 2 == 0:
+        return 16.0 * xj
+    else:
+        return xj
+
+
+@triton.jit
 def _gemv_fold(acc, acc_zero, part, xu_sum, x_sum, s, z, unit, REDUCE_W: tl.constexpr):
     """One step's products of one row of x folded into its accumulators: sum over the step of x * (code - 8) * s +
     x * z = unit s (part - sum(xu)) + (z - 8 s) sum(x)."""
@@ -293,41 +323,26 @@ def _w4a16_gemv_kernel(
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if COARSE:
             xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
-        if XVEC:
-            x_codes = split_by_code(load_x(x_row, step_cols + x_local[None, :], stride_xk, K, EVEN_K), GROUPS, WORDS)
+        x_codes = _gemv_step_x(x_row, step_cols, x_local, stride_xk, K, EVEN_K, GROUPS, WORDS, XVEC)
         if TWO_ROWS:
             part_b = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
             x_sum_b = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
             if COARSE:
                 xu_sum_b = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
-            if XVEC:
-                x_codes_b = split_by_code(load_x(x_row_b, step_cols + x_local[None, :], stride_xk, K, EVEN_K),
-                                          GROUPS, WORDS)
+            x_codes_b = _gemv_step_x(x_row_b, step_cols, x_local, stride_xk, K, EVEN_K, GROUPS, WORDS, XVEC)
         for j in tl.static_range(8):
-            if XVEC:
-                xj = x_codes[j]
-            else:
-                xj = load_x(x_row, step_cols + x_columns(offs_w * 8 + j, PREPACKED)[None, :], stride_xk, K, EVEN_K)
+            xj = _gemv_x_of_code(x_row, x_codes, step_cols, offs_w, j, stride_xk, K, EVEN_K, XVEC, PREPACKED)
             if TWO_ROWS:
-                if XVEC:
-                    xj_b = x_codes_b[j]
-                else:
-                    xj_b = load_x(x_row_b, step_cols + x_columns(offs_w * 8 + j, PREPACKED)[None, :], stride_xk, K,
-                                  EVEN_K)
+                xj_b = _gemv_x_of_code(x_row_b, x_codes_b, step_cols, offs_w, j, stride_xk, K, EVEN_K, XVEC,
+                                       PREPACKED)
             if COARSE:
                 # part = sum(xu * unit) with xu = 16 x for even codes: sum(x * code) = 128 (part - sum(xu))
-                if j % 2 == 0:
-                    xu = 16.0 * xj
-                else:
-                    xu = xj
+                xu = _coarse_x(xj, j)
                 code_unit = coarse_unit(q, j, one_bits)
                 part += code_unit * xu[None, :, :]
                 xu_sum += xu
                 if TWO_ROWS:
-                    if j % 2 == 0:
-                        xu_b = 16.0 * xj_b
-                    else:
-                        xu_b = xj_b
+                    xu_b = _coarse_x(xj_b, j)
                     part_b += code_unit * xu_b[None, :, :]
                     xu_sum_b += xu_b
             else:
