@@ -200,11 +200,12 @@ def x_columns(positions, PREPACKED: tl.constexpr):
 def _gemv_step_x(x_row, step_cols, x_local, stride_xk, K, EVEN_K: tl.constexpr, GROUPS: tl.constexpr,
                  WORDS: tl.constexpr, XVEC: tl.constexpr):
     """With XVEC, one row of x's values for the step loaded once as contiguous vectors and split by code position
-    (eight [GROUPS, WORDS] tiles); else None (_gemv_x_of_code loads them code by code)."""
+    (eight [GROUPS, WORDS] tiles); else x_local, a placeholder nothing reads (_gemv_x_of_code loads them code by code;
+    a jitted function cannot return None)."""
     if XVEC:
         return split_by_code(load_x(x_row, step_cols + x_local[None, :], stride_xk, K, EVEN_K), GROUPS, WORDS)
     else:
-        return None
+        return x_local
 
 
 @triton.jit
