@@ -277,9 +277,11 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
 
 def gemv_config(rows: int, n: int, k: int, device: torch.device) -> dict:
     """The GEMV kernel's default configuration for ``rows`` rows of x (one program per row and BLOCK_N outputs)."""
+    # x as byte-split vectors in the software-pipelined loop won every one-row shape of an H200 sweep
     block_n, block_w = 64, 64
     split = split_k(rows * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), device)
-    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, XVEC=True, LOOP_STAGES=3,
+                num_warps=4, num_stages=3)
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
