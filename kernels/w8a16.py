@@ -277,7 +277,8 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
 
 def gemv_config(rows: int, n: int, k: int, device: torch.device) -> dict:
     """The GEMV kernel's default configuration for ``rows`` rows of x (one program per row and BLOCK_N outputs)."""
-    # x as byte-split vectors in the software-pipelined loop won every one-row shape of an H200 sweep
+    # x as byte-split vectors in the software-pipelined loop: on an H200, at one row 1.22-1.99x bf16 against
+    # 1.16-1.81x for four strided loads (8192 x 28672: 61.2 against 67.4 us), at two rows 0.95-1.03x against 0.65-0.90x
     block_n, block_w = 64, 64
     split = split_k(rows * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), device)
     return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, XVEC=True, LOOP_STAGES=3,
