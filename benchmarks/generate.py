@@ -13,7 +13,8 @@ time of a whole ``generate`` call (prefill included), after two warm-up calls; t
 went: ``prefill_ms`` (a call for one token) and ``step_ms`` (each further token). bf16 runs first in the same
 process; each variant gives a ``generate`` row recorded with ``common.record_rows``. ``--tiny`` builds a two-layer
 model of small shapes without compiling, on the CPU when there is no GPU (a smoke test of the script, not a
-measurement).
+measurement). ``--profile``, after every variant is timed (a profiler session slows the launches that follow it),
+prints for each how much of a token's wall time the GPU was busy: below the wall time, the host sets the pace.
 """
 from __future__ import annotations
 
@@ -80,6 +81,22 @@ def tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) 
     return new_tokens / seconds, tokens, split
 
 
+def print_gpu_busy(model, prompt: torch.Tensor, new_tokens: int, label: str) -> None:
+    """The GPU's busy time against the wall time of one ``generate`` call, a token each (kernels summed as the
+    profiler records them, CUDA-graph replays included)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if not prompt.is_cuda:
+        print(f"{label}: no GPU, nothing to profile")
+        return
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        seconds, _ = timed_generate(model, prompt, new_tokens)
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    print(f"{label}: GPU busy {busy_us / 1e3 / new_tokens:.3f} ms a token of {1e3 * seconds / new_tokens:.3f} ms "
+          f"wall (profiled call)", flush=True)
+
+
 def generate_row(variant: str, layers: int, tps: float, bf16_tps, prompt: int, new_tokens: int, mode: str,
                  split: dict) -> dict:
     """The ``generate`` results row (benchmarks/common.py) of one variant, with where its time went."""
@@ -95,6 +112,7 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="small shapes, no compile: a smoke test of the script")
+    parser.add_argument("--profile", action="store_true", help="then print each variant's GPU busy time a token")
     add_record_options(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,14 +123,15 @@ def main(argv=None):
                            generator=torch.Generator(device).manual_seed(0))
     print(f"card: {card_name()}, torch {torch.__version__}", flush=True)
     variants = sorted(args.variants.split(","), key=lambda v: v != "bf16")  # bf16 first: others carry its speed
-    rows, bf16_tps, bf16_tokens = [], None, None
+    rows, bf16_tps, bf16_tokens, trees = [], None, None, {}
     for variant in variants:
         if variant == "bf16":
+            trees[variant] = params
             tps, tokens, split = tokens_per_s(model, prompt, args.new_tokens)
             bf16_tps, bf16_tokens = tps, tokens
         elif variant in SCHEMES:
-            qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(LINEARS, SCHEMES[variant])]))
-            with aofunc.bind(model, qparams):
+            trees[variant] = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(LINEARS, SCHEMES[variant])]))
+            with aofunc.bind(model, trees[variant]):
                 tps, tokens, split = tokens_per_s(model, prompt, args.new_tokens)
         else:
             raise SystemExit(f"unknown variant {variant!r}: expected bf16 or one of {', '.join(SCHEMES)}")
@@ -122,6 +141,10 @@ def main(argv=None):
               + f"; one-token call {split['prefill_ms']} ms, then {split['step_ms']} ms a token"
               + (f", {100 * same:.0f} % of tokens as bf16's" if same is not None else ""), flush=True)
     recorder(args)(rows)
+    if args.profile:
+        for variant, tree in trees.items():
+            with aofunc.bind(model, tree):
+                print_gpu_busy(model, prompt, args.new_tokens, variant)
     print(markdown_table(["variant", "tokens/s", "bf16 tokens/s"],
                          [[r["variant"], r["tokens_per_s"], r["bf16_tokens_per_s"]] for r in rows]))
 
