@@ -157,6 +157,8 @@ def _int8_int4_matmul_kernel(
 INTERPRETER_CONFIG = {"FUSED": False, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
 # Largest M for which a search tries quantizing the activations inside the GEMM.
 FUSED_MAX_M = 32
+# Largest M for which a search tries the W4A16 GEMM tile on the centered activations.
+GEMM_MAX_M = 128
 
 
 def _config(fused, block_m, block_n, group_m, num_warps, num_stages) -> dict:
@@ -208,16 +210,21 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     def candidates():
         gemv = [gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)] if m <= 8 else []
         two_rows = [dict(c, TWO_ROWS=True) for c in gemv] if m >= 2 else []  # each code's unit shared by 2 rows
-        return candidate_configs(m) + gemv + two_rows
+        tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
+        return candidate_configs(m) + gemv + two_rows + tile
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
     return autotune.choose(key, default, candidates, run, reference, tolerance=1e-3)
 
 
 def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:
-    """The configuration the kernels' route table gives an untuned call: the GEMV path's, or the int8 GEMM's."""
-    if default_path("8da4w", Problem(m, n, k, x_dtype, torch.device(device), group_size)) == "gemv":
+    """The configuration the kernels' route table gives an untuned call: the W4A16 GEMV's or GEMM tile's, or the
+    int8 GEMM's."""
+    path = default_path("8da4w", Problem(m, n, k, x_dtype, torch.device(device), group_size))
+    if path == "gemv":
         return gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)
+    if path == "gemm":
+        return gemm_config(m, n, k, group_size, x_dtype, device)
     return default_config(m, device)
 
 
@@ -334,6 +341,16 @@ def gemv_config(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, d
     return w4a16.gemv_config(m, n, k, group_size, device)
 
 
+def gemm_config(m: int, n: int, k: int, group_size: int, x_dtype, device) -> dict:
+    """The W4A16 GEMM tile's configuration on the centered activations: W4A16's default tile sizes and split, in
+    the form that multiplies x by the codes' units and scales each group's sum (w4a16_tile), whose group sums of
+    integer activations are exact in fp32 as the int8 GEMM's are; no 16-bit dequantized tile."""
+    base = w4a16.default_config(max(m, 2), n, k, group_size, x_dtype, device)
+    if base["path"] != "gemm":  # past W4A16's GEMM rows, or fp32 x on CUDA: its 16-row tile all the same
+        base = w4a16.default_config(16, n, k, group_size, torch.bfloat16, device)
+    return dict(base, FULL_DQ=False, GATHER_X=False, PAIRS=False)
+
+
 def int8_int4_linear_triton(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -354,8 +371,9 @@ def int8_int4_linear_triton(
             x, qdata, scale, group_size, lambda c: int8_int4_linear_triton(x, qdata, scale, group_size, bias, c),
             lambda: int8_int4_linear_ref(x, qdata, scale, group_size, bias),
         )
-    if config.get("path") == "gemv":
-        # the W4A16 GEMV on the centered integer activations, symmetric grid (no zero), each row times its scale
+    if config.get("path") in ("gemv", "gemm"):
+        # the W4A16 GEMV or GEMM on the centered integer activations, symmetric grid (no zero), each row's products
+        # times its scale
         xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True)
         return w4a16.launch(xi, qdata, scale, None, group_size, bias, config, row_scale=sx)
     launch = dict(config)

@@ -5,7 +5,8 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
 
 - ``gemv``: one program per row of x and block of outputs, fp32 multiply-adds, split along K (decode); 8da4w runs
   the W4A16 GEMV on its centered integer activations, each row scaled by its activation scale.
-- ``gemm``: ``tl.dot`` on weight tiles dequantized in registers, split along K when the tiles are too few.
+- ``gemm``: ``tl.dot`` on weight tiles dequantized in registers, split along K when the tiles are too few; 8da4w
+  runs the W4A16 tile on its centered integer activations (exact group sums), each row scaled likewise.
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).
@@ -83,6 +84,7 @@ ROUTES = (
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
     Route("8da4w", "gemv", 4, "any x", _any),
+    Route("8da4w", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
     Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
 )
 

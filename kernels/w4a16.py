@@ -552,13 +552,16 @@ def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last,
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, rs_ptr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
     FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
     PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
-    # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do).
+    # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do). ROW_SCALE:
+    # each row's products times rs_ptr[row] (fp32) before the bias (8da4w's activation scales; a split's partial
+    # sums are scaled alike, so their total is).
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     n_groups = tl.cdiv(K, GROUP)
     per_split = tl.cdiv(n_groups, split_k)
@@ -567,6 +570,12 @@ def _w4a16_gemm_kernel(
     acc = w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk,
                      stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M, BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ,
                      GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED)
+    if ROW_SCALE:
+        rs = tl.load(rs_ptr + offs_m, mask=m_mask, other=0.0)
+        if SWAP:
+            acc = acc * rs[None, :]
+        else:
+            acc = acc * rs[:, None]
     gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
                 SWAP)
 
@@ -754,13 +763,13 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
 
 def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype. ``row_scale`` (fp32 [M],
-    the GEMV only) multiplies each row's products before the bias."""
+    the GEMV and the GEMM) multiplies each row's products before the bias."""
     m, k = x.shape
     n = qdata.shape[0]
     params = dict(config)
     path = params.pop("path")
-    if row_scale is not None and path != "gemv":
-        raise ValueError(f"row_scale is taken by the gemv path only, not {path!r}")
+    if row_scale is not None and path == "dequant":
+        raise ValueError("row_scale is taken by the gemv and gemm paths, not 'dequant'")
     if path == "dequant":
         w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block=params.get("BLOCK", 1024),
                              num_warps=params.get("num_warps", 4), prepacked=params.get("PREPACKED", False))
@@ -776,7 +785,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     _w4a16_gemm_kernel[grid](
         x, _words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
-        split, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, **forms, **params,
+        split, y if row_scale is None else row_scale, GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None,
+        ROW_SCALE=row_scale is not None, **forms, **params,
     )
     return y
 

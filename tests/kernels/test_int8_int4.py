@@ -9,6 +9,7 @@ import torch
 from aofunc.kernels.int8_int4 import (
     EPS,
     candidate_configs,
+    gemm_config,
     int8_int4_linear,
     int8_int4_linear_ref,
     int8_int4_linear_triton,
@@ -176,8 +177,8 @@ def test_ops_register():
 def test_real_sizes_on_gpu(k, n, m, group_size):
     x = _activation(m, k, torch.bfloat16, seed=m)
     qdata, scale, bias = _weight(n, k, group_size, torch.bfloat16, seed=n)
-    gemv = default_path("8da4w", Problem(m, n, k, x.dtype, x.device, group_size)) == "gemv"
-    twin = _twin_rounded_once if gemv else int8_int4_linear_ref
+    w4a16_kernel = default_path("8da4w", Problem(m, n, k, x.dtype, x.device, group_size)) in ("gemv", "gemm")
+    twin = _twin_rounded_once if w4a16_kernel else int8_int4_linear_ref
     _close(int8_int4_linear(x, qdata, scale, group_size, bias), twin(x, qdata, scale, group_size, bias))
     for a, b in zip(quantize_per_token_asym_int8(x), quantize_per_token_asym_int8_ref(x)):
         assert torch.equal(a, b)
@@ -196,6 +197,22 @@ def test_gemv_path_equals_twin(dtype, m, k, group_size):
                    dict(path="gemv", BLOCK_N=32, GROUPS=2, SPLIT_K=1, num_warps=1, num_stages=1),
                    dict(path="gemv", BLOCK_N=16, GROUPS=1, SPLIT_K=2, REDUCE_W=True, XVEC=True, COARSE=True,
                         TWO_ROWS=True, num_warps=2, num_stages=1)):
+        for b in (bias, None):
+            _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
+                   _twin_rounded_once(x, qdata, scale, group_size, b))
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("m,k,group_size", [(2, 64, 32), (5, 100, 64), (17, 256, 128)])
+def test_gemm_path_equals_twin(dtype, m, k, group_size):
+    # from 5 rows: the W4A16 tile on the centered integer activations, exact group sums, rows scaled by their scale
+    x = _activation(m, k, dtype, seed=m + k)
+    qdata, scale, bias = _weight(40, k, group_size, dtype, seed=k)
+    assert default_path("8da4w", Problem(16, 40, k, dtype, x.device, group_size)) == "gemm"
+    tile = gemm_config(m, 40, k, group_size, dtype, x.device)
+    assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["GATHER_X"] or tile["PAIRS"])
+    for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False),
+                   dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True)):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))
