@@ -84,7 +84,7 @@ ROUTES = (
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
     Route("8da4w", "gemv", 4, "any x", _any),
-    Route("8da4w", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("8da4w", "gemm", 64, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
     Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
 )
 
