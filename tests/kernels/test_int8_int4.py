@@ -208,7 +208,11 @@ def test_gemm_path_equals_twin(dtype, m, k, group_size):
     # from 5 rows: the W4A16 tile on the centered integer activations, exact group sums, rows scaled by their scale
     x = _activation(m, k, dtype, seed=m + k)
     qdata, scale, bias = _weight(40, k, group_size, dtype, seed=k)
-    assert default_path("8da4w", Problem(16, 40, k, dtype, x.device, group_size)) == "gemm"
+    sixteen_bit = dtype != torch.float32 or x.device.type != "cuda"  # fp32 x on CUDA keeps the int8 GEMM
+    assert default_path("8da4w", Problem(16, 40, k, dtype, x.device, group_size)) == ("gemm" if sixteen_bit
+                                                                                     else "two_pass")
+    if not sixteen_bit:
+        return
     tile = gemm_config(m, 40, k, group_size, dtype, x.device)
     assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["GATHER_X"] or tile["PAIRS"])
     for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False),
