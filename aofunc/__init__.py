@@ -5,7 +5,7 @@
     y       = torch.func.functional_call(model, qparams, (x,))
 """
 from aofunc import ops as _ops  # noqa: F401  (registers the torch functions a QTensor answers)
-from aofunc.apply import apply, bind
+from aofunc.apply import apply, bind, join_quantized, split_quantized
 from aofunc.calibrate import *  # noqa: F401,F403  (its __all__ lists the calibrated transforms)
 from aofunc.calibrate import __all__ as _calibrate_all
 from aofunc.capture import capture_inputs, record_shapes
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NF4", "Int4WeightOnly", "Int8Dynamic", "Int8DynamicInt4", "Int8WeightOnly", "QTensor", "Rule", "Scheme",
-    "Spec", "SpecReport", "SpecWarning", "apply", "bind", "capture_inputs", "dequantize", "load", "load_pretrained",
-    "qlinear", "quantize", "record_shapes", "save", "save_pretrained", "size_in_bytes", "sqnr", "tune",
+    "Spec", "SpecReport", "SpecWarning", "apply", "bind", "capture_inputs", "dequantize", "join_quantized", "load",
+    "load_pretrained", "qlinear", "quantize", "record_shapes", "save", "save_pretrained", "size_in_bytes",
+    "split_quantized", "sqnr", "tune",
 ] + list(_calibrate_all)

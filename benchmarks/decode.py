@@ -4,8 +4,9 @@
     python benchmarks/decode.py --mode compile+manual-graphs --prefill 512
     python benchmarks/render.py            # the tables of docs/benchmarks.md from benchmarks/results/; no GPU needed
 
-Every variant runs the same unmodified model; aofunc variants through functional_call with quantized params,
-torchao's through its own module swap. ``--mode`` says how a step runs:
+Every variant runs the same unmodified model; aofunc variants through functional_call with quantized params
+(``<scheme>-split``, e.g. ``int4-split``: the params opened into plain tensors by ``aofunc.split_quantized`` and the
+QTensors rebuilt inside the step), torchao's through its own module swap. ``--mode`` says how a step runs:
 - ``manual-graphs`` (the default): each step (one token, static KV cache) is captured once in a CUDA graph by this
   script and replayed, so launch overhead is excluded alike for all;
 - ``compile+manual-graphs`` (``--compile``): the same after ``torch.compile`` (inductor);
@@ -171,9 +172,15 @@ def variant_step(variant: str, model, params, shape):
     """(step function, weight bytes or None) of one variant; raises for a torchao peer that cannot be built."""
     if variant == "bf16":
         return aofunc_step(model, params), aofunc.size_in_bytes(params)
-    if variant in SCHEMES:
-        qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(LINEARS, SCHEMES[variant])]))
-        return aofunc_step(model, qparams), aofunc.size_in_bytes(qparams)
+    scheme = SCHEMES.get(variant.removesuffix("-split"))
+    if scheme is not None:
+        qparams = aofunc.quantize(params, aofunc.Spec([aofunc.Rule(LINEARS, scheme)]))
+        if not variant.endswith("-split"):
+            return aofunc_step(model, qparams), aofunc.size_in_bytes(qparams)
+        # the same params passed as plain tensors, the QTensors rebuilt inside the step (aofunc.split_quantized)
+        tensors, layout = aofunc.split_quantized(qparams)
+        step = lambda tok, pos: functional_call(model, aofunc.join_quantized(tensors, layout), (tok, pos))  # noqa: E731
+        return step, aofunc.size_in_bytes(qparams)
     if variant.startswith("torchao-"):
         return torchao_model(variant.removeprefix("torchao-"), shape), None
     raise SystemExit(f"unknown variant {variant!r}")
