@@ -140,10 +140,10 @@ def split_quantized(qparams: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     on every call (about 8 µs a weight on torch 2.11, near 1 µs from 2.13), which sets the pace of a decode step
     under ``mode="reduce-overhead"``; given plain tensors it does not:
 
-        >>> tensors, layout = aofunc.split_quantized(qparams)
-        >>> step = torch.compile(lambda t, layout, x: functional_call(model, aofunc.join_quantized(t, layout), (x,)),
-        ...                      mode="reduce-overhead", fullgraph=True)
-        >>> y = step(tensors, layout, x)
+        >>> tensors, layout = split_quantized(qparams)
+        >>> def forward(tensors, layout, x):  # compiled: torch.compile(forward, mode="reduce-overhead")
+        ...     return torch.func.functional_call(model, join_quantized(tensors, layout), (x,))
+        >>> y = forward(tensors, layout, x)
 
     The compiled function guards on the layout by value: another scheme, group size, shape, dtype or orientation
     is another string and compiles anew, while new values of the same layout reuse the compiled code.
