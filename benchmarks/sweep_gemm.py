@@ -65,8 +65,9 @@ def gemv_forms(fmt: str):
                         yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, PREFETCH=False, REDUCE_W=True,
                                    XVEC=True, COARSE=True, LOOP_STAGES=stages, num_warps=warps, num_stages=3)
                     elif fmt == "nf4":
-                        yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, REDUCE_W=True, LOOP_STAGES=stages,
-                                   num_warps=warps, num_stages=3)
+                        for reduce_w in (True, False) if stages == 3 else (True,):
+                            yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, REDUCE_W=reduce_w,
+                                       LOOP_STAGES=stages, num_warps=warps, num_stages=3)
 
 
 def candidates(fmt, m, n, k, device):

@@ -124,12 +124,14 @@ SHUFFLE_ASM = tl.constexpr(_shuffle_asm())
 
 
 @triton.jit
-def nf4_level(code, lut_ptr, USE_SHFL: tl.constexpr):
-    """NF4_LEVELS[code]: a warp shuffle from the lane holding that level (CUDA), or a table load (interpreter)."""
+def nf4_level(bits, lut_ptr, USE_SHFL: tl.constexpr):
+    """NF4_LEVELS[bits & 15] for int32 ``bits`` whose low four bits are a code: a warp shuffle from the lane holding
+    that level (CUDA), or a table load (interpreter). The shuffle reads only bits 0-4 of its lane index, and lanes l
+    and l + 16 hold the same level, so the higher bits need no mask (one instruction a code fewer)."""
     if USE_SHFL:
-        return tl.inline_asm_elementwise(SHUFFLE_ASM, "=r,r", [code], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(SHUFFLE_ASM, "=r,r", [bits], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return tl.load(lut_ptr + code)
+        return tl.load(lut_ptr + (bits & 15))
 
 
 @triton.jit
@@ -144,7 +146,7 @@ def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
     offs = tl.minimum(tl.minimum(blocks, n_blocks - 1)[:, None] * (BLOCK // 2) + offs_j[None, :], (numel - 1) // 2)
     byte = tl.load(q_ptr + offs).to(tl.int32)
     s = block_scale(sq_ptr, f_ptr, tl.load(mean_ptr), tl.minimum(blocks, n_blocks - 1), SCALER_BLOCK)[:, None]
-    w = tl.join(nf4_level(byte >> 4, lut_ptr, USE_SHFL) * s, nf4_level(byte & 15, lut_ptr, USE_SHFL) * s)
+    w = tl.join(nf4_level(byte >> 4, lut_ptr, USE_SHFL) * s, nf4_level(byte, lut_ptr, USE_SHFL) * s)
     w = tl.reshape(w, (BLOCKS, 2 * HALF_P2))
     k = blocks[:, None] * BLOCK + tl.arange(0, 2 * HALF_P2)[None, :]
     mask = (tl.arange(0, 2 * HALF_P2) < BLOCK)[None, :] & (k < numel)
@@ -193,7 +195,7 @@ def _nf4_gemv_kernel(
         for j in tl.static_range(8):
             k = (grp[:, None] * WORDS + offs_w[None, :]) * 8 + j
             xj = load_x(x_row, k, stride_xk, K, EVEN_K)
-            level = nf4_level((q >> ((j ^ 1) * 4)) & 15, lut_ptr, USE_SHFL)
+            level = nf4_level(q >> ((j ^ 1) * 4), lut_ptr, USE_SHFL)
             part += level * xj[None, :, :]
         if REDUCE_W:
             acc += tl.sum(part, axis=2) * s
@@ -212,14 +214,14 @@ def nf4_levels_tile(q, lut_ptr, ROWS: tl.constexpr, WORDS: tl.constexpr, USE_SHF
     """[ROWS, 8 * WORDS] fp32 tile of NF4 levels from [ROWS, WORDS] int32 words: code 8w + j at column 8w + j, or
     with GATHER_X in fragment order (tiles.nibble_fragments; WORDS >= 4)."""
     # code j of a word sits in bits 4 * (j ^ 1) .. + 3
-    c0 = nf4_level((q >> 4) & 15, lut_ptr, USE_SHFL)
-    c1 = nf4_level(q & 15, lut_ptr, USE_SHFL)
-    c2 = nf4_level((q >> 12) & 15, lut_ptr, USE_SHFL)
-    c3 = nf4_level((q >> 8) & 15, lut_ptr, USE_SHFL)
-    c4 = nf4_level((q >> 20) & 15, lut_ptr, USE_SHFL)
-    c5 = nf4_level((q >> 16) & 15, lut_ptr, USE_SHFL)
-    c6 = nf4_level((q >> 28) & 15, lut_ptr, USE_SHFL)
-    c7 = nf4_level((q >> 24) & 15, lut_ptr, USE_SHFL)
+    c0 = nf4_level(q >> 4, lut_ptr, USE_SHFL)
+    c1 = nf4_level(q, lut_ptr, USE_SHFL)
+    c2 = nf4_level(q >> 12, lut_ptr, USE_SHFL)
+    c3 = nf4_level(q >> 8, lut_ptr, USE_SHFL)
+    c4 = nf4_level(q >> 20, lut_ptr, USE_SHFL)
+    c5 = nf4_level(q >> 16, lut_ptr, USE_SHFL)
+    c6 = nf4_level(q >> 28, lut_ptr, USE_SHFL)
+    c7 = nf4_level(q >> 24, lut_ptr, USE_SHFL)
     if GATHER_X:
         # tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
         t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
@@ -309,14 +311,16 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                     for reduce_w in (False, True):
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
                                         REDUCE_W=reduce_w, num_warps=warps, num_stages=3))
-        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins
+        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins; with 3 stages also without the
+        # per-step sum over words (whose cross-thread shuffles compete with the lookups': sm_90, 32 rows, 4 blocks
+        # a step, one warp: 1292 instructions a step against 1414)
         for block_n in (32, 64):
             for warps in (1, 2):
                 for groups in sorted({pow2_at_most(max(1, min(c // block_size, row_blocks))) for c in (128, 256, 512)}):
                     for split in (1, 2, 4, 8):
-                        for stages in (1, 3, 4):
-                            out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split, REDUCE_W=True,
-                                            LOOP_STAGES=stages, num_warps=warps, num_stages=3))
+                        for stages, reduce_w in ((1, True), (3, True), (4, True), (3, False)):
+                            out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                            REDUCE_W=reduce_w, LOOP_STAGES=stages, num_warps=warps, num_stages=3))
     if m >= 2 and gemm_fits(k, block_size) and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):

@@ -32,6 +32,8 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
         configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=3, num_warps=2, num_stages=1))
         configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=2, REDUCE_W=True, LOOP_STAGES=3, num_warps=2,
                             num_stages=1))
+        configs.append(dict(path="gemv", BLOCK_N=8, GROUPS=4, SPLIT_K=1, REDUCE_W=False, LOOP_STAGES=3, num_warps=1,
+                            num_stages=1))
     if nf4.gemm_fits(k, block):
         for swap in (False, True):
             configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, M_FAST=swap, num_warps=2,
