@@ -62,8 +62,9 @@ def gemv_forms(fmt: str):
             for warps in (1, 2):
                 for stages in (3, 4):
                     if fmt == "w4a16":
-                        yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, PREFETCH=False, REDUCE_W=True,
-                                   XVEC=True, COARSE=True, LOOP_STAGES=stages, num_warps=warps, num_stages=3)
+                        for reduce_w in (True, False):
+                            yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, PREFETCH=False, REDUCE_W=reduce_w,
+                                       XVEC=True, COARSE=True, LOOP_STAGES=stages, num_warps=warps, num_stages=3)
                     elif fmt == "nf4":
                         for reduce_w in (True, False) if stages == 3 else (True,):
                             yield dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, REDUCE_W=reduce_w,

@@ -716,17 +716,19 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                         out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
                                         PREFETCH=prefetch, REDUCE_W=reduce_w, XVEC=xvec, COARSE=True,
                                         num_warps=warps, num_stages=3))
-        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins; from two rows of x also with two
-        # rows a program (each code's unit shared by both)
+        # the software-pipelined form (LOOP_STAGES) at few warps, where it wins, also without the per-step sum over
+        # words (whose cross-thread shuffles the decode tile spends 138 of its 1206 sm_90 instructions a step on;
+        # 1050 without); from two rows of x also with two rows a program (each code's unit shared by both)
         for block_n in (32, 64):
             for warps in (1, 2):
                 for groups in sorted({pow2_at_most(max(1, min(c // group_size, n_groups))) for c in (256, 512)}):
                     for split in (1, 2, 4, 8):
                         for stages in (3, 4):
-                            config = dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
-                                          PREFETCH=False, REDUCE_W=True, XVEC=True, COARSE=True,
-                                          LOOP_STAGES=stages, num_warps=warps, num_stages=3)
-                            out += [config, dict(config, TWO_ROWS=True)] if m >= 2 else [config]
+                            for reduce_w in (True, False):
+                                config = dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
+                                              PREFETCH=False, REDUCE_W=reduce_w, XVEC=True, COARSE=True,
+                                              LOOP_STAGES=stages, num_warps=warps, num_stages=3)
+                                out += [config, dict(config, TWO_ROWS=True)] if m >= 2 else [config]
     if m >= 2 and dtype != torch.float32:
         forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, GATHER_X=True),
                  dict(SWAP=True, GATHER_X=True, PAIRS=True), dict(SWAP=True, FULL_DQ=True, PREFETCH=True)]

@@ -40,6 +40,8 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided, grid="float"):
                     num_stages=1),
                dict(path="gemv", BLOCK_N=8, GROUPS=1, SPLIT_K=2, PREFETCH=False, REDUCE_W=True, COARSE=True,
                     LOOP_STAGES=3, num_warps=2, num_stages=1),
+               dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=2, PREFETCH=False, COARSE=True, XVEC=True,
+                    LOOP_STAGES=3, num_warps=1, num_stages=1),
                # two rows of x a program (a second row past M is not stored): fine units and strided x, then coarse
                dict(path="gemv", BLOCK_N=8, GROUPS=2, SPLIT_K=2, PREFETCH=True, TWO_ROWS=True, num_warps=2,
                     num_stages=1),
