@@ -44,6 +44,10 @@ CASES = [
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=False, HAS_BIAS=True, EVEN_K=False, PREFETCH=True, REDUCE_W=False,
           COARSE=False, XVEC=False, LOOP_STAGES=None, ZERO=1, GROUPED=False, ROW_SCALE=False, PREPACKED=False,
           TWO_ROWS=True), False),
+    (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
+     dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=False,
+          COARSE=True, XVEC=True, LOOP_STAGES=4, ZERO=0, GROUPED=False, ROW_SCALE=False, PREPACKED=False,
+          TWO_ROWS=False), False),
     (w4a16._w4a16_dequant_kernel, dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", w_ptr="*bf16"),
      dict(GROUP=128, BLOCK=1024, ZERO=0, PREPACKED=True), False),
     (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
@@ -58,6 +62,8 @@ CASES = [
      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_W=32, SPLIT=True, DOT_FP32=False, SWAP=True, GATHER_X=True), True),
     (nf4._nf4_gemv_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_N=32, GROUPS=4, SPLIT=True, HAS_BIAS=True,
                                      EVEN_K=True, USE_SHFL=True, REDUCE_W=True, LOOP_STAGES=3), False),
+    (nf4._nf4_gemv_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_N=32, GROUPS=4, SPLIT=True, HAS_BIAS=False,
+                                     EVEN_K=True, USE_SHFL=True, REDUCE_W=False, LOOP_STAGES=3), False),
     (nf4._nf4_gemm_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_M=64, BLOCK_N=64, SPLIT=False, HAS_BIAS=False,
                                      DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True), True),
     (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",
@@ -88,4 +94,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 17", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 19", done.stderr[-3000:]
