@@ -131,6 +131,11 @@ _LAYOUTS: dict[str, tuple] = {}
 SEPARATOR = ":"
 
 
+def _stored_name(name: str, key: str) -> str:
+    """The split tree's name of stored tensor ``key`` of the QTensor at ``name``."""
+    return f"{name}{SEPARATOR}{key}"
+
+
 def split_quantized(qparams: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """(tensors, layout): `qparams` with every QTensor opened into its stored tensors, under "name:qdata",
     "name:scale", ... (the same tensors, not copies), and a string naming the layout that `join_quantized` rebuilds
@@ -157,7 +162,7 @@ def split_quantized(qparams: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
                              "uses to name stored tensors")
         if isinstance(value, QTensor):
             for key in value._names:  # weights, read in place by compiled code (as the QTensor itself is)
-                tensors[f"{name}{SEPARATOR}{key}"] = keep_address_static(getattr(value, key))
+                tensors[_stored_name(name, key)] = keep_address_static(getattr(value, key))
             entries.append((name, value.scheme, value._names, tuple(value.shape), value.dtype, value.transposed))
         else:
             tensors[name] = value
@@ -181,9 +186,9 @@ def join_quantized(tensors: Mapping[str, torch.Tensor], layout: str) -> dict[str
     """The tree `split_quantized` opened, its QTensors rebuilt over ``tensors`` (call it inside the compiled
     function, so that the QTensors exist only in the traced code)."""
     entries = _layout_entries(layout)
-    stored = {f"{name}{SEPARATOR}{key}" for name, _, keys, _, _, _ in entries for key in keys}
+    stored = {_stored_name(name, key) for name, _, keys, _, _, _ in entries for key in keys}
     out = {name: t for name, t in tensors.items() if name not in stored}
     for name, scheme, keys, shape, dtype, transposed in entries:
-        out[name] = QTensor(scheme, {key: tensors[f"{name}{SEPARATOR}{key}"] for key in keys}, shape, dtype,
-                            transposed, param_name=name)
+        out[name] = QTensor(scheme, {key: tensors[_stored_name(name, key)] for key in keys}, shape, dtype, transposed,
+                            param_name=name)
     return out
