@@ -211,6 +211,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         gemv = [gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)] if m <= 8 else []
         two_rows = [dict(c, TWO_ROWS=True) for c in gemv] if m >= 2 else []  # each code's unit shared by 2 rows
         tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
+        # the centered tile in fragment order (16-bit units of code - 8 from PTX; groups of at least 32 codes)
+        tile += [dict(c, GATHER_X=True, CENTERED=True) for c in tile if group_size >= 32]
         return candidate_configs(m) + gemv + two_rows + tile
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)

@@ -457,12 +457,43 @@ def fragment_tile_pairs(q, s, z, off, ROWS: tl.constexpr, WORDS: tl.constexpr):
     return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
 
 
+# fragment_tile_pairs' first half alone: magic + code, then + off = -(magic + 8), exact, leaves code - 8 in 16 bits
+# (the centered unit of CENTERED tiles, whose scales and zeros multiply each group's dot instead).
+_CENTERED_PTX = ("{\n.reg .b32 h, t, one, magic, off;\nmov.b32 one, ONE;\nmov.b32 magic, MAGIC;\nmov.b32 off, OFF;\n"
+                 "shr.u32 h, $4, 4;\n" + "".join(
+                     f"prmt.b32 t, $4, h, {(b << 8) | (4 + b):#06x};\nlop3.b32 t, t, 0x000F000F, magic, 0xEA;\n"
+                     f"fma.rn.TYPE ${b}, t, one, off;\n" for b in range(4)) + "}")
+CENTERED_BF16: tl.constexpr = tl.constexpr(_CENTERED_PTX.replace("ONE", "0x3F803F80").replace("MAGIC", "0x43004300")
+                                           .replace("OFF", "0xC308C308").replace("TYPE", "bf16x2"))
+CENTERED_FP16: tl.constexpr = tl.constexpr(_CENTERED_PTX.replace("ONE", "0x3C003C00").replace("MAGIC", "0x64006400")
+                                           .replace("OFF", "0xE408E408").replace("TYPE", "f16x2"))
+
+
+@triton.jit
+def centered_tile(q, xt, ROWS: tl.constexpr, WORDS: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The [ROWS, 8 * WORDS] tile of code - 8 (exact) in fragment order: in packed 16-bit pairs of xt's dtype from
+    inline PTX (two codes a prmt, a lop3 and an add), or in fp32 with DOT_FP32 (fp32 x, the interpreter)."""
+    if DOT_FP32:
+        return fragment_tile(q, 16.0, -24.0, ROWS, WORDS)  # 16 (1 + code/16) - 24
+    q2 = tl.join(q, q)
+    if xt.dtype == tl.float16:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_FP16, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_BF16, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=2)
+    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
+    return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+
+
 @triton.jit
 def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk, stride_qn,
                stride_sn, stride_zn, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr,
                GATHER_X: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
-               ZERO: tl.constexpr, PREPACKED: tl.constexpr):
+               ZERO: tl.constexpr, PREPACKED: tl.constexpr, CENTERED: tl.constexpr):
     """The fp32 accumulator of one tile of y over groups first..last of K: rows offs_m of x (m_mask: which are
     real), rows ``rows`` of w; [BLOCK_N, BLOCK_M] with SWAP, else [BLOCK_M, BLOCK_N]. The forms:
 
@@ -477,7 +508,9 @@ def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last,
     GATHER_X, CUDA, scales, float zeros and x of one 16-bit dtype): the tile from fragment_tile_pairs. EVEN_K: K is
     a whole number of groups, so x's loads need no mask along K. ZERO: the grid (FLOAT_ZERO, INT_ZERO, NO_ZERO).
     PREPACKED (with GATHER_X): the codes are stored in fragment order (prepack_fragments), so the tile's column c
-    holds column c's code and x is read in its own order, contiguously, with no gather.
+    holds column c's code and x is read in its own order, contiguously, with no gather. CENTERED (with GATHER_X):
+    d = dot(x, code - 8) per step from centered_tile, then sum(x * w) = s d + zero sum(x) per column (zero: the
+    float zero; no sum of x when none is stored): exact weights and exact group sums of integer x (8da4w).
     """
     WORDS: tl.constexpr = GROUP // 8
     offs_w = tl.arange(0, WORDS)
@@ -510,7 +543,20 @@ def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last,
         s = s_row.to(tl.float32)
         s16 = 16.0 * s
         z24 = float_zero(z_row, s, ZERO) - 24.0 * s
-        if PAIRS:
+        if CENTERED:
+            d = dot_acc(dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP), centered_tile(q, xt, BLOCK_N, WORDS, DOT_FP32), xt,
+                        SWAP, DOT_FP32)
+            if SWAP:
+                acc += d * s
+            else:
+                acc += d * tl.trans(s)
+            if ZERO != NO_ZERO:
+                xs = tl.sum(xt.to(tl.float32), axis=1)
+                if SWAP:
+                    acc += float_zero(z_row, s, ZERO) * xs[None, :]
+                else:
+                    acc += xs[:, None] * tl.trans(float_zero(z_row, s, ZERO))
+        elif PAIRS:
             off, z_pair = pair_offsets(s_row, z_row, ZERO)
             acc = dot_acc(acc, fragment_tile_pairs(q, s_row, z_pair, off, BLOCK_N, WORDS), xt, SWAP, DOT_FP32)
         elif GATHER_X:
@@ -559,7 +605,7 @@ def _w4a16_gemm_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
     FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
     PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
+    ROW_SCALE: tl.constexpr, CENTERED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do). ROW_SCALE:
     # each row's products times rs_ptr[row] (fp32) before the bias (8da4w's activation scales; a split's partial
@@ -571,7 +617,7 @@ def _w4a16_gemm_kernel(
     last = tl.minimum(first + per_split, n_groups) - 1
     acc = w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk,
                      stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M, BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ,
-                     GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED)
+                     GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED, CENTERED)
     if ROW_SCALE:
         rs = tl.load(rs_ptr + offs_m, mask=m_mask, other=0.0)
         if SWAP:
@@ -589,7 +635,7 @@ def _w4a16_grouped_kernel(
     split_k,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     SWAP: tl.constexpr, SPLIT_X: tl.constexpr, FULL_DQ: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr, CENTERED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y for the rows of one expert (expert_rows), over this program's split of K,
     # through that expert's weights: every routed expert of a layer in one launch.
@@ -603,7 +649,8 @@ def _w4a16_grouped_kernel(
     last = tl.where(valid, tl.minimum(first + per_split, n_groups) - 1, -1)  # a program with no rows runs no step
     acc = w4a16_tile(x_ptr, q_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_ze, offs_m, m_mask,
                      rows, K, first, last, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, GROUP, BLOCK_M,
-                     BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ, GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED)
+                     BLOCK_N, DOT_FP32, SWAP, SPLIT_X, FULL_DQ, GATHER_X, PREFETCH, PAIRS, EVEN_K, ZERO, PREPACKED,
+                     CENTERED)
     gemm_finish(acc, offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, False,
                 SWAP)
 
@@ -733,7 +780,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                                 out += [config, dict(config, TWO_ROWS=True)] if m >= 2 else [config]
     if m >= 2 and dtype != torch.float32:
         forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, FULL_DQ=True), dict(SWAP=True, GATHER_X=True),
-                 dict(SWAP=True, GATHER_X=True, PAIRS=True), dict(SWAP=True, FULL_DQ=True, PREFETCH=True)]
+                 dict(SWAP=True, GATHER_X=True, PAIRS=True), dict(SWAP=True, FULL_DQ=True, PREFETCH=True),
+                 dict(SWAP=True, GATHER_X=True, CENTERED=True)]
         if group_size >= SPLIT_X_MIN_GROUP:
             forms += [dict(SWAP=swap, SPLIT_X=True, FULL_DQ=full) for swap, full in ((False, False), (True, False),
                                                                                     (True, True))]
@@ -755,13 +803,17 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
                  PREFETCH=params.pop("PREFETCH", False))
     # the packed 16-bit form needs inline PTX (not the interpreter) and one 16-bit dtype for x, scale and a float zero
     float_zero_dtype = x.dtype if zero is None or zero.dtype == torch.uint8 else zero.dtype
-    forms["PAIRS"] = (params.pop("PAIRS", False) and forms["GATHER_X"] and not forms["DOT_FP32"]
+    pairs = params.pop("PAIRS", False)
+    forms["PAIRS"] = (pairs and forms["GATHER_X"] and not forms["DOT_FP32"]
                       and x.dtype == scale.dtype == float_zero_dtype)
     forms["EVEN_K"] = x.shape[1] % group_size == 0
     forms["ZERO"] = zero_kind(zero)
     forms["PREPACKED"] = params.pop("PREPACKED", False)
     if forms["PREPACKED"] and not forms["GATHER_X"]:
         raise ValueError("PREPACKED codes are read by the GATHER_X form only")
+    forms["CENTERED"] = params.pop("CENTERED", False)
+    if forms["CENTERED"] and (pairs or forms["FULL_DQ"] or not forms["GATHER_X"]):
+        raise ValueError("CENTERED is a form of the GATHER_X tile, without PAIRS or FULL_DQ")
     return forms
 
 

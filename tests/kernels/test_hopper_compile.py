@@ -24,14 +24,22 @@ CASES = [
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
           FULL_DQ=True, M_FAST=True, GATHER_X=False, PREFETCH=True, PAIRS=False, EVEN_K=False, ZERO=0,
-          PREPACKED=False, ROW_SCALE=False), True),
+          PREPACKED=False, ROW_SCALE=False, CENTERED=False), True),
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
           FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=1,
-          PREPACKED=True, ROW_SCALE=True), True),
+          PREPACKED=True, ROW_SCALE=True, CENTERED=False), True),
+    (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
+     dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=False, HAS_BIAS=False, DOT_FP32=False, SWAP=True, SPLIT_X=False,
+          FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=False, EVEN_K=True, ZERO=2,
+          PREPACKED=False, ROW_SCALE=True, CENTERED=True), True),
+    (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
+     dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
+          FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=False, EVEN_K=False, ZERO=0,
+          PREPACKED=False, ROW_SCALE=False, CENTERED=True), True),
     (w4a16._w4a16_grouped_kernel, dict(W4, offs_ptr="*i32"),
      dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, DOT_FP32=False, SWAP=True, SPLIT_X=False, FULL_DQ=False,
-          GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0, PREPACKED=False), True),
+          GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0, PREPACKED=False, CENTERED=False), True),
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
           COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True, PREPACKED=True,
@@ -99,4 +107,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 20", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 22", done.stderr[-3000:]

@@ -216,7 +216,10 @@ def test_gemm_path_equals_twin(dtype, m, k, group_size):
     tile = gemm_config(m, 40, k, group_size, dtype, x.device)
     assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["GATHER_X"] or tile["PAIRS"])
     for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False),
-                   dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True)):
+                   dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True),
+                   # the centered tile in fragment order: exact units, group sums exact as well
+                   dict(tile, GATHER_X=True, CENTERED=True), dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True,
+                                                                  CENTERED=True)):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))

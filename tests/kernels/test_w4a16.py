@@ -98,16 +98,17 @@ def test_bf16_activations():
                                          (40, 1024, 256, "float"), (7, 512, 128, "int")])
 def test_fragment_order_and_packed_pairs(m, k, g, grid, x_dtype):
     # The GEMM's fragment-ordered tile with x's columns gathered, in fp32 and (on CUDA, weights in x's dtype) in
-    # packed 16-bit pairs, on each grid; ragged K takes the masked loads. Sizes stay small on CPU, where the
-    # interpreter runs.
+    # packed 16-bit pairs, and the centered tile (code - 8, then scales and zeros per group), on each grid; ragged
+    # K takes the masked loads. Sizes stay small on CPU, where the interpreter runs.
     n = 192 if DEVICE == "cuda" else 24
     q, scale, zero = weight(n, k, g, x_dtype, grid=grid)
     x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
     b = torch.randn(n, device=DEVICE, dtype=x_dtype)
     want = w4a16_linear_ref(x, q, scale, zero, g, b)
-    for block_n, warps, split, pairs in ((64, 4, 1, True), (128, 8, 3, True), (64, 4, 2, False)):
+    for block_n, warps, split, form in ((64, 4, 1, "PAIRS"), (128, 8, 3, "PAIRS"), (64, 4, 2, None),
+                                        (64, 4, 1, "CENTERED"), (128, 8, 3, "CENTERED")):
         config = dict(path="gemm", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
-                      GATHER_X=True, PAIRS=pairs, num_warps=warps, num_stages=3)
+                      GATHER_X=True, num_warps=warps, num_stages=3, **({form: True} if form else {}))
         y = w4a16.w4a16_linear_triton(x, q, scale, zero, g, b, config=config)
         assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
 
@@ -132,6 +133,10 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
         for config in [config] + (gemv if pairs else []):  # the GEMV and the dequantization read it too
             y = w4a16.launch(x, packed, scale, zero, g, None, config)
             assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
+    for form in (dict(), dict(GATHER_X=True, PAIRS=True), dict(GATHER_X=True, FULL_DQ=True)):
+        with pytest.raises(ValueError, match="CENTERED is a form of the GATHER_X tile"):
+            w4a16.launch(x, q, scale, zero, g, None, dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, SWAP=True,
+                                                          CENTERED=True, num_warps=4, num_stages=3, **form))
     with pytest.raises(ValueError, match="GATHER_X form only"):
         w4a16.launch(x, packed, scale, zero, g, None, dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                                                           SWAP=True, PREPACKED=True, num_warps=4, num_stages=3))
