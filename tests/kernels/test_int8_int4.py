@@ -214,12 +214,13 @@ def test_gemm_path_equals_twin(dtype, m, k, group_size):
     if not sixteen_bit:
         return
     tile = gemm_config(m, 40, k, group_size, dtype, x.device)
-    assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["GATHER_X"] or tile["PAIRS"])
+    assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["PAIRS"])
+    assert tile["CENTERED"] == tile["GATHER_X"] == (group_size >= 32)
     for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False),
                    dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True),
-                   # the centered tile in fragment order: exact units, group sums exact as well
-                   dict(tile, GATHER_X=True, CENTERED=True), dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True,
-                                                                  CENTERED=True)):
+                   # the x-ordered units, and the centered tile (the default from groups of 32): exact sums both
+                   dict(tile, GATHER_X=False, CENTERED=False), dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True,
+                                                                    CENTERED=True)):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))
