@@ -811,13 +811,15 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
     forms["PREPACKED"] = params.pop("PREPACKED", False)
     if forms["PREPACKED"] and not forms["GATHER_X"]:
         raise ValueError("PREPACKED codes are read by the GATHER_X form only")
-    forms["CENTERED"] = params.pop("CENTERED", False)
-    if forms["CENTERED"] and (pairs or forms["FULL_DQ"] or not forms["GATHER_X"]):
+    centered = params.pop("CENTERED", None)
+    if centered and (pairs or forms["FULL_DQ"] or not forms["GATHER_X"]):
         raise ValueError("CENTERED is a form of the GATHER_X tile, without PAIRS or FULL_DQ")
-    if forms["PAIRS"] and zero is None:
+    if centered is None and forms["PAIRS"] and zero is None:
         # no zeros to add: the centered tile, exact and cheaper (H200, bf16 x, symmetric grid, the same tiles at 16
-        # and 64 rows: faster on 7 of 8 shapes, 1.57-1.69x bf16 against 1.38-1.52x at 16 rows)
-        forms["PAIRS"], forms["CENTERED"] = False, True
+        # and 64 rows: faster on 7 of 8 shapes, 1.57-1.69x bf16 against 1.38-1.52x at 16 rows); CENTERED=False in
+        # the configuration keeps the packed pairs
+        forms["PAIRS"], centered = False, True
+    forms["CENTERED"] = bool(centered)
     return forms
 
 

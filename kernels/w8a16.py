@@ -341,7 +341,9 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
 
 
 def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
-    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype."""
+    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype. The GEMM takes its loads
+    unmasked along K where K allows (EVEN_K) and its bytes made floats by prmt on CUDA (BYTE_PRMT); a configuration
+    may set either to False (the slower forms, for comparisons)."""
     m, k = x.shape
     n = qdata.shape[0]
     params = dict(config)
@@ -360,7 +362,8 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         m, n, k, x.stride(0), x.stride(1), words.stride(0), y.stride(0),
         split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32 or interpreting(),
         M_FAST=params.pop("M_FAST", False), GATHER_X=params.pop("GATHER_X", False),
-        EVEN_K=k % (4 * params["BLOCK_W"]) == 0, BYTE_PRMT=not interpreting(), **params,
+        EVEN_K=params.pop("EVEN_K", True) and k % (4 * params["BLOCK_W"]) == 0,
+        BYTE_PRMT=params.pop("BYTE_PRMT", True) and not interpreting(), **params,
     )
     return y
 

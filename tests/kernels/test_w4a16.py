@@ -142,6 +142,24 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
                                                           SWAP=True, PREPACKED=True, num_warps=4, num_stages=3))
 
 
+def test_packed_pairs_on_weights_without_zeros_run_centered(monkeypatch):
+    # the launcher's choice of tile form (as on CUDA, where PAIRS applies): with no zeros stored, a configuration
+    # asking for packed pairs gets the centered tile unless it says CENTERED=False; with zeros it keeps the pairs
+    monkeypatch.setattr(w4a16, "interpreting", lambda: False)
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    scale = torch.rand(8, 2).to(torch.bfloat16)
+    zero = torch.randn(8, 2).to(torch.bfloat16)
+
+    def forms(zero, **config):
+        f = w4a16.tile_forms(dict(GATHER_X=True, PAIRS=True, **config), x, scale, zero, 128)
+        return f["PAIRS"], f["CENTERED"]
+
+    assert forms(None) == (False, True)
+    assert forms(None, CENTERED=False) == (True, False)
+    assert forms(zero) == (True, False)
+    assert forms(zero.to(torch.float16)) == (False, False)  # pairs need one 16-bit dtype: the fp32 fragment tile
+
+
 def test_prepacking_twice_gives_the_codes_back():
     # the fragment order is its own inverse, and every 32 columns keep their own codes
     q = torch.randint(0, 256, (3, 5, 96), dtype=torch.uint8)

@@ -32,7 +32,10 @@ def run_all_paths(m, n, k, x_dtype, w_dtype, bias, strided):
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=2, SWAP=True, GATHER_X=True, num_warps=2,
                     num_stages=1),
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=8, SPLIT_K=1, SWAP=True, GATHER_X=True, num_warps=2,
-                    num_stages=1)]
+                    num_stages=1),
+               # loads masked along K whatever K is, bytes by shifts and masks on CUDA too (the slower forms)
+               dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=8, SPLIT_K=2, SWAP=True, GATHER_X=True, EVEN_K=False,
+                    BYTE_PRMT=False, num_warps=2, num_stages=1)]
     for config in configs:
         if config["path"] == "gemv" and m > 3:
             continue  # one program per row of x: slow under the interpreter and not a path used for large M
