@@ -220,7 +220,9 @@ def test_gemm_path_equals_twin(dtype, m, k, group_size):
                    dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True),
                    # the x-ordered units, and the centered tile (the default from groups of 32): exact sums both
                    dict(tile, GATHER_X=False, CENTERED=False), dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True,
-                                                                    CENTERED=True)):
+                                                                    CENTERED=True),
+                   # with each step's scales loaded a step ahead (the default past 32 rows)
+                   dict(tile, BLOCK_N=32, GATHER_X=group_size >= 32, CENTERED=group_size >= 32, PREFETCH=True)):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))
