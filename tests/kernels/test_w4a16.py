@@ -55,6 +55,10 @@ def run_all_paths(m, n, k, g, x_dtype, w_dtype, bias, strided, grid="float"):
                      num_warps=2, num_stages=1) for swap, split, prefetch in ((True, 2, True), (False, 1, False))]
     configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, FULL_DQ=True, PREFETCH=True,
                      num_warps=2, num_stages=1)]
+    # the centered tile (code - 8, then scales and zeros per group), both orientations, scales a step ahead
+    configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=swap, GATHER_X=True, CENTERED=True,
+                     PREFETCH=prefetch, num_warps=2, num_stages=1)
+                for swap, split, prefetch in ((True, 2, True), (False, 1, False))]
     if g >= w4a16.SPLIT_X_MIN_GROUP:
         configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=swap, SPLIT_X=True, FULL_DQ=full,
                          num_warps=2, num_stages=1) for swap in (False, True) for full in (False, True)]
