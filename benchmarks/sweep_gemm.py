@@ -81,7 +81,10 @@ def candidates(fmt, m, n, k, device):
     for config in gemm_forms(m, fmt):
         programs = -(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"])
         base = split_k(programs, steps, device)
-        for split in sorted({base, max(1, base // 2)} | ({min(16, 2 * base)} if m <= 16 else set())):
+        splits = {base, max(1, base // 2)} | ({min(16, 2 * base)} if m <= 16 else set())
+        if m <= 64 and steps >= 6:
+            splits.add(3)  # a third wave where powers of two leave the last one part-empty (8192 x 28672, 16 rows)
+        for split in sorted(splits):
             c = dict(config, SPLIT_K=split)
             if fmt == "w8a16":
                 c["BLOCK_W"] = 32

@@ -793,6 +793,16 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
                                                 M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
+        # splits of three and six for the fragment-ordered 16-bit tiles: with 4 warps and 64 rows of w the sm_90
+        # build holds 96 registers a thread, 5 programs a multiprocessor, and splits of powers of two leave a
+        # partial last wave on common shapes (8192 x 28672 at 16 rows: 896 programs for 660 places; 3 splits: 1344)
+        for block_n in (64, 128):
+            for split in (3, 6):
+                for form in (dict(PAIRS=True), dict(CENTERED=True)):
+                    for warps in (4, 8):
+                        out.append(dict(path="gemm", BLOCK_M=16 if m <= 16 else min(128, triton.next_power_of_2(m)),
+                                        BLOCK_N=block_n, SPLIT_K=split, SWAP=True, GATHER_X=True, M_FAST=False,
+                                        num_warps=warps, num_stages=3, **form))
     return out
 
 
