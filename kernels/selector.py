@@ -42,6 +42,7 @@ class Route(NamedTuple):
     m_max: float  # the largest M this route takes
     when: str  # its constraint, in words
     fits: Callable[[Problem], bool]
+    m_min: int = 0  # the smallest M, where it starts below the end of the format's route before it
 
 
 def _any(p: Problem) -> bool:
@@ -83,8 +84,13 @@ ROUTES = (
           _sixteen_bit_or_interpreted),
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
-    Route("8da4w", "gemv", 4, "any x", _any),
-    Route("8da4w", "gemm", 64, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    # from 2 rows of 16-bit x the tile (H200: 1.68x bf16 at 5 rows of 8192 x 28672, one 16-row tile as for 2 to 4
+    # rows, against 1.67x for the GEMV at 2 rows, two a program, and 0.74x at 4); fp32 x on CUDA keeps the GEMV
+    # up to 4 rows
+    Route("8da4w", "gemv", 4, "one row of any x; 2 to 4 rows of fp32 x on CUDA",
+          lambda p: p.m <= 1 or not _sixteen_bit_or_interpreted(p)),
+    Route("8da4w", "gemm", 64, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted,
+          m_min=2),
     Route("8da4w", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
 )
 
@@ -92,7 +98,7 @@ ROUTES = (
 def default_path(fmt: str, problem: Problem) -> str:
     """The path of the first route of ``fmt`` whose M range and constraint admit ``problem``."""
     for route in ROUTES:
-        if route.format == fmt and problem.m <= route.m_max and route.fits(problem):
+        if route.format == fmt and route.m_min <= problem.m <= route.m_max and route.fits(problem):
             return route.path
     raise ValueError(f"no kernel route for format {fmt!r}: expected one of {sorted({r.format for r in ROUTES})}")
 
@@ -102,7 +108,7 @@ def routes_table() -> str:
     lines = ["| format | path | rows of x | when |", "|---|---|---|---|"]
     low = {}
     for route in ROUTES:
-        first = low.get(route.format, 1)
+        first = route.m_min or low.get(route.format, 1)
         if math.isinf(route.m_max):
             rows = f"{first} and up"
         else:
