@@ -411,14 +411,28 @@ def fragment_tile(q, s16, z24, ROWS: tl.constexpr, WORDS: tl.constexpr):
 # magic sits in a register: lop3 takes one immediate, and with two ptxas emits an and and an or (sm_90 SASS of the
 # 16-row tile: 284 instructions a step against 318). Then two packed fused multiply-adds: (magic + code) + off,
 # exact, then times scale plus zero, rounded once (pair_offsets gives off and zero: -(magic + 8) and the float
-# zero, or -(magic + zero point) and 0).
-_PAIRS_PTX = ("{\n.reg .b32 h, t, one, magic;\nmov.b32 one, ONE;\nmov.b32 magic, MAGIC;\nshr.u32 h, $4, 4;\n"
-              + "".join(f"prmt.b32 t, $4, h, {(b << 8) | (4 + b):#06x};\nlop3.b32 t, t, 0x000F000F, magic, 0xEA;\n"
-                        f"fma.rn.TYPE t, t, one, $8;\nfma.rn.TYPE ${b}, t, $6, $7;\n" for b in range(4)) + "}")
-PAIRS_BF16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3F803F80")
-                                        .replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2"))
-PAIRS_FP16: tl.constexpr = tl.constexpr(_PAIRS_PTX.replace("ONE", "0x3C003C00")
-                                        .replace("MAGIC", "0x64006400").replace("TYPE", "f16x2"))
+# zero, or -(magic + zero point) and 0). The constants of each 16-bit dtype, as pairs: 1.0, the magic and
+# -(magic + 8) (off), and its packed type.
+_HALF_CONSTANTS = {"bf16": dict(ONE="0x3F803F80", MAGIC="0x43004300", OFF="0xC308C308", TYPE="bf16x2"),
+                   "fp16": dict(ONE="0x3C003C00", MAGIC="0x64006400", OFF="0xE408E408", TYPE="f16x2")}
+
+
+def _code_pairs_ptx(tail: str, half: str, off: bool = False) -> str:
+    """PTX over one word ($4): for each byte b, t = magic + its two codes as a pair of 16-bit floats (the prmt and
+    the lop3 above), then ``tail`` (formatted with b) writes output $b, with registers one, magic and, with
+    ``off``, off; the constants of ``half`` ("bf16" or "fp16")."""
+    text = (f"{{\n.reg .b32 h, t, one, magic{', off' if off else ''};\nmov.b32 one, ONE;\nmov.b32 magic, MAGIC;\n"
+            + ("mov.b32 off, OFF;\n" if off else "") + "shr.u32 h, $4, 4;\n"
+            + "".join(f"prmt.b32 t, $4, h, {(b << 8) | (4 + b):#06x};\nlop3.b32 t, t, 0x000F000F, magic, 0xEA;\n"
+                      + tail.format(b=b) for b in range(4)) + "}")
+    for name, value in _HALF_CONSTANTS[half].items():
+        text = text.replace(name, value)
+    return text
+
+
+_PAIRS_TAIL = "fma.rn.TYPE t, t, one, $8;\nfma.rn.TYPE ${b}, t, $6, $7;\n"
+PAIRS_BF16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_PAIRS_TAIL, "bf16"))
+PAIRS_FP16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_PAIRS_TAIL, "fp16"))
 
 
 @triton.jit
@@ -459,14 +473,9 @@ def fragment_tile_pairs(q, s, z, off, ROWS: tl.constexpr, WORDS: tl.constexpr):
 
 # fragment_tile_pairs' first half alone: magic + code, then + off = -(magic + 8), exact, leaves code - 8 in 16 bits
 # (the centered unit of CENTERED tiles, whose scales and zeros multiply each group's dot instead).
-_CENTERED_PTX = ("{\n.reg .b32 h, t, one, magic, off;\nmov.b32 one, ONE;\nmov.b32 magic, MAGIC;\nmov.b32 off, OFF;\n"
-                 "shr.u32 h, $4, 4;\n" + "".join(
-                     f"prmt.b32 t, $4, h, {(b << 8) | (4 + b):#06x};\nlop3.b32 t, t, 0x000F000F, magic, 0xEA;\n"
-                     f"fma.rn.TYPE ${b}, t, one, off;\n" for b in range(4)) + "}")
-CENTERED_BF16: tl.constexpr = tl.constexpr(_CENTERED_PTX.replace("ONE", "0x3F803F80").replace("MAGIC", "0x43004300")
-                                           .replace("OFF", "0xC308C308").replace("TYPE", "bf16x2"))
-CENTERED_FP16: tl.constexpr = tl.constexpr(_CENTERED_PTX.replace("ONE", "0x3C003C00").replace("MAGIC", "0x64006400")
-                                           .replace("OFF", "0xE408E408").replace("TYPE", "f16x2"))
+_CENTERED_TAIL = "fma.rn.TYPE ${b}, t, one, off;\n"
+CENTERED_BF16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_CENTERED_TAIL, "bf16", off=True))
+CENTERED_FP16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_CENTERED_TAIL, "fp16", off=True))
 
 
 @triton.jit

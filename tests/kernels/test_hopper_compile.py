@@ -20,23 +20,21 @@ W4 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf1
 NF4 = dict(x_ptr="*bf16", q_ptr="*i32", sq_ptr="*i8", f_ptr="*fp32", mean_ptr="*fp32", lut_ptr="*bf16",
            b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 W8 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
+# the W4A16 GEMM's 16-row fragment-ordered tile in packed pairs, on prepacked codes with integer zero points
+W4_FRAGMENTS = dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True,
+                    SPLIT_X=False, FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True,
+                    ZERO=1, PREPACKED=True, ROW_SCALE=True, CENTERED=False)
 CASES = [
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
           FULL_DQ=True, M_FAST=True, GATHER_X=False, PREFETCH=True, PAIRS=False, EVEN_K=False, ZERO=0,
           PREPACKED=False, ROW_SCALE=False, CENTERED=False), True),
+    (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"), W4_FRAGMENTS, True),
+    # the centered tile: no zeros with row scales (8da4w), then float zeros on a ragged K
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
-     dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
-          FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=1,
-          PREPACKED=True, ROW_SCALE=True, CENTERED=False), True),
+     dict(W4_FRAGMENTS, SPLIT=False, HAS_BIAS=False, PAIRS=False, ZERO=2, PREPACKED=False, CENTERED=True), True),
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
-     dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=False, HAS_BIAS=False, DOT_FP32=False, SWAP=True, SPLIT_X=False,
-          FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=False, EVEN_K=True, ZERO=2,
-          PREPACKED=False, ROW_SCALE=True, CENTERED=True), True),
-    (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
-     dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
-          FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=False, EVEN_K=False, ZERO=0,
-          PREPACKED=False, ROW_SCALE=False, CENTERED=True), True),
+     dict(W4_FRAGMENTS, PAIRS=False, EVEN_K=False, ZERO=0, PREPACKED=False, ROW_SCALE=False, CENTERED=True), True),
     (w4a16._w4a16_grouped_kernel, dict(W4, offs_ptr="*i32"),
      dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, DOT_FP32=False, SWAP=True, SPLIT_X=False, FULL_DQ=False,
           GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0, PREPACKED=False, CENTERED=False), True),
