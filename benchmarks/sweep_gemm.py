@@ -30,20 +30,27 @@ def gemm_forms(m: int, fmt: str):
     elif m <= 64:
         tiles = [(m, 64, 4), (m, 128, 8)]
     elif m <= 256:
-        tiles = [(64, 128, 4), (128, 128, 8), (128, 64, 4)]
+        tiles = [(64, 128, 4), (128, 128, 8), (128, 64, 4)] + ([(256, 128, 8)] if m == 256 else [])
     else:
         tiles = [(128, 128, 8), (256, 128, 8), (128, 256, 8), (64, 128, 4)]
     forms = [dict()]
     if fmt == "w4a16":
-        # the per-group and SPLIT_X forms lost to FULL_DQ at every M >= 16 on an H200; GATHER_X wins up to 16 rows
-        forms = [dict(FULL_DQ=True), dict(GATHER_X=True), dict(GATHER_X=True, PAIRS=True)]
+        # the per-group and SPLIT_X forms lost to FULL_DQ at every M >= 16 on an H200; GATHER_X wins up to 16 rows;
+        # past 16 rows also the fragment-ordered tiles on x copied into their order (PERMUTE_X)
+        forms = [dict(FULL_DQ=True), dict(GATHER_X=True, PAIRS=True)]
+        if m <= 64:
+            forms += [dict(GATHER_X=True), dict(GATHER_X=True, CENTERED=True)]
         if m > 16:
-            forms.append(dict(FULL_DQ=True, PREFETCH=True))
+            forms += [dict(FULL_DQ=True, PREFETCH=True), dict(GATHER_X=True, PAIRS=True, PERMUTE_X=True),
+                      dict(GATHER_X=True, CENTERED=True, PERMUTE_X=True)]
     elif fmt == "w8a16":
         forms = [dict(), dict(GATHER_X=True)]
     for block_m, block_n, warps in tiles:
         for form in forms:
-            for stages in ((3, 4) if m > 256 and (block_m, block_n) == (128, 128) else (3,)):
+            if form.get("PERMUTE_X") and (block_n, warps) not in ((64, 4), (128, 4), (128, 8)):
+                continue  # the tuner's PERMUTE_X tiles
+            deeper = m > 256 and (block_m, block_n) == (128, 128) and not form.get("PERMUTE_X")
+            for stages in ((3, 4) if deeper else (3,)):
                 yield dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SWAP=True, M_FAST=m > 64,
                            num_warps=warps, num_stages=stages, **form)
 
@@ -81,7 +88,7 @@ def candidates(fmt, m, n, k, device):
     for config in gemm_forms(m, fmt):
         programs = -(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"])
         base = split_k(programs, steps, device)
-        splits = {base, max(1, base // 2)} | ({min(16, 2 * base)} if m <= 16 else set())
+        splits = {base, max(1, base // 2)} | ({min(8, 2 * base)} if m <= 16 else set())
         if m <= 64 and steps >= 6:
             splits.add(3)  # a third wave where powers of two leave the last one part-empty (8192 x 28672, 16 rows)
         for split in sorted(splits):

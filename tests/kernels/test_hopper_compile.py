@@ -16,7 +16,7 @@ from aofunc.kernels import int8_int4, int_mm, nf4, triton_compat, w4a16, w8a16, 
 
 triton_compat.load()
 W4 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
-          cnt_ptr="*i32")
+          cnt_ptr="*i32", xs_ptr="*fp32")
 NF4 = dict(x_ptr="*bf16", q_ptr="*i32", sq_ptr="*i8", f_ptr="*fp32", mean_ptr="*fp32", lut_ptr="*bf16",
            b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 W8 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")

@@ -102,19 +102,43 @@ def test_bf16_activations():
                                          (40, 1024, 256, "float"), (7, 512, 128, "int")])
 def test_fragment_order_and_packed_pairs(m, k, g, grid, x_dtype):
     # The GEMM's fragment-ordered tile with x's columns gathered, in fp32 and (on CUDA, weights in x's dtype) in
-    # packed 16-bit pairs, and the centered tile (code - 8, then scales and zeros per group), on each grid; ragged
-    # K takes the masked loads. Sizes stay small on CPU, where the interpreter runs.
+    # packed 16-bit pairs, and the centered tile (code - 8, then scales and zeros per group), on each grid, also
+    # with x copied into the tile's order first (PERMUTE_X); ragged K takes the masked loads, x is strided. Sizes
+    # stay small on CPU, where the interpreter runs.
     n = 192 if DEVICE == "cuda" else 24
     q, scale, zero = weight(n, k, g, x_dtype, grid=grid)
-    x = torch.randn(m, k, device=DEVICE, dtype=x_dtype)
+    x = torch.randn(m, 2 * k, device=DEVICE, dtype=x_dtype)[:, ::2]
     b = torch.randn(n, device=DEVICE, dtype=x_dtype)
+    x_before = x.clone()
     want = w4a16_linear_ref(x, q, scale, zero, g, b)
     for block_n, warps, split, form in ((64, 4, 1, "PAIRS"), (128, 8, 3, "PAIRS"), (64, 4, 2, None),
                                         (64, 4, 1, "CENTERED"), (128, 8, 3, "CENTERED")):
-        config = dict(path="gemm", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
-                      GATHER_X=True, num_warps=warps, num_stages=3, **({form: True} if form else {}))
-        y = w4a16.w4a16_linear_triton(x, q, scale, zero, g, b, config=config)
-        assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
+        for permute_x in (False, True):
+            config = dict(path="gemm", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
+                          GATHER_X=True, PERMUTE_X=permute_x, num_warps=warps, num_stages=3,
+                          **({form: True} if form else {}))
+            y = w4a16.w4a16_linear_triton(x, q, scale, zero, g, b, config=config)
+            assert autotune.relative_error(y, want) <= w4a16.tolerance(x_dtype), config
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,kp", [(3, 64, 64), (2, 40, 64), (0, 96, 128), (5, 300, 320)])
+def test_x_in_fragment_order_is_the_column_map(m, k, kp, dtype):
+    # PERMUTE_X's copy of x: padded with zeros to kp columns, then column c holds column fragment_order[c]
+    x = torch.randn(m, 2 * k, device=DEVICE).to(dtype)[:, ::2]
+    padded = torch.cat([x, x.new_zeros(m, kp - k)], dim=1)
+    out = w4a16.fragment_ordered_x(x, kp)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, padded[:, w4a16.fragment_order(kp).to(x.device)])
+
+
+def test_group_sums_are_each_groups_sum():
+    x = torch.randn(3, 300, device=DEVICE, dtype=torch.float16)
+    sums = w4a16.group_sums(x, 64)
+    want = torch.stack([x[:, i:i + 64].double().sum(1) for i in range(0, 300, 64)], dim=1)
+    assert sums.dtype == torch.float32 and sums.shape == (3, 5)
+    assert torch.allclose(sums.double(), want, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
@@ -144,6 +168,11 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
     with pytest.raises(ValueError, match="GATHER_X form only"):
         w4a16.launch(x, packed, scale, zero, g, None, dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                                                           SWAP=True, PREPACKED=True, num_warps=4, num_stages=3))
+    for form in (dict(GATHER_X=True, PREPACKED=True), dict(FULL_DQ=True)):  # x copied into fragment order twice
+        with pytest.raises(ValueError, match="PERMUTE_X is a form of the GATHER_X tile"):
+            w4a16.launch(x, packed, scale, zero, g, None, dict(path="gemm", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
+                                                              SWAP=True, PERMUTE_X=True, num_warps=4, num_stages=3,
+                                                              **form))
 
 
 def test_packed_pairs_on_weights_without_zeros_run_centered(monkeypatch):
