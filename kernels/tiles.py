@@ -28,6 +28,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Tensor:
+    """x [M, K] zero-padded to kp columns and, within every block of 2 * rows * cols columns, its pairs of
+    consecutive columns read as a [rows, cols] grid and written as its transpose, in a new contiguous tensor. The
+    fragment orders of the GEMM tiles are such transposes (W4A16: 4 x 4 pairs, W8A16: 4 x 2), so a tile that reads
+    x copied this way takes its columns in its own order, in 16-byte loads, with no gather (config PERMUTE_X)."""
+    m, k = x.shape
+    padded = torch.nn.functional.pad(x, (0, kp - k)) if kp != k else x.contiguous()
+    unit = torch.int32 if x.element_size() == 2 else torch.int64  # a pair of columns, one element
+    blocks = kp // (2 * rows * cols)
+    out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
+    out.view(unit).view(m, blocks, cols, rows).copy_(padded.view(unit).view(m, blocks, rows, cols).transpose(2, 3))
+    return out
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (4 for CPU tensors under the interpreter)."""
     return _sm_count(device) if device.type == "cuda" else 4

@@ -26,11 +26,11 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows,
-                                  fragment_column_of, fragment_columns, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_accumulator, gemv_finish, gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows,
-                                  grouped_grid, grouped_split_k, interleave8, interpreting, load_x, nibble_fragments,
-                                  pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, fragment_column_of,
+                                  fragment_columns, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
+                                  gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k,
+                                  interleave8, interpreting, load_x, nibble_fragments, pairs_transposed, pow2_at_most,
+                                  row_expert, split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -482,19 +482,22 @@ CENTERED_FP16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_CENTERED_TAIL, "fp16
 def centered_tile(q, xt, ROWS: tl.constexpr, WORDS: tl.constexpr, DOT_FP32: tl.constexpr):
     """The [ROWS, 8 * WORDS] tile of code - 8 (exact) in fragment order: in packed 16-bit pairs of xt's dtype from
     inline PTX (two codes a prmt, a lop3 and an add), or in fp32 with DOT_FP32 (fp32 x, the interpreter)."""
+    # one return for both forms: Triton 3.6 refuses a function whose returns differ in dtype, constexpr branch or not
     if DOT_FP32:
-        return fragment_tile(q, 16.0, -24.0, ROWS, WORDS)  # 16 (1 + code/16) - 24
-    q2 = tl.join(q, q)
-    if xt.dtype == tl.float16:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_FP16, "=r,=r,=r,=r,r,r", [q2],
-                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                   is_pure=True, pack=2)
+        tile = fragment_tile(q, 16.0, -24.0, ROWS, WORDS)  # 16 (1 + code/16) - 24
     else:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_BF16, "=r,=r,=r,=r,r,r", [q2],
-                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-                                                   is_pure=True, pack=2)
-    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
-    return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+        q2 = tl.join(q, q)
+        if xt.dtype == tl.float16:
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_FP16, "=r,=r,=r,=r,r,r", [q2],
+                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                       is_pure=True, pack=2)
+        else:
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_BF16, "=r,=r,=r,=r,r,r", [q2],
+                                                       dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                                       is_pure=True, pack=2)
+        # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
+        tile = nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+    return tile
 
 
 @triton.jit
@@ -913,13 +916,8 @@ def group_sums(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def fragment_ordered_x(x: torch.Tensor, kp: int) -> torch.Tensor:
     """x [M, K] zero-padded to kp columns (a multiple of 32) and permuted within every 32 columns into
     fragment_order, a copy: the column order in which the GATHER_X tile built from codes in column order multiplies
-    x. Within 32 columns the order moves pairs of columns as a 4 x 4 transpose (pair 4a + b takes pair 4b + a)."""
-    m, k = x.shape
-    padded = torch.nn.functional.pad(x, (0, kp - k)) if kp != k else x.contiguous()
-    unit = torch.int32 if x.element_size() == 2 else torch.int64  # a pair of columns, one element
-    out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
-    out.view(unit).view(m, kp // 32, 4, 4).copy_(padded.view(unit).view(m, kp // 32, 4, 4).transpose(2, 3))
-    return out
+    x (pairs of columns as a 4 x 4 transpose)."""
+    return pairs_transposed(x, kp, 4, 4)
 
 
 def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scale=None,

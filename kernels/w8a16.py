@@ -16,8 +16,8 @@ from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
                                   gemm_grid, gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows,
-                                  grouped_grid, grouped_split_k, interpreting, load_x, row_expert, split_k,
-                                  splitk_buffers, tolerance)
+                                  grouped_grid, grouped_split_k, interpreting, load_x, pairs_transposed, row_expert,
+                                  split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -167,18 +167,21 @@ def _w8a16_gemv_kernel(
 @triton.jit
 def w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk, stride_qn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT_FP32: tl.constexpr,
-               SWAP: tl.constexpr, GATHER_X: tl.constexpr, EVEN_K: tl.constexpr, BYTE_PRMT: tl.constexpr):
+               SWAP: tl.constexpr, GATHER_X: tl.constexpr, EVEN_K: tl.constexpr, BYTE_PRMT: tl.constexpr,
+               X_ORDERED: tl.constexpr):
     """The fp32 accumulator of one tile of x @ q.T (unscaled) over steps first..last of K (a step is BLOCK_W int32
     words, 4 * BLOCK_W columns): rows offs_m of x (m_mask: which are real), rows ``rows`` of q; [BLOCK_N, BLOCK_M]
     with SWAP (computed as dot(q, x.T), the converted weight tile in registers as the left operand, in that
     orientation to the end), else [BLOCK_M, BLOCK_N]. Each step dots x with the bytes of q as exact floats.
     GATHER_X (with SWAP): the tile in fragment order (byte_fragment_tile), x's columns gathered to match. EVEN_K: K
-    is a whole number of steps, so no load needs a mask along K. BYTE_PRMT: bytes made floats by word_bytes' PTX."""
+    is a whole number of steps, so no load needs a mask along K. BYTE_PRMT: bytes made floats by word_bytes' PTX.
+    X_ORDERED (with GATHER_X): x's columns are already in the tile's order (byte_fragment_ordered_x), read as they
+    lie."""
     offs_w = tl.arange(0, BLOCK_W)
     offs_k = tl.arange(0, 4 * BLOCK_W)
     n_words = tl.cdiv(K, 4)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
-    if GATHER_X:
+    if GATHER_X and not X_ORDERED:
         offs_k = byte_fragment_columns(4 * BLOCK_W)
     for step in range(first, last + 1):
         k = step * 4 * BLOCK_W + offs_k
@@ -218,7 +221,7 @@ def _w8a16_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, M_FAST: tl.constexpr,
-    GATHER_X: tl.constexpr, EVEN_K: tl.constexpr, BYTE_PRMT: tl.constexpr,
+    GATHER_X: tl.constexpr, EVEN_K: tl.constexpr, BYTE_PRMT: tl.constexpr, X_ORDERED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w8a16_tile); the per-row scale is applied once
     # at the end.
@@ -228,7 +231,7 @@ def _w8a16_gemm_kernel(
     first = tl.program_id(2) * per_split
     acc = w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, tl.minimum(first + per_split, n_steps) - 1,
                      stride_xm, stride_xk, stride_qn, BLOCK_M, BLOCK_N, BLOCK_W, DOT_FP32, SWAP, GATHER_X, EVEN_K,
-                     BYTE_PRMT)
+                     BYTE_PRMT, X_ORDERED)
     gemm_finish(scaled_rows(acc, s_ptr, rows, SWAP), offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr,
                 cnt_ptr, split_k, SPLIT, HAS_BIAS, SWAP)
 
@@ -252,7 +255,7 @@ def _w8a16_grouped_kernel(
     first = tl.program_id(2) * per_split
     last = tl.where(valid, tl.minimum(first + per_split, n_steps) - 1, -1)  # a program with no rows runs no step
     acc = w8a16_tile(x_ptr, q_ptr + e * stride_qe, offs_m, m_mask, rows, K, first, last, stride_xm, stride_xk,
-                     stride_qn, BLOCK_M, BLOCK_N, BLOCK_W, DOT_FP32, SWAP, GATHER_X, EVEN_K, BYTE_PRMT)
+                     stride_qn, BLOCK_M, BLOCK_N, BLOCK_W, DOT_FP32, SWAP, GATHER_X, EVEN_K, BYTE_PRMT, False)
     gemm_finish(scaled_rows(acc, s_ptr + e * stride_se, rows, SWAP), offs_m, m_mask, offs_n, S, N, stride_ym, y_ptr,
                 y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, False, SWAP)
 
@@ -337,6 +340,16 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
                         for stages in (3, 4):
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32,
                                             SPLIT_K=split, num_warps=warps, num_stages=stages, **form))
+        # past 16 rows, x copied into the fragment order once (PERMUTE_X) for tiles of up to 128 rows of x (256
+        # rows take more shared memory than an H200 has at three stages), read in 16-byte copies rather than
+        # gathered 4 bytes at a time
+        if m > 16 and k % 16 == 0:
+            for block_m in sorted({min(128, triton.next_power_of_2(m))} | ({64} if m > 64 else set())):
+                for block_n, warps in ((64, 4), (128, 4), (128, 8)):
+                    for split in (1, 2, 3, 4, 8):
+                        out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32, SPLIT_K=split,
+                                        SWAP=True, GATHER_X=True, PERMUTE_X=True, M_FAST=m > 64, num_warps=warps,
+                                        num_stages=3))
     return out
 
 
@@ -357,15 +370,26 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     words = _words(qdata)
     grid = gemm_grid(m, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    gather_x, permute_x = params.pop("GATHER_X", False), params.pop("PERMUTE_X", False)
+    if permute_x:
+        if not gather_x or k % 16:
+            raise ValueError(f"PERMUTE_X is a form of the GATHER_X tile for K a multiple of 16 (K={k})")
+        x = byte_fragment_ordered_x(x)  # once, so that every program reads x contiguously
     _w8a16_gemm_kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), words.stride(0), y.stride(0),
         split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32 or interpreting(),
-        M_FAST=params.pop("M_FAST", False), GATHER_X=params.pop("GATHER_X", False),
+        M_FAST=params.pop("M_FAST", False), GATHER_X=gather_x, X_ORDERED=permute_x,
         EVEN_K=params.pop("EVEN_K", True) and k % (4 * params["BLOCK_W"]) == 0,
         BYTE_PRMT=params.pop("BYTE_PRMT", True) and not interpreting(), **params,
     )
     return y
+
+
+def byte_fragment_ordered_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 16) with its columns in byte_fragment_columns' order, a copy: pairs of columns
+    as a 4 x 2 transpose within every 16 columns."""
+    return pairs_transposed(x, x.shape[1], 4, 2)
 
 
 def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:

@@ -35,6 +35,9 @@ CASES = [
      dict(W4_FRAGMENTS, SPLIT=False, HAS_BIAS=False, PAIRS=False, ZERO=2, PREPACKED=False, CENTERED=True), True),
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
      dict(W4_FRAGMENTS, PAIRS=False, EVEN_K=False, ZERO=0, PREPACKED=False, ROW_SCALE=False, CENTERED=True), True),
+    # fp32 x: the centered tile's fp32 form (no tensor cores), float zeros through the group sums
+    (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32", x_ptr="*fp32", y_ptr="*fp32"),
+     dict(W4_FRAGMENTS, DOT_FP32=True, PAIRS=False, ZERO=0, PREPACKED=False, ROW_SCALE=False, CENTERED=True), False),
     (w4a16._w4a16_grouped_kernel, dict(W4, offs_ptr="*i32"),
      dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, DOT_FP32=False, SWAP=True, SPLIT_X=False, FULL_DQ=False,
           GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True, ZERO=0, PREPACKED=False, CENTERED=False), True),
@@ -64,10 +67,10 @@ CASES = [
           LOOP_STAGES=3), False),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, SPLIT=False, HAS_BIAS=False,
                                         DOT_FP32=False, SWAP=True, M_FAST=False, GATHER_X=True, EVEN_K=True,
-                                        BYTE_PRMT=True), True),
+                                        BYTE_PRMT=True, X_ORDERED=True), True),
     (w8a16._w8a16_gemm_kernel, W8, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_W=32, SPLIT=True, HAS_BIAS=True,
                                         DOT_FP32=False, SWAP=True, M_FAST=False, GATHER_X=False, EVEN_K=False,
-                                        BYTE_PRMT=True), True),
+                                        BYTE_PRMT=True, X_ORDERED=False), True),
     (w8a16._w8a16_grouped_kernel, dict(W8, offs_ptr="*i32"),
      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_W=32, SPLIT=True, DOT_FP32=False, SWAP=True, GATHER_X=True, EVEN_K=False,
           BYTE_PRMT=True), True),
@@ -105,4 +108,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 22", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 23", done.stderr[-3000:]

@@ -36,6 +36,10 @@ def run_all_paths(m, n, k, x_dtype, w_dtype, bias, strided):
                # loads masked along K whatever K is, bytes by shifts and masks on CUDA too (the slower forms)
                dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=8, SPLIT_K=2, SWAP=True, GATHER_X=True, EVEN_K=False,
                     BYTE_PRMT=False, num_warps=2, num_stages=1)]
+    if k % 16 == 0:  # x copied into the fragment order first, then read as it lies
+        configs += [dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=block_w, SPLIT_K=split, SWAP=True,
+                         GATHER_X=True, PERMUTE_X=True, M_FAST=True, num_warps=2, num_stages=1)
+                    for block_w, split in ((4, 2), (8, 1))]
     for config in configs:
         if config["path"] == "gemv" and m > 3:
             continue  # one program per row of x: slow under the interpreter and not a path used for large M
@@ -63,6 +67,20 @@ def test_bf16_activations_and_real_sizes():
     run_all_paths(5, 40, 200, torch.bfloat16, torch.bfloat16, bias=True, strided=False)
     for m in (1, 16, 300):
         run_all_paths(m, 4096, 4096, torch.bfloat16, torch.bfloat16, bias=True, strided=False)
+
+
+def test_x_in_fragment_order_is_the_tiles_column_map():
+    # PERMUTE_X's copy of x: column c holds the column byte_fragment_columns gives c (16 * (c // 16) + ...)
+    c = torch.arange(64)
+    order = 16 * (c // 16) + 4 * ((c // 2) % 4) + 2 * ((c // 8) % 2) + c % 2
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(3, 128, device=DEVICE).to(dtype)[:, ::2]
+        assert torch.equal(w8a16.byte_fragment_ordered_x(x), x[:, order.to(x.device)])
+    q, scale = weight(8, 40)
+    with pytest.raises(ValueError, match="PERMUTE_X is a form of the GATHER_X tile for K a multiple of 16"):
+        w8a16.launch(torch.randn(2, 40, device=DEVICE), q, scale, None,
+                     dict(path="gemm", BLOCK_M=16, BLOCK_N=16, BLOCK_W=4, SPLIT_K=1, SWAP=True, GATHER_X=True,
+                          PERMUTE_X=True, num_warps=2, num_stages=1))
 
 
 def test_twin_follows_the_format_math():
