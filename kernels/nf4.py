@@ -25,10 +25,10 @@ from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
-from aofunc.kernels.tiles import (FLOAT_DTYPES, dot_acc, dot_tile_zeros, fragment_columns, gemm_finish, gemm_grid,
-                                  gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8,
-                                  interpreting, load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers,
-                                  tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dot_acc, dot_tile_zeros, fragment_columns,
+                                  fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
+                                  gemv_rows, gemv_split_k, interleave8, interpreting, load_x, nibble_fragments,
+                                  pow2_at_most, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -331,7 +331,7 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
                                                 M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
-    return out
+    return [c for c in out if fragment_tile_fits(c)]
 
 
 def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
@@ -352,6 +352,7 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         extra = dict(EVEN_K=(k // block_size) % params["GROUPS"] == 0, REDUCE_W=params.pop("REDUCE_W", False),
                      LOOP_STAGES=params.pop("LOOP_STAGES", 1))
     else:
+        check_fragment_tile(params)
         grid = gemm_grid(m, n, params, split)
         kernel = _nf4_gemm_kernel
         extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False),

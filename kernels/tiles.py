@@ -42,6 +42,21 @@ def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Te
     return out
 
 
+def fragment_tile_fits(config: dict) -> bool:
+    """False for a fragment-ordered GEMM tile (GATHER_X) with less than one 16 x 8 tensor-core tile a warp
+    (BLOCK_N * BLOCK_M < 128 * num_warps): Triton then lays copies of the tile over the warps, and on an H200 the
+    fragment-ordered forms sum the wrong codes there (16 x 16 on 4 warps: relative error 0.9)."""
+    return not config.get("GATHER_X") or config["BLOCK_N"] * config["BLOCK_M"] >= 128 * config.get("num_warps", 4)
+
+
+def check_fragment_tile(config: dict) -> None:
+    """Raise ValueError for a configuration that fragment_tile_fits refuses, when compiled for a GPU."""
+    if not interpreting() and not fragment_tile_fits(config):
+        raise ValueError(f"a GATHER_X tile needs BLOCK_N * BLOCK_M >= 128 * num_warps (a 16 x 8 tensor-core tile "
+                         f"a warp), got {config['BLOCK_N']} x {config['BLOCK_M']} on {config.get('num_warps', 4)} "
+                         f"warps")
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (4 for CPU tensors under the interpreter)."""
     return _sm_count(device) if device.type == "cuda" else 4

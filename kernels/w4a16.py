@@ -26,11 +26,12 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, fragment_column_of,
-                                  fragment_columns, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
-                                  gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k,
-                                  interleave8, interpreting, load_x, nibble_fragments, pairs_transposed, pow2_at_most,
-                                  row_expert, split_by_code, split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
+                                  expert_rows, fragment_column_of, fragment_columns, fragment_tile_fits, gemm_finish,
+                                  gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch, gemv_rows,
+                                  gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, interleave8,
+                                  interpreting, load_x, nibble_fragments, pairs_transposed, pow2_at_most, row_expert,
+                                  split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -830,11 +831,12 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
                                             GATHER_X=True, PERMUTE_X=True, M_FAST=m > 64, num_warps=warps,
                                             num_stages=3, **form))
-    return out
+    return [c for c in out if fragment_tile_fits(c)]
 
 
 def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
     """The w4a16_tile flags of a GEMM configuration, popped from ``params``, and those the inputs decide."""
+    check_fragment_tile(params)
     forms = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), SPLIT_X=params.pop("SPLIT_X", False),
                  FULL_DQ=params.pop("FULL_DQ", False), GATHER_X=params.pop("GATHER_X", False),
                  PREFETCH=params.pop("PREFETCH", False))
@@ -1058,7 +1060,8 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     _w4a16_grouped_kernel[grid](
         x, words, scale, z, zero_sums(x, zero, group_size, forms), offs, y, ws, counters, s, n, k, experts,
-        x.stride(0), x.stride(1), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), z.stride(0), z.stride(1), y.stride(0), split,
+        x.stride(0), x.stride(1), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), z.stride(0),
+        z.stride(1), y.stride(0), split,
         GROUP=group_size, SPLIT=split > 1, **forms, **params)
     return y
 

@@ -14,10 +14,10 @@ import torch
 
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_offsets, dot_acc, dot_tile_zeros, expert_rows, gemm_finish,
-                                  gemm_grid, gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows,
-                                  grouped_grid, grouped_split_k, interpreting, load_x, pairs_transposed, row_expert,
-                                  split_k, splitk_buffers, tolerance)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
+                                  expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_finish,
+                                  gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, interpreting,
+                                  load_x, pairs_transposed, row_expert, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -29,7 +29,8 @@ def check_w8a16(x, qdata, scale, bias) -> None:
         raise ValueError(f"qdata must be int8 [N, {x.shape[1]}], got {qdata.dtype} of shape {tuple(qdata.shape)}")
     n = qdata.shape[0]
     if scale.shape != (n,) or scale.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"scale must be a float tensor of shape ({n},), got {scale.dtype} of shape {tuple(scale.shape)}")
+        raise ValueError(f"scale must be a float tensor of shape ({n},), got {scale.dtype} of shape "
+                         f"{tuple(scale.shape)}")
     if bias is not None and (bias.shape != (n,) or bias.dtype not in FLOAT_DTYPES):
         raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} of shape {tuple(bias.shape)}")
     for name, t in (("qdata", qdata), ("scale", scale), ("bias", bias)):
@@ -350,7 +351,7 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
                         out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32, SPLIT_K=split,
                                         SWAP=True, GATHER_X=True, PERMUTE_X=True, M_FAST=m > 64, num_warps=warps,
                                         num_stages=3))
-    return out
+    return [c for c in out if fragment_tile_fits(c)]
 
 
 def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
@@ -370,6 +371,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     words = _words(qdata)
     grid = gemm_grid(m, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
+    check_fragment_tile(params)
     gather_x, permute_x = params.pop("GATHER_X", False), params.pop("PERMUTE_X", False)
     if permute_x:
         if not gather_x or k % 16:
@@ -498,6 +500,7 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     params = dict(config or grouped_config(s, experts, n, k, x.device))
     if params.pop("path", "grouped") == "gemv":
         return gemv(x, qdata, scale, None, params, offs=offs)
+    check_fragment_tile(params)
     words = _words(qdata)
     split = params.pop("SPLIT_K", 1)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)

@@ -175,6 +175,28 @@ def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
                                                               **form))
 
 
+def test_fragment_tiles_smaller_than_a_tensor_core_tile_a_warp_are_refused(monkeypatch):
+    # compiled for a GPU (not the interpreter), a GATHER_X tile needs a 16 x 8 MMA tile for each warp: smaller ones
+    # are refused by every launcher before any work, and the tuners never offer them
+    from aofunc.kernels import nf4, w8a16
+    monkeypatch.setattr(tiles, "interpreting", lambda: False)
+    q, scale, zero = weight(16, 64, 32, torch.float16, device="cpu")
+    x = torch.randn(2, 64, dtype=torch.float16)
+    small = dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=True, GATHER_X=True, num_warps=4, num_stages=3)
+    with pytest.raises(ValueError, match="a GATHER_X tile needs BLOCK_N \\* BLOCK_M >= 128 \\* num_warps"):
+        w4a16.launch(x, q, scale, zero, 32, None, dict(small, PAIRS=True))
+    with pytest.raises(ValueError, match="GATHER_X tile needs"):
+        w8a16.launch(x, torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, dtype=torch.float16), None,
+                     dict(small, BLOCK_W=8))
+    assert tiles.fragment_tile_fits(dict(small, num_warps=2)) and tiles.fragment_tile_fits(dict(small, GATHER_X=False))
+    for m in (2, 16, 64, 256):
+        for pool in (w4a16.candidate_configs(m, 4096, 4096, 128, torch.bfloat16, torch.device("cpu")),
+                     w8a16.candidate_configs(m, 4096, 4096, torch.bfloat16, torch.device("cpu")),
+                     nf4.candidate_configs(m, 4096, 4096, 64, torch.bfloat16, torch.device("cpu"))):
+            assert all(tiles.fragment_tile_fits(c) for c in pool)
+            assert any(c.get("GATHER_X") for c in pool)
+
+
 def test_packed_pairs_on_weights_without_zeros_run_centered(monkeypatch):
     # the launcher's choice of tile form (as on CUDA, where PAIRS applies): with no zeros stored, a configuration
     # asking for packed pairs gets the centered tile unless it says CENTERED=False; with zeros it keeps the pairs
