@@ -216,13 +216,15 @@ def test_gemm_path_equals_twin(dtype, m, k, group_size):
     tile = gemm_config(m, 40, k, group_size, dtype, x.device)
     assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["PAIRS"])
     assert tile["CENTERED"] == tile["GATHER_X"] == (group_size >= 32)
-    for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False),
+    # (tiles of 32 or 16 rows of w on as many warps as a 16 x 8 tensor-core tile a warp allows)
+    for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False, num_warps=4),
                    dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True, num_warps=2),
                    # the x-ordered units, and the centered tile (the default from groups of 32): exact sums both
                    dict(tile, GATHER_X=False, CENTERED=False), dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True,
-                                                                    CENTERED=True),
+                                                                    CENTERED=True, num_warps=4),
                    # with each step's scales loaded a step ahead (the default past 32 rows)
-                   dict(tile, BLOCK_N=32, GATHER_X=group_size >= 32, CENTERED=group_size >= 32, PREFETCH=True)):
+                   dict(tile, BLOCK_N=32, GATHER_X=group_size >= 32, CENTERED=group_size >= 32, PREFETCH=True,
+                        num_warps=4)):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))

@@ -206,7 +206,8 @@ def test_packed_pairs_on_weights_without_zeros_run_centered(monkeypatch):
     zero = torch.randn(8, 2).to(torch.bfloat16)
 
     def forms(zero, **config):
-        f = w4a16.tile_forms(dict(GATHER_X=True, PAIRS=True, **config), x, scale, zero, 128)
+        f = w4a16.tile_forms(dict(GATHER_X=True, PAIRS=True, BLOCK_M=16, BLOCK_N=64, num_warps=4, **config), x,
+                             scale, zero, 128)
         return f["PAIRS"], f["CENTERED"]
 
     assert forms(None) == (False, True)

@@ -83,6 +83,22 @@ def test_x_in_fragment_order_is_the_tiles_column_map():
                           PERMUTE_X=True, num_warps=2, num_stages=1))
 
 
+@gpu_only
+def test_x_in_fragment_order_at_real_sizes():
+    # the PERMUTE_X tiles the H200 table ships (4 warps), at 128 and 256 rows; 8 warps are refused
+    q, scale = weight(4096, 4096, torch.bfloat16)
+    for m in (100, 256):
+        x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
+        want = w8a16_linear_ref(x, q, scale)
+        for block_m, block_n in ((128, 64), (64, 64), (128, 128)):
+            config = dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32, SPLIT_K=1, SWAP=True,
+                          GATHER_X=True, PERMUTE_X=True, M_FAST=True, num_warps=4, num_stages=3)
+            err = autotune.relative_error(w8a16.launch(x, q, scale, None, config), want)
+            assert err <= w8a16.tolerance(x.dtype), (config, err)
+        with pytest.raises(ValueError, match="PERMUTE_X tile runs on 4 warps"):
+            w8a16.launch(x, q, scale, None, dict(config, num_warps=8))
+
+
 def test_twin_follows_the_format_math():
     q = torch.tensor([[1, -2, 127, -128]], dtype=torch.int8)
     x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
