@@ -95,7 +95,7 @@ def test_x_in_fragment_order_at_real_sizes():
                           GATHER_X=True, PERMUTE_X=True, M_FAST=True, num_warps=4, num_stages=3)
             err = autotune.relative_error(w8a16.launch(x, q, scale, None, config), want)
             assert err <= w8a16.tolerance(x.dtype), (config, err)
-        with pytest.raises(ValueError, match="PERMUTE_X tile runs on 4 warps"):
+        with pytest.raises(ValueError, match="PERMUTE_X tile runs on at most 4 warps"):
             w8a16.launch(x, q, scale, None, dict(config, num_warps=8))
 
 
