@@ -353,7 +353,8 @@ def gemm_config(m: int, n: int, k: int, group_size: int, x_dtype, device) -> dic
     if base["path"] != "gemm":  # past W4A16's GEMM rows, or fp32 x on CUDA: its 16-row tile all the same
         base = w4a16.default_config(16, n, k, group_size, torch.bfloat16, device)
     centered = group_size >= 32
-    return dict(base, FULL_DQ=False, GATHER_X=centered, PAIRS=False, CENTERED=centered)
+    return dict(base, FULL_DQ=False, GATHER_X=centered, PAIRS=False, CENTERED=centered,
+                PERMUTE_X=centered and base.get("PERMUTE_X", False))
 
 
 def int8_int4_linear_triton(

@@ -42,7 +42,7 @@ class Route(NamedTuple):
     m_max: float  # the largest M this route takes
     when: str  # its constraint, in words
     fits: Callable[[Problem], bool]
-    m_min: int = 0  # the smallest M, where it starts below the end of the format's route before it
+    m_min: int = 0  # the smallest M, where it does not start at the end of the format's route before it
 
 
 def _any(p: Problem) -> bool:
@@ -52,6 +52,13 @@ def _any(p: Problem) -> bool:
 def _sixteen_bit_or_interpreted(p: Problem) -> bool:
     # fp32 x on CUDA would run tl.dot in tf32, or at a quarter of the rate in IEEE fp32: cuBLAS is better there
     return not (p.dtype == torch.float32 and p.device.type == "cuda")
+
+
+def _wide_sixteen_bit(p: Problem) -> bool:
+    # past 128 rows the GEMM with x copied into the tile's order beats dequantization + cuBLAS on wide weights
+    # (H200, 256 rows: W4A16 8192 x 28672 288.8 us against 327.0, 4096 x 14336 65.4 against 85.9; W8A16 281.9 against
+    # 358.8 and 78.9 against 91.1) and loses on 4096 x 4096
+    return p.n >= 8192 and _sixteen_bit_or_interpreted(p)
 
 
 def nf4_gemv_fits(k: int, block_size: int) -> bool:
@@ -68,9 +75,13 @@ def nf4_gemm_fits(k: int, block_size: int) -> bool:
 ROUTES = (
     Route("w4a16", "gemv", 1, "any x", _any),
     Route("w4a16", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("w4a16", "gemm", 256, "wide weights (N >= 8192), 16-bit x on CUDA (any x under the interpreter)",
+          _wide_sixteen_bit, m_min=129),
     Route("w4a16", "dequant", math.inf, "any x", _any),
     Route("w8a16", "gemv", 1, "any x", _any),
     Route("w8a16", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted),
+    Route("w8a16", "gemm", 256, "wide weights (N >= 8192), 16-bit x on CUDA (any x under the interpreter)",
+          _wide_sixteen_bit, m_min=129),
     Route("w8a16", "dequant", math.inf, "any x", _any),
     Route("nf4", "gemv", 1, "K a whole number of blocks, blocks of whole words",
           lambda p: nf4_gemv_fits(p.k, p.block)),
@@ -104,7 +115,9 @@ def default_path(fmt: str, problem: Problem) -> str:
 
 
 def routes_table() -> str:
-    """The routes as a markdown table (format, path, rows of x, constraint), for the docs."""
+    """The routes as a markdown table (format, path, rows of x, constraint), for the docs. A route with its own
+    m_min starts there; any other starts after the last such route of its format (rows that the routes with an
+    m_min of their own decline go on to the next)."""
     lines = ["| format | path | rows of x | when |", "|---|---|---|---|"]
     low = {}
     for route in ROUTES:
@@ -114,6 +127,6 @@ def routes_table() -> str:
         else:
             rows = str(first) if first == route.m_max else f"{first} to {int(route.m_max)}"
         lines.append(f"| {route.format} | {route.path} | {rows} | {route.when} |")
-        if not math.isinf(route.m_max):
+        if not math.isinf(route.m_max) and not route.m_min:
             low[route.format] = int(route.m_max) + 1
     return "\n".join(lines)

@@ -37,6 +37,18 @@ def test_weight_only_gemm_hands_over_to_dequant_past_128_rows(fmt, block):
     assert default_path(fmt, Problem(129, 64, 256, torch.bfloat16, CUDA, block)) == "dequant"
 
 
+@pytest.mark.parametrize("fmt,block", [("w4a16", 128), ("w8a16", 0)])
+def test_wide_weights_keep_the_gemm_to_256_rows(fmt, block):
+    for m, n, dtype, want in ((129, 8192, torch.bfloat16, "gemm"), (256, 28672, torch.float16, "gemm"),
+                              (257, 8192, torch.bfloat16, "dequant"), (200, 4096, torch.bfloat16, "dequant"),
+                              (200, 8192, torch.float32, "dequant")):
+        assert default_path(fmt, Problem(m, n, 4096, dtype, CUDA, block)) == want, (m, n, dtype)
+    # and the default takes x copied into the tile's order there
+    default = (w4a16.default_config(200, 8192, 4096, 128, torch.bfloat16, CPU) if fmt == "w4a16"
+               else w8a16.default_config(200, 8192, 4096, torch.bfloat16, CPU))
+    assert default["path"] == "gemm" and default["PERMUTE_X"] and default["GATHER_X"]
+
+
 def test_nf4_constraints_send_odd_shapes_to_dequant():
     assert default_path("nf4", Problem(1, 8, 128, torch.float16, CUDA, 64)) == "gemv"
     assert default_path("nf4", Problem(1, 8, 100, torch.float16, CUDA, 64)) == "dequant"  # K not whole blocks
@@ -61,7 +73,9 @@ def test_routes_table_lists_every_route_with_its_range():
     assert len(text.splitlines()) == 2 + len(selector.ROUTES)
     assert "| w4a16 | gemv | 1 |" in text
     assert "| w4a16 | gemm | 2 to 128 |" in text
+    assert "| w4a16 | gemm | 129 to 256 | wide weights" in text
     assert "| w4a16 | dequant | 129 and up |" in text
+    assert "| 8da4w | gemm | 2 to 64 |" in text and "| 8da4w | two_pass | 5 and up |" in text  # fp32 x from 5
 
 
 @pytest.mark.parametrize("module", ["w4a16", "w8a16", "nf4", "w8a8", "int8_int4"])
