@@ -212,7 +212,7 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         two_rows = [dict(c, TWO_ROWS=True) for c in gemv] if m >= 2 else []  # each code's unit shared by 2 rows
         tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
         # also the x-ordered units (the form for groups under 32 codes)
-        tile += [dict(c, GATHER_X=False, CENTERED=False) for c in tile if c["CENTERED"]]
+        tile += [dict(c, GATHER_X=False, CENTERED=False, PERMUTE_X=False) for c in tile if c["CENTERED"]]
         return candidate_configs(m) + gemv + two_rows + tile
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
