@@ -44,11 +44,13 @@ def gemm_forms(m: int, fmt: str):
             forms += [dict(FULL_DQ=True, PREFETCH=True), dict(GATHER_X=True, PAIRS=True, PERMUTE_X=True),
                       dict(GATHER_X=True, CENTERED=True, PERMUTE_X=True)]
     elif fmt == "w8a16":
-        forms = [dict(), dict(GATHER_X=True)]
+        forms = [dict(), dict(GATHER_X=True)] + ([dict(GATHER_X=True, PERMUTE_X=True)] if m > 16 else [])
+    # the tuner's PERMUTE_X tiles (W8A16: up to 128 rows of x, on 4 warps)
+    permuted = ((64, 4), (128, 4), (128, 8)) if fmt == "w4a16" else ((64, 4), (128, 4))
     for block_m, block_n, warps in tiles:
         for form in forms:
-            if form.get("PERMUTE_X") and (block_n, warps) not in ((64, 4), (128, 4), (128, 8)):
-                continue  # the tuner's PERMUTE_X tiles
+            if form.get("PERMUTE_X") and ((block_n, warps) not in permuted or (fmt == "w8a16" and block_m > 128)):
+                continue
             deeper = m > 256 and (block_m, block_n) == (128, 128) and not form.get("PERMUTE_X")
             for stages in ((3, 4) if deeper else (3,)):
                 yield dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SWAP=True, M_FAST=m > 64,
