@@ -27,7 +27,7 @@ from common import (add_record_options, card_name, git_commit, markdown_table, r
 from common import fmt as cell
 
 SHAPES = ("4096x4096", "4096x14336", "14336x4096", "8192x28672")
-MS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)
 GROUP = 128
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
