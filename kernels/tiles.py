@@ -34,10 +34,12 @@ def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Te
     fragment orders of the GEMM tiles are such transposes (W4A16: 4 x 4 pairs, W8A16: 4 x 2), so a tile that reads
     x copied this way takes its columns in its own order, in 16-byte loads, with no gather (config PERMUTE_X)."""
     m, k = x.shape
+    out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out  # (an empty x may keep strides that no view of pairs accepts)
     padded = torch.nn.functional.pad(x, (0, kp - k)) if kp != k else x.contiguous()
     unit = torch.int32 if x.element_size() == 2 else torch.int64  # a pair of columns, one element
     blocks = kp // (2 * rows * cols)
-    out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
     out.view(unit).view(m, blocks, cols, rows).copy_(padded.view(unit).view(m, blocks, rows, cols).transpose(2, 3))
     return out
 

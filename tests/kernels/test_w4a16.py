@@ -122,6 +122,24 @@ def test_fragment_order_and_packed_pairs(m, k, g, grid, x_dtype):
     assert torch.equal(x, x_before)
 
 
+@pytest.mark.parametrize("m", [0, 3])
+def test_x_in_fragment_order_takes_fp32_and_empty_x(m):
+    # PERMUTE_X GEMMs (W4A16 and W8A16) on fp32 x, strided, and on no rows at all: the twin's values, y [m, n]
+    from aofunc.kernels import w8a16
+    q, scale, zero = weight(24, 100, 32)
+    x = torch.randn(m, 200, device=DEVICE)[:, ::2]
+    config = dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, GATHER_X=True, PERMUTE_X=True,
+                  num_warps=2, num_stages=1)
+    for form in (dict(PAIRS=True), dict(CENTERED=True)):
+        y = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, None, config=dict(config, **form))
+        assert y.shape == (m, 24) and autotune.relative_error(y, w4a16_linear_ref(x, q, scale, zero, 32)) <= 1e-5
+    q8 = torch.randint(-128, 128, (24, 96), dtype=torch.int8, device=DEVICE)
+    s8 = torch.rand(24, device=DEVICE) * 0.01
+    x8 = x[:, :96]
+    y = w8a16.w8a16_linear_triton(x8, q8, s8, None, config=dict(config, BLOCK_W=8))
+    assert y.shape == (m, 24) and autotune.relative_error(y, w8a16.w8a16_linear_ref(x8, q8, s8)) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,k,kp", [(3, 64, 64), (2, 40, 64), (0, 96, 128), (5, 300, 320)])
 def test_x_in_fragment_order_is_the_column_map(m, k, kp, dtype):
