@@ -134,6 +134,60 @@ def nf4_level(bits, lut_ptr, USE_SHFL: tl.constexpr):
         return tl.load(lut_ptr + (bits & 15))
 
 
+def _level_pairs_ptx(dtype: torch.dtype) -> str:
+    """PTX from one word ($4, eight codes) to four pairs of 16-bit levels ($0..$3): $b holds the levels of code 2b
+    (the high nibble of byte b) in its low half and code 2b + 1 in its high half, each NF4_LEVELS rounded to
+    ``dtype`` (bfloat16 or float16), as a cast of the fp32 level rounds it.
+
+    A level is looked up byte by byte: prmt picks, for four codes at once, one byte from a table of eight, so
+    four tables (low and high bytes of levels 0-7 and 8-15) give four candidate words, and a byte mask from each
+    code's bit 3 (9 where it is set, a nibble prmt reads as "the sign of byte 1", 0x80, so 0xFF) chooses between
+    them. Then two prmts interleave low and high bytes into the pairs: 24 instructions for eight codes.
+    """
+    halves = torch.tensor(NF4_LEVELS, dtype=torch.float32).to(dtype).view(torch.int16).tolist()
+    low = [h & 0xFF for h in halves]
+    high = [(h >> 8) & 0xFF for h in halves]
+    words = [sum(b << (8 * i) for i, b in enumerate(table[j:j + 4])) for table in (low, high) for j in (0, 4, 8, 12)]
+    lines = ["{", ".reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, sign, idx, sel, m, a, b, lo, hi;"]
+    lines += [f"mov.b32 {name}, {w:#010x};" for name, w in zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), words)]
+    lines += ["mov.b32 sign, 0x00008000;",
+              "and.b32 idx, $4, 0x77777777;",     # each code's index within its half of the table
+              "shr.u32 sel, $4, 3;",
+              "and.b32 sel, sel, 0x11111111;",
+              "mul.lo.u32 sel, sel, 9;"]          # nibble 9 where bit 3 is set, else 0
+    for half in (0, 1):
+        if half:
+            lines += ["shr.u32 idx, idx, 16;", "shr.u32 sel, sel, 16;"]
+        lines += ["prmt.b32 m, sign, sign, sel;",  # 0xFF bytes where the code is 8 or more
+                  "prmt.b32 a, l0, l1, idx;", "prmt.b32 b, l2, l3, idx;", "lop3.b32 lo, a, b, m, 0xD8;",
+                  "prmt.b32 a, h0, h1, idx;", "prmt.b32 b, h2, h3, idx;", "lop3.b32 hi, a, b, m, 0xD8;",
+                  # byte 1 of lo/hi is the first code (the high nibble), byte 0 the second; then bytes 3, 2
+                  f"prmt.b32 ${2 * half}, lo, hi, 0x4051;", f"prmt.b32 ${2 * half + 1}, lo, hi, 0x6273;"]
+    return "\n".join(lines + ["}"])
+
+
+LEVEL_PAIRS_BF16 = tl.constexpr(_level_pairs_ptx(torch.bfloat16))
+LEVEL_PAIRS_FP16 = tl.constexpr(_level_pairs_ptx(torch.float16))
+
+
+@triton.jit
+def nf4_level_pairs(q, xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """The [ROWS, 8 * WORDS] tile of NF4 levels in xt's dtype (fp16 or bf16) in fragment order
+    (tiles.nibble_fragments), from [ROWS, WORDS] int32 words, two codes a packed register (CUDA only: inline PTX;
+    the same values as nf4_levels_tile's fp32 levels cast to that dtype)."""
+    q2 = tl.join(q, q)
+    if xt.dtype == tl.float16:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(LEVEL_PAIRS_FP16, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(LEVEL_PAIRS_BF16, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=2)
+    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
+    return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+
+
 @triton.jit
 def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
                         BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
@@ -235,11 +289,13 @@ def _nf4_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, USE_SHFL: tl.constexpr,
-    M_FAST: tl.constexpr, GATHER_X: tl.constexpr,
+    M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PAIRS: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
     # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. . GATHER_X
-    # (with SWAP, blocks of at least 32): the levels in fragment order, x's columns gathered to match.
+    # (with SWAP, blocks of at least 32): the levels in fragment order, x's columns gathered to match. PAIRS
+    # (with GATHER_X, 16-bit x, CUDA): those levels from nf4_level_pairs, two codes a few byte permutes, in place
+    # of a warp shuffle and a conversion a code; the same levels, so the same sums.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -255,8 +311,11 @@ def _nf4_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK + offs_k)[None, :] * stride_xk,
                      mask=m_mask[:, None], other=0.0)
         blocks = rows * row_blocks + g
-        w = nf4_levels_tile(tl.load(q_ptr + blocks[:, None] * WORDS + offs_w[None, :]), lut_ptr, BLOCK_N, WORDS,
-                            USE_SHFL, GATHER_X)
+        q = tl.load(q_ptr + blocks[:, None] * WORDS + offs_w[None, :])
+        if PAIRS:
+            w = nf4_level_pairs(q, xt, BLOCK_N, WORDS)
+        else:
+            w = nf4_levels_tile(q, lut_ptr, BLOCK_N, WORDS, USE_SHFL, GATHER_X)
         s = block_scale(sq_ptr, f_ptr, mean, blocks, SCALER_BLOCK)
         d = dot_acc(dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP), w, xt, SWAP, DOT_FP32)
         if SWAP:
@@ -326,7 +385,8 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
                     for form in (dict(SWAP=False), dict(SWAP=True)) + (
-                            (dict(SWAP=True, GATHER_X=True),) if block_size >= 32 else ()):
+                            (dict(SWAP=True, GATHER_X=True), dict(SWAP=True, GATHER_X=True, PAIRS=True))
+                            if block_size >= 32 else ()):
                         for warps, stages in ((4, 3), (4, 4), (8, 3)):
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
@@ -355,8 +415,10 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         check_fragment_tile(params)
         grid = gemm_grid(m, n, params, split)
         kernel = _nf4_gemm_kernel
-        extra = dict(DOT_FP32=x.dtype == torch.float32 or interpreting(), M_FAST=params.pop("M_FAST", False),
-                     GATHER_X=params.pop("GATHER_X", False) and block_size >= 32)
+        gather_x = params.pop("GATHER_X", False) and block_size >= 32
+        dot_fp32 = x.dtype == torch.float32 or interpreting()
+        extra = dict(DOT_FP32=dot_fp32, M_FAST=params.pop("M_FAST", False), GATHER_X=gather_x,
+                     PAIRS=params.pop("PAIRS", False) and gather_x and not dot_fp32)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, levels_operand(x),

@@ -79,7 +79,11 @@ CASES = [
     (nf4._nf4_gemv_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_N=32, GROUPS=4, SPLIT=True, HAS_BIAS=False,
                                      EVEN_K=True, USE_SHFL=True, REDUCE_W=False, LOOP_STAGES=3), False),
     (nf4._nf4_gemm_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_M=64, BLOCK_N=64, SPLIT=False, HAS_BIAS=False,
-                                     DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True), True),
+                                     DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True,
+                                     PAIRS=False), True),
+    (nf4._nf4_gemm_kernel, NF4, dict(BLOCK=64, SCALER_BLOCK=256, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True,
+                                     DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True,
+                                     PAIRS=True), True),
     (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",
                                       col_scale_ptr="*bf16", bias_ptr="*bf16"),
      dict(SCALED=True, HAS_BIAS=True, EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), True),
@@ -108,4 +112,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 23", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 24", done.stderr[-3000:]

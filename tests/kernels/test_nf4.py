@@ -1,6 +1,8 @@
 """NF4 kernels equal their fp32 twin; the linear has autograd in x and bias (Triton's interpreter on CPU)."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aofunc.kernels import autotune, nf4
 from aofunc.kernels.nf4 import NF4_LEVELS, nf4_dequantize, nf4_dequantize_ref, nf4_linear, nf4_linear_ref
@@ -41,6 +43,9 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
         # the fragment-ordered levels (blocks of 32 and up; a smaller block runs the x-ordered tile)
         configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, GATHER_X=True, num_warps=2,
                             num_stages=1))
+        # and from byte permutes (CUDA, 16-bit x; the tile above elsewhere)
+        configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=True, GATHER_X=True, PAIRS=True,
+                            num_warps=2, num_stages=1))
     for config in configs:
         y = nf4.nf4_linear_triton(x, *args, b, config=config)
         assert y.dtype == x_dtype and y.shape == (m, n)
@@ -49,6 +54,49 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
         assert torch.equal(nf4.nf4_dequantize_triton(*args, dtype), nf4_dequantize_ref(*args, dtype))
     for before, after in zip(inputs, tensors):
         assert torch.equal(before, after)
+
+
+def run_ptx(text: str, word: int) -> list:
+    """Run the level-pairs PTX (its few instructions: mov, and, shr, mul.lo, prmt, lop3) on one word, in Python."""
+    regs = {"$4": word, "$5": word}
+
+    def value(operand):
+        return regs[operand] if operand in regs else int(operand, 0)
+
+    def prmt(a, b, c):
+        source, out = a | b << 32, 0
+        for i in range(4):
+            nibble = c >> 4 * i & 15
+            byte = source >> 8 * (nibble & 7) & 0xFF
+            if nibble & 8:  # sign mode: the byte's bit 7 replicated
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << 8 * i
+        return out
+
+    def lop3(a, b, c, lut):
+        return sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
+
+    ops = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "shr.u32": lambda a, b: a >> b,
+           "mul.lo.u32": lambda a, b: a * b & 0xFFFFFFFF, "prmt.b32": prmt, "lop3.b32": lop3}
+    for line in text.splitlines():
+        op, _, rest = line.rstrip(";").partition(" ")
+        if op in ops:
+            dest, *args = [a.strip() for a in rest.split(",")]
+            regs[dest] = ops[op](*map(value, args))
+    return [regs[f"${b}"] for b in range(4)]
+
+
+@settings(max_examples=200)
+@given(words=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_level_pairs_ptx_gives_the_rounded_levels(dtype, words):
+    # pair b of a word: code 2b (byte b's high nibble) in the low half, code 2b + 1 in the high half
+    text = str(getattr(nf4.LEVEL_PAIRS_BF16 if dtype == torch.bfloat16 else nf4.LEVEL_PAIRS_FP16, "value"))
+    bits = torch.tensor(NF4_LEVELS).to(dtype).view(torch.int16).tolist()
+    for word in words + [c * 0x11111111 for c in range(16)]:
+        codes = [word >> 8 * b + 4 - 4 * j & 15 for b in range(4) for j in (0, 1)]
+        want = [bits[codes[2 * b]] & 0xFFFF | (bits[codes[2 * b + 1]] & 0xFFFF) << 16 for b in range(4)]
+        assert run_ptx(text, word) == want, hex(word)
 
 
 def test_twin_follows_the_format_math():
@@ -87,6 +135,21 @@ def test_real_sizes_bf16():
         y.float().sum().backward()
         w = nf4_dequantize_ref(*args, torch.float32)
         assert autotune.relative_error(x.grad, (torch.ones(m, 4096, device=DEVICE) @ w).to(x.dtype)) <= 1e-2
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the byte-permute levels run on CUDA only")
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [5, 16, 64])
+def test_level_pairs_tile_sums_like_the_shuffled_levels(m, x_dtype):
+    # the same levels in the same order: the same sums, bit for bit
+    tensors = weight(512, 1024, 64, 256)
+    args = (*tensors, 512, 1024, 64, 256)
+    x = torch.randn(m, 1024, device=DEVICE, dtype=x_dtype)
+    tile = dict(path="gemm", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, SPLIT_K=2, SWAP=True, GATHER_X=True,
+                num_warps=4, num_stages=3)
+    y = nf4.nf4_linear_triton(x, *args, None, config=dict(tile, PAIRS=True))
+    assert torch.equal(y, nf4.nf4_linear_triton(x, *args, None, config=tile))
+    assert autotune.relative_error(y, nf4_linear_ref(x, *args, None)) <= nf4.tolerance(x_dtype)
 
 
 @pytest.mark.parametrize("bad,match", [
