@@ -26,7 +26,7 @@ from bench_kernels import int4_weight, int8_weight, nf4_weight, GROUP, NF4_BLOCK
 def gemm_forms(m: int, fmt: str):
     """Block shapes and forms worth timing for M rows (every config also names its split of K later)."""
     if m <= 16:
-        tiles = [(16, 64, 4), (16, 128, 8)]
+        tiles = [(16, 64, 4), (16, 128, 4), (16, 128, 8)]
     elif m <= 64:
         tiles = [(m, 64, 4), (m, 128, 8)]
     elif m <= 256:
@@ -45,6 +45,9 @@ def gemm_forms(m: int, fmt: str):
                       dict(GATHER_X=True, CENTERED=True, PERMUTE_X=True)]
     elif fmt == "w8a16":
         forms = [dict(), dict(GATHER_X=True)] + ([dict(GATHER_X=True, PERMUTE_X=True)] if m > 16 else [])
+    elif fmt == "nf4":  # levels from byte permutes won or tied the shuffled ones at 16 and 64 rows
+        forms = [dict(), dict(GATHER_X=True, PAIRS=True)] + ([dict(GATHER_X=True, PAIRS=True, PERMUTE_X=True)]
+                                                             if m > 16 else [])
     # the tuner's PERMUTE_X tiles (W8A16: up to 128 rows of x, on 4 warps)
     permuted = ((64, 4), (128, 4), (128, 8)) if fmt == "w4a16" else ((64, 4), (128, 4))
     for block_m, block_n, warps in tiles:

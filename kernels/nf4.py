@@ -26,9 +26,9 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dot_acc, dot_tile_zeros, fragment_columns,
-                                  fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
-                                  gemv_rows, gemv_split_k, interleave8, interpreting, load_x, nibble_fragments,
-                                  pow2_at_most, split_k, splitk_buffers, tolerance)
+                                  fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
+                                  load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -289,13 +289,14 @@ def _nf4_gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, USE_SHFL: tl.constexpr,
-    M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PAIRS: tl.constexpr,
+    M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PAIRS: tl.constexpr, X_ORDERED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
     # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. . GATHER_X
     # (with SWAP, blocks of at least 32): the levels in fragment order, x's columns gathered to match. PAIRS
     # (with GATHER_X, 16-bit x, CUDA): those levels from nf4_level_pairs, two codes a few byte permutes, in place
-    # of a warp shuffle and a conversion a code; the same levels, so the same sums.
+    # of a warp shuffle and a conversion a code; the same levels, so the same sums. X_ORDERED (with GATHER_X): x's
+    # columns are already in that order (tiles.fragment_ordered_x), read as they lie.
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -305,7 +306,7 @@ def _nf4_gemm_kernel(
     per_split = tl.cdiv(row_blocks, split_k)
     mean = tl.load(mean_ptr)
     acc = dot_tile_zeros(BLOCK_M, BLOCK_N, SWAP)
-    if GATHER_X:
+    if GATHER_X and not X_ORDERED:
         offs_k = fragment_columns(BLOCK)
     for g in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, row_blocks)):
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK + offs_k)[None, :] * stride_xk,
@@ -352,10 +353,14 @@ def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, 
                     num_warps=1, num_stages=3)
     if path == "gemm":
         block_m = min(128, max(16, triton.next_power_of_2(m)))
-        block_n = 64
+        # up to 64 rows, 128 rows of w in fragment order, levels from byte permutes (H200, bf16 x, 16 and 64 rows
+        # on the four benchmark shapes: 0.93-1.06x bf16 at 16 rows against 0.74-0.86x for 64 rows of w in x's
+        # order); where neither applies (fp32 x, the interpreter, blocks under 32) the launcher drops the forms
+        pairs = m <= 64 and block_size >= 32
+        block_n = 128 if pairs else 64
         split = split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k // block_size, device)
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True, num_warps=4,
-                    num_stages=3)
+                    num_stages=3, **(dict(GATHER_X=True, PAIRS=True) if pairs else {}))
     return dict(path="dequant")
 
 
@@ -384,9 +389,10 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 4, 8):
-                    for form in (dict(SWAP=False), dict(SWAP=True)) + (
-                            (dict(SWAP=True, GATHER_X=True), dict(SWAP=True, GATHER_X=True, PAIRS=True))
-                            if block_size >= 32 else ()):
+                    fragments = (dict(SWAP=True, GATHER_X=True), dict(SWAP=True, GATHER_X=True, PAIRS=True))
+                    if m > 16:  # and on x copied into their order
+                        fragments += tuple(dict(f, PERMUTE_X=True) for f in fragments)
+                    for form in (dict(SWAP=False), dict(SWAP=True)) + (fragments if block_size >= 32 else ()):
                         for warps, stages in ((4, 3), (4, 4), (8, 3)):
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
@@ -418,7 +424,10 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         gather_x = params.pop("GATHER_X", False) and block_size >= 32
         dot_fp32 = x.dtype == torch.float32 or interpreting()
         extra = dict(DOT_FP32=dot_fp32, M_FAST=params.pop("M_FAST", False), GATHER_X=gather_x,
-                     PAIRS=params.pop("PAIRS", False) and gather_x and not dot_fp32)
+                     PAIRS=params.pop("PAIRS", False) and gather_x and not dot_fp32,
+                     X_ORDERED=params.pop("PERMUTE_X", False) and gather_x)
+        if extra["X_ORDERED"]:
+            x = fragment_ordered_x(x, k)  # once, so that every program reads x contiguously (k % 32 == 0 here)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     kernel[grid](
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, levels_operand(x),

@@ -44,6 +44,13 @@ def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Te
     return out
 
 
+def fragment_ordered_x(x: torch.Tensor, kp: int) -> torch.Tensor:
+    """x [M, K] zero-padded to kp columns (a multiple of 32) and permuted within every 32 columns into the order of
+    nibble_fragments, a copy: the column order in which a GATHER_X tile of 4-bit codes in column order multiplies x
+    (pairs of columns as a 4 x 4 transpose)."""
+    return pairs_transposed(x, kp, 4, 4)
+
+
 def fragment_tile_fits(config: dict) -> bool:
     """False for a fragment-ordered GEMM tile (GATHER_X) with less than one 16 x 8 tensor-core tile a warp
     (BLOCK_N * BLOCK_M < 128 * num_warps): Triton then lays copies of the tile over the warps, and on an H200 the

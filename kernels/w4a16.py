@@ -30,7 +30,7 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offse
                                   expert_rows, fragment_column_of, fragment_columns, fragment_tile_fits, gemm_finish,
                                   gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch, gemv_rows,
                                   gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, interleave8,
-                                  interpreting, load_x, nibble_fragments, pairs_transposed, pow2_at_most, row_expert,
+                                  interpreting, load_x, nibble_fragments, fragment_ordered_x, pow2_at_most, row_expert,
                                   split_by_code, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
@@ -919,13 +919,6 @@ def group_sums(x: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = -(-k // group_size)
     padded = torch.nn.functional.pad(x, (0, groups * group_size - k)) if k % group_size else x
     return padded.reshape(m, groups, group_size).sum(-1, dtype=torch.float32)
-
-
-def fragment_ordered_x(x: torch.Tensor, kp: int) -> torch.Tensor:
-    """x [M, K] zero-padded to kp columns (a multiple of 32) and permuted within every 32 columns into
-    fragment_order, a copy: the column order in which the GATHER_X tile built from codes in column order multiplies
-    x (pairs of columns as a 4 x 4 transpose)."""
-    return pairs_transposed(x, kp, 4, 4)
 
 
 def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scale=None,

@@ -46,6 +46,9 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
         # and from byte permutes (CUDA, 16-bit x; the tile above elsewhere)
         configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=True, GATHER_X=True, PAIRS=True,
                             num_warps=2, num_stages=1))
+        # on x copied into the fragment order
+        configs.append(dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, GATHER_X=True, PERMUTE_X=True,
+                            PAIRS=True, num_warps=2, num_stages=1))
     for config in configs:
         y = nf4.nf4_linear_triton(x, *args, b, config=config)
         assert y.dtype == x_dtype and y.shape == (m, n)
@@ -149,6 +152,7 @@ def test_level_pairs_tile_sums_like_the_shuffled_levels(m, x_dtype):
                 num_warps=4, num_stages=3)
     y = nf4.nf4_linear_triton(x, *args, None, config=dict(tile, PAIRS=True))
     assert torch.equal(y, nf4.nf4_linear_triton(x, *args, None, config=tile))
+    assert torch.equal(y, nf4.nf4_linear_triton(x, *args, None, config=dict(tile, PAIRS=True, PERMUTE_X=True)))
     assert autotune.relative_error(y, nf4_linear_ref(x, *args, None)) <= nf4.tolerance(x_dtype)
 
 

@@ -146,7 +146,7 @@ def test_x_in_fragment_order_is_the_column_map(m, k, kp, dtype):
     # PERMUTE_X's copy of x: padded with zeros to kp columns, then column c holds column fragment_order[c]
     x = torch.randn(m, 2 * k, device=DEVICE).to(dtype)[:, ::2]
     padded = torch.cat([x, x.new_zeros(m, kp - k)], dim=1)
-    out = w4a16.fragment_ordered_x(x, kp)
+    out = tiles.fragment_ordered_x(x, kp)
     assert out.dtype == dtype and out.is_contiguous()
     assert torch.equal(out, padded[:, w4a16.fragment_order(kp).to(x.device)])
 
