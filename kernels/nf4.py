@@ -388,7 +388,7 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
     if m >= 2 and gemm_fits(k, block_size) and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
-                for split in (1, 2, 4, 8):
+                for split in (1, 2, 3, 4, 8):  # 3: a third wave where powers of two leave the last part-empty
                     fragments = (dict(SWAP=True, GATHER_X=True), dict(SWAP=True, GATHER_X=True, PAIRS=True))
                     if m > 16:  # and on x copied into their order
                         fragments += tuple(dict(f, PERMUTE_X=True) for f in fragments)
