@@ -84,9 +84,11 @@ def gemv_forms(fmt: str):
 
 
 def candidates(fmt, m, n, k, device):
-    if m == 1:
-        return [dict(c, SPLIT_K=split) for c in gemv_forms(fmt) for split in (1, 2, 4, 8)]
     out = []
+    if m == 1:
+        out = [dict(c, SPLIT_K=split) for c in gemv_forms(fmt) for split in (1, 2, 4, 8)]
+        if fmt != "nf4":  # NF4's 16-row GEMM tile can beat its GEMV at one row
+            return out
     if fmt == "w4a16" and m <= 8:  # the GEMV with two rows of x a program, each code's unit shared by both
         out += [dict(c, SPLIT_K=split, TWO_ROWS=True) for c in gemv_forms(fmt) for split in (1, 2, 4, 8)]
     steps = {"w4a16": k // GROUP, "w8a16": k // 128, "nf4": k // NF4_BLOCK}[fmt]

@@ -385,7 +385,8 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                         for stages, reduce_w in ((1, True), (3, True), (4, True), (3, False)):
                             out.append(dict(path="gemv", BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split,
                                             REDUCE_W=reduce_w, LOOP_STAGES=stages, num_warps=warps, num_stages=3))
-    if m >= 2 and gemm_fits(k, block_size) and dtype != torch.float32:
+    # the GEMM from one row: its 16-row tile, levels from byte permutes, can beat the GEMV's shuffled levels there
+    if gemm_fits(k, block_size) and dtype != torch.float32:
         for block_m in sorted({16, min(128, max(16, triton.next_power_of_2(m)))}):
             for block_n in (32, 64, 128):
                 for split in (1, 2, 3, 4, 8):  # 3: a third wave where powers of two leave the last part-empty
