@@ -213,7 +213,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
         # also the x-ordered units (the form for groups under 32 codes)
         tile += [dict(c, GATHER_X=False, CENTERED=False, PERMUTE_X=False) for c in tile if c["CENTERED"]]
-        return candidate_configs(m) + gemv + two_rows + tile
+        dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
+        return candidate_configs(m) + gemv + two_rows + tile + dequant
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
     return autotune.choose(key, default, candidates, run, reference, tolerance=1e-3)
@@ -272,13 +273,15 @@ def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, tor
 
 
 def quantize_per_token_asym_int8_triton(
-    x: torch.Tensor, block_k: Optional[int] = None, *, centered: bool = False
+    x: torch.Tensor, block_k: Optional[int] = None, *, centered: bool = False,
+    centered_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``.
-    ``centered``: xq - zp in x's dtype in place of xq (the integer activations the GEMV path multiplies)."""
+    ``centered``: xq - zp in ``centered_dtype`` (default x's dtype) in place of xq (the integer activations the
+    GEMV, GEMM and dequant paths multiply)."""
     _check_quantize_args(x)
     m, k = x.shape
-    xq = torch.empty((m, k), device=x.device, dtype=x.dtype if centered else torch.int8)
+    xq = torch.empty((m, k), device=x.device, dtype=(centered_dtype or x.dtype) if centered else torch.int8)
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
     if m == 0:
@@ -377,6 +380,8 @@ def int8_int4_linear_triton(
             x, qdata, scale, group_size, lambda c: int8_int4_linear_triton(x, qdata, scale, group_size, bias, c),
             lambda: int8_int4_linear_ref(x, qdata, scale, group_size, bias),
         )
+    if config.get("path") == "dequant":
+        return dequant_linear(x, qdata, scale, group_size, bias)
     if config.get("path") in ("gemv", "gemm"):
         # the W4A16 GEMV or GEMM on the centered integer activations, symmetric grid (no zero), each row's products
         # times its scale
@@ -397,6 +402,46 @@ def int8_int4_linear_triton(
         QUANTIZE_A=fused, HAS_BIAS=bias is not None, EPS_=EPS, GROUP=group_size, **launch,
     )
     return y
+
+
+def dequant_linear(x, qdata, scale, group_size: int, bias) -> torch.Tensor:
+    """The twin's y through cuBLAS: fp16 operands that hold the twin's numbers exactly, an fp32 result.
+
+    The centered activations xq - zp are integers of at most 255 in magnitude, exact in fp16. Each weight row's
+    scales are divided by p[n], the power of two at or above their largest magnitude, also exactly. The
+    dequantized weight (code - 8) * scale / p then holds at most 12 significant bits below 8 in magnitude: exact in
+    fp16, where it is normal (scales more than 2^14 below their row's largest lose bits). The fp16 GEMM then sums
+    exact products in fp32, and one epilogue pass gives y = (acc * p[n] * s[m]).to(x.dtype) + bias. Past a few
+    hundred rows the GEMM is compute-bound and cuBLAS's tiles are the fastest; writing the weight costs one pass
+    over its 16-bit copy."""
+    m, k = x.shape
+    xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True, centered_dtype=torch.float16)
+    row_max = scale.float().abs().amax(dim=1)
+    p = torch.exp2(torch.ceil(torch.log2(torch.where(row_max > 0, row_max, 1.0))))
+    w = w4a16.w4a16_dequantize(qdata, (scale.float() / p[:, None]).to(scale.dtype), None, group_size, k,
+                               torch.float16)
+    # (CPU: fp32 operands, the same exact products and fp32 sums)
+    acc = torch.mm(xi, w.t(), out_dtype=torch.float32) if x.is_cuda else xi.float() @ w.float().t()
+    y = torch.empty(m, qdata.shape[0], device=x.device, dtype=x.dtype)
+    block_n = 128
+    _scale_cast_kernel[(m, triton.cdiv(y.shape[1], block_n))](
+        acc, sx, p, bias if bias is not None else y, y, y.shape[1], acc.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n)
+    return y
+
+
+@triton.jit
+def _scale_cast_kernel(acc_ptr, sx_ptr, p_ptr, b_ptr, y_ptr, N, stride_am, stride_ym, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    # y[m, n] = (acc[m, n] * p[n] * sx[m]).to(y's dtype) + bias[n], the bias added after the rounding as the twin does
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    acc = tl.load(acc_ptr + row * stride_am + offs, mask=mask, other=0.0)
+    y = (acc * tl.load(p_ptr + offs, mask=mask, other=1.0) * tl.load(sx_ptr + row)).to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_ym + offs, y, mask=mask)
 
 
 def launch(x, qdata, scale, group_size, bias, config: dict) -> torch.Tensor:

@@ -112,6 +112,31 @@ def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
                int8_int4_linear_ref(x, qdata, scale, group_size, b))
 
 
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("m,k,group_size", [(5, 64, 32), (33, 100, 64), (0, 64, 32)])
+def test_dequant_path_equals_twin(dtype, m, k, group_size):
+    # fp16 operands exact, an fp32 GEMM, one epilogue. Each row's scales spread over 2^4; rows of scales past fp16's
+    # range and far below its normal numbers (each output column checked alone) show the row's power-of-two divisor
+    x = _activation(m, k, dtype, seed=m + 1, contiguous=m != 33)
+    qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k + 1)
+    rows = torch.ones(37, device=DEVICE)
+    rows[1], rows[2] = (1.0 if dtype == torch.float16 else 2e5), 1e-5  # (fp16 y cannot hold the first's outputs)
+    scale = (scale.float() * torch.logspace(-2, 2, scale.shape[1], base=2.0, device=DEVICE) * rows[:, None])
+    scale = scale.to(dtype)
+    scale[5] = 0  # a row of zero scales
+    before = [t.clone() for t in (x, qdata, scale, bias)]
+    for b in (bias, None):
+        y = int8_int4_linear_triton(x, qdata, scale, group_size, b, dict(path="dequant"))
+        want = int8_int4_linear_ref(x, qdata, scale, group_size, b)
+        assert y.shape == want.shape and y.dtype == want.dtype
+        if m and b is not None:
+            _close(y, want)
+        for column in range(37 if m and b is None else 0):  # (a bias could cancel a column's sums)
+            if column != 5:
+                _close(y[:, column], want[:, column])
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
+
+
 def test_linear_matches_fake_quantized_float_reference():
     """The integer kernel computes what the reference's fake quantization computes, to fp32 rounding."""
     x = _activation(6, 96, torch.float32, seed=5)
@@ -180,6 +205,9 @@ def test_real_sizes_on_gpu(k, n, m, group_size):
     w4a16_kernel = default_path("8da4w", Problem(m, n, k, x.dtype, x.device, group_size)) in ("gemv", "gemm")
     twin = _twin_rounded_once if w4a16_kernel else int8_int4_linear_ref
     _close(int8_int4_linear(x, qdata, scale, group_size, bias), twin(x, qdata, scale, group_size, bias))
+    if m >= 128:
+        _close(int8_int4_linear_triton(x, qdata, scale, group_size, bias, dict(path="dequant")),
+               int8_int4_linear_ref(x, qdata, scale, group_size, bias))
     for a, b in zip(quantize_per_token_asym_int8(x), quantize_per_token_asym_int8_ref(x)):
         assert torch.equal(a, b)
 
