@@ -228,6 +228,8 @@ def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype
         return gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)
     if path == "gemm":
         return gemm_config(m, n, k, group_size, x_dtype, device)
+    if path == "dequant":
+        return dict(path="dequant")
     return default_config(m, device)
 
 

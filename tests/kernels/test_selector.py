@@ -75,7 +75,8 @@ def test_routes_table_lists_every_route_with_its_range():
     assert "| w4a16 | gemm | 2 to 128 |" in text
     assert "| w4a16 | gemm | 129 to 256 | wide weights" in text
     assert "| w4a16 | dequant | 129 and up |" in text
-    assert "| 8da4w | gemm | 2 to 64 |" in text and "| 8da4w | two_pass | 5 and up |" in text  # fp32 x from 5
+    assert "| 8da4w | gemm | 2 to 64 |" in text and "| 8da4w | two_pass | 5 to 256 |" in text  # fp32 x from 5
+    assert "| 8da4w | dequant | 257 and up |" in text
 
 
 @pytest.mark.parametrize("module", ["w4a16", "w8a16", "nf4", "w8a8", "int8_int4"])
