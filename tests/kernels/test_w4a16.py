@@ -217,18 +217,21 @@ def test_fragment_tiles_smaller_than_a_tensor_core_tile_a_warp_are_refused(monke
 
 def test_packed_pairs_on_weights_without_zeros_run_centered(monkeypatch):
     # the launcher's choice of tile form (as on CUDA, where PAIRS applies): with no zeros stored, a configuration
-    # asking for packed pairs gets the centered tile unless it says CENTERED=False; with zeros it keeps the pairs
+    # asking for packed pairs gets the centered tile unless it says CENTERED=False, or its tile has more than 64 rows
+    # of x; with zeros it keeps the pairs
     monkeypatch.setattr(w4a16, "interpreting", lambda: False)
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     scale = torch.rand(8, 2).to(torch.bfloat16)
     zero = torch.randn(8, 2).to(torch.bfloat16)
 
-    def forms(zero, **config):
-        f = w4a16.tile_forms(dict(GATHER_X=True, PAIRS=True, BLOCK_M=16, BLOCK_N=64, num_warps=4, **config), x,
+    def forms(zero, block_m=16, **config):
+        f = w4a16.tile_forms(dict(GATHER_X=True, PAIRS=True, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, **config), x,
                              scale, zero, 128)
         return f["PAIRS"], f["CENTERED"]
 
     assert forms(None) == (False, True)
+    assert forms(None, block_m=64) == (False, True)
+    assert forms(None, block_m=128) == (True, False)
     assert forms(None, CENTERED=False) == (True, False)
     assert forms(zero) == (True, False)
     assert forms(zero.to(torch.float16)) == (False, False)  # pairs need one 16-bit dtype: the fp32 fragment tile
