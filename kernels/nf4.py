@@ -28,7 +28,8 @@ from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dot_acc, dot_tile_zeros, fragment_columns,
                                   fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
-                                  load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers, tolerance)
+                                  load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers, tolerance,
+                                  word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -175,17 +176,7 @@ def nf4_level_pairs(q, xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """The [ROWS, 8 * WORDS] tile of NF4 levels in xt's dtype (fp16 or bf16) in fragment order
     (tiles.nibble_fragments), from [ROWS, WORDS] int32 words, two codes a packed register (CUDA only: inline PTX;
     the same values as nf4_levels_tile's fp32 levels cast to that dtype)."""
-    q2 = tl.join(q, q)
-    if xt.dtype == tl.float16:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(LEVEL_PAIRS_FP16, "=r,=r,=r,=r,r,r", [q2],
-                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                   is_pure=True, pack=2)
-    else:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(LEVEL_PAIRS_BF16, "=r,=r,=r,=r,r,r", [q2],
-                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-                                                   is_pure=True, pack=2)
-    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
-    return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+    return word_pairs_fragments(q, xt.dtype, LEVEL_PAIRS_FP16, LEVEL_PAIRS_BF16, ROWS, WORDS)
 
 
 @triton.jit

@@ -206,6 +206,25 @@ def nibble_fragments(t, ROWS: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def word_pairs_fragments(q, dtype: tl.constexpr, ASM_FP16: tl.constexpr, ASM_BF16: tl.constexpr, ROWS: tl.constexpr,
+                         WORDS: tl.constexpr):
+    """The [ROWS, 8 * WORDS] tile in ``dtype`` (fp16 or bf16) and in fragment order (nibble_fragments) from inline
+    PTX that writes, for an int32 word ($4), four registers $0..$3 of two 16-bit values each: $b the values of code
+    2b in its low half and code 2b + 1 in its high half (ASM_FP16 or ASM_BF16 by dtype; CUDA only)."""
+    q2 = tl.join(q, q)
+    if dtype == tl.float16:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(ASM_FP16, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(ASM_BF16, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=2)
+    # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
+    return nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+
+
+@triton.jit
 def split_by_code(xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """The eight [ROWS, WORDS] tiles xt[:, 8w + j], j = 0..7, of a [ROWS, 8 * WORDS] tile (interleave8 undone)."""
     t = tl.reshape(xt, (ROWS, WORDS, 2, 2, 2))  # t[r, w, a, b, c] = xt[r, 8w + 4a + 2b + c]

@@ -31,7 +31,8 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offse
                                   gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch, gemv_rows,
                                   gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, interleave8,
                                   interpreting, load_x, nibble_fragments, fragment_ordered_x, pow2_at_most, row_expert,
-                                  split_by_code, split_k, splitk_buffers, tolerance)
+                                  split_by_code, split_k, splitk_buffers, tolerance,
+                                  word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -487,17 +488,7 @@ def centered_tile(q, xt, ROWS: tl.constexpr, WORDS: tl.constexpr, DOT_FP32: tl.c
     if DOT_FP32:
         tile = fragment_tile(q, 16.0, -24.0, ROWS, WORDS)  # 16 (1 + code/16) - 24
     else:
-        q2 = tl.join(q, q)
-        if xt.dtype == tl.float16:
-            b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_FP16, "=r,=r,=r,=r,r,r", [q2],
-                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                       is_pure=True, pack=2)
-        else:
-            b0, b1, b2, b3 = tl.inline_asm_elementwise(CENTERED_BF16, "=r,=r,=r,=r,r,r", [q2],
-                                                       dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-                                                       is_pure=True, pack=2)
-        # bj[r, w, j0] = code 2j + j0 of word w; tl.join appends its choice as the last axis: t[r, w, j0, j1, j2]
-        tile = nibble_fragments(tl.join(tl.join(b0, b1), tl.join(b2, b3)), ROWS, WORDS)
+        tile = word_pairs_fragments(q, xt.dtype, CENTERED_FP16, CENTERED_BF16, ROWS, WORDS)
     return tile
 
 
