@@ -24,6 +24,7 @@ import torch
 from . import autotune, w4a16
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
+from .tiles import fragment_tile_fits, split_k
 from .w8a8 import check_activation, check_vector, round_half_even
 from .triton_compat import tl, triton
 
@@ -159,6 +160,8 @@ INTERPRETER_CONFIG = {"FUSED": False, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2
 FUSED_MAX_M = 32
 # Largest M for which a search tries the W4A16 GEMM tile on the centered activations.
 GEMM_MAX_M = 128
+# A search tries the W4A16 GEMM tile in packed fp16 pairs on exact fp16 operands past this M.
+FP16_GEMM_MIN_M = 32
 
 
 def _config(fused, block_m, block_n, group_m, num_warps, num_stages) -> dict:
@@ -214,7 +217,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         # also the x-ordered units (the form for groups under 32 codes)
         tile += [dict(c, GATHER_X=False, CENTERED=False, PERMUTE_X=False) for c in tile if c["CENTERED"]]
         dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
-        return candidate_configs(m) + gemv + two_rows + tile + dequant
+        fp16 = fp16_gemm_candidates(m, n, k, group_size, x.device) if m > FP16_GEMM_MIN_M else []
+        return candidate_configs(m) + gemv + two_rows + tile + fp16 + dequant
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
     return autotune.choose(key, default, candidates, run, reference, tolerance=1e-3)
@@ -230,6 +234,8 @@ def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype
         return gemm_config(m, n, k, group_size, x_dtype, device)
     if path == "dequant":
         return dict(path="dequant")
+    if path == "fp16_gemm":
+        return fp16_gemm_candidates(m, n, k, group_size, device)[0]
     return default_config(m, device)
 
 
@@ -362,6 +368,24 @@ def gemm_config(m: int, n: int, k: int, group_size: int, x_dtype, device) -> dic
                 PERMUTE_X=centered and base.get("PERMUTE_X", False))
 
 
+def fp16_gemm_candidates(m: int, n: int, k: int, group_size: int, device) -> list:
+    """Configurations of the fp16_gemm path, the first its default: W4A16's GEMM tile in packed fp16 pairs
+    (fragment order, weights (code - 8) * scale / p exact in fp16; see exact_fp16_operands) on the centered
+    activations, x copied into the tile's order or gathered, 64 to 256 rows of x and 64 or 128 rows of w a tile."""
+    n_groups = -(-k // group_size)
+    rows = min(256, max(64, triton.next_power_of_2(m)))
+    out = []
+    for permute_x in (True, False):
+        for block_m in [r for r in (256, 128, 64) if r <= rows]:
+            for block_n, warps in ((128, 8), (128, 4), (64, 4)):
+                programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+                out.append(dict(path="fp16_gemm", BLOCK_M=block_m, BLOCK_N=block_n,
+                                SPLIT_K=split_k(programs, n_groups, device), SWAP=True, GATHER_X=True,
+                                PAIRS=True, CENTERED=False, PERMUTE_X=permute_x, M_FAST=m > 64, num_warps=warps,
+                                num_stages=3))
+    return [c for c in out if fragment_tile_fits(c)]
+
+
 def int8_int4_linear_triton(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -384,6 +408,10 @@ def int8_int4_linear_triton(
         )
     if config.get("path") == "dequant":
         return dequant_linear(x, qdata, scale, group_size, bias)
+    if config.get("path") == "fp16_gemm":
+        xi, sx, p, scaled = exact_fp16_operands(x, scale)
+        return w4a16.launch(xi, qdata, scaled, None, group_size, bias, dict(config, path="gemm"), row_scale=sx,
+                            col_scale=p, out_dtype=x.dtype)
     if config.get("path") in ("gemv", "gemm"):
         # the W4A16 GEMV or GEMM on the centered integer activations, symmetric grid (no zero), each row's products
         # times its scale
@@ -406,22 +434,29 @@ def int8_int4_linear_triton(
     return y
 
 
-def dequant_linear(x, qdata, scale, group_size: int, bias) -> torch.Tensor:
-    """The twin's y through cuBLAS: fp16 operands that hold the twin's numbers exactly, an fp32 result.
+def exact_fp16_operands(x, scale):
+    """(xi, sx, p, scaled): the twin's numbers as fp16 operands whose products are exact.
 
-    The centered activations xq - zp are integers of at most 255 in magnitude, exact in fp16. Each weight row's
-    scales are divided by p[n], the power of two at or above their largest magnitude, also exactly. The
-    dequantized weight (code - 8) * scale / p then holds at most 12 significant bits below 8 in magnitude: exact in
-    fp16, where it is normal (scales more than 2^14 below their row's largest lose bits). The fp16 GEMM then sums
-    exact products in fp32, and one epilogue pass gives y = (acc * p[n] * s[m]).to(x.dtype) + bias. Past a few
-    hundred rows the GEMM is compute-bound and cuBLAS's tiles are the fastest; writing the weight costs one pass
-    over its 16-bit copy."""
-    m, k = x.shape
+    xi = xq - zp, the centered activations, integers of at most 255 in magnitude (fp16 [M, K]), and sx their
+    scales (fp32 [M]). p (fp32 [N]) is the power of two at or above each weight row's largest scale magnitude,
+    and scaled = scale / p (exact), in fp16 for 16-bit scales (8 or 11 significant bits), in fp32 for fp32 ones.
+    The weight (code - 8) * scaled then holds at most 11 significant bits below 8 in magnitude: exact in fp16 where
+    it is a normal number (scales more than 2^14 below their row's largest lose bits), so fp32 sums of the
+    products xi * w are the twin's group sums times scale / p, and y = (sum * p[n] * sx[m]).to(x.dtype) + bias."""
     xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True, centered_dtype=torch.float16)
     row_max = scale.float().abs().amax(dim=1)
     p = torch.exp2(torch.ceil(torch.log2(torch.where(row_max > 0, row_max, 1.0))))
-    w = w4a16.w4a16_dequantize(qdata, (scale.float() / p[:, None]).to(scale.dtype), None, group_size, k,
-                               torch.float16)
+    scaled = (scale.float() / p[:, None]).to(torch.float32 if scale.dtype == torch.float32 else torch.float16)
+    return xi, sx, p, scaled
+
+
+def dequant_linear(x, qdata, scale, group_size: int, bias) -> torch.Tensor:
+    """The twin's y through cuBLAS on exact_fp16_operands: the weight dequantized to fp16 once, an fp16 GEMM with
+    fp32 sums, and one epilogue pass y = (acc * p[n] * s[m]).to(x.dtype) + bias. Past a few hundred rows the GEMM
+    is compute-bound and cuBLAS's tiles are the fastest; writing the weight costs one pass over its 16-bit copy."""
+    m, k = x.shape
+    xi, sx, p, scaled = exact_fp16_operands(x, scale)
+    w = w4a16.w4a16_dequantize(qdata, scaled, None, group_size, k, torch.float16)
     # (CPU: fp32 operands, the same exact products and fp32 sums)
     acc = torch.mm(xi, w.t(), out_dtype=torch.float32) if x.is_cuda else xi.float() @ w.float().t()
     y = torch.empty(m, qdata.shape[0], device=x.device, dtype=x.dtype)

@@ -181,21 +181,23 @@ def nf4_level_pairs(q, xt, ROWS: tl.constexpr, WORDS: tl.constexpr):
 
 @triton.jit
 def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
-                        BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
-                        HALF_P2: tl.constexpr, USE_SHFL: tl.constexpr):
-    # BLOCKS NF4 blocks of the flat weight: a [BLOCKS, BLOCK / 2] tile of bytes (HALF_P2 = BLOCK / 2 rounded up
-    # to a power of two), one scale per block. Bytes past the weight repeat its last byte and are never stored.
-    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    offs_j = tl.arange(0, HALF_P2)
-    n_blocks = tl.cdiv(numel, BLOCK)
-    offs = tl.minimum(tl.minimum(blocks, n_blocks - 1)[:, None] * (BLOCK // 2) + offs_j[None, :], (numel - 1) // 2)
-    byte = tl.load(q_ptr + offs).to(tl.int32)
-    s = block_scale(sq_ptr, f_ptr, tl.load(mean_ptr), tl.minimum(blocks, n_blocks - 1), SCALER_BLOCK)[:, None]
-    w = tl.join(nf4_level(byte >> 4, lut_ptr, USE_SHFL) * s, nf4_level(byte, lut_ptr, USE_SHFL) * s)
-    w = tl.reshape(w, (BLOCKS, 2 * HALF_P2))
-    k = blocks[:, None] * BLOCK + tl.arange(0, 2 * HALF_P2)[None, :]
-    mask = (tl.arange(0, 2 * HALF_P2) < BLOCK)[None, :] & (k < numel)
-    tl.store(w_ptr + k, w.to(w_ptr.dtype.element_ty), mask=mask)
+                        BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, WORDS: tl.constexpr,
+                        USE_SHFL: tl.constexpr):
+    # WORDS int32 words of the flat codes (eight codes each, the first in the high nibble of byte 0), each to its
+    # eight weights w[8v .. 8v + 7]: one 16-byte store for 16-bit w. Flat over words, so a program's loads and
+    # stores are contiguous runs (MEASURE).
+    # A word lies in one NF4 block when the block is a whole number of words; else each code finds its own.
+    v = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)
+    q = tl.load(q_ptr + v, mask=v < tl.cdiv(numel, 8), other=0)
+    k = v[:, None] * 8 + tl.arange(0, 8)[None, :]
+    mean = tl.load(mean_ptr)
+    last_block = (numel - 1) // BLOCK
+    if BLOCK % 8 == 0:
+        s = block_scale(sq_ptr, f_ptr, mean, tl.minimum(v * 8 // BLOCK, last_block), SCALER_BLOCK)[:, None]
+    else:
+        s = block_scale(sq_ptr, f_ptr, mean, tl.minimum(k // BLOCK, last_block), SCALER_BLOCK)
+    codes = q[:, None] >> ((tl.arange(0, 8) ^ 1) * 4)[None, :]  # nf4_level reads the low four bits only
+    tl.store(w_ptr + k, (nf4_level(codes, lut_ptr, USE_SHFL) * s).to(w_ptr.dtype.element_ty), mask=k < numel)
 
 
 @triton.jit
@@ -323,13 +325,19 @@ def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k
     """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (Triton kernel)."""
     check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
-    half_p2 = triton.next_power_of_2(block_size // 2)
-    blocks = max(1, 1024 // half_p2)
-    grid = (triton.cdiv(triton.cdiv(n * k, block_size), blocks),)
-    _nf4_dequant_kernel[grid](qdata, scaler_q, scaler_factor, scaler_mean, levels_operand(qdata), w, n * k,
-                              BLOCK=block_size, SCALER_BLOCK=scaler_block_size, BLOCKS=blocks, HALF_P2=half_p2,
-                              USE_SHFL=not interpreting(), num_warps=4)
+    words = 1024
+    _nf4_dequant_kernel[(triton.cdiv(n * k, 8 * words),)](
+        _code_words(qdata), scaler_q, scaler_factor, scaler_mean, levels_operand(qdata), w, n * k, BLOCK=block_size,
+        SCALER_BLOCK=scaler_block_size, WORDS=words, USE_SHFL=not interpreting(), num_warps=4)
     return w
+
+
+def _code_words(qdata: torch.Tensor) -> torch.Tensor:
+    """The flat codes as int32 words (a copy padded to whole words where their bytes do not fill whole words or
+    do not start on a word's boundary)."""
+    if qdata.numel() % 4 or qdata.storage_offset() % 4 or not qdata.is_contiguous():
+        qdata = torch.nn.functional.pad(qdata, (0, -qdata.numel() % 4))
+    return qdata.view(torch.int32)
 
 
 def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, device: torch.device) -> dict:

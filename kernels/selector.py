@@ -7,6 +7,9 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
   the W4A16 GEMV on its centered integer activations, each row scaled by its activation scale.
 - ``gemm``: ``tl.dot`` on weight tiles dequantized in registers, split along K when the tiles are too few; 8da4w
   runs the W4A16 tile on its centered integer activations (exact group sums), each row scaled likewise.
+- ``fp16_gemm`` (8da4w): the W4A16 tile in packed fp16 pairs on fp16 operands whose products are the twin's
+  exactly (centered activations; each weight row's scales divided by a power of two), rows and columns scaled in
+  its epilogue.
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).
@@ -102,8 +105,11 @@ ROUTES = (
           lambda p: p.m <= 1 or not _sixteen_bit_or_interpreted(p)),
     Route("8da4w", "gemm", 64, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted,
           m_min=2),
-    # past 256 rows cuBLAS on fp16 operands that hold the twin's numbers exactly (H200, 2048 rows: 0.48-0.79x bf16
-    # against 0.32-0.40x for the int8 GEMM, whose per-group rescale runs in its loop)
+    # on wide weights past 128 rows, W4A16's tile in fp16 pairs on operands that hold the twin's numbers exactly
+    # (H200, 8192 x 28672 at 256 and 512 rows: 271.1 and 483.9 us against 438.1 and 867.8 for the int8 GEMM, whose
+    # per-group rescale runs in its loop, and 415.8 and 580.4 for cuBLAS on the same operands)
+    Route("8da4w", "fp16_gemm", 512, "wide weights (N >= 8192), any x", lambda p: p.n >= 8192, m_min=129),
+    # past 256 rows cuBLAS on those operands (H200, 2048 rows: 0.48-0.79x bf16 against 0.32-0.40x for the int8 GEMM)
     Route("8da4w", "two_pass", 256, "any x (fused only where a search chose it)", _any),
     Route("8da4w", "dequant", math.inf, "any x", _any),
 )

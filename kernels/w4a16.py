@@ -607,16 +607,16 @@ def w4a16_tile(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, offs_m, m_mask, rows, K, firs
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, rs_ptr, xs_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym, split_k, rs_ptr, cs_ptr, xs_ptr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
     FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
     PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
-    ROW_SCALE: tl.constexpr, CENTERED: tl.constexpr,
+    ROW_SCALE: tl.constexpr, COL_SCALE: tl.constexpr, CENTERED: tl.constexpr,
 ):
     # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do). ROW_SCALE:
     # each row's products times rs_ptr[row] (fp32) before the bias (8da4w's activation scales; a split's partial
-    # sums are scaled alike, so their total is).
+    # sums are scaled alike, so their total is); COL_SCALE: each column's times cs_ptr[column] (fp32) likewise.
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     n_groups = tl.cdiv(K, GROUP)
     per_split = tl.cdiv(n_groups, split_k)
@@ -631,6 +631,12 @@ def _w4a16_gemm_kernel(
             acc = acc * rs[None, :]
         else:
             acc = acc * rs[:, None]
+    if COL_SCALE:
+        cs = tl.load(cs_ptr + offs_n, mask=offs_n < N, other=0.0)
+        if SWAP:
+            acc = acc * cs[:, None]
+        else:
+            acc = acc * cs[None, :]
     gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
                 SWAP)
 
@@ -860,22 +866,26 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
     return forms
 
 
-def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None) -> torch.Tensor:
-    """Run one path with one configuration (no checks, no tuning): y [M, N] in x.dtype. ``row_scale`` (fp32 [M],
-    the GEMV and the GEMM) multiplies each row's products before the bias."""
+def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None, col_scale=None,
+           out_dtype=None) -> torch.Tensor:
+    """Run one path with one configuration (no checks, no tuning): y [M, N] in ``out_dtype`` (default x.dtype).
+    ``row_scale`` (fp32 [M], the GEMV and the GEMM) multiplies each row's products before the bias;
+    ``col_scale`` (fp32 [N], the GEMM) each column's."""
     m, k = x.shape
     n = qdata.shape[0]
     params = dict(config)
     path = params.pop("path")
-    if row_scale is not None and path == "dequant":
-        raise ValueError("row_scale is taken by the gemv and gemm paths, not 'dequant'")
+    if (row_scale is not None or out_dtype not in (None, x.dtype)) and path == "dequant":
+        raise ValueError("row_scale and out_dtype are taken by the gemv and gemm paths, not 'dequant'")
+    if (col_scale is not None or out_dtype not in (None, x.dtype)) and path == "gemv":
+        raise ValueError("col_scale and out_dtype are taken by the gemm path only")
     if path == "dequant":
         w = w4a16_dequantize(qdata, scale, zero, group_size, k, x.dtype, block=params.get("BLOCK", 1024),
                              num_warps=params.get("num_warps", 4), prepacked=params.get("PREPACKED", False))
         return torch.nn.functional.linear(x, w, bias)
     if path == "gemv":
         return gemv(x, qdata, scale, zero, group_size, bias, params, row_scale=row_scale)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
     grid = gemm_grid(m, n, params, split)
     permute_x = params.pop("PERMUTE_X", False)
@@ -892,8 +902,9 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     _w4a16_gemm_kernel[grid](
         x, _words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
-        split, y if row_scale is None else row_scale, zero_sums(x, zero, group_size, forms), GROUP=group_size,
-        SPLIT=split > 1, HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None, **forms, **params,
+        split, y if row_scale is None else row_scale, y if col_scale is None else col_scale,
+        zero_sums(x, zero, group_size, forms), GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None,
+        ROW_SCALE=row_scale is not None, COL_SCALE=col_scale is not None, **forms, **params,
     )
     return y
 

@@ -9,6 +9,7 @@ import torch
 from aofunc.kernels.int8_int4 import (
     EPS,
     candidate_configs,
+    fp16_gemm_candidates,
     gemm_config,
     int8_int4_linear,
     int8_int4_linear_ref,
@@ -113,11 +114,23 @@ def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
                int8_int4_linear_ref(x, qdata, scale, group_size, b))
 
 
+def _fp16_gemm_configs(m, n, k, group_size):
+    """Tiles of the fp16_gemm path: the search's first (its default) on the GPU, small ones under the
+    interpreter; x gathered or copied into the tile's order."""
+    if ON_GPU:
+        return fp16_gemm_candidates(max(m, 33), n, k, group_size, DEVICE)[:1]
+    return [dict(path="fp16_gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=True, GATHER_X=True, PAIRS=True,
+                 CENTERED=False, PERMUTE_X=permute_x, M_FAST=False, num_warps=2, num_stages=1)
+            for split, permute_x in ((1, False), (2, True))]
+
+
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
 @pytest.mark.parametrize("m,k,group_size", [(5, 64, 32), (33, 100, 64), (0, 64, 32)])
-def test_dequant_path_equals_twin(dtype, m, k, group_size):
-    # fp16 operands exact, an fp32 GEMM, one epilogue. Each row's scales spread over 2^4; rows of scales past fp16's
-    # range and far below its normal numbers show the row's power-of-two divisor
+@pytest.mark.parametrize("path", ["dequant", "fp16_gemm"])
+def test_exact_fp16_paths_equal_twin(dtype, m, k, group_size, path):
+    # fp16 operands exact (cuBLAS on the dequantized weight, or W4A16's tile in packed fp16 pairs), fp32 sums, one
+    # epilogue. Each row's scales spread over 2^4; rows of scales past fp16's range and far below its normal numbers
+    # show the row's power-of-two divisor
     x = _activation(m, k, dtype, seed=m + 1, contiguous=m != 33)
     qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k + 1)
     rows = torch.ones(37, device=DEVICE)
@@ -126,17 +139,21 @@ def test_dequant_path_equals_twin(dtype, m, k, group_size):
     scale = scale.to(dtype)
     scale[5] = 0  # a row of zero scales
     before = [t.clone() for t in (x, qdata, scale, bias)]
-    for b in (bias, None):
-        y = int8_int4_linear_triton(x, qdata, scale, group_size, b, dict(path="dequant"))
-        want = int8_int4_linear_ref(x, qdata, scale, group_size, b)
-        assert y.shape == want.shape and y.dtype == want.dtype
-        if m:
-            _close(y, want)
-        # each column alone where y is fp32 (a 16-bit y's last bit may differ from the twin's, which one column of
-        # a few rows does not average out) and without a bias (which could cancel a column's sums)
-        for column in range(37 if m and b is None and dtype == torch.float32 else 0):
-            if column != 5:
-                _close(y[:, column], want[:, column])
+    # the tile adds the bias before its one rounding, cuBLAS's epilogue after it as the twin does
+    configs, twin = ((_fp16_gemm_configs(m, 37, k, group_size), _twin_rounded_once) if path == "fp16_gemm"
+                     else ([dict(path="dequant")], int8_int4_linear_ref))
+    for config in configs:
+        for b in (bias, None):
+            y = int8_int4_linear_triton(x, qdata, scale, group_size, b, config)
+            want = twin(x, qdata, scale, group_size, b)
+            assert y.shape == want.shape and y.dtype == want.dtype
+            if m:
+                _close(y, want)
+            # each column alone where y is fp32 (a 16-bit y's last bit may differ from the twin's, which one column
+            # of a few rows does not average out) and without a bias (which could cancel a column's sums)
+            for column in range(37 if m and b is None and dtype == torch.float32 else 0):
+                if column != 5:
+                    _close(y[:, column], want[:, column])
     assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from aofunc.kernels import autotune, nf4
 from aofunc.kernels.nf4 import NF4_LEVELS, nf4_dequantize, nf4_dequantize_ref, nf4_linear, nf4_linear_ref
 
-from tests.kernels.devices import DEVICE
+from tests.kernels.devices import DEVICE, LINEAR_DTYPES
 
 
 def weight(n, k, block, scaler_block, device=DEVICE):
@@ -57,6 +57,21 @@ def test_kernels_equal_twin(m, n, k, block, scaler_block, x_dtype):
         assert torch.equal(nf4.nf4_dequantize_triton(*args, dtype), nf4_dequantize_ref(*args, dtype))
     for before, after in zip(inputs, tensors):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("n,k,block,scaler_block", [(2, 3, 2, 1), (3, 6, 2, 3), (7, 9, 6, 2), (5, 30, 10, 3),
+                                                    (4, 64, 64, 2)])
+def test_dequantize_equals_twin_on_any_layout(n, k, block, scaler_block):
+    # blocks that are not whole words of codes (each code then finds its own scale), codes that do not fill their
+    # last word (3 and 9 bytes), and codes that start inside a word (a view at byte offset 1)
+    tensors = weight(n, k, block, scaler_block)
+    args = (n, k, block, scaler_block)
+    for dtype in LINEAR_DTYPES:
+        assert torch.equal(nf4.nf4_dequantize_triton(*tensors, *args, dtype), nf4_dequantize_ref(*tensors, *args, dtype))
+    shifted = torch.cat([tensors[0].new_zeros(1), tensors[0]])[1:]
+    assert shifted.storage_offset() == 1
+    assert torch.equal(nf4.nf4_dequantize_triton(shifted, *tensors[1:], *args, torch.float16),
+                       nf4_dequantize_ref(*tensors, *args, torch.float16))
 
 
 def run_ptx(text: str, word: int) -> list:
