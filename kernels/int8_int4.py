@@ -371,13 +371,14 @@ def gemm_config(m: int, n: int, k: int, group_size: int, x_dtype, device) -> dic
 def fp16_gemm_candidates(m: int, n: int, k: int, group_size: int, device) -> list:
     """Configurations of the fp16_gemm path, the first its default: W4A16's GEMM tile in packed fp16 pairs
     (fragment order, weights (code - 8) * scale / p exact in fp16; see exact_fp16_operands) on the centered
-    activations, x copied into the tile's order or gathered, 64 to 256 rows of x and 64 or 128 rows of w a tile."""
+    activations, x copied into the tile's order or gathered, 64 to 256 rows of x and 64 or 128 rows of w a tile
+    (256 rows of x on 8 warps only: on 4 warps Triton 3.6 asks an H200 for more shared memory than it has)."""
     n_groups = -(-k // group_size)
     rows = min(256, max(64, triton.next_power_of_2(m)))
     out = []
     for permute_x in (True, False):
         for block_m in [r for r in (256, 128, 64) if r <= rows]:
-            for block_n, warps in ((128, 8), (128, 4), (64, 4)):
+            for block_n, warps in ((128, 8), (128, 4), (64, 4)) if block_m < 256 else ((128, 8),):
                 programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
                 out.append(dict(path="fp16_gemm", BLOCK_M=block_m, BLOCK_N=block_n,
                                 SPLIT_K=split_k(programs, n_groups, device), SWAP=True, GATHER_X=True,
