@@ -9,8 +9,9 @@ Math (per-token statistics in fp32, eps = float32 machine epsilon, round half to
 
 The weight is ``qdata`` uint8 [N, Kp / 2] of nibbles u = q + 8 (first code in the high nibble), Kp = K rounded up
 to the group size g in {32, 64, 128, 256}, and ``scale`` [N, Kp / g]. Inside a group the sum is an exact integer
-(computed as xq . w - zp * sum(w), w = u - 8, on int8 tensor cores); across groups it is fp32. The GEMV path for
-a few rows (the W4A16 GEMV on the centered codes xq - zp) adds the bias in fp32 before its one rounding to x.dtype.
+(computed as xq . w - zp * sum(w), w = u - 8, on int8 tensor cores); across groups it is fp32. The paths on W4A16's
+kernels (the GEMV and the GEMM tiles on the centered activations xq - zp, and fp16_gemm on exact_fp16_operands) add
+the bias in fp32 before their one rounding to x.dtype.
 
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_asym_int8(x) -> (xq, s, zp)`` and ``int8_int4_linear(x, qdata, scale, group_size, bias)``.

@@ -106,10 +106,12 @@ ROUTES = (
     Route("8da4w", "gemm", 64, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted,
           m_min=2),
     # on wide weights past 128 rows, W4A16's tile in fp16 pairs on operands that hold the twin's numbers exactly
-    # (H200, 8192 x 28672 at 256 and 512 rows: 271.1 and 483.9 us against 438.1 and 867.8 for the int8 GEMM, whose
-    # per-group rescale runs in its loop, and 415.8 and 580.4 for cuBLAS on the same operands)
-    Route("8da4w", "fp16_gemm", 512, "wide weights (N >= 8192), any x", lambda p: p.n >= 8192, m_min=129),
-    # past 256 rows cuBLAS on those operands (H200, 2048 rows: 0.48-0.79x bf16 against 0.32-0.40x for the int8 GEMM)
+    # (H200, 8192 x 28672 at 256, 512 and 2048 rows: 271.1, 483.9 and 1657.2 us against 438.1, 867.8 and 3309 for
+    # the int8 GEMM, whose per-group rescale runs in its loop, and 415.8, 580.4 and 1731.2 for cuBLAS on the same
+    # operands; 4096 x 14336 at 2048 rows 433.9 against 533.4)
+    Route("8da4w", "fp16_gemm", math.inf, "wide weights (N >= 8192), any x", lambda p: p.n >= 8192, m_min=129),
+    # else past 256 rows cuBLAS on those operands (H200, 14336 x 4096 at 2048 rows: 448.1 us against 482.1 for the
+    # tile)
     Route("8da4w", "two_pass", 256, "any x (fused only where a search chose it)", _any),
     Route("8da4w", "dequant", math.inf, "any x", _any),
 )
