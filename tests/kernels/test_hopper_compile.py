@@ -16,20 +16,23 @@ from aofunc.kernels import int8_int4, int_mm, nf4, triton_compat, w4a16, w8a16, 
 
 triton_compat.load()
 W4 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
-          cnt_ptr="*i32", xs_ptr="*fp32")
+          cnt_ptr="*i32", xs_ptr="*fp32", cs_ptr="*fp32")
 NF4 = dict(x_ptr="*bf16", q_ptr="*i32", sq_ptr="*i8", f_ptr="*fp32", mean_ptr="*fp32", lut_ptr="*bf16",
            b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 W8 = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 # the W4A16 GEMM's 16-row fragment-ordered tile in packed pairs, on prepacked codes with integer zero points
 W4_FRAGMENTS = dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True,
                     SPLIT_X=False, FULL_DQ=False, M_FAST=False, GATHER_X=True, PREFETCH=False, PAIRS=True, EVEN_K=True,
-                    ZERO=1, PREPACKED=True, ROW_SCALE=True, CENTERED=False)
+                    ZERO=1, PREPACKED=True, ROW_SCALE=True, COL_SCALE=False, CENTERED=False)
 CASES = [
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_M=64, BLOCK_N=64, SPLIT=True, HAS_BIAS=True, DOT_FP32=False, SWAP=True, SPLIT_X=False,
           FULL_DQ=True, M_FAST=True, GATHER_X=False, PREFETCH=True, PAIRS=False, EVEN_K=False, ZERO=0,
-          PREPACKED=False, ROW_SCALE=False, CENTERED=False), True),
+          PREPACKED=False, ROW_SCALE=False, COL_SCALE=False, CENTERED=False), True),
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"), W4_FRAGMENTS, True),
+    # 8da4w's fp16_gemm: fp16 pairs without zeros on x in the tile's order, rows and columns scaled
+    (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32", x_ptr="*fp16", s_ptr="*fp16", z_ptr="*fp16"),
+     dict(W4_FRAGMENTS, BLOCK_M=64, BLOCK_N=128, SPLIT=False, ZERO=2, COL_SCALE=True), True),
     # the centered tile: no zeros with row scales (8da4w), then float zeros on a ragged K
     (w4a16._w4a16_gemm_kernel, dict(W4, rs_ptr="*fp32"),
      dict(W4_FRAGMENTS, SPLIT=False, HAS_BIAS=False, PAIRS=False, ZERO=2, PREPACKED=False, CENTERED=True), True),
@@ -59,6 +62,8 @@ CASES = [
           TWO_ROWS=False), False),
     (w4a16._w4a16_dequant_kernel, dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", w_ptr="*bf16"),
      dict(GROUP=128, BLOCK=1024, ZERO=0, PREPACKED=True), False),
+    (nf4._nf4_dequant_kernel, dict(q_ptr="*i32", sq_ptr="*i8", f_ptr="*fp32", mean_ptr="*fp32", lut_ptr="*i32",
+                                   w_ptr="*bf16"), dict(BLOCK=64, SCALER_BLOCK=256, WORDS=1024, USE_SHFL=True), False),
     (w8a16._w8a16_gemv_kernel, dict(W8, offs_ptr="*i32"),
      dict(BLOCK_N=64, BLOCK_W=64, SPLIT=True, HAS_BIAS=False, EVEN_K=True, GROUPED=True, XVEC=False,
           LOOP_STAGES=None), False),
@@ -112,4 +117,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 24", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 26", done.stderr[-3000:]

@@ -225,7 +225,7 @@ def test_real_sizes_on_gpu(k, n, m, group_size):
     # the path this call runs (a shipped tuned configuration, else the route's default) decides where the bias is
     # added: the W4A16 kernels add it in fp32 before their one rounding
     config = int8_int4_config(x, qdata, scale, group_size, None, None)
-    w4a16_kernel = config.get("path") in ("gemv", "gemm")
+    w4a16_kernel = config.get("path") in ("gemv", "gemm", "fp16_gemm")
     twin = _twin_rounded_once if w4a16_kernel else int8_int4_linear_ref
     _close(int8_int4_linear(x, qdata, scale, group_size, bias), twin(x, qdata, scale, group_size, bias))
     if m >= 128:
