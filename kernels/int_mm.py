@@ -16,11 +16,16 @@ from typing import Optional
 import torch
 
 from . import autotune
+from .tiles import split_k, splitk_buffers, splitk_total
 from .triton_compat import tensor_descriptor, tl, triton
 
 
 # A configuration is a dict of the kernel's launch meta-parameters (kernels/autotune.py's ``Config``).
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+
+
+# Up to this many rows the int8 GEMM's tiles are few on common shapes, and K may be split among programs.
+SPLIT_MAX_M = 64
 
 
 def _config(block_m, block_n, block_k, group_m, num_warps, num_stages) -> dict:
@@ -40,18 +45,26 @@ _CUDA_CONFIGS = (
 _CUDA_LARGE_M_CONFIG = _config(128, 256, 128, 8, 8, 3)
 
 
-def default_config(m: int, device: torch.device) -> dict:
-    """The tile for an M-row int8 GEMM on ``device`` (the interpreter's small tile off CUDA)."""
-    return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
+def default_config(m: int, device: torch.device, n: int = 0, k: int = 0) -> dict:
+    """The tile for an M-row int8 GEMM on ``device`` (the interpreter's small tile off CUDA); given the product's N
+    and K, up to 64 rows K is also split while the tiles are too few to fill the card (tiles.split_k)."""
+    config = autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
+    if n and k and m <= SPLIT_MAX_M and torch.device(device).type == "cuda":
+        programs = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+        split = split_k(programs, triton.cdiv(k, config["BLOCK_K"]), torch.device(device))
+        if split > 1:
+            config = dict(config, SPLIT_K=split)
+    return config
 
 
 def candidate_configs(m: int) -> list:
     """Tiles an autotuning search tries for an M-row int8 GEMM on CUDA."""
-    if m <= 64:
+    if m <= SPLIT_MAX_M:
         block_m = max(16, triton.next_power_of_2(m))
-        return [_config(block_m, bn, bk, 1, 4, stages)
+        return [dict(_config(block_m, bn, bk, 1, 4, stages), **({"SPLIT_K": split} if split > 1 else {}))
                 for bn, bk, stages in ((32, 256, 4), (64, 256, 4), (128, 128, 4), (32, 128, 5), (64, 128, 5),
-                                       (16, 256, 4), (32, 512, 3))]
+                                       (16, 256, 4), (32, 512, 3))
+                for split in (1, 2, 4, 8)]
     if m <= 256:
         return [dict(_config(bm, bn, bk, 8, warps, stages), TMA=tma)
                 for bm, bn, bk, warps in ((64, 64, 256, 4), (64, 128, 128, 4), (128, 64, 128, 4),
@@ -64,37 +77,48 @@ def candidate_configs(m: int) -> list:
 
 @triton.jit
 def _int8_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr,
-    M, N, K,
+    a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    M, N, K, split_k,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # A tile of C over this program's split of K's steps (program_id(1) of split_k); with SPLIT the last split of a
+    # tile to finish sums the int32 partials (exact) and stores.
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap onto valid ones so the main loop needs no masks; they are never stored.
     load_m = (offs_m % M).to(tl.int64)
     load_n = (offs_n % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
+    n_steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_steps, split_k)
+    first = tl.program_id(1) * per_split
+    offs_k = first * BLOCK_K + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + load_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + load_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(first, tl.minimum(first + per_split, n_steps)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
             k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            a = tl.load(a_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
-                SCALED, HAS_BIAS)
+    last = True
+    if SPLIT:
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        last, acc = splitk_total(acc, offs, (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr,
+                                 tl.program_id(0), tl.program_id(1), M * N, split_k)
+    if last:
+        _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                    SCALED, HAS_BIAS)
 
 
 @triton.jit
@@ -177,8 +201,11 @@ def int8_matmul_triton(
         return out
     if k == 0:
         return out.zero_() if not scaled else _scaled_zero(out, bias)
-    launch = dict(config or default_config(m, a.device))
+    launch = dict(config or default_config(m, a.device, n, k))
+    split = launch.pop("SPLIT_K", 1)
     tma = launch.pop("TMA", False) and tma_compatible(a, b)
+    if tma and split > 1:
+        raise ValueError("int8_matmul_triton: a TMA configuration does not split K (SPLIT_K must be 1)")
     grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
     epilogue = (row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out)
     if tma:
@@ -189,10 +216,11 @@ def int8_matmul_triton(
             SCALED=scaled, HAS_BIAS=bias is not None, **launch,
         )
         return out
-    _int8_matmul_kernel[grid](
-        a, b, out, *epilogue, m, n, k,
+    ws, counters = splitk_buffers(out, split, grid[0], torch.int32)
+    _int8_matmul_kernel[grid + (split,)](
+        a, b, out, *epilogue, ws, counters, m, n, k, split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, **launch,
+        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, SPLIT=split > 1, **launch,
     )
     return out
 
@@ -237,7 +265,7 @@ def int_mm_triton(a: torch.Tensor, b: torch.Tensor, config: Optional[dict] = Non
         m, k = a.shape
         key = autotune.config_key("int_mm", m, b.shape[1], k, (a.dtype,), a.device)
         config = autotune.choose(
-            key, default_config(m, a.device), lambda: candidate_configs(m),
+            key, default_config(m, a.device, b.shape[1], k), lambda: candidate_configs(m),
             lambda c: int8_matmul_triton(a, b, config=c), lambda: int_mm_ref(a, b), tolerance=0.0,
         )
     return int8_matmul_triton(a, b, config=config)

@@ -73,31 +73,34 @@ def sm_count(device: torch.device) -> int:
 
 
 @triton.jit
+def splitk_total(acc, offs, mask, ws_ptr, cnt_ptr, tile, pid_k, ws_stride, split_k):
+    """(last, total) for one of a tile's split_k programs: this split's partial ``acc`` is written at
+    ``ws_ptr + pid_k * ws_stride + offs`` and counted in ``cnt_ptr[tile]`` (zeroed by splitk_buffers for this
+    launch); the program that arrives last gets last = True and the sum of all partials, in acc's dtype (int32
+    partials sum exactly). ``acc`` may be of any shape, with offsets and mask of the same shape."""
+    tl.store(ws_ptr + pid_k * ws_stride + offs, acc, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == split_k - 1
+    if last:
+        acc = tl.load(ws_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+        for s in range(1, split_k):
+            acc += tl.load(ws_ptr + s * ws_stride + offs, mask=mask, other=0, cache_modifier=".cg")
+    return last, acc
+
+
+@triton.jit
 def splitk_finish(acc, offs, mask, offs_bias, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, ws_stride, split_k,
                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store acc (+ bias) at y_ptr + offs; with SPLIT the last of a tile's split_k programs sums the partials.
-
-    Each split writes its fp32 partial at ``ws_ptr + pid_k * ws_stride + offs``, then counts itself in
-    ``cnt_ptr[tile]`` (zeroed by splitk_buffers for this launch); the program that arrives last reads all
-    partials and writes y. ``acc`` may be of any shape, with offsets and mask of the same shape.
-    """
+    """Store acc (+ bias) at y_ptr + offs; with SPLIT the last of a tile's split_k programs sums the fp32 partials
+    (splitk_total) and stores."""
+    last = True
     if SPLIT:
-        tl.store(ws_ptr + pid_k * ws_stride + offs, acc, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            acc = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, split_k):
-                acc += tl.load(ws_ptr + s * ws_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
+        last, acc = splitk_total(acc, offs, mask, ws_ptr, cnt_ptr, tile, pid_k, ws_stride, split_k)
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_bias, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 
 
 @triton.jit
@@ -147,9 +150,9 @@ def gemv_launch(x: torch.Tensor, n: int, params: dict, x_rows: int = 1):
     return (y, grid, split) + splitk_buffers(y, split, grid[0] * m)
 
 
-def splitk_buffers(y: torch.Tensor, split: int, tiles: int):
-    """(fp32 workspace [split, M, N], zeroed arrival counters for ``tiles`` tiles) of a split-K launch writing y,
-    or (y, y) as unused placeholders when split == 1.
+def splitk_buffers(y: torch.Tensor, split: int, tiles: int, dtype: torch.dtype = torch.float32):
+    """(workspace [split, M, N] of partial sums in ``dtype``, zeroed arrival counters for ``tiles`` tiles) of a
+    split-K launch writing y, or (y, y) as unused placeholders when split == 1.
 
     Both are allocated for this call: no buffer outlives it, so CUDA-graph trees and launches on several
     streams never share state.
@@ -157,7 +160,7 @@ def splitk_buffers(y: torch.Tensor, split: int, tiles: int):
     if split == 1:
         return y, y
     m, n = y.shape
-    return (torch.empty(split, m, n, dtype=torch.float32, device=y.device),
+    return (torch.empty(split, m, n, dtype=dtype, device=y.device),
             torch.zeros(tiles, dtype=torch.int32, device=y.device))
 
 

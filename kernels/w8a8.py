@@ -238,13 +238,14 @@ INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_
                             "num_stages": 1}
 
 
-def default_config(m: int, device: torch.device) -> dict:
-    """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned.
+def default_config(m: int, device: torch.device, n: int = 0, k: int = 0) -> dict:
+    """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned (N and K:
+    see int_mm.default_config).
 
     Quantization kernel + int8 GEMM for every M: on an H100 the fused kernel lost to it at K >= 8192 for every
     M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning candidate only.
     """
-    return {"FUSED": False, **int_mm.default_config(m, device)}
+    return {"FUSED": False, **int_mm.default_config(m, device, n, k)}
 
 
 def candidate_configs(m: int) -> list:
@@ -261,10 +262,11 @@ def candidate_configs(m: int) -> list:
 def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
     """The tuned (or default) configuration for this call's key; ``run``/``reference`` serve a search."""
     m, k = x.shape
+    n = qdata.shape[0]
     if x.device.type != "cuda" or m == 0:
         return default_config(m, x.device)
-    key = autotune.config_key("w8a8_linear", m, qdata.shape[0], k, (x.dtype,), x.device)
-    return autotune.choose(key, default_config(m, x.device), lambda: candidate_configs(m), run, reference,
+    key = autotune.config_key("w8a8_linear", m, n, k, (x.dtype,), x.device)
+    return autotune.choose(key, default_config(m, x.device, n, k), lambda: candidate_configs(m), run, reference,
                            tolerance=1e-6)
 
 

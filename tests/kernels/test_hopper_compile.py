@@ -90,8 +90,14 @@ CASES = [
                                      DOT_FP32=False, SWAP=True, USE_SHFL=True, M_FAST=False, GATHER_X=True,
                                      PAIRS=True, X_ORDERED=True), True),
     (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",
-                                      col_scale_ptr="*bf16", bias_ptr="*bf16"),
-     dict(SCALED=True, HAS_BIAS=True, EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), True),
+                                      col_scale_ptr="*bf16", bias_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32"),
+     dict(SCALED=True, HAS_BIAS=True, EVEN_K=True, SPLIT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+     True),
+    # K split, int32 partials summed by the last split
+    (int_mm._int8_matmul_kernel, dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", row_scale_ptr="*fp32",
+                                      col_scale_ptr="*bf16", bias_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32"),
+     dict(SCALED=True, HAS_BIAS=False, EVEN_K=False, SPLIT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
+     True),
     (w8a8._quantize_per_token_int8_kernel, dict(x_ptr="*bf16", act_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32"),
      dict(HAS_ACT=True, ONE_PASS=True, BLOCK_K=4096), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
@@ -117,4 +123,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 26", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 27", done.stderr[-3000:]

@@ -76,6 +76,46 @@ def test_scaled_epilogue_rounds_like_torch():
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("m,k,n,split", [(1, 200, 40, 2), (20, 64, 24, 3), (33, 100, 17, 4), (5, 40, 8, 8)])
+def test_split_k_equals_exact_product(m, k, n, split):
+    """K split among programs (ragged K; more splits than steps for the last shape): the int32 partials sum
+    exactly, also past fp32's 2**24, then the scaled epilogue rounds as without a split."""
+    g = torch.Generator().manual_seed(m + k + n + split)
+    a, b = _int8(m, k, generator=g), _int8(k, n, generator=g)
+    a[0], b[:, 0] = -128, -128  # the largest products
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1,
+              "SPLIT_K": split}
+    assert torch.equal(int8_matmul_triton(a, b, config=config).cpu(), _exact(a, b))
+    row = torch.rand(m, generator=g).to(DEVICE) * 1e-3
+    col = torch.rand(n, generator=g).to(DEVICE, torch.float16)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.float16)
+    want = int8_matmul_triton(a, b, row_scale=row, col_scale=col, bias=bias, out_dtype=torch.float16,
+                              config=dict(config, SPLIT_K=1))
+    assert torch.equal(int8_matmul_triton(a, b, row_scale=row, col_scale=col, bias=bias, out_dtype=torch.float16,
+                                          config=config), want)
+
+
+def test_split_k_partials_sum_in_int32():
+    # 4096 products near 2**14 in four splits: C near 2**26 with bits fp32 partial sums would round away
+    a = torch.full((1, 4096), -128, dtype=torch.int8, device=DEVICE)
+    b = torch.full((4096, 16), -128, dtype=torch.int8, device=DEVICE)
+    a[0, 0], b[0, 1] = -127, -127
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 1,
+              "SPLIT_K": 4}
+    c = int8_matmul_triton(a, b, config=config).cpu()
+    assert c[0, 0] == 2 ** 26 - 128 and c[0, 1] == 2 ** 26 - 255
+
+
+def test_default_splits_k_only_where_tiles_are_few():
+    from aofunc.kernels.int_mm import default_config
+    cuda = torch.device("cuda")
+    if torch.cuda.is_available():
+        assert default_config(1, cuda, 4096, 4096).get("SPLIT_K", 1) > 1  # 64 tiles of 16 x 64
+        assert "SPLIT_K" not in default_config(1, cuda, 28672, 8192)  # 448 tiles
+        assert "SPLIT_K" not in default_config(256, cuda, 4096, 4096)
+    assert "SPLIT_K" not in default_config(1, torch.device("cpu"), 4096, 4096)  # the interpreter's tile
+
+
 @pytest.mark.parametrize("m,k,n", [(20, 64, 24), (33, 48, 17), (5, 32, 40)])
 def test_descriptor_path_equals_exact_product(m, k, n):
     """The tensor-descriptor kernel (zero-filled ragged tiles) on the weight layout, with and without scales."""
