@@ -203,7 +203,7 @@ def int8_matmul_triton(
         return out.zero_() if not scaled else _scaled_zero(out, bias)
     launch = dict(config or default_config(m, a.device, n, k))
     split = launch.pop("SPLIT_K", 1)
-    tma = launch.pop("TMA", False) and tma_compatible(a, b)
+    tma = launch.pop("TMA", False) and tma_compatible(a, b) and has_tma(a.device)
     if tma and split > 1:
         raise ValueError("int8_matmul_triton: a TMA configuration does not split K (SPLIT_K must be 1)")
     grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
@@ -223,6 +223,12 @@ def int8_matmul_triton(
         SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, SPLIT=split > 1, **launch,
     )
     return out
+
+
+def has_tma(device: torch.device) -> bool:
+    """Whether the device has Hopper's tensor-memory copies (compute capability 9 and up; Triton's interpreter
+    emulates them on the CPU). A TMA configuration elsewhere runs the pointer-load kernel: same tiles, same sums."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def tma_compatible(a: torch.Tensor, b: torch.Tensor) -> bool:

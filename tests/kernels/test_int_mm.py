@@ -14,7 +14,7 @@ from aofunc.kernels.int_mm import (
     tma_compatible,
 )
 
-from tests.kernels.devices import DEVICE, gpu_only
+from tests.kernels.devices import DEVICE, ON_GPU, gpu_only
 
 
 def _int8(*shape, device=DEVICE, generator=None):
@@ -129,6 +129,21 @@ def test_descriptor_path_equals_exact_product(m, k, n):
     col = torch.rand(n, generator=g).to(DEVICE, torch.float16)
     y = int8_matmul_triton(a, w.t(), row_scale=row, col_scale=col, out_dtype=torch.float16, config=config)
     assert torch.equal(y, (int_mm_ref(a, w.t()).float() * row[:, None] * col.float()[None, :]).to(torch.float16))
+
+
+def test_tma_configurations_run_the_generic_kernel_before_hopper(monkeypatch):
+    from aofunc.kernels.int_mm import has_tma
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not has_tma(cuda) and has_tma(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert has_tma(cuda)
+    if ON_GPU:  # an A100-class card as the H200 sees it: the TMA tile runs as pointer loads, exactly
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        a, w = _int8(300, 256), _int8(200, 256)
+        config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
+                  "TMA": True}
+        assert torch.equal(int8_matmul_triton(a, w.t(), config=config).cpu(), _exact(a, w.t()))
 
 
 def test_cublas_constraints():
