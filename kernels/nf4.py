@@ -422,6 +422,9 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         check_fragment_tile(params)
         grid = gemm_grid(m, n, params, split)
         kernel = _nf4_gemm_kernel
+        if params.get("PERMUTE_X") and not params.get("GATHER_X"):
+            raise ValueError("PERMUTE_X is a form of the GATHER_X tile: a configuration asks for it without GATHER_X")
+        # the fragment-ordered forms where they apply (blocks of 32 codes and up; packed pairs on 16-bit x on CUDA)
         gather_x = params.pop("GATHER_X", False) and block_size >= 32
         dot_fp32 = x.dtype == torch.float32 or interpreting()
         extra = dict(DOT_FP32=dot_fp32, M_FAST=params.pop("M_FAST", False), GATHER_X=gather_x,

@@ -74,6 +74,15 @@ def test_dequantize_equals_twin_on_any_layout(n, k, block, scaler_block):
                        nf4_dequantize_ref(*tensors, *args, torch.float16))
 
 
+def test_x_in_tile_order_without_the_fragment_tile_is_refused():
+    tensors = weight(8, 64, 64, 2)
+    x = torch.randn(2, 64, device=DEVICE, dtype=torch.float16)
+    config = dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=1, SWAP=True, PERMUTE_X=True, num_warps=2,
+                  num_stages=1)
+    with pytest.raises(ValueError, match="PERMUTE_X is a form of the GATHER_X tile"):
+        nf4.nf4_linear_triton(x, *tensors, 8, 64, 64, 2, None, config=config)
+
+
 def run_ptx(text: str, word: int) -> list:
     """Run the level-pairs PTX (its few instructions: mov, and, shr, mul.lo, prmt, lop3) on one word, in Python."""
     regs = {"$4": word, "$5": word}
