@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import autotune
-from .tiles import split_k, splitk_buffers, splitk_total
+from .tiles import gemv_rows, gemv_split_k, int32_words, interpreting, split_k, splitk_buffers, splitk_total
 from .triton_compat import tensor_descriptor, tl, triton
 
 
@@ -221,6 +221,110 @@ def int8_matmul_triton(
         a, b, out, *epilogue, ws, counters, m, n, k, split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, SPLIT=split > 1, **launch,
+    )
+    return out
+
+
+# dp4a: four int8 products of two int32 words' bytes summed into an int32, one instruction (sm_61 and up).
+DP4A_PTX: tl.constexpr = tl.constexpr("dp4a.s32.s32 $0, $1, $2, $3;")
+
+
+@triton.jit
+def dot4_acc(acc, a, b, DP4A: tl.constexpr):
+    """acc + the sum of the four products of the int8 bytes of int32 words a and b (same shapes): dp4a on CUDA,
+    else each signed byte moved to the top of the word and shifted back down."""
+    if DP4A:
+        return tl.inline_asm_elementwise(DP4A_PTX, "=r,r,r,r", [a, b, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for j in tl.static_range(4):
+            acc += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return acc
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    M, N, K_words, split_k, stride_am, stride_bn, stride_cm, stride_cn,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DP4A: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    # One row of A against BLOCK_N rows of B (both as int32 words of four int8 values along K) over this program's
+    # split of K's steps (program_id(2) of split_k), a step being BLOCK_W words. Each word pair adds its four
+    # products to an int32 accumulator per word; the row sums are exact, and with SPLIT the last split of a tile
+    # sums the int32 partials and stores.
+    offs_n, rows = gemv_rows(N, BLOCK_N)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_w = tl.arange(0, BLOCK_W)
+    n_steps = tl.cdiv(K_words, BLOCK_W)
+    per_split = tl.cdiv(n_steps, split_k)
+    first = pid_k * per_split
+    a_row = a_ptr + row.to(tl.int64) * stride_am
+    b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_bn
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+    for step in tl.range(first, tl.minimum(first + per_split, n_steps), num_stages=LOOP_STAGES):
+        words = step * BLOCK_W + offs_w
+        if EVEN_K:
+            a = tl.load(a_row + words)
+            b = tl.load(b_rows + words[None, :])
+        else:
+            a = tl.load(a_row + words, mask=words < K_words, other=0)
+            b = tl.load(b_rows + words[None, :], mask=(words < K_words)[None, :], other=0)
+        acc = dot4_acc(acc, tl.broadcast_to(a[None, :], (BLOCK_N, BLOCK_W)), b, DP4A)
+    total = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
+    offs_m = row + tl.arange(0, 1)
+    last = True
+    if SPLIT:
+        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :], (offs_n < N)[None, :], ws_ptr,
+                                   cnt_ptr, row * tl.num_programs(0) + tl.program_id(0), pid_k, M * N, split_k)
+    if last:
+        _store_tile(total, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                    SCALED, HAS_BIAS)
+
+
+def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """The int8 GEMV's default configuration (``path`` "gemv"): a program per row of A and BLOCK_N columns of C,
+    K split until the card holds about six programs a multiprocessor."""
+    block_n, block_w = 32, 64
+    split = gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), torch.device(device))
+    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, LOOP_STAGES=3, num_warps=4,
+                num_stages=3)
+
+
+def gemv_candidates(m: int, n: int, k: int) -> list:
+    """The int8 GEMV's configurations for an autotuning search."""
+    return [dict(path="gemv", BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, LOOP_STAGES=stages, num_warps=warps,
+                 num_stages=3)
+            for bn, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for bw in (32, 64, 128)
+            for split in (1, 2, 4, 8) for stages in (1, 3)]
+
+
+def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[torch.Tensor] = None,
+                     col_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                     out_dtype: torch.dtype = torch.int32, config: dict) -> torch.Tensor:
+    """int8_matmul_triton's C for few rows of A, with B given as its transpose ``b`` [N, K]: a GEMV program per
+    row of A on CUDA cores (dp4a), each row of B read once per row of A. Same sums, same epilogue."""
+    m, k = a.shape
+    n = b.shape[0]
+    scaled = row_scale is not None
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype if scaled else torch.int32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if not scaled else _scaled_zero(out, bias)
+    params = dict(config)
+    params.pop("path")
+    split = params.pop("SPLIT_K")
+    a_words, b_words = int32_words(a), int32_words(b)
+    k_words = a_words.shape[1]
+    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
+    ws, counters = splitk_buffers(out, split, grid[0] * m, torch.int32)
+    epilogue = (row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out)
+    _int8_gemv_kernel[grid](
+        a_words, b_words, out, *epilogue, ws, counters, m, n, k_words, split,
+        a_words.stride(0), b_words.stride(0), out.stride(0), out.stride(1),
+        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k_words % params["BLOCK_W"] == 0, SPLIT=split > 1,
+        DP4A=params.pop("DP4A", True) and not interpreting(), **params,
     )
     return out
 

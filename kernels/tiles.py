@@ -150,6 +150,17 @@ def gemv_launch(x: torch.Tensor, n: int, params: dict, x_rows: int = 1):
     return (y, grid, split) + splitk_buffers(y, split, grid[0] * m)
 
 
+def int32_words(t: torch.Tensor) -> torch.Tensor:
+    """int8/uint8 ``t`` [..., K] as int32 words of 4 bytes of a row, rows zero-padded to a multiple of 4 bytes (a
+    copy only then, or when ``t`` is not contiguous or does not start on a word)."""
+    k = t.shape[-1]
+    if k % 4:
+        t = torch.nn.functional.pad(t, (0, 4 - k % 4))
+    if t.storage_offset() % 4:
+        t = t.clone()
+    return t.contiguous().view(torch.int32)
+
+
 def splitk_buffers(y: torch.Tensor, split: int, tiles: int, dtype: torch.dtype = torch.float32):
     """(workspace [split, M, N] of partial sums in ``dtype``, zeroed arrival counters for ``tiles`` tiles) of a
     split-K launch writing y, or (y, y) as unused placeholders when split == 1.

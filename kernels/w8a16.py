@@ -16,8 +16,8 @@ from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
                                   expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_finish,
-                                  gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, interpreting,
-                                  load_x, pairs_transposed, row_expert, split_k, splitk_buffers, tolerance)
+                                  gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
+                                  interpreting, load_x, pairs_transposed, row_expert, split_k, splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -282,14 +282,6 @@ def w8a16_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
-def _words(qdata: torch.Tensor) -> torch.Tensor:
-    """qdata [..., K] as int32 words of 4 values, rows zero-padded to a multiple of 4 values (a copy only then)."""
-    k = qdata.shape[-1]
-    if k % 4:
-        qdata = torch.nn.functional.pad(qdata, (0, 4 - k % 4))
-    return qdata.contiguous().view(torch.int32)
-
-
 def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     n_words = -(-k // 4)
@@ -377,7 +369,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         return gemv(x, qdata, scale, bias, params)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
-    words = _words(qdata)
+    words = int32_words(qdata)
     grid = gemm_grid(m, n, params, split)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     check_fragment_tile(params)
@@ -413,7 +405,7 @@ def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:
     m, k = x.shape
     n = qdata.shape[-2]
     y, grid, split, ws, counters = gemv_launch(x, n, params)
-    words = _words(qdata)
+    words = int32_words(qdata)
     stacked = offs is not None
     _w8a16_gemv_kernel[grid](
         x, words, scale, bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1),
@@ -513,7 +505,7 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     if params.pop("path", "grouped") == "gemv":
         return gemv(x, qdata, scale, None, params, offs=offs)
     check_fragment_tile(params)
-    words = _words(qdata)
+    words = int32_words(qdata)
     split = params.pop("SPLIT_K", 1)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     grid = grouped_grid(s, experts, n, params, split)

@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, int_mm
-from .int_mm import int8_matmul_triton
+from .int_mm import int8_gemv_triton, int8_matmul_triton
+from .selector import Problem, default_path
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -240,20 +241,25 @@ INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_
 
 def default_config(m: int, device: torch.device, n: int = 0, k: int = 0) -> dict:
     """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned (N and K:
-    see int_mm.default_config).
+    see int_mm.default_config): the route table's (kernels/selector.py).
 
-    Quantization kernel + int8 GEMM for every M: on an H100 the fused kernel lost to it at K >= 8192 for every
-    M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning candidate only.
+    Quantization kernel + int8 GEMM, or + the int8 GEMV where the route says so: on an H100 the fused kernel lost
+    to them at K >= 8192 for every M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a
+    tuning candidate only.
     """
+    device = torch.device(device)
+    if n and k and default_path("w8a8", Problem(m, n, k, torch.bfloat16, device)) == "gemv":
+        return int_mm.gemv_config(m, n, k, device)
     return {"FUSED": False, **int_mm.default_config(m, device, n, k)}
 
 
-def candidate_configs(m: int) -> list:
-    """Configurations an autotuning search tries for an M-row call on CUDA: fused tiles for small M, then split."""
-    fused = []
+def candidate_configs(m: int, n: int = 0, k: int = 0) -> list:
+    """Configurations an autotuning search tries for an M-row call on CUDA: the int8 GEMV up to 4 rows, fused tiles
+    for small M, then split."""
+    fused = int_mm.gemv_candidates(m, n, k) if m <= 4 else []
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
-        fused = [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
+        fused += [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
                  for bn, bk, st in ((32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4),
                                     (32, 512, 3), (64, 512, 3), (128, 128, 4))]
     return fused + [{"FUSED": False, **c} for c in int_mm.candidate_configs(m)]
@@ -266,7 +272,7 @@ def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
     if x.device.type != "cuda" or m == 0:
         return default_config(m, x.device)
     key = autotune.config_key("w8a8_linear", m, n, k, (x.dtype,), x.device)
-    return autotune.choose(key, default_config(m, x.device, n, k), lambda: candidate_configs(m), run, reference,
+    return autotune.choose(key, default_config(m, x.device, n, k), lambda: candidate_configs(m, n, k), run, reference,
                            tolerance=1e-6)
 
 
@@ -301,9 +307,13 @@ def w8a8_linear_triton(
             lambda: w8a8_linear_ref(x, qdata, scale, bias, act_scale),
         )
     launch = dict(config)
-    fused = launch.pop("FUSED")
     m, k = x.shape
     n = qdata.shape[0]
+    if launch.get("path") == "gemv":
+        xq, s = quantize_per_token_int8_triton(x, act_scale)
+        return int8_gemv_triton(xq, qdata, row_scale=s, col_scale=scale, bias=bias, out_dtype=x.dtype,
+                                config=launch)
+    fused = launch.pop("FUSED")
     if not fused or m == 0 or n == 0:
         xq, s = quantize_per_token_int8_triton(x, act_scale)
         return int8_matmul_triton(xq, qdata.t(), row_scale=s, col_scale=scale, bias=bias, out_dtype=x.dtype,

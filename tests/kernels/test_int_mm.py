@@ -7,6 +7,8 @@ import torch
 
 from aofunc.kernels.int_mm import (
     cublas_int_mm_is_exact,
+    gemv_candidates,
+    int8_gemv_triton,
     int8_matmul_triton,
     int_mm,
     int_mm_ref,
@@ -104,6 +106,48 @@ def test_split_k_partials_sum_in_int32():
               "SPLIT_K": 4}
     c = int8_matmul_triton(a, b, config=config).cpu()
     assert c[0, 0] == 2 ** 26 - 128 and c[0, 1] == 2 ** 26 - 255
+
+
+GEMV = {"path": "gemv", "BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K": 1, "LOOP_STAGES": 1, "num_warps": 4,
+        "num_stages": 1}
+
+
+@pytest.mark.parametrize("m,k,n,split", [(1, 64, 24, 1), (1, 61, 17, 3), (3, 40, 40, 2), (2, 3, 5, 1),
+                                         (1, 33, 16, 8), (2, 0, 4, 1), (0, 8, 8, 1)])
+def test_gemv_equals_exact_product(m, k, n, split):
+    """The int8 GEMV (B given as [N, K]): int32 sums equal the exact product for ragged K (not whole words, not
+    whole steps), splits of K (more than steps for one shape), and extreme bytes; its scaled epilogue rounds as
+    the GEMM's does."""
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n + split)
+    a, b = _int8(m, k, generator=g), _int8(n, k, generator=g)
+    if m and k:
+        a[0], b[0] = -128, -128  # the largest products
+        b[-1] = 127
+    config = dict(GEMV, SPLIT_K=split)
+    assert torch.equal(int8_gemv_triton(a, b, config=config).cpu(), _exact(a, b.t()))
+    row = torch.rand(m, generator=g).to(DEVICE) * 1e-3
+    col = torch.rand(n, generator=g).to(DEVICE, torch.float16)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.float16)
+    y = int8_gemv_triton(a, b, row_scale=row, col_scale=col, bias=bias, out_dtype=torch.float16, config=config)
+    want = (_exact(a, b.t()).to(DEVICE).float() * row[:, None] * col.float()[None, :]).to(torch.float16) + bias
+    assert y.dtype == torch.float16 and torch.equal(y, want)
+
+
+def test_gemv_sums_past_fp32_integers_and_reads_strided_operands():
+    # 4096 products near 2**14 in four splits: sums near 2**26, whose low bits fp32 partials would lose; A a row
+    # of a wider matrix, B's rows a slice (both copied into whole words)
+    a = torch.full((2, 8192), -128, dtype=torch.int8, device=DEVICE)[:, ::2]
+    b = torch.full((16, 4096), -128, dtype=torch.int8, device=DEVICE)
+    a[0, 0], b[1, 0] = -127, -127
+    c = int8_gemv_triton(a, b[:, :4095], config=dict(GEMV, BLOCK_W=64, SPLIT_K=4)).cpu()
+    assert c[0, 0] == 2 ** 26 - 128 - 2 ** 14 and c[0, 1] == 2 ** 26 - 255 - 2 ** 14
+    assert torch.equal(c, _exact(a[:, :4095], b[:, :4095].t()))
+
+
+def test_gemv_candidates_are_valid_launches():
+    configs = gemv_candidates(1, 4096, 4096)
+    assert len(configs) == len({tuple(sorted(c.items())) for c in configs}) >= 40
+    assert all(c["path"] == "gemv" and c["SPLIT_K"] in (1, 2, 4, 8) for c in configs)
 
 
 def test_default_splits_k_only_where_tiles_are_few():

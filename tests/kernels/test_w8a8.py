@@ -82,17 +82,27 @@ def test_quantize_error_is_at_most_half_a_step():
 
 # ------------------------------------------------------------------------------------------------ linear
 
+INTERPRETER_GEMV_CONFIG = {"path": "gemv", "BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K": 2, "LOOP_STAGES": 1,
+                           "num_warps": 4, "num_stages": 1}
+
+
+def _config_of(path, m):
+    """A configuration of ``path`` (fused, two_pass, gemv) for an M-row call on this device."""
+    if ON_GPU:
+        m_search = min(m, 4) if path == "gemv" else m  # the search offers the GEMV up to 4 rows; it runs any M
+        return next(c for c in candidate_configs(m_search, 37, 50)
+                    if (c.get("path") == "gemv") == (path == "gemv") and c.get("FUSED", False) == (path == "fused"))
+    return {"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG}.get(path) or default_config(m, DEVICE)
+
+
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("path", ["fused", "two_pass", "gemv"])
 @pytest.mark.parametrize("m", [1, 7, 33])
-def test_linear_kernel_equals_twin(dtype, fused, m):
+def test_linear_kernel_equals_twin(dtype, path, m):
     x = _activation(m, 50, dtype, seed=m, contiguous=m != 7)
     qdata, scale, bias = _weight(37, 50, dtype, seed=m + 1)
     act_scale = (torch.rand(50) + 0.5).to(DEVICE, dtype) if m == 33 else None
-    if ON_GPU:
-        config = next(c for c in candidate_configs(m) if c["FUSED"] == fused)
-    else:
-        config = INTERPRETER_FUSED_CONFIG if fused else default_config(m, x.device)
+    config = _config_of(path, m)
     for b in (bias, None):
         y = w8a8_linear_triton(x, qdata, scale, b, act_scale, config)
         want = w8a8_linear_ref(x, qdata, scale, b, act_scale)
