@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import autotune
-from .tiles import gemv_rows, gemv_split_k, int32_words, interpreting, split_k, splitk_buffers, splitk_total
+from .tiles import gemv_rows, int32_words, interpreting, split_k, splitk_buffers, splitk_total
 from .triton_compat import tensor_descriptor, tl, triton
 
 
@@ -280,15 +280,6 @@ def _int8_gemv_kernel(
     if last:
         _store_tile(total, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
                     SCALED, HAS_BIAS)
-
-
-def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """The int8 GEMV's default configuration (``path`` "gemv"): a program per row of A and BLOCK_N columns of C,
-    K split until the card holds about six programs a multiprocessor."""
-    block_n, block_w = 32, 64
-    split = gemv_split_k(m * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), torch.device(device))
-    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, LOOP_STAGES=3, num_warps=4,
-                num_stages=3)
 
 
 def gemv_candidates(m: int, n: int, k: int) -> list:

@@ -5,7 +5,7 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
 
 - ``gemv``: one program per row of x and block of outputs, fp32 multiply-adds, split along K (decode); 8da4w runs
   the W4A16 GEMV on its centered integer activations, each row scaled by its activation scale; W8A8 the int8 GEMV
-  (four int8 products a ``dp4a``, int32 sums) on the row quantized by the per-token kernel.
+  (four int8 products a ``dp4a``, int32 sums) on the rows quantized by the per-token kernel.
 - ``gemm``: ``tl.dot`` on weight tiles dequantized in registers, split along K when the tiles are too few; 8da4w
   runs the W4A16 tile on its centered integer activations (exact group sums), each row scaled likewise.
 - ``fp16_gemm`` (8da4w): the W4A16 tile in packed fp16 pairs on fp16 operands whose products are the twin's
@@ -98,9 +98,7 @@ ROUTES = (
     Route("w8a16_experts", "grouped", math.inf, "16-bit x on CUDA (any x under the interpreter)",
           _sixteen_bit_or_interpreted),
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
-    # one row: the int8 GEMV (dp4a, K split) on the quantized row, each row of q read once
-    Route("w8a8", "gemv", 1, "one row of x", _any),
-    Route("w8a8", "two_pass", math.inf, "any x (fused only where a search chose it)", _any),
+    Route("w8a8", "two_pass", math.inf, "any x (fused, or gemv up to 4 rows, only where a search chose it)", _any),
     # from 2 rows of 16-bit x the tile (H200: 1.68x bf16 at 5 rows of 8192 x 28672, one 16-row tile as for 2 to 4
     # rows, against 1.67x for the GEMV at 2 rows, two a program, and 0.74x at 4); fp32 x on CUDA keeps the GEMV
     # up to 4 rows

@@ -10,8 +10,9 @@ Math (all per-token statistics in fp32). With ``x' = x / act_scale`` when a Smoo
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_int8(x, act_scale) -> (xq, s)`` and ``w8a8_linear(x, qdata, scale, bias, act_scale) -> y``.
 On CUDA the linear runs a one-pass quantization kernel feeding the int8 GEMM whose epilogue applies both scales,
-the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py). A second path, one kernel that
-quantizes the activation tile by tile inside the GEMM, is a tuning candidate for small M.
+the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py). Two more paths are tuning
+candidates for small M: one kernel that quantizes the activation tile by tile inside the GEMM, and, up to 4 rows,
+the int8 GEMV (``int_mm.int8_gemv_triton``) on the quantized rows.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import torch
 
 from . import autotune, int_mm
 from .int_mm import int8_gemv_triton, int8_matmul_triton
-from .selector import Problem, default_path
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -241,15 +241,12 @@ INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_
 
 def default_config(m: int, device: torch.device, n: int = 0, k: int = 0) -> dict:
     """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned (N and K:
-    see int_mm.default_config): the route table's (kernels/selector.py).
+    see int_mm.default_config).
 
-    Quantization kernel + int8 GEMM, or + the int8 GEMV where the route says so: on an H100 the fused kernel lost
-    to them at K >= 8192 for every M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a
-    tuning candidate only.
+    Quantization kernel + int8 GEMM for every M: on an H100 the fused kernel lost to it at K >= 8192 for every
+    M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning candidate only, as
+    does the int8 GEMV.
     """
-    device = torch.device(device)
-    if n and k and default_path("w8a8", Problem(m, n, k, torch.bfloat16, device)) == "gemv":
-        return int_mm.gemv_config(m, n, k, device)
     return {"FUSED": False, **int_mm.default_config(m, device, n, k)}
 
 

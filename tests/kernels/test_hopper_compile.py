@@ -98,6 +98,11 @@ CASES = [
                                       col_scale_ptr="*bf16", bias_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32"),
      dict(SCALED=True, HAS_BIAS=False, EVEN_K=False, SPLIT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
      True),
+    # the int8 GEMV: dp4a on word pairs, K split with int32 partials, a ragged K
+    (int_mm._int8_gemv_kernel, dict(a_ptr="*i32", b_ptr="*i32", c_ptr="*bf16", row_scale_ptr="*fp32",
+                                    col_scale_ptr="*bf16", bias_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32"),
+     dict(SCALED=True, HAS_BIAS=True, EVEN_K=False, SPLIT=True, DP4A=True, BLOCK_N=32, BLOCK_W=64, LOOP_STAGES=3),
+     False),
     (w8a8._quantize_per_token_int8_kernel, dict(x_ptr="*bf16", act_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32"),
      dict(HAS_ACT=True, ONE_PASS=True, BLOCK_K=4096), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
@@ -113,6 +118,7 @@ for kernel, pointers, constexprs, tensor_cores in CASES:
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
     ptx = compiled.asm["ptx"]
     assert not tensor_cores or "wgmma" in ptx, f"{kernel.__name__}: no wgmma in its PTX"
+    assert constexprs.get("DP4A") is not True or "dp4a.s32.s32" in ptx, f"{kernel.__name__}: no dp4a in its PTX"
 print("ok", len(CASES))
 '''
 
@@ -123,4 +129,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 27", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 28", done.stderr[-3000:]
