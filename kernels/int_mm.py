@@ -196,11 +196,9 @@ def int8_matmul_triton(
     m, k = a.shape
     n = b.shape[1]
     scaled = row_scale is not None
-    out = torch.empty((m, n), device=a.device, dtype=out_dtype if scaled else torch.int32)
-    if m == 0 or n == 0:
+    out, done = _output(a, n, scaled, out_dtype, bias)
+    if done:
         return out
-    if k == 0:
-        return out.zero_() if not scaled else _scaled_zero(out, bias)
     launch = dict(config or default_config(m, a.device, n, k))
     split = launch.pop("SPLIT_K", 1)
     tma = launch.pop("TMA", False) and tma_compatible(a, b) and has_tma(a.device)
@@ -295,14 +293,12 @@ def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[to
                      out_dtype: torch.dtype = torch.int32, config: dict) -> torch.Tensor:
     """int8_matmul_triton's C for few rows of A, with B given as its transpose ``b`` [N, K]: a GEMV program per
     row of A on CUDA cores (dp4a), each row of B read once per row of A. Same sums, same epilogue."""
-    m, k = a.shape
+    m = a.shape[0]
     n = b.shape[0]
     scaled = row_scale is not None
-    out = torch.empty((m, n), device=a.device, dtype=out_dtype if scaled else torch.int32)
-    if m == 0 or n == 0:
+    out, done = _output(a, n, scaled, out_dtype, bias)
+    if done:
         return out
-    if k == 0:
-        return out.zero_() if not scaled else _scaled_zero(out, bias)
     params = dict(config)
     params.pop("path")
     split = params.pop("SPLIT_K")
@@ -334,10 +330,17 @@ def tma_compatible(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _scaled_zero(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The scaled product of an empty inner dimension: zero, plus the bias."""
-    out.zero_()
-    return out if bias is None else out.add_(bias.to(out.dtype))
+def _output(a: torch.Tensor, n: int, scaled: bool, out_dtype: torch.dtype,
+            bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """(C [M, N], whether it is complete without a launch): the int32 product, or the scaled one in ``out_dtype``;
+    an empty K gives zero (plus the bias when scaled), an empty M or N nothing to compute."""
+    m, k = a.shape
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype if scaled else torch.int32)
+    if m and n and not k:
+        out.zero_()
+        if scaled and bias is not None:
+            out.add_(bias.to(out.dtype))
+    return out, not (m and n and k)
 
 
 def check_int_mm_args(a: torch.Tensor, b: torch.Tensor) -> None:
