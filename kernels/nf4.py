@@ -27,9 +27,9 @@ from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dot_acc, dot_tile_zeros, fragment_columns,
                                   fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, interleave8, interpreting,
-                                  load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers, tolerance,
-                                  word_pairs_fragments)
+                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, int32_words, interleave8,
+                                  interpreting, load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers,
+                                  tolerance, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -328,17 +328,9 @@ def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     words = 1024
     _nf4_dequant_kernel[(triton.cdiv(n * k, 8 * words),)](
-        _code_words(qdata), scaler_q, scaler_factor, scaler_mean, levels_operand(qdata), w, n * k, BLOCK=block_size,
+        int32_words(qdata), scaler_q, scaler_factor, scaler_mean, levels_operand(qdata), w, n * k, BLOCK=block_size,
         SCALER_BLOCK=scaler_block_size, WORDS=words, USE_SHFL=not interpreting(), num_warps=4)
     return w
-
-
-def _code_words(qdata: torch.Tensor) -> torch.Tensor:
-    """The flat codes as int32 words (a copy padded to whole words where their bytes do not fill whole words or
-    do not start on a word's boundary)."""
-    if qdata.numel() % 4 or qdata.storage_offset() % 4 or not qdata.is_contiguous():
-        qdata = torch.nn.functional.pad(qdata, (0, -qdata.numel() % 4))
-    return qdata.view(torch.int32)
 
 
 def default_config(m: int, n: int, k: int, block_size: int, dtype: torch.dtype, device: torch.device) -> dict:

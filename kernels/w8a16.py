@@ -17,7 +17,8 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
                                   expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_finish,
                                   gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
-                                  interpreting, load_x, pairs_transposed, row_expert, split_k, splitk_buffers, tolerance)
+                                  interpreting, load_x, pairs_transposed, row_expert, split_k, splitk_buffers,
+                                  tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
