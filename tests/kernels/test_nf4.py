@@ -67,7 +67,8 @@ def test_dequantize_equals_twin_on_any_layout(n, k, block, scaler_block):
     tensors = weight(n, k, block, scaler_block)
     args = (n, k, block, scaler_block)
     for dtype in LINEAR_DTYPES:
-        assert torch.equal(nf4.nf4_dequantize_triton(*tensors, *args, dtype), nf4_dequantize_ref(*tensors, *args, dtype))
+        want = nf4_dequantize_ref(*tensors, *args, dtype)
+        assert torch.equal(nf4.nf4_dequantize_triton(*tensors, *args, dtype), want)
     shifted = torch.cat([tensors[0].new_zeros(1), tensors[0]])[1:]
     assert shifted.storage_offset() == 1
     assert torch.equal(nf4.nf4_dequantize_triton(shifted, *tensors[1:], *args, torch.float16),
