@@ -29,9 +29,9 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
                                   expert_rows, fragment_column_of, fragment_columns, fragment_tile_fits, gemm_finish,
                                   gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch, gemv_rows,
-                                  gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, interleave8,
-                                  interpreting, load_x, nibble_fragments, fragment_ordered_x, pow2_at_most, row_expert,
-                                  split_by_code, split_k, splitk_buffers, tolerance,
+                                  gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
+                                  interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
+                                  pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers, tolerance,
                                   word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
@@ -706,11 +706,6 @@ def prepack_fragments(qdata: torch.Tensor) -> torch.Tensor:
     return pack_uint4(codes[..., fragment_order(codes.shape[-1]).to(codes.device)])
 
 
-def _words(qdata: torch.Tensor) -> torch.Tensor:
-    """qdata viewed as int32 words (4 bytes of a row each); Kp/2 is a multiple of 16, so rows split evenly."""
-    return qdata.contiguous().view(torch.int32)
-
-
 def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.dtype, *, block: int = 1024,
                      num_warps: int = 4, prepacked: bool = False) -> torch.Tensor:
     """w on the grid ``zero`` names (see the module) in fp32, then cast: [N, k] in dtype (Triton).
@@ -721,7 +716,7 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     row_words = qdata.shape[1] // 4
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     _w4a16_dequant_kernel[(triton.cdiv(n * row_words, block),)](
-        _words(qdata), scale, scale if zero is None else zero, w, n, k, row_words, scale.stride(0),
+        int32_words(qdata), scale, scale if zero is None else zero, w, n, k, row_words, scale.stride(0),
         scale.stride(0) if zero is None else zero.stride(0), GROUP=group_size, BLOCK=block, ZERO=zero_kind(zero),
         PREPACKED=prepacked, num_warps=num_warps)
     return w
@@ -900,7 +895,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
     _w4a16_gemm_kernel[grid](
-        x, _words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
+        x, int32_words(qdata), scale, z, bias if bias is not None else y, y, ws, counters,
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
         split, y if row_scale is None else row_scale, y if col_scale is None else col_scale,
         zero_sums(x, zero, group_size, forms), GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None,
@@ -936,7 +931,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
     if two_rows and offs is not None:
         raise ValueError("TWO_ROWS GEMV programs take rows of one weight, not of a stack of experts")
     y, grid, split, ws, counters = gemv_launch(x, n, params, x_rows=2 if two_rows else 1)
-    words = _words(qdata)
+    words = int32_words(qdata)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
     stacked = offs is not None
     _w4a16_gemv_kernel[grid](
