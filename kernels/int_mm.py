@@ -280,7 +280,7 @@ def _int8_gemv_kernel(
                     SCALED, HAS_BIAS)
 
 
-def gemv_candidates(m: int, n: int, k: int) -> list:
+def gemv_candidates() -> list:
     """The int8 GEMV's configurations for an autotuning search."""
     return [dict(path="gemv", BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, LOOP_STAGES=stages, num_warps=warps,
                  num_stages=3)

@@ -250,16 +250,16 @@ def default_config(m: int, device: torch.device, n: int = 0, k: int = 0) -> dict
     return {"FUSED": False, **int_mm.default_config(m, device, n, k)}
 
 
-def candidate_configs(m: int, n: int = 0, k: int = 0) -> list:
+def candidate_configs(m: int) -> list:
     """Configurations an autotuning search tries for an M-row call on CUDA: the int8 GEMV up to 4 rows, fused tiles
     for small M, then split."""
-    fused = int_mm.gemv_candidates(m, n, k) if m <= 4 else []
+    small = int_mm.gemv_candidates() if m <= 4 else []
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
-        fused += [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
-                 for bn, bk, st in ((32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4),
-                                    (32, 512, 3), (64, 512, 3), (128, 128, 4))]
-    return fused + [{"FUSED": False, **c} for c in int_mm.candidate_configs(m)]
+        small += [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
+                  for bn, bk, st in ((32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4),
+                                     (32, 512, 3), (64, 512, 3), (128, 128, 4))]
+    return small + [{"FUSED": False, **c} for c in int_mm.candidate_configs(m)]
 
 
 def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
@@ -269,7 +269,7 @@ def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
     if x.device.type != "cuda" or m == 0:
         return default_config(m, x.device)
     key = autotune.config_key("w8a8_linear", m, n, k, (x.dtype,), x.device)
-    return autotune.choose(key, default_config(m, x.device, n, k), lambda: candidate_configs(m, n, k), run, reference,
+    return autotune.choose(key, default_config(m, x.device, n, k), lambda: candidate_configs(m), run, reference,
                            tolerance=1e-6)
 
 

@@ -32,7 +32,7 @@ def candidates_for(text: str):
         block = int(kernel.removeprefix("nf4_b").split("_")[0])
         return nf4.candidate_configs(m, n, k, block, dtype, cpu)
     if kernel == "w8a8_linear":
-        return w8a8.candidate_configs(m, n, k)
+        return w8a8.candidate_configs(m)
     if kernel.startswith("int8_int4_g"):
         group = int(kernel.removeprefix("int8_int4_g"))
         tile = int8_int4.gemm_config(m, n, k, group, dtype, cpu)

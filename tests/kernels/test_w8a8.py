@@ -90,7 +90,7 @@ def _config_of(path, m):
     """A configuration of ``path`` (fused, two_pass, gemv) for an M-row call on this device."""
     if ON_GPU:
         m_search = min(m, 4) if path == "gemv" else m  # the search offers the GEMV up to 4 rows; it runs any M
-        return next(c for c in candidate_configs(m_search, 37, 50)
+        return next(c for c in candidate_configs(m_search)
                     if (c.get("path") == "gemv") == (path == "gemv") and c.get("FUSED", False) == (path == "fused"))
     return {"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG}.get(path) or default_config(m, DEVICE)
 
