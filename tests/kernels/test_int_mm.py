@@ -4,6 +4,8 @@ Runs the Triton kernel on CUDA when there is one, else on CPU tensors under TRIT
 """
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aofunc.kernels.int_mm import (
     cublas_int_mm_is_exact,
@@ -142,6 +144,21 @@ def test_gemv_sums_past_fp32_integers_and_reads_strided_operands():
     c = int8_gemv_triton(a, b[:, :4095], config=dict(GEMV, BLOCK_W=64, SPLIT_K=4)).cpu()
     assert c[0, 0] == 2 ** 26 - 128 - 2 ** 14 and c[0, 1] == 2 ** 26 - 255 - 2 ** 14
     assert torch.equal(c, _exact(a[:, :4095], b[:, :4095].t()))
+
+
+@given(st.integers(1, 3), st.integers(1, 64), st.integers(1, 40), st.sampled_from([1, 2, 3]),
+       st.sampled_from([4, 8]), st.integers(0, 2**31 - 1))
+def test_gemv_law_sums_are_exact_and_inputs_unchanged(m, k, n, split, block_w, seed):
+    """For any small shape, split and step: the GEMV's int32 sums equal the exact product, twice the same, and
+    neither operand changes."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = _int8(m, k, generator=g), _int8(n, k, generator=g)
+    before = (a.clone(), b.clone())
+    config = dict(GEMV, BLOCK_W=block_w, SPLIT_K=split)
+    c = int8_gemv_triton(a, b, config=config)
+    assert torch.equal(c.cpu(), _exact(a, b.t()))
+    assert torch.equal(int8_gemv_triton(a, b, config=config), c)
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
 
 
 def test_gemv_candidates_are_valid_launches():
