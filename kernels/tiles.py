@@ -299,6 +299,16 @@ def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FAST: tl.con
 
 
 @triton.jit
+def scaled_rows(acc, s_ptr, rows, SWAP: tl.constexpr):
+    """acc times the per-row scales of w, in acc's orientation."""
+    s = tl.load(s_ptr + rows).to(tl.float32)
+    if SWAP:
+        return acc * s[:, None]
+    else:
+        return acc * s[None, :]
+
+
+@triton.jit
 def gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k,
                 SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr):
     """Store the tile ``acc`` (+ bias) of gemm_tile's tile of a dense y [M, N] (stride_ym == N), through the

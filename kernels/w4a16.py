@@ -31,8 +31,8 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offse
                                   gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch, gemv_rows,
                                   gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
                                   interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
-                                  pow2_at_most, row_expert, split_by_code, split_k, splitk_buffers, tolerance,
-                                  word_pairs_fragments)
+                                  pow2_at_most, row_expert, scaled_rows, split_by_code, split_k, splitk_buffers,
+                                  tolerance, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -632,11 +632,7 @@ def _w4a16_gemm_kernel(
         else:
             acc = acc * rs[:, None]
     if COL_SCALE:
-        cs = tl.load(cs_ptr + offs_n, mask=offs_n < N, other=0.0)
-        if SWAP:
-            acc = acc * cs[:, None]
-        else:
-            acc = acc * cs[None, :]
+        acc = scaled_rows(acc, cs_ptr, rows, SWAP)
     gemm_finish(acc, offs_m, m_mask, offs_n, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS,
                 SWAP)
 

@@ -17,8 +17,8 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
                                   expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_finish,
                                   gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
-                                  interpreting, load_x, pairs_transposed, row_expert, split_k, splitk_buffers,
-                                  tolerance)
+                                  interpreting, load_x, pairs_transposed, row_expert, scaled_rows, split_k,
+                                  splitk_buffers, tolerance)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -205,16 +205,6 @@ def w8a16_tile(x_ptr, q_ptr, offs_m, m_mask, rows, K, first, last, stride_xm, st
             w = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, 4 * BLOCK_W))
         acc = dot_acc(acc, w, xt, SWAP, DOT_FP32)
     return acc
-
-
-@triton.jit
-def scaled_rows(acc, s_ptr, rows, SWAP: tl.constexpr):
-    """acc times the per-row scales of w, in acc's orientation."""
-    s = tl.load(s_ptr + rows).to(tl.float32)
-    if SWAP:
-        return acc * s[:, None]
-    else:
-        return acc * s[None, :]
 
 
 @triton.jit
