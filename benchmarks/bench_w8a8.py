@@ -155,7 +155,7 @@ def bench_shape(k, n, ms, search, torchao_ms, int4, time_us):
             peer, peer_time = torchao_name(), attempt(errors, "torchao", lambda: (ao(x), time_us(lambda: ao(x)))[1])
         if ours is not None:
             rows.append(linear_row("w8a8", k, n, m, bf16, ours,
-                                   configured("w8a8_linear", m, n, k, x, default_w8a8_config(m, dev, n, k)),
+                                   configured("w8a8_linear", m, n, k, x, default_w8a8_config(m, dev, n, k, x.dtype)),
                                    peer, peer_time))
         if int4:
             want4 = int8_int4_linear_ref(x, q4, scale4, GROUP_SIZE, None)

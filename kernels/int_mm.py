@@ -288,6 +288,15 @@ def gemv_candidates() -> list:
             for split in (1, 2, 4, 8) for stages in (1, 3)]
 
 
+def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """The int8 GEMV's default configuration: the H200 searches' winner on four shapes of K, N >= 4096 (16 rows of
+    B a program, 128 words a step, 4 warps), K split only while the programs are too few to fill the card."""
+    block_n, block_w = 16, 128
+    split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), torch.device(device))
+    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, LOOP_STAGES=1, num_warps=4,
+                num_stages=3)
+
+
 def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[torch.Tensor] = None,
                      col_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                      out_dtype: torch.dtype = torch.int32, config: dict) -> torch.Tensor:

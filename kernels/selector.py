@@ -98,6 +98,7 @@ ROUTES = (
     Route("w8a16_experts", "grouped", math.inf, "16-bit x on CUDA (any x under the interpreter)",
           _sixteen_bit_or_interpreted),
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
+    Route("w8a8", "gemv", 1, "any x", _any),
     Route("w8a8", "two_pass", math.inf, "any x (fused, or gemv up to 4 rows, only where a search chose it)", _any),
     # from 2 rows of 16-bit x the tile (H200: 1.68x bf16 at 5 rows of 8192 x 28672, one 16-row tile as for 2 to 4
     # rows, against 1.67x for the GEMV at 2 rows, two a program, and 0.74x at 4); fp32 x on CUDA keeps the GEMV

@@ -10,9 +10,9 @@ Math (all per-token statistics in fp32). With ``x' = x / act_scale`` when a Smoo
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_int8(x, act_scale) -> (xq, s)`` and ``w8a8_linear(x, qdata, scale, bias, act_scale) -> y``.
 On CUDA the linear runs a one-pass quantization kernel feeding the int8 GEMM whose epilogue applies both scales,
-the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py). Two more paths are tuning
-candidates for small M: one kernel that quantizes the activation tile by tile inside the GEMM, and, up to 4 rows,
-the int8 GEMV (``int_mm.int8_gemv_triton``) on the quantized rows.
+the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py); one row of x runs the int8 GEMV
+(``int_mm.int8_gemv_triton``) on the quantized row instead, which searches also try up to 4 rows. One more path
+is a tuning candidate for small M: one kernel that quantizes the activation tile by tile inside the GEMM.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 
 from . import autotune, int_mm
 from .int_mm import int8_gemv_triton, int8_matmul_triton
+from .selector import Problem, default_path
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -239,14 +240,19 @@ INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_
                             "num_stages": 1}
 
 
-def default_config(m: int, device: torch.device, n: int = 0, k: int = 0) -> dict:
-    """The configuration ``w8a8_linear`` runs an M-row call with on ``device`` when nothing was tuned (N and K:
-    see int_mm.default_config).
+def default_config(m: int, device: torch.device, n: int = 0, k: int = 0,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The configuration ``w8a8_linear`` runs an M-row call of x in ``dtype`` with on ``device`` when nothing was
+    tuned (N and K: see int_mm.default_config).
 
-    Quantization kernel + int8 GEMM for every M: on an H100 the fused kernel lost to it at K >= 8192 for every
-    M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning candidate only, as
-    does the int8 GEMV.
+    One row: the quantization kernel + the int8 GEMV (H200, bf16/aofunc at M=1 on 4096 x 4096, 4096 x 14336,
+    14336 x 4096 and 8192 x 28672: 1.31, 1.67, 1.39 and 2.09, against 1.02, 1.30, 1.15 and 1.62 for the GEMM's
+    best tile). More rows: the quantization kernel + the int8 GEMM. On an H100 the fused kernel lost to it at
+    K >= 8192 for every M measured (e.g. 317 µs against 100 µs at M=1, K=14336, N=4096), so it stays a tuning
+    candidate only.
     """
+    if default_path("w8a8", Problem(m, n, k, dtype, torch.device(device))) == "gemv":
+        return int_mm.gemv_config(m, n, k, device)
     return {"FUSED": False, **int_mm.default_config(m, device, n, k)}
 
 
@@ -267,10 +273,10 @@ def w8a8_config(x: torch.Tensor, qdata: torch.Tensor, run, reference) -> dict:
     m, k = x.shape
     n = qdata.shape[0]
     if x.device.type != "cuda" or m == 0:
-        return default_config(m, x.device)
+        return default_config(m, x.device, n, k, x.dtype)
     key = autotune.config_key("w8a8_linear", m, n, k, (x.dtype,), x.device)
-    return autotune.choose(key, default_config(m, x.device, n, k), lambda: candidate_configs(m), run, reference,
-                           tolerance=1e-6)
+    default = default_config(m, x.device, n, k, x.dtype)
+    return autotune.choose(key, default, lambda: candidate_configs(m), run, reference, tolerance=1e-6)
 
 
 def w8a8_linear_ref(

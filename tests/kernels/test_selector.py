@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from aofunc.kernels import int8_int4, nf4, selector, w4a16, w8a16
+from aofunc.kernels import int8_int4, nf4, selector, w4a16, w8a8, w8a16
 from aofunc.kernels.selector import Problem, default_path
 
 CUDA = torch.device("cuda")
@@ -58,6 +58,14 @@ def test_8da4w_wide_weights_take_the_fp16_tile_past_128_rows():
     assert default["path"] == "fp16_gemm" and default["PAIRS"] and default["PERMUTE_X"] and not default["CENTERED"]
 
 
+def test_w8a8_one_row_takes_the_int8_gemv():
+    assert default_path("w8a8", Problem(1, 4096, 4096, torch.bfloat16, CUDA)) == "gemv"
+    assert default_path("w8a8", Problem(2, 4096, 4096, torch.bfloat16, CUDA)) == "two_pass"
+    # K is split only while the programs are too few for the card (4 "multiprocessors" for CPU tensors)
+    assert w8a8.default_config(1, CPU, 4096, 4096)["SPLIT_K"] == 1
+    assert w8a8.default_config(1, CPU, 16, 4096)["SPLIT_K"] == 4  # 8 steps of K, 2 a split at least
+
+
 def test_nf4_constraints_send_odd_shapes_to_dequant():
     assert default_path("nf4", Problem(1, 8, 128, torch.float16, CUDA, 64)) == "gemv"
     assert default_path("nf4", Problem(1, 8, 100, torch.float16, CUDA, 64)) == "dequant"  # K not whole blocks
@@ -75,6 +83,9 @@ def test_launchers_default_to_the_table(m, dtype):
             default_path("w8a16", Problem(m, 64, 512, dtype, device))
         assert nf4.default_config(m, 64, 512, 64, dtype, device)["path"] == \
             default_path("nf4", Problem(m, 64, 512, dtype, device, 64))
+        w8a8_default = w8a8.default_config(m, device, 64, 512, dtype)
+        w8a8_path = w8a8_default.get("path") or ("fused" if w8a8_default["FUSED"] else "two_pass")
+        assert w8a8_path == default_path("w8a8", Problem(m, 64, 512, dtype, device))
 
 
 def test_routes_table_lists_every_route_with_its_range():

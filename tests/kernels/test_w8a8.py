@@ -6,6 +6,7 @@ The interpreter rounds fp32 -> bf16 casts wrongly, so bf16 outputs are compared 
 import pytest
 import torch
 
+from aofunc.kernels import int_mm
 from aofunc.kernels.w8a8 import (
     INTERPRETER_FUSED_CONFIG,
     candidate_configs,
@@ -92,7 +93,8 @@ def _config_of(path, m):
         m_search = min(m, 4) if path == "gemv" else m  # the search offers the GEMV up to 4 rows; it runs any M
         return next(c for c in candidate_configs(m_search)
                     if (c.get("path") == "gemv") == (path == "gemv") and c.get("FUSED", False) == (path == "fused"))
-    return {"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG}.get(path) or default_config(m, DEVICE)
+    return ({"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG}.get(path)
+            or {"FUSED": False, **int_mm.default_config(m, DEVICE)})
 
 
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
