@@ -244,64 +244,76 @@ def _int8_gemv_kernel(
     a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, ws_ptr, cnt_ptr,
     M, N, K_words, split_k, stride_am, stride_bn, stride_cm, stride_cn,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DP4A: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
-    # One row of A against BLOCK_N rows of B (both as int32 words of four int8 values along K) over this program's
-    # split of K's steps (program_id(2) of split_k), a step being BLOCK_W words. Each word pair adds its four
-    # products to an int32 accumulator per word; the row sums are exact, and with SPLIT the last split of a tile
-    # sums the int32 partials and stores.
+    # ROWS rows of A against BLOCK_N rows of B (both as int32 words of four int8 values along K) over this program's
+    # split of K's steps (program_id(2) of split_k), a step being BLOCK_W words: each word of B is loaded once for
+    # all ROWS rows. Each word pair adds its four products to an int32 accumulator per word; the row sums are exact,
+    # and with SPLIT the last split of a tile sums the int32 partials and stores. Rows of A past M repeat row M - 1
+    # and are never stored.
     offs_n, rows = gemv_rows(N, BLOCK_N)
-    row = tl.program_id(1)
+    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     pid_k = tl.program_id(2)
     offs_w = tl.arange(0, BLOCK_W)
     n_steps = tl.cdiv(K_words, BLOCK_W)
     per_split = tl.cdiv(n_steps, split_k)
     first = pid_k * per_split
-    a_row = a_ptr + row.to(tl.int64) * stride_am
+    a_rows = a_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_am
     b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_bn
-    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_W], dtype=tl.int32)
     for step in tl.range(first, tl.minimum(first + per_split, n_steps), num_stages=LOOP_STAGES):
         words = step * BLOCK_W + offs_w
         if EVEN_K:
-            a = tl.load(a_row + words)
+            a = tl.load(a_rows + words[None, :])
             b = tl.load(b_rows + words[None, :])
         else:
-            a = tl.load(a_row + words, mask=words < K_words, other=0)
+            a = tl.load(a_rows + words[None, :], mask=(words < K_words)[None, :], other=0)
             b = tl.load(b_rows + words[None, :], mask=(words < K_words)[None, :], other=0)
-        acc = dot4_acc(acc, tl.broadcast_to(a[None, :], (BLOCK_N, BLOCK_W)), b, DP4A)
-    total = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
-    offs_m = row + tl.arange(0, 1)
+        shape: tl.constexpr = (ROWS, BLOCK_N, BLOCK_W)
+        acc = dot4_acc(acc, tl.broadcast_to(a[:, None, :], shape), tl.broadcast_to(b[None, :, :], shape), DP4A)
+    total = tl.sum(acc, axis=2)
     last = True
     if SPLIT:
-        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :], (offs_n < N)[None, :], ws_ptr,
-                                   cnt_ptr, row * tl.num_programs(0) + tl.program_id(0), pid_k, M * N, split_k)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :],
+                                   (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr, tile, pid_k, M * N,
+                                   split_k)
     if last:
         _store_tile(total, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
                     SCALED, HAS_BIAS)
 
 
-def gemv_candidates() -> list:
-    """The int8 GEMV's configurations for an autotuning search."""
-    return [dict(path="gemv", BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, LOOP_STAGES=stages, num_warps=warps,
-                 num_stages=3)
-            for bn, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for bw in (32, 64, 128)
-            for split in (1, 2, 4, 8) for stages in (1, 3)]
+def gemv_candidates(m: int) -> list:
+    """The int8 GEMV's configurations for an autotuning search of an M-row call: a program per row, and for 2 to 4
+    rows also a program for all of them (``ROWS``, a power of two)."""
+    configs = [dict(path="gemv", BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, LOOP_STAGES=stages, num_warps=warps,
+                    num_stages=3)
+               for bn, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for bw in (32, 64, 128)
+               for split in (1, 2, 4, 8) for stages in (1, 3)]
+    rows = triton.next_power_of_2(m)
+    if 1 < rows <= 4:
+        configs += [dict(c, ROWS=rows) for c in configs if c["BLOCK_N"] * c["BLOCK_W"] <= 4096]
+    return configs
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """The int8 GEMV's default configuration: the H200 searches' winner on four shapes of K, N >= 4096 (16 rows of
-    B a program, 128 words a step, 4 warps), K split only while the programs are too few to fill the card."""
-    block_n, block_w = 16, 128
-    split = split_k(m * triton.cdiv(n, block_n), triton.cdiv(triton.cdiv(k, 4), block_w), torch.device(device))
-    return dict(path="gemv", BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, LOOP_STAGES=1, num_warps=4,
+    """The int8 GEMV's default configuration for M rows of A (up to 4): the H200 searches' winner on four shapes of
+    K, N >= 4096 (16 rows of B a program, 128 words a step, the next steps' words copied ahead, 4 warps), every row
+    of A in one program (rows rounded up to a power of two), and K split only while the programs are too few to
+    fill the card."""
+    rows, block_n, block_w = triton.next_power_of_2(max(m, 1)), 16, 128
+    programs = triton.cdiv(m, rows) * triton.cdiv(n, block_n)
+    split = split_k(programs, triton.cdiv(triton.cdiv(k, 4), block_w), torch.device(device))
+    return dict(path="gemv", ROWS=rows, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, LOOP_STAGES=3, num_warps=4,
                 num_stages=3)
 
 
 def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[torch.Tensor] = None,
                      col_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                      out_dtype: torch.dtype = torch.int32, config: dict) -> torch.Tensor:
-    """int8_matmul_triton's C for few rows of A, with B given as its transpose ``b`` [N, K]: a GEMV program per
-    row of A on CUDA cores (dp4a), each row of B read once per row of A. Same sums, same epilogue."""
+    """int8_matmul_triton's C for few rows of A, with B given as its transpose ``b`` [N, K]: GEMV programs on CUDA
+    cores (dp4a), each for ``config["ROWS"]`` rows of A (1 if absent) and reading its rows of B once for all of
+    them. Same sums, same epilogue."""
     m = a.shape[0]
     n = b.shape[0]
     scaled = row_scale is not None
@@ -313,8 +325,9 @@ def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[to
     split = params.pop("SPLIT_K")
     a_words, b_words = int32_words(a), int32_words(b)
     k_words = a_words.shape[1]
-    grid = (triton.cdiv(n, params["BLOCK_N"]), m, split)
-    ws, counters = splitk_buffers(out, split, grid[0] * m, torch.int32)
+    params.setdefault("ROWS", 1)
+    grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["ROWS"]), split)
+    ws, counters = splitk_buffers(out, split, grid[0] * grid[1], torch.int32)
     epilogue = (row_scale if scaled else out, col_scale if scaled else out, bias if bias is not None else out)
     _int8_gemv_kernel[grid](
         a_words, b_words, out, *epilogue, ws, counters, m, n, k_words, split,

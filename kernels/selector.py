@@ -98,7 +98,10 @@ ROUTES = (
     Route("w8a16_experts", "grouped", math.inf, "16-bit x on CUDA (any x under the interpreter)",
           _sixteen_bit_or_interpreted),
     Route("w8a16_experts", "per_expert", math.inf, "any x", _any),
-    Route("w8a8", "gemv", 1, "any x", _any),
+    # the int8 GEMV, all rows of x in one program (H200, 1 to 4 rows: 10.2-11.1 us on 4096 x 4096 and 23.2-24.1 on
+    # 14336 x 4096 against 11.7-12.5 and 23.5-25.3 for the int8 GEMM's tuned tiles; 2 rows of 8192 x 28672 60.5
+    # against 62.6, 4 rows 64.3 against 61.0)
+    Route("w8a8", "gemv", 4, "up to 2 rows; 3 to 4 rows where N <= 4096", lambda p: p.m <= 2 or p.n <= 4096),
     Route("w8a8", "two_pass", math.inf, "any x (fused, or gemv up to 4 rows, only where a search chose it)", _any),
     # from 2 rows of 16-bit x the tile (H200: 1.68x bf16 at 5 rows of 8192 x 28672, one 16-row tile as for 2 to 4
     # rows, against 1.67x for the GEMV at 2 rows, two a program, and 0.74x at 4); fp32 x on CUDA keeps the GEMV

@@ -101,7 +101,14 @@ CASES = [
     # the int8 GEMV: dp4a on word pairs, K split with int32 partials, a ragged K
     (int_mm._int8_gemv_kernel, dict(a_ptr="*i32", b_ptr="*i32", c_ptr="*bf16", row_scale_ptr="*fp32",
                                     col_scale_ptr="*bf16", bias_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32"),
-     dict(SCALED=True, HAS_BIAS=True, EVEN_K=False, SPLIT=True, DP4A=True, BLOCK_N=32, BLOCK_W=64, LOOP_STAGES=3),
+     dict(SCALED=True, HAS_BIAS=True, EVEN_K=False, SPLIT=True, DP4A=True, ROWS=1, BLOCK_N=32, BLOCK_W=64,
+          LOOP_STAGES=3),
+     False),
+    # and four rows of A a program, each word of B loaded once for them
+    (int_mm._int8_gemv_kernel, dict(a_ptr="*i32", b_ptr="*i32", c_ptr="*bf16", row_scale_ptr="*fp32",
+                                    col_scale_ptr="*bf16", bias_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32"),
+     dict(SCALED=True, HAS_BIAS=False, EVEN_K=True, SPLIT=False, DP4A=True, ROWS=4, BLOCK_N=16, BLOCK_W=64,
+          LOOP_STAGES=1),
      False),
     (w8a8._quantize_per_token_int8_kernel, dict(x_ptr="*bf16", act_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32"),
      dict(HAS_ACT=True, ONE_PASS=True, BLOCK_K=4096), False),
@@ -129,4 +136,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 28", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 29", done.stderr[-3000:]

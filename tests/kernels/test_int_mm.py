@@ -114,18 +114,19 @@ GEMV = {"path": "gemv", "BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K": 1, "LOOP_STAGES"
         "num_stages": 1}
 
 
-@pytest.mark.parametrize("m,k,n,split", [(1, 64, 24, 1), (1, 61, 17, 3), (3, 40, 40, 2), (2, 3, 5, 1),
-                                         (1, 33, 16, 8), (2, 0, 4, 1), (0, 8, 8, 1)])
-def test_gemv_equals_exact_product(m, k, n, split):
+@pytest.mark.parametrize("m,k,n,split,rows", [(1, 64, 24, 1, 1), (1, 61, 17, 3, 1), (3, 40, 40, 2, 1), (2, 3, 5, 1, 1),
+                                              (1, 33, 16, 8, 1), (2, 0, 4, 1, 1), (0, 8, 8, 1, 1), (3, 61, 17, 3, 4),
+                                              (5, 40, 24, 1, 2), (2, 64, 40, 2, 2), (0, 8, 8, 1, 4)])
+def test_gemv_equals_exact_product(m, k, n, split, rows):
     """The int8 GEMV (B given as [N, K]): int32 sums equal the exact product for ragged K (not whole words, not
-    whole steps), splits of K (more than steps for one shape), and extreme bytes; its scaled epilogue rounds as
-    the GEMM's does."""
+    whole steps), splits of K (more than steps for one shape), programs of several rows of A (rows past M
+    included), and extreme bytes; its scaled epilogue rounds as the GEMM's does."""
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n + split)
     a, b = _int8(m, k, generator=g), _int8(n, k, generator=g)
     if m and k:
         a[0], b[0] = -128, -128  # the largest products
         b[-1] = 127
-    config = dict(GEMV, SPLIT_K=split)
+    config = dict(GEMV, SPLIT_K=split, ROWS=rows)
     assert torch.equal(int8_gemv_triton(a, b, config=config).cpu(), _exact(a, b.t()))
     row = torch.rand(m, generator=g).to(DEVICE) * 1e-3
     col = torch.rand(n, generator=g).to(DEVICE, torch.float16)
@@ -146,15 +147,15 @@ def test_gemv_sums_past_fp32_integers_and_reads_strided_operands():
     assert torch.equal(c, _exact(a[:, :4095], b[:, :4095].t()))
 
 
-@given(st.integers(1, 3), st.integers(1, 64), st.integers(1, 40), st.sampled_from([1, 2, 3]),
-       st.sampled_from([4, 8]), st.integers(0, 2**31 - 1))
-def test_gemv_law_sums_are_exact_and_inputs_unchanged(m, k, n, split, block_w, seed):
-    """For any small shape, split and step: the GEMV's int32 sums equal the exact product, twice the same, and
-    neither operand changes."""
+@given(st.integers(1, 5), st.integers(1, 64), st.integers(1, 40), st.sampled_from([1, 2, 3]),
+       st.sampled_from([4, 8]), st.sampled_from([1, 2, 4]), st.integers(0, 2**31 - 1))
+def test_gemv_law_sums_are_exact_and_inputs_unchanged(m, k, n, split, block_w, rows, seed):
+    """For any small shape, split, step and rows a program: the GEMV's int32 sums equal the exact product, twice
+    the same, and neither operand changes."""
     g = torch.Generator().manual_seed(seed)
     a, b = _int8(m, k, generator=g), _int8(n, k, generator=g)
     before = (a.clone(), b.clone())
-    config = dict(GEMV, BLOCK_W=block_w, SPLIT_K=split)
+    config = dict(GEMV, BLOCK_W=block_w, SPLIT_K=split, ROWS=rows)
     c = int8_gemv_triton(a, b, config=config)
     assert torch.equal(c.cpu(), _exact(a, b.t()))
     assert torch.equal(int8_gemv_triton(a, b, config=config), c)
@@ -162,9 +163,11 @@ def test_gemv_law_sums_are_exact_and_inputs_unchanged(m, k, n, split, block_w, s
 
 
 def test_gemv_candidates_are_valid_launches():
-    configs = gemv_candidates()
-    assert len(configs) == len({tuple(sorted(c.items())) for c in configs}) >= 40
-    assert all(c["path"] == "gemv" and c["SPLIT_K"] in (1, 2, 4, 8) for c in configs)
+    for m, rows in ((1, {1}), (2, {1, 2}), (3, {1, 4}), (4, {1, 4}), (5, {1})):
+        configs = gemv_candidates(m)
+        assert len(configs) == len({tuple(sorted(c.items())) for c in configs}) >= 40
+        assert all(c["path"] == "gemv" and c["SPLIT_K"] in (1, 2, 4, 8) for c in configs)
+        assert {c.get("ROWS", 1) for c in configs} == rows, m
 
 
 def test_default_splits_k_only_where_tiles_are_few():

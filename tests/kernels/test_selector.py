@@ -58,10 +58,13 @@ def test_8da4w_wide_weights_take_the_fp16_tile_past_128_rows():
     assert default["path"] == "fp16_gemm" and default["PAIRS"] and default["PERMUTE_X"] and not default["CENTERED"]
 
 
-def test_w8a8_one_row_takes_the_int8_gemv():
-    assert default_path("w8a8", Problem(1, 4096, 4096, torch.bfloat16, CUDA)) == "gemv"
-    assert default_path("w8a8", Problem(2, 4096, 4096, torch.bfloat16, CUDA)) == "two_pass"
-    # K is split only while the programs are too few for the card (4 "multiprocessors" for CPU tensors)
+def test_w8a8_few_rows_take_the_int8_gemv():
+    for m, n, want in ((1, 28672, "gemv"), (2, 28672, "gemv"), (3, 28672, "two_pass"), (4, 4096, "gemv"),
+                       (5, 4096, "two_pass")):
+        assert default_path("w8a8", Problem(m, n, 4096, torch.bfloat16, CUDA)) == want, (m, n)
+    # one program for all rows; K is split only while the programs are too few for the card (4 "multiprocessors"
+    # for CPU tensors)
+    assert w8a8.default_config(3, CPU, 4096, 4096)["ROWS"] == 4
     assert w8a8.default_config(1, CPU, 4096, 4096)["SPLIT_K"] == 1
     assert w8a8.default_config(1, CPU, 16, 4096)["SPLIT_K"] == 4  # 8 steps of K, 2 a split at least
 
