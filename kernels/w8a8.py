@@ -246,7 +246,7 @@ def default_config(m: int, device: torch.device, n: int = 0, k: int = 0,
     tuned (N and K: see int_mm.default_config).
 
     Few rows (the selector's table says which): the quantization kernel + the int8 GEMV (H200, bf16/aofunc at M=1
-    on 4096 x 4096, 4096 x 14336, 14336 x 4096 and 8192 x 28672: 1.31, 1.67, 1.39 and 2.09, against 1.02, 1.30,
+    on 4096 x 4096, 4096 x 14336, 14336 x 4096 and 8192 x 28672: 1.22, 1.53, 1.36 and 1.85, against 1.02, 1.30,
     1.15 and 1.62 for the GEMM's best tile). More rows: the quantization kernel + the int8 GEMM. On an H100 the
     fused kernel lost to it at K >= 8192 for every M measured (e.g. 317 µs against 100 µs at M=1, K=14336,
     N=4096), so it stays a tuning candidate only.
