@@ -154,21 +154,29 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 
 
 @triton.jit
+def scaled_tile(acc, row_scale, offs_n, mask_n, col_scale_ptr, bias_ptr, dtype: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(acc * row_scale[:, None] * col_scale[None, :]).to(dtype), then + bias in fp32 and rounded again: an int32
+    tile of sums to the linear's output (the twin's two roundings)."""
+    col_scale = tl.load(col_scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = (acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]).to(dtype)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + bias[None, :]).to(dtype)
+    return y
+
+
+@triton.jit
 def _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
                 SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store the int32 tile, or (acc * row_scale * col_scale).to(out dtype) + bias formed in fp32."""
+    """Store the int32 tile, or its scaled_tile with the row scales at row_scale_ptr."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     mask = mask_m[:, None] & mask_n[None, :]
     if SCALED:
         row_scale = tl.load(row_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        col_scale = tl.load(col_scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        y = (acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]).to(c_ptr.dtype.element_ty)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            y = (y.to(tl.float32) + bias[None, :]).to(c_ptr.dtype.element_ty)
-        tl.store(c_ptrs, y, mask=mask)
+        tl.store(c_ptrs, scaled_tile(acc, row_scale, offs_n, mask_n, col_scale_ptr, bias_ptr,
+                                     c_ptr.dtype.element_ty, HAS_BIAS), mask=mask)
     else:
         tl.store(c_ptrs, acc, mask=mask)
 

@@ -21,8 +21,9 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, int_mm
-from .int_mm import int8_gemv_triton, int8_matmul_triton
+from .int_mm import dot4_acc, int8_gemv_triton, int8_matmul_triton, scaled_tile
 from .selector import Problem, default_path
+from .tiles import gemv_rows, int32_words, interpreting, splitk_buffers, splitk_total
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -121,13 +122,67 @@ def _w8a8_fused_kernel(
         w = tl.load(q_cols + (k0 + offs_k)[:, None] * stride_qk, mask=k_mask[:, None], other=0)
         acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
 
-    col_scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    y = (acc.to(tl.float32) * s[:, None] * col_scale[None, :]).to(y_ptr.dtype.element_ty)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+    y = scaled_tile(acc, s, offs_n, mask_n, scale_ptr, bias_ptr, y_ptr.dtype.element_ty, HAS_BIAS)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _w8a8_gemv_kernel(
+    x_ptr, act_ptr, b_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, K_words, split_k, stride_xm, stride_xk, stride_bn, stride_ym, stride_yn,
+    HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DP4A: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    # int_mm's int8 GEMV with the per-token quantization inside: each program finds its ROWS rows' absolute maxima
+    # over all of K (every split too), then quantizes each step's 4 * BLOCK_W values of x into BLOCK_W int32 words
+    # of four codes as it multiplies them with BLOCK_N rows of the weight (b_ptr: qdata as int32 words). Scales and
+    # codes are the quantization kernel's, so the sums and y are the two-kernel path's. EVEN_K: K is a whole
+    # number of words of steps. Rows of x past M repeat row M - 1 and are never stored.
+    offs_n, rows = gemv_rows(N, BLOCK_N)
+    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    pid_k = tl.program_id(2)
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+    offs_k = tl.arange(0, 4 * BLOCK_W)
+    amax = tl.zeros([ROWS, 4 * BLOCK_W], dtype=tl.float32)
+    for k0 in range(0, K, 4 * BLOCK_W):
+        cols = k0 + offs_k
+        x = _load_smoothed(x_rows + cols[None, :] * stride_xk, (act_ptr + cols)[None, :], (cols < K)[None, :],
+                           (cols < K)[None, :], HAS_ACT)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.div_rn(tl.maximum(tl.max(amax, axis=1), 1e-5), 127.0)
+
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_byte = tl.arange(0, 4)
+    n_steps = tl.cdiv(K_words, BLOCK_W)
+    per_split = tl.cdiv(n_steps, split_k)
+    first = pid_k * per_split
+    b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_bn
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_W], dtype=tl.int32)
+    for step in tl.range(first, tl.minimum(first + per_split, n_steps), num_stages=LOOP_STAGES):
+        words = step * BLOCK_W + offs_w
+        cols = (words[:, None] * 4 + offs_byte[None, :])[None, :, :]
+        x = _load_smoothed(x_rows[:, :, None] + cols * stride_xk, act_ptr + cols, cols < K, cols < K, HAS_ACT)
+        if EVEN_K:
+            b = tl.load(b_rows + words[None, :])
+        else:
+            b = tl.load(b_rows + words[None, :], mask=(words < K_words)[None, :], other=0)
+        codes = tl.minimum(tl.maximum(round_half_even(_div(x, s[:, None, None])), -127.0), 127.0).to(tl.int32)
+        # four codes' bytes side by side in a word (disjoint bits: the sum is their bitwise or)
+        a = tl.sum((codes & 0xFF) << (offs_byte * 8)[None, None, :], axis=2)
+        shape: tl.constexpr = (ROWS, BLOCK_N, BLOCK_W)
+        acc = dot4_acc(acc, tl.broadcast_to(a[:, None, :], shape), tl.broadcast_to(b[None, :, :], shape), DP4A)
+    total = tl.sum(acc, axis=2)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    last = True
+    if SPLIT:
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :], mask, ws_ptr, cnt_ptr, tile, pid_k,
+                                   M * N, split_k)
+    if last:
+        y = scaled_tile(total, s, offs_n, offs_n < N, scale_ptr, bias_ptr, y_ptr.dtype.element_ty, HAS_BIAS)
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn, y,
+                 mask=mask)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -257,9 +312,11 @@ def default_config(m: int, device: torch.device, n: int = 0, k: int = 0,
 
 
 def candidate_configs(m: int) -> list:
-    """Configurations an autotuning search tries for an M-row call on CUDA: the int8 GEMV up to 4 rows, fused tiles
-    for small M, then split."""
-    small = int_mm.gemv_candidates(m) if m <= 4 else []
+    """Configurations an autotuning search tries for an M-row call on CUDA: the int8 GEMV up to 4 rows (after the
+    quantization kernel, or with the quantization inside), fused tiles for small M, then split."""
+    # with the quantization inside, every split rescans its rows' maxima: fewer splits, longer steps
+    gemv = int_mm.gemv_candidates(m) if m <= 4 else []
+    small = gemv + [dict(c, FUSED=True) for c in gemv if c["BLOCK_W"] >= 64 and c["SPLIT_K"] <= 4]
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         small += [{"FUSED": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st}
@@ -312,6 +369,8 @@ def w8a8_linear_triton(
     launch = dict(config)
     m, k = x.shape
     n = qdata.shape[0]
+    if launch.get("path") == "gemv" and launch.pop("FUSED", False):
+        return _w8a8_gemv(x, qdata, scale, bias, act_scale, launch)
     if launch.get("path") == "gemv":
         xq, s = quantize_per_token_int8_triton(x, act_scale)
         return int8_gemv_triton(xq, qdata, row_scale=s, col_scale=scale, bias=bias, out_dtype=x.dtype,
@@ -328,6 +387,30 @@ def w8a8_linear_triton(
         m, n, k,
         x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), y.stride(0), y.stride(1),
         HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None, **launch,
+    )
+    return y
+
+
+def _w8a8_gemv(x, qdata, scale, bias, act_scale, config: dict) -> torch.Tensor:
+    """The int8 GEMV with the quantization inside (one kernel): y [M, N] in x.dtype."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    params = dict(config)
+    params.pop("path")
+    split = params.pop("SPLIT_K")
+    params.setdefault("ROWS", 1)
+    words = int32_words(qdata)
+    k_words = words.shape[1]
+    grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["ROWS"]), split)
+    ws, counters = splitk_buffers(y, split, grid[0] * grid[1], torch.int32)
+    _w8a8_gemv_kernel[grid](
+        x, act_scale if act_scale is not None else x, words, scale, bias if bias is not None else y, y, ws, counters,
+        m, n, k, k_words, split, x.stride(0), x.stride(1), words.stride(0), y.stride(0), y.stride(1),
+        HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k_words % params["BLOCK_W"] == 0,
+        SPLIT=split > 1, DP4A=params.pop("DP4A", True) and not interpreting(), **params,
     )
     return y
 

@@ -88,17 +88,19 @@ INTERPRETER_GEMV_CONFIG = {"path": "gemv", "BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K
 
 
 def _config_of(path, m):
-    """A configuration of ``path`` (fused, two_pass, gemv) for an M-row call on this device."""
+    """A configuration of ``path`` (fused, two_pass, gemv, fused_gemv) for an M-row call on this device."""
+    gemv, fused = path in ("gemv", "fused_gemv"), path in ("fused", "fused_gemv")
     if ON_GPU:
-        m_search = min(m, 4) if path == "gemv" else m  # the search offers the GEMV up to 4 rows; it runs any M
+        m_search = min(m, 4) if gemv else m  # the search offers the GEMV up to 4 rows; it runs any M
         return next(c for c in candidate_configs(m_search)
-                    if (c.get("path") == "gemv") == (path == "gemv") and c.get("FUSED", False) == (path == "fused"))
-    return ({"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG}.get(path)
+                    if (c.get("path") == "gemv") == gemv and c.get("FUSED", False) == fused)
+    return ({"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG,
+             "fused_gemv": dict(INTERPRETER_GEMV_CONFIG, FUSED=True, ROWS=2)}.get(path)
             or {"FUSED": False, **int_mm.default_config(m, DEVICE)})
 
 
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
-@pytest.mark.parametrize("path", ["fused", "two_pass", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "two_pass", "gemv", "fused_gemv"])
 @pytest.mark.parametrize("m", [1, 7, 33])
 def test_linear_kernel_equals_twin(dtype, path, m):
     x = _activation(m, 50, dtype, seed=m, contiguous=m != 7)
@@ -111,6 +113,20 @@ def test_linear_kernel_equals_twin(dtype, path, m):
         assert y.dtype == dtype and y.shape == (m, 37)
         # same integers and scales; the fp32 epilogue may round its last bit differently (FMA contraction)
         torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("m,k,split,rows,smooth", [(1, 50, 1, 1, False), (3, 64, 2, 4, True), (5, 37, 3, 2, False),
+                                                   (2, 130, 8, 2, True), (0, 16, 1, 1, False)])
+def test_gemv_with_quantization_inside_equals_two_kernels(m, k, split, rows, smooth):
+    """The one-kernel GEMV (each program quantizes its rows of x as it goes) gives the two-kernel GEMV's output bit
+    for bit: the same scales and codes, sums and epilogue; for ragged K, splits of K and rows past M."""
+    x = _activation(m, k, torch.bfloat16, seed=k, contiguous=m != 5)
+    qdata, scale, bias = _weight(24, k, torch.bfloat16, seed=k + 1)
+    act_scale = (torch.rand(k) + 0.5).to(DEVICE, torch.bfloat16) if smooth else None
+    config = dict(INTERPRETER_GEMV_CONFIG, SPLIT_K=split, ROWS=rows)
+    for b in (bias, None):
+        two = w8a8_linear_triton(x, qdata, scale, b, act_scale, config)
+        assert torch.equal(w8a8_linear_triton(x, qdata, scale, b, act_scale, dict(config, FUSED=True)), two)
 
 
 def test_linear_op_matches_twin_and_dequantized_float():
