@@ -104,7 +104,7 @@ def configured(kernel, m, n, k, x, default):
     stored = autotune.lookup(autotune.config_key(kernel, m, n, k, (x.dtype,), x.device))
     config = dict(stored or default, tuned=stored is not None)
     if config.get("path") in ("gemv", "dequant"):
-        return config, "quantize+" + config["path"]
+        return config, ("fused " if config.get("FUSED") else "quantize+") + config["path"]
     return config, "fused" if config.get("FUSED") else "quantize+gemm"
 
 

@@ -10,8 +10,9 @@ Math (all per-token statistics in fp32). With ``x' = x / act_scale`` when a Smoo
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_int8(x, act_scale) -> (xq, s)`` and ``w8a8_linear(x, qdata, scale, bias, act_scale) -> y``.
 On CUDA the linear runs a one-pass quantization kernel feeding the int8 GEMM whose epilogue applies both scales,
-the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py); one or two rows of x (up to 4 on
-narrow weights) run the int8 GEMV (``int_mm.int8_gemv_triton``) on the quantized rows instead. One more path
+the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py); two rows of x (up to 4 on narrow
+weights) run the int8 GEMV (``int_mm.int8_gemv_triton``) on the quantized rows instead, and one row a GEMV that
+quantizes it inside (one kernel). One more path
 is a tuning candidate for small M: one kernel that quantizes the activation tile by tile inside the GEMM.
 """
 from __future__ import annotations
@@ -300,14 +301,17 @@ def default_config(m: int, device: torch.device, n: int = 0, k: int = 0,
     """The configuration ``w8a8_linear`` runs an M-row call of x in ``dtype`` with on ``device`` when nothing was
     tuned (N and K: see int_mm.default_config).
 
-    Few rows (the selector's table says which): the quantization kernel + the int8 GEMV (H200, bf16/aofunc at M=1
-    on 4096 x 4096, 4096 x 14336, 14336 x 4096 and 8192 x 28672: 1.22, 1.53, 1.36 and 1.85, against 1.02, 1.30,
-    1.15 and 1.62 for the GEMM's best tile). More rows: the quantization kernel + the int8 GEMM. On an H100 the
+    Few rows (the selector's table says which): the int8 GEMV (H200, bf16/aofunc at M=1 on 4096 x 4096,
+    4096 x 14336, 14336 x 4096 and 8192 x 28672 with the quantization kernel first: 1.22, 1.53, 1.36 and 1.85,
+    against 1.02, 1.30, 1.15 and 1.62 for the GEMM's best tile; for one row the GEMV quantizes it inside). More rows: the quantization kernel + the int8 GEMM. On an H100 the
     fused kernel lost to it at K >= 8192 for every M measured (e.g. 317 µs against 100 µs at M=1, K=14336,
     N=4096), so it stays a tuning candidate only.
     """
     if default_path("w8a8", Problem(m, n, k, dtype, torch.device(device))) == "gemv":
-        return int_mm.gemv_config(m, n, k, device)
+        # one row quantized inside the GEMV, one launch fewer (H200, 4096 x 4096: 8.8 us against 10.0 for the two
+        # kernels; 8192 x 28672: 58.9 against 61.6); from two rows each program would quantize them all again for
+        # its block of outputs, and loses (8192 x 28672, 2 rows: 65.8 against 61.2)
+        return dict(int_mm.gemv_config(m, n, k, device), FUSED=m == 1)
     return {"FUSED": False, **int_mm.default_config(m, device, n, k)}
 
 

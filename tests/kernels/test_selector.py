@@ -65,6 +65,8 @@ def test_w8a8_few_rows_take_the_int8_gemv():
     # one program for all rows; K is split only while the programs are too few for the card (4 "multiprocessors"
     # for CPU tensors)
     assert w8a8.default_config(3, CPU, 4096, 4096)["ROWS"] == 4
+    # one row is quantized inside the GEMV, more by the quantization kernel first
+    assert w8a8.default_config(1, CPU, 4096, 4096)["FUSED"] and not w8a8.default_config(2, CPU, 4096, 4096)["FUSED"]
     assert w8a8.default_config(1, CPU, 4096, 4096)["SPLIT_K"] == 1
     assert w8a8.default_config(1, CPU, 16, 4096)["SPLIT_K"] == 4  # 8 steps of K, 2 a split at least
 
