@@ -12,8 +12,8 @@ Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-to
 On CUDA the linear runs a one-pass quantization kernel feeding the int8 GEMM whose epilogue applies both scales,
 the cast and the bias, with a tile chosen per M bucket (kernels/autotune.py); two rows of x (up to 4 on narrow
 weights) run the int8 GEMV (``int_mm.int8_gemv_triton``) on the quantized rows instead, and one row a GEMV that
-quantizes it inside (one kernel). One more path
-is a tuning candidate for small M: one kernel that quantizes the activation tile by tile inside the GEMM.
+quantizes it inside (one kernel). One more path is a tuning candidate for small M: one kernel that quantizes the
+activation tile by tile inside the GEMM.
 """
 from __future__ import annotations
 
@@ -291,7 +291,9 @@ def _quantize_per_token_int8_fake(x, act_scale):
 
 
 # A configuration (kernels/autotune.py's ``Config``) is the kernel's launch meta-parameters plus ``FUSED``:
-# True runs the single small-M kernel, False the quantization kernel followed by the int8 GEMM.
+# True runs the single small-M kernel, False the quantization kernel followed by the int8 GEMM. With
+# ``path="gemv"`` the GEMV runs instead: with the quantization inside where ``FUSED`` is true, else after the
+# quantization kernel.
 INTERPRETER_FUSED_CONFIG = {"FUSED": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4,
                             "num_stages": 1}
 
