@@ -91,7 +91,8 @@ def _config_of(path, m):
     """A configuration of ``path`` (fused, two_pass, gemv, fused_gemv) for an M-row call on this device."""
     gemv, fused = path in ("gemv", "fused_gemv"), path in ("fused", "fused_gemv")
     if ON_GPU:
-        m_search = min(m, 4) if gemv else m  # the search offers the GEMV up to 4 rows; it runs any M
+        # the search offers the GEMV up to 4 rows, with the quantization inside up to 2; both run any M
+        m_search = min(m, 2 if fused else 4) if gemv else m
         return next(c for c in candidate_configs(m_search)
                     if (c.get("path") == "gemv") == gemv and c.get("FUSED", False) == fused)
     return ({"fused": INTERPRETER_FUSED_CONFIG, "gemv": INTERPRETER_GEMV_CONFIG,
