@@ -5,6 +5,8 @@ The interpreter rounds fp32 -> bf16 casts wrongly, so bf16 outputs are compared 
 """
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aofunc.kernels import int_mm
 from aofunc.kernels.w8a8 import (
@@ -128,6 +130,26 @@ def test_gemv_with_quantization_inside_equals_two_kernels(m, k, split, rows, smo
     for b in (bias, None):
         two = w8a8_linear_triton(x, qdata, scale, b, act_scale, config)
         assert torch.equal(w8a8_linear_triton(x, qdata, scale, b, act_scale, dict(config, FUSED=True)), two)
+
+
+@given(st.integers(1, 5), st.integers(1, 64), st.integers(1, 40), st.sampled_from([1, 2, 3]),
+       st.sampled_from([1, 2, 4]), st.booleans(), st.sampled_from(LINEAR_DTYPES), st.integers(0, 2**31 - 1))
+def test_gemv_with_quantization_inside_law(m, k, n, split, rows, smooth, dtype, seed):
+    """For any small shape, split, rows a program and x dtype: the one-kernel GEMV equals the two-kernel one bit for
+    bit, twice the same, and changes none of its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype)
+    qdata = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(DEVICE)
+    scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    act_scale = (torch.rand(k, generator=g) + 0.5).to(DEVICE, dtype) if smooth else None
+    inputs = [t for t in (x, qdata, scale, bias, act_scale) if t is not None]
+    before = [t.clone() for t in inputs]
+    config = dict(INTERPRETER_GEMV_CONFIG, SPLIT_K=split, ROWS=rows)
+    y = w8a8_linear_triton(x, qdata, scale, bias, act_scale, dict(config, FUSED=True))
+    assert torch.equal(y, w8a8_linear_triton(x, qdata, scale, bias, act_scale, config))
+    assert torch.equal(y, w8a8_linear_triton(x, qdata, scale, bias, act_scale, dict(config, FUSED=True)))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before))
 
 
 def test_linear_op_matches_twin_and_dequantized_float():
