@@ -140,14 +140,14 @@ def gemv_finish(y, offs_n, row, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, 
                   tile, tl.program_id(2), M * N, split_k, SPLIT, HAS_BIAS)
 
 
-def gemv_launch(x: torch.Tensor, n: int, params: dict, x_rows: int = 1):
+def gemv_launch(x: torch.Tensor, n: int, params: dict, x_rows: int = 1, partials: torch.dtype = torch.float32):
     """(y [M, N] in x's dtype, grid, split, workspace, counters) of a GEMV launch: a program per ``x_rows`` rows of
-    x and BLOCK_N outputs, split K ways (SPLIT_K, taken out of ``params``)."""
+    x and BLOCK_N outputs, split K ways (SPLIT_K, taken out of ``params``), split partial sums in ``partials``."""
     split = params.pop("SPLIT_K")
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, x_rows), split)
-    return (y, grid, split) + splitk_buffers(y, split, grid[0] * m)
+    return (y, grid, split) + splitk_buffers(y, split, grid[0] * m, partials)
 
 
 def int32_words(t: torch.Tensor) -> torch.Tensor:

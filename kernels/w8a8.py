@@ -24,7 +24,7 @@ import torch
 from . import autotune, int_mm
 from .int_mm import dot4_acc, int8_gemv_triton, int8_matmul_triton, scaled_tile
 from .selector import Problem, default_path
-from .tiles import gemv_rows, int32_words, interpreting, splitk_buffers, splitk_total
+from .tiles import gemv_launch, gemv_rows, int32_words, interpreting, splitk_total
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -376,9 +376,9 @@ def w8a8_linear_triton(
     launch = dict(config)
     m, k = x.shape
     n = qdata.shape[0]
-    if launch.get("path") == "gemv" and launch.pop("FUSED", False):
-        return _w8a8_gemv(x, qdata, scale, bias, act_scale, launch)
     if launch.get("path") == "gemv":
+        if launch.pop("FUSED", False):
+            return _w8a8_gemv(x, qdata, scale, bias, act_scale, launch)
         xq, s = quantize_per_token_int8_triton(x, act_scale)
         return int8_gemv_triton(xq, qdata, row_scale=s, col_scale=scale, bias=bias, out_dtype=x.dtype,
                                 config=launch)
@@ -402,17 +402,14 @@ def _w8a8_gemv(x, qdata, scale, bias, act_scale, config: dict) -> torch.Tensor:
     """The int8 GEMV with the quantization inside (one kernel): y [M, N] in x.dtype."""
     m, k = x.shape
     n = qdata.shape[0]
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0 or n == 0:
-        return y
     params = dict(config)
     params.pop("path")
-    split = params.pop("SPLIT_K")
-    params.setdefault("ROWS", 1)
+    rows = params.setdefault("ROWS", 1)
+    y, grid, split, ws, counters = gemv_launch(x, n, params, x_rows=rows, partials=torch.int32)
+    if m == 0 or n == 0:
+        return y
     words = int32_words(qdata)
     k_words = words.shape[1]
-    grid = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["ROWS"]), split)
-    ws, counters = splitk_buffers(y, split, grid[0] * grid[1], torch.int32)
     _w8a8_gemv_kernel[grid](
         x, act_scale if act_scale is not None else x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, k_words, split, x.stride(0), x.stride(1), words.stride(0), y.stride(0), y.stride(1),
