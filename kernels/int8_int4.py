@@ -23,10 +23,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, w4a16
+from .activations import asym_qparams, asym_quantize
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
 from .tiles import fragment_tile_fits, split_k
-from .w8a8 import check_activation, check_vector, round_half_even
+from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
 EPS = torch.finfo(torch.float32).eps
@@ -34,25 +35,10 @@ MAX_ONE_PASS_BLOCK_K = 16384
 
 
 @triton.jit
-def _asym_qparams(x_min, x_max, EPS_: tl.constexpr):
-    """(s, zp) from a row's min(x, 0) and max(x, 0), in fp32 exactly as the twin rounds them."""
-    s = tl.maximum(tl.div_rn(x_max - x_min, tl.full(x_min.shape, 255.0, tl.float32)), EPS_)
-    zp = round_half_even(-128.0 - tl.div_rn(x_min, s))
-    return s, tl.minimum(tl.maximum(zp, -128.0), 127.0)
-
-
-@triton.jit
-def _asym_quantize(x, s, zp):
-    """clamp(round(x / s) + zp, -128, 127) as int8, with s and zp broadcast to x."""
-    q = round_half_even(tl.div_rn(x, tl.broadcast_to(s, x.shape))) + zp
-    return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
-
-
-@triton.jit
 def _quantized(x, s, zp, xq_ptr, CENTERED: tl.constexpr):
     """What the quantization kernel stores for x: xq (int8), or with CENTERED xq - zp in xq_ptr's float dtype (the
     integers -255..255, exact in every float dtype)."""
-    q = _asym_quantize(x, s, zp)
+    q = asym_quantize(x, s, zp)
     if CENTERED:
         return (q.to(tl.float32) - zp).to(xq_ptr.dtype.element_ty)
     else:
@@ -72,7 +58,7 @@ def _quantize_per_token_asym_int8_kernel(
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        s, zp = _asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
+        s, zp = asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
         tl.store(q_row + offs, _quantized(x, s, zp, xq_ptr, CENTERED), mask=mask)
     else:
         lo = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -81,7 +67,7 @@ def _quantize_per_token_asym_int8_kernel(
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
             lo = tl.minimum(lo, x)
             hi = tl.maximum(hi, x)
-        s, zp = _asym_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), EPS_)
+        s, zp = asym_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), EPS_)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
@@ -127,7 +113,7 @@ def _int8_int4_matmul_kernel(
             x = tl.load(a_rows + (g * GROUP + offs_k)[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
             lo = tl.minimum(lo, x.to(tl.float32))
             hi = tl.maximum(hi, x.to(tl.float32))
-        sx, zp_f = _asym_qparams(tl.min(lo, axis=1), tl.max(hi, axis=1), EPS_)
+        sx, zp_f = asym_qparams(tl.min(lo, axis=1), tl.max(hi, axis=1), EPS_)
         zp = zp_f.to(tl.int32)
     else:
         sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
@@ -138,7 +124,7 @@ def _int8_int4_matmul_kernel(
         k_mask = g * GROUP + offs_k < K
         a = tl.load(a_rows + (g * GROUP + offs_k)[None, :] * stride_ak, mask=k_mask[None, :], other=0)
         if QUANTIZE_A:
-            a = _asym_quantize(a.to(tl.float32), sx[:, None], zp_f[:, None])
+            a = asym_quantize(a.to(tl.float32), sx[:, None], zp_f[:, None])
         packed = tl.load(q_rows + (g * (GROUP // 2) + offs_b)[None, :] * stride_qk)
         w = tl.interleave((packed >> 4).to(tl.int8), (packed & 15).to(tl.int8)) - 8
         w = tl.where(k_mask[None, :], w, 0).to(tl.int8)
@@ -214,6 +200,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     def candidates():
         gemv = [gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)] if m <= 8 else []
         two_rows = [dict(c, TWO_ROWS=True) for c in gemv] if m >= 2 else []  # each code's unit shared by 2 rows
+        # and with the quantization inside (every program quantizes its rows again)
+        gemv += [dict(c, FUSED=True) for c in gemv + two_rows]
         tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
         # also the x-ordered units (the form for groups under 32 codes)
         tile += [dict(c, GATHER_X=False, CENTERED=False, PERMUTE_X=False) for c in tile if c["CENTERED"]]
@@ -230,7 +218,8 @@ def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype
     int8 GEMM's."""
     path = default_path("8da4w", Problem(m, n, k, x_dtype, torch.device(device), group_size))
     if path == "gemv":
-        return gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)
+        # one row: its quantization inside the GEMV, one launch fewer
+        return dict(gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device), FUSED=m == 1)
     if path == "gemm":
         return gemm_config(m, n, k, group_size, x_dtype, device)
     if path == "dequant":
@@ -414,11 +403,16 @@ def int8_int4_linear_triton(
         xi, sx, p, scaled = exact_fp16_operands(x, scale)
         return w4a16.launch(xi, qdata, scaled, None, group_size, bias, dict(config, path="gemm"), row_scale=sx,
                             col_scale=p, out_dtype=x.dtype)
+    if config.get("path") == "gemv" and config.get("FUSED"):
+        # one kernel: the W4A16 GEMV quantizing x itself
+        params = {key: value for key, value in config.items() if key not in ("path", "FUSED")}
+        return w4a16.gemv(x, qdata, scale, None, group_size, bias, params, quantize_x=True)
     if config.get("path") in ("gemv", "gemm"):
         # the W4A16 GEMV or GEMM on the centered integer activations, symmetric grid (no zero), each row's products
         # times its scale
         xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True)
-        return w4a16.launch(xi, qdata, scale, None, group_size, bias, config, row_scale=sx)
+        params = {key: value for key, value in config.items() if key != "FUSED"}
+        return w4a16.launch(xi, qdata, scale, None, group_size, bias, params, row_scale=sx)
     launch = dict(config)
     fused = launch.pop("FUSED")
     if fused:

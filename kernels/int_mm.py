@@ -248,6 +248,21 @@ def dot4_acc(acc, a, b, DP4A: tl.constexpr):
 
 
 @triton.jit
+def gemv_sums(acc, offs_m, offs_n, M, N, ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr):
+    """(last, sums [ROWS, BLOCK_N]) of an int8 GEMV program's per-word int32 accumulator [ROWS, BLOCK_N, BLOCK_W]:
+    with SPLIT the sums of all splits of K, through the int32 workspace, and last tells the one program that stores
+    them; without, this program's sums, to be stored (last is always true)."""
+    total = tl.sum(acc, axis=2)
+    last = True
+    if SPLIT:
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :],
+                                   (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr, tile,
+                                   tl.program_id(2), M * N, split_k)
+    return last, total
+
+
+@triton.jit
 def _int8_gemv_kernel(
     a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, ws_ptr, cnt_ptr,
     M, N, K_words, split_k, stride_am, stride_bn, stride_cm, stride_cn,
@@ -279,13 +294,7 @@ def _int8_gemv_kernel(
             b = tl.load(b_rows + words[None, :], mask=(words < K_words)[None, :], other=0)
         shape: tl.constexpr = (ROWS, BLOCK_N, BLOCK_W)
         acc = dot4_acc(acc, tl.broadcast_to(a[:, None, :], shape), tl.broadcast_to(b[None, :, :], shape), DP4A)
-    total = tl.sum(acc, axis=2)
-    last = True
-    if SPLIT:
-        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :],
-                                   (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr, tile, pid_k, M * N,
-                                   split_k)
+    last, total = gemv_sums(acc, offs_m, offs_n, M, N, ws_ptr, cnt_ptr, split_k, SPLIT)
     if last:
         _store_tile(total, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
                     SCALED, HAS_BIAS)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from aofunc.kernels import autotune
+from aofunc.kernels.activations import EPS_F32, asym_centered, row_asym_qparams
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
@@ -199,25 +200,36 @@ def x_columns(positions, PREPACKED: tl.constexpr):
 
 
 @triton.jit
+def _gemv_load_x(x_row, cols, stride_xk, K, EVEN_K: tl.constexpr, s_x, zp_x, QUANT_X: tl.constexpr):
+    """x_row at these columns in fp32 (0 past K); with QUANT_X its centered per-token int8 codes xq - zp."""
+    x = load_x(x_row, cols, stride_xk, K, EVEN_K)
+    if QUANT_X:
+        x = asym_centered(x, s_x, zp_x)
+    return x
+
+
+@triton.jit
 def _gemv_step_x(x_row, step_cols, x_local, stride_xk, K, EVEN_K: tl.constexpr, GROUPS: tl.constexpr,
-                 WORDS: tl.constexpr, XVEC: tl.constexpr):
+                 WORDS: tl.constexpr, XVEC: tl.constexpr, s_x, zp_x, QUANT_X: tl.constexpr):
     """With XVEC, one row of x's values for the step loaded once as contiguous vectors and split by code position
     (eight [GROUPS, WORDS] tiles); else x_local, a placeholder nothing reads (_gemv_x_of_code loads them code by code;
     a jitted function cannot return None)."""
     if XVEC:
-        return split_by_code(load_x(x_row, step_cols + x_local[None, :], stride_xk, K, EVEN_K), GROUPS, WORDS)
+        return split_by_code(_gemv_load_x(x_row, step_cols + x_local[None, :], stride_xk, K, EVEN_K, s_x, zp_x,
+                                          QUANT_X), GROUPS, WORDS)
     else:
         return x_local
 
 
 @triton.jit
 def _gemv_x_of_code(x_row, x_codes, step_cols, offs_w, J: tl.constexpr, stride_xk, K, EVEN_K: tl.constexpr,
-                    XVEC: tl.constexpr, PREPACKED: tl.constexpr):
+                    XVEC: tl.constexpr, PREPACKED: tl.constexpr, s_x, zp_x, QUANT_X: tl.constexpr):
     """The [GROUPS, WORDS] values of one row of x that code J of each word of the step multiplies."""
     if XVEC:
         return x_codes[J]
     else:
-        return load_x(x_row, step_cols + x_columns(offs_w * 8 + J, PREPACKED)[None, :], stride_xk, K, EVEN_K)
+        return _gemv_load_x(x_row, step_cols + x_columns(offs_w * 8 + J, PREPACKED)[None, :], stride_xk, K, EVEN_K,
+                            s_x, zp_x, QUANT_X)
 
 
 @triton.jit
@@ -260,6 +272,7 @@ def _w4a16_gemv_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
     COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
     GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr, PREPACKED: tl.constexpr, TWO_ROWS: tl.constexpr,
+    QUANT_X: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
     # One row of x (two with TWO_ROWS), BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups).
     # q_ptr is qdata viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of
@@ -276,6 +289,10 @@ def _w4a16_gemv_kernel(
     # (prepack_fragments): the code at stored position p multiplies x's column fragment_column_of(p).
     # TWO_ROWS (not with GROUPED): rows 2p and 2p + 1 of x share each code's unit, so the weight is read and
     # turned into floats once for both; a second row past M is computed on row M - 1 and not stored.
+    # QUANT_X (8da4w in one kernel, not with GROUPED): each program first finds its rows' per-token asymmetric int8
+    # scale and zero point over all of K (SCAN_BLOCK columns at a time; every split does), then multiplies the
+    # centered codes xq - zp in place of x, and scales each row's products by its scale as ROW_SCALE does: the
+    # quantization kernel's numbers, so y is the two-kernel path's bit for bit.
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -307,6 +324,15 @@ def _w4a16_gemv_kernel(
     acc = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + row * stride_xm
+    s_x = 1.0
+    zp_x = 0.0
+    if QUANT_X:
+        s_x, zp_x = row_asym_qparams(x_row, K, stride_xk, EPS_F32, SCAN_BLOCK)
+    if TWO_ROWS:
+        s_x_b = 1.0
+        zp_x_b = 0.0
+        if QUANT_X:
+            s_x_b, zp_x_b = row_asym_qparams(x_row_b, K, stride_xk, EPS_F32, SCAN_BLOCK)
     q_rows = q_ptr + rows[:, None, None] * stride_qn
     s_rows = s_ptr + rows[:, None] * stride_sn
     z_rows = z_ptr + rows[:, None] * stride_zn
@@ -326,18 +352,21 @@ def _w4a16_gemv_kernel(
         x_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
         if COARSE:
             xu_sum = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
-        x_codes = _gemv_step_x(x_row, step_cols, x_local, stride_xk, K, EVEN_K, GROUPS, WORDS, XVEC)
+        x_codes = _gemv_step_x(x_row, step_cols, x_local, stride_xk, K, EVEN_K, GROUPS, WORDS, XVEC, s_x, zp_x,
+                               QUANT_X)
         if TWO_ROWS:
             part_b = tl.zeros([BLOCK_N, GROUPS, WORDS], dtype=tl.float32)
             x_sum_b = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
             if COARSE:
                 xu_sum_b = tl.zeros([GROUPS, WORDS], dtype=tl.float32)
-            x_codes_b = _gemv_step_x(x_row_b, step_cols, x_local, stride_xk, K, EVEN_K, GROUPS, WORDS, XVEC)
+            x_codes_b = _gemv_step_x(x_row_b, step_cols, x_local, stride_xk, K, EVEN_K, GROUPS, WORDS, XVEC, s_x_b,
+                                     zp_x_b, QUANT_X)
         for j in tl.static_range(8):
-            xj = _gemv_x_of_code(x_row, x_codes, step_cols, offs_w, j, stride_xk, K, EVEN_K, XVEC, PREPACKED)
+            xj = _gemv_x_of_code(x_row, x_codes, step_cols, offs_w, j, stride_xk, K, EVEN_K, XVEC, PREPACKED, s_x,
+                                 zp_x, QUANT_X)
             if TWO_ROWS:
                 xj_b = _gemv_x_of_code(x_row_b, x_codes_b, step_cols, offs_w, j, stride_xk, K, EVEN_K, XVEC,
-                                       PREPACKED)
+                                       PREPACKED, s_x_b, zp_x_b, QUANT_X)
             if COARSE:
                 # part = sum(xu * unit) with xu = 16 x for even codes: sum(x * code) = 128 (part - sum(xu))
                 xu = _coarse_x(xj, j)
@@ -368,12 +397,16 @@ def _w4a16_gemv_kernel(
         if TWO_ROWS:
             acc_b, acc_zero_b = _gemv_fold(acc_b, acc_zero_b, part_b, xu_sum_b, x_sum_b, s, z, unit, REDUCE_W)
     y = _gemv_total(acc, acc_zero, REDUCE_W)
-    if ROW_SCALE:
+    if QUANT_X:
+        y = y * s_x
+    elif ROW_SCALE:
         y = y * tl.load(rs_ptr + row)
     gemv_finish(y, offs_n, row, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT, HAS_BIAS)
     if TWO_ROWS:
         y_b = _gemv_total(acc_b, acc_zero_b, REDUCE_W)
-        if ROW_SCALE:
+        if QUANT_X:
+            y_b = y_b * s_x_b
+        elif ROW_SCALE:
             y_b = y_b * tl.load(rs_ptr + row_b)
         if row + 1 < M:
             gemv_finish(y_b, offs_n, row + 1, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, split_k, SPLIT,
@@ -916,16 +949,20 @@ def group_sums(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scale=None,
-         offs=None) -> torch.Tensor:
+         offs=None, quantize_x: bool = False) -> torch.Tensor:
     """The GEMV kernel with a configuration's parameters (``path`` taken out): one weight, or with ``offs`` a stack
     of experts whose rows of x are sorted by expert (end offsets [E]); ``row_scale`` (fp32 [M]) multiplies each
-    row's products before the bias. y [M, N] in x.dtype."""
+    row's products before the bias. ``quantize_x`` (8da4w): x is quantized per token inside the kernel (asymmetric
+    int8, see int8_int4), its centered codes multiplied and each row's products scaled by its activation scale.
+    y [M, N] in x.dtype."""
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
     two_rows = params.pop("TWO_ROWS", False)
     if two_rows and offs is not None:
         raise ValueError("TWO_ROWS GEMV programs take rows of one weight, not of a stack of experts")
+    if quantize_x and (offs is not None or row_scale is not None):
+        raise ValueError("quantize_x takes one weight and makes its own row scales")
     y, grid, split, ws, counters = gemv_launch(x, n, params, x_rows=2 if two_rows else 1)
     words = int32_words(qdata)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
@@ -937,7 +974,8 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
         stride_qe=words.stride(0) if stacked else 0, stride_se=scale.stride(0) if stacked else 0,
         stride_ze=z.stride(0) if stacked else 0, rs_ptr=scale if row_scale is None else row_scale,
         GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, GROUPED=stacked, ROW_SCALE=row_scale is not None,
-        TWO_ROWS=two_rows, **gemv_forms(params, k, group_size, x, zero), **params)
+        TWO_ROWS=two_rows, QUANT_X=quantize_x, SCAN_BLOCK=min(triton.next_power_of_2(k), 1024 * params.get("num_warps", 4)),
+        **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
 

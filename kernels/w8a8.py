@@ -22,23 +22,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, int_mm
-from .int_mm import dot4_acc, int8_gemv_triton, int8_matmul_triton, scaled_tile
+from .activations import round_half_even
+from .int_mm import dot4_acc, gemv_sums, int8_gemv_triton, int8_matmul_triton, scaled_tile
 from .selector import Problem, default_path
-from .tiles import gemv_launch, gemv_rows, int32_words, interpreting, splitk_total
+from .tiles import gemv_launch, gemv_rows, int32_words, interpreting
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
 MAX_ONE_PASS_BLOCK_K = 16384
-
-
-@triton.jit
-def round_half_even(x):
-    """rint(x) for fp32 |x| < 2**22: adding and removing 1.5 * 2**23 rounds to an integer, ties to even.
-
-    IEEE adds round to nearest even, so this equals ``torch.round`` on the GPU and under Triton's interpreter,
-    where libdevice is unavailable. Every caller's argument is bounded by a few hundred.
-    """
-    return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -173,17 +164,11 @@ def _w8a8_gemv_kernel(
         a = tl.sum((codes & 0xFF) << (offs_byte * 8)[None, None, :], axis=2)
         shape: tl.constexpr = (ROWS, BLOCK_N, BLOCK_W)
         acc = dot4_acc(acc, tl.broadcast_to(a[:, None, :], shape), tl.broadcast_to(b[None, :, :], shape), DP4A)
-    total = tl.sum(acc, axis=2)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    last = True
-    if SPLIT:
-        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        last, total = splitk_total(total, offs_m[:, None] * N + offs_n[None, :], mask, ws_ptr, cnt_ptr, tile, pid_k,
-                                   M * N, split_k)
+    last, total = gemv_sums(acc, offs_m, offs_n, M, N, ws_ptr, cnt_ptr, split_k, SPLIT)
     if last:
         y = scaled_tile(total, s, offs_n, offs_n < N, scale_ptr, bias_ptr, y_ptr.dtype.element_ty, HAS_BIAS)
         tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn, y,
-                 mask=mask)
+                 mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -47,19 +47,28 @@ CASES = [
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
           COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=True, ROW_SCALE=True, PREPACKED=True,
-          TWO_ROWS=False), False),
+          TWO_ROWS=False, QUANT_X=False, SCAN_BLOCK=1024), False),
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=True, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
           COARSE=True, XVEC=True, LOOP_STAGES=4, ZERO=0, GROUPED=False, ROW_SCALE=True, PREPACKED=False,
-          TWO_ROWS=True), False),
+          TWO_ROWS=True, QUANT_X=False, SCAN_BLOCK=1024), False),
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=False, HAS_BIAS=True, EVEN_K=False, PREFETCH=True, REDUCE_W=False,
           COARSE=False, XVEC=False, LOOP_STAGES=None, ZERO=1, GROUPED=False, ROW_SCALE=False, PREPACKED=False,
-          TWO_ROWS=True), False),
+          TWO_ROWS=True, QUANT_X=False, SCAN_BLOCK=1024), False),
     (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
      dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=False, EVEN_K=True, PREFETCH=False, REDUCE_W=False,
           COARSE=True, XVEC=True, LOOP_STAGES=4, ZERO=0, GROUPED=False, ROW_SCALE=False, PREPACKED=False,
-          TWO_ROWS=False), False),
+          TWO_ROWS=False, QUANT_X=False, SCAN_BLOCK=1024), False),
+    # 8da4w in one kernel: the GEMV quantizing its rows of x itself, one row and two a program
+    (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
+     dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=True, HAS_BIAS=True, EVEN_K=True, PREFETCH=False, REDUCE_W=True,
+          COARSE=True, XVEC=True, LOOP_STAGES=3, ZERO=2, GROUPED=False, ROW_SCALE=False, PREPACKED=False,
+          TWO_ROWS=False, QUANT_X=True, SCAN_BLOCK=1024), False),
+    (w4a16._w4a16_gemv_kernel, dict(W4, offs_ptr="*i32", rs_ptr="*fp32"),
+     dict(GROUP=128, BLOCK_N=32, GROUPS=2, SPLIT=False, HAS_BIAS=False, EVEN_K=False, PREFETCH=False, REDUCE_W=False,
+          COARSE=False, XVEC=False, LOOP_STAGES=None, ZERO=2, GROUPED=False, ROW_SCALE=False, PREPACKED=False,
+          TWO_ROWS=True, QUANT_X=True, SCAN_BLOCK=2048), False),
     (w4a16._w4a16_dequant_kernel, dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", w_ptr="*bf16"),
      dict(GROUP=128, BLOCK=1024, ZERO=0, PREPACKED=True), False),
     (nf4._nf4_dequant_kernel, dict(q_ptr="*i32", sq_ptr="*i8", f_ptr="*fp32", mean_ptr="*fp32", lut_ptr="*i32",
@@ -142,4 +151,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 30", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 32", done.stderr[-3000:]

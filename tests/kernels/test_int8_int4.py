@@ -5,6 +5,8 @@ Integer codes are compared exactly; the linear's fp32 sums across groups to accu
 """
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aofunc.kernels.int8_int4 import (
     EPS,
@@ -251,6 +253,58 @@ def test_gemv_path_equals_twin(dtype, m, k, group_size):
         for b in (bias, None):
             _close(int8_int4_linear_triton(x, qdata, scale, group_size, b, config),
                    _twin_rounded_once(x, qdata, scale, group_size, b))
+
+
+_GEMV_CONFIGS = (
+    dict(path="gemv", BLOCK_N=16, GROUPS=1, SPLIT_K=2, REDUCE_W=True, XVEC=True, COARSE=True, num_warps=2,
+         num_stages=1),
+    dict(path="gemv", BLOCK_N=32, GROUPS=2, SPLIT_K=1, num_warps=1, num_stages=1),
+    dict(path="gemv", BLOCK_N=16, GROUPS=2, SPLIT_K=3, REDUCE_W=False, XVEC=True, COARSE=False, TWO_ROWS=True,
+         num_warps=1, num_stages=1),
+)
+
+
+@pytest.mark.parametrize("config", _GEMV_CONFIGS)
+@pytest.mark.parametrize("m,k,group_size,contiguous", [(1, 64, 32, True), (3, 100, 64, False), (2, 200, 32, True),
+                                                       (0, 64, 32, True)])
+def test_gemv_with_quantization_inside_equals_two_kernels(config, m, k, group_size, contiguous):
+    """The one-kernel GEMV (each program finds its rows' scale and zero point, then multiplies the centered codes)
+    gives the two-kernel GEMV's output bit for bit: ragged K, splits, two rows a program, strided and empty x."""
+    x = _activation(m, k, torch.bfloat16, seed=k, contiguous=contiguous)
+    qdata, scale, bias = _weight(24, k, group_size, torch.bfloat16, seed=k + 1)
+    for b in (bias, None):
+        two = int8_int4_linear_triton(x, qdata, scale, group_size, b, config)
+        assert torch.equal(int8_int4_linear_triton(x, qdata, scale, group_size, b, dict(config, FUSED=True)), two)
+
+
+@given(st.integers(1, 4), st.integers(1, 64), st.integers(1, 40), st.sampled_from([32, 64]),
+       st.sampled_from(_GEMV_CONFIGS), st.sampled_from(LINEAR_DTYPES), st.integers(0, 2**31 - 1))
+def test_gemv_with_quantization_inside_law(m, k, n, group_size, config, dtype, seed):
+    """For any small shape, configuration and x dtype: the one-kernel GEMV equals the two-kernel one bit for bit,
+    twice the same, within tolerance of the twin, and changes none of its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3 + 1).to(DEVICE, dtype)
+    kp = -(-k // group_size) * group_size
+    qdata = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, generator=g).to(DEVICE)
+    scale = (torch.rand(n, kp // group_size, generator=g) * 0.02 + 1e-3).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    inputs = (x, qdata, scale, bias)
+    before = [t.clone() for t in inputs]
+    y = int8_int4_linear_triton(x, qdata, scale, group_size, bias, dict(config, FUSED=True))
+    assert torch.equal(y, int8_int4_linear_triton(x, qdata, scale, group_size, bias, config))
+    assert torch.equal(y, int8_int4_linear_triton(x, qdata, scale, group_size, bias, dict(config, FUSED=True)))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before))
+
+
+def test_one_row_default_quantizes_inside_the_gemv():
+    config = int8_int4_config(_activation(1, 256, torch.bfloat16, seed=1), *_weight(40, 256, 128, torch.bfloat16,
+                                                                                    seed=2)[:2], 128,
+                              run=None, reference=None)
+    assert config["path"] == "gemv" and config["FUSED"] is True
+    two = int8_int4_config(_activation(2, 256, torch.float32, seed=1), *_weight(40, 256, 128, torch.float32,
+                                                                               seed=2)[:2], 128,
+                           run=None, reference=None)
+    assert not two.get("FUSED")
 
 
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
