@@ -1,6 +1,6 @@
 """Benchmark: W8A8 (int8 dynamic) and 8da4w linears against bf16 cuBLAS, torch._int_mm and torchao, one card.
 
-    python benchmarks/bench_w8a8.py --search --torchao-m 16,2048 [--shapes 4096x4096 --ms 1,2048]
+    python benchmarks/bench_w8a8.py --search --torchao-m 16,2048 [--shapes 4096x4096 --ms 1,2048 --formats 8da4w]
     python benchmarks/render.py            # the tables of docs/benchmarks.md from benchmarks/results/; no GPU needed
 
 Every measurement is a ``linear`` row (benchmarks/common.py) recorded with ``common.record_rows`` into
@@ -120,11 +120,13 @@ def linear_row(fmt, k, n, m, bf16, ours, config_path, peer=None, peer_time=None)
             "commit": git_commit()}
 
 
-def bench_shape(k, n, ms, search, torchao_ms, int4, time_us):
-    """The rows of one (K, N): a w8a8 row (and an 8da4w row with ``int4``) for every M."""
+def bench_shape(k, n, ms, search, torchao_ms, formats, time_us):
+    """The rows of one (K, N): a row of each of ``formats`` (``w8a8``, ``8da4w``) for every M."""
+    int4 = "8da4w" in formats
+    int8 = "w8a8" in formats
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-    q, scale = int8_weight(w)
+    q, scale = int8_weight(w) if int8 else (None, None)
     q4, scale4 = int4_weight(w, GROUP_SIZE) if int4 else (None, None)
     dev = w.device
     ao = None
@@ -140,19 +142,22 @@ def bench_shape(k, n, ms, search, torchao_ms, int4, time_us):
         x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
         if search:
             with autotune.tuning():
-                attempt(errors, "w8a8 search", lambda: w8a8_linear(x, q, scale, None, None))
+                if int8:
+                    attempt(errors, "w8a8 search", lambda: w8a8_linear(x, q, scale, None, None))
                 if int4:
                     attempt(errors, "8da4w search", lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None))
         bf16 = attempt(errors, "bf16", lambda: time_us(lambda: F.linear(x, w)))
-        want = w8a8_linear_ref(x, q, scale, None, None)
-        exact = attempt(errors, "exact", lambda: bool(torch.equal(w8a8_linear(x, q, scale, None, None), want)))
-        ours = attempt(errors, "w8a8", lambda: time_us(lambda: w8a8_linear(x, q, scale, None, None)))
-        peer, peer_time = None, None
-        if m > 16:
-            peer, peer_time = "torch._int_mm", attempt(errors, "torch._int_mm",
-                                                       lambda: time_us(lambda: torch_w8a8(x, q, scale)))
-        if peer_time is None and ao is not None and m in torchao_ms:
-            peer, peer_time = torchao_name(), attempt(errors, "torchao", lambda: (ao(x), time_us(lambda: ao(x)))[1])
+        exact, ours, peer, peer_time = None, None, None, None
+        if int8:
+            want = w8a8_linear_ref(x, q, scale, None, None)
+            exact = attempt(errors, "exact", lambda: bool(torch.equal(w8a8_linear(x, q, scale, None, None), want)))
+            ours = attempt(errors, "w8a8", lambda: time_us(lambda: w8a8_linear(x, q, scale, None, None)))
+            if m > 16:
+                peer, peer_time = "torch._int_mm", attempt(errors, "torch._int_mm",
+                                                           lambda: time_us(lambda: torch_w8a8(x, q, scale)))
+            if peer_time is None and ao is not None and m in torchao_ms:
+                peer, peer_time = torchao_name(), attempt(errors, "torchao",
+                                                          lambda: (ao(x), time_us(lambda: ao(x)))[1])
         if ours is not None:
             rows.append(linear_row("w8a8", k, n, m, bf16, ours,
                                    configured("w8a8_linear", m, n, k, x, default_w8a8_config(m, dev, n, k, x.dtype)),
@@ -190,7 +195,7 @@ def main(argv=None):
     parser.add_argument("--search", action="store_true",
                         help="search configurations for every (shape, M) first, into the user kernel cache")
     parser.add_argument("--torchao-m", default="", help="M values at which to time torchao (compiles per M)")
-    parser.add_argument("--no-int4", action="store_true", help="skip the 8da4w kernel")
+    parser.add_argument("--formats", default="w8a8,8da4w", help="which of w8a8 and 8da4w to run")
     parser.add_argument("--timer", choices=["cold_us", "do_bench"], default="cold_us")
     add_record_options(parser)
     args = parser.parse_args(argv)
@@ -201,7 +206,7 @@ def main(argv=None):
     rows = []
     for k, n in shapes:
         print(f"K={k} N={n}", flush=True)
-        done = bench_shape(k, n, ms, args.search, torchao_ms, not args.no_int4, timer(args.timer))
+        done = bench_shape(k, n, ms, args.search, torchao_ms, set(args.formats.split(",")), timer(args.timer))
         recorder(args)(done)
         rows += done
     print(table(rows))

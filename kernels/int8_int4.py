@@ -362,7 +362,8 @@ def fp16_gemm_candidates(m: int, n: int, k: int, group_size: int, device) -> lis
     """Configurations of the fp16_gemm path, the first its default: W4A16's GEMM tile in packed fp16 pairs
     (fragment order, weights (code - 8) * scale / p exact in fp16; see exact_fp16_operands) on the centered
     activations, x copied into the tile's order or gathered, 64 to 256 rows of x and 64 or 128 rows of w a tile
-    (256 rows of x on 8 warps only: on 4 warps Triton 3.6 asks an H200 for more shared memory than it has)."""
+    (256 rows of x on 8 warps only: on 4 warps Triton 3.6 asks an H200 for more shared memory than it has); then
+    W4A16's x-ordered tile on the same operands."""
     n_groups = -(-k // group_size)
     rows = min(256, max(64, triton.next_power_of_2(m)))
     out = []
@@ -374,6 +375,14 @@ def fp16_gemm_candidates(m: int, n: int, k: int, group_size: int, device) -> lis
                                 SPLIT_K=split_k(programs, n_groups, device), SWAP=True, GATHER_X=True,
                                 PAIRS=True, CENTERED=False, PERMUTE_X=permute_x, M_FAST=m > 64, num_warps=warps,
                                 num_stages=3))
+    # W4A16's x-ordered tile (each step's weight dequantized in fp32, rounded to fp16 exactly, through shared
+    # memory; scales a step ahead), its default from 33 to 128 rows on narrow weights
+    for block_m in sorted({min(128, rows), 64}):
+        for block_n, warps in ((64, 4), (128, 4), (128, 8)):
+            programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            out.append(dict(path="fp16_gemm", BLOCK_M=block_m, BLOCK_N=block_n,
+                            SPLIT_K=split_k(programs, n_groups, device), SWAP=True, FULL_DQ=True, PREFETCH=True,
+                            M_FAST=m > 64, num_warps=warps, num_stages=3))
     return [c for c in out if fragment_tile_fits(c)]
 
 

@@ -117,13 +117,16 @@ def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
 
 
 def _fp16_gemm_configs(m, n, k, group_size):
-    """Tiles of the fp16_gemm path: the search's first (its default) on the GPU, small ones under the
-    interpreter; x gathered or copied into the tile's order."""
+    """Tiles of the fp16_gemm path: the search's first (its default) and its first x-ordered tile on the GPU,
+    small ones under the interpreter; x gathered, copied into the tile's order, or x-ordered."""
     if ON_GPU:
-        return fp16_gemm_candidates(max(m, 33), n, k, group_size, torch.device(DEVICE))[:1]
+        candidates = fp16_gemm_candidates(max(m, 33), n, k, group_size, torch.device(DEVICE))
+        return candidates[:1] + [c for c in candidates if c.get("FULL_DQ")][:1]
     return [dict(path="fp16_gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=split, SWAP=True, GATHER_X=True, PAIRS=True,
                  CENTERED=False, PERMUTE_X=permute_x, M_FAST=False, num_warps=2, num_stages=1)
-            for split, permute_x in ((1, False), (2, True))]
+            for split, permute_x in ((1, False), (2, True))] + [
+        dict(path="fp16_gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, FULL_DQ=True, PREFETCH=True,
+             M_FAST=False, num_warps=2, num_stages=1)]
 
 
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
