@@ -324,6 +324,13 @@ def _w4a16_gemv_kernel(
     acc = gemv_accumulator(BLOCK_N, GROUPS, WORDS, REDUCE_W)
     acc_zero = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     x_row = x_ptr + row * stride_xm
+    q_rows = q_ptr + rows[:, None, None] * stride_qn
+    s_rows = s_ptr + rows[:, None] * stride_sn
+    z_rows = z_ptr + rows[:, None] * stride_zn
+    if PREFETCH:
+        q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(first, n_steps - 1), offs_g,
+                                                  offs_w, n_groups, GROUPS, WORDS, EVEN_K, ZERO)
+    # (after the first step's codes are requested with PREFETCH, so that they arrive during the scan)
     s_x = 1.0
     zp_x = 0.0
     if QUANT_X:
@@ -333,12 +340,6 @@ def _w4a16_gemv_kernel(
         zp_x_b = 0.0
         if QUANT_X:
             s_x_b, zp_x_b = row_asym_qparams(x_row_b, K, stride_xk, EPS_F32, SCAN_BLOCK)
-    q_rows = q_ptr + rows[:, None, None] * stride_qn
-    s_rows = s_ptr + rows[:, None] * stride_sn
-    z_rows = z_ptr + rows[:, None] * stride_zn
-    if PREFETCH:
-        q_next, s_next, z_next = _gemv_step_loads(q_rows, s_rows, z_rows, tl.minimum(first, n_steps - 1), offs_g,
-                                                  offs_w, n_groups, GROUPS, WORDS, EVEN_K, ZERO)
     for step in tl.range(first, last + 1, num_stages=LOOP_STAGES):
         if PREFETCH:
             q, s, z = q_next, s_next, z_next
@@ -974,7 +975,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
         stride_qe=words.stride(0) if stacked else 0, stride_se=scale.stride(0) if stacked else 0,
         stride_ze=z.stride(0) if stacked else 0, rs_ptr=scale if row_scale is None else row_scale,
         GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, GROUPED=stacked, ROW_SCALE=row_scale is not None,
-        TWO_ROWS=two_rows, QUANT_X=quantize_x, SCAN_BLOCK=min(triton.next_power_of_2(k), 1024 * params.get("num_warps", 4)),
+        TWO_ROWS=two_rows, QUANT_X=quantize_x, SCAN_BLOCK=params.pop("SCAN_BLOCK", min(triton.next_power_of_2(k), 1024 * params.get("num_warps", 4))),
         **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
