@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from aofunc.kernels.int8_int4 import (
     EPS,
     candidate_configs,
+    exact_fp16_scales_ref,
+    exact_fp16_scales_triton,
     fp16_gemm_candidates,
     gemm_config,
     int8_int4_linear,
@@ -162,6 +164,24 @@ def test_exact_fp16_paths_equal_twin(dtype, m, k, group_size, path):
     assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
 
 
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+def test_exact_fp16_scales_kernel_equals_twin(dtype):
+    """One launch gives the torch form's powers of two and divided scales bit for bit: rows of zeros, exact powers
+    of two, scales far above and below 1, a strided scale tensor."""
+    g = torch.Generator().manual_seed(3)
+    scale = torch.rand(9, 40, generator=g) * torch.logspace(-12, 12, 9, base=2.0)[:, None]
+    scale[1] = 0
+    scale[2, 7] = 0.25  # the row's largest, a power of two
+    scale[2] = scale[2].clamp(max=0.25)
+    scale[3, 0] = -3.0  # magnitudes count
+    scale = scale.to(DEVICE, dtype)
+    for s in (scale, scale.t().contiguous().t()):
+        p, scaled = exact_fp16_scales_triton(s)
+        want_p, want_scaled = exact_fp16_scales_ref(s)
+        assert torch.equal(p, want_p) and torch.equal(scaled, want_scaled) and scaled.dtype == want_scaled.dtype
+    assert p[1] == 1 and p[2] == 0.25 and p[3] == 4
+
+
 def test_linear_matches_fake_quantized_float_reference():
     """The integer kernel computes what the reference's fake quantization computes, to fp32 rounding."""
     x = _activation(6, 96, torch.float32, seed=5)
@@ -297,17 +317,6 @@ def test_gemv_with_quantization_inside_law(m, k, n, group_size, config, dtype, s
     assert torch.equal(y, int8_int4_linear_triton(x, qdata, scale, group_size, bias, config))
     assert torch.equal(y, int8_int4_linear_triton(x, qdata, scale, group_size, bias, dict(config, FUSED=True)))
     assert all(torch.equal(a, b) for a, b in zip(inputs, before))
-
-
-def test_one_row_default_quantizes_inside_the_gemv():
-    config = int8_int4_config(_activation(1, 256, torch.bfloat16, seed=1), *_weight(40, 256, 128, torch.bfloat16,
-                                                                                    seed=2)[:2], 128,
-                              run=None, reference=None)
-    assert config["path"] == "gemv" and config["FUSED"] is True
-    two = int8_int4_config(_activation(2, 256, torch.float32, seed=1), *_weight(40, 256, 128, torch.float32,
-                                                                               seed=2)[:2], 128,
-                           run=None, reference=None)
-    assert not two.get("FUSED")
 
 
 @pytest.mark.parametrize("dtype", LINEAR_DTYPES)
