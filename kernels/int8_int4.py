@@ -466,8 +466,7 @@ def exact_fp16_scales_ref(scale):
 
 def exact_fp16_scales_triton(scale):
     """exact_fp16_scales_ref's (p, scaled) in one launch (a program per weight row), where the torch form takes
-    seven: the paths on exact fp16 operands run it every call (H200: 12 us of a 37 us call at 128 rows of
-    4096 x 4096)."""
+    seven: the paths on exact fp16 operands run it every call."""
     n, groups = scale.shape
     p = torch.empty(n, device=scale.device, dtype=torch.float32)
     scaled = torch.empty(n, groups, device=scale.device,

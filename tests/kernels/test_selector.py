@@ -49,10 +49,11 @@ def test_wide_weights_keep_the_gemm_to_256_rows(fmt, block):
     assert default["path"] == "gemm" and default["PERMUTE_X"] and default["GATHER_X"]
 
 
-def test_8da4w_wide_weights_take_the_fp16_tile_past_128_rows():
-    for m, n, dtype, want in ((128, 8192, torch.bfloat16, "two_pass"), (129, 8192, torch.bfloat16, "fp16_gemm"),
-                              (4096, 28672, torch.float32, "fp16_gemm"), (200, 4096, torch.bfloat16, "two_pass"),
-                              (300, 4096, torch.float16, "dequant")):
+def test_8da4w_takes_the_fp16_tile_past_64_rows():
+    for m, n, dtype, want in ((64, 8192, torch.bfloat16, "gemm"), (65, 8192, torch.bfloat16, "fp16_gemm"),
+                              (64, 4096, torch.float32, "two_pass"), (65, 4096, torch.float32, "fp16_gemm"),
+                              (4096, 28672, torch.float32, "fp16_gemm"), (200, 4096, torch.bfloat16, "fp16_gemm"),
+                              (256, 4096, torch.float16, "fp16_gemm"), (257, 4096, torch.float16, "dequant")):
         assert default_path("8da4w", Problem(m, n, 4096, dtype, CUDA, 128)) == want, (m, n, dtype)
     default = int8_int4.routed_default(300, 8192, 4096, 128, torch.bfloat16, torch.bfloat16, CPU)
     assert default["path"] == "fp16_gemm" and default["PAIRS"] and default["PERMUTE_X"] and not default["CENTERED"]
@@ -100,8 +101,9 @@ def test_routes_table_lists_every_route_with_its_range():
     assert "| w4a16 | gemm | 2 to 128 |" in text
     assert "| w4a16 | gemm | 129 to 256 | wide weights" in text
     assert "| w4a16 | dequant | 129 and up |" in text
-    assert "| 8da4w | gemm | 2 to 64 |" in text and "| 8da4w | two_pass | 5 to 256 |" in text  # fp32 x from 5
-    assert "| 8da4w | dequant | 257 and up |" in text and "| 8da4w | fp16_gemm | 129 and up | wide weights" in text
+    assert "| 8da4w | gemm | 2 to 64 |" in text and "| 8da4w | two_pass | 5 to 64 |" in text  # fp32 x from 5
+    assert "| 8da4w | fp16_gemm | 65 to 256 | any x |" in text
+    assert "| 8da4w | dequant | 65 and up |" in text and "| 8da4w | fp16_gemm | 257 and up | wide weights" in text
 
 
 @pytest.mark.parametrize("module", ["w4a16", "w8a16", "nf4", "w8a8", "int8_int4"])

@@ -36,8 +36,9 @@ def candidates_for(text: str):
     if kernel.startswith("int8_int4_g"):
         group = int(kernel.removeprefix("int8_int4_g"))
         tile = int8_int4.gemm_config(m, n, k, group, dtype, cpu)
-        return (int8_int4.candidate_configs(m) + [dict(path="dequant")]
-                + [c for c in w4a16.candidate_configs(m, n, k, group, dtype, cpu) if c["path"] == "gemv"]
+        gemv = [c for c in w4a16.candidate_configs(m, n, k, group, dtype, cpu) if c["path"] == "gemv"]
+        return (int8_int4.candidate_configs(m) + [dict(path="dequant")] + gemv
+                + [dict(c, FUSED=True, **scan) for c in gemv for scan in ({}, dict(SCAN_BLOCK=8192))]
                 + [without_split(c) for c in (tile, dict(tile, GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
                 + [without_split(c) for c in int8_int4.fp16_gemm_candidates(m, n, k, group, cpu)])
     return None
