@@ -26,7 +26,7 @@ from . import autotune, w4a16
 from .activations import asym_qparams, asym_quantize
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
-from .tiles import fragment_tile_fits, split_k
+from .tiles import fragment_column_of, fragment_tile_fits, split_k
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
@@ -46,20 +46,33 @@ def _quantized(x, s, zp, xq_ptr, CENTERED: tl.constexpr):
 
 
 @triton.jit
+def _stored_columns(cols, FRAGMENT_ORDER: tl.constexpr):
+    """Where the quantization kernel stores columns ``cols`` of a row: in place, or at their position in the W4A16
+    tiles' fragment order (an involution within every 32 columns)."""
+    if FRAGMENT_ORDER:
+        return fragment_column_of(cols)
+    else:
+        return cols
+
+
+@triton.jit
 def _quantize_per_token_asym_int8_kernel(
     x_ptr, xq_ptr, s_ptr, zp_ptr,
-    K, stride_xm, stride_xk, stride_qm,
+    K, KP, stride_xm, stride_xk, stride_qm,
     EPS_: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr, CENTERED: tl.constexpr,
+    FRAGMENT_ORDER: tl.constexpr,
 ):
+    # Rows of xq are KP >= K columns wide, the columns past K stored as the quantized zero (centered: 0);
+    # FRAGMENT_ORDER stores them permuted as tiles.fragment_ordered_x would copy them.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
     if ONE_PASS:
-        mask = offs < K
-        x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         s, zp = asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
-        tl.store(q_row + offs, _quantized(x, s, zp, xq_ptr, CENTERED), mask=mask)
+        tl.store(q_row + _stored_columns(offs, FRAGMENT_ORDER), _quantized(x, s, zp, xq_ptr, CENTERED),
+                 mask=offs < KP)
     else:
         lo = tl.zeros((BLOCK_K,), dtype=tl.float32)
         hi = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -68,10 +81,11 @@ def _quantize_per_token_asym_int8_kernel(
             lo = tl.minimum(lo, x)
             hi = tl.maximum(hi, x)
         s, zp = asym_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), EPS_)
-        for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + k0 + offs, _quantized(x, s, zp, xq_ptr, CENTERED), mask=mask)
+        for k0 in range(0, KP, BLOCK_K):
+            cols = k0 + offs
+            x = tl.load(x_row + cols * stride_xk, mask=cols < K, other=0.0).to(tl.float32)
+            tl.store(q_row + _stored_columns(cols, FRAGMENT_ORDER), _quantized(x, s, zp, xq_ptr, CENTERED),
+                     mask=cols < KP)
     tl.store(s_ptr + row, s)
     tl.store(zp_ptr + row, zp.to(tl.int32))
 
@@ -275,23 +289,30 @@ def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, tor
 
 def quantize_per_token_asym_int8_triton(
     x: torch.Tensor, block_k: Optional[int] = None, *, centered: bool = False,
-    centered_dtype: Optional[torch.dtype] = None,
+    centered_dtype: Optional[torch.dtype] = None, fragment_width: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``.
     ``centered``: xq - zp in ``centered_dtype`` (default x's dtype) in place of xq (the integer activations the
-    GEMV, GEMM and dequant paths multiply)."""
+    GEMV, GEMM and dequant paths multiply). ``fragment_width`` (centered only; a multiple of 32, at least K): those
+    activations zero-padded to that many columns and stored in the W4A16 tiles' fragment order, as
+    ``tiles.fragment_ordered_x`` would copy them (the PERMUTE_X tiles' x, without the copy's launch)."""
     _check_quantize_args(x)
     m, k = x.shape
-    xq = torch.empty((m, k), device=x.device, dtype=(centered_dtype or x.dtype) if centered else torch.int8)
+    width = fragment_width or k
+    if fragment_width and not (centered and fragment_width % 32 == 0 and fragment_width >= k):
+        raise ValueError(f"fragment_width must be a multiple of 32 of at least K={k}, with centered=True; got "
+                         f"{fragment_width} (centered={centered})")
+    xq = torch.empty((m, width), device=x.device, dtype=(centered_dtype or x.dtype) if centered else torch.int8)
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
     if m == 0:
         return xq, s, zp
-    block_k = block_k or min(triton.next_power_of_2(k), MAX_ONE_PASS_BLOCK_K)
+    block_k = block_k or min(triton.next_power_of_2(width), MAX_ONE_PASS_BLOCK_K)
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
     _quantize_per_token_asym_int8_kernel[(m,)](
-        x, xq, s, zp, k, x.stride(0), x.stride(1), xq.stride(0),
-        EPS_=EPS, ONE_PASS=block_k >= k, BLOCK_K=block_k, CENTERED=centered, num_warps=num_warps,
+        x, xq, s, zp, k, width, x.stride(0), x.stride(1), xq.stride(0),
+        EPS_=EPS, ONE_PASS=block_k >= width, BLOCK_K=block_k, CENTERED=centered,
+        FRAGMENT_ORDER=bool(fragment_width), num_warps=num_warps,
     )
     return xq, s, zp
 
@@ -411,10 +432,12 @@ def int8_int4_linear_triton(
         )
     if config.get("path") == "dequant":
         return dequant_linear(x, qdata, scale, group_size, bias)
+    # tiles that read x in their fragment order (PERMUTE_X) get the activations quantized straight into it
+    width = qdata.shape[1] * 2 if config.get("PERMUTE_X") else 0
     if config.get("path") == "fp16_gemm":
-        xi, sx, p, scaled = exact_fp16_operands(x, scale)
+        xi, sx, p, scaled = exact_fp16_operands(x, scale, width)
         return w4a16.launch(xi, qdata, scaled, None, group_size, bias, dict(config, path="gemm"), row_scale=sx,
-                            col_scale=p, out_dtype=x.dtype)
+                            col_scale=p, out_dtype=x.dtype, x_fragment_ordered=bool(width))
     if config.get("path") == "gemv" and config.get("FUSED"):
         # one kernel: the W4A16 GEMV quantizing x itself
         params = {key: value for key, value in config.items() if key not in ("path", "FUSED")}
@@ -422,9 +445,10 @@ def int8_int4_linear_triton(
     if config.get("path") in ("gemv", "gemm"):
         # the W4A16 GEMV or GEMM on the centered integer activations, symmetric grid (no zero), each row's products
         # times its scale
-        xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True)
+        xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True, fragment_width=width)
         params = {key: value for key, value in config.items() if key != "FUSED"}
-        return w4a16.launch(xi, qdata, scale, None, group_size, bias, params, row_scale=sx)
+        return w4a16.launch(xi, qdata, scale, None, group_size, bias, params, row_scale=sx,
+                            x_fragment_ordered=bool(width))
     launch = dict(config)
     fused = launch.pop("FUSED")
     if fused:
@@ -442,7 +466,7 @@ def int8_int4_linear_triton(
     return y
 
 
-def exact_fp16_operands(x, scale):
+def exact_fp16_operands(x, scale, fragment_width: int = 0):
     """(xi, sx, p, scaled): the twin's numbers as fp16 operands whose products are exact.
 
     xi = xq - zp, the centered activations, integers of at most 255 in magnitude (fp16 [M, K]), and sx their
@@ -451,7 +475,8 @@ def exact_fp16_operands(x, scale):
     The weight (code - 8) * scaled then holds at most 11 significant bits below 8 in magnitude: exact in fp16 where
     it is a normal number (scales more than 2^14 below their row's largest lose bits), so fp32 sums of the
     products xi * w are the twin's group sums times scale / p, and y = (sum * p[n] * sx[m]).to(x.dtype) + bias."""
-    xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True, centered_dtype=torch.float16)
+    xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True, centered_dtype=torch.float16,
+                                                   fragment_width=fragment_width)
     return (xi, sx) + exact_fp16_scales_triton(scale)
 
 

@@ -892,10 +892,11 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
 
 
 def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None, col_scale=None,
-           out_dtype=None) -> torch.Tensor:
+           out_dtype=None, x_fragment_ordered: bool = False) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, N] in ``out_dtype`` (default x.dtype).
     ``row_scale`` (fp32 [M], the GEMV and the GEMM) multiplies each row's products before the bias;
-    ``col_scale`` (fp32 [N], the GEMM) each column's."""
+    ``col_scale`` (fp32 [N], the GEMM) each column's. ``x_fragment_ordered`` (PERMUTE_X configurations only): x is
+    already what tiles.fragment_ordered_x would make of it, padded to the codes' width."""
     m, k = x.shape
     n = qdata.shape[0]
     params = dict(config)
@@ -914,12 +915,17 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     split = params.pop("SPLIT_K")
     grid = gemm_grid(m, n, params, split)
     permute_x = params.pop("PERMUTE_X", False)
+    if x_fragment_ordered and not permute_x:
+        raise ValueError("x in fragment order is read by PERMUTE_X configurations only")
     forms = dict(tile_forms(params, x, scale, zero, group_size), M_FAST=params.pop("M_FAST", False))
     if permute_x:
         if forms["PREPACKED"] or not forms["GATHER_X"]:
             raise ValueError("PERMUTE_X is a form of the GATHER_X tile over codes in column order, not PREPACKED")
         # x copied once into the tile's column order, so that every program reads it contiguously
-        x = fragment_ordered_x(x, qdata.shape[1] * 2)
+        if not x_fragment_ordered:
+            x = fragment_ordered_x(x, qdata.shape[1] * 2)
+        elif x.shape[1] != qdata.shape[1] * 2:
+            raise ValueError(f"x in fragment order must be {qdata.shape[1] * 2} columns wide, got {x.shape[1]}")
         k = x.shape[1]
         forms.update(PREPACKED=True, EVEN_K=True)
     ws, counters = splitk_buffers(y, split, grid[0] * grid[1])

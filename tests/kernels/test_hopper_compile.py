@@ -122,10 +122,10 @@ CASES = [
     (w8a8._quantize_per_token_int8_kernel, dict(x_ptr="*bf16", act_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32"),
      dict(HAS_ACT=True, ONE_PASS=True, BLOCK_K=4096), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
-     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False), False),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False, FRAGMENT_ORDER=False), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*bf16", s_ptr="*fp32",
                                                           zp_ptr="*i32"),
-     dict(EPS_=int8_int4.EPS, ONE_PASS=False, BLOCK_K=4096, CENTERED=True), False),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=False, BLOCK_K=4096, CENTERED=True, FRAGMENT_ORDER=True), False),
 ]
 for kernel, pointers, constexprs, tensor_cores in CASES:
     names = list(inspect.signature(kernel.fn).parameters)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from aofunc.kernels.int8_int4 import (
     EPS,
     candidate_configs,
+    exact_fp16_operands,
     exact_fp16_scales_ref,
     exact_fp16_scales_triton,
     fp16_gemm_candidates,
@@ -24,7 +25,9 @@ from aofunc.kernels.int8_int4 import (
     quantize_per_token_asym_int8_triton,
 )
 
+from aofunc.kernels import w4a16
 from aofunc.kernels.packing import unpack_uint4
+from aofunc.kernels.tiles import fragment_ordered_x
 from aofunc.kernels.selector import Problem, default_path
 from tests.kernels.devices import DEVICE, LINEAR_DTYPES, ON_GPU, gpu_only
 
@@ -355,3 +358,42 @@ def test_centered_quantization_is_xq_minus_zp_in_the_activation_dtype(dtype):
         xi, s2, zp2 = quantize_per_token_asym_int8_triton(x, block_k, centered=True)
         assert xi.dtype == dtype and torch.equal(xi, (xq.int() - zp[:, None]).to(dtype))
         assert torch.equal(s2, s) and torch.equal(zp2, zp)
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("k,width,block_k", [(300, 320, None), (300, 320, 128), (64, 64, None), (33, 64, 32)])
+def test_centered_quantization_in_fragment_order_is_the_copy(dtype, k, width, block_k):
+    """Quantized straight into the W4A16 tiles' fragment order (zero-padded to the codes' width): what the copy
+    into that order makes of the centered activations, bit for bit, in one pass or two, strided x too."""
+    for x in (_activation(3, k, dtype, seed=k), _activation(3, k, dtype, seed=k, contiguous=False)):
+        xi, s, zp = quantize_per_token_asym_int8_triton(x, block_k, centered=True, centered_dtype=torch.float16)
+        xf, s2, zp2 = quantize_per_token_asym_int8_triton(x, block_k, centered=True, centered_dtype=torch.float16,
+                                                          fragment_width=width)
+        assert xf.shape == (3, width) and torch.equal(xf, fragment_ordered_x(xi, width))
+        assert torch.equal(s2, s) and torch.equal(zp2, zp)
+    with pytest.raises(ValueError, match="fragment_width"):
+        quantize_per_token_asym_int8_triton(x, fragment_width=width + 16, centered=True)
+    with pytest.raises(ValueError, match="fragment_width"):
+        quantize_per_token_asym_int8_triton(x, fragment_width=width)
+
+
+@pytest.mark.parametrize("path", ["gemm", "fp16_gemm"])
+def test_tiles_on_x_in_fragment_order_equal_the_copy(path):
+    """The PERMUTE_X tiles give the same y whether the activations were quantized into the tile's order or copied
+    into it after (the launcher's own copy)."""
+    x = _activation(5, 100, torch.bfloat16, seed=4)
+    qdata, scale, bias = _weight(24, 100, 32, torch.bfloat16, seed=5)
+    config = dict(path=path, BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, GATHER_X=True, PAIRS=path == "fp16_gemm",
+                  CENTERED=path == "gemm", PERMUTE_X=True, M_FAST=False, num_warps=2, num_stages=1)
+    y = int8_int4_linear_triton(x, qdata, scale, 32, bias, config)
+    xi, sx, _ = quantize_per_token_asym_int8_triton(x, centered=True)
+    if path == "fp16_gemm":
+        xi, sx, p, scaled = exact_fp16_operands(x, scale)
+        want = w4a16.launch(xi, qdata, scaled, None, 32, bias, dict(config, path="gemm"), row_scale=sx, col_scale=p,
+                            out_dtype=x.dtype)
+    else:
+        want = w4a16.launch(xi, qdata, scale, None, 32, bias, config, row_scale=sx)
+    assert torch.equal(y, want)
+    with pytest.raises(ValueError, match="PERMUTE_X configurations only"):
+        w4a16.launch(xi, qdata, scale, None, 32, bias, dict(config, path="gemm", PERMUTE_X=False), row_scale=sx,
+                     x_fragment_ordered=True)
