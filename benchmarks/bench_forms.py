@@ -56,7 +56,8 @@ def compare_8da4w(x, w, bf16_us) -> list[str]:
     m, k = x.shape
     tile = gemm_config(m, w.shape[0], k, 128, x.dtype, x.device)
     ref = int8_int4_linear_ref(x, q, scale, 128, None).float()
-    forms = (("x-ordered units", dict(tile, GATHER_X=False, CENTERED=False)), ("centered", tile))
+    forms = (("x-ordered units", dict(tile, GATHER_X=False, CENTERED=False, PERMUTE_X=False)),
+             ("centered, x gathered", dict(tile, PERMUTE_X=False)), ("centered, x quantized into its order", tile))
     return [timed(name, lambda c=c: int8_int4_linear_triton(x, q, scale, 128, None, c), ref, bf16_us)
             for name, c in forms]
 

@@ -222,7 +222,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
                  for change in ({}, dict(SCAN_BLOCK=8192), dict(SPLIT_K=4))]
         tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
         # also the x-ordered units (the form for groups under 32 codes)
-        tile += [dict(c, GATHER_X=False, CENTERED=False, PERMUTE_X=False) for c in tile if c["CENTERED"]]
+        tile += [dict(c, **form) for c in tile if c["CENTERED"]
+                 for form in (dict(PERMUTE_X=False), dict(GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
         dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
         fp16 = fp16_gemm_candidates(m, n, k, group_size, x.device) if m > FP16_GEMM_MIN_M else []
         return candidate_configs(m) + gemv + two_rows + tile + fp16 + dequant
@@ -378,8 +379,10 @@ def gemm_config(m: int, n: int, k: int, group_size: int, x_dtype, device) -> dic
     if base["path"] != "gemm":  # past W4A16's GEMM rows, or fp32 x on CUDA: its 16-row tile all the same
         base = w4a16.default_config(16, n, k, group_size, torch.bfloat16, device)
     centered = group_size >= 32
-    return dict(base, FULL_DQ=False, GATHER_X=centered, PAIRS=False, CENTERED=centered,
-                PERMUTE_X=centered and base.get("PERMUTE_X", False))
+    # the centered form reads x in its fragment order, into which the quantization kernel stores it at no extra
+    # cost (H200, 14336 x 4096 at 16, 32 and 64 rows: 29.0, 29.4 and 34.6 us against 30.2, 30.8 and 39.1 with x
+    # gathered 4 bytes at a time; 8192 x 28672 at 32 rows 68.8 against 75.7)
+    return dict(base, FULL_DQ=False, GATHER_X=centered, PAIRS=False, CENTERED=centered, PERMUTE_X=centered)
 
 
 def fp16_gemm_candidates(m: int, n: int, k: int, group_size: int, device) -> list:

@@ -335,13 +335,15 @@ def test_gemm_path_equals_twin(dtype, m, k, group_size):
         return
     tile = gemm_config(m, 40, k, group_size, dtype, x.device)
     assert tile["path"] == "gemm" and not (tile["FULL_DQ"] or tile["PAIRS"])
-    assert tile["CENTERED"] == tile["GATHER_X"] == (group_size >= 32)
+    assert tile["CENTERED"] == tile["GATHER_X"] == tile["PERMUTE_X"] == (group_size >= 32)
     # (tiles of 32 or 16 rows of w on as many warps as a 16 x 8 tensor-core tile a warp allows)
     for config in (tile, dict(tile, BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, SWAP=False, num_warps=4),
                    dict(tile, BLOCK_M=16, BLOCK_N=16, SPLIT_K=3, SWAP=True, M_FAST=True, num_warps=2),
-                   # the x-ordered units, and the centered tile (the default from groups of 32): exact sums both
-                   dict(tile, GATHER_X=False, CENTERED=False), dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True,
-                                                                    CENTERED=True, num_warps=4),
+                   # the x-ordered units, and the centered tile (the default from groups of 32, x quantized into
+                   # its order), also on x gathered: exact sums all
+                   dict(tile, GATHER_X=False, CENTERED=False, PERMUTE_X=False),
+                   dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True, CENTERED=True, num_warps=4),
+                   dict(tile, BLOCK_N=32, SPLIT_K=2, GATHER_X=True, CENTERED=True, PERMUTE_X=False, num_warps=4),
                    # with each step's scales loaded a step ahead (the default past 32 rows)
                    dict(tile, BLOCK_N=32, GATHER_X=group_size >= 32, CENTERED=group_size >= 32, PREFETCH=True,
                         num_warps=4)):

@@ -39,7 +39,8 @@ def candidates_for(text: str):
         gemv = [c for c in w4a16.candidate_configs(m, n, k, group, dtype, cpu) if c["path"] == "gemv"]
         return (int8_int4.candidate_configs(m) + [dict(path="dequant")] + gemv
                 + [dict(c, FUSED=True, **scan) for c in gemv for scan in ({}, dict(SCAN_BLOCK=8192))]
-                + [without_split(c) for c in (tile, dict(tile, GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
+                + [without_split(c) for c in (tile, dict(tile, PERMUTE_X=False),
+                                              dict(tile, GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
                 + [without_split(c) for c in int8_int4.fp16_gemm_candidates(m, n, k, group, cpu)])
     return None
 
