@@ -186,8 +186,8 @@ def default_config(m: int, device: torch.device) -> dict:
     return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
 
 
-def candidate_configs(m: int) -> list:
-    """Configurations an autotuning search tries for an M-row call on CUDA."""
+def int8_tile_candidates(m: int) -> list:
+    """The int8 GEMM's configurations an autotuning search tries for an M-row call on CUDA."""
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         return [_config(fused, block_m, bn, 1, 4, st)
@@ -211,25 +211,37 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     if x.device.type != "cuda" or m == 0:
         return default
 
-    def candidates():
-        gemv = [gemv_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)] if m <= 8 else []
-        two_rows = [dict(c, TWO_ROWS=True) for c in gemv] if m >= 2 else []  # each code's unit shared by 2 rows
-        # and with the quantization inside: one launch fewer, but every program finds its rows' scales and
-        # quantizes them again (H200, one row, the W4A16 GEMV's default tiles: 12.5, 17.6, 26.1 us on 4096 x 4096,
-        # 4096 x 14336, 14336 x 4096 against 12.2, 18.4, 22.0 with the quantization kernel first; 17.5 and 22.1
-        # on the last two with 8192 values of x a scan step, 11.6 on the first with 4 splits)
-        gemv += [dict(c, FUSED=True, **change) for c in gemv + two_rows
-                 for change in ({}, dict(SCAN_BLOCK=8192), dict(SPLIT_K=4))]
-        tile = [gemm_config(m, n, k, group_size, x.dtype, x.device)] if 2 <= m <= GEMM_MAX_M else []
-        # also the x-ordered units (the form for groups under 32 codes)
-        tile += [dict(c, **form) for c in tile if c["CENTERED"]
-                 for form in (dict(PERMUTE_X=False), dict(GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
-        dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
-        fp16 = fp16_gemm_candidates(m, n, k, group_size, x.device) if m > FP16_GEMM_MIN_M else []
-        return candidate_configs(m) + gemv + two_rows + tile + fp16 + dequant
-
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
-    return autotune.choose(key, default, candidates, run, reference, tolerance=1e-3)
+    return autotune.choose(
+        key, default, lambda: candidate_configs(m, n, k, group_size, x.dtype, scale.dtype, x.device), run, reference,
+        tolerance=1e-3)
+
+
+def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> list:
+    """Every configuration an autotuning search tries for an M-row call on CUDA: the int8 GEMM's tiles, the W4A16
+    GEMV up to 8 rows (gemv_candidates of its configuration for the card), W4A16's centered tile up to 128 rows (x
+    quantized into its order or gathered) and its x-ordered units, the fp16_gemm tiles from 33 rows, and
+    dequantization + cuBLAS past 128."""
+    gemv = gemv_candidates([gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)], m) if m <= 8 else []
+    tile = [gemm_config(m, n, k, group_size, x_dtype, device)] if 2 <= m <= GEMM_MAX_M else []
+    # also the x-ordered units (the form for groups under 32 codes)
+    tile += [dict(c, **form) for c in tile if c["CENTERED"]
+             for form in (dict(PERMUTE_X=False), dict(GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
+    dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
+    fp16 = fp16_gemm_candidates(m, n, k, group_size, device) if m > FP16_GEMM_MIN_M else []
+    return int8_tile_candidates(m) + gemv + tile + fp16 + dequant
+
+
+def gemv_candidates(configs: list, m: int) -> list:
+    """The GEMV configurations a search tries for M rows, from W4A16 GEMV configurations: each as it is, with two
+    rows a program from 2 rows (each code's unit shared by both), and each of those with the quantization inside.
+    That saves a launch, but every program finds its rows' scales and quantizes them again (H200, one row, the
+    W4A16 GEMV's default tiles: 12.5, 17.6, 26.1 us on 4096 x 4096, 4096 x 14336, 14336 x 4096 against 12.2,
+    18.4, 22.0 with the quantization kernel first; 17.5 and 22.1 on the last two with 8192 values of x a scan
+    step, 11.6 on the first with 4 splits)."""
+    forms = configs + ([dict(c, TWO_ROWS=True) for c in configs] if m >= 2 else [])
+    return forms + [dict(c, FUSED=True, **change) for c in forms
+                    for change in ({}, dict(SCAN_BLOCK=8192), dict(SPLIT_K=4))]
 
 
 def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from aofunc.kernels.int8_int4 import (
     EPS,
-    candidate_configs,
+    int8_tile_candidates,
     exact_fp16_operands,
     exact_fp16_scales_ref,
     exact_fp16_scales_triton,
@@ -113,7 +113,7 @@ def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
     x = _activation(m, k, dtype, seed=m, contiguous=m != 7)
     qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k)
     if ON_GPU:
-        config = next(c for c in candidate_configs(min(m, 16)) if c["FUSED"] == fused)
+        config = next(c for c in int8_tile_candidates(min(m, 16)) if c["FUSED"] == fused)
     else:
         config = {"FUSED": fused, "BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
     for b in (bias, None):

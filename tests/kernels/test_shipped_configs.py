@@ -35,13 +35,11 @@ def candidates_for(text: str):
         return w8a8.candidate_configs(m)
     if kernel.startswith("int8_int4_g"):
         group = int(kernel.removeprefix("int8_int4_g"))
-        tile = int8_int4.gemm_config(m, n, k, group, dtype, cpu)
-        gemv = [c for c in w4a16.candidate_configs(m, n, k, group, dtype, cpu) if c["path"] == "gemv"]
-        return (int8_int4.candidate_configs(m) + [dict(path="dequant")] + gemv
-                + [dict(c, FUSED=True, **scan) for c in gemv for scan in ({}, dict(SCAN_BLOCK=8192))]
-                + [without_split(c) for c in (tile, dict(tile, PERMUTE_X=False),
-                                              dict(tile, GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
-                + [without_split(c) for c in int8_int4.fp16_gemm_candidates(m, n, k, group, cpu)])
+        # the GEMV forms start from the card's W4A16 GEMV winner, any of W4A16's GEMV candidates
+        w4a16_gemv = [c for c in w4a16.candidate_configs(m, n, k, group, dtype, cpu) if c["path"] == "gemv"]
+        pool = (int8_int4.candidate_configs(m, n, k, group, dtype, dtype, cpu)
+                + (int8_int4.gemv_candidates(w4a16_gemv, m) if m <= 8 else []))
+        return [without_split(c) if c.get("path") in ("gemm", "fp16_gemm") else c for c in pool]
     return None
 
 
