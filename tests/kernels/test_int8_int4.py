@@ -399,3 +399,18 @@ def test_tiles_on_x_in_fragment_order_equal_the_copy(path):
     with pytest.raises(ValueError, match="PERMUTE_X configurations only"):
         w4a16.launch(xi, qdata, scale, None, 32, bias, dict(config, path="gemm", PERMUTE_X=False), row_scale=sx,
                      x_fragment_ordered=True)
+    with pytest.raises(ValueError, match="must be 128 columns wide"):
+        w4a16.launch(xi, qdata, scale, None, 32, bias, dict(config, path="gemm"), row_scale=sx,
+                     x_fragment_ordered=True)
+
+
+def test_gemv_quantizing_x_refuses_row_scales_and_experts():
+    x = _activation(2, 64, torch.bfloat16, seed=1)
+    qdata, scale, _ = _weight(24, 64, 32, torch.bfloat16, seed=2)
+    params = dict(_GEMV_CONFIGS[0])
+    params.pop("path")
+    with pytest.raises(ValueError, match="quantize_x"):
+        w4a16.gemv(x, qdata, scale, None, 32, None, params, row_scale=torch.ones(2, device=DEVICE), quantize_x=True)
+    with pytest.raises(ValueError, match="quantize_x"):
+        w4a16.gemv(x, qdata[None], scale[None], None, 32, None, params,
+                   offs=torch.tensor([2], dtype=torch.int32, device=DEVICE), quantize_x=True)
