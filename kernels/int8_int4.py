@@ -484,7 +484,8 @@ def int8_int4_linear_triton(
 def exact_fp16_operands(x, scale, fragment_width: int = 0):
     """(xi, sx, p, scaled): the twin's numbers as fp16 operands whose products are exact.
 
-    xi = xq - zp, the centered activations, integers of at most 255 in magnitude (fp16 [M, K]), and sx their
+    xi = xq - zp, the centered activations, integers of at most 255 in magnitude (fp16 [M, K], or with
+    ``fragment_width`` [M, fragment_width] in the W4A16 tiles' fragment order), and sx their
     scales (fp32 [M]). p (fp32 [N]) is the power of two at or above each weight row's largest scale magnitude,
     and scaled = scale / p (exact), in fp16 for 16-bit scales (8 or 11 significant bits), in fp32 for fp32 ones.
     The weight (code - 8) * scaled then holds at most 11 significant bits below 8 in magnitude: exact in fp16 where
@@ -520,7 +521,8 @@ def exact_fp16_scales_triton(scale):
 @triton.jit
 def _exact_scales_kernel(s_ptr, p_ptr, out_ptr, G, stride_sn, stride_sg, stride_on, BLOCK_G: tl.constexpr):
     # p = the least power of two >= max |s| of the row, from its fp32 bits (exact, where log2 and exp2 round): the
-    # next exponent unless the mantissa is zero; 1 for a row of zeros (a NaN scale stays NaN in scaled)
+    # next exponent unless the mantissa is zero; 1 for a row of zeros (a NaN scale stays NaN in scaled). A row
+    # whose largest magnitude is below fp32's normal numbers gets 2^-126, smaller powers no scale of 16 bits needs
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     mask = offs < G
