@@ -522,7 +522,8 @@ def exact_fp16_scales_triton(scale):
 def _exact_scales_kernel(s_ptr, p_ptr, out_ptr, G, stride_sn, stride_sg, stride_on, BLOCK_G: tl.constexpr):
     # p = the least power of two >= max |s| of the row, from its fp32 bits (exact, where log2 and exp2 round): the
     # next exponent unless the mantissa is zero; 1 for a row of zeros (a NaN scale stays NaN in scaled). A row
-    # whose largest magnitude is below fp32's normal numbers gets 2^-126, smaller powers no scale of 16 bits needs
+    # whose largest magnitude is below fp32's normal numbers (bf16 or fp32 scales under 1.2e-38) gets 2^-126, where
+    # the torch form finds a smaller power
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     mask = offs < G
