@@ -111,16 +111,16 @@ ROUTES = (
     Route("8da4w", "gemm", 64, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted,
           m_min=2),
     # from 65 rows W4A16's tile in packed fp16 pairs (or x-ordered) on operands that hold the twin's numbers exactly
-    # (H200, the searches' winners at 128 and 256 rows on all four shapes, 128 rows of 4096 x 4096 32.9 us and of
-    # 14336 x 4096 65.4 against 37.5 and 87.8 for the int8 GEMM or the W4A16 tile on 16-bit integers; 8192 x 28672
-    # at 256, 512 and 2048 rows 240.7, 472.4 and 1657.2 against 438.1, 867.8 and 3309 for the int8 GEMM, whose
+    # (H200, the searches' winners at 128 and 256 rows on all four shapes, 128 rows of 4096 x 4096 30.5 us and of
+    # 14336 x 4096 64.9 against 36.8 and 88.7 for the int8 GEMM or the W4A16 tile on 16-bit integers; 8192 x 28672
+    # at 256, 512 and 2048 rows 241.1, 459.2 and 1552.2 against 438.1, 867.8 and 3309 for the int8 GEMM, whose
     # per-group rescale runs in its loop); past 256 rows on wide weights only
     Route("8da4w", "fp16_gemm", 256, "any x", _any, m_min=65),
     Route("8da4w", "fp16_gemm", math.inf, "wide weights (N >= 8192), any x", lambda p: p.n >= 8192, m_min=257),
     # the int8 GEMM: fp32 x on CUDA from 5 to 64 rows
     Route("8da4w", "two_pass", 64, "any x (fused only where a search chose it)", _any),
-    # else past 256 rows cuBLAS on those operands (H200, 14336 x 4096 at 512 and 2048 rows: 148.3 and 448.1 us
-    # against 482.1 for the tile at 2048)
+    # else past 256 rows cuBLAS on those operands (H200, 14336 x 4096: the searches' winner at 512 and 2048 rows,
+    # 148.5 and 428.4 us)
     Route("8da4w", "dequant", math.inf, "any x", _any),
 )
 
