@@ -34,7 +34,7 @@ from common import (  # noqa: E402
 from common import fmt as cell  # noqa: E402
 
 from aofunc.kernels import autotune  # noqa: E402
-from aofunc.kernels.int8_int4 import routed_default as routed_int8_int4_config  # noqa: E402
+from aofunc.kernels.int8_int4 import default_config as default_int8_int4_config  # noqa: E402
 from aofunc.kernels.int8_int4 import int8_int4_linear, int8_int4_linear_ref  # noqa: E402
 from aofunc.kernels.w8a8 import (  # noqa: E402
     default_config as default_w8a8_config,
@@ -169,7 +169,7 @@ def bench_shape(k, n, ms, search, torchao_ms, formats, time_us):
                 / want4.double().norm()))
             ours4 = attempt(errors, "8da4w", lambda: time_us(lambda: int8_int4_linear(x, q4, scale4, GROUP_SIZE, None)))
             if ours4 is not None:
-                default4 = routed_int8_int4_config(m, n, k, GROUP_SIZE, x.dtype, scale4.dtype, dev)
+                default4 = default_int8_int4_config(m, n, k, GROUP_SIZE, x.dtype, scale4.dtype, dev)
                 rows.append(linear_row("8da4w", k, n, m, bf16, ours4, configured(
                     f"int8_int4_g{GROUP_SIZE}", m, n, k, x, default4)))
             print(f"  8da4w rel. error {err4}", flush=True)

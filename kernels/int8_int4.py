@@ -181,8 +181,8 @@ _CUDA_CONFIGS = (
 _CUDA_LARGE_M_CONFIG = _config(False, 128, 64, 8, 4, 4)
 
 
-def default_config(m: int, device: torch.device) -> dict:
-    """The configuration ``int8_int4_linear`` runs an M-row call with on ``device`` when nothing was tuned."""
+def int8_tile_default(m: int, device: torch.device) -> dict:
+    """The int8 GEMM's tile for an M-row call on ``device`` (the two_pass route's default)."""
     return autotune.config_for_m(m, device, _CUDA_CONFIGS, _CUDA_LARGE_M_CONFIG, INTERPRETER_CONFIG)
 
 
@@ -207,7 +207,7 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     rows."""
     m, k = x.shape
     n = qdata.shape[0]
-    default = routed_default(m, n, k, group_size, x.dtype, scale.dtype, x.device)
+    default = default_config(m, n, k, group_size, x.dtype, scale.dtype, x.device)
     if x.device.type != "cuda" or m == 0:
         return default
 
@@ -244,9 +244,10 @@ def gemv_candidates(configs: list, m: int) -> list:
                     for change in ({}, dict(SCAN_BLOCK=8192), dict(SPLIT_K=4))]
 
 
-def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:
-    """The configuration the kernels' route table gives an untuned call: the W4A16 GEMV's or GEMM tile's, or the
-    int8 GEMM's."""
+def default_config(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:
+    """The configuration ``int8_int4_linear`` runs an M-row call with when nothing was tuned: the default of the
+    path the route table (kernels/selector.py) gives it, the W4A16 GEMV, the centered tile, the fp16 tile,
+    dequantization + cuBLAS or the int8 GEMM's tile."""
     path = default_path("8da4w", Problem(m, n, k, x_dtype, torch.device(device), group_size))
     if path == "gemv":
         return gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)
@@ -256,7 +257,7 @@ def routed_default(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype
         return dict(path="dequant")
     if path == "fp16_gemm":
         return fp16_gemm_candidates(m, n, k, group_size, device)[0]
-    return default_config(m, device)
+    return int8_tile_default(m, device)
 
 
 def _check_quantize_args(x: torch.Tensor) -> None:

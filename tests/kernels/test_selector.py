@@ -55,7 +55,7 @@ def test_8da4w_takes_the_fp16_tile_past_64_rows():
                               (4096, 28672, torch.float32, "fp16_gemm"), (200, 4096, torch.bfloat16, "fp16_gemm"),
                               (256, 4096, torch.float16, "fp16_gemm"), (257, 4096, torch.float16, "dequant")):
         assert default_path("8da4w", Problem(m, n, 4096, dtype, CUDA, 128)) == want, (m, n, dtype)
-    default = int8_int4.routed_default(300, 8192, 4096, 128, torch.bfloat16, torch.bfloat16, CPU)
+    default = int8_int4.default_config(300, 8192, 4096, 128, torch.bfloat16, torch.bfloat16, CPU)
     assert default["path"] == "fp16_gemm" and default["PAIRS"] and default["PERMUTE_X"] and not default["CENTERED"]
 
 
