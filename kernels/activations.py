@@ -9,8 +9,9 @@ import torch
 from .tiles import load_x
 from .triton_compat import tl, triton
 
-# 8da4w's smallest activation scale: float32 machine epsilon.
-EPS_F32: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).eps)
+# 8da4w's smallest activation scale: float32 machine epsilon (EPS_F32 the same, for kernel bodies).
+EPS = torch.finfo(torch.float32).eps
+EPS_F32: tl.constexpr = tl.constexpr(EPS)
 
 
 @triton.jit

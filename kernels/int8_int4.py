@@ -23,14 +23,13 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, w4a16
-from .activations import asym_qparams, asym_quantize
+from .activations import EPS, asym_qparams, asym_quantize
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
 from .tiles import fragment_column_of, fragment_tile_fits, split_k
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
-EPS = torch.finfo(torch.float32).eps
 MAX_ONE_PASS_BLOCK_K = 16384
 
 
