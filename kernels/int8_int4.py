@@ -26,7 +26,7 @@ from . import autotune, w4a16
 from .activations import EPS, asym_qparams, asym_quantize
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
-from .tiles import fragment_column_of, fragment_tile_fits, split_k
+from .tiles import fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
@@ -44,12 +44,22 @@ def _quantized(x, s, zp, xq_ptr, CENTERED: tl.constexpr):
         return q
 
 
+# The orders in which the quantization kernel may store a row's columns (its ORDER): in place, in the W4A16 tiles'
+# fragment order, in each group's halves.
+FRAGMENT_ORDER: tl.constexpr = tl.constexpr(1)
+HALVES_ORDER: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
-def _stored_columns(cols, FRAGMENT_ORDER: tl.constexpr):
-    """Where the quantization kernel stores columns ``cols`` of a row: in place, or at their position in the W4A16
-    tiles' fragment order (an involution within every 32 columns)."""
-    if FRAGMENT_ORDER:
+def _stored_columns(cols, ORDER: tl.constexpr, GROUP: tl.constexpr):
+    """Where the quantization kernel stores columns ``cols`` of a row: in place; at their position in the W4A16
+    tiles' fragment order (an involution within every 32 columns); or in halves, each GROUP columns' even columns
+    first and their odd columns after them (the high and the low nibbles of the group's bytes of codes)."""
+    if ORDER == FRAGMENT_ORDER:
         return fragment_column_of(cols)
+    elif ORDER == HALVES_ORDER:
+        r = cols % GROUP
+        return cols - r + (r % 2) * (GROUP // 2) + r // 2
     else:
         return cols
 
@@ -59,10 +69,10 @@ def _quantize_per_token_asym_int8_kernel(
     x_ptr, xq_ptr, s_ptr, zp_ptr,
     K, KP, stride_xm, stride_xk, stride_qm,
     EPS_: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr, CENTERED: tl.constexpr,
-    FRAGMENT_ORDER: tl.constexpr,
+    ORDER: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # Rows of xq are KP >= K columns wide, the columns past K stored as the quantized zero (centered: 0);
-    # FRAGMENT_ORDER stores them permuted as tiles.fragment_ordered_x would copy them.
+    # Rows of xq are KP >= K columns wide, the columns past K stored as the quantized zero (centered: 0), in the
+    # ORDER of _stored_columns.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
@@ -70,7 +80,7 @@ def _quantize_per_token_asym_int8_kernel(
     if ONE_PASS:
         x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         s, zp = asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
-        tl.store(q_row + _stored_columns(offs, FRAGMENT_ORDER), _quantized(x, s, zp, xq_ptr, CENTERED),
+        tl.store(q_row + _stored_columns(offs, ORDER, GROUP), _quantized(x, s, zp, xq_ptr, CENTERED),
                  mask=offs < KP)
     else:
         lo = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -83,7 +93,7 @@ def _quantize_per_token_asym_int8_kernel(
         for k0 in range(0, KP, BLOCK_K):
             cols = k0 + offs
             x = tl.load(x_row + cols * stride_xk, mask=cols < K, other=0.0).to(tl.float32)
-            tl.store(q_row + _stored_columns(cols, FRAGMENT_ORDER), _quantized(x, s, zp, xq_ptr, CENTERED),
+            tl.store(q_row + _stored_columns(cols, ORDER, GROUP), _quantized(x, s, zp, xq_ptr, CENTERED),
                      mask=cols < KP)
     tl.store(s_ptr + row, s)
     tl.store(zp_ptr + row, zp.to(tl.int32))
@@ -98,15 +108,7 @@ def _int8_int4_matmul_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y tile = s_x * sum_g scale_g * (A_g . W_g - zp * sum_k W_g); A is xq, or float x quantized here."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -151,6 +153,114 @@ def _int8_int4_matmul_kernel(
         y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
+
+
+# The fp32 bits of 1.5 * 2^23, whose float step is 1: an int32 sum t, |t| < 2^22, added to them is the float
+# 1.5 * 2^23 + t, so t becomes fp32 in two full-rate additions (the integer one, then subtracting MAGIC_FLOAT)
+# where a conversion instruction runs at a quarter of the rate or less.
+MAGIC_BITS: tl.constexpr = tl.constexpr(0x4B400000)
+MAGIC_FLOAT: tl.constexpr = tl.constexpr(12582912.0)
+# Four bytes of codes to the four signed weights u - 8 of their high nibbles, or of their low ones: with u in
+# 0..15, (u + 0x78) ^ 0x80 is u - 8 as a two's complement byte, and no byte carries into the next.
+HIGH_NIBBLES_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; add.u32 t, t, 0x78787878; "
+    "xor.b32 $0, t, 0x80808080; }")
+LOW_NIBBLES_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
+
+
+@triton.jit
+def _nibble_weights(packed, ASM: tl.constexpr):
+    """(high, low): int8 tiles of the weights u - 8 of the high and of the low nibbles of the uint8 tile ``packed``,
+    four bytes an instruction sequence in inline PTX on CUDA."""
+    if ASM:
+        high = tl.inline_asm_elementwise(HIGH_NIBBLES_PTX, "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+        low = tl.inline_asm_elementwise(LOW_NIBBLES_PTX, "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        high = ((packed >> 4).to(tl.int32) - 8).to(tl.int8)
+        low = ((packed & 15).to(tl.int32) - 8).to(tl.int8)
+    return high, low
+
+
+@triton.jit
+def _int8_int4_halves_kernel(
+    xq_ptr, sx_ptr, zp_ptr, q_ptr, scale_ptr, wsum_ptr, bias_ptr, y_ptr,
+    M, N, num_groups,
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y tile = s_x * sum_g scale_g * (xq_g . w_g - zp * wsum_g), xq in halves order (a group's even columns, then
+    its odd ones), so each group is two int8 dots: its high nibbles' weights on the first half of xq's group, its
+    low nibbles' on the second. Each group's int32 sums start from MAGIC_BITS - zp * wsum_g and leave the MMA as
+    the bits of an exact fp32 number; SWAP computes the tile as w @ xq.T."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    HALF: tl.constexpr = GROUP // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    # Out-of-range rows and columns wrap onto valid ones so the loop needs no masks; they are never stored.
+    load_m = (offs_m % M).to(tl.int64)
+    load_n = (offs_n % N).to(tl.int64)
+    x_ptrs = xq_ptr + load_m[:, None] * stride_xm + offs_h[None, :]
+    q_ptrs = q_ptr + load_n[:, None] * stride_qn + offs_h[None, :]
+    zp = tl.load(zp_ptr + load_m)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, num_groups):
+        high, low = _nibble_weights(tl.load(q_ptrs + g * HALF), ASM)
+        even = tl.load(x_ptrs + g * GROUP)
+        odd = tl.load(x_ptrs + g * GROUP + HALF)
+        wsum = tl.load(wsum_ptr + load_n * stride_wn + g)
+        scale = tl.load(scale_ptr + load_n * stride_sn + g * stride_sg).to(tl.float32)
+        if SWAP:
+            sums = tl.dot(high, tl.trans(even), MAGIC_BITS - wsum[:, None] * zp[None, :], out_dtype=tl.int32)
+            sums = tl.dot(low, tl.trans(odd), sums, out_dtype=tl.int32)
+            acc += (sums.to(tl.float32, bitcast=True) - MAGIC_FLOAT) * scale[:, None]
+        else:
+            sums = tl.dot(even, tl.trans(high), MAGIC_BITS - zp[:, None] * wsum[None, :], out_dtype=tl.int32)
+            sums = tl.dot(odd, tl.trans(low), sums, out_dtype=tl.int32)
+            acc += (sums.to(tl.float32, bitcast=True) - MAGIC_FLOAT) * scale[None, :]
+    if SWAP:
+        acc = tl.trans(acc)
+    y = (acc * tl.load(sx_ptr + load_m)[:, None]).to(y_ptr.dtype.element_ty)
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :]
+    tl.store(y_ptrs, y, mask=(offs_m < M)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _group_code_sums_kernel(q_ptr, out_ptr, G, stride_qn, stride_on, HALF: tl.constexpr, BLOCK_G: tl.constexpr):
+    # out[n, g] = the sum of the weights u - 8 of group g of row n (its HALF bytes of two codes each)
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs = tl.arange(0, HALF)
+    packed = tl.load(q_ptr + row * stride_qn + groups[:, None] * HALF + offs[None, :], mask=(groups < G)[:, None],
+                     other=0x88).to(tl.int32)
+    tl.store(out_ptr + row * stride_on + groups, tl.sum((packed >> 4) + (packed & 15) - 16, axis=1),
+             mask=groups < G)
+
+
+def group_code_sums_ref(qdata: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int32 [N, groups]: each group's sum of its weights u - 8 (the term the activations' zero point multiplies)."""
+    w = unpack_uint4(qdata).to(torch.int32) - 8
+    return w.view(qdata.shape[0], -1, group_size).sum(dim=2, dtype=torch.int32)
+
+
+def group_code_sums_triton(qdata: torch.Tensor, group_size: int) -> torch.Tensor:
+    """group_code_sums_ref's sums by Triton, a program per weight row and block of groups."""
+    n, groups = qdata.shape[0], qdata.shape[1] * 2 // group_size
+    out = torch.empty(n, groups, device=qdata.device, dtype=torch.int32)
+    block_g = min(triton.next_power_of_2(groups), max(1, 4096 // group_size))
+    if n and groups:
+        _group_code_sums_kernel[(n, triton.cdiv(groups, block_g))](
+            qdata, out, groups, qdata.stride(0), out.stride(0), HALF=group_size // 2, BLOCK_G=block_g)
+    return out
 
 
 # A configuration (kernels/autotune.py's ``Config``) is the kernel's launch meta-parameters plus ``FUSED``:
@@ -302,19 +412,25 @@ def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, tor
 
 def quantize_per_token_asym_int8_triton(
     x: torch.Tensor, block_k: Optional[int] = None, *, centered: bool = False,
-    centered_dtype: Optional[torch.dtype] = None, fragment_width: int = 0,
+    centered_dtype: Optional[torch.dtype] = None, fragment_width: int = 0, halves_group: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``.
     ``centered``: xq - zp in ``centered_dtype`` (default x's dtype) in place of xq (the integer activations the
     GEMV, GEMM and dequant paths multiply). ``fragment_width`` (centered only; a multiple of 32, at least K): those
     activations zero-padded to that many columns and stored in the W4A16 tiles' fragment order, as
-    ``tiles.fragment_ordered_x`` would copy them (the PERMUTE_X tiles' x, without the copy's launch)."""
+    ``tiles.fragment_ordered_x`` would copy them (the PERMUTE_X tiles' x, without the copy's launch).
+    ``halves_group`` (int8 xq only; a group size): xq padded with the quantized zero (zp) to a whole number of
+    groups, each group's even columns stored first and its odd ones after them, the order of the high and the low
+    nibbles of the group's bytes of codes (the HALVES tile's x)."""
     _check_quantize_args(x)
     m, k = x.shape
-    width = fragment_width or k
     if fragment_width and not (centered and fragment_width % 32 == 0 and fragment_width >= k):
         raise ValueError(f"fragment_width must be a multiple of 32 of at least K={k}, with centered=True; got "
                          f"{fragment_width} (centered={centered})")
+    if halves_group and (centered or fragment_width or halves_group not in GROUP_SIZES):
+        raise ValueError(f"halves_group must be one of {GROUP_SIZES}, without centered or fragment_width; got "
+                         f"{halves_group} (centered={centered}, fragment_width={fragment_width})")
+    width = fragment_width or (-(-k // halves_group) * halves_group if halves_group else k)
     xq = torch.empty((m, width), device=x.device, dtype=(centered_dtype or x.dtype) if centered else torch.int8)
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
@@ -322,10 +438,11 @@ def quantize_per_token_asym_int8_triton(
         return xq, s, zp
     block_k = block_k or min(triton.next_power_of_2(width), MAX_ONE_PASS_BLOCK_K)
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    order = FRAGMENT_ORDER.value if fragment_width else (HALVES_ORDER.value if halves_group else 0)
     _quantize_per_token_asym_int8_kernel[(m,)](
         x, xq, s, zp, k, width, x.stride(0), x.stride(1), xq.stride(0),
-        EPS_=EPS, ONE_PASS=block_k >= width, BLOCK_K=block_k, CENTERED=centered,
-        FRAGMENT_ORDER=bool(fragment_width), num_warps=num_warps,
+        EPS_=EPS, ONE_PASS=block_k >= width, BLOCK_K=block_k, CENTERED=centered, ORDER=order,
+        GROUP=halves_group or 32, num_warps=num_warps,
     )
     return xq, s, zp
 
@@ -464,6 +581,8 @@ def int8_int4_linear_triton(
         params = {key: value for key, value in config.items() if key != "FUSED"}
         return w4a16.launch(xi, qdata, scale, None, group_size, bias, params, row_scale=sx,
                             x_fragment_ordered=bool(width))
+    if config.get("HALVES"):
+        return _halves_linear(x, qdata, scale, group_size, bias, config, y)
     launch = dict(config)
     fused = launch.pop("FUSED")
     if fused:
@@ -477,6 +596,22 @@ def int8_int4_linear_triton(
         a.stride(0), a.stride(1), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
         y.stride(0), y.stride(1),
         QUANTIZE_A=fused, HAS_BIAS=bias is not None, EPS_=EPS, GROUP=group_size, **launch,
+    )
+    return y
+
+
+def _halves_linear(x, qdata, scale, group_size, bias, config, y):
+    """y by the HALVES tile: x quantized into each group's halves, the weights' group sums, one GEMM."""
+    m, n = y.shape
+    xq, sx, zp = quantize_per_token_asym_int8_triton(x, halves_group=group_size)
+    wsum = group_code_sums_triton(qdata, group_size)
+    launch = {key: value for key, value in config.items() if key not in ("FUSED", "HALVES")}
+    grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
+    _int8_int4_halves_kernel[grid](
+        xq, sx, zp, qdata, scale, wsum, bias if bias is not None else scale, y,
+        m, n, wsum.shape[1],
+        xq.stride(0), qdata.stride(0), scale.stride(0), scale.stride(1), wsum.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, ASM=not interpreting(), GROUP=group_size, **launch,
     )
     return y
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import autotune
-from .tiles import gemv_rows, int32_words, interpreting, split_k, splitk_buffers, splitk_total
+from .tiles import gemv_rows, grouped_tile, int32_words, interpreting, split_k, splitk_buffers, splitk_total
 from .triton_compat import tensor_descriptor, tl, triton
 
 
@@ -85,7 +85,7 @@ def _int8_matmul_kernel(
 ):
     # A tile of C over this program's split of K's steps (program_id(1) of split_k); with SPLIT the last split of a
     # tile to finish sums the int32 partials (exact) and stores.
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap onto valid ones so the main loop needs no masks; they are never stored.
@@ -129,7 +129,7 @@ def _int8_matmul_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The same product with A [M, K] and B^T [N, K] read through tensor descriptors (Hopper's copy engine)."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
@@ -139,18 +139,6 @@ def _int8_matmul_tma_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
                 SCALED, HAS_BIAS)
-
-
-@triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile while it sits in L2."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
 
 @triton.jit

@@ -280,6 +280,18 @@ def dot_tile_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.conste
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile while it sits in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
 def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FAST: tl.constexpr):
     """This program's tile of y [M, N]: rows of x (offs_m) and their mask, and rows of w (offs_n, and ``rows``:
     offs_n clamped to N - 1, so rows past N repeat row N - 1 and are never stored).

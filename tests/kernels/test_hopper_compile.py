@@ -122,10 +122,22 @@ CASES = [
     (w8a8._quantize_per_token_int8_kernel, dict(x_ptr="*bf16", act_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32"),
      dict(HAS_ACT=True, ONE_PASS=True, BLOCK_K=4096), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
-     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False, FRAGMENT_ORDER=False), False),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False, ORDER=0, GROUP=32), False),
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*bf16", s_ptr="*fp32",
                                                           zp_ptr="*i32"),
-     dict(EPS_=int8_int4.EPS, ONE_PASS=False, BLOCK_K=4096, CENTERED=True, FRAGMENT_ORDER=True), False),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=False, BLOCK_K=4096, CENTERED=True, ORDER=1, GROUP=32), False),
+    # 8da4w's HALVES tile: x quantized into each group's halves, the weights' group sums, the int8 GEMM
+    (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
+     dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False, ORDER=2, GROUP=128), False),
+    (int8_int4._group_code_sums_kernel, dict(q_ptr="*u8", out_ptr="*i32"), dict(HALF=64, BLOCK_G=32), False),
+    (int8_int4._int8_int4_halves_kernel,
+     dict(xq_ptr="*i8", sx_ptr="*fp32", zp_ptr="*i32", q_ptr="*u8", scale_ptr="*bf16", wsum_ptr="*i32",
+          bias_ptr="*bf16", y_ptr="*bf16"),
+     dict(HAS_BIAS=True, ASM=True, SWAP=False, GROUP=128, BLOCK_M=128, BLOCK_N=128, GROUP_M=8), True),
+    (int8_int4._int8_int4_halves_kernel,
+     dict(xq_ptr="*i8", sx_ptr="*fp32", zp_ptr="*i32", q_ptr="*u8", scale_ptr="*fp32", wsum_ptr="*i32",
+          bias_ptr="*fp32", y_ptr="*fp32"),
+     dict(HAS_BIAS=False, ASM=True, SWAP=True, GROUP=64, BLOCK_M=64, BLOCK_N=128, GROUP_M=8), True),
 ]
 for kernel, pointers, constexprs, tensor_cores in CASES:
     names = list(inspect.signature(kernel.fn).parameters)
@@ -145,4 +157,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 33", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 37", done.stderr[-3000:]
