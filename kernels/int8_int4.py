@@ -51,17 +51,22 @@ HALVES_ORDER: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _stored_columns(cols, ORDER: tl.constexpr, GROUP: tl.constexpr):
-    """Where the quantization kernel stores columns ``cols`` of a row: in place; at their position in the W4A16
-    tiles' fragment order (an involution within every 32 columns); or in halves, each GROUP columns' even columns
-    first and their odd columns after them (the high and the low nibbles of the group's bytes of codes)."""
-    if ORDER == FRAGMENT_ORDER:
-        return fragment_column_of(cols)
-    elif ORDER == HALVES_ORDER:
-        r = cols % GROUP
-        return cols - r + (r % 2) * (GROUP // 2) + r // 2
+def _store_row_block(q_row, k0, q, KP, ORDER: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store the quantized values q of a row's columns k0 .. k0 + BLOCK_K - 1 (those below KP): in place; at their
+    position in the W4A16 tiles' fragment order (an involution within every 32 columns); or in halves, each GROUP
+    columns' even columns first and their odd columns after them (the high and the low nibbles of the group's bytes
+    of codes), each half one contiguous run."""
+    if ORDER == HALVES_ORDER:
+        even, odd = tl.split(tl.reshape(q, (BLOCK_K // GROUP, GROUP // 2, 2)))
+        cols = k0 + tl.arange(0, BLOCK_K // GROUP)[:, None] * GROUP + tl.arange(0, GROUP // 2)[None, :]
+        tl.store(q_row + cols, even, mask=cols < KP)
+        tl.store(q_row + cols + GROUP // 2, odd, mask=cols < KP)
     else:
-        return cols
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if ORDER == FRAGMENT_ORDER:
+            tl.store(q_row + fragment_column_of(cols), q, mask=cols < KP)
+        else:
+            tl.store(q_row + cols, q, mask=cols < KP)
 
 
 @triton.jit
@@ -72,7 +77,7 @@ def _quantize_per_token_asym_int8_kernel(
     ORDER: tl.constexpr, GROUP: tl.constexpr,
 ):
     # Rows of xq are KP >= K columns wide, the columns past K stored as the quantized zero (centered: 0), in the
-    # ORDER of _stored_columns.
+    # ORDER of _store_row_block (BLOCK_K a multiple of its GROUP).
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
@@ -80,8 +85,7 @@ def _quantize_per_token_asym_int8_kernel(
     if ONE_PASS:
         x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         s, zp = asym_qparams(tl.minimum(tl.min(x, axis=0), 0.0), tl.maximum(tl.max(x, axis=0), 0.0), EPS_)
-        tl.store(q_row + _stored_columns(offs, ORDER, GROUP), _quantized(x, s, zp, xq_ptr, CENTERED),
-                 mask=offs < KP)
+        _store_row_block(q_row, 0, _quantized(x, s, zp, xq_ptr, CENTERED), KP, ORDER, GROUP, BLOCK_K)
     else:
         lo = tl.zeros((BLOCK_K,), dtype=tl.float32)
         hi = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -93,8 +97,7 @@ def _quantize_per_token_asym_int8_kernel(
         for k0 in range(0, KP, BLOCK_K):
             cols = k0 + offs
             x = tl.load(x_row + cols * stride_xk, mask=cols < K, other=0.0).to(tl.float32)
-            tl.store(q_row + _stored_columns(cols, ORDER, GROUP), _quantized(x, s, zp, xq_ptr, CENTERED),
-                     mask=cols < KP)
+            _store_row_block(q_row, k0, _quantized(x, s, zp, xq_ptr, CENTERED), KP, ORDER, GROUP, BLOCK_K)
     tl.store(s_ptr + row, s)
     tl.store(zp_ptr + row, zp.to(tl.int32))
 
@@ -187,13 +190,14 @@ def _int8_int4_halves_kernel(
     xq_ptr, sx_ptr, zp_ptr, q_ptr, scale_ptr, wsum_ptr, bias_ptr, y_ptr,
     M, N, num_groups,
     stride_xm, stride_qn, stride_sn, stride_sg, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y tile = s_x * sum_g scale_g * (xq_g . w_g - zp * wsum_g), xq in halves order (a group's even columns, then
     its odd ones), so each group is two int8 dots: its high nibbles' weights on the first half of xq's group, its
-    low nibbles' on the second. Each group's int32 sums start from MAGIC_BITS - zp * wsum_g and leave the MMA as
-    the bits of an exact fp32 number; SWAP computes the tile as w @ xq.T."""
+    low nibbles' on the second. The tile is computed as w @ xq.T, the weights the MMA's left operand, from
+    registers. Each group's int32 sums start from MAGIC_BITS - zp * wsum_g and leave the MMA as the bits of an
+    exact fp32 number."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     HALF: tl.constexpr = GROUP // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -205,26 +209,17 @@ def _int8_int4_halves_kernel(
     x_ptrs = xq_ptr + load_m[:, None] * stride_xm + offs_h[None, :]
     q_ptrs = q_ptr + load_n[:, None] * stride_qn + offs_h[None, :]
     zp = tl.load(zp_ptr + load_m)
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g in range(0, num_groups):
         high, low = _nibble_weights(tl.load(q_ptrs + g * HALF), ASM)
         even = tl.load(x_ptrs + g * GROUP)
         odd = tl.load(x_ptrs + g * GROUP + HALF)
         wsum = tl.load(wsum_ptr + load_n * stride_wn + g)
         scale = tl.load(scale_ptr + load_n * stride_sn + g * stride_sg).to(tl.float32)
-        if SWAP:
-            sums = tl.dot(high, tl.trans(even), MAGIC_BITS - wsum[:, None] * zp[None, :], out_dtype=tl.int32)
-            sums = tl.dot(low, tl.trans(odd), sums, out_dtype=tl.int32)
-            acc += (sums.to(tl.float32, bitcast=True) - MAGIC_FLOAT) * scale[:, None]
-        else:
-            sums = tl.dot(even, tl.trans(high), MAGIC_BITS - zp[:, None] * wsum[None, :], out_dtype=tl.int32)
-            sums = tl.dot(odd, tl.trans(low), sums, out_dtype=tl.int32)
-            acc += (sums.to(tl.float32, bitcast=True) - MAGIC_FLOAT) * scale[None, :]
-    if SWAP:
-        acc = tl.trans(acc)
+        sums = tl.dot(high, tl.trans(even), MAGIC_BITS - wsum[:, None] * zp[None, :], out_dtype=tl.int32)
+        sums = tl.dot(low, tl.trans(odd), sums, out_dtype=tl.int32)
+        acc += (sums.to(tl.float32, bitcast=True) - MAGIC_FLOAT) * scale[:, None]
+    acc = tl.trans(acc)
     y = (acc * tl.load(sx_ptr + load_m)[:, None]).to(y_ptr.dtype.element_ty)
     mask_n = offs_n < N
     if HAS_BIAS:
@@ -235,15 +230,15 @@ def _int8_int4_halves_kernel(
 
 
 @triton.jit
-def _group_code_sums_kernel(q_ptr, out_ptr, G, stride_qn, stride_on, HALF: tl.constexpr, BLOCK_G: tl.constexpr):
-    # out[n, g] = the sum of the weights u - 8 of group g of row n (its HALF bytes of two codes each)
-    row = tl.program_id(0).to(tl.int64)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    offs = tl.arange(0, HALF)
-    packed = tl.load(q_ptr + row * stride_qn + groups[:, None] * HALF + offs[None, :], mask=(groups < G)[:, None],
-                     other=0x88).to(tl.int32)
-    tl.store(out_ptr + row * stride_on + groups, tl.sum((packed >> 4) + (packed & 15) - 16, axis=1),
-             mask=groups < G)
+def _group_code_sums_kernel(w_ptr, out_ptr, R, WORDS: tl.constexpr, BLOCK_R: tl.constexpr):
+    # out[r] = the sum of the weights u - 8 of the r-th run of WORDS int32 words (a group's 8 * WORDS codes): a word's
+    # two nibbles of each byte added bytewise (at most 30 a byte), its four byte sums added by one multiply (the top
+    # byte of w * 0x01010101, at most 120)
+    runs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = tl.load(w_ptr + runs.to(tl.int64)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], mask=(runs < R)[:, None],
+                other=0)
+    bytes_ = (w & 0x0F0F0F0F) + ((w >> 4) & 0x0F0F0F0F)
+    tl.store(out_ptr + runs, tl.sum((bytes_ * 0x01010101) >> 24, axis=1) - 64 * WORDS, mask=runs < R)
 
 
 def group_code_sums_ref(qdata: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -253,13 +248,13 @@ def group_code_sums_ref(qdata: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_code_sums_triton(qdata: torch.Tensor, group_size: int) -> torch.Tensor:
-    """group_code_sums_ref's sums by Triton, a program per weight row and block of groups."""
+    """group_code_sums_ref's sums by Triton, over the codes as int32 words, a program per 256 groups."""
     n, groups = qdata.shape[0], qdata.shape[1] * 2 // group_size
     out = torch.empty(n, groups, device=qdata.device, dtype=torch.int32)
-    block_g = min(triton.next_power_of_2(groups), max(1, 4096 // group_size))
     if n and groups:
-        _group_code_sums_kernel[(n, triton.cdiv(groups, block_g))](
-            qdata, out, groups, qdata.stride(0), out.stride(0), HALF=group_size // 2, BLOCK_G=block_g)
+        block_r = 256
+        _group_code_sums_kernel[(triton.cdiv(n * groups, block_r),)](
+            qdata.contiguous().view(torch.int32), out, n * groups, WORDS=group_size // 8, BLOCK_R=block_r)
     return out
 
 
@@ -272,6 +267,8 @@ FUSED_MAX_M = 32
 GEMM_MAX_M = 128
 # A search tries the W4A16 GEMM tile in packed fp16 pairs on exact fp16 operands past this M.
 FP16_GEMM_MIN_M = 32
+# The rows for which a search tries the HALVES tile.
+HALVES_MIN_M, HALVES_MAX_M = 65, 1024
 
 
 def _config(fused, block_m, block_n, group_m, num_warps, num_stages) -> dict:
@@ -329,8 +326,8 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
 def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> list:
     """Every configuration an autotuning search tries for an M-row call on CUDA: the int8 GEMM's tiles, the W4A16
     GEMV up to 8 rows (gemv_candidates of its configuration for the card), W4A16's centered tile up to 128 rows (x
-    quantized into its order or gathered) and its x-ordered units, the fp16_gemm tiles from 33 rows, and
-    dequantization + cuBLAS past 128."""
+    quantized into its order or gathered) and its x-ordered units, the fp16_gemm tiles from 33 rows, the HALVES
+    tiles from 65 to 1024 rows, and dequantization + cuBLAS past 128."""
     gemv = gemv_candidates([gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)], m) if m <= 8 else []
     tile = [gemm_config(m, n, k, group_size, x_dtype, device)] if 2 <= m <= GEMM_MAX_M else []
     # also the x-ordered units (the form for groups under 32 codes)
@@ -338,7 +335,19 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dt
              for form in (dict(PERMUTE_X=False), dict(GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
     dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
     fp16 = fp16_gemm_candidates(m, n, k, group_size, device) if m > FP16_GEMM_MIN_M else []
-    return int8_tile_candidates(m) + gemv + tile + fp16 + dequant
+    return int8_tile_candidates(m) + gemv + tile + fp16 + halves_candidates(m, group_size) + dequant
+
+
+def halves_candidates(m: int, group_size: int) -> list:
+    """The HALVES tile's configurations a search tries for an M-row call on CUDA: from 65 to 1024 rows, groups of
+    64 codes and up (each half of a group is one int8 MMA step of 32 codes or more). Tiles of 128 and more rows
+    of x by 128 weight rows on 4 warps, or 256 by 64, spill registers on an H200 (the int32 sums and the fp32
+    accumulator are both live through each group)."""
+    if group_size < 64 or not HALVES_MIN_M <= m <= HALVES_MAX_M:
+        return []
+    return [dict(FUSED=False, HALVES=True, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3),
+                                          (64, 128, 4, 4))]
 
 
 def gemv_candidates(configs: list, m: int) -> list:
@@ -436,7 +445,7 @@ def quantize_per_token_asym_int8_triton(
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
     if m == 0:
         return xq, s, zp
-    block_k = block_k or min(triton.next_power_of_2(width), MAX_ONE_PASS_BLOCK_K)
+    block_k = max(block_k or min(triton.next_power_of_2(width), MAX_ONE_PASS_BLOCK_K), halves_group)
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
     order = FRAGMENT_ORDER.value if fragment_width else (HALVES_ORDER.value if halves_group else 0)
     _quantize_per_token_asym_int8_kernel[(m,)](
@@ -602,6 +611,8 @@ def int8_int4_linear_triton(
 
 def _halves_linear(x, qdata, scale, group_size, bias, config, y):
     """y by the HALVES tile: x quantized into each group's halves, the weights' group sums, one GEMM."""
+    if group_size < 64:
+        raise ValueError(f"int8_int4_linear: the HALVES tile needs groups of 64 codes or more, got {group_size}")
     m, n = y.shape
     xq, sx, zp = quantize_per_token_asym_int8_triton(x, halves_group=group_size)
     wsum = group_code_sums_triton(qdata, group_size)

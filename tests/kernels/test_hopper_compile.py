@@ -129,15 +129,15 @@ CASES = [
     # 8da4w's HALVES tile: x quantized into each group's halves, the weights' group sums, the int8 GEMM
     (int8_int4._quantize_per_token_asym_int8_kernel, dict(x_ptr="*bf16", xq_ptr="*i8", s_ptr="*fp32", zp_ptr="*i32"),
      dict(EPS_=int8_int4.EPS, ONE_PASS=True, BLOCK_K=4096, CENTERED=False, ORDER=2, GROUP=128), False),
-    (int8_int4._group_code_sums_kernel, dict(q_ptr="*u8", out_ptr="*i32"), dict(HALF=64, BLOCK_G=32), False),
+    (int8_int4._group_code_sums_kernel, dict(w_ptr="*i32", out_ptr="*i32"), dict(WORDS=16, BLOCK_R=256), False),
     (int8_int4._int8_int4_halves_kernel,
      dict(xq_ptr="*i8", sx_ptr="*fp32", zp_ptr="*i32", q_ptr="*u8", scale_ptr="*bf16", wsum_ptr="*i32",
           bias_ptr="*bf16", y_ptr="*bf16"),
-     dict(HAS_BIAS=True, ASM=True, SWAP=False, GROUP=128, BLOCK_M=128, BLOCK_N=128, GROUP_M=8), True),
+     dict(HAS_BIAS=True, ASM=True, GROUP=128, BLOCK_M=128, BLOCK_N=128, GROUP_M=8), True),
     (int8_int4._int8_int4_halves_kernel,
      dict(xq_ptr="*i8", sx_ptr="*fp32", zp_ptr="*i32", q_ptr="*u8", scale_ptr="*fp32", wsum_ptr="*i32",
           bias_ptr="*fp32", y_ptr="*fp32"),
-     dict(HAS_BIAS=False, ASM=True, SWAP=True, GROUP=64, BLOCK_M=64, BLOCK_N=128, GROUP_M=8), True),
+     dict(HAS_BIAS=False, ASM=True, GROUP=64, BLOCK_M=64, BLOCK_N=64, GROUP_M=8), True),
 ]
 for kernel, pointers, constexprs, tensor_cores in CASES:
     names = list(inspect.signature(kernel.fn).parameters)

@@ -16,6 +16,11 @@ from aofunc.kernels.int8_int4 import (
     exact_fp16_scales_triton,
     fp16_gemm_candidates,
     gemm_config,
+    group_code_sums_ref,
+    group_code_sums_triton,
+    HALVES_MAX_M,
+    HALVES_MIN_M,
+    halves_candidates,
     int8_int4_linear,
     int8_int4_linear_ref,
     int8_int4_config,
@@ -259,6 +264,9 @@ def test_real_sizes_on_gpu(k, n, m, group_size):
     if m >= 128:
         _close(int8_int4_linear_triton(x, qdata, scale, group_size, bias, dict(path="dequant")),
                int8_int4_linear_ref(x, qdata, scale, group_size, bias))
+        for config in halves_candidates(m if m <= HALVES_MAX_M else HALVES_MAX_M, group_size):
+            _close(int8_int4_linear_triton(x, qdata, scale, group_size, bias, config),
+                   int8_int4_linear_ref(x, qdata, scale, group_size, bias))
     for a, b in zip(quantize_per_token_asym_int8(x), quantize_per_token_asym_int8_ref(x)):
         assert torch.equal(a, b)
 
@@ -415,3 +423,91 @@ def test_gemv_quantizing_x_refuses_row_scales_and_experts():
     with pytest.raises(ValueError, match="quantize_x"):
         w4a16.gemv(x, qdata[None], scale[None], None, 32, None, params,
                    offs=torch.tensor([2], dtype=torch.int32, device=DEVICE), quantize_x=True)
+
+
+# ------------------------------------------------------------------------------------------------ the HALVES tile
+
+def _halves_configs(m):
+    """The HALVES tile's first two search candidates on the GPU, a 16 x 16 tile under the interpreter."""
+    if ON_GPU:
+        return halves_candidates(max(m, HALVES_MIN_M), 64)[:2]
+    return [dict(FUSED=False, HALVES=True, BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=1)]
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("m,k,group_size", [(5, 128, 64), (33, 100, 64), (17, 300, 128), (3, 256, 256),
+                                            (0, 64, 64)])
+def test_halves_path_equals_twin(dtype, m, k, group_size):
+    """Each group as two int8 dots (the high nibbles' weights on the group's even columns of x, the low ones' on
+    its odd columns), the zero point's term from the weights' group sums, the sums turned to fp32 by the magic
+    number: the twin's y (fp32 y bit for bit under the interpreter, which rounds each product and sum as the twin
+    does); ragged K, strided and empty x, inputs unchanged."""
+    x = _activation(m, k, dtype, seed=m + k, contiguous=m != 33)
+    qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k)
+    before = [t.clone() for t in (x, qdata, scale, bias)]
+    for config in _halves_configs(m):
+        for b in (bias, None):
+            y = int8_int4_linear_triton(x, qdata, scale, group_size, b, config)
+            want = int8_int4_linear_ref(x, qdata, scale, group_size, b)
+            assert y.shape == want.shape and y.dtype == want.dtype
+            if m:
+                _close(y, want)
+            if dtype == torch.float32 and not ON_GPU:
+                assert torch.equal(y, want)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
+
+
+@given(st.integers(1, 40), st.integers(1, 300), st.integers(1, 40), st.sampled_from([64, 128]),
+       st.sampled_from(LINEAR_DTYPES), st.integers(0, 2**31 - 1))
+def test_halves_path_law(m, k, n, group_size, dtype, seed):
+    """For any small shape and x dtype: the HALVES tile is within tolerance of the twin (any bytes of codes, the
+    padding's too), the same twice."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3 + 1).to(DEVICE, dtype)
+    kp = -(-k // group_size) * group_size
+    qdata = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, generator=g).to(DEVICE)
+    scale = (torch.rand(n, kp // group_size, generator=g) * 0.02 + 1e-3).to(DEVICE, dtype)
+    config = _halves_configs(m)[0]
+    y = int8_int4_linear_triton(x, qdata, scale, group_size, None, config)
+    # the twin reads only K columns of codes: the padding's codes meet the quantized zero, and add nothing
+    _close(y, int8_int4_linear_ref(x, qdata, scale, group_size, None))
+    assert torch.equal(y, int8_int4_linear_triton(x, qdata, scale, group_size, None, config))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_group_code_sums_kernel_equals_twin(group_size):
+    g = torch.Generator().manual_seed(group_size)
+    for n, groups in ((1, 1), (37, 3), (300, 5)):
+        qdata = torch.randint(0, 256, (n, groups * group_size // 2), dtype=torch.uint8, generator=g).to(DEVICE)
+        want = group_code_sums_ref(qdata, group_size)
+        assert want.dtype == torch.int32 and want.shape == (n, groups)
+        assert torch.equal(group_code_sums_triton(qdata, group_size), want)
+    extremes = torch.tensor([[0x00] * (group_size // 2), [0xFF] * (group_size // 2)], dtype=torch.uint8)
+    assert group_code_sums_triton(extremes.to(DEVICE), group_size).tolist() == [[-8 * group_size],
+                                                                                [7 * group_size]]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("k,block_k", [(300, None), (300, 256), (64, 32), (1, None)])
+def test_quantization_in_halves_order_is_the_twin_permuted(group_size, k, block_k):
+    """xq padded with the quantized zero to whole groups, each group's even columns first, then its odd ones: the
+    twin's xq of the zero-padded x in that order, in one pass or several, strided x too."""
+    kp = -(-k // group_size) * group_size
+    halves = torch.arange(kp).view(-1, group_size // 2, 2).transpose(1, 2).reshape(-1)
+    for x in (_activation(3, k, torch.bfloat16, seed=k), _activation(3, k, torch.bfloat16, seed=k, contiguous=False)):
+        xq, s, zp = quantize_per_token_asym_int8_triton(x, block_k, halves_group=group_size)
+        want, s2, zp2 = quantize_per_token_asym_int8_ref(torch.nn.functional.pad(x, (0, kp - k)))
+        assert xq.shape == (3, kp) and torch.equal(xq, want[:, halves.to(DEVICE)])
+        assert torch.equal(s, s2) and torch.equal(zp, zp2)
+
+
+def test_halves_refuses_groups_under_64_and_other_orders():
+    x = _activation(3, 64, torch.bfloat16, seed=1)
+    qdata, scale, _ = _weight(24, 64, 32, torch.bfloat16, seed=2)
+    with pytest.raises(ValueError, match="groups of 64 codes or more"):
+        int8_int4_linear_triton(x, qdata, scale, 32, None, _halves_configs(5)[0])
+    for change in (dict(halves_group=48), dict(halves_group=64, centered=True),
+                   dict(halves_group=64, centered=True, fragment_width=64)):
+        with pytest.raises(ValueError, match="halves_group"):
+            quantize_per_token_asym_int8_triton(x, **change)
+    assert halves_candidates(128, 32) == [] and halves_candidates(64, 128) == []
