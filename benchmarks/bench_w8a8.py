@@ -105,6 +105,8 @@ def configured(kernel, m, n, k, x, default):
     config = dict(stored or default, tuned=stored is not None)
     if config.get("path") in ("gemv", "dequant", "fp16_gemm"):
         return config, ("fused " if config.get("FUSED") else "quantize+") + config["path"]
+    if config.get("HALVES"):
+        return config, "quantize+halves"
     return config, "fused" if config.get("FUSED") else "quantize+gemm"
 
 

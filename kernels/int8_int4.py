@@ -345,9 +345,10 @@ def halves_candidates(m: int, group_size: int) -> list:
     accumulator are both live through each group)."""
     if group_size < 64 or not HALVES_MIN_M <= m <= HALVES_MAX_M:
         return []
+    # the first is the route's default: the H200 searches' winner at 256 rows of every weight narrower than 16384
     return [dict(FUSED=False, HALVES=True, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
-            for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3),
-                                          (64, 128, 4, 4))]
+            for bm, bn, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
+                                          (64, 128, 4, 4), (32, 64, 4, 3))]
 
 
 def gemv_candidates(configs: list, m: int) -> list:
@@ -364,8 +365,8 @@ def gemv_candidates(configs: list, m: int) -> list:
 
 def default_config(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> dict:
     """The configuration ``int8_int4_linear`` runs an M-row call with when nothing was tuned: the default of the
-    path the route table (kernels/selector.py) gives it, the W4A16 GEMV, the centered tile, the fp16 tile,
-    dequantization + cuBLAS or the int8 GEMM's tile."""
+    path the route table (kernels/selector.py) gives it, the W4A16 GEMV, the centered tile, the fp16 tile, the
+    HALVES tile, dequantization + cuBLAS or the int8 GEMM's tile."""
     path = default_path("8da4w", Problem(m, n, k, x_dtype, torch.device(device), group_size))
     if path == "gemv":
         return gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)
@@ -375,6 +376,8 @@ def default_config(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype
         return dict(path="dequant")
     if path == "fp16_gemm":
         return fp16_gemm_candidates(m, n, k, group_size, device)[0]
+    if path == "halves":
+        return halves_candidates(HALVES_MIN_M, group_size)[0]
     return int8_tile_default(m, device)
 
 

@@ -14,6 +14,9 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).
+- ``halves`` (8da4w): the activations quantized into each group's halves (its even columns, then its odd ones),
+  then an int8 GEMM that multiplies the high nibbles' weights by the first half and the low ones' by the second,
+  each group's integer sums scaled in fp32 inside the loop.
 - ``grouped`` (stacked experts, rows of x sorted by expert as ``torch._grouped_mm`` takes them): one launch for
   every routed expert, tiles of one expert's rows each (the GEMV kernel, a program per row, up to a row an
   expert); ``per_expert``: each expert's rows through that expert's own route above.
@@ -115,6 +118,12 @@ ROUTES = (
     # 14336 x 4096 64.9 against 36.8 and 88.7 for the int8 GEMM or the W4A16 tile on 16-bit integers; 8192 x 28672
     # at 256, 512 and 2048 rows 241.1, 459.2 and 1552.2 against 438.1, 867.8 and 3309 for the int8 GEMM, whose
     # per-group rescale runs in its loop); past 256 rows on wide weights only
+    # from 129 to 512 rows of weights narrower than 16384 the int8 HALVES tile, in groups of 64 codes and up (H200,
+    # the searches' winner at 256 rows on 4096 x 4096, 4096 x 14336 and 14336 x 4096: 29.4, 78.0 and 84.1 us
+    # against 40.5, 88.7 and 100.3 for fp16_gemm; at 512 rows on 4096 x 4096 and 4096 x 14336, 42.1 and 128.2
+    # against 54.1 and 128.6; 8192 x 28672 keeps fp16_gemm, 238.3 us at 256 rows)
+    Route("8da4w", "halves", 512, "groups of 64 codes and up, N < 16384, any x",
+          lambda p: p.block >= 64 and p.n < 16384, m_min=129),
     Route("8da4w", "fp16_gemm", 256, "any x", _any, m_min=65),
     Route("8da4w", "fp16_gemm", math.inf, "wide weights (N >= 8192), any x", lambda p: p.n >= 8192, m_min=257),
     # the int8 GEMM: fp32 x on CUDA from 5 to 64 rows
