@@ -342,13 +342,13 @@ def halves_candidates(m: int, group_size: int) -> list:
     """The HALVES tile's configurations a search tries for an M-row call on CUDA: from 65 to 1024 rows, groups of
     64 codes and up (each half of a group is one int8 MMA step of 32 codes or more). Tiles of 128 and more rows
     of x by 128 weight rows on 4 warps, or 256 by 64, spill registers on an H200 (the int32 sums and the fp32
-    accumulator are both live through each group)."""
+    accumulator are both live through each group); 128 by 128 on 8 warps, 64 by 128 and 32 by 64 won none of its
+    searches at 128 to 1024 rows."""
     if group_size < 64 or not HALVES_MIN_M <= m <= HALVES_MAX_M:
         return []
     # the first is the route's default: the H200 searches' winner at 256 rows of every weight narrower than 16384
     return [dict(FUSED=False, HALVES=True, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
-            for bm, bn, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
-                                          (64, 128, 4, 4), (32, 64, 4, 3))]
+            for bm, bn, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4))]
 
 
 def gemv_candidates(configs: list, m: int) -> list:

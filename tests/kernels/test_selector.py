@@ -49,16 +49,17 @@ def test_wide_weights_keep_the_gemm_to_256_rows(fmt, block):
     assert default["path"] == "gemm" and default["PERMUTE_X"] and default["GATHER_X"]
 
 
-def test_8da4w_takes_the_fp16_tile_past_64_rows():
-    for m, n, dtype, want in ((64, 8192, torch.bfloat16, "gemm"), (65, 8192, torch.bfloat16, "fp16_gemm"),
+def test_8da4w_routes_past_64_rows():
+    for m, n, dtype, want in ((64, 8192, torch.bfloat16, "gemm"), (128, 8192, torch.bfloat16, "gemm"),
+                              (129, 16384, torch.bfloat16, "fp16_gemm"),
                               (64, 4096, torch.float32, "two_pass"), (65, 4096, torch.float32, "fp16_gemm"),
-                              (4096, 28672, torch.float32, "fp16_gemm"), (128, 4096, torch.bfloat16, "fp16_gemm"),
+                              (4096, 28672, torch.float32, "fp16_gemm"), (128, 4096, torch.float32, "fp16_gemm"),
                               (256, 28672, torch.float16, "fp16_gemm"), (257, 16384, torch.float16, "fp16_gemm"),
                               (513, 4096, torch.float16, "dequant")):
         assert default_path("8da4w", Problem(m, n, 4096, dtype, CUDA, 128)) == want, (m, n, dtype)
     # the HALVES tile from 129 to 512 rows of weights narrower than 16384, in groups of 64 codes and up
-    for m, n, block, want in ((129, 4096, 128, "halves"), (512, 14336, 64, "halves"), (128, 4096, 128, "fp16_gemm"),
-                              (256, 16384, 128, "fp16_gemm"), (300, 4096, 32, "dequant"), (200, 4096, 32, "fp16_gemm")):
+    for m, n, block, want in ((129, 4096, 128, "halves"), (512, 14336, 64, "halves"), (256, 16384, 128, "fp16_gemm"),
+                              (300, 4096, 32, "dequant"), (200, 4096, 32, "fp16_gemm")):
         for dtype in (torch.bfloat16, torch.float32):
             assert default_path("8da4w", Problem(m, n, 4096, dtype, CUDA, block)) == want, (m, n, block)
     halves = int8_int4.default_config(300, 4096, 4096, 128, torch.bfloat16, torch.bfloat16, CPU)
@@ -109,7 +110,7 @@ def test_routes_table_lists_every_route_with_its_range():
     assert "| w4a16 | gemm | 2 to 128 |" in text
     assert "| w4a16 | gemm | 129 to 256 | wide weights" in text
     assert "| w4a16 | dequant | 129 and up |" in text
-    assert "| 8da4w | gemm | 2 to 64 |" in text and "| 8da4w | two_pass | 5 to 64 |" in text  # fp32 x from 5
+    assert "| 8da4w | gemm | 2 to 128 |" in text and "| 8da4w | two_pass | 5 to 64 |" in text  # fp32 x from 5
     assert "| 8da4w | fp16_gemm | 65 to 256 | any x |" in text
     assert "| 8da4w | halves | 129 to 512 | groups of 64 codes and up, N < 16384" in text
     assert "| 8da4w | dequant | 65 and up |" in text and "| 8da4w | fp16_gemm | 257 and up | wide weights" in text
