@@ -126,6 +126,19 @@ def test_linear_kernel_equals_twin(dtype, fused, m, k, group_size):
                int8_int4_linear_ref(x, qdata, scale, group_size, b))
 
 
+def _outputs(x, qdata, scale, bias, group_size, configs, twin):
+    """(the bias or None, y, the twin's y) for each configuration, with the bias and without: the same shape and
+    dtype, and within tolerance where x has rows."""
+    for config in configs:
+        for b in (bias, None):
+            y = int8_int4_linear_triton(x, qdata, scale, group_size, b, config)
+            want = twin(x, qdata, scale, group_size, b)
+            assert y.shape == want.shape and y.dtype == want.dtype
+            if x.shape[0]:
+                _close(y, want)
+            yield b, y, want
+
+
 def _fp16_gemm_configs(m, n, k, group_size):
     """Tiles of the fp16_gemm path: the search's first (its default) and its first x-ordered tile on the GPU,
     small ones under the interpreter; x gathered, copied into the tile's order, or x-ordered."""
@@ -157,18 +170,12 @@ def test_exact_fp16_paths_equal_twin(dtype, m, k, group_size, path):
     # the tile adds the bias before its one rounding, cuBLAS's epilogue after it as the twin does
     configs, twin = ((_fp16_gemm_configs(m, 37, k, group_size), _twin_rounded_once) if path == "fp16_gemm"
                      else ([dict(path="dequant")], int8_int4_linear_ref))
-    for config in configs:
-        for b in (bias, None):
-            y = int8_int4_linear_triton(x, qdata, scale, group_size, b, config)
-            want = twin(x, qdata, scale, group_size, b)
-            assert y.shape == want.shape and y.dtype == want.dtype
-            if m:
-                _close(y, want)
-            # each column alone where y is fp32 (a 16-bit y's last bit may differ from the twin's, which one column
-            # of a few rows does not average out) and without a bias (which could cancel a column's sums)
-            for column in range(37 if m and b is None and dtype == torch.float32 else 0):
-                if column != 5:
-                    _close(y[:, column], want[:, column])
+    for b, y, want in _outputs(x, qdata, scale, bias, group_size, configs, twin):
+        # each column alone where y is fp32 (a 16-bit y's last bit may differ from the twin's, which one column
+        # of a few rows does not average out) and without a bias (which could cancel a column's sums)
+        for column in range(37 if m and b is None and dtype == torch.float32 else 0):
+            if column != 5:
+                _close(y[:, column], want[:, column])
     assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
 
 
@@ -445,15 +452,9 @@ def test_halves_path_equals_twin(dtype, m, k, group_size):
     x = _activation(m, k, dtype, seed=m + k, contiguous=m != 33)
     qdata, scale, bias = _weight(37, k, group_size, dtype, seed=k)
     before = [t.clone() for t in (x, qdata, scale, bias)]
-    for config in _halves_configs(m):
-        for b in (bias, None):
-            y = int8_int4_linear_triton(x, qdata, scale, group_size, b, config)
-            want = int8_int4_linear_ref(x, qdata, scale, group_size, b)
-            assert y.shape == want.shape and y.dtype == want.dtype
-            if m:
-                _close(y, want)
-            if dtype == torch.float32 and not ON_GPU:
-                assert torch.equal(y, want)
+    for _, y, want in _outputs(x, qdata, scale, bias, group_size, _halves_configs(m), int8_int4_linear_ref):
+        if dtype == torch.float32 and not ON_GPU:
+            assert torch.equal(y, want)
     assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
 
 
