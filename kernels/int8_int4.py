@@ -26,7 +26,7 @@ from . import autotune, w4a16
 from .activations import EPS, asym_qparams, asym_quantize
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
-from .tiles import fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k
+from .tiles import fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k, unit_stride
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
@@ -564,6 +564,7 @@ def int8_int4_linear_triton(
 ) -> torch.Tensor:
     """The twin's y by Triton; ``config["FUSED"]`` quantizes the activations inside the GEMM."""
     _check_linear_args(x, qdata, scale, group_size, bias)
+    scale, bias = unit_stride(scale, bias)
     m, k = x.shape
     n = qdata.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -617,6 +618,7 @@ def _halves_linear(x, qdata, scale, group_size, bias, config, y):
     if group_size < 64:
         raise ValueError(f"int8_int4_linear: the HALVES tile needs groups of 64 codes or more, got {group_size}")
     m, n = y.shape
+    qdata = qdata.contiguous()  # (the kernel reads a row's bytes as one run)
     xq, sx, zp = quantize_per_token_asym_int8_triton(x, halves_group=group_size)
     wsum = group_code_sums_triton(qdata, group_size)
     launch = {key: value for key, value in config.items() if key not in ("FUSED", "HALVES")}

@@ -29,7 +29,7 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dot_acc, do
                                   fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, int32_words, interleave8,
                                   interpreting, load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers,
-                                  tolerance, word_pairs_fragments)
+                                  tolerance, unit_stride, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -325,6 +325,7 @@ def nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n: int, k
                           scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """w[i] = NF4_LEVELS[code[i]] * s[i // block_size] in fp32, then cast: [n, k] in dtype (Triton kernel)."""
     check_nf4(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size)
+    qdata, scaler_q, scaler_factor = unit_stride(qdata, scaler_q, scaler_factor)
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     words = 1024
     _nf4_dequant_kernel[(triton.cdiv(n * k, 8 * words),)](
@@ -396,6 +397,7 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
 def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
            config: dict) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, n] in x.dtype."""
+    qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":

@@ -28,6 +28,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def unit_stride(*tensors):
+    """The tensors as the kernels index them, each with its last dimension at unit stride: a contiguous copy of one
+    held otherwise (a column-major scale, a bias that is every other element of a larger tensor), the others (and
+    None) as they are. The kernels take the row strides of a weight's tensors, not their element strides."""
+    return tuple(t if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+                 for t in tensors)
+
+
 def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Tensor:
     """x [M, K] zero-padded to kp columns and, within every block of 2 * rows * cols columns, its pairs of
     consecutive columns read as a [rows, cols] grid and written as its transpose, in a new contiguous tensor. The

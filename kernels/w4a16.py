@@ -33,7 +33,7 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offse
                                   gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
                                   interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
                                   pow2_at_most, row_expert, scaled_rows, split_by_code, split_k, splitk_buffers,
-                                  tolerance, word_pairs_fragments)
+                                  tolerance, unit_stride, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -744,6 +744,7 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     order (prepack_fragments), w comes out in column order all the same."""
     n = qdata.shape[0]
     row_words = qdata.shape[1] // 4
+    scale, zero = unit_stride(scale, zero)
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     _w4a16_dequant_kernel[(triton.cdiv(n * row_words, block),)](
         int32_words(qdata), scale, scale if zero is None else zero, w, n, k, row_words, scale.stride(0),
@@ -899,6 +900,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     already what tiles.fragment_ordered_x would make of it, padded to the codes' width."""
     m, k = x.shape
     n = qdata.shape[0]
+    scale, zero, bias, row_scale, col_scale = unit_stride(scale, zero, bias, row_scale, col_scale)
     params = dict(config)
     path = params.pop("path")
     if (row_scale is not None or out_dtype not in (None, x.dtype)) and path == "dequant":
@@ -965,6 +967,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
+    scale, zero, bias, row_scale = unit_stride(scale, zero, bias, row_scale)
     two_rows = params.pop("TWO_ROWS", False)
     if two_rows and offs is not None:
         raise ValueError("TWO_ROWS GEMV programs take rows of one weight, not of a stack of experts")
@@ -1084,6 +1087,7 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     """Rows offs[e-1]:offs[e] of x [S, K] through expert e of the stack, every expert in one launch (Triton: CUDA,
     or CPU tensors under the interpreter); rows past offs[-1] come back as zeros. y [S, N] in x.dtype."""
     check_w4a16_grouped(x, qdata, scale, zero, offs, group_size)
+    scale, zero, offs = unit_stride(scale, zero, offs)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, group_size, x.device))

@@ -18,7 +18,7 @@ from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offse
                                   expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_finish,
                                   gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
                                   interpreting, load_x, pairs_transposed, row_expert, scaled_rows, split_k,
-                                  splitk_buffers, tolerance)
+                                  splitk_buffers, tolerance, unit_stride)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -269,7 +269,7 @@ def w8a16_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:
     n, k = qdata.shape
     w = torch.empty(n, k, dtype=dtype, device=qdata.device)
     grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
-    _w8a16_dequant_kernel[grid](qdata.contiguous(), scale, w, n, k, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    _w8a16_dequant_kernel[grid](qdata.contiguous(), scale.contiguous(), w, n, k, BLOCK_N=16, BLOCK_K=256, num_warps=4)
     return w
 
 
@@ -352,6 +352,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     may set either to False (the slower forms, for comparisons)."""
     m, k = x.shape
     n = qdata.shape[0]
+    scale, bias = unit_stride(scale, bias)
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
@@ -395,6 +396,7 @@ def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
+    scale, bias, offs = unit_stride(scale, bias, offs)
     y, grid, split, ws, counters = gemv_launch(x, n, params)
     words = int32_words(qdata)
     stacked = offs is not None
@@ -490,6 +492,7 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     """Rows offs[e-1]:offs[e] of x [S, K] through expert e of the stack, every expert in one launch (Triton: CUDA,
     or CPU tensors under the interpreter); rows past offs[-1] come back as zeros. y [S, N] in x.dtype."""
     check_w8a16_grouped(x, qdata, scale, offs)
+    scale, offs = unit_stride(scale, offs)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, x.device))

@@ -25,7 +25,7 @@ from . import autotune, int_mm
 from .activations import round_half_even
 from .int_mm import dot4_acc, gemv_sums, int8_gemv_triton, int8_matmul_triton, scaled_tile
 from .selector import Problem, default_path
-from .tiles import gemv_launch, gemv_rows, int32_words, interpreting
+from .tiles import gemv_launch, gemv_rows, int32_words, interpreting, unit_stride
 from .triton_compat import tl, triton
 
 # Largest row the quantization kernel keeps in registers for its one-pass form.
@@ -353,6 +353,7 @@ def w8a8_linear_triton(
 ) -> torch.Tensor:
     """The twin's y by Triton: the fused small-M kernel or quantization + int8 GEMM, as ``config`` says."""
     _check_linear_args(x, qdata, scale, bias, act_scale)
+    scale, bias, act_scale = unit_stride(scale, bias, act_scale)
     if config is None:
         config = w8a8_config(
             x, qdata, lambda c: w8a8_linear_triton(x, qdata, scale, bias, act_scale, c),

@@ -455,6 +455,10 @@ def test_halves_path_equals_twin(dtype, m, k, group_size):
     for _, y, want in _outputs(x, qdata, scale, bias, group_size, _halves_configs(m), int8_int4_linear_ref):
         if dtype == torch.float32 and not ON_GPU:
             assert torch.equal(y, want)
+    # codes and scales held column-major
+    strided = (qdata.t().contiguous().t(), scale.t().contiguous().t())
+    for _, y, want in _outputs(x, *strided, bias, group_size, _halves_configs(m)[:1], int8_int4_linear_ref):
+        pass
     assert all(torch.equal(a, b) for a, b in zip(before, (x, qdata, scale, bias)))
 
 
