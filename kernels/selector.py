@@ -111,20 +111,20 @@ ROUTES = (
     # up to 4 rows
     Route("8da4w", "gemv", 4, "one row of any x; 2 to 4 rows of fp32 x on CUDA",
           lambda p: p.m <= 1 or not _sixteen_bit_or_interpreted(p)),
-    # (to 128 rows: H200, 128 rows of 4096 x 14336, 14336 x 4096 and 8192 x 28672 in 39.9, 50.0 and 135.6 us
+    # (to 128 rows: H200, 128 rows of 4096 x 14336, 14336 x 4096 and 8192 x 28672 in 40.1, 50.1 and 134.9 us
     # against 57.8, 64.9 and 167.6 for fp16_gemm, with x quantized into the tile's order)
     Route("8da4w", "gemm", 128, "16-bit x on CUDA (any x under the interpreter)", _sixteen_bit_or_interpreted,
           m_min=2),
-    # else from 65 rows (fp32 x) or 129, W4A16's tile in packed fp16 pairs (or x-ordered) on operands that hold the
-    # twin's numbers exactly (H200: 8192 x 28672 at 256, 512 and 2048 rows 238.3, 460.4 and 1552.2 us against
-    # 438.1, 867.8 and 3309 for the int8 GEMM, whose per-group rescale runs in its loop; the HALVES tile 257.7 and
-    # 889.5 at 256 and 1024 rows against 238.3 and 807.5); past 256 rows on wide weights only
     # from 129 to 512 rows of weights narrower than 16384 the int8 HALVES tile, in groups of 64 codes and up (H200,
-    # the searches' winner at 256 rows on 4096 x 4096, 4096 x 14336 and 14336 x 4096: 29.4, 78.0 and 84.1 us
-    # against 40.5, 88.7 and 100.3 for fp16_gemm; at 512 rows on 4096 x 4096 and 4096 x 14336, 42.1 and 128.2
-    # against 54.1 and 128.6; 8192 x 28672 keeps fp16_gemm, 238.3 us at 256 rows)
+    # the searches' winner at 256 rows on 4096 x 4096, 4096 x 14336 and 14336 x 4096: 28.9, 78.4 and 83.9 us
+    # against 40.5, 88.7 and 100.3 for fp16_gemm; at 512 rows on 4096 x 4096 and 4096 x 14336, 42.5 and 128.5
+    # against 54.1 and 128.6)
     Route("8da4w", "halves", 512, "groups of 64 codes and up, N < 16384, any x",
           lambda p: p.block >= 64 and p.n < 16384, m_min=129),
+    # else from 65 rows (fp32 x) or 129, W4A16's tile in packed fp16 pairs (or x-ordered) on operands that hold the
+    # twin's numbers exactly (H200: 8192 x 28672 at 256, 512 and 2048 rows 237.9, 460.4 and 1552.2 us against
+    # 438.1, 867.8 and 3309 for the int8 GEMM, whose per-group rescale runs in its loop; the HALVES tile 257.7 and
+    # 889.5 at 256 and 1024 rows against 238.2 and 807.5 in the same runs); past 256 rows on wide weights only
     Route("8da4w", "fp16_gemm", 256, "any x", _any, m_min=65),
     Route("8da4w", "fp16_gemm", math.inf, "wide weights (N >= 8192), any x", lambda p: p.n >= 8192, m_min=257),
     # the int8 GEMM: fp32 x on CUDA from 5 to 64 rows
