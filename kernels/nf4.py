@@ -397,13 +397,13 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
 def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
            config: dict) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, n] in x.dtype."""
-    qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
         w = nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size,
                                   scaler_block_size, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
+    qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")

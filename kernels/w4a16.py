@@ -900,7 +900,6 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     already what tiles.fragment_ordered_x would make of it, padded to the codes' width."""
     m, k = x.shape
     n = qdata.shape[0]
-    scale, zero, bias, row_scale, col_scale = unit_stride(scale, zero, bias, row_scale, col_scale)
     params = dict(config)
     path = params.pop("path")
     if (row_scale is not None or out_dtype not in (None, x.dtype)) and path == "dequant":
@@ -913,6 +912,7 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         return torch.nn.functional.linear(x, w, bias)
     if path == "gemv":
         return gemv(x, qdata, scale, zero, group_size, bias, params, row_scale=row_scale)
+    scale, zero, bias, row_scale, col_scale = unit_stride(scale, zero, bias, row_scale, col_scale)
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
     grid = gemm_grid(m, n, params, split)
@@ -967,7 +967,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
     params = dict(params)
     m, k = x.shape
     n = qdata.shape[-2]
-    scale, zero, bias, row_scale = unit_stride(scale, zero, bias, row_scale)
+    scale, zero, bias, row_scale, offs = unit_stride(scale, zero, bias, row_scale, offs)
     two_rows = params.pop("TWO_ROWS", False)
     if two_rows and offs is not None:
         raise ValueError("TWO_ROWS GEMV programs take rows of one weight, not of a stack of experts")
@@ -984,7 +984,8 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
         stride_qe=words.stride(0) if stacked else 0, stride_se=scale.stride(0) if stacked else 0,
         stride_ze=z.stride(0) if stacked else 0, rs_ptr=scale if row_scale is None else row_scale,
         GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, GROUPED=stacked, ROW_SCALE=row_scale is not None,
-        TWO_ROWS=two_rows, QUANT_X=quantize_x, SCAN_BLOCK=params.pop("SCAN_BLOCK", min(triton.next_power_of_2(k), 1024 * params.get("num_warps", 4))),
+        TWO_ROWS=two_rows, QUANT_X=quantize_x,
+        SCAN_BLOCK=params.pop("SCAN_BLOCK", min(triton.next_power_of_2(k), 1024 * params.get("num_warps", 4))),
         **gemv_forms(params, k, group_size, x, zero), **params)
     return y
 
@@ -1087,12 +1088,12 @@ def w4a16_grouped_linear_triton(x, qdata, scale, zero, offs, group_size: int, *,
     """Rows offs[e-1]:offs[e] of x [S, K] through expert e of the stack, every expert in one launch (Triton: CUDA,
     or CPU tensors under the interpreter); rows past offs[-1] come back as zeros. y [S, N] in x.dtype."""
     check_w4a16_grouped(x, qdata, scale, zero, offs, group_size)
-    scale, zero, offs = unit_stride(scale, zero, offs)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, group_size, x.device))
     if params.pop("path", "grouped") == "gemv":
         return gemv(x, qdata, scale, zero, group_size, None, params, offs=offs)
+    scale, zero, offs = unit_stride(scale, zero, offs)
     forms = tile_forms(params, x, scale, zero, group_size)
     y = torch.zeros(s, n, dtype=x.dtype, device=x.device)
     words = qdata.contiguous().view(torch.int32)

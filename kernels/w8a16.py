@@ -352,13 +352,13 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     may set either to False (the slower forms, for comparisons)."""
     m, k = x.shape
     n = qdata.shape[0]
-    scale, bias = unit_stride(scale, bias)
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
         return torch.nn.functional.linear(x, w8a16_dequantize(qdata, scale, x.dtype), bias)
     if path == "gemv":
         return gemv(x, qdata, scale, bias, params)
+    scale, bias = unit_stride(scale, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
     words = int32_words(qdata)
@@ -492,12 +492,12 @@ def w8a16_grouped_linear_triton(x, qdata, scale, offs, *, config: Optional[dict]
     """Rows offs[e-1]:offs[e] of x [S, K] through expert e of the stack, every expert in one launch (Triton: CUDA,
     or CPU tensors under the interpreter); rows past offs[-1] come back as zeros. y [S, N] in x.dtype."""
     check_w8a16_grouped(x, qdata, scale, offs)
-    scale, offs = unit_stride(scale, offs)
     s, k = x.shape
     experts, n = qdata.shape[0], qdata.shape[1]
     params = dict(config or grouped_config(s, experts, n, k, x.device))
     if params.pop("path", "grouped") == "gemv":
         return gemv(x, qdata, scale, None, params, offs=offs)
+    scale, offs = unit_stride(scale, offs)
     check_fragment_tile(params)
     words = int32_words(qdata)
     split = params.pop("SPLIT_K", 1)
