@@ -23,14 +23,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, w4a16
-from .activations import EPS, asym_qparams, asym_quantize
+from .activations import EPS, asym_qparams, asym_quantize, per_token_block
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
 from .tiles import fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k, unit_stride
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
-
-MAX_ONE_PASS_BLOCK_K = 16384
 
 
 @triton.jit
@@ -448,12 +446,11 @@ def quantize_per_token_asym_int8_triton(
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
     if m == 0:
         return xq, s, zp
-    block_k = max(block_k or min(triton.next_power_of_2(width), MAX_ONE_PASS_BLOCK_K), halves_group)
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    block_k, num_warps, one_pass = per_token_block(width, block_k, halves_group)
     order = FRAGMENT_ORDER.value if fragment_width else (HALVES_ORDER.value if halves_group else 0)
     _quantize_per_token_asym_int8_kernel[(m,)](
         x, xq, s, zp, k, width, x.stride(0), x.stride(1), xq.stride(0),
-        EPS_=EPS, ONE_PASS=block_k >= width, BLOCK_K=block_k, CENTERED=centered, ORDER=order,
+        EPS_=EPS, ONE_PASS=one_pass, BLOCK_K=block_k, CENTERED=centered, ORDER=order,
         GROUP=halves_group or 32, num_warps=num_warps,
     )
     return xq, s, zp

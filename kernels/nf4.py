@@ -25,11 +25,11 @@ from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dot_acc, dot_tile_zeros, fragment_columns,
-                                  fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, int32_words, interleave8,
-                                  interpreting, load_x, nibble_fragments, pow2_at_most, split_k, splitk_buffers,
-                                  tolerance, unit_stride, word_pairs_fragments)
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dequantized_linear, dot_acc, dot_tile_zeros,
+                                  fragment_columns, fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid,
+                                  gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, int32_words,
+                                  interleave8, interpreting, load_x, nibble_fragments, pow2_at_most, split_k,
+                                  splitk_buffers, tolerance, unit_stride, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -402,7 +402,7 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
     if path == "dequant":
         w = nf4_dequantize_triton(qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size,
                                   scaler_block_size, x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
+        return dequantized_linear(x, w, bias)
     qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

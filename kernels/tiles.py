@@ -36,6 +36,13 @@ def unit_stride(*tensors):
                  for t in tensors)
 
 
+def dequantized_linear(x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+    """F.linear on a dequantized weight, the bias made unit-stride first: cuBLAS adds a contiguous bias in its
+    epilogue, before the one rounding, and any other bias after the rounded product, so a bias held in other
+    strides would give other bits."""
+    return torch.nn.functional.linear(x, w, *unit_stride(bias))
+
+
 def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Tensor:
     """x [M, K] zero-padded to kp columns and, within every block of 2 * rows * cols columns, its pairs of
     consecutive columns read as a [rows, cols] grid and written as its transpose, in a new contiguous tensor. The

@@ -14,10 +14,10 @@ import torch
 
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dot_acc, dot_tile_zeros,
-                                  expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_finish,
-                                  gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
-                                  interpreting, load_x, pairs_transposed, row_expert, scaled_rows, split_k,
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
+                                  dot_tile_zeros, expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k,
+                                  int32_words, interpreting, load_x, pairs_transposed, row_expert, scaled_rows, split_k,
                                   splitk_buffers, tolerance, unit_stride)
 from aofunc.kernels.triton_compat import tl, triton
 
@@ -355,7 +355,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
     params = dict(config)
     path = params.pop("path")
     if path == "dequant":
-        return torch.nn.functional.linear(x, w8a16_dequantize(qdata, scale, x.dtype), bias)
+        return dequantized_linear(x, w8a16_dequantize(qdata, scale, x.dtype), bias)
     if path == "gemv":
         return gemv(x, qdata, scale, bias, params)
     scale, bias = unit_stride(scale, bias)

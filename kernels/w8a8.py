@@ -22,14 +22,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, int_mm
-from .activations import round_half_even
+from .activations import per_token_block, round_half_even
 from .int_mm import dot4_acc, gemv_sums, int8_gemv_triton, int8_matmul_triton, scaled_tile
 from .selector import Problem, default_path
 from .tiles import gemv_launch, gemv_rows, int32_words, interpreting, unit_stride
 from .triton_compat import tl, triton
-
-# Largest row the quantization kernel keeps in registers for its one-pass form.
-MAX_ONE_PASS_BLOCK_K = 16384
 
 
 @triton.jit
@@ -245,12 +242,11 @@ def quantize_per_token_int8_triton(
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return xq, s
-    block_k = block_k or min(triton.next_power_of_2(max(k, 1)), MAX_ONE_PASS_BLOCK_K)
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    block_k, num_warps, one_pass = per_token_block(k, block_k)
     _quantize_per_token_int8_kernel[(m,)](
         x, act_scale if act_scale is not None else x, xq, s,
         k, x.stride(0), x.stride(1), xq.stride(0),
-        HAS_ACT=act_scale is not None, ONE_PASS=block_k >= k, BLOCK_K=block_k,
+        HAS_ACT=act_scale is not None, ONE_PASS=one_pass, BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return xq, s

@@ -180,13 +180,15 @@ def test_default_splits_k_only_where_tiles_are_few():
     assert "SPLIT_K" not in default_config(1, torch.device("cpu"), 4096, 4096)  # the interpreter's tile
 
 
-@pytest.mark.parametrize("m,k,n", [(20, 64, 24), (33, 48, 17), (5, 32, 40)])
-def test_descriptor_path_equals_exact_product(m, k, n):
-    """The tensor-descriptor kernel (zero-filled ragged tiles) on the weight layout, with and without scales."""
+@pytest.mark.parametrize("m,k,n,split", [(20, 64, 24, 1), (33, 48, 17, 1), (5, 32, 40, 1), (20, 160, 24, 3),
+                                         (33, 48, 17, 2)])
+def test_descriptor_path_equals_exact_product(m, k, n, split):
+    """The tensor-descriptor kernel (zero-filled ragged tiles) on the weight layout, with and without scales, K
+    whole or split among programs (5 steps in 3 splits, the last of one step; 2 in 2, the second ragged)."""
     g = torch.Generator().manual_seed(m + k + n)
     a, w = _int8(m, k, generator=g), _int8(n, k, generator=g)
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 3,
-              "TMA": True}
+              "TMA": True, "SPLIT_K": split}
     assert tma_compatible(a, w.t())
     assert torch.equal(int8_matmul_triton(a, w.t(), config=config).cpu(), _exact(a, w.t()))
     row = torch.rand(m, generator=g).to(DEVICE) * 1e-3
