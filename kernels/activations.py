@@ -13,20 +13,20 @@ from .triton_compat import tl, triton
 EPS = torch.finfo(torch.float32).eps
 EPS_F32: tl.constexpr = tl.constexpr(EPS)
 
-# A per-token quantization kernel runs one program a row: the whole row in one block up to this many columns, wider
-# rows in two passes (the row's extremes, then its codes) of TWO_PASS_BLOCK_K columns on 16 warps. On an H200 (bf16
-# x, 14336 columns) two passes of 2048 took 40.1 us for 2048 rows, 14.4 for 512 and 8.8 for 256, where one block of
-# 16384 on 16 warps took 51.2, 16.4 and 9.7 (the same codes).
+# A per-token quantization kernel runs one program a row: the whole row in one block up to one_pass_max columns
+# (ONE_PASS_MAX_K by default), wider rows in two passes (the row's extremes, then its codes) of TWO_PASS_BLOCK_K
+# columns on 16 warps. On an H200 (bf16 x, 14336 columns) two passes of 2048 took 40.1 us for 2048 rows, 14.4 for
+# 512 and 8.8 for 256, where one block of 16384 on 16 warps took 51.2, 16.4 and 9.7 (the same codes).
 ONE_PASS_MAX_K = 8192
 TWO_PASS_BLOCK_K = 2048
 
 
-def per_token_block(width: int, block_k=None, minimum: int = 1) -> tuple:
+def per_token_block(width: int, block_k=None, minimum: int = 1, one_pass_max: int = ONE_PASS_MAX_K) -> tuple:
     """(BLOCK_K, num_warps, ONE_PASS) for a per-token quantization kernel over rows of ``width`` columns:
-    ``block_k`` if given, else the whole row up to ONE_PASS_MAX_K columns and TWO_PASS_BLOCK_K past it; at least
+    ``block_k`` if given, else the whole row up to ``one_pass_max`` columns and TWO_PASS_BLOCK_K past it; at least
     ``minimum``."""
     one_pass_k = triton.next_power_of_2(max(width, 1))
-    block_k = max(block_k or (one_pass_k if one_pass_k <= ONE_PASS_MAX_K else TWO_PASS_BLOCK_K), minimum)
+    block_k = max(block_k or (one_pass_k if one_pass_k <= one_pass_max else TWO_PASS_BLOCK_K), minimum)
     one_pass = block_k >= width
     if one_pass:
         return block_k, (4 if block_k <= 2048 else 8 if block_k <= 8192 else 16), True

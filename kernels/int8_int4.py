@@ -23,12 +23,15 @@ from typing import Optional, Tuple
 import torch
 
 from . import autotune, w4a16
-from .activations import EPS, asym_qparams, asym_quantize, per_token_block
+from .activations import EPS, ONE_PASS_MAX_K, asym_qparams, asym_quantize, per_token_block
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
 from .tiles import fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k, unit_stride
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
+
+# The widest row of up to 64 rows of centered activations quantized in one block.
+CENTERED_ONE_PASS_MAX_K = 16384
 
 
 @triton.jit
@@ -446,7 +449,10 @@ def quantize_per_token_asym_int8_triton(
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
     if m == 0:
         return xq, s, zp
-    block_k, num_warps, one_pass = per_token_block(width, block_k, halves_group)
+    # The centered activations of a few rows (16-bit, in the tile's order) were faster in one block on an H200 (16
+    # rows of 14336 columns: 6.4 us against 7.2 in two passes; 256 rows: 13.6 against 12.2).
+    one_pass_max = CENTERED_ONE_PASS_MAX_K if centered and m <= 64 else ONE_PASS_MAX_K
+    block_k, num_warps, one_pass = per_token_block(width, block_k, halves_group, one_pass_max)
     order = FRAGMENT_ORDER.value if fragment_width else (HALVES_ORDER.value if halves_group else 0)
     _quantize_per_token_asym_int8_kernel[(m,)](
         x, xq, s, zp, k, width, x.stride(0), x.stride(1), xq.stride(0),

@@ -228,3 +228,14 @@ def test_real_sizes_on_gpu(k, n, m):
     xq, s = quantize_per_token_int8(x, None)
     xq_ref, s_ref = quantize_per_token_int8_ref(x, None)
     assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+
+
+def test_per_token_block_takes_wide_rows_in_two_passes():
+    from aofunc.kernels.activations import per_token_block
+    assert per_token_block(4096) == (4096, 8, True)
+    assert per_token_block(1000) == (1024, 4, True)
+    assert per_token_block(8192) == (8192, 8, True)
+    assert per_token_block(14336) == (2048, 16, False)
+    assert per_token_block(14336, one_pass_max=16384) == (16384, 16, True)
+    assert per_token_block(100, block_k=64) == (64, 4, False)
+    assert per_token_block(100, block_k=32, minimum=128) == (128, 4, True)
