@@ -85,8 +85,7 @@ def _int8_matmul_kernel(
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # A tile of C over this program's split of K's steps (program_id(1) of split_k); with SPLIT the last split of a
-    # tile to finish sums the int32 partials (exact) and stores.
+    # A tile of C over this program's split of K's steps (program_id(1) of split_k), finished by _finish_tile.
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,14 +112,8 @@ def _int8_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    last = True
-    if SPLIT:
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        last, acc = splitk_total(acc, offs, (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr,
-                                 tl.program_id(0), tl.program_id(1), M * N, split_k)
-    if last:
-        _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
-                    SCALED, HAS_BIAS)
+    _finish_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                 ws_ptr, cnt_ptr, split_k, SCALED, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -143,14 +136,8 @@ def _int8_matmul_tma_kernel(
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    last = True
-    if SPLIT:
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        last, acc = splitk_total(acc, offs, (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr,
-                                 tl.program_id(0), tl.program_id(1), M * N, split_k)
-    if last:
-        _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
-                    SCALED, HAS_BIAS)
+    _finish_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                 ws_ptr, cnt_ptr, split_k, SCALED, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -179,6 +166,21 @@ def _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scal
                                      c_ptr.dtype.element_ty, HAS_BIAS), mask=mask)
     else:
         tl.store(c_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _finish_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                 ws_ptr, cnt_ptr, split_k, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """_store_tile of this program's int32 tile; with SPLIT (program_id(1) of split_k) the last split of the tile
+    (program_id(0)) to finish sums the int32 partials, exactly, and stores."""
+    last = True
+    if SPLIT:
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        last, acc = splitk_total(acc, offs, (offs_m < M)[:, None] & (offs_n < N)[None, :], ws_ptr, cnt_ptr,
+                                 tl.program_id(0), tl.program_id(1), M * N, split_k)
+    if last:
+        _store_tile(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, row_scale_ptr, col_scale_ptr, bias_ptr,
+                    SCALED, HAS_BIAS)
 
 
 def int8_matmul_triton(
