@@ -15,10 +15,13 @@ Three paths, picked per shape by ``w4a16_linear_triton`` (the selector's table, 
 ``gemv`` for a few rows of x (fp32 FMA per element, split-K; ``REDUCE_W`` keeps one accumulator per row and
 group), ``gemm`` (``tl.dot`` on dequantized tiles, split-K; ``GATHER_X`` builds the tile in the tensor cores'
 register order and gathers x's columns to match, ``SPLIT_X`` makes eight dots, one per code position of the packed
-words) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) for large M.
+words) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) for large M. On Hopper a fourth,
+``wgmma`` (w4a16_hopper: Gluon, the warpgroup MMA fed from registers and TMA), runs where a search chose it.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Optional
 
 import torch
@@ -467,8 +470,16 @@ def _code_pairs_ptx(tail: str, half: str, off: bool = False) -> str:
 
 
 _PAIRS_TAIL = "fma.rn.TYPE t, t, one, $8;\nfma.rn.TYPE ${b}, t, $6, $7;\n"
-PAIRS_BF16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_PAIRS_TAIL, "bf16"))
-PAIRS_FP16: tl.constexpr = tl.constexpr(_code_pairs_ptx(_PAIRS_TAIL, "fp16"))
+
+
+def pairs_ptx(half: str) -> str:
+    """The PTX of fragment_tile_pairs for "bf16" or "fp16": per word ($4), four registers $0..$3 of two 16-bit
+    weights each, (code + magic + off) * scale + zero with scale $6, zero $7 and off $8 as pairs."""
+    return _code_pairs_ptx(_PAIRS_TAIL, half)
+
+
+PAIRS_BF16: tl.constexpr = tl.constexpr(pairs_ptx("bf16"))
+PAIRS_FP16: tl.constexpr = tl.constexpr(pairs_ptx("fp16"))
 
 
 @triton.jit
@@ -753,6 +764,42 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     return w
 
 
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def wgmma_runs(device: torch.device) -> bool:
+    """Whether the ``wgmma`` path can run on ``device``: a Hopper GPU (compute capability 9.x) and a Triton with
+    Gluon (3.6 and later)."""
+    if device.type != "cuda" or interpreting() or not _hopper(torch.device(device).index or 0):
+        return False
+    return importlib.util.find_spec("triton.experimental.gluon") is not None
+
+
+def wgmma_configs(m: int, n: int) -> list[dict]:
+    """The ``wgmma`` path's search space for m rows of x and n of w: tiles of 64 to 256 rows of x on one or two
+    warpgroups, two or three stages of x, the weight tile in registers or through shared memory, splits of K."""
+    out = []
+    for block_m in sorted({64, min(256, max(64, triton.next_power_of_2(m)))} - ({256} if m < 256 else set())):
+        for block_n, warps in ((64, 4), (128, 4), (128, 8)):
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            for split in (1, 2, 4, 8):
+                if split > 1 and tiles * split > 1024:
+                    continue
+                for stages in (2, 3):
+                    for shared in (False, True):
+                        if block_m * BLOCK_K_WGMMA * 2 * stages + shared * 2 * block_n * BLOCK_K_WGMMA * 2 > 200_000:
+                            continue
+                        out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                                        SPLIT_K=split, A_SHARED=shared, num_warps=warps))
+    return out
+
+
+# the wgmma path's depth of K a step: one group of 128 codes
+BLOCK_K_WGMMA = 128
+
+
 def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     n_groups = -(-k // group_size)
@@ -860,6 +907,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, SWAP=True,
                                             GATHER_X=True, PERMUTE_X=True, M_FAST=m > 64, num_warps=warps,
                                             num_stages=3, **form))
+    if m >= 16 and dtype != torch.float32 and group_size == BLOCK_K_WGMMA and wgmma_runs(device):
+        out += wgmma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
 
 
@@ -912,6 +961,15 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         return dequantized_linear(x, w, bias)
     if path == "gemv":
         return gemv(x, qdata, scale, zero, group_size, bias, params, row_scale=row_scale)
+    if path == "wgmma":
+        if row_scale is not None or col_scale is not None or out_dtype not in (None, x.dtype):
+            raise ValueError("row_scale, col_scale and out_dtype are taken by the gemv and gemm paths, not 'wgmma'")
+        refusal = wgmma_refusal(x, scale, zero, group_size)
+        if refusal:
+            raise ValueError(refusal)
+        from aofunc.kernels import w4a16_hopper  # imports Triton's Gluon
+
+        return w4a16_hopper.linear(x, qdata, scale, zero, group_size, bias, params)
     scale, zero, bias, row_scale, col_scale = unit_stride(scale, zero, bias, row_scale, col_scale)
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -1018,7 +1076,30 @@ def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[t
             reference=lambda: w4a16_linear_ref(x, qdata, scale, zero, group_size, bias),
             tolerance=tolerance(x.dtype),
         )
+        if config["path"] == "wgmma" and not wgmma_fits(x, scale, zero, group_size):
+            # a stored choice this Triton or these tensors cannot take: the generic path, never an error
+            config = default_config(m, n, k, group_size, x.dtype, x.device)
     return launch(x, qdata, scale, zero, group_size, bias, config)
+
+
+def wgmma_refusal(x, scale, zero, group_size: int) -> Optional[str]:
+    """Why the ``wgmma`` path cannot take these inputs, or None when it can: it takes groups of 128 codes, fp16 or
+    bf16 x with scales and float zeros of the same dtype, on a Hopper GPU with Triton's Gluon."""
+    if group_size != BLOCK_K_WGMMA:
+        return f"the wgmma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the wgmma path takes fp16 or bf16 x, got {x.dtype}"
+    if scale.dtype != x.dtype or (zero is not None and zero.dtype not in (torch.uint8, x.dtype)):
+        return (f"the wgmma path takes scales and float zeros of x's dtype {x.dtype}, got scale {scale.dtype} and "
+                f"zero {None if zero is None else zero.dtype}")
+    if not wgmma_runs(x.device):
+        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
+    return None
+
+
+def wgmma_fits(x, scale, zero, group_size: int) -> bool:
+    """Whether the ``wgmma`` path takes these inputs (wgmma_refusal gives the reason when not)."""
+    return wgmma_refusal(x, scale, zero, group_size) is None
 
 
 @torch.library.custom_op("aofunc::w4a16_linear", mutates_args=())

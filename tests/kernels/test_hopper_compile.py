@@ -147,7 +147,26 @@ for kernel, pointers, constexprs, tensor_cores in CASES:
     ptx = compiled.asm["ptx"]
     assert not tensor_cores or "wgmma" in ptx, f"{kernel.__name__}: no wgmma in its PTX"
     assert constexprs.get("DP4A") is not True or "dp4a.s32.s32" in ptx, f"{kernel.__name__}: no dp4a in its PTX"
-print("ok", len(CASES))
+
+# W4A16's wgmma path (Gluon): the weight tile from registers straight to the MMA (no shared memory on its way), or
+# stored to shared memory by stmatrix (A_SHARED)
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from aofunc.kernels import w4a16_hopper
+
+kernel = w4a16_hopper._w4a16_wgmma_kernel
+for shared, warps in ((False, 4), (True, 8)):
+    layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    constexprs = dict(ZERO=0, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=128, STAGES=3, A_SHARED=shared,
+                      ASM=w4a16.pairs_ptx("bf16"), MAGIC=128.0, num_warps=warps)
+    pointers = dict(x_desc=f"tensordesc<bf16[64, 128],{layout!r}>", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
+                    b_ptr="*bf16", y_ptr="*bf16")
+    signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
+    source = GluonASTSource(kernel, signature, constexprs={(kernel.arg_names.index(p),): v
+                                                           for p, v in constexprs.items()})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ("stmatrix" in ptx) == shared, f"wgmma path, A_SHARED={shared}"
+print("ok", len(CASES) + 2)
 '''
 
 
@@ -157,4 +176,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 37", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 39", done.stderr[-3000:]

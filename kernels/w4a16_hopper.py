@@ -1,0 +1,225 @@
+"""W4A16 on Hopper's warpgroup MMA, written in Gluon: y^T = w @ x^T with the dequantized weight tile as the MMA's
+left operand, straight from registers, and x's tiles brought by TMA into a ring of shared-memory stages.
+
+Each warpgroup holds 64 rows of w. A thread's share of the MMA's left operand for a 128-deep step is, for each of
+its two rows, the columns 16s + 2t + {0, 1, 8, 9} (s = 0..7, t its lane within a quad); with x's columns permuted
+into fragment order (tiles.fragment_ordered_x) those are the 32 codes of four int32 words of the row, words
+t, t + 4, t + 8 and t + 12 of the step's sixteen. The thread loads them itself, two codes a packed multiply-add
+become bf16x2 (or f16x2) registers, and the tile goes to the tensor cores without touching shared memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from aofunc.kernels import w4a16
+from aofunc.kernels.tiles import fragment_ordered_x, int32_words, unit_stride
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+BLOCK_K = w4a16.BLOCK_K_WGMMA  # one group of 128 codes a step: 16 words a row
+WORDS = gl.constexpr(BLOCK_K // 8)
+# the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
+_PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
+_MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+
+
+@gluon.constexpr_function
+def word_layout(rows, num_warps):
+    """[rows, 16] int32 words: warp w (of num_warps, 4 a warpgroup) and lane l hold rows 16w + l // 4 and 8 more
+    (and every 16 * num_warps rows after), words 4a + l % 4."""
+    reg = [[8, 0], [0, 4], [0, 8]]
+    r = 16 * num_warps
+    while r < rows:
+        reg.append([r, 0])
+        r *= 2
+    warp = []
+    r = 16
+    while r < 16 * num_warps:
+        warp.append([r, 0])
+        r *= 2
+    return gl.DistributedLinearLayout(reg, [[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp, [], [rows, WORDS.value])
+
+
+@gluon.jit
+def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr,
+                ROWS: gl.constexpr):
+    """The dequantized [ROWS, 128] tile in the MMA's left-operand layout from [ROWS, 16] words and [ROWS, 1]
+    scale, zero and offset pairs (w4a16.fragment_tile_pairs' arithmetic)."""
+    q2 = gl.join(q, q)
+    s = gl.broadcast(s, q)[0]
+    z = gl.broadcast(z, q)[0]
+    off = gl.broadcast(off, q)[0]
+    s2 = gl.join(s, s)
+    z2 = gl.join(z, z)
+    off2 = gl.join(off, off)
+    if dtype == gl.float16:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
+                                                   dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
+                                                   dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                                   is_pure=True, pack=2)
+    t = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # t[r, w, j0, j1, j2]: code 4 j2 + 2 j1 + j0 of word w
+    t = gl.reshape(t, [ROWS, 4, 4, 2, 2, 2])
+    t = gl.permute(t, [0, 1, 5, 4, 2, 3])
+    return gl.convert_layout(gl.reshape(t, [ROWS, 128]), A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr):
+    """One step's words [ROWS, 16], scales and zeros [ROWS, 1] (the scales again where there are no zeros)."""
+    q = gl.load(q_ptrs + step * WORDS, mask=mask, other=0)
+    s = gl.load(s_ptrs + step, mask=mask, other=0.0)
+    if ZERO == 2:
+        z = s
+    else:
+        z = gl.load(z_ptrs + step, mask=mask, other=0)
+    return q, s, z
+
+
+@gluon.jit
+def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr, dtype: gl.constexpr,
+               A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+    """The step's dequantized tile; off and the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float
+    zeros), -(magic + zero point) and 0 (integer zero points), -(magic + 8) and 0 (none)."""
+    sf = s.to(gl.float32)
+    if ZERO == 0:
+        off = (sf * 0.0 - (MAGIC + 8.0)).to(dtype)
+        zf = z.to(dtype)
+    elif ZERO == 1:
+        off = (sf * 0.0 - MAGIC - z.to(gl.float32)).to(dtype)
+        zf = (sf * 0.0).to(dtype)
+    else:
+        off = (sf * 0.0 - (MAGIC + 8.0)).to(dtype)
+        zf = (sf * 0.0).to(dtype)
+    return _pairs_tile(q, s.to(dtype), zf, off, ASM, dtype, A_LAYOUT, ROWS)
+
+
+@gluon.jit
+def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_qn, stride_sn,
+                        stride_zn, stride_ym, stride_ys, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
+                        MAGIC: gl.constexpr, A_SHARED: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = x_desc.dtype
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    off_n = pid_n * BLOCK_N
+    off_m = pid_m * BLOCK_M
+    first = pid_k * steps_per_split
+    n_steps = gl.minimum(gl.cdiv(K, 128) - first, steps_per_split)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    wl: gl.constexpr = word_layout(BLOCK_N, num_warps)
+
+    rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, wl))
+    words = gl.arange(0, WORDS, layout=gl.SliceLayout(0, wl))
+    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * WORDS + gl.expand_dims(words, 0)
+    mask = gl.expand_dims(rows < N, 1)
+    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
+    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
+
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, 128], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    for i in gl.static_range(STAGES - 1):
+        mbarrier.expect(ready.index(i), x_desc.block_type.nbytes, pred=i < n_steps)
+        _tma_load(x_desc, [off_m, (first + i) * 128], ready.index(i), x_smem.index(i),
+                                        pred=i < n_steps)
+
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    # the codes, scales and zeros of the next two steps are loaded ahead, in registers
+    q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO)
+    q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO)
+    if A_SHARED:
+        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], dtype)
+        a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, 128], a_shared)
+    for k in range(n_steps):
+        stage = k % STAGES
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO)
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N)
+        nk = k + STAGES - 1
+        if A_SHARED:
+            # the tile through shared memory (two buffers): the MMA of step k - 2, which read this buffer, is done
+            a_smem.index(k % 2).store(a)
+            fence_async_shared()
+            mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(k % 2), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # the MMA of step k - 1 is done: its stage takes step k + STAGES - 1
+            mbarrier.expect(ready.index(nk % STAGES), x_desc.block_type.nbytes, pred=nk < n_steps)
+            _tma_load(x_desc, [off_m, (first + nk) * 128], ready.index(nk % STAGES), x_smem.index(nk % STAGES),
+                      pred=nk < n_steps)
+        else:
+            mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
+            acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            # the MMA of step k - 1 is done: its stage takes step k + STAGES - 1
+            mbarrier.expect(ready.index(nk % STAGES), x_desc.block_type.nbytes, pred=nk < n_steps)
+            _tma_load(x_desc, [off_m, (first + nk) * 128], ready.index(nk % STAGES), x_smem.index(nk % STAGES),
+                      pred=nk < n_steps)
+            # the next step's tile takes the registers of this one's: an MMA reading registers must be done
+            # before they are written
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        q, s, z = q1, s1, z1
+        q1, s1, z1 = q2, s2, z2
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
+    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
+    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def linear(x, qdata, scale, zero, group_size: int, bias, params: dict) -> torch.Tensor:
+    """y = x @ w.T + bias on the warpgroup-MMA kernel: ``params`` BLOCK_M (64, 128 or 256 rows of x a tile),
+    BLOCK_N (rows of w a tile, 64 a warpgroup or more), STAGES (x's tiles in flight), SPLIT_K (programs sharing a
+    tile's steps of K, their fp32 partial sums added in a fixed order), A_SHARED (the weight tile through shared
+    memory, so one step's MMA runs while the next is dequantized) and num_warps. The inputs are those
+    w4a16.wgmma_refusal accepts."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    if m == 0:
+        return torch.zeros(0, n, dtype=x.dtype, device=x.device)
+    block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
+    kp = qdata.shape[1] * 2
+    xf = fragment_ordered_x(x, kp)
+    half = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    x_desc = TensorDescriptor.from_tensor(xf, [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
+        [block_m, BLOCK_K], half))
+    steps = kp // BLOCK_K
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if split == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    scale, zero, bias = unit_stride(scale, zero, bias)
+    z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _w4a16_wgmma_kernel[grid](
+        x_desc, int32_words(qdata), scale, z, y if bias is None else bias, y, m, n, kp, per_split,
+        qdata.shape[1] // 4, scale.stride(0), z.stride(0), n, m * n, ZERO=w4a16.zero_kind(zero),
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"],
+        A_SHARED=params["A_SHARED"], ASM=_PAIRS_ASM[x.dtype], MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
+    if split == 1:
+        return y
+    total = y.sum(0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(x.dtype)

@@ -1,0 +1,108 @@
+"""W4A16's ``wgmma`` path (Gluon, Hopper's warpgroup MMA).
+
+On a Hopper GPU with Triton's Gluon: the path against the reference twin on ragged shapes, every zero kind, fp16 and
+bf16 x, with and without bias, K split, the weight tile in registers or through shared memory, strided and empty x;
+the same bits on every run; inputs unchanged. Everywhere else: the path is refused with a reason before any work,
+never searched, and a stored choice of it falls back to the generic path.
+"""
+import pytest
+import torch
+
+from aofunc.kernels import autotune, w4a16
+from aofunc.kernels.tiles import tolerance
+from tests.kernels.devices import DEVICE
+
+ON_HOPPER = DEVICE == "cuda" and w4a16.wgmma_runs(torch.device(DEVICE))
+hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU and Triton's Gluon")
+
+
+def _config(block_m=64, block_n=64, stages=2, split=1, shared=False, warps=4):
+    return dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split, A_SHARED=shared,
+                num_warps=warps)
+
+
+def _weight(n, k, dtype, grid, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kp = -(-k // 128) * 128
+    qdata = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, kp // 128, generator=g) * 0.02 + 1e-3
+    zero = {"float": (torch.randn(n, kp // 128, generator=g) * 0.05).to(dtype),
+            "int": torch.randint(0, 16, (n, kp // 128), dtype=torch.uint8, generator=g), "none": None}[grid]
+    return (qdata.to(DEVICE), scale.to(DEVICE, dtype), None if zero is None else zero.to(DEVICE))
+
+
+CONFIGS = [_config(), _config(128, 128, 3, 1, False, 8), _config(64, 64, 2, 3, True, 4),
+           _config(128, 128, 2, 2, True, 4), _config(64, 128, 3, 1, True, 8)]
+
+
+@hopper_only
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (37, 200, 384), (300, 130, 1000), (130, 256, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid", ["float", "int", "none"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
+def test_wgmma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, grid, config):
+    qdata, scale, zero = _weight(n, k, dtype, grid, seed=m)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if m % 2 else None
+    inputs = [t.clone() for t in (x, qdata, scale) + tuple(t for t in (zero, bias) if t is not None)]
+    want = w4a16.w4a16_linear_ref(x, qdata, scale, zero, 128, bias).float()
+    got = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, bias, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert float((got.float() - want).norm() / want.norm()) <= tolerance(dtype)
+    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, bias, config=config), got)
+    after = [t for t in (x, qdata, scale, zero, bias) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@hopper_only
+@pytest.mark.parametrize("shared", [False, True])
+def test_wgmma_takes_strided_and_empty_x(shared):
+    qdata, scale, zero = _weight(96, 256, torch.bfloat16, "float")
+    wide = torch.randn(20, 512, device=DEVICE, dtype=torch.bfloat16)
+    config = _config(shared=shared)
+    strided = w4a16.w4a16_linear_triton(wide[:, ::2], qdata, scale, zero, 128, config=config)
+    assert torch.equal(strided, w4a16.w4a16_linear_triton(wide[:, ::2].contiguous(), qdata, scale, zero, 128,
+                                                          config=config))
+    empty = w4a16.w4a16_linear_triton(wide[:0, :256], qdata, scale, zero, 128, config=config)
+    assert empty.shape == (0, 96) and empty.dtype == torch.bfloat16
+
+
+@hopper_only
+def test_wgmma_is_searched_on_hopper():
+    configs = w4a16.candidate_configs(128, 4096, 4096, 128, torch.bfloat16, torch.device(DEVICE))
+    assert any(c["path"] == "wgmma" for c in configs)
+    assert not any(c["path"] == "wgmma" for c in w4a16.candidate_configs(128, 4096, 4096, 64, torch.bfloat16,
+                                                                         torch.device(DEVICE)))
+
+
+@pytest.mark.parametrize("group_size,dtype,why", [(64, torch.bfloat16, "groups of 128"),
+                                                  (128, torch.float32, "fp16 or bf16 x")])
+def test_wgmma_refuses_what_it_cannot_take_before_any_work(group_size, dtype, why):
+    qdata, scale, zero = _weight(64, 256, torch.float16, "float")
+    scale = scale.repeat_interleave(2, 1) if group_size == 64 else scale
+    zero = zero.repeat_interleave(2, 1) if group_size == 64 else zero
+    x = torch.randn(3, 256, device=DEVICE, dtype=dtype)
+    with pytest.raises(ValueError, match=why):
+        w4a16.launch(x, qdata, scale.to(dtype), zero.to(dtype), group_size, None, _config())
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="off Hopper only")
+def test_wgmma_is_refused_off_hopper_and_never_searched():
+    qdata, scale, zero = _weight(64, 256, torch.float16, "float")
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.float16)
+    assert w4a16.wgmma_refusal(x, scale, zero, 128).startswith("the wgmma path needs a Hopper GPU")
+    with pytest.raises(ValueError, match="Hopper"):
+        w4a16.launch(x, qdata, scale, zero, 128, None, _config())
+    configs = w4a16.candidate_configs(64, 64, 256, 128, torch.float16, torch.device(DEVICE))
+    assert configs and not any(c["path"] == "wgmma" for c in configs)
+
+
+def test_a_stored_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(monkeypatch):
+    # fp32 x on any device, or any x off Hopper: the stored choice is set aside for the default configuration
+    qdata, scale, zero = _weight(64, 256, torch.float32, "float")
+    x = torch.randn(5, 256, device=DEVICE)
+    monkeypatch.setattr(autotune, "choose", lambda key, default, **kwargs: _config())
+    got = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128)
+    want = w4a16.launch(x, qdata, scale, zero, 128, None, w4a16.default_config(5, 64, 256, 128, x.dtype, x.device))
+    assert torch.equal(got, want)
