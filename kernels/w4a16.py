@@ -781,7 +781,8 @@ def wgmma_configs(m: int, n: int) -> list[dict]:
     """The ``wgmma`` path's search space for m rows of x and n of w: tiles of 64 to 256 rows of x on one or two
     warpgroups, two or three stages of x, the weight tile in registers or through shared memory, splits of K."""
     out = []
-    for block_m in sorted({64, min(256, max(64, triton.next_power_of_2(m)))} - ({256} if m < 256 else set())):
+    rows = max(64, triton.next_power_of_2(m))
+    for block_m in [b for b in (64, 128, 256) if b <= rows]:
         for block_n, warps in ((64, 4), (128, 4), (128, 8)):
             tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
             for split in (1, 2, 4, 8):

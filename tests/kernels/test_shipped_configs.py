@@ -25,7 +25,10 @@ def candidates_for(text: str):
     dtype = DTYPES[dtypes.split(",")[0]]
     cpu = torch.device("cpu")
     if kernel.startswith("w4a16_g"):
-        return w4a16.candidate_configs(m, n, k, int(kernel.removeprefix("w4a16_g")), dtype, cpu)
+        group = int(kernel.removeprefix("w4a16_g"))
+        # the tables are Hopper cards', whose searches add the wgmma path where it takes the key
+        hopper = w4a16.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and group == 128 else []
+        return w4a16.candidate_configs(m, n, k, group, dtype, cpu) + hopper
     if kernel == "w8a16":
         return w8a16.candidate_configs(m, n, k, dtype, cpu)
     if kernel.startswith("nf4_b"):
