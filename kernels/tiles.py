@@ -37,10 +37,10 @@ def unit_stride(*tensors):
 
 
 def dequantized_linear(x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
-    """F.linear on a dequantized weight, the bias made unit-stride first: cuBLAS adds a contiguous bias in its
-    epilogue, before the one rounding, and any other bias after the rounded product, so a bias held in other
-    strides would give other bits."""
-    return torch.nn.functional.linear(x, w, *unit_stride(bias))
+    """F.linear on a dequantized weight, x made row-major and the bias unit-stride first: cuBLAS adds a contiguous
+    bias in its epilogue, before the one rounding, and any other bias after the rounded product, and torch's CPU
+    GEMM sums a column-major bf16 x in another order, so inputs held in other strides would give other bits."""
+    return torch.nn.functional.linear(x.contiguous(), w, *unit_stride(bias))
 
 
 def pairs_transposed(x: torch.Tensor, kp: int, rows: int, cols: int) -> torch.Tensor:

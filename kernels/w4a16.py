@@ -772,9 +772,14 @@ def _hopper(index: int) -> bool:
 def wgmma_runs(device: torch.device) -> bool:
     """Whether the ``wgmma`` path can run on ``device``: a Hopper GPU (compute capability 9.x) and a Triton with
     Gluon (3.6 and later)."""
-    if device.type != "cuda" or interpreting() or not _hopper(torch.device(device).index or 0):
+    if device.type != "cuda" or interpreting():
         return False
-    return importlib.util.find_spec("triton.experimental.gluon") is not None
+    if not _hopper(torch.cuda.current_device() if device.index is None else device.index):
+        return False
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ImportError:  # no Triton at all
+        return False
 
 
 def wgmma_configs(m: int, n: int) -> list[dict]:

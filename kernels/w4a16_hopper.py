@@ -51,7 +51,8 @@ def word_layout(rows, num_warps):
 def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr,
                 ROWS: gl.constexpr):
     """The dequantized [ROWS, 128] tile in the MMA's left-operand layout from [ROWS, 16] words and [ROWS, 1]
-    scale, zero and offset pairs (w4a16.fragment_tile_pairs' arithmetic)."""
+    scale, zero and offset pairs: w4a16.fragment_tile_pairs in Gluon (a Gluon function cannot call a Triton one),
+    with its PTX; here every layout is explicit and the last conversion is asserted to move no data."""
     q2 = gl.join(q, q)
     s = gl.broadcast(s, q)[0]
     z = gl.broadcast(z, q)[0]
