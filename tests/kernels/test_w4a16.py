@@ -160,7 +160,7 @@ def test_group_sums_are_each_groups_sum():
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-@pytest.mark.parametrize("m,k,g,grid", [(2, 256, 128, "float"), (5, 300, 64, "int"), (16, 512, 32, "none")])
+@pytest.mark.parametrize("m,k,g,grid", [(2, 256, 128, "float"), (5, 300, 64, "int"), (16, 256, 32, "none")])
 def test_prepacked_codes_read_x_in_its_own_order(m, k, g, grid, x_dtype):
     # codes stored in fragment order: the GATHER_X tile then holds column c's code in column c, x is not gathered;
     # the GEMV reads the same codes and gathers x instead
@@ -362,7 +362,7 @@ def expert_stack(experts, n, k, g, dtype, grid):
 
 
 @pytest.mark.parametrize("grid", ["float", "int", "none"])
-@pytest.mark.parametrize("counts,tail", [([0, 5, 17], 3), ([16, 0, 1, 40], 0), ([0, 0, 0], 4), ([1, 0, 2, 0], 1)])
+@pytest.mark.parametrize("counts,tail", [([0, 5, 17], 3), ([16, 0, 1, 20], 0), ([0, 0, 0], 4), ([1, 0, 2, 0], 1)])
 def test_grouped_kernel_equals_twin(counts, tail, grid):
     # rows sorted by expert, per-expert counts from 0 up (tiles straddle no expert), rows past the last end zero
     x_dtype = torch.float16
