@@ -5,7 +5,10 @@ Each warpgroup holds 64 rows of w. A thread's share of the MMA's left operand fo
 its two rows, the columns 16s + 2t + {0, 1, 8, 9} (s = 0..7, t its lane within a quad); with x's columns permuted
 into fragment order (tiles.fragment_ordered_x) those are the 32 codes of four int32 words of the row, words
 t, t + 4, t + 8 and t + 12 of the step's sixteen. The thread loads them itself, two codes a packed multiply-add
-become bf16x2 (or f16x2) registers, and the tile goes to the tensor cores without touching shared memory.
+become bf16x2 (or f16x2) registers, and the tile goes to the tensor cores without touching shared memory. Each
+step's MMA is waited for before the next step's tile is written (the ptxas that Triton 3.6 bundles can reuse the
+registers of an MMA still reading them); with A_SHARED the tile goes through two shared-memory buffers instead and
+one MMA stays in flight (slower on the H200: docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from aofunc.kernels.tiles import fragment_ordered_x, int32_words, unit_stride
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK_K = w4a16.BLOCK_K_WGMMA  # one group of 128 codes a step: 16 words a row
+STEP = gl.constexpr(BLOCK_K)
 WORDS = gl.constexpr(BLOCK_K // 8)
 # the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
 _PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
@@ -50,7 +54,7 @@ def word_layout(rows, num_warps):
 @gluon.jit
 def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr,
                 ROWS: gl.constexpr):
-    """The dequantized [ROWS, 128] tile in the MMA's left-operand layout from [ROWS, 16] words and [ROWS, 1]
+    """The dequantized [ROWS, STEP] tile in the MMA's left-operand layout from [ROWS, 16] words and [ROWS, 1]
     scale, zero and offset pairs: w4a16.fragment_tile_pairs in Gluon (a Gluon function cannot call a Triton one),
     with its PTX; here every layout is explicit and the last conversion is asserted to move no data."""
     q2 = gl.join(q, q)
@@ -71,7 +75,16 @@ def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: 
     t = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # t[r, w, j0, j1, j2]: code 4 j2 + 2 j1 + j0 of word w
     t = gl.reshape(t, [ROWS, 4, 4, 2, 2, 2])
     t = gl.permute(t, [0, 1, 5, 4, 2, 3])
-    return gl.convert_layout(gl.reshape(t, [ROWS, 128]), A_LAYOUT, assert_trivial=True)
+    return gl.convert_layout(gl.reshape(t, [ROWS, STEP]), A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _load_x(x_desc, ready, x_smem, off_m, first, step, n_steps, STAGES: gl.constexpr):
+    """Start the TMA copy of x's tile for ``step`` (of this program's n_steps, from step ``first`` of K) into its
+    stage; nothing past the last step."""
+    stage = step % STAGES
+    mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes, pred=step < n_steps)
+    _tma_load(x_desc, [off_m, (first + step) * STEP], ready.index(stage), x_smem.index(stage), pred=step < n_steps)
 
 
 @gluon.jit
@@ -116,7 +129,7 @@ def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, step
     off_n = pid_n * BLOCK_N
     off_m = pid_m * BLOCK_M
     first = pid_k * steps_per_split
-    n_steps = gl.minimum(gl.cdiv(K, 128) - first, steps_per_split)
+    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
@@ -130,27 +143,24 @@ def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, step
     s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
     z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
 
-    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, 128], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     for i in gl.static_range(STAGES - 1):
-        mbarrier.expect(ready.index(i), x_desc.block_type.nbytes, pred=i < n_steps)
-        _tma_load(x_desc, [off_m, (first + i) * 128], ready.index(i), x_smem.index(i),
-                                        pred=i < n_steps)
+        _load_x(x_desc, ready, x_smem, off_m, first, i, n_steps, STAGES)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     # the codes, scales and zeros of the next two steps are loaded ahead, in registers
     q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO)
     q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO)
     if A_SHARED:
-        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], dtype)
-        a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, 128], a_shared)
+        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, STEP], dtype)
+        a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, STEP], a_shared)
     for k in range(n_steps):
         stage = k % STAGES
         q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO)
         a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N)
-        nk = k + STAGES - 1
         if A_SHARED:
             # the tile through shared memory (two buffers): the MMA of step k - 2, which read this buffer, is done
             a_smem.index(k % 2).store(a)
@@ -159,18 +169,14 @@ def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, step
             acc = warpgroup_mma(a_smem.index(k % 2), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             # the MMA of step k - 1 is done: its stage takes step k + STAGES - 1
-            mbarrier.expect(ready.index(nk % STAGES), x_desc.block_type.nbytes, pred=nk < n_steps)
-            _tma_load(x_desc, [off_m, (first + nk) * 128], ready.index(nk % STAGES), x_smem.index(nk % STAGES),
-                      pred=nk < n_steps)
+            _load_x(x_desc, ready, x_smem, off_m, first, k + STAGES - 1, n_steps, STAGES)
         else:
             mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
             acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-            # the MMA of step k - 1 is done: its stage takes step k + STAGES - 1
-            mbarrier.expect(ready.index(nk % STAGES), x_desc.block_type.nbytes, pred=nk < n_steps)
-            _tma_load(x_desc, [off_m, (first + nk) * 128], ready.index(nk % STAGES), x_smem.index(nk % STAGES),
-                      pred=nk < n_steps)
-            # the next step's tile takes the registers of this one's: an MMA reading registers must be done
-            # before they are written
+            # the MMA of step k - 1 was done before this step began: its stage takes step k + STAGES - 1
+            _load_x(x_desc, ready, x_smem, off_m, first, k + STAGES - 1, n_steps, STAGES)
+            # the next step's tile takes the registers of this one's, and ptxas 12.8 may reuse the registers of an
+            # MMA still reading them: it must be done before they are written
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         q, s, z = q1, s1, z1
         q1, s1, z1 = q2, s2, z2
