@@ -764,6 +764,10 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     return w
 
 
+# the wgmma path's depth of K a step: one group of 128 codes
+BLOCK_K_WGMMA = 128
+
+
 @functools.cache
 def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
@@ -777,9 +781,14 @@ def wgmma_runs(device: torch.device) -> bool:
     if not _hopper(torch.cuda.current_device() if device.index is None else device.index):
         return False
     try:
-        return importlib.util.find_spec("triton.experimental.gluon") is not None
+        if importlib.util.find_spec("triton.experimental.gluon") is None:
+            return False
     except ImportError:  # no Triton at all
         return False
+    import triton as real  # the kernels are about to run: Triton is imported by then anyway
+
+    # Gluon's API before 3.6 differs from what the kernel is written against
+    return tuple(int(part) for part in real.__version__.split(".")[:2]) >= (3, 6)
 
 
 def wgmma_configs(m: int, n: int) -> list[dict]:
@@ -800,10 +809,6 @@ def wgmma_configs(m: int, n: int) -> list[dict]:
                         out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
                                         SPLIT_K=split, A_SHARED=shared, num_warps=warps))
     return out
-
-
-# the wgmma path's depth of K a step: one group of 128 codes
-BLOCK_K_WGMMA = 128
 
 
 def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> dict:
