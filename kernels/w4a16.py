@@ -778,8 +778,13 @@ def wgmma_runs(device: torch.device) -> bool:
     Gluon (3.6 and later)."""
     if device.type != "cuda" or interpreting():
         return False
-    if not _hopper(torch.cuda.current_device() if device.index is None else device.index):
-        return False
+    return _hopper(torch.cuda.current_device() if device.index is None else device.index) and _gluon_ready()
+
+
+@functools.cache
+def _gluon_ready() -> bool:
+    """Whether Triton has the Gluon the wgmma kernel is written against (3.6 and later: its API before differs);
+    asked once, as every launch on the path asks."""
     try:
         if importlib.util.find_spec("triton.experimental.gluon") is None:
             return False
@@ -787,7 +792,6 @@ def wgmma_runs(device: torch.device) -> bool:
         return False
     import triton as real  # the kernels are about to run: Triton is imported by then anyway
 
-    # Gluon's API before 3.6 differs from what the kernel is written against
     return tuple(int(part) for part in real.__version__.split(".")[:2]) >= (3, 6)
 
 
@@ -1087,7 +1091,7 @@ def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[t
             reference=lambda: w4a16_linear_ref(x, qdata, scale, zero, group_size, bias),
             tolerance=tolerance(x.dtype),
         )
-        if config["path"] == "wgmma" and not wgmma_fits(x, scale, zero, group_size):
+        if config["path"] == "wgmma" and wgmma_refusal(x, scale, zero, group_size):
             # a stored choice this Triton or these tensors cannot take: the generic path, never an error
             config = default_config(m, n, k, group_size, x.dtype, x.device)
     return launch(x, qdata, scale, zero, group_size, bias, config)
@@ -1106,11 +1110,6 @@ def wgmma_refusal(x, scale, zero, group_size: int) -> Optional[str]:
     if not wgmma_runs(x.device):
         return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
     return None
-
-
-def wgmma_fits(x, scale, zero, group_size: int) -> bool:
-    """Whether the ``wgmma`` path takes these inputs (wgmma_refusal gives the reason when not)."""
-    return wgmma_refusal(x, scale, zero, group_size) is None
 
 
 @torch.library.custom_op("aofunc::w4a16_linear", mutates_args=())

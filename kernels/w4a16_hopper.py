@@ -199,8 +199,7 @@ def linear(x, qdata, scale, zero, group_size: int, bias, params: dict) -> torch.
     tile's steps of K, their fp32 partial sums added in a fixed order), A_SHARED (the weight tile through shared
     memory, so one step's MMA runs while the next is dequantized) and num_warps. The inputs are those
     w4a16.wgmma_refusal accepts."""
-    m, k = x.shape
-    n = qdata.shape[0]
+    m, n = x.shape[0], qdata.shape[0]
     if m == 0:
         return torch.zeros(0, n, dtype=x.dtype, device=x.device)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
