@@ -103,6 +103,9 @@ def candidates(fmt, m, n, k, device):
             if fmt == "w8a16":
                 c["BLOCK_W"] = 32
             out.append(c)
+    if fmt == "w4a16" and m >= 16 and w4a16.wgmma_runs(device):
+        # Hopper's warpgroup MMA, the tile in registers (through shared memory it lost at every key on an H200)
+        out += [c for c in w4a16.wgmma_configs(m, n) if not c["A_SHARED"]]
     if m >= 128:
         out.append(dict(path="dequant"))
         if fmt == "w4a16":

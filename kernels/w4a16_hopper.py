@@ -6,9 +6,11 @@ its two rows, the columns 16s + 2t + {0, 1, 8, 9} (s = 0..7, t its lane within a
 into fragment order (tiles.fragment_ordered_x) those are the 32 codes of four int32 words of the row, words
 t, t + 4, t + 8 and t + 12 of the step's sixteen. The thread loads them itself, two codes a packed multiply-add
 become bf16x2 (or f16x2) registers, and the tile goes to the tensor cores without touching shared memory. Each
-step's MMA is waited for before the next step's tile is written (the ptxas that Triton 3.6 bundles can reuse the
-registers of an MMA still reading them); with A_SHARED the tile goes through two shared-memory buffers instead and
-one MMA stays in flight (slower on the H200: docs/benchmarks.md).
+step's MMA is waited for before the next step's tile is written: the assembler Triton 3.6 bundles (CUDA 12.8's)
+can reuse the registers of an MMA still reading them. With IN_FLIGHT (only with CUDA 13.3's assembler or later,
+w4a16.mma_in_flight) one MMA runs while the next step's tile is built in other registers; with A_SHARED the tile
+goes through two shared-memory buffers instead and one MMA stays in flight. The measurements of each form are in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -88,6 +90,18 @@ def _load_x(x_desc, ready, x_smem, off_m, first, step, n_steps, STAGES: gl.const
 
 
 @gluon.jit
+def _mma_in_flight(acc, a, step, x_desc, ready, x_smem, off_m, first, n_steps, STAGES: gl.constexpr):
+    """Issue ``step``'s MMA on its tile ``a`` and x's stage once its copy has landed, then wait for the MMA before
+    it (one stays in flight) and start the copy of x into the stage that MMA read."""
+    stage = step % STAGES
+    mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+    acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    _load_x(x_desc, ready, x_smem, off_m, first, step + STAGES - 1, n_steps, STAGES)
+    return acc
+
+
+@gluon.jit
 def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr):
     """One step's words [ROWS, 16], scales and zeros [ROWS, 1] (the scales again where there are no zeros)."""
     q = gl.load(q_ptrs + step * WORDS, mask=mask, other=0)
@@ -121,7 +135,8 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_qn, stride_sn,
                         stride_zn, stride_ym, stride_ys, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
-                        MAGIC: gl.constexpr, A_SHARED: gl.constexpr, num_warps: gl.constexpr):
+                        MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr,
+                        num_warps: gl.constexpr):
     dtype: gl.constexpr = x_desc.dtype
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -157,7 +172,23 @@ def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, step
     if A_SHARED:
         a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, STEP], dtype)
         a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, STEP], a_shared)
-    for k in range(n_steps):
+    # IN_FLIGHT: two steps an iteration, so that consecutive steps' tiles are different registers. One step's MMA
+    # reads its tile while the next step's tile is built, and a tile's registers are written again only after the
+    # wait that retires the MMA which read them.
+    for j in range(n_steps // 2 if IN_FLIGHT else 0):
+        k = 2 * j
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO)
+        a0 = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N)
+        acc = _mma_in_flight(acc, a0, k, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
+        q3, s3, z3 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 3, n_steps - 1), mask, ZERO)
+        a1 = _step_tile(q1, s1, z1, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N)
+        acc = _mma_in_flight(acc, a1, k + 1, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
+        q, s, z = q2, s2, z2
+        q1, s1, z1 = q3, s3, z3
+    if IN_FLIGHT and n_steps % 2 == 1:
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N)
+        acc = _mma_in_flight(acc, a, n_steps - 1, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
+    for k in range(0 if IN_FLIGHT else n_steps):
         stage = k % STAGES
         q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO)
         a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N)
@@ -175,8 +206,8 @@ def _w4a16_wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, step
             acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
             # the MMA of step k - 1 was done before this step began: its stage takes step k + STAGES - 1
             _load_x(x_desc, ready, x_smem, off_m, first, k + STAGES - 1, n_steps, STAGES)
-            # the next step's tile takes the registers of this one's, and ptxas 12.8 may reuse the registers of an
-            # MMA still reading them: it must be done before they are written
+            # the next step's tile may take the registers of this one's (an assembler before CUDA 13.3 can reuse
+            # the registers of an MMA still reading them): it must be done before they are written
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         q, s, z = q1, s1, z1
         q1, s1, z1 = q2, s2, z2
@@ -197,8 +228,9 @@ def linear(x, qdata, scale, zero, group_size: int, bias, params: dict) -> torch.
     """y = x @ w.T + bias on the warpgroup-MMA kernel: ``params`` BLOCK_M (64, 128 or 256 rows of x a tile),
     BLOCK_N (rows of w a tile, 64 a warpgroup or more), STAGES (x's tiles in flight), SPLIT_K (programs sharing a
     tile's steps of K, their fp32 partial sums added in a fixed order), A_SHARED (the weight tile through shared
-    memory, so one step's MMA runs while the next is dequantized) and num_warps. The inputs are those
-    w4a16.wgmma_refusal accepts."""
+    memory, so one step's MMA runs while the next is dequantized), IN_FLIGHT (optional: the same overlap with the
+    tile in registers, taken only where w4a16.mma_in_flight allows it, else the MMAs are waited for one by one) and
+    num_warps. The inputs are those w4a16.wgmma_refusal accepts."""
     m, n = x.shape[0], qdata.shape[0]
     if m == 0:
         return torch.zeros(0, n, dtype=x.dtype, device=x.device)
@@ -222,7 +254,8 @@ def linear(x, qdata, scale, zero, group_size: int, bias, params: dict) -> torch.
         x_desc, int32_words(qdata), scale, z, y if bias is None else bias, y, m, n, kp, per_split,
         qdata.shape[1] // 4, scale.stride(0), z.stride(0), n, m * n, ZERO=w4a16.zero_kind(zero),
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"],
-        A_SHARED=params["A_SHARED"], ASM=_PAIRS_ASM[x.dtype], MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
+        A_SHARED=params["A_SHARED"], IN_FLIGHT=params.get("IN_FLIGHT", False) and w4a16.mma_in_flight(), ASM=_PAIRS_ASM[x.dtype], MAGIC=_MAGIC[x.dtype],
+        num_warps=params["num_warps"])
     if split == 1:
         return y
     total = y.sum(0)

@@ -8,6 +8,7 @@ import pytest
 
 SCRIPT = r'''
 import inspect
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -155,10 +156,11 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from aofunc.kernels import w4a16_hopper
 
 kernel = w4a16_hopper._w4a16_wgmma_kernel
-for shared, warps in ((False, 4), (True, 8)):
+# and with one MMA kept in flight while the next tile is built (IN_FLIGHT: a wait for all but one MMA in the loop)
+for shared, in_flight, warps in ((False, False, 4), (True, False, 8), (False, True, 4)):
     layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
     constexprs = dict(ZERO=0, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=128, STAGES=3, A_SHARED=shared,
-                      ASM=w4a16.pairs_ptx("bf16"), MAGIC=128.0, num_warps=warps)
+                      IN_FLIGHT=in_flight, ASM=w4a16.pairs_ptx("bf16"), MAGIC=128.0, num_warps=warps)
     pointers = dict(x_desc=f"tensordesc<bf16[64, 128],{layout!r}>", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
                     b_ptr="*bf16", y_ptr="*bf16")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
@@ -166,7 +168,9 @@ for shared, warps in ((False, 4), (True, 8)):
                                                            for p, v in constexprs.items()})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
     assert "wgmma.mma_async" in ptx and ("stmatrix" in ptx) == shared, f"wgmma path, A_SHARED={shared}"
-print("ok", len(CASES) + 2)
+    waits = set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx))
+    assert waits == ({"0", "1"} if shared or in_flight else {"0"}), f"wgmma path, IN_FLIGHT={in_flight}: {waits}"
+print("ok", len(CASES) + 3)
 '''
 
 
@@ -176,4 +180,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 39", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 40", done.stderr[-3000:]

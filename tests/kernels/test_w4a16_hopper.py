@@ -106,3 +106,32 @@ def test_a_stored_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(monk
     got = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128)
     want = w4a16.launch(x, qdata, scale, zero, 128, None, w4a16.default_config(5, 64, 256, 128, x.dtype, x.device))
     assert torch.equal(got, want)
+
+
+def _fake_ptxas(tmp_path, release):
+    tool = tmp_path / f"ptxas-{release}"
+    tool.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.0'\n")
+    tool.chmod(0o755)
+    return str(tool)
+
+
+@pytest.mark.parametrize("release,in_flight", [("12.8", False), ("13.2", False), ("13.3", True), ("14.0", True)])
+def test_an_mma_stays_in_flight_only_with_an_assembler_from_cuda_13_3(tmp_path, monkeypatch, release, in_flight):
+    pytest.importorskip("triton.knobs")
+    monkeypatch.setenv("TRITON_PTXAS_PATH", _fake_ptxas(tmp_path, release))
+    assert w4a16.mma_in_flight() is in_flight
+    assert any(c.get("IN_FLIGHT") for c in w4a16.wgmma_configs(256, 4096)) is in_flight
+
+
+@hopper_only
+@pytest.mark.skipif(not ON_HOPPER or not w4a16.mma_in_flight(), reason="needs an assembler from CUDA 13.3 on")
+@pytest.mark.parametrize("config", CONFIGS[:2] + [_config(128, 64, 3, 2, False, 4), _config(256, 128, 2, 1, False, 8)],
+                         ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
+@pytest.mark.parametrize("k", [3968, 4096])  # an odd and an even number of steps
+def test_an_mma_in_flight_gives_the_bits_of_one_at_a_time(config, k):
+    qdata, scale, zero = _weight(320, k, torch.bfloat16, "float")
+    x = torch.randn(200, k, device=DEVICE, dtype=torch.bfloat16)
+    in_flight = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=dict(config, IN_FLIGHT=True))
+    assert torch.equal(in_flight, w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=config))
+    want = w4a16.w4a16_linear_ref(x, qdata, scale, zero, 128).float()
+    assert float((in_flight.float() - want).norm() / want.norm()) <= tolerance(torch.bfloat16)
