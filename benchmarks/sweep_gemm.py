@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aofunc.kernels import autotune, nf4, w4a16, w8a16  # noqa: E402
-from aofunc.kernels.tiles import split_k  # noqa: E402
+from aofunc.kernels.tiles import split_k, wgmma_configs, wgmma_runs  # noqa: E402
 from bench_kernels import int4_weight, int8_weight, nf4_weight, GROUP, NF4_BLOCK, NF4_SCALER_BLOCK  # noqa: E402
 
 
@@ -103,9 +103,9 @@ def candidates(fmt, m, n, k, device):
             if fmt == "w8a16":
                 c["BLOCK_W"] = 32
             out.append(c)
-    if fmt == "w4a16" and m >= 16 and w4a16.wgmma_runs(device):
-        # Hopper's warpgroup MMA, the tile in registers (through shared memory it lost at every key on an H200)
-        out += [c for c in w4a16.wgmma_configs(m, n) if not c["A_SHARED"]]
+    if fmt in ("w4a16", "w8a16") and m >= 16 and wgmma_runs(device):
+        # Hopper's warpgroup MMA, the tile in registers (through shared memory it lost at every W4A16 key on an H200)
+        out += [c for c in wgmma_configs(m, n) if not c["A_SHARED"] and c["BLOCK_M"] >= min(128, m)]
     if m >= 128:
         out.append(dict(path="dequant"))
         if fmt == "w4a16":

@@ -9,6 +9,7 @@ operand, kept in registers.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -455,3 +456,70 @@ def gemv_split_k(programs: int, n_steps: int, device: torch.device) -> int:
 def tolerance(dtype: torch.dtype) -> float:
     """Relative error allowed against the fp32 twin: the output rounding, plus x rounded to its dtype in tl.dot."""
     return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+# the wgmma path's depth of K a step (kernels/wgmma.py): 128 codes, one group of W4A16's g128
+BLOCK_K_WGMMA = 128
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def wgmma_runs(device: torch.device) -> bool:
+    """Whether the ``wgmma`` path (kernels/wgmma.py) can run on ``device``: a Hopper GPU (compute capability 9.x)
+    and a Triton with Gluon (3.6 and later)."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _hopper(torch.cuda.current_device() if device.index is None else device.index) and _gluon_ready()
+
+
+@functools.cache
+def _gluon_ready() -> bool:
+    """Whether Triton has the Gluon the wgmma kernel is written against (3.6 and later: its API before differs);
+    asked once, as every launch on the path asks."""
+    try:
+        if importlib.util.find_spec("triton.experimental.gluon") is None:
+            return False
+    except ImportError:  # no Triton at all
+        return False
+    import triton as real  # the kernels are about to run: Triton is imported by then anyway
+
+    return tuple(int(part) for part in real.__version__.split(".")[:2]) >= (3, 6)
+
+
+def mma_in_flight() -> bool:
+    """Whether the wgmma kernel may keep one MMA in flight while it builds the next step's tile in registers: only
+    when the assembler Triton runs for sm_90 is CUDA 13.3's or later. Earlier ones (Triton 3.6 bundles CUDA 12.8's)
+    can hand the registers of an MMA still reading them to later instructions, so the kernel then waits for each
+    MMA first. ``TRITON_PTXAS_PATH`` names the assembler Triton runs (a CUDA 13.3+ ``ptxas``, such as the one in
+    the ``nvidia-cuda-nvcc`` wheel for CUDA 13); asked at each call, as Triton asks at each compile."""
+    import triton as real
+
+    knobs = getattr(real, "knobs", None)  # Triton 3.4 and later
+    tool = None if knobs is None else knobs.nvidia.ptxas
+    return tool is not None and tuple(int(part) for part in tool.version.split(".")[:2]) >= (13, 3)
+
+
+def wgmma_configs(m: int, n: int) -> list[dict]:
+    """The ``wgmma`` path's search space for m rows of x and n of w: tiles of 64 to 256 rows of x on one or two
+    warpgroups, two or three stages of x, the weight tile in registers or through shared memory, splits of K; with
+    an assembler that allows it (mma_in_flight), also the tile in registers with one MMA kept in flight."""
+    forms = [(False, False), (True, False)] + ([(False, True)] if mma_in_flight() else [])
+    out = []
+    rows = max(64, triton.next_power_of_2(m))
+    for block_m in [b for b in (64, 128, 256) if b <= rows]:
+        for block_n, warps in ((64, 4), (128, 4), (128, 8)):
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            for split in (1, 2, 4, 8):
+                if split > 1 and tiles * split > 1024:
+                    continue
+                for stages in (2, 3):
+                    for shared, in_flight in forms:
+                        if block_m * BLOCK_K_WGMMA * 2 * stages + shared * 2 * block_n * BLOCK_K_WGMMA * 2 > 200_000:
+                            continue
+                        out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                                        SPLIT_K=split, A_SHARED=shared, num_warps=warps,
+                                        **({"IN_FLIGHT": True} if in_flight else {})))
+    return out

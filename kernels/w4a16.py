@@ -16,12 +16,11 @@ Three paths, picked per shape by ``w4a16_linear_triton`` (the selector's table, 
 group), ``gemm`` (``tl.dot`` on dequantized tiles, split-K; ``GATHER_X`` builds the tile in the tensor cores'
 register order and gathers x's columns to match, ``SPLIT_X`` makes eight dots, one per code position of the packed
 words) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) for large M. On Hopper a fourth,
-``wgmma`` (w4a16_hopper: Gluon, the warpgroup MMA fed from registers and TMA), runs where a search chose it.
+``wgmma`` (kernels/wgmma.py: Gluon, the warpgroup MMA fed from registers and TMA), runs where a search chose it.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Optional
 
 import torch
@@ -30,13 +29,13 @@ from aofunc.kernels import autotune
 from aofunc.kernels.activations import EPS_F32, asym_centered, row_asym_qparams
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
                                   dot_tile_zeros, expert_rows, fragment_column_of, fragment_columns, fragment_tile_fits,
                                   gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch,
                                   gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
                                   interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x, pow2_at_most,
                                   row_expert, scaled_rows, split_by_code, split_k, splitk_buffers, tolerance,
-                                  unit_stride, word_pairs_fragments)
+                                  unit_stride, wgmma_configs, wgmma_runs, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -764,73 +763,6 @@ def w4a16_dequantize(qdata, scale, zero, group_size: int, k: int, dtype: torch.d
     return w
 
 
-# the wgmma path's depth of K a step: one group of 128 codes
-BLOCK_K_WGMMA = 128
-
-
-@functools.cache
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
-
-
-def wgmma_runs(device: torch.device) -> bool:
-    """Whether the ``wgmma`` path can run on ``device``: a Hopper GPU (compute capability 9.x) and a Triton with
-    Gluon (3.6 and later)."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return _hopper(torch.cuda.current_device() if device.index is None else device.index) and _gluon_ready()
-
-
-@functools.cache
-def _gluon_ready() -> bool:
-    """Whether Triton has the Gluon the wgmma kernel is written against (3.6 and later: its API before differs);
-    asked once, as every launch on the path asks."""
-    try:
-        if importlib.util.find_spec("triton.experimental.gluon") is None:
-            return False
-    except ImportError:  # no Triton at all
-        return False
-    import triton as real  # the kernels are about to run: Triton is imported by then anyway
-
-    return tuple(int(part) for part in real.__version__.split(".")[:2]) >= (3, 6)
-
-
-def mma_in_flight() -> bool:
-    """Whether the wgmma kernel may keep one MMA in flight while it builds the next step's tile in registers: only
-    when the assembler Triton runs for sm_90 is CUDA 13.3's or later. Earlier ones (Triton 3.6 bundles CUDA 12.8's)
-    can hand the registers of an MMA still reading them to later instructions, so the kernel then waits for each
-    MMA first. ``TRITON_PTXAS_PATH`` names the assembler Triton runs (a CUDA 13.3+ ``ptxas``, such as the one in
-    the ``nvidia-cuda-nvcc`` wheel for CUDA 13); asked at each call, as Triton asks at each compile."""
-    import triton as real
-
-    knobs = getattr(real, "knobs", None)  # Triton 3.4 and later
-    tool = None if knobs is None else knobs.nvidia.ptxas
-    return tool is not None and tuple(int(part) for part in tool.version.split(".")[:2]) >= (13, 3)
-
-
-def wgmma_configs(m: int, n: int) -> list[dict]:
-    """The ``wgmma`` path's search space for m rows of x and n of w: tiles of 64 to 256 rows of x on one or two
-    warpgroups, two or three stages of x, the weight tile in registers or through shared memory, splits of K; with
-    an assembler that allows it (mma_in_flight), also the tile in registers with one MMA kept in flight."""
-    forms = [(False, False), (True, False)] + ([(False, True)] if mma_in_flight() else [])
-    out = []
-    rows = max(64, triton.next_power_of_2(m))
-    for block_m in [b for b in (64, 128, 256) if b <= rows]:
-        for block_n, warps in ((64, 4), (128, 4), (128, 8)):
-            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-            for split in (1, 2, 4, 8):
-                if split > 1 and tiles * split > 1024:
-                    continue
-                for stages in (2, 3):
-                    for shared, in_flight in forms:
-                        if block_m * BLOCK_K_WGMMA * 2 * stages + shared * 2 * block_n * BLOCK_K_WGMMA * 2 > 200_000:
-                            continue
-                        out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                                        SPLIT_K=split, A_SHARED=shared, num_warps=warps,
-                                        **({"IN_FLIGHT": True} if in_flight else {})))
-    return out
-
-
 def default_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The configuration used when nothing was tuned for this key (correct on every shape, shown by the tests)."""
     n_groups = -(-k // group_size)
@@ -998,9 +930,9 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         refusal = wgmma_refusal(x, scale, zero, group_size)
         if refusal:
             raise ValueError(refusal)
-        from aofunc.kernels import w4a16_hopper  # imports Triton's Gluon
+        from aofunc.kernels import wgmma  # imports Triton's Gluon
 
-        return w4a16_hopper.linear(x, qdata, scale, zero, group_size, bias, params)
+        return wgmma.w4a16_linear(x, qdata, scale, zero, bias, params)
     scale, zero, bias, row_scale, col_scale = unit_stride(scale, zero, bias, row_scale, col_scale)
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     split = params.pop("SPLIT_K")

@@ -4,7 +4,8 @@ y = (x @ q.T) * scale + bias,  q int8 [N, K], scale [N] in the weight's dtype.
 
 Three paths, picked per shape by ``w8a16_linear_triton`` (default thresholds, or a tuned choice): ``gemv``
 (fp32 FMA per element, split-K) for a few rows of x, ``gemm`` (``tl.dot`` on int8 tiles made exact floats,
-split-K) for medium M, and ``dequant`` (q * scale in x.dtype, then cuBLAS) for large M.
+split-K) for medium M, and ``dequant`` (q * scale in x.dtype, then cuBLAS) for large M. On Hopper a fourth,
+``wgmma`` (kernels/wgmma.py: Gluon, the warpgroup MMA fed from registers and TMA), runs where a search chose it.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import torch
 
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
                                   dot_tile_zeros, expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
                                   gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k,
                                   int32_words, interpreting, load_x, pairs_transposed, row_expert, scaled_rows, split_k,
-                                  splitk_buffers, tolerance, unit_stride)
+                                  splitk_buffers, tolerance, unit_stride, wgmma_configs, wgmma_runs)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -343,7 +344,21 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
                         out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32, SPLIT_K=split,
                                         SWAP=True, GATHER_X=True, PERMUTE_X=True, M_FAST=m > 64, num_warps=warps,
                                         num_stages=3))
+    if m >= 16 and dtype != torch.float32 and k % BLOCK_K_WGMMA == 0 and wgmma_runs(device):
+        out += wgmma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
+
+
+def wgmma_refusal(x) -> Optional[str]:
+    """Why the ``wgmma`` path cannot take this x, or None when it can: fp16 or bf16 x whose K is a multiple of 128,
+    on a Hopper GPU with Triton's Gluon."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the wgmma path takes fp16 or bf16 x, got {x.dtype}"
+    if x.shape[1] % BLOCK_K_WGMMA:
+        return f"the wgmma path takes K a multiple of {BLOCK_K_WGMMA}, got K={x.shape[1]}"
+    if not wgmma_runs(x.device):
+        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
+    return None
 
 
 def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
@@ -358,6 +373,13 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         return dequantized_linear(x, w8a16_dequantize(qdata, scale, x.dtype), bias)
     if path == "gemv":
         return gemv(x, qdata, scale, bias, params)
+    if path == "wgmma":
+        refusal = wgmma_refusal(x)
+        if refusal:
+            raise ValueError(refusal)
+        from aofunc.kernels import wgmma  # imports Triton's Gluon
+
+        return wgmma.w8a16_linear(x, qdata, scale, bias, params)
     scale, bias = unit_stride(scale, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -428,6 +450,9 @@ def w8a16_linear_triton(x, qdata, scale, bias: Optional[torch.Tensor] = None, *,
             reference=lambda: w8a16_linear_ref(x, qdata, scale, bias),
             tolerance=tolerance(x.dtype),
         )
+        if config["path"] == "wgmma" and wgmma_refusal(x):
+            # a stored choice this Triton or these tensors cannot take: the generic path, never an error
+            config = default_config(m, n, k, x.dtype, x.device)
     return launch(x, qdata, scale, bias, config)
 
 

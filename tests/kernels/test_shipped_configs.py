@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aofunc.kernels import autotune, int8_int4, nf4, w4a16, w8a16, w8a8
+from aofunc.kernels import autotune, int8_int4, nf4, tiles, w4a16, w8a16, w8a8
 
 FILES = sorted(autotune.SHIPPED_DIR.glob("*.json"))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -27,10 +27,11 @@ def candidates_for(text: str):
     if kernel.startswith("w4a16_g"):
         group = int(kernel.removeprefix("w4a16_g"))
         # the tables are Hopper cards', whose searches add the wgmma path where it takes the key
-        hopper = w4a16.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and group == 128 else []
+        hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and group == 128 else []
         return w4a16.candidate_configs(m, n, k, group, dtype, cpu) + hopper
     if kernel == "w8a16":
-        return w8a16.candidate_configs(m, n, k, dtype, cpu)
+        hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and k % 128 == 0 else []
+        return w8a16.candidate_configs(m, n, k, dtype, cpu) + hopper
     if kernel.startswith("nf4_b"):
         block = int(kernel.removeprefix("nf4_b").split("_")[0])
         return nf4.candidate_configs(m, n, k, block, dtype, cpu)

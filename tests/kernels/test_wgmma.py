@@ -1,4 +1,4 @@
-"""W4A16's ``wgmma`` path (Gluon, Hopper's warpgroup MMA).
+"""The ``wgmma`` path of W4A16 and W8A16 (Gluon, Hopper's warpgroup MMA).
 
 On a Hopper GPU with Triton's Gluon: the path against the reference twin on ragged shapes, every zero kind, fp16 and
 bf16 x, with and without bias, K split, the weight tile in registers or through shared memory, strided and empty x;
@@ -8,11 +8,11 @@ never searched, and a stored choice of it falls back to the generic path.
 import pytest
 import torch
 
-from aofunc.kernels import autotune, w4a16
+from aofunc.kernels import autotune, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
 from tests.kernels.devices import DEVICE
 
-ON_HOPPER = DEVICE == "cuda" and w4a16.wgmma_runs(torch.device(DEVICE))
+ON_HOPPER = DEVICE == "cuda" and tiles.wgmma_runs(torch.device(DEVICE))
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU and Triton's Gluon")
 
 
@@ -119,12 +119,12 @@ def _fake_ptxas(tmp_path, release):
 def test_an_mma_stays_in_flight_only_with_an_assembler_from_cuda_13_3(tmp_path, monkeypatch, release, in_flight):
     pytest.importorskip("triton.knobs")
     monkeypatch.setenv("TRITON_PTXAS_PATH", _fake_ptxas(tmp_path, release))
-    assert w4a16.mma_in_flight() is in_flight
-    assert any(c.get("IN_FLIGHT") for c in w4a16.wgmma_configs(256, 4096)) is in_flight
+    assert tiles.mma_in_flight() is in_flight
+    assert any(c.get("IN_FLIGHT") for c in tiles.wgmma_configs(256, 4096)) is in_flight
 
 
 @hopper_only
-@pytest.mark.skipif(not ON_HOPPER or not w4a16.mma_in_flight(), reason="needs an assembler from CUDA 13.3 on")
+@pytest.mark.skipif(not ON_HOPPER or not tiles.mma_in_flight(), reason="needs an assembler from CUDA 13.3 on")
 @pytest.mark.parametrize("config", CONFIGS[:2] + [_config(128, 64, 3, 2, False, 4), _config(256, 128, 2, 1, False, 8)],
                          ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
 @pytest.mark.parametrize("k", [3968, 4096])  # an odd and an even number of steps
@@ -135,3 +135,55 @@ def test_an_mma_in_flight_gives_the_bits_of_one_at_a_time(config, k):
     assert torch.equal(in_flight, w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=config))
     want = w4a16.w4a16_linear_ref(x, qdata, scale, zero, 128).float()
     assert float((in_flight.float() - want).norm() / want.norm()) <= tolerance(torch.bfloat16)
+
+
+def _int8_weight(n, k, scale_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qdata = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    return qdata.to(DEVICE), (torch.rand(n, generator=g) * 0.02 + 1e-3).to(DEVICE, scale_dtype)
+
+
+@hopper_only
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (37, 200, 384), (300, 130, 1024), (130, 256, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
+def test_w8a16_wgmma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, config):
+    qdata, scale = _int8_weight(n, k, torch.float32 if m % 3 == 0 else dtype, seed=m)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if m % 2 else None
+    inputs = [t.clone() for t in (x, qdata, scale) + (() if bias is None else (bias,))]
+    want = w8a16.w8a16_linear_ref(x, qdata, scale, bias).float()
+    got = w8a16.w8a16_linear_triton(x, qdata, scale, bias, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert float((got.float() - want).norm() / want.norm()) <= tolerance(dtype)
+    assert torch.equal(w8a16.w8a16_linear_triton(x, qdata, scale, bias, config=config), got)
+    after = [t for t in (x, qdata, scale, bias) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@hopper_only
+def test_w8a16_wgmma_sums_the_codes_exactly():
+    # integer x and codes with a unit scale: every partial sum is an integer below 2**24, so fp32 holds it exactly
+    qdata, _ = _int8_weight(192, 1024, torch.bfloat16)
+    x = torch.randint(-8, 9, (70, 1024), device=DEVICE).to(torch.bfloat16)
+    scale = torch.ones(192, device=DEVICE, dtype=torch.float32)
+    got = w8a16.w8a16_linear_triton(x, qdata, scale, config=_config(128, 128, 3, 2, False, 8))
+    want = (x.double() @ qdata.double().T)
+    assert torch.equal(got.double(), want.to(torch.bfloat16).double())
+
+
+@pytest.mark.parametrize("k,dtype,why", [(200, torch.bfloat16, "multiple of 128"), (256, torch.float32, "fp16 or bf16")])
+def test_w8a16_wgmma_refuses_what_it_cannot_take_before_any_work(k, dtype, why):
+    qdata, scale = _int8_weight(64, k, torch.float32)
+    x = torch.randn(3, k, device=DEVICE, dtype=dtype)
+    with pytest.raises(ValueError, match=why):
+        w8a16.launch(x, qdata, scale, None, _config())
+
+
+def test_a_stored_w8a16_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(monkeypatch):
+    qdata, scale = _int8_weight(64, 200, torch.float32)
+    x = torch.randn(5, 200, device=DEVICE)
+    monkeypatch.setattr(autotune, "choose", lambda key, default, **kwargs: _config())
+    got = w8a16.w8a16_linear_triton(x, qdata, scale)
+    assert torch.equal(got, w8a16.launch(x, qdata, scale, None, w8a16.default_config(5, 64, 200, x.dtype, x.device)))

@@ -1,0 +1,336 @@
+"""W4A16 and W8A16 on Hopper's warpgroup MMA, written in Gluon: y^T = w @ x^T with the dequantized weight tile
+as the MMA's left operand, straight from registers, and x's tiles brought by TMA into a ring of shared-memory
+stages.
+
+Each warpgroup holds 64 rows of w. A thread's share of the MMA's left operand for a 128-deep step is, for each of
+its two rows, the columns 16s + 2t + {0, 1, 8, 9} (s = 0..7, t its lane within a quad). With x's columns permuted
+to match (once a call), those are whole int32 words of the row that the thread loads itself:
+- W4A16 (tiles.fragment_ordered_x): the 32 codes of words t, t + 4, t + 8 and t + 12 of the step's sixteen; two
+  codes a packed multiply-add become bf16x2 (or f16x2) registers.
+- W8A16 (bytes_ordered_x): the 32 bytes of words 8t .. 8t + 7 of the step's 32, two 16-byte loads; two bytes a
+  byte permute become an exact bf16x2 (or f16x2) register, and the row's scale multiplies the sums at the end.
+The tile goes to the tensor cores without touching shared memory. Each step's MMA is waited for before the next
+step's tile is written: the assembler Triton 3.6 bundles (CUDA 12.8's) can reuse the registers of an MMA still
+reading them. With IN_FLIGHT (only with CUDA 13.3's assembler or later, tiles.mma_in_flight) one MMA runs while
+the next step's tile is built in other registers; with A_SHARED the tile goes through two shared-memory buffers
+instead and one MMA stays in flight. The measurements of each form are in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from aofunc.kernels import w4a16
+from aofunc.kernels.tiles import BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, unit_stride
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+BLOCK_K = BLOCK_K_WGMMA  # a step: 128 codes of a row, 16 words of 4-bit codes or 32 of bytes
+STEP = gl.constexpr(BLOCK_K)
+# the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
+_PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
+_MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+# A word's four int8 bytes as two exact 16-bit pairs (bytes 0 and 1, then 2 and 3; the first of a pair in the low
+# half). An xor makes every byte b + 128, unsigned. fp16: a byte permute puts it under the exponent of 1024 (whose
+# step is 1) and one packed subtraction of 1152 leaves b. bf16 has a bit too few for that: the byte goes under the
+# exponent of 2**23 in fp32, one subtraction leaves b, and the pairs are packed (exact: |b| <= 128 has 8 bits).
+_BYTES_ASM = {
+    torch.float16: ("{\n.reg .b32 t, h, m;\nmov.b32 h, 0x64646464;\nmov.b32 m, 0x64806480;\n"
+                    "xor.b32 t, $2, 0x80808080;\nprmt.b32 $0, t, h, 0x4140;\nprmt.b32 $1, t, h, 0x4342;\n"
+                    "sub.f16x2 $0, $0, m;\nsub.f16x2 $1, $1, m;\n}"),
+    torch.bfloat16: ("{\n.reg .b32 t, m, f0, f1, f2, f3;\nmov.b32 m, 0x4B000000;\nxor.b32 t, $2, 0x80808080;\n"
+                     + "".join(f"prmt.b32 f{j}, t, m, {0x7650 | j:#06x};\nsub.f32 f{j}, f{j}, 0f4B000080;\n"
+                               for j in range(4))
+                     + "cvt.rn.bf16x2.f32 $0, f1, f0;\ncvt.rn.bf16x2.f32 $1, f3, f2;\n}"),
+}
+
+
+@gluon.constexpr_function
+def word_layout(rows, num_warps, bits):
+    """[rows, 4 * bits] int32 words of a step: warp w (of num_warps, 4 a warpgroup) and lane l hold rows
+    16w + l // 4 and 8 more (and every 16 * num_warps rows after); 4-bit codes: words 4a + l % 4, a = 0..3; bytes:
+    words 8 (l % 4) + a, a = 0..7 (contiguous, for 16-byte loads)."""
+    if bits == 4:
+        reg, lane = [[8, 0], [0, 4], [0, 8]], [[0, 1], [0, 2]]
+    else:
+        reg, lane = [[0, 1], [0, 2], [0, 4], [8, 0]], [[0, 8], [0, 16]]
+    r = 16 * num_warps
+    while r < rows:
+        reg.append([r, 0])
+        r *= 2
+    warp = []
+    r = 16
+    while r < 16 * num_warps:
+        warp.append([r, 0])
+        r *= 2
+    return gl.DistributedLinearLayout(reg, lane + [[1, 0], [2, 0], [4, 0]], warp, [], [rows, 4 * bits])
+
+
+@gluon.jit
+def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr,
+                ROWS: gl.constexpr):
+    """The dequantized [ROWS, STEP] tile in the MMA's left-operand layout from [ROWS, 16] words and [ROWS, 1]
+    scale, zero and offset pairs: w4a16.fragment_tile_pairs in Gluon (a Gluon function cannot call a Triton one),
+    with its PTX; here every layout is explicit and the last conversion is asserted to move no data."""
+    q2 = gl.join(q, q)
+    s = gl.broadcast(s, q)[0]
+    z = gl.broadcast(z, q)[0]
+    off = gl.broadcast(off, q)[0]
+    s2 = gl.join(s, s)
+    z2 = gl.join(z, z)
+    off2 = gl.join(off, off)
+    if dtype == gl.float16:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
+                                                   dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
+                                                   dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                                   is_pure=True, pack=2)
+    t = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # t[r, w, j0, j1, j2]: code 4 j2 + 2 j1 + j0 of word w
+    t = gl.reshape(t, [ROWS, 4, 4, 2, 2, 2])
+    t = gl.permute(t, [0, 1, 5, 4, 2, 3])
+    return gl.convert_layout(gl.reshape(t, [ROWS, STEP]), A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _bytes_tile(q, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+    """The [ROWS, STEP] tile of int8 codes as exact 16-bit floats in the MMA's left-operand layout, from [ROWS, 32]
+    words in word_layout's byte order: column 16s + 8 j1 + 2t + j0 is byte 2 j1 + j0 of word 8t + s."""
+    q2 = gl.join(q, q)
+    if dtype == gl.float16:
+        b0, b1 = gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [q2], dtype=(gl.float16, gl.float16), is_pure=True,
+                                           pack=2)
+    else:
+        b0, b1 = gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [q2], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=2)
+    t = gl.reshape(gl.join(b0, b1), [ROWS, 4, 8, 2, 2])  # t[r, t, s, j0, j1]
+    t = gl.permute(t, [0, 2, 4, 1, 3])
+    return gl.convert_layout(gl.reshape(t, [ROWS, STEP]), A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _load_x(x_desc, ready, x_smem, off_m, first, step, n_steps, STAGES: gl.constexpr):
+    """Start the TMA copy of x's tile for ``step`` (of this program's n_steps, from step ``first`` of K) into its
+    stage; nothing past the last step."""
+    stage = step % STAGES
+    mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes, pred=step < n_steps)
+    _tma_load(x_desc, [off_m, (first + step) * STEP], ready.index(stage), x_smem.index(stage), pred=step < n_steps)
+
+
+@gluon.jit
+def _mma_in_flight(acc, a, step, x_desc, ready, x_smem, off_m, first, n_steps, STAGES: gl.constexpr):
+    """Issue ``step``'s MMA on its tile ``a`` and x's stage once its copy has landed, then wait for the MMA before
+    it (one stays in flight) and start the copy of x into the stage that MMA read."""
+    stage = step % STAGES
+    mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+    acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    _load_x(x_desc, ready, x_smem, off_m, first, step + STAGES - 1, n_steps, STAGES)
+    return acc
+
+
+@gluon.jit
+def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl.constexpr):
+    """One step's words [ROWS, 4 * BITS]; 4-bit codes: the group's scales and zeros [ROWS, 1] (the scales again
+    where there are no zeros); bytes (a scale a row, applied at the end): the words again in their places."""
+    q = gl.load(q_ptrs + step * (4 * BITS), mask=mask, other=0)
+    if BITS == 8:
+        s = q
+        z = q
+    else:
+        s = gl.load(s_ptrs + step, mask=mask, other=0.0)
+        if ZERO == 2:
+            z = s
+        else:
+            z = gl.load(z_ptrs + step, mask=mask, other=0)
+    return q, s, z
+
+
+@gluon.jit
+def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr, dtype: gl.constexpr,
+               A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr):
+    """The step's dequantized tile: bytes as they are (_bytes_tile), or 4-bit codes in packed pairs with off and
+    the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float zeros), -(magic + zero point) and 0 (integer
+    zero points), -(magic + 8) and 0 (none)."""
+    if BITS == 8:
+        a = _bytes_tile(q, ASM, dtype, A_LAYOUT, ROWS)
+    else:
+        sf = s.to(gl.float32)
+        if ZERO == 0:
+            off = (sf * 0.0 - (MAGIC + 8.0)).to(dtype)
+            zf = z.to(dtype)
+        elif ZERO == 1:
+            off = (sf * 0.0 - MAGIC - z.to(gl.float32)).to(dtype)
+            zf = (sf * 0.0).to(dtype)
+        else:
+            off = (sf * 0.0 - (MAGIC + 8.0)).to(dtype)
+            zf = (sf * 0.0).to(dtype)
+        a = _pairs_tile(q, s.to(dtype), zf, off, ASM, dtype, A_LAYOUT, ROWS)
+    return a
+
+
+@gluon.jit
+def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_qn, stride_sn,
+                  stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
+                  MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = x_desc.dtype
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    off_n = pid_n * BLOCK_N
+    off_m = pid_m * BLOCK_M
+    first = pid_k * steps_per_split
+    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    wl: gl.constexpr = word_layout(BLOCK_N, num_warps, BITS)
+
+    rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, wl))
+    words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
+    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
+    mask = gl.expand_dims(rows < N, 1)
+    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
+    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
+
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    for i in gl.static_range(STAGES - 1):
+        _load_x(x_desc, ready, x_smem, off_m, first, i, n_steps, STAGES)
+
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    # the codes, scales and zeros of the next two steps are loaded ahead, in registers
+    q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
+    q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO, BITS)
+    if A_SHARED:
+        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, STEP], dtype)
+        a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, STEP], a_shared)
+    # IN_FLIGHT: two steps an iteration, so that consecutive steps' tiles are different registers. One step's MMA
+    # reads its tile while the next step's tile is built, and a tile's registers are written again only after the
+    # wait that retires the MMA which read them.
+    for j in range(n_steps // 2 if IN_FLIGHT else 0):
+        k = 2 * j
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO, BITS)
+        a0 = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
+        acc = _mma_in_flight(acc, a0, k, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
+        q3, s3, z3 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 3, n_steps - 1), mask, ZERO, BITS)
+        a1 = _step_tile(q1, s1, z1, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
+        acc = _mma_in_flight(acc, a1, k + 1, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
+        q, s, z = q2, s2, z2
+        q1, s1, z1 = q3, s3, z3
+    if IN_FLIGHT and n_steps % 2 == 1:
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
+        acc = _mma_in_flight(acc, a, n_steps - 1, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
+    for k in range(0 if IN_FLIGHT else n_steps):
+        stage = k % STAGES
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO, BITS)
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
+        if A_SHARED:
+            # the tile through shared memory (two buffers): the MMA of step k - 2, which read this buffer, is done
+            a_smem.index(k % 2).store(a)
+            fence_async_shared()
+            mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(k % 2), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # the MMA of step k - 1 is done: its stage takes step k + STAGES - 1
+            _load_x(x_desc, ready, x_smem, off_m, first, k + STAGES - 1, n_steps, STAGES)
+        else:
+            mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
+            acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            # the MMA of step k - 1 was done before this step began: its stage takes step k + STAGES - 1
+            _load_x(x_desc, ready, x_smem, off_m, first, k + STAGES - 1, n_steps, STAGES)
+            # the next step's tile may take the registers of this one's (an assembler before CUDA 13.3 can reuse
+            # the registers of an MMA still reading them): it must be done before they are written
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        q, s, z = q1, s1, z1
+        q1, s1, z1 = q2, s2, z2
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    if BITS == 8:
+        acc = acc * gl.expand_dims(gl.load(s_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
+    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
+    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+PARAMS_DOC = """``params``: BLOCK_M (64, 128 or 256 rows of x a tile), BLOCK_N (rows of w a tile, 64 a warpgroup or
+more), STAGES (x's tiles in flight), SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added
+in a fixed order), A_SHARED (the weight tile through shared memory, so one step's MMA runs while the next is
+dequantized), IN_FLIGHT (optional: the same overlap with the tile in registers, taken only where
+tiles.mma_in_flight allows it, else the MMAs are waited for one by one) and num_warps."""
+
+
+def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
+    """y = x @ w.T + bias for W4A16 g128 codes [N, K/2] with scales and zeros [N, K/128]. The inputs are those
+    w4a16.wgmma_refusal accepts; ``params`` as in PARAMS_DOC."""
+    kp = qdata.shape[1] * 2
+    scale, zero = unit_stride(scale, zero)
+    z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
+    return _launch(x, lambda: fragment_ordered_x(x, kp), qdata, scale, z, kp, bias, params, bits=4,
+                   zero_kind=w4a16.zero_kind(zero), asm=_PAIRS_ASM[x.dtype])
+
+
+def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias for int8 codes [N, K] (K a multiple of 128) with a scale a row [N]. The inputs
+    are those w8a16.wgmma_refusal accepts; ``params`` as in PARAMS_DOC."""
+    (scale,) = unit_stride(scale)
+    return _launch(x, lambda: bytes_ordered_x(x), qdata, scale, scale, x.shape[1], bias, params, bits=8, zero_kind=2,
+                   asm=_BYTES_ASM[x.dtype])
+
+
+def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 128) with its columns in the W8A16 tile's order, a copy: within every 128 columns,
+    column 16s + 8 j1 + 2t + j0 of the copy is column 32t + 4s + 2 j1 + j0 of x (t < 4, s < 8, j0 and j1 < 2)."""
+    m, k = x.shape
+    return x.reshape(m, k // 128, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
+
+
+def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str):
+    """The kernel on x (its tile-ordered copy made by ``ordered_x``) and a weight of ``bits``-bit codes over kp
+    columns: the output's buffers, the split of K, the partial sums added up."""
+    m, n = x.shape[0], qdata.shape[0]
+    if m == 0:
+        return torch.zeros(0, n, dtype=x.dtype, device=x.device)
+    block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
+    half = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    x_desc = TensorDescriptor.from_tensor(ordered_x(), [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
+        [block_m, BLOCK_K], half))
+    steps = kp // BLOCK_K
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if split == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    (bias,) = unit_stride(bias)
+    words = int32_words(qdata)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _wgmma_kernel[grid](
+        x_desc, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, words.stride(0),
+        scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
+        IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), ASM=asm, MAGIC=_MAGIC[x.dtype],
+        num_warps=params["num_warps"])
+    if split == 1:
+        return y
+    total = y.sum(0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(x.dtype)
