@@ -329,7 +329,9 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
         for block_m in sorted({16, block_m, max(16, block_m // 2)}):
             for block_n, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
                 for split in (1, 2, 4, 8):
-                    for form in (dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, GATHER_X=True)):
+                    # past 64 rows also the tiles walked along M first (M_FAST), the order sweep_gemm times there
+                    forms = [dict(SWAP=False), dict(SWAP=True), dict(SWAP=True, GATHER_X=True)]
+                    for form in forms + ([dict(SWAP=True, M_FAST=True)] if m > 64 else []):
                         for stages in (3, 4):
                             out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=32,
                                             SPLIT_K=split, num_warps=warps, num_stages=stages, **form))
