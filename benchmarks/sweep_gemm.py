@@ -103,7 +103,7 @@ def candidates(fmt, m, n, k, device):
             if fmt == "w8a16":
                 c["BLOCK_W"] = 32
             out.append(c)
-    if m >= 16 and wgmma_runs(device) and (fmt != "nf4" or nf4.wgmma_takes(k, NF4_BLOCK, torch.bfloat16)):
+    if fmt in ("w4a16", "w8a16") and m >= 16 and wgmma_runs(device):
         # Hopper's warpgroup MMA, the tile in registers (through shared memory it lost at every W4A16 key on an H200)
         out += [c for c in wgmma_configs(m, n) if not c["A_SHARED"] and c["BLOCK_M"] >= min(128, m)]
     if m >= 128:

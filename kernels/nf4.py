@@ -9,8 +9,7 @@ fp32 0-d. A block may straddle rows when k % block_size != 0; padding is never r
 
 ``nf4_linear`` runs, when rows start on whole blocks (k % block_size == 0), an FMA GEMV for a few rows of x
 (block_size % 8 == 0), a ``tl.dot`` GEMM on dequantized tiles for medium M (block_size a power of two >= 16),
-and otherwise dequantizes with the Triton kernel and calls cuBLAS; on Hopper the ``wgmma`` path
-(kernels/wgmma.py) runs where a search chose it. It has autograd
+and otherwise dequantizes with the Triton kernel and calls cuBLAS. It has autograd
 with respect to x and bias (grad_x = grad_y @ W), for LoRA fine-tuning over a frozen base weight.
 """
 from __future__ import annotations
@@ -26,12 +25,11 @@ from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
-from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, dequantized_linear, dot_acc, dot_tile_zeros,
+from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dequantized_linear, dot_acc, dot_tile_zeros,
                                   fragment_columns, fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid,
                                   gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, int32_words,
                                   interleave8, interpreting, load_x, nibble_fragments, pow2_at_most, split_k,
-                                  splitk_buffers, tolerance, unit_stride, wgmma_configs, wgmma_runs,
-                                  word_pairs_fragments)
+                                  splitk_buffers, tolerance, unit_stride, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -137,7 +135,7 @@ def nf4_level(bits, lut_ptr, USE_SHFL: tl.constexpr):
         return tl.load(lut_ptr + (bits & 15))
 
 
-def level_pairs_ptx(dtype: torch.dtype) -> str:
+def _level_pairs_ptx(dtype: torch.dtype) -> str:
     """PTX from one word ($4, eight codes) to four pairs of 16-bit levels ($0..$3): $b holds the levels of code 2b
     (the high nibble of byte b) in its low half and code 2b + 1 in its high half, each NF4_LEVELS rounded to
     ``dtype`` (bfloat16 or float16), as a cast of the fp32 level rounds it.
@@ -169,8 +167,8 @@ def level_pairs_ptx(dtype: torch.dtype) -> str:
     return "\n".join(lines + ["}"])
 
 
-LEVEL_PAIRS_BF16 = tl.constexpr(level_pairs_ptx(torch.bfloat16))
-LEVEL_PAIRS_FP16 = tl.constexpr(level_pairs_ptx(torch.float16))
+LEVEL_PAIRS_BF16 = tl.constexpr(_level_pairs_ptx(torch.bfloat16))
+LEVEL_PAIRS_FP16 = tl.constexpr(_level_pairs_ptx(torch.float16))
 
 
 @triton.jit
@@ -393,26 +391,7 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
                                                 M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
-    if m >= 16 and wgmma_takes(k, block_size, dtype) and wgmma_runs(device):
-        out += wgmma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
-
-
-def wgmma_takes(k: int, block_size: int, dtype: torch.dtype) -> bool:
-    """Whether the ``wgmma`` path's steps (128 codes) fit these blocks and this x dtype (fp16 or bf16)."""
-    return (dtype in (torch.float16, torch.bfloat16) and k % BLOCK_K_WGMMA == 0
-            and 8 <= block_size <= BLOCK_K_WGMMA and BLOCK_K_WGMMA % block_size == 0)
-
-
-def wgmma_refusal(x, block_size: int) -> Optional[str]:
-    """Why the ``wgmma`` path cannot take this x and block size, or None when it can: fp16 or bf16 x whose K is a
-    multiple of 128, blocks of 8 to 128 codes dividing 128, on a Hopper GPU with Triton's Gluon."""
-    if not wgmma_takes(x.shape[1], block_size, x.dtype):
-        return (f"the wgmma path takes fp16 or bf16 x with K a multiple of {BLOCK_K_WGMMA} and blocks of 8 to "
-                f"{BLOCK_K_WGMMA} codes dividing it; got {x.dtype}, K={x.shape[1]}, block_size={block_size}")
-    if not wgmma_runs(x.device):
-        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
-    return None
 
 
 def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
@@ -425,14 +404,6 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
                                   scaler_block_size, x.dtype)
         return dequantized_linear(x, w, bias)
     qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
-    if path == "wgmma":
-        refusal = wgmma_refusal(x, block_size)
-        if refusal:
-            raise ValueError(refusal)
-        from aofunc.kernels import wgmma  # imports Triton's Gluon
-
-        return wgmma.nf4_linear(x, qdata, scaler_q, scaler_factor, scaler_mean, n, block_size, scaler_block_size,
-                                bias, params)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -483,9 +454,6 @@ def nf4_linear_triton(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, k:
             reference=lambda: nf4_linear_ref(*args),
             tolerance=tolerance(x.dtype),
         )
-        if config["path"] == "wgmma" and wgmma_refusal(x, block_size):
-            # a stored choice this Triton or these tensors cannot take: the generic path, never an error
-            config = default_config(m, n, k, block_size, x.dtype, x.device)
     return launch(*args, config)
 
 

@@ -1,4 +1,4 @@
-"""W4A16, W8A16 and NF4 on Hopper's warpgroup MMA, written in Gluon: y^T = w @ x^T with the dequantized weight tile
+"""W4A16 and W8A16 on Hopper's warpgroup MMA, written in Gluon: y^T = w @ x^T with the dequantized weight tile
 as the MMA's left operand, straight from registers, and x's tiles brought by TMA into a ring of shared-memory
 stages.
 
@@ -7,8 +7,6 @@ its two rows, the columns 16s + 2t + {0, 1, 8, 9} (s = 0..7, t its lane within a
 to match (once a call), those are whole int32 words of the row that the thread loads itself:
 - W4A16 (tiles.fragment_ordered_x): the 32 codes of words t, t + 4, t + 8 and t + 12 of the step's sixteen; two
   codes a packed multiply-add become bf16x2 (or f16x2) registers.
-- NF4 (the same order): the same words; byte permutes look up two levels at a time (nf4.nf4_level_pairs) and a
-  packed multiply scales them by their block's scale, computed from scaler_q, scaler_factor and the mean.
 - W8A16 (bytes_ordered_x): the 32 bytes of words 8t .. 8t + 7 of the step's 32, two 16-byte loads; two bytes a
   byte permute become an exact bf16x2 (or f16x2) register, and the row's scale multiplies the sums at the end.
 The tile goes to the tensor cores without touching shared memory. Each step's MMA is waited for before the next
@@ -27,7 +25,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from aofunc.kernels import nf4, w4a16
+from aofunc.kernels import w4a16
 from aofunc.kernels.tiles import BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, unit_stride
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
@@ -95,35 +93,10 @@ def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: 
         b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
                                                    dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                    is_pure=True, pack=2)
-    return _nibble_fragments(b0, b1, b2, b3, A_LAYOUT, ROWS)
-
-
-@gluon.jit
-def _nibble_fragments(b0, b1, b2, b3, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
-    """The [ROWS, STEP] tile in the MMA's left-operand layout from four [ROWS, 16, 2] tensors of 16-bit pairs, bj
-    holding codes 2j and 2j + 1 of each word (tiles.nibble_fragments' order, asserted to move no data)."""
     t = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # t[r, w, j0, j1, j2]: code 4 j2 + 2 j1 + j0 of word w
     t = gl.reshape(t, [ROWS, 4, 4, 2, 2, 2])
     t = gl.permute(t, [0, 1, 5, 4, 2, 3])
     return gl.convert_layout(gl.reshape(t, [ROWS, STEP]), A_LAYOUT, assert_trivial=True)
-
-
-@gluon.jit
-def _levels_tile(q, s, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
-    """NF4's [ROWS, STEP] tile: each word's eight levels by byte permutes (nf4.nf4_level_pairs' PTX) times its
-    block's scale ``s`` [ROWS, 16], in packed 16-bit multiplies."""
-    q2 = gl.join(q, q)
-    s16 = s.to(dtype)
-    s2 = gl.join(s16, s16)
-    if dtype == gl.float16:
-        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
-                                                   dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
-                                                   is_pure=True, pack=2)
-    else:
-        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
-                                                   dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
-                                                   is_pure=True, pack=2)
-    return _nibble_fragments(b0, b1, b2, b3, A_LAYOUT, ROWS)
 
 
 @gluon.jit
@@ -164,23 +137,13 @@ def _mma_in_flight(acc, a, step, x_desc, ready, x_smem, off_m, first, n_steps, S
 
 
 @gluon.jit
-def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, f_ptr, mean, ZERO: gl.constexpr, BITS: gl.constexpr,
-                NF4_BLOCK: gl.constexpr, SCALER_BLOCK: gl.constexpr):
+def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl.constexpr):
     """One step's words [ROWS, 4 * BITS]; 4-bit codes: the group's scales and zeros [ROWS, 1] (the scales again
-    where there are no zeros); NF4: each word's block scale [ROWS, 16] (s_ptrs the scaler_q of each word's block
-    at step 0, z_ptrs those blocks' indices), twice; bytes (a scale a row, applied at the end): the words again in
-    their places."""
+    where there are no zeros); bytes (a scale a row, applied at the end): the words again in their places."""
     q = gl.load(q_ptrs + step * (4 * BITS), mask=mask, other=0)
     if BITS == 8:
         s = q
         z = q
-    elif NF4_BLOCK > 0:
-        # s = scaler_q / scaler_factor + mean, the quotient IEEE-rounded as nf4.block_scale's
-        ahead = step * (STEP // NF4_BLOCK)
-        sq = gl.load(s_ptrs + ahead, mask=mask, other=0)
-        f = gl.load(f_ptr + (z_ptrs + ahead) // SCALER_BLOCK, mask=mask, other=1.0)
-        s = gl.div_rn(sq.to(gl.float32), f) + mean
-        z = s
     else:
         s = gl.load(s_ptrs + step, mask=mask, other=0.0)
         if ZERO == 2:
@@ -192,15 +155,12 @@ def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, f_ptr, mean, ZERO: gl.conste
 
 @gluon.jit
 def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr, dtype: gl.constexpr,
-               A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr, NF4: gl.constexpr):
-    """The step's dequantized tile: bytes as they are (_bytes_tile), NF4 levels scaled (_levels_tile), or 4-bit
-    codes in packed pairs with off and
+               A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr):
+    """The step's dequantized tile: bytes as they are (_bytes_tile), or 4-bit codes in packed pairs with off and
     the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float zeros), -(magic + zero point) and 0 (integer
     zero points), -(magic + 8) and 0 (none)."""
     if BITS == 8:
         a = _bytes_tile(q, ASM, dtype, A_LAYOUT, ROWS)
-    elif NF4:
-        a = _levels_tile(q, s, ASM, dtype, A_LAYOUT, ROWS)
     else:
         sf = s.to(gl.float32)
         if ZERO == 0:
@@ -217,13 +177,11 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 
 
 @gluon.jit
-def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, f_ptr, mean_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
-                  stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, NF4_BLOCK: gl.constexpr,
-                  SCALER_BLOCK: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_qn, stride_sn,
+                  stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
                   MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = x_desc.dtype
-    NF4: gl.constexpr = NF4_BLOCK > 0
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -241,16 +199,8 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, f_ptr, mean_ptr, b_ptr, y_ptr, M,
     words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
     q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
     mask = gl.expand_dims(rows < N, 1)
-    if NF4:
-        # NF4 (rows on whole blocks, a step of whole blocks): the block of word w of step 0, its scaler_q
-        z_ptrs = (gl.expand_dims(rows, 1) * (K // NF4_BLOCK)
-                  + (first * STEP + 8 * gl.expand_dims(words, 0)) // NF4_BLOCK)
-        s_ptrs = s_ptr + z_ptrs
-        mean = gl.load(mean_ptr)
-    else:
-        s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
-        z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
-        mean = 0.0
+    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
+    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
 
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -261,10 +211,8 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, f_ptr, mean_ptr, b_ptr, y_ptr, M,
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     # the codes, scales and zeros of the next two steps are loaded ahead, in registers
-    q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, f_ptr, mean, ZERO, BITS,
-                           NF4_BLOCK, SCALER_BLOCK)
-    q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, f_ptr, mean, ZERO, BITS,
-                              NF4_BLOCK, SCALER_BLOCK)
+    q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
+    q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO, BITS)
     if A_SHARED:
         a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, STEP], dtype)
         a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, STEP], a_shared)
@@ -273,24 +221,21 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, f_ptr, mean_ptr, b_ptr, y_ptr, M,
     # wait that retires the MMA which read them.
     for j in range(n_steps // 2 if IN_FLIGHT else 0):
         k = 2 * j
-        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, f_ptr, mean, ZERO, BITS,
-                                  NF4_BLOCK, SCALER_BLOCK)
-        a0 = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS, NF4)
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO, BITS)
+        a0 = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
         acc = _mma_in_flight(acc, a0, k, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
-        q3, s3, z3 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 3, n_steps - 1), mask, f_ptr, mean, ZERO, BITS,
-                                  NF4_BLOCK, SCALER_BLOCK)
-        a1 = _step_tile(q1, s1, z1, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS, NF4)
+        q3, s3, z3 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 3, n_steps - 1), mask, ZERO, BITS)
+        a1 = _step_tile(q1, s1, z1, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
         acc = _mma_in_flight(acc, a1, k + 1, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
         q, s, z = q2, s2, z2
         q1, s1, z1 = q3, s3, z3
     if IN_FLIGHT and n_steps % 2 == 1:
-        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS, NF4)
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
         acc = _mma_in_flight(acc, a, n_steps - 1, x_desc, ready, x_smem, off_m, first, n_steps, STAGES)
     for k in range(0 if IN_FLIGHT else n_steps):
         stage = k % STAGES
-        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, f_ptr, mean, ZERO, BITS,
-                                  NF4_BLOCK, SCALER_BLOCK)
-        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS, NF4)
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO, BITS)
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
         if A_SHARED:
             # the tile through shared memory (two buffers): the MMA of step k - 2, which read this buffer, is done
             a_smem.index(k % 2).store(a)
@@ -338,33 +283,16 @@ def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
     kp = qdata.shape[1] * 2
     scale, zero = unit_stride(scale, zero)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
-    return _launch(x, fragment_ordered_x(x, kp), int32_words(qdata), qdata.shape[0], scale, z, kp, bias, params,
-                   bits=4, zero_kind=w4a16.zero_kind(zero), asm=_PAIRS_ASM[x.dtype])
+    return _launch(x, lambda: fragment_ordered_x(x, kp), qdata, scale, z, kp, bias, params, bits=4,
+                   zero_kind=w4a16.zero_kind(zero), asm=_PAIRS_ASM[x.dtype])
 
 
 def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
     """y = (x @ q.T) * scale + bias for int8 codes [N, K] (K a multiple of 128) with a scale a row [N]. The inputs
     are those w8a16.wgmma_refusal accepts; ``params`` as in PARAMS_DOC."""
     (scale,) = unit_stride(scale)
-    return _launch(x, bytes_ordered_x(x), int32_words(qdata), qdata.shape[0], scale, scale, x.shape[1], bias,
-                   params, bits=8, zero_kind=2, asm=_BYTES_ASM[x.dtype])
-
-
-def nf4_linear(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, block_size: int, scaler_block_size: int,
-               bias, params: dict) -> torch.Tensor:
-    """y = x @ w.T + bias for an NF4 weight of n rows of K = x.shape[1] codes (K a multiple of 128, block_size a
-    power of two from 8 to 128: a step is whole blocks). The inputs are those nf4.wgmma_refusal accepts; ``params``
-    as in PARAMS_DOC."""
-    k = x.shape[1]
-    return _launch(x, fragment_ordered_x(x, k), int32_words(qdata[:n * k // 2].view(n, k // 2)), n, scaler_q, scaler_q, k,
-                   bias, params, bits=4, zero_kind=2, asm=_levels_ptx(x.dtype),
-                   nf4=(scaler_factor, scaler_mean, block_size, scaler_block_size))
-
-
-def _levels_ptx(dtype: torch.dtype) -> str:
-    """NF4's level pairs of a word ($4; nf4.nf4_level_pairs) each times the block's scale pair ($6)."""
-    mul = "mul.rn.bf16x2" if dtype == torch.bfloat16 else "mul.rn.f16x2"
-    return nf4.level_pairs_ptx(dtype)[:-1] + "".join(f"{mul} ${j}, ${j}, $6;\n" for j in range(4)) + "}"
+    return _launch(x, lambda: bytes_ordered_x(x), qdata, scale, scale, x.shape[1], bias, params, bits=8, zero_kind=2,
+                   asm=_BYTES_ASM[x.dtype])
 
 
 def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
@@ -374,17 +302,15 @@ def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(m, k // 128, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
 
 
-def _launch(x, xo, words, n: int, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str,
-            nf4=None):
-    """The kernel on x (``xo``: its copy in the tile's column order) and ``words``, a weight of n rows of
-    ``bits``-bit codes over kp columns (NF4: ``nf4`` its scaler_factor, scaler_mean and block sizes): the output's
-    buffers, the split of K, the partial sums added up."""
-    m = x.shape[0]
+def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str):
+    """The kernel on x (its tile-ordered copy made by ``ordered_x``) and a weight of ``bits``-bit codes over kp
+    columns: the output's buffers, the split of K, the partial sums added up."""
+    m, n = x.shape[0], qdata.shape[0]
     if m == 0:
         return torch.zeros(0, n, dtype=x.dtype, device=x.device)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
     half = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    x_desc = TensorDescriptor.from_tensor(xo, [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
+    x_desc = TensorDescriptor.from_tensor(ordered_x(), [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [block_m, BLOCK_K], half))
     steps = kp // BLOCK_K
     per_split = triton.cdiv(steps, split)
@@ -394,13 +320,12 @@ def _launch(x, xo, words, n: int, scale, z, kp: int, bias, params: dict, *, bits
     else:
         y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     (bias,) = unit_stride(bias)
-    factor, mean, nf4_block, scaler_block = nf4 or (scale, scale, 0, 1)
+    words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _wgmma_kernel[grid](
-        x_desc, words, scale, z, factor, mean, y if bias is None else bias, y, m, n, kp, per_split,
-        words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, NF4_BLOCK=nf4_block,
-        SCALER_BLOCK=scaler_block, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
+        x_desc, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, words.stride(0),
+        scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
         IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), ASM=asm, MAGIC=_MAGIC[x.dtype],
         num_warps=params["num_warps"])
     if split == 1:

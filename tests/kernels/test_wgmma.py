@@ -1,4 +1,4 @@
-"""The ``wgmma`` path of W4A16, W8A16 and NF4 (Gluon, Hopper's warpgroup MMA).
+"""The ``wgmma`` path of W4A16 and W8A16 (Gluon, Hopper's warpgroup MMA).
 
 On a Hopper GPU with Triton's Gluon: the path against the reference twin on ragged shapes, every zero kind, fp16 and
 bf16 x, with and without bias, K split, the weight tile in registers or through shared memory, strided and empty x;
@@ -8,10 +8,9 @@ never searched, and a stored choice of it falls back to the generic path.
 import pytest
 import torch
 
-from aofunc.kernels import autotune, nf4, tiles, w4a16, w8a16
+from aofunc.kernels import autotune, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
 from tests.kernels.devices import DEVICE
-from tests.kernels.test_nf4 import weight as nf4_weight
 
 ON_HOPPER = DEVICE == "cuda" and tiles.wgmma_runs(torch.device(DEVICE))
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU and Triton's Gluon")
@@ -188,42 +187,3 @@ def test_a_stored_w8a16_wgmma_choice_the_inputs_cannot_take_runs_the_generic_pat
     monkeypatch.setattr(autotune, "choose", lambda key, default, **kwargs: _config())
     got = w8a16.w8a16_linear_triton(x, qdata, scale)
     assert torch.equal(got, w8a16.launch(x, qdata, scale, None, w8a16.default_config(5, 64, 200, x.dtype, x.device)))
-
-
-@hopper_only
-@pytest.mark.parametrize("m,n,k,block,scaler_block", [(1, 64, 128, 64, 4), (37, 200, 384, 64, 3),
-                                                      (300, 130, 1024, 32, 5), (130, 256, 4096, 64, 256)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
-def test_nf4_wgmma_matches_the_twin_every_run_inputs_unchanged(m, n, k, block, scaler_block, dtype, config):
-    torch.manual_seed(m)
-    weight = nf4_weight(n, k, block, scaler_block)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    bias = torch.randn(n, device=DEVICE, dtype=dtype) if m % 2 else None
-    inputs = [t.clone() for t in (x, *weight) + (() if bias is None else (bias,))]
-    args = (x, *weight, n, k, block, scaler_block, bias)
-    want = nf4.nf4_linear_ref(*args).float()
-    got = nf4.nf4_linear_triton(*args, config=config)
-    assert got.dtype == dtype and got.shape == (m, n)
-    assert float((got.float() - want).norm() / want.norm()) <= tolerance(dtype)
-    assert torch.equal(nf4.nf4_linear_triton(*args, config=config), got)
-    after = [t for t in (x, *weight, bias) if t is not None]
-    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
-
-
-@pytest.mark.parametrize("k,block,dtype", [(200, 8, torch.bfloat16), (256, 256, torch.bfloat16),
-                                           (256, 64, torch.float32)])
-def test_nf4_wgmma_refuses_what_it_cannot_take_before_any_work(k, block, dtype):
-    weight = nf4_weight(64, k, block, 2)
-    x = torch.randn(3, k, device=DEVICE, dtype=dtype)
-    with pytest.raises(ValueError, match="wgmma path takes fp16 or bf16 x with K a multiple of 128"):
-        nf4.launch(x, *weight, 64, k, block, 2, None, _config())
-
-
-def test_a_stored_nf4_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(monkeypatch):
-    weight = nf4_weight(64, 256, 64, 2)
-    x = torch.randn(5, 256, device=DEVICE)
-    monkeypatch.setattr(autotune, "choose", lambda key, default, **kwargs: _config())
-    got = nf4.nf4_linear_triton(x, *weight, 64, 256, 64, 2)
-    want = nf4.launch(x, *weight, 64, 256, 64, 2, None, nf4.default_config(5, 64, 256, 64, x.dtype, x.device))
-    assert torch.equal(got, want)
