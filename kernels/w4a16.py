@@ -20,7 +20,6 @@ words) for medium M, and ``dequant`` (one dequantization kernel, then cuBLAS) fo
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -29,13 +28,13 @@ from aofunc.kernels import autotune
 from aofunc.kernels.activations import EPS_F32, asym_centered, row_asym_qparams
 from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
-                                  dot_tile_zeros, expert_rows, fragment_column_of, fragment_columns, fragment_tile_fits,
-                                  gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_launch,
-                                  gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k, int32_words,
-                                  interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x, pow2_at_most,
-                                  row_expert, scaled_rows, split_by_code, split_k, splitk_buffers, tolerance,
-                                  unit_stride, wgmma_configs, wgmma_runs, word_pairs_fragments)
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear,
+                                  dot_acc, dot_tile_zeros, expert_rows, fragment_column_of, fragment_columns,
+                                  fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
+                                  gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k,
+                                  int32_words, interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
+                                  pow2_at_most, row_expert, scaled_rows, split_by_code, split_k, splitk_buffers,
+                                  tolerance, unit_stride, wgmma_configs, wgmma_runs, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.

@@ -15,11 +15,12 @@ import torch
 
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
-from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear, dot_acc,
-                                  dot_tile_zeros, expert_rows, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
-                                  gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid, grouped_split_k,
-                                  int32_words, interpreting, load_x, pairs_transposed, row_expert, scaled_rows, split_k,
-                                  splitk_buffers, tolerance, unit_stride, wgmma_configs, wgmma_runs)
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear,
+                                  dot_acc, dot_tile_zeros, expert_rows, fragment_tile_fits, gemm_finish, gemm_grid,
+                                  gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid,
+                                  grouped_split_k, int32_words, interpreting, load_x, pairs_transposed, row_expert,
+                                  scaled_rows, split_k, splitk_buffers, tolerance, unit_stride, wgmma_configs,
+                                  wgmma_runs)
 from aofunc.kernels.triton_compat import tl, triton
 
 

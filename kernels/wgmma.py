@@ -14,6 +14,12 @@ step's tile is written: the assembler Triton 3.6 bundles (CUDA 12.8's) can reuse
 reading them. With IN_FLIGHT (only with CUDA 13.3's assembler or later, tiles.mma_in_flight) one MMA runs while
 the next step's tile is built in other registers; with A_SHARED the tile goes through two shared-memory buffers
 instead and one MMA stays in flight. The measurements of each form are in docs/benchmarks.md.
+
+A configuration (``params``): BLOCK_M (64, 128 or 256 rows of x a tile), BLOCK_N (rows of w a tile, 64 a
+warpgroup or more), STAGES (x's tiles in flight), SPLIT_K (programs sharing a tile's steps of K, their fp32
+partial sums added in a fixed order), A_SHARED (the weight tile through shared memory, so one step's MMA runs
+while the next is dequantized), IN_FLIGHT (optional: the same overlap with the tile in registers, taken only where
+tiles.mma_in_flight allows it, else the MMAs are waited for one by one) and num_warps.
 """
 from __future__ import annotations
 
@@ -270,16 +276,9 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_
     gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-PARAMS_DOC = """``params``: BLOCK_M (64, 128 or 256 rows of x a tile), BLOCK_N (rows of w a tile, 64 a warpgroup or
-more), STAGES (x's tiles in flight), SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added
-in a fixed order), A_SHARED (the weight tile through shared memory, so one step's MMA runs while the next is
-dequantized), IN_FLIGHT (optional: the same overlap with the tile in registers, taken only where
-tiles.mma_in_flight allows it, else the MMAs are waited for one by one) and num_warps."""
-
-
 def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
     """y = x @ w.T + bias for W4A16 g128 codes [N, K/2] with scales and zeros [N, K/128]. The inputs are those
-    w4a16.wgmma_refusal accepts; ``params`` as in PARAMS_DOC."""
+    w4a16.wgmma_refusal accepts; ``params`` as in the module's docstring."""
     kp = qdata.shape[1] * 2
     scale, zero = unit_stride(scale, zero)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
@@ -289,7 +288,7 @@ def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
 
 def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
     """y = (x @ q.T) * scale + bias for int8 codes [N, K] (K a multiple of 128) with a scale a row [N]. The inputs
-    are those w8a16.wgmma_refusal accepts; ``params`` as in PARAMS_DOC."""
+    are those w8a16.wgmma_refusal accepts; ``params`` as in the module's docstring."""
     (scale,) = unit_stride(scale)
     return _launch(x, lambda: bytes_ordered_x(x), qdata, scale, scale, x.shape[1], bias, params, bits=8, zero_kind=2,
                    asm=_BYTES_ASM[x.dtype])

@@ -173,7 +173,8 @@ def test_w8a16_wgmma_sums_the_codes_exactly():
     assert torch.equal(got.double(), want.to(torch.bfloat16).double())
 
 
-@pytest.mark.parametrize("k,dtype,why", [(200, torch.bfloat16, "multiple of 128"), (256, torch.float32, "fp16 or bf16")])
+@pytest.mark.parametrize("k,dtype,why", [(200, torch.bfloat16, "multiple of 128"),
+                                         (256, torch.float32, "fp16 or bf16")])
 def test_w8a16_wgmma_refuses_what_it_cannot_take_before_any_work(k, dtype, why):
     qdata, scale = _int8_weight(64, k, torch.float32)
     x = torch.randn(3, k, device=DEVICE, dtype=dtype)
