@@ -475,6 +475,16 @@ def wgmma_runs(device: torch.device) -> bool:
     return _hopper(torch.cuda.current_device() if device.index is None else device.index) and _gluon_ready()
 
 
+def wgmma_x_refusal(x: torch.Tensor) -> str | None:
+    """Why the ``wgmma`` path cannot take this x whatever the weight's format, or None: it takes fp16 or bf16 x on
+    a device where wgmma_runs."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the wgmma path takes fp16 or bf16 x, got {x.dtype}"
+    if not wgmma_runs(x.device):
+        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
+    return None
+
+
 @functools.cache
 def _gluon_ready() -> bool:
     """Whether Triton has the Gluon the wgmma kernel is written against (3.6 and later: its API before differs);

@@ -34,7 +34,8 @@ from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_ti
                                   gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k,
                                   int32_words, interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
                                   pow2_at_most, row_expert, scaled_rows, split_by_code, split_k, splitk_buffers,
-                                  tolerance, unit_stride, wgmma_configs, wgmma_runs, word_pairs_fragments)
+                                  tolerance, unit_stride, wgmma_configs, wgmma_runs, wgmma_x_refusal,
+                                  word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -1049,14 +1050,11 @@ def wgmma_refusal(x, scale, zero, group_size: int) -> Optional[str]:
     bf16 x with scales and float zeros of the same dtype, on a Hopper GPU with Triton's Gluon."""
     if group_size != BLOCK_K_WGMMA:
         return f"the wgmma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"the wgmma path takes fp16 or bf16 x, got {x.dtype}"
-    if scale.dtype != x.dtype or (zero is not None and zero.dtype not in (torch.uint8, x.dtype)):
+    if x.dtype in (torch.float16, torch.bfloat16) and (
+            scale.dtype != x.dtype or (zero is not None and zero.dtype not in (torch.uint8, x.dtype))):
         return (f"the wgmma path takes scales and float zeros of x's dtype {x.dtype}, got scale {scale.dtype} and "
                 f"zero {None if zero is None else zero.dtype}")
-    if not wgmma_runs(x.device):
-        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
-    return None
+    return wgmma_x_refusal(x)
 
 
 @torch.library.custom_op("aofunc::w4a16_linear", mutates_args=())

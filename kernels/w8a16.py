@@ -20,7 +20,7 @@ from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_ti
                                   gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid,
                                   grouped_split_k, int32_words, interpreting, load_x, pairs_transposed, row_expert,
                                   scaled_rows, split_k, splitk_buffers, tolerance, unit_stride, wgmma_configs,
-                                  wgmma_runs)
+                                  wgmma_runs, wgmma_x_refusal)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -355,13 +355,9 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
 def wgmma_refusal(x) -> Optional[str]:
     """Why the ``wgmma`` path cannot take this x, or None when it can: fp16 or bf16 x whose K is a multiple of 128,
     on a Hopper GPU with Triton's Gluon."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"the wgmma path takes fp16 or bf16 x, got {x.dtype}"
     if x.shape[1] % BLOCK_K_WGMMA:
         return f"the wgmma path takes K a multiple of {BLOCK_K_WGMMA}, got K={x.shape[1]}"
-    if not wgmma_runs(x.device):
-        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
-    return None
+    return wgmma_x_refusal(x)
 
 
 def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
