@@ -6,6 +6,10 @@
 Each (format, K x N, M) key times bf16 cuBLAS, the launcher's default and a focused list of candidates (every one
 checked against the reference twin first, through the tuner's own ``search``), prints one line per key, and merges
 the fastest correct configuration into ``--out`` (a shipped table: ``kernels/configs/<card>.json``).
+
+With ``--seed kernels/configs/<other card>.json`` a key times only the default and the winners that ``--out`` and
+the other card's table hold for the same shape at M/2, M and 2M (and cuBLAS on the dequantized weight from 128
+rows): a short search that carries one card's table to another of the same architecture.
 """
 from __future__ import annotations
 
@@ -113,6 +117,20 @@ def candidates(fmt, m, n, k, device):
     return out
 
 
+def seeded(key, tables, m):
+    """The configurations that ``tables`` (``{card: {str(key): config}}`` each) hold for ``key``'s shape at M/2, M
+    and 2M, without repeats."""
+    out = []
+    for mb in (m // 2, m, 2 * m):
+        name = str(key._replace(m_bucket=autotune.m_bucket(max(1, mb))))
+        for table in tables:
+            for configs in table.values():
+                config = configs.get(name)
+                if config is not None and config not in out:
+                    out.append(config)
+    return out
+
+
 def problem(fmt, n, k, m):
     """(run(config), reference output, key, default config) for a random weight of this format."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -149,10 +167,12 @@ def main(argv=None):
     parser.add_argument("--shapes", default="4096x14336,8192x28672")
     parser.add_argument("--ms", default="16,64,256,2048")
     parser.add_argument("--out", required=True, help="shipped configuration table to merge the winners into")
+    parser.add_argument("--seed", default="", help="another card's shipped table: time only its winners (see above)")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     name = autotune.device_name(device)
     table = autotune.read_table(args.out) if os.path.exists(args.out) else {}
+    seed = autotune.read_table(args.seed) if args.seed else {}
     print(f"card: {name}")
     print(f"{'format':6s} {'KxN':>11s} {'M':>5s} {'bf16':>8s} {'default':>8s} {'best':>8s} {'x bf16':>6s}  best config")
     for fmt in args.formats.split(","):
@@ -160,7 +180,11 @@ def main(argv=None):
             k, n = map(int, shape.split("x"))
             for m in map(int, args.ms.split(",")):
                 run, ref, key, default, tol, bf16_us = problem(fmt, n, k, m)
-                pool = [default] + [c for c in candidates(fmt, m, n, k, device) if c != default]
+                if args.seed:
+                    pool = seeded(key, [table, seed], m) + ([dict(path="dequant")] if m >= 128 else [])
+                else:
+                    pool = candidates(fmt, m, n, k, device)
+                pool = [default] + [c for c in pool if c != default]
                 best, trials = autotune.search(pool, run, ref, tol)
                 default_us = trials[0].us
                 rejected = [t for t in trials if t.us is None]
