@@ -103,7 +103,7 @@ def configured(kernel, m, n, k, x, default):
     """The configuration the op runs for this call (a stored winner, else ``default``), ``tuned`` set, and its path."""
     stored = autotune.lookup(autotune.config_key(kernel, m, n, k, (x.dtype,), x.device))
     config = dict(stored or default, tuned=stored is not None)
-    if config.get("path") in ("gemv", "dequant", "fp16_gemm"):
+    if config.get("path") in ("gemv", "dequant", "fp16_gemm", "wgmma"):
         return config, ("fused " if config.get("FUSED") else "quantize+") + config["path"]
     if config.get("HALVES"):
         return config, "quantize+halves"

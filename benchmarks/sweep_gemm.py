@@ -1,4 +1,4 @@
-"""Search the weight-only GEMM forms for M > 1 on this card and write the winners as a shipped configuration table.
+"""Search the GEMM forms of the weight-only formats and 8da4w for M > 1 on this card and write the winners as a shipped configuration table.
 
     python benchmarks/sweep_gemm.py --formats w4a16,w8a16,nf4 --shapes 4096x14336,8192x28672 --ms 16,64,256,2048 \
         --out kernels/configs/<card-slug>.json
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from aofunc.kernels import autotune, nf4, w4a16, w8a16  # noqa: E402
+from aofunc.kernels import autotune, int8_int4, nf4, w4a16, w8a16  # noqa: E402
 from aofunc.kernels.tiles import split_k, wgmma_configs, wgmma_runs  # noqa: E402
 from bench_kernels import int4_weight, int8_weight, nf4_weight, GROUP, NF4_BLOCK, NF4_SCALER_BLOCK  # noqa: E402
+from bench_w8a8 import int4_weight as symmetric_int4_weight  # noqa: E402
 
 
 def gemm_forms(m: int, fmt: str):
@@ -88,6 +89,8 @@ def gemv_forms(fmt: str):
 
 
 def candidates(fmt, m, n, k, device):
+    if fmt == "8da4w":
+        return int8_int4.candidate_configs(m, n, k, GROUP, torch.bfloat16, torch.bfloat16, device)
     out = []
     if m == 1:
         out = [dict(c, SPLIT_K=split) for c in gemv_forms(fmt) for split in (1, 2, 4, 8)]
@@ -119,15 +122,19 @@ def candidates(fmt, m, n, k, device):
 
 def seeded(key, tables, m):
     """The configurations that ``tables`` (``{card: {str(key): config}}`` each) hold for ``key``'s shape at M/2, M
-    and 2M, without repeats."""
+    and 2M, without repeats; for 8da4w also W4A16's wgmma winners (the same kernel, on exact fp16 operands)."""
+    keys = [key]
+    if key.kernel.startswith("int8_int4"):
+        keys.append(key._replace(kernel=f"w4a16_g{GROUP}", dtypes=("bfloat16", "bfloat16")))
     out = []
     for mb in (m // 2, m, 2 * m):
-        name = str(key._replace(m_bucket=autotune.m_bucket(max(1, mb))))
-        for table in tables:
-            for configs in table.values():
-                config = configs.get(name)
-                if config is not None and config not in out:
-                    out.append(config)
+        for i, base in enumerate(keys):
+            name = str(base._replace(m_bucket=autotune.m_bucket(max(1, mb))))
+            for table in tables:
+                for configs in table.values():
+                    config = configs.get(name)
+                    if config is not None and config not in out and (i == 0 or config["path"] == "wgmma"):
+                        out.append(config)
     return out
 
 
@@ -149,6 +156,13 @@ def problem(fmt, n, k, m):
         key = autotune.config_key("w8a16", m, n, k, (x.dtype, s.dtype), dev)
         default = w8a16.default_config(m, n, k, x.dtype, dev)
         tol = w8a16.tolerance(x.dtype)
+    elif fmt == "8da4w":
+        q, s = symmetric_int4_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, GROUP)
+        run = lambda c: int8_int4.int8_int4_linear_triton(x, q, s, GROUP, None, config=c)  # noqa: E731
+        ref = int8_int4.int8_int4_linear_ref(x, q, s, GROUP, None)
+        key = autotune.config_key(f"int8_int4_g{GROUP}", m, n, k, (x.dtype,), dev)
+        default = int8_int4.default_config(m, n, k, GROUP, x.dtype, s.dtype, dev)
+        tol = 1e-3
     else:
         args = nf4_weight(n, k)
         run = lambda c: nf4.nf4_linear_triton(x, *args, n, k, NF4_BLOCK, NF4_SCALER_BLOCK, config=c)  # noqa: E731

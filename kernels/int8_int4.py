@@ -10,8 +10,8 @@ Math (per-token statistics in fp32, eps = float32 machine epsilon, round half to
 The weight is ``qdata`` uint8 [N, Kp / 2] of nibbles u = q + 8 (first code in the high nibble), Kp = K rounded up
 to the group size g in {32, 64, 128, 256}, and ``scale`` [N, Kp / g]. Inside a group the sum is an exact integer
 (computed as xq . w - zp * sum(w), w = u - 8, on int8 tensor cores); across groups it is fp32. The paths on W4A16's
-kernels (the GEMV and the GEMM tiles on the centered activations xq - zp, and fp16_gemm on exact_fp16_operands) add
-the bias in fp32 before their one rounding to x.dtype.
+kernels (the GEMV and the GEMM tiles on the centered activations xq - zp; fp16_gemm, and wgmma on Hopper, on
+exact_fp16_operands) add the bias in fp32 before their one rounding to x.dtype.
 
 Public ops (``torch.ops.aofunc.*``; CUDA runs Triton, other devices the plain-torch twin):
 ``quantize_per_token_asym_int8(x) -> (xq, s, zp)`` and ``int8_int4_linear(x, qdata, scale, group_size, bias)``.
@@ -26,7 +26,8 @@ from . import autotune, w4a16
 from .activations import EPS, ONE_PASS_MAX_K, asym_qparams, asym_quantize, per_token_block
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
-from .tiles import fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k, unit_stride
+from .tiles import (BLOCK_K_WGMMA, fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k,
+                    unit_stride, wgmma_configs, wgmma_runs)
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
@@ -319,16 +320,34 @@ def int8_int4_config(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         return default
 
     key = autotune.config_key(f"int8_int4_g{group_size}", m, n, k, (x.dtype,), x.device)
-    return autotune.choose(
+    config = autotune.choose(
         key, default, lambda: candidate_configs(m, n, k, group_size, x.dtype, scale.dtype, x.device), run, reference,
         tolerance=1e-3)
+    if config.get("path") == "wgmma" and wgmma_refusal(x, scale, group_size):
+        # a stored choice that these scales or this Triton cannot take: the generic path, never an error
+        return default
+    return config
+
+
+def wgmma_refusal(x, scale, group_size: int) -> Optional[str]:
+    """Why the ``wgmma`` path cannot take these inputs, or None when it can: it runs W4A16's wgmma kernel on
+    exact_fp16_operands, so it takes groups of 128 codes and 16-bit scales (exact in fp16 once divided by their
+    row's power of two), any float x, on a Hopper GPU with Triton's Gluon."""
+    if group_size != BLOCK_K_WGMMA:
+        return f"the wgmma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
+    if scale.dtype not in (torch.float16, torch.bfloat16):
+        return f"the wgmma path takes fp16 or bf16 scales, got {scale.dtype}"
+    if not wgmma_runs(x.device):
+        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
+    return None
 
 
 def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> list:
     """Every configuration an autotuning search tries for an M-row call on CUDA: the int8 GEMM's tiles, the W4A16
     GEMV up to 8 rows (gemv_candidates of its configuration for the card), W4A16's centered tile up to 128 rows (x
     quantized into its order or gathered) and its x-ordered units, the fp16_gemm tiles from 33 rows, the HALVES
-    tiles from 65 to 1024 rows, and dequantization + cuBLAS past 128."""
+    tiles from 65 to 1024 rows, dequantization + cuBLAS past 128, and from 64 rows W4A16's wgmma kernel on the same
+    operands as fp16_gemm (groups of 128 codes, 16-bit scales, a Hopper GPU)."""
     gemv = gemv_candidates([gemv_config(m, n, k, group_size, x_dtype, scale_dtype, device)], m) if m <= 8 else []
     tile = [gemm_config(m, n, k, group_size, x_dtype, device)] if 2 <= m <= GEMM_MAX_M else []
     # also the x-ordered units (the form for groups under 32 codes)
@@ -336,7 +355,10 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dt
              for form in (dict(PERMUTE_X=False), dict(GATHER_X=False, CENTERED=False, PERMUTE_X=False))]
     dequant = [dict(path="dequant")] if m > GEMM_MAX_M else []
     fp16 = fp16_gemm_candidates(m, n, k, group_size, device) if m > FP16_GEMM_MIN_M else []
-    return int8_tile_candidates(m) + gemv + tile + fp16 + halves_candidates(m, group_size) + dequant
+    wgmma = []
+    if m >= 64 and group_size == BLOCK_K_WGMMA and scale_dtype != torch.float32 and wgmma_runs(torch.device(device)):
+        wgmma = wgmma_configs(m, n)
+    return int8_tile_candidates(m) + gemv + tile + fp16 + halves_candidates(m, group_size) + dequant + wgmma
 
 
 def halves_candidates(m: int, group_size: int) -> list:
@@ -586,6 +608,14 @@ def int8_int4_linear_triton(
         xi, sx, p, scaled = exact_fp16_operands(x, scale, width)
         return w4a16.launch(xi, qdata, scaled, None, group_size, bias, dict(config, path="gemm"), row_scale=sx,
                             col_scale=p, out_dtype=x.dtype, x_fragment_ordered=bool(width))
+    if config.get("path") == "wgmma":
+        refusal = wgmma_refusal(x, scale, group_size)
+        if refusal:
+            raise ValueError(refusal)
+        # the centered activations quantized straight into the kernel's column order
+        xi, sx, p, scaled = exact_fp16_operands(x, scale, qdata.shape[1] * 2)
+        return w4a16.launch(xi, qdata, scaled, None, group_size, bias, config, row_scale=sx, col_scale=p,
+                            out_dtype=x.dtype, x_fragment_ordered=True)
     if config.get("path") == "gemv" and config.get("FUSED"):
         # one kernel: the W4A16 GEMV quantizing x itself
         params = {key: value for key, value in config.items() if key not in ("path", "FUSED")}

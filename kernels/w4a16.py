@@ -907,9 +907,9 @@ def tile_forms(params: dict, x, scale, zero, group_size: int) -> dict:
 def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None, col_scale=None,
            out_dtype=None, x_fragment_ordered: bool = False) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, N] in ``out_dtype`` (default x.dtype).
-    ``row_scale`` (fp32 [M], the GEMV and the GEMM) multiplies each row's products before the bias;
-    ``col_scale`` (fp32 [N], the GEMM) each column's. ``x_fragment_ordered`` (PERMUTE_X configurations only): x is
-    already what tiles.fragment_ordered_x would make of it, padded to the codes' width."""
+    ``row_scale`` (fp32 [M], the GEMV, the GEMM and wgmma) multiplies each row's products before the bias;
+    ``col_scale`` (fp32 [N], the GEMM and wgmma) each column's. ``x_fragment_ordered`` (PERMUTE_X configurations
+    and wgmma): x is already what tiles.fragment_ordered_x would make of it, padded to the codes' width."""
     m, k = x.shape
     n = qdata.shape[0]
     params = dict(config)
@@ -925,14 +925,13 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
     if path == "gemv":
         return gemv(x, qdata, scale, zero, group_size, bias, params, row_scale=row_scale)
     if path == "wgmma":
-        if row_scale is not None or col_scale is not None or out_dtype not in (None, x.dtype):
-            raise ValueError("row_scale, col_scale and out_dtype are taken by the gemv and gemm paths, not 'wgmma'")
         refusal = wgmma_refusal(x, scale, zero, group_size)
         if refusal:
             raise ValueError(refusal)
         from aofunc.kernels import wgmma  # imports Triton's Gluon
 
-        return wgmma.w4a16_linear(x, qdata, scale, zero, bias, params)
+        return wgmma.w4a16_linear(x, qdata, scale, zero, bias, params, row_scale=row_scale, col_scale=col_scale,
+                                  out_dtype=out_dtype, x_fragment_ordered=x_fragment_ordered)
     scale, zero, bias, row_scale, col_scale = unit_stride(scale, zero, bias, row_scale, col_scale)
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     split = params.pop("SPLIT_K")

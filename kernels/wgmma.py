@@ -183,8 +183,9 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 
 
 @gluon.jit
-def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_qn, stride_sn,
-                  stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
+                  stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
                   MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = x_desc.dtype
@@ -267,8 +268,10 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_
 
     n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    if BITS == 8:
-        acc = acc * gl.expand_dims(gl.load(s_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    if HAS_COL:  # a scale a row of w (an output column)
+        acc = acc * gl.expand_dims(gl.load(c_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    if HAS_ROW:  # a scale a row of x
+        acc = acc * gl.expand_dims(gl.load(r_ptr + m_out, mask=m_out < M, other=0.0), 0)
     if HAS_BIAS:
         acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
     y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
@@ -276,14 +279,20 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_
     gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
-    """y = x @ w.T + bias for W4A16 g128 codes [N, K/2] with scales and zeros [N, K/128]. The inputs are those
-    w4a16.wgmma_refusal accepts; ``params`` as in the module's docstring."""
+def w4a16_linear(x, qdata, scale, zero, bias, params: dict, row_scale=None, col_scale=None, out_dtype=None,
+                 x_fragment_ordered: bool = False) -> torch.Tensor:
+    """y = ((x @ w.T) * row_scale[:, None] * col_scale[None, :] + bias).to(out_dtype or x.dtype) for W4A16 g128
+    codes [N, K/2] with scales and zeros [N, K/128]; row_scale [M] and col_scale [N] fp32, optional. The inputs are
+    those w4a16.wgmma_refusal accepts; ``params`` as in the module's docstring. ``x_fragment_ordered``: x is
+    already tiles.fragment_ordered_x of itself, K/2 * 2 columns."""
     kp = qdata.shape[1] * 2
+    if x_fragment_ordered and x.shape[1] != kp:
+        raise ValueError(f"x in fragment order must be {kp} columns wide, got {x.shape[1]}")
     scale, zero = unit_stride(scale, zero)
     z = scale if zero is None else zero  # no zero stored: the scales stand in as a pointer the kernel never reads
-    return _launch(x, lambda: fragment_ordered_x(x, kp), qdata, scale, z, kp, bias, params, bits=4,
-                   zero_kind=w4a16.zero_kind(zero), asm=_PAIRS_ASM[x.dtype])
+    return _launch(x, (lambda: x) if x_fragment_ordered else (lambda: fragment_ordered_x(x, kp)), qdata, scale, z,
+                   kp, bias, params, bits=4, zero_kind=w4a16.zero_kind(zero), asm=_PAIRS_ASM[x.dtype],
+                   row_scale=row_scale, col_scale=col_scale, out_dtype=out_dtype)
 
 
 def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
@@ -291,7 +300,7 @@ def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
     are those w8a16.wgmma_refusal accepts; ``params`` as in the module's docstring."""
     (scale,) = unit_stride(scale)
     return _launch(x, lambda: bytes_ordered_x(x), qdata, scale, scale, x.shape[1], bias, params, bits=8, zero_kind=2,
-                   asm=_BYTES_ASM[x.dtype])
+                   asm=_BYTES_ASM[x.dtype], col_scale=scale)
 
 
 def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
@@ -301,12 +310,15 @@ def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(m, k // 128, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
 
 
-def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str):
+def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str,
+            row_scale=None, col_scale=None, out_dtype=None):
     """The kernel on x (its tile-ordered copy made by ``ordered_x``) and a weight of ``bits``-bit codes over kp
-    columns: the output's buffers, the split of K, the partial sums added up."""
+    columns, each partial sum times row_scale and col_scale where given: the output's buffers (out_dtype, default
+    x's), the split of K, the partial sums added up."""
     m, n = x.shape[0], qdata.shape[0]
+    out_dtype = out_dtype or x.dtype
     if m == 0:
-        return torch.zeros(0, n, dtype=x.dtype, device=x.device)
+        return torch.zeros(0, n, dtype=out_dtype, device=x.device)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
     half = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(ordered_x(), [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
@@ -315,15 +327,17 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
     per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, per_split)
     if split == 1:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     else:
         y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    (bias,) = unit_stride(bias)
+    bias, row_scale, col_scale = unit_stride(bias, row_scale, col_scale)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _wgmma_kernel[grid](
-        x_desc, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, words.stride(0),
-        scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1,
+        x_desc, words, scale, z, y if bias is None else bias, y if row_scale is None else row_scale,
+        y if col_scale is None else col_scale, y, m, n, kp, per_split, words.stride(0), scale.stride(0), z.stride(0),
+        n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
+        HAS_COL=col_scale is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
         IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), ASM=asm, MAGIC=_MAGIC[x.dtype],
         num_warps=params["num_warps"])
@@ -332,4 +346,4 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
     total = y.sum(0)
     if bias is not None:
         total += bias.float()
-    return total.to(x.dtype)
+    return total.to(out_dtype)

@@ -153,29 +153,31 @@ for kernel, pointers, constexprs, tensor_cores in CASES:
 # the wgmma path (Gluon): W4A16's weight tile from registers straight to the MMA (no shared memory on its way), or
 # stored to shared memory by stmatrix (A_SHARED), or with one MMA kept in flight while the next tile is built
 # (IN_FLIGHT: a wait for all but one MMA in the loop); W8A16's bytes likewise, in fp16 and bf16, its words in 16-byte
-# loads
+# loads; 8da4w's fp16 operands without zeros, rows and columns scaled, a bf16 output
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from aofunc.kernels import wgmma
 
 kernel = wgmma._wgmma_kernel
-FORMS = [(4, "bf16", False, False, 4), (4, "bf16", True, False, 8), (4, "bf16", False, True, 4),
-         (8, "bf16", False, False, 4), (8, "fp16", False, True, 8)]
-for bits, half, shared, in_flight, warps in FORMS:
+FORMS = [(4, "bf16", False, False, 4, False), (4, "bf16", True, False, 8, False), (4, "bf16", False, True, 4, False),
+         (8, "bf16", False, False, 4, False), (8, "fp16", False, True, 8, False), (4, "fp16", False, False, 8, True)]
+for bits, half, shared, in_flight, warps, scaled in FORMS:
     dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[half]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[half]
     layout = gl.NVMMASharedLayout.get_default_for([64, 128], dtype)
     asm = w4a16.pairs_ptx(half) if bits == 4 else wgmma._BYTES_ASM[torch_dtype]
-    constexprs = dict(BITS=bits, ZERO=0 if bits == 4 else 2, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=128, STAGES=3,
-                      A_SHARED=shared, IN_FLIGHT=in_flight, ASM=asm, MAGIC=128.0, num_warps=warps)
+    constexprs = dict(BITS=bits, ZERO=0 if bits == 4 and not scaled else 2, HAS_BIAS=True, HAS_ROW=scaled,
+                      HAS_COL=bits == 8 or scaled, BLOCK_M=64, BLOCK_N=128, STAGES=3, A_SHARED=shared,
+                      IN_FLIGHT=in_flight, ASM=asm, MAGIC=1024.0 if half == "fp16" else 128.0, num_warps=warps)
     pointers = dict(x_desc=f"tensordesc<{half}[64, 128],{layout!r}>", q_ptr="*i32", s_ptr=f"*{half}",
-                    z_ptr=f"*{half}", b_ptr=f"*{half}", y_ptr=f"*{half}")
+                    z_ptr=f"*{half}", b_ptr=f"*{half}", r_ptr="*fp32", c_ptr="*fp32" if scaled else f"*{half}",
+                    y_ptr="*bf16" if scaled else f"*{half}")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
     aligned = {(kernel.arg_names.index(p),): [["tt.divisibility", 16]] for p in ("q_ptr", "stride_qn")}
     source = GluonASTSource(kernel, signature, constexprs={(kernel.arg_names.index(p),): v
                                                            for p, v in constexprs.items()}, attrs=aligned)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
-    form = f"wgmma path, {bits}-bit codes, A_SHARED={shared}, IN_FLIGHT={in_flight}"
+    form = f"wgmma path, {bits}-bit codes, A_SHARED={shared}, IN_FLIGHT={in_flight}, scaled={scaled}"
     assert "wgmma.mma_async" in ptx and ("stmatrix" in ptx) == shared, form
     waits = set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx))
     assert waits == ({"0", "1"} if shared or in_flight else {"0"}), f"{form}: {waits}"
@@ -190,4 +192,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 42", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 43", done.stderr[-3000:]

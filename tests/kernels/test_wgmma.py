@@ -1,4 +1,4 @@
-"""The ``wgmma`` path of W4A16 and W8A16 (Gluon, Hopper's warpgroup MMA).
+"""The ``wgmma`` path of W4A16, W8A16 and 8da4w (Gluon, Hopper's warpgroup MMA).
 
 On a Hopper GPU with Triton's Gluon: the path against the reference twin on ragged shapes, every zero kind, fp16 and
 bf16 x, with and without bias, K split, the weight tile in registers or through shared memory, strided and empty x;
@@ -8,7 +8,7 @@ never searched, and a stored choice of it falls back to the generic path.
 import pytest
 import torch
 
-from aofunc.kernels import autotune, tiles, w4a16, w8a16
+from aofunc.kernels import autotune, int8_int4, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
 from tests.kernels.devices import DEVICE
 
@@ -188,3 +188,88 @@ def test_a_stored_w8a16_wgmma_choice_the_inputs_cannot_take_runs_the_generic_pat
     monkeypatch.setattr(autotune, "choose", lambda key, default, **kwargs: _config())
     got = w8a16.w8a16_linear_triton(x, qdata, scale)
     assert torch.equal(got, w8a16.launch(x, qdata, scale, None, w8a16.default_config(5, 64, 200, x.dtype, x.device)))
+
+
+def _int4_weight(n, k, scale_dtype, seed=0):
+    """8da4w codes: random nibbles, K padded to whole groups of 128 with code 8 (q = 0), scales spread over 2^4."""
+    g = torch.Generator().manual_seed(seed)
+    kp = -(-k // 128) * 128
+    u = torch.randint(0, 16, (n, kp), dtype=torch.uint8, generator=g)
+    u[:, k:] = 8
+    scale = (torch.rand(n, kp // 128, generator=g) + 0.0625) * 0.02
+    return ((u[:, 0::2] << 4) | u[:, 1::2]).to(DEVICE), scale.to(DEVICE, scale_dtype)
+
+
+def _8da4w_twin(x, qdata, scale, bias):
+    """The 8da4w twin with the bias added in fp32 before the one rounding to x's dtype, as the wgmma path does."""
+    return int8_int4.int8_int4_linear_ref(x.float(), qdata, scale, 128, None if bias is None else bias.float()
+                                          ).to(x.dtype)
+
+
+@hopper_only
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (37, 200, 384), (300, 130, 1000), (130, 256, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
+def test_8da4w_wgmma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, config):
+    # the W4A16 kernel on the exact fp16 operands: centered activations times (code - 8) * scale / p, the row's
+    # scale and the column's power of two in the epilogue
+    qdata, scale = _int4_weight(n, k, torch.float16 if m % 3 == 0 else torch.bfloat16, seed=m)
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(m, k, generator=g) * 3 + 1).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if m % 2 else None
+    inputs = [t.clone() for t in (x, qdata, scale) + (() if bias is None else (bias,))]
+    want = _8da4w_twin(x, qdata, scale, bias).double()
+    got = int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, bias, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-3
+    assert torch.equal(int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, bias, config=config), got)
+    after = [t for t in (x, qdata, scale, bias) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@hopper_only
+def test_8da4w_wgmma_takes_strided_and_empty_x_and_is_searched():
+    qdata, scale = _int4_weight(96, 256, torch.bfloat16)
+    wide = torch.randn(20, 512, device=DEVICE, dtype=torch.bfloat16)
+    config = _config(128, 128, 3, 2, False, 8)
+    strided = int8_int4.int8_int4_linear_triton(wide[:, ::2], qdata, scale, 128, None, config=config)
+    assert torch.equal(strided, int8_int4.int8_int4_linear_triton(wide[:, ::2].contiguous(), qdata, scale, 128,
+                                                                  None, config=config))
+    empty = int8_int4.int8_int4_linear_triton(wide[:0, :256], qdata, scale, 128, None, config=config)
+    assert empty.shape == (0, 96) and empty.dtype == torch.bfloat16
+    device = torch.device(DEVICE)
+    assert any(c["path"] == "wgmma" for c in int8_int4.candidate_configs(64, 4096, 4096, 128, torch.bfloat16,
+                                                                          torch.bfloat16, device))
+    for m, group_size, scale_dtype in ((32, 128, torch.bfloat16), (64, 64, torch.bfloat16), (64, 128, torch.float32)):
+        configs = int8_int4.candidate_configs(m, 4096, 4096, group_size, torch.bfloat16, scale_dtype, device)
+        assert not any(c.get("path") == "wgmma" for c in configs), (m, group_size, scale_dtype)
+
+
+@pytest.mark.parametrize("group_size,scale_dtype,why", [(64, torch.bfloat16, "groups of 128"),
+                                                        (128, torch.float32, "fp16 or bf16 scales")])
+def test_8da4w_wgmma_refuses_what_it_cannot_take_before_any_work(group_size, scale_dtype, why):
+    qdata, scale = _int4_weight(64, 256, scale_dtype)
+    scale = scale.repeat_interleave(2, 1) if group_size == 64 else scale
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=why):
+        int8_int4.int8_int4_linear_triton(x, qdata, scale, group_size, None, config=_config())
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="off Hopper only")
+def test_8da4w_wgmma_is_refused_off_hopper_and_never_searched():
+    qdata, scale = _int4_weight(64, 256, torch.bfloat16)
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Hopper"):
+        int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, None, config=_config())
+    configs = int8_int4.candidate_configs(64, 64, 256, 128, torch.bfloat16, torch.bfloat16, torch.device(DEVICE))
+    assert configs and not any(c.get("path") == "wgmma" for c in configs)
+
+
+def test_a_stored_8da4w_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(monkeypatch):
+    # fp32 scales on any device, or any scales off Hopper: the stored choice is set aside for the default
+    qdata, scale = _int4_weight(64, 256, torch.float32)
+    x = torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.setattr(autotune, "choose", lambda *args, **kwargs: _config())
+    got = int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, None)
+    default = int8_int4.default_config(5, 64, 256, 128, x.dtype, scale.dtype, x.device)
+    assert torch.equal(got, int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, None, config=default))
