@@ -42,7 +42,8 @@ def candidates_for(text: str):
         # the GEMV forms start from the card's W4A16 GEMV winner, any of W4A16's GEMV candidates
         w4a16_gemv = [c for c in w4a16.candidate_configs(m, n, k, group, dtype, cpu) if c["path"] == "gemv"]
         pool = (int8_int4.candidate_configs(m, n, k, group, dtype, dtype, cpu)
-                + (int8_int4.gemv_candidates(w4a16_gemv, m) if m <= 8 else []))
+                + (int8_int4.gemv_candidates(w4a16_gemv, m) if m <= 8 else [])
+                + (tiles.wgmma_configs(m, n) if m >= 64 and group == 128 else []))
         return [without_split(c) if c.get("path") in ("gemm", "fp16_gemm") else c for c in pool]
     return None
 

@@ -238,7 +238,7 @@ def test_8da4w_wgmma_takes_strided_and_empty_x_and_is_searched():
     empty = int8_int4.int8_int4_linear_triton(wide[:0, :256], qdata, scale, 128, None, config=config)
     assert empty.shape == (0, 96) and empty.dtype == torch.bfloat16
     device = torch.device(DEVICE)
-    assert any(c["path"] == "wgmma" for c in int8_int4.candidate_configs(64, 4096, 4096, 128, torch.bfloat16,
+    assert any(c.get("path") == "wgmma" for c in int8_int4.candidate_configs(64, 4096, 4096, 128, torch.bfloat16,
                                                                           torch.bfloat16, device))
     for m, group_size, scale_dtype in ((32, 128, torch.bfloat16), (64, 64, torch.bfloat16), (64, 128, torch.float32)):
         configs = int8_int4.candidate_configs(m, 4096, 4096, group_size, torch.bfloat16, scale_dtype, device)
