@@ -279,9 +279,10 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
     gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-# The registers each thread of the warp-specialized form's dequantizing warps may hold (setmaxnreg), by their number
-# (one warpgroup or two); the MMA warps get the rest of the register file
-PRODUCER_REGS = {4: 168, 8: 96}
+# The warp-specialized form's dequantizing warps (one warpgroup) and the registers each of their threads may hold
+# (setmaxnreg; the MMA warps get the rest of the register file)
+PRODUCER_WARPS = 4
+PRODUCER_REGS = 168
 
 
 @gluon.jit
@@ -321,14 +322,10 @@ def _ws_producer(x_desc, q_ptr, s_ptr, z_ptr, x_smem, a_smem, ready, empty, N, o
     mask = gl.expand_dims(rows < N, 1)
     s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
     z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
-    # the codes, scales and zeros of the next three steps are loaded ahead, in registers: one step of dequantizing
-    # is shorter than a load's latency from memory
     q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
-    q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO, BITS)
-    q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(2, n_steps - 1), mask, ZERO, BITS)
     for k in range(n_steps):
         stage = k % STAGES
-        q3, s3, z3 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 3, n_steps - 1), mask, ZERO, BITS)
+        q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 1, n_steps - 1), mask, ZERO, BITS)
         a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
         # the stage's last reader, the MMA of step k - STAGES, is done (a fresh barrier passes the first round)
         mbarrier.wait(empty.index(stage), ((k // STAGES) & 1) ^ 1)
@@ -339,8 +336,6 @@ def _ws_producer(x_desc, q_ptr, s_ptr, z_ptr, x_smem, a_smem, ready, empty, N, o
         gl.thread_barrier()
         mbarrier.arrive(ready.index(stage))
         q, s, z = q1, s1, z1
-        q1, s1, z1 = q2, s2, z2
-        q2, s2, z2 = q3, s3, z3
 
 
 @gluon.jit
@@ -454,8 +449,7 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
                       HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                       STAGES=params["STAGES"], ASM=asm, MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
     if params.get("WARP_SPECIALIZED"):
-        producers = params.get("PRODUCER_WARPS", 4)
-        _ws_kernel[grid](*args, PRODUCER_WARPS=producers, PRODUCER_REGS=PRODUCER_REGS[producers], **constexprs)
+        _ws_kernel[grid](*args, PRODUCER_WARPS=PRODUCER_WARPS, PRODUCER_REGS=PRODUCER_REGS, **constexprs)
     else:
         _wgmma_kernel[grid](*args, A_SHARED=params["A_SHARED"],
                             IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), **constexprs)
