@@ -279,115 +279,6 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
     gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-# The warp-specialized form's dequantizing warps (one warpgroup) and the registers each of their threads may hold
-# (setmaxnreg; the MMA warps get the rest of the register file)
-PRODUCER_WARPS = 4
-PRODUCER_REGS = 168
-
-
-@gluon.jit
-def _ws_consumer(x_smem, a_smem, ready, empty, n_steps, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """The MMA warps: each step's MMA on the stage the producer filled, one MMA in flight; a stage is handed back
-    once the MMA that read it is done."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    for k in range(n_steps):
-        stage = k % STAGES
-        mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
-        acc = warpgroup_mma(a_smem.index(stage), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        # every warpgroup's MMA of step k - 1 is done: its stage is free
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
-    return (warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), )
-
-
-@gluon.jit
-def _ws_producer(x_desc, q_ptr, s_ptr, z_ptr, x_smem, a_smem, ready, empty, N, off_n, off_m, first, n_steps,
-                 stride_qn, stride_sn, stride_zn, BITS: gl.constexpr, ZERO: gl.constexpr, ASM: gl.constexpr,
-                 MAGIC: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The dequantizing warps: for each step, once its stage is free, x's tile by TMA and the weight tile built in
-    registers and stored into the stage's shared memory."""
-    num_warps: gl.constexpr = gl.num_warps()
-    dtype: gl.constexpr = x_desc.dtype
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, 64, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    wl: gl.constexpr = word_layout(BLOCK_N, num_warps, BITS)
-    rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, wl))
-    words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
-    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
-    mask = gl.expand_dims(rows < N, 1)
-    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
-    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
-    q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
-    for k in range(n_steps):
-        stage = k % STAGES
-        q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 1, n_steps - 1), mask, ZERO, BITS)
-        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
-        # the stage's last reader, the MMA of step k - STAGES, is done (a fresh barrier passes the first round)
-        mbarrier.wait(empty.index(stage), ((k // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes)
-        _tma_load(x_desc, [off_m, (first + k) * STEP], ready.index(stage), x_smem.index(stage))
-        a_smem.index(stage).store(a)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(ready.index(stage))
-        q, s, z = q1, s1, z1
-
-
-@gluon.jit
-def _ws_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
-               stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
-               HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr,
-               PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """_wgmma_kernel with its work split between warps: PRODUCER_WARPS warps dequantize each step's weight tile
-    into a ring of STAGES shared-memory stages (with x's tile beside it) while num_warps warps run the MMAs."""
-    dtype: gl.constexpr = x_desc.dtype
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
-    off_n = pid_n * BLOCK_N
-    off_m = pid_m * BLOCK_M
-    first = pid_k * steps_per_split
-    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
-
-    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
-    a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, STEP],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, STEP], dtype))
-    # ready: the producer's expect of x's bytes and its arrive once the weight tile is stored; empty: the MMA warps'
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=2)
-        mbarrier.init(empty.index(i), count=1)
-    (acc, ) = gl.warp_specialize([
-        (_ws_consumer, (x_smem, a_smem, ready, empty, n_steps, BLOCK_N, BLOCK_M, STAGES, num_warps)),
-        (_ws_producer, (x_desc, q_ptr, s_ptr, z_ptr, x_smem, a_smem, ready, empty, N, off_n, off_m, first, n_steps,
-                        stride_qn, stride_sn, stride_zn, BITS, ZERO, ASM, MAGIC, BLOCK_N, STAGES)),
-    ], [PRODUCER_WARPS], [PRODUCER_REGS])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
-
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    if HAS_COL:
-        acc = acc * gl.expand_dims(gl.load(c_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
-    if HAS_ROW:
-        acc = acc * gl.expand_dims(gl.load(r_ptr + m_out, mask=m_out < M, other=0.0), 0)
-    if HAS_BIAS:
-        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
-    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
-    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
-    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
 def w4a16_linear(x, qdata, scale, zero, bias, params: dict, row_scale=None, col_scale=None, out_dtype=None,
                  x_fragment_ordered: bool = False) -> torch.Tensor:
     """y = ((x @ w.T) * row_scale[:, None] * col_scale[None, :] + bias).to(out_dtype or x.dtype) for W4A16 g128
@@ -442,17 +333,14 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
     bias, row_scale, col_scale = unit_stride(bias, row_scale, col_scale)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    args = (x_desc, words, scale, z, y if bias is None else bias, y if row_scale is None else row_scale,
-            y if col_scale is None else col_scale, y, m, n, kp, per_split, words.stride(0), scale.stride(0),
-            z.stride(0), n, m * n)
-    constexprs = dict(BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1,
-                      HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                      STAGES=params["STAGES"], ASM=asm, MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
-    if params.get("WARP_SPECIALIZED"):
-        _ws_kernel[grid](*args, PRODUCER_WARPS=PRODUCER_WARPS, PRODUCER_REGS=PRODUCER_REGS, **constexprs)
-    else:
-        _wgmma_kernel[grid](*args, A_SHARED=params["A_SHARED"],
-                            IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), **constexprs)
+    _wgmma_kernel[grid](
+        x_desc, words, scale, z, y if bias is None else bias, y if row_scale is None else row_scale,
+        y if col_scale is None else col_scale, y, m, n, kp, per_split, words.stride(0), scale.stride(0), z.stride(0),
+        n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
+        HAS_COL=col_scale is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
+        IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), ASM=asm, MAGIC=_MAGIC[x.dtype],
+        num_warps=params["num_warps"])
     if split == 1:
         return y
     total = y.sum(0)
