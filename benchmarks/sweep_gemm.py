@@ -194,10 +194,9 @@ def main(argv=None):
             k, n = map(int, shape.split("x"))
             for m in map(int, args.ms.split(",")):
                 run, ref, key, default, tol, bf16_us = problem(fmt, n, k, m)
-                if args.seed:
-                    pool = seeded(key, [table, seed], m) + ([dict(path="dequant")] if m >= 128 else [])
-                else:
-                    pool = candidates(fmt, m, n, k, device)
+                pool = candidates(fmt, m, n, k, device)
+                if args.seed:  # (only what the search itself would try: the shipped tables hold nothing else)
+                    pool = [c for c in seeded(key, [table, seed], m) + [dict(path="dequant")] if c in pool]
                 pool = [default] + [c for c in pool if c != default]
                 best, trials = autotune.search(pool, run, ref, tol)
                 default_us = trials[0].us
