@@ -9,7 +9,8 @@ the fastest correct configuration into ``--out`` (a shipped table: ``kernels/con
 
 With ``--seed kernels/configs/<other card>.json`` a key times only the default and the winners that ``--out`` and
 the other card's table hold for the same shape at M/2, M and 2M (and cuBLAS on the dequantized weight from 128
-rows): a short search that carries one card's table to another of the same architecture.
+rows), those among the op's own search candidates: a short search that carries one card's table to another of the
+same architecture.
 """
 from __future__ import annotations
 
@@ -120,6 +121,15 @@ def candidates(fmt, m, n, k, device):
     return out
 
 
+def tuner_candidates(fmt, m, n, k, device):
+    """Every configuration the op's own search (autotune) tries for this key, and this script's."""
+    own = {"w4a16": lambda: w4a16.candidate_configs(m, n, k, GROUP, torch.bfloat16, device),
+           "w8a16": lambda: w8a16.candidate_configs(m, n, k, torch.bfloat16, device),
+           "nf4": lambda: nf4.candidate_configs(m, n, k, NF4_BLOCK, torch.bfloat16, device),
+           "8da4w": lambda: []}[fmt]()
+    return own + candidates(fmt, m, n, k, device)
+
+
 def seeded(key, tables, m):
     """The configurations that ``tables`` (``{card: {str(key): config}}`` each) hold for ``key``'s shape at M/2, M
     and 2M, without repeats; for 8da4w also W4A16's wgmma winners (the same kernel, on exact fp16 operands)."""
@@ -194,9 +204,11 @@ def main(argv=None):
             k, n = map(int, shape.split("x"))
             for m in map(int, args.ms.split(",")):
                 run, ref, key, default, tol, bf16_us = problem(fmt, n, k, m)
-                pool = candidates(fmt, m, n, k, device)
-                if args.seed:  # (only what the search itself would try: the shipped tables hold nothing else)
-                    pool = [c for c in seeded(key, [table, seed], m) + [dict(path="dequant")] if c in pool]
+                if args.seed:  # (only what the tuner's search would try: the shipped tables hold nothing else)
+                    allowed = tuner_candidates(fmt, m, n, k, device)
+                    pool = [c for c in seeded(key, [table, seed], m) + [dict(path="dequant")] if c in allowed]
+                else:
+                    pool = candidates(fmt, m, n, k, device)
                 pool = [default] + [c for c in pool if c != default]
                 best, trials = autotune.search(pool, run, ref, tol)
                 default_us = trials[0].us
