@@ -1,4 +1,5 @@
-"""Search the GEMM forms of the weight-only formats and 8da4w for M > 1 on this card and write the winners as a shipped configuration table.
+"""Search the GEMM forms of the weight-only formats and 8da4w for M > 1 on this card and write the winners as a
+shipped configuration table.
 
     python benchmarks/sweep_gemm.py --formats w4a16,w8a16,nf4 --shapes 4096x14336,8192x28672 --ms 16,64,256,2048 \
         --out kernels/configs/<card-slug>.json
