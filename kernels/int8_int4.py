@@ -27,7 +27,7 @@ from .activations import EPS, ONE_PASS_MAX_K, asym_qparams, asym_quantize, per_t
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
 from .tiles import (BLOCK_K_WGMMA, fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k,
-                    unit_stride, wgmma_configs, wgmma_runs)
+                    unit_stride, wgmma_configs, wgmma_device_refusal, wgmma_runs)
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
@@ -337,9 +337,7 @@ def wgmma_refusal(x, scale, group_size: int) -> Optional[str]:
         return f"the wgmma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
     if scale.dtype not in (torch.float16, torch.bfloat16):
         return f"the wgmma path takes fp16 or bf16 scales, got {scale.dtype}"
-    if not wgmma_runs(x.device):
-        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
-    return None
+    return wgmma_device_refusal(x.device)
 
 
 def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> list:

@@ -475,14 +475,19 @@ def wgmma_runs(device: torch.device) -> bool:
     return _hopper(torch.cuda.current_device() if device.index is None else device.index) and _gluon_ready()
 
 
+def wgmma_device_refusal(device: torch.device) -> str | None:
+    """Why the ``wgmma`` path cannot run on ``device``, or None where wgmma_runs."""
+    if not wgmma_runs(device):
+        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {device}"
+    return None
+
+
 def wgmma_x_refusal(x: torch.Tensor) -> str | None:
     """Why the ``wgmma`` path cannot take this x whatever the weight's format, or None: it takes fp16 or bf16 x on
     a device where wgmma_runs."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the wgmma path takes fp16 or bf16 x, got {x.dtype}"
-    if not wgmma_runs(x.device):
-        return f"the wgmma path needs a Hopper GPU (compute capability 9.x) and Triton's Gluon; x is on {x.device}"
-    return None
+    return wgmma_device_refusal(x.device)
 
 
 @functools.cache
