@@ -26,8 +26,8 @@ from . import autotune, w4a16
 from .activations import EPS, ONE_PASS_MAX_K, asym_qparams, asym_quantize, per_token_block
 from .packing import GROUP_SIZES, unpack_uint4
 from .selector import Problem, default_path
-from .tiles import (BLOCK_K_WGMMA, fragment_column_of, fragment_tile_fits, grouped_tile, int8_fragment_column_of,
-                    interpreting, split_k, unit_stride, wgmma_configs, wgmma_device_refusal, wgmma_runs)
+from .tiles import (BLOCK_K_WGMMA, fragment_column_of, fragment_tile_fits, grouped_tile, interpreting, split_k,
+                    unit_stride, wgmma_configs, wgmma_device_refusal, wgmma_runs)
 from .w8a8 import check_activation, check_vector
 from .triton_compat import tl, triton
 
@@ -47,10 +47,9 @@ def _quantized(x, s, zp, xq_ptr, CENTERED: tl.constexpr):
 
 
 # The orders in which the quantization kernel may store a row's columns (its ORDER): in place, in the W4A16 tiles'
-# fragment order, in each group's halves, in the int8 wgmma tile's order (tiles.int8_fragment_column_of).
+# fragment order, in each group's halves.
 FRAGMENT_ORDER: tl.constexpr = tl.constexpr(1)
 HALVES_ORDER: tl.constexpr = tl.constexpr(2)
-INT8_FRAGMENT_ORDER: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
@@ -68,8 +67,6 @@ def _store_row_block(q_row, k0, q, KP, ORDER: tl.constexpr, GROUP: tl.constexpr,
         cols = k0 + tl.arange(0, BLOCK_K)
         if ORDER == FRAGMENT_ORDER:
             tl.store(q_row + fragment_column_of(cols), q, mask=cols < KP)
-        elif ORDER == INT8_FRAGMENT_ORDER:
-            tl.store(q_row + int8_fragment_column_of(cols), q, mask=cols < KP)
         else:
             tl.store(q_row + cols, q, mask=cols < KP)
 
@@ -175,11 +172,6 @@ HIGH_NIBBLES_PTX: tl.constexpr = tl.constexpr(
     "xor.b32 $0, t, 0x80808080; }")
 LOW_NIBBLES_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
-# The same for the nibbles of $1 shifted right by $5 (4: the high ones, 0: the low ones), packed four int8 to an
-# instance of four int32 inputs (the word and its shift, each four times: kernels/wgmma.py)
-NIBBLES_PTX: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 t; shr.b32 t, $1, $5; and.b32 t, t, 0x0F0F0F0F; add.u32 t, t, 0x78787878; "
-    "xor.b32 $0, t, 0x80808080; }")
 
 
 @triton.jit
@@ -348,32 +340,6 @@ def wgmma_refusal(x, scale, group_size: int) -> Optional[str]:
     return wgmma_device_refusal(x.device)
 
 
-def int8_wgmma_refusal(x, group_size: int) -> Optional[str]:
-    """Why the ``int8_wgmma`` path cannot take these inputs, or None when it can: groups of 128 codes (one MMA
-    step), any float x and scales, on a Hopper GPU with Triton's Gluon."""
-    if group_size != BLOCK_K_WGMMA:
-        return f"the int8_wgmma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
-    return wgmma_device_refusal(x.device)
-
-
-def int8_wgmma_configs(m: int, n: int) -> list:
-    """The ``int8_wgmma`` path's search space: tiles of 64 or 128 rows of x by 64 to 256 rows of w (each thread
-    holds its share of the fp32 sums and of one group's int32 sums: 128 a thread at most, or the registers
-    spill), two to four stages of x, splits of K."""
-    out = []
-    for block_m, block_n, warps in ((64, 64, 4), (128, 64, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8)):
-        if block_m > max(64, triton.next_power_of_2(m)):
-            continue
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        for split in (1, 2, 4):
-            if split > 1 and tiles * split > 1024:
-                continue
-            for stages in (2, 3, 4):
-                out.append(dict(path="int8_wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split,
-                                num_warps=warps))
-    return out
-
-
 def candidate_configs(m: int, n: int, k: int, group_size: int, x_dtype, scale_dtype, device) -> list:
     """Every configuration an autotuning search tries for an M-row call on CUDA: the int8 GEMM's tiles, the W4A16
     GEMV up to 8 rows (gemv_candidates of its configuration for the card), W4A16's centered tile up to 256 rows (x
@@ -482,7 +448,6 @@ def quantize_per_token_asym_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, tor
 def quantize_per_token_asym_int8_triton(
     x: torch.Tensor, block_k: Optional[int] = None, *, centered: bool = False,
     centered_dtype: Optional[torch.dtype] = None, fragment_width: int = 0, halves_group: int = 0,
-    int8_fragments: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's (xq, s, zp) by one Triton program per row; one pass over x when the row fits ``block_k``.
     ``centered``: xq - zp in ``centered_dtype`` (default x's dtype) in place of xq (the integer activations the
@@ -491,20 +456,16 @@ def quantize_per_token_asym_int8_triton(
     ``tiles.fragment_ordered_x`` would copy them (the PERMUTE_X tiles' x, without the copy's launch).
     ``halves_group`` (int8 xq only; a group size): xq padded with the quantized zero (zp) to a whole number of
     groups, each group's even columns stored first and its odd ones after them, the order of the high and the low
-    nibbles of the group's bytes of codes (the HALVES tile's x). ``int8_fragments`` (int8 xq only): xq padded
-    likewise to whole groups of 128 and stored in the int8 wgmma tile's order (tiles.int8_fragment_column_of)."""
+    nibbles of the group's bytes of codes (the HALVES tile's x)."""
     _check_quantize_args(x)
     m, k = x.shape
-    if int8_fragments and (centered or fragment_width or halves_group):
-        raise ValueError("int8_fragments stores int8 xq: it takes no centered, fragment_width or halves_group")
     if fragment_width and not (centered and fragment_width % 32 == 0 and fragment_width >= k):
         raise ValueError(f"fragment_width must be a multiple of 32 of at least K={k}, with centered=True; got "
                          f"{fragment_width} (centered={centered})")
     if halves_group and (centered or fragment_width or halves_group not in GROUP_SIZES):
         raise ValueError(f"halves_group must be one of {GROUP_SIZES}, without centered or fragment_width; got "
                          f"{halves_group} (centered={centered}, fragment_width={fragment_width})")
-    group = BLOCK_K_WGMMA if int8_fragments else halves_group  # xq padded to whole groups
-    width = fragment_width or (-(-k // group) * group if group else k)
+    width = fragment_width or (-(-k // halves_group) * halves_group if halves_group else k)
     xq = torch.empty((m, width), device=x.device, dtype=(centered_dtype or x.dtype) if centered else torch.int8)
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     zp = torch.empty((m,), device=x.device, dtype=torch.int32)
@@ -513,9 +474,8 @@ def quantize_per_token_asym_int8_triton(
     # The centered activations of a few rows (16-bit, in the tile's order) were faster in one block on an H200 (16
     # rows of 14336 columns: 6.4 us against 7.2 in two passes; 256 rows: 13.6 against 12.2).
     one_pass_max = CENTERED_ONE_PASS_MAX_K if centered and m <= 64 else ONE_PASS_MAX_K
-    block_k, num_warps, one_pass = per_token_block(width, block_k, group, one_pass_max)
-    order = (FRAGMENT_ORDER.value if fragment_width else HALVES_ORDER.value if halves_group
-             else INT8_FRAGMENT_ORDER.value if int8_fragments else 0)
+    block_k, num_warps, one_pass = per_token_block(width, block_k, halves_group, one_pass_max)
+    order = FRAGMENT_ORDER.value if fragment_width else (HALVES_ORDER.value if halves_group else 0)
     _quantize_per_token_asym_int8_kernel[(m,)](
         x, xq, s, zp, k, width, x.stride(0), x.stride(1), xq.stride(0),
         EPS_=EPS, ONE_PASS=one_pass, BLOCK_K=block_k, CENTERED=centered, ORDER=order,
@@ -656,16 +616,6 @@ def int8_int4_linear_triton(
         xi, sx, p, scaled = exact_fp16_operands(x, scale, qdata.shape[1] * 2)
         return w4a16.launch(xi, qdata, scaled, None, group_size, bias, config, row_scale=sx, col_scale=p,
                             out_dtype=x.dtype, x_fragment_ordered=True)
-    if config.get("path") == "int8_wgmma":
-        refusal = int8_wgmma_refusal(x, group_size)
-        if refusal:
-            raise ValueError(refusal)
-        from . import wgmma  # imports Triton's Gluon
-
-        xq, sx, zp = quantize_per_token_asym_int8_triton(x, int8_fragments=True)
-        qdata = qdata.contiguous()  # (the kernel reads a row's bytes as one run)
-        return wgmma.int8_int4_linear(xq, sx, zp, qdata, scale, group_code_sums_triton(qdata, group_size), bias,
-                                      config, x.dtype)
     if config.get("path") == "gemv" and config.get("FUSED"):
         # one kernel: the W4A16 GEMV quantizing x itself
         params = {key: value for key, value in config.items() if key not in ("path", "FUSED")}

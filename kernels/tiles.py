@@ -222,14 +222,6 @@ def fragment_column_of(c):
 
 
 @triton.jit
-def int8_fragment_column_of(c):
-    """Where the 8da4w int8 wgmma tile (kernels/wgmma.py) wants x's column c of each group of 128: at
-    32i + 16e + 4t + j for c = 32t + 8i + 2j + e (code e of byte 4i + j of lane t's sixteen bytes of the group),
-    so that a lane's four consecutive int8 operands of the MMA are four codes of one byte quad."""
-    return (128 * (c // 128) + 32 * ((c // 8) % 4) + 16 * (c % 2) + 4 * ((c // 32) % 4) + (c // 2) % 4)
-
-
-@triton.jit
 def nibble_fragments(t, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """The [ROWS, 8 * WORDS] tile of t[r, w, j0, j1, j2] (code j = 4 j2 + 2 j1 + j0 of word w, 4-bit codes packed
     eight to an int32 word), its columns in fragment order (fragment_columns) rather than in x's order.

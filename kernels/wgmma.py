@@ -32,7 +32,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from aofunc.kernels import w4a16
-from aofunc.kernels import int8_int4
 from aofunc.kernels.tiles import BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, unit_stride
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
@@ -40,11 +39,6 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK_K = BLOCK_K_WGMMA  # a step: 128 codes of a row, 16 words of 4-bit codes or 32 of bytes
 STEP = gl.constexpr(BLOCK_K)
-# 8da4w's int4 codes as int8 weights u - 8 (four nibbles of a word's bytes, shifted by $5), and the bits whose
-# float step is 1 that its int32 sums start from (kernels/int8_int4.py)
-NIBBLES = gl.constexpr(int8_int4.NIBBLES_PTX.value)
-MAGIC_BITS = gl.constexpr(int8_int4.MAGIC_BITS.value)
-MAGIC_FLOAT = gl.constexpr(int8_int4.MAGIC_FLOAT.value)
 # the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
 _PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
 _MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
@@ -64,11 +58,14 @@ _BYTES_ASM = {
 
 
 @gluon.constexpr_function
-def _rows_layout(reg, lane, rows, num_warps, columns):
-    """The layout of a [rows, columns] tile whose columns go to registers and the lanes of a quad by ``reg`` (with
-    the register basis [8, 0] among them, in its place) and ``lane`` (bases [0, c]): lane l and warp w hold rows
-    16w + l // 4 and 8 more, and every 16 * num_warps rows after, as the rows of Hopper's MMA operands are held."""
-    reg = list(reg)
+def word_layout(rows, num_warps, bits):
+    """[rows, 4 * bits] int32 words of a step: warp w (of num_warps, 4 a warpgroup) and lane l hold rows
+    16w + l // 4 and 8 more (and every 16 * num_warps rows after); 4-bit codes: words 4a + l % 4, a = 0..3; bytes:
+    words 8 (l % 4) + a, a = 0..7 (contiguous, for 16-byte loads)."""
+    if bits == 4:
+        reg, lane = [[8, 0], [0, 4], [0, 8]], [[0, 1], [0, 2]]
+    else:
+        reg, lane = [[0, 1], [0, 2], [0, 4], [8, 0]], [[0, 8], [0, 16]]
     r = 16 * num_warps
     while r < rows:
         reg.append([r, 0])
@@ -78,30 +75,7 @@ def _rows_layout(reg, lane, rows, num_warps, columns):
     while r < 16 * num_warps:
         warp.append([r, 0])
         r *= 2
-    return gl.DistributedLinearLayout(reg, lane + [[1, 0], [2, 0], [4, 0]], warp, [], [rows, columns])
-
-
-@gluon.constexpr_function
-def word_layout(rows, num_warps, bits):
-    """[rows, 4 * bits] int32 words of a step, rows as _rows_layout holds them: 4-bit codes: words 4a + l % 4,
-    a = 0..3 (l the lane); bytes: words 8 (l % 4) + a, a = 0..7 (contiguous, for 16-byte loads)."""
-    if bits == 4:
-        return _rows_layout([[8, 0], [0, 4], [0, 8]], [[0, 1], [0, 2]], rows, num_warps, 16)
-    return _rows_layout([[0, 1], [0, 2], [0, 4], [8, 0]], [[0, 8], [0, 16]], rows, num_warps, 32)
-
-
-@gluon.constexpr_function
-def nibble_word_layout(rows, num_warps):
-    """[rows, 16] int32 words of 4-bit codes, a step of 128 codes: lane l holds words 4 (l % 4) .. 4 (l % 4) + 3
-    of its rows (one 16-byte load a row), rows as _rows_layout holds them."""
-    return _rows_layout([[0, 1], [0, 2], [8, 0]], [[0, 4], [0, 8]], rows, num_warps, 16)
-
-
-@gluon.constexpr_function
-def operand_word_layout(rows, num_warps):
-    """[rows, 32] int32 words of int8 weights as Hopper's int8 MMA takes its left operand from registers: word
-    8i + 4e + t (four consecutive columns) in lane t of a quad, registers ordered by row + 8, e, then i."""
-    return _rows_layout([[8, 0], [0, 4], [0, 8], [0, 16]], [[0, 1], [0, 2]], rows, num_warps, 32)
+    return gl.DistributedLinearLayout(reg, lane + [[1, 0], [2, 0], [4, 0]], warp, [], [rows, 4 * bits])
 
 
 @gluon.jit
@@ -209,143 +183,14 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 
 
 @gluon.jit
-def _tile(M_FAST: gl.constexpr):
-    """(pid_n, pid_m): the program's tile of w's rows and of x's; M_FAST: consecutive programs take consecutive
-    tiles of x on one tile of w (which they then read from L2), else consecutive tiles of w (_grid)."""
-    if M_FAST:
-        pid_n = gl.program_id(1)
-        pid_m = gl.program_id(0)
-    else:
-        pid_n = gl.program_id(0)
-        pid_m = gl.program_id(1)
-    return pid_n, pid_m
-
-
-@gluon.jit
-def _store_sums(acc, mma: gl.constexpr, y_ptr, b_ptr, r_ptr, c_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys,
-                HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr):
-    """Store the [BLOCK_N, BLOCK_M] tile of fp32 sums (y^T) as y's tile, times the scale of its row of w
-    (HAS_COL) and of its row of x (HAS_ROW), plus the bias, in y's dtype; split K: into split pid_k's partials."""
-    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    if HAS_COL:  # a scale a row of w (an output column)
-        acc = acc * gl.expand_dims(gl.load(c_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
-    if HAS_ROW:  # a scale a row of x
-        acc = acc * gl.expand_dims(gl.load(r_ptr + m_out, mask=m_out < M, other=0.0), 0)
-    if HAS_BIAS:
-        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
-    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
-    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
-    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-@gluon.jit
-def _nibbles_tile(q, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr):
-    """The step's [ROWS, STEP] tile of the signed weights u - 8 as int8, in the int8 MMA's left-operand layout,
-    from [ROWS, 16] words of codes in nibble_word_layout: column 32i + 16e + 4t + j is nibble e (0: the high one,
-    the first code) of byte j of word 4t + i (int8_fragment_column_of orders x's columns to match).
-
-    The words are put in the operand's order first, each beside the shift (4 or 0) of the nibbles it gives, so
-    the one instruction sequence that turns a word into four int8 weights writes the operand's register itself:
-    bytes moved one at a time would cost a byte permute each."""
-    shifts = gl.join(gl.full([ROWS, 16], 4, gl.int32, q.type.layout), gl.full([ROWS, 16], 0, gl.int32, q.type.layout))
-    words = _operand_words(gl.join(q, q), ROWS, num_warps)
-    shifts = _operand_words(shifts, ROWS, num_warps)
-    w4 = gl.join(gl.join(words, words), gl.join(words, words))
-    s4 = gl.join(gl.join(shifts, shifts), gl.join(shifts, shifts))
-    t = gl.inline_asm_elementwise(NIBBLES, "=r,r,r,r,r,r,r,r,r", [w4, s4], dtype=gl.int8, is_pure=True, pack=4)
-    return gl.convert_layout(gl.reshape(t, [ROWS, STEP]), A_LAYOUT, assert_trivial=True)
-
-
-@gluon.jit
-def _operand_words(t, ROWS: gl.constexpr, num_warps: gl.constexpr):
-    """[ROWS, 16, 2] int32 t[r, 4t + i, e] as [ROWS, 32] in the int8 MMA operand's word order (column 8i + 4e + t)
-    and register order (operand_word_layout)."""
-    t = gl.permute(gl.reshape(t, [ROWS, 4, 4, 2]), [0, 2, 3, 1])
-    return gl.convert_layout(gl.reshape(t, [ROWS, 32]), operand_word_layout(ROWS, num_warps))
-
-
-@gluon.jit
-def _int8_int4_kernel(x_desc, q_ptr, s_ptr, w_ptr, zp_ptr, b_ptr, r_ptr, y_ptr, M, N, K, steps_per_split,
-                      stride_qn, stride_sn, stride_wn, stride_ym, stride_ys, HAS_BIAS: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, M_FAST: gl.constexpr,
-                      num_warps: gl.constexpr):
-    # 8da4w: y^T = s_x * sum_g scale_g * (w_g @ xq_g^T - wsum_g * zp), xq int8 in int8_fragment_column_of's order
-    # (TMA), w the int4 codes widened to int8 in registers, one group of 128 codes a step on the int8 MMA. Each
-    # step's int32 sums start from MAGIC_BITS - wsum_g * zp, so they leave the MMA as the bits of an exact fp32
-    # number, which one subtraction and one multiply-add by the group's scale add to the fp32 accumulator.
-    pid_n, pid_m = _tile(M_FAST)
-    pid_k = gl.program_id(2)
-    off_n = pid_n * BLOCK_N
-    off_m = pid_m * BLOCK_M
-    first = pid_k * steps_per_split
-    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
-
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 32])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    wl: gl.constexpr = nibble_word_layout(BLOCK_N, num_warps)
-
-    rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, wl))
-    q_ptrs = (q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (STEP // 8)
-              + gl.expand_dims(gl.arange(0, STEP // 8, layout=gl.SliceLayout(0, wl)), 0))
-    mask = gl.expand_dims(rows < N, 1)
-    n_acc = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    n_mask = n_acc < N
-    s_ptrs = s_ptr + n_acc * stride_sn + first
-    w_ptrs = w_ptr + n_acc * stride_wn + first
-    m_acc = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    neg_zp = gl.expand_dims(-gl.load(zp_ptr + m_acc, mask=m_acc < M, other=0), 0)
-
-    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, STEP], x_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    for i in gl.static_range(STAGES - 1):
-        _load_x(x_desc, ready, x_smem, off_m, first, i, n_steps, STAGES)
-
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    # the codes, scales and code sums of the next two steps are loaded ahead, in registers
-    q = gl.load(q_ptrs, mask=mask, other=0)
-    s = gl.load(s_ptrs, mask=n_mask, other=0.0)
-    ws = gl.load(w_ptrs, mask=n_mask, other=0)
-    step1 = gl.minimum(1, n_steps - 1)
-    q1 = gl.load(q_ptrs + step1 * (STEP // 8), mask=mask, other=0)
-    s1 = gl.load(s_ptrs + step1, mask=n_mask, other=0.0)
-    ws1 = gl.load(w_ptrs + step1, mask=n_mask, other=0)
-    for k in range(n_steps):
-        stage = k % STAGES
-        step2 = gl.minimum(k + 2, n_steps - 1)
-        q2 = gl.load(q_ptrs + step2 * (STEP // 8), mask=mask, other=0)
-        s2 = gl.load(s_ptrs + step2, mask=n_mask, other=0.0)
-        ws2 = gl.load(w_ptrs + step2, mask=n_mask, other=0)
-        a = _nibbles_tile(q, a_layout, BLOCK_N, num_warps)
-        sums = gl.expand_dims(ws, 1) * neg_zp + MAGIC_BITS
-        mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
-        # waited for at once (an int8 tile cannot be a dependency of a later wait, and the assembler Triton 3.6
-        # bundles can reuse the registers of an MMA still reading them)
-        sums = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), sums)
-        # the MMA of step k - 1 was done before this step began: its stage takes step k + STAGES - 1
-        _load_x(x_desc, ready, x_smem, off_m, first, k + STAGES - 1, n_steps, STAGES)
-        acc += (sums.to(gl.float32, bitcast=True) - MAGIC_FLOAT) * gl.expand_dims(s.to(gl.float32), 1)
-        q, s, ws = q1, s1, ws1
-        q1, s1, ws1 = q2, s2, ws2
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    _store_sums(acc, mma, y_ptr, b_ptr, r_ptr, r_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS, True,
-                False, BLOCK_M, BLOCK_N)
-
-
-@gluon.jit
 def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
                   stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
                   HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
-                  MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, M_FAST: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = x_desc.dtype
-    pid_n, pid_m = _tile(M_FAST)
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
     off_n = pid_n * BLOCK_N
     off_m = pid_m * BLOCK_M
@@ -421,8 +266,18 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
-    _store_sums(acc, mma, y_ptr, b_ptr, r_ptr, c_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
-                HAS_ROW, HAS_COL, BLOCK_M, BLOCK_N)
+    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    if HAS_COL:  # a scale a row of w (an output column)
+        acc = acc * gl.expand_dims(gl.load(c_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    if HAS_ROW:  # a scale a row of x
+        acc = acc * gl.expand_dims(gl.load(r_ptr + m_out, mask=m_out < M, other=0.0), 0)
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
+    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
+    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
 
 def w4a16_linear(x, qdata, scale, zero, bias, params: dict, row_scale=None, col_scale=None, out_dtype=None,
                  x_fragment_ordered: bool = False) -> torch.Tensor:
@@ -458,71 +313,34 @@ def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
 def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str,
             row_scale=None, col_scale=None, out_dtype=None):
     """The kernel on x (its tile-ordered copy made by ``ordered_x``) and a weight of ``bits``-bit codes over kp
-    columns, each partial sum times row_scale and col_scale where given, in out_dtype (default x's)."""
+    columns, each partial sum times row_scale and col_scale where given: the output's buffers (out_dtype, default
+    x's), the split of K, the partial sums added up."""
     m, n = x.shape[0], qdata.shape[0]
     out_dtype = out_dtype or x.dtype
     if m == 0:
         return torch.zeros(0, n, dtype=out_dtype, device=x.device)
-    block_m, block_n = params["BLOCK_M"], params["BLOCK_N"]
+    block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
     half = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(ordered_x(), [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [block_m, BLOCK_K], half))
-    per_split, split, y = _output(m, n, kp, params, out_dtype, x.device)
+    steps = kp // BLOCK_K
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if split == 1:
+        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    else:
+        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     bias, row_scale, col_scale = unit_stride(bias, row_scale, col_scale)
     words = int32_words(qdata)
-    _wgmma_kernel[_grid(m, n, params, split)](
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _wgmma_kernel[grid](
         x_desc, words, scale, z, y if bias is None else bias, y if row_scale is None else row_scale,
         y if col_scale is None else col_scale, y, m, n, kp, per_split, words.stride(0), scale.stride(0), z.stride(0),
         n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
         HAS_COL=col_scale is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
         IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), ASM=asm, MAGIC=_MAGIC[x.dtype],
-        M_FAST=params.get("M_FAST", False), num_warps=params["num_warps"])
-    return _total(y, split, bias, out_dtype)
-
-
-def int8_int4_linear(xq, sx, zp, qdata, scale, wsum, bias, params: dict, out_dtype: torch.dtype) -> torch.Tensor:
-    """8da4w on the int8 MMA: y = (sx[:, None] * sum_g scale_g * (xq_g - zp) @ (u_g - 8).T + bias).to(out_dtype)
-    for xq int8 [M, Kp] in int8_fragment_column_of's column order with its scales sx (fp32 [M]) and zero points zp
-    (int32 [M]), uint8 codes u [N, Kp / 2] (the first of a byte's two in its high nibble) in groups of 128 with
-    float scales [N, Kp / 128], and wsum (int32 [N, Kp / 128]) each group's sum of u - 8. ``params`` as in the
-    module's docstring (A_SHARED and IN_FLIGHT do not apply)."""
-    m, kp = xq.shape
-    n = qdata.shape[0]
-    if m == 0:
-        return torch.zeros(0, n, dtype=out_dtype, device=xq.device)
-    block_m, block_n = params["BLOCK_M"], params["BLOCK_N"]
-    x_desc = TensorDescriptor.from_tensor(xq, [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
-        [block_m, BLOCK_K], gl.int8))
-    per_split, split, y = _output(m, n, kp, params, out_dtype, xq.device)
-    scale, wsum, bias = unit_stride(scale, wsum, bias)
-    words = int32_words(qdata)
-    _int8_int4_kernel[_grid(m, n, params, split)](
-        x_desc, words, scale, wsum, zp, y if bias is None else bias, sx, y, m, n, kp, per_split, words.stride(0),
-        scale.stride(0), wsum.stride(0), n, m * n, HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=params["STAGES"], M_FAST=params.get("M_FAST", False), num_warps=params["num_warps"])
-    return _total(y, split, bias, out_dtype)
-
-
-def _grid(m: int, n: int, params: dict, split: int) -> tuple:
-    """The launch grid: tiles of w by tiles of x by splits of K, tiles of x first with M_FAST (kernel's _tile)."""
-    tiles = (triton.cdiv(n, params["BLOCK_N"]), triton.cdiv(m, params["BLOCK_M"]))
-    return (tiles[1], tiles[0], split) if params.get("M_FAST") else (tiles + (split,))
-
-
-def _output(m: int, n: int, kp: int, params: dict, out_dtype: torch.dtype, device):
-    """(steps a split, splits, the output's buffer): y [m, n] in out_dtype, or with K split fp32 partials
-    [split, m, n]."""
-    steps = kp // BLOCK_K
-    per_split = triton.cdiv(steps, params["SPLIT_K"])
-    split = triton.cdiv(steps, per_split)
-    if split == 1:
-        return per_split, split, torch.empty(m, n, dtype=out_dtype, device=device)
-    return per_split, split, torch.empty(split, m, n, dtype=torch.float32, device=device)
-
-
-def _total(y: torch.Tensor, split: int, bias, out_dtype: torch.dtype) -> torch.Tensor:
-    """y itself, or with K split its partials added in a fixed order, the bias after them."""
+        num_warps=params["num_warps"])
     if split == 1:
         return y
     total = y.sum(0)
