@@ -4,6 +4,8 @@
 
 Every ``benchmarks/results/<card>.json`` (rows as benchmarks/common.py describes) gives
 - ``## Linear: <card>``: one table per format of its ``linear`` rows, with the bf16/aofunc and peer/aofunc ratios;
+- ``## Targets: <card>``: those rows against the speeds the batched GEMMs aim at (TARGETS), and every time that
+  does not grow with M;
 - ``## Decode: <card>``: one table of its ``decode``, ``prefill`` and ``generate`` rows.
 Each such section starts with a line naming the file it was generated from; ``common.update_section`` replaces
 these sections only, so hand-written sections stay as they are. A generated section whose results file is gone
@@ -31,6 +33,64 @@ TIMINGS = {"cold_us": "`cold_us` (CUDA-graph replays with L2 flushed before each
 PEERS = {"tinygemm": "tinygemm is `aten._weight_int4pack_mm` on the same codes",
          "torch._int_mm": "torch._int_mm is an eager per-token quantization, `torch._int_mm` and eager scaling",
          "torchao": "torchao is its `quantize_` on an `nn.Linear`, compiled with `torch.compile`"}
+
+
+# The speeds the quantized linears aim at: bf16_us / aofunc_us with bf16 x, by format and M, on every benchmark
+# shape; TARGET_SHAPES holds a shape's own figure where it differs (a 4096 x 4096 weight at one row reads too few
+# bytes for the larger ones). And no time may jump: t(M) <= JUMP * t(the next larger M measured).
+TARGETS = {
+    "w4a16": {1: 3.0, 16: 2.5, 64: 1.8, 256: 1.1, 2048: 0.95},
+    "w8a16": {1: 1.8, 16: 1.6, 64: 1.3, 256: 1.0, 2048: 0.95},
+    "nf4": {1: 2.5, 16: 2.0, 64: 1.5, 256: 0.95, 2048: 0.9},
+    "w8a8": {1: 1.5, 16: 1.5, 64: 1.3, 256: 1.3, 2048: 1.4},
+    "8da4w": {1: 2.5, 16: 2.0, 64: 1.5, 256: 1.2, 2048: 1.2},
+}
+TARGET_SHAPES = {("w4a16", 1, 4096, 4096): 2.0, ("w8a16", 1, 4096, 4096): 1.4}
+JUMP = 1.05
+
+
+def target(name: str, m: int, k: int, n: int):
+    """The bf16/aofunc ratio format ``name`` aims at for M rows of a K x N weight, or None where it has none."""
+    return TARGET_SHAPES.get((name, m, k, n), TARGETS.get(name, {}).get(m))
+
+
+def target_table(rows) -> str:
+    """Each format's bf16/aofunc ratio (bf16 x) at every M that has a target, a column a weight shape, with "✓"
+    where the target is met, and how many shapes meet it."""
+    rows = [r for r in rows if r["x_dtype"] == "bfloat16" and r.get("bf16_us") and r.get("aofunc_us")]
+    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda s: (s[0] * s[1], s))
+    measured = {(r["format"], r["M"], r["K"], r["N"]): ratio(r["bf16_us"], r["aofunc_us"]) for r in rows}
+    body = []
+    for name in [f for f in FORMAT_ORDER if f in TARGETS]:
+        for m in TARGETS[name]:
+            cells, met, known = [], 0, 0
+            for k, n in shapes:
+                got, want = measured.get((name, m, k, n)), target(name, m, k, n)
+                if got is None:
+                    cells.append("—")
+                    continue
+                known += 1
+                met += got >= want
+                own = f" (≥ {want})" if want != TARGETS[name][m] else ""  # this shape's own target
+                cells.append(f"{got:.2f}" + (" ✓" if got >= want else "") + own)
+            if known:
+                body.append([name, str(m), f"≥ {TARGETS[name][m]}"] + cells + [f"{met} of {known}"])
+    return markdown_table(["format", "M", "target"] + [f"{k}×{n}" for k, n in shapes] + ["met"], body)
+
+
+def jumps(rows) -> list:
+    """Every (format, shape, x dtype, M) whose time exceeds JUMP times the time at the next larger M measured."""
+    series = {}
+    for r in rows:
+        if r.get("aofunc_us"):
+            series.setdefault((r["format"], r["K"], r["N"], r["x_dtype"]), []).append((r["M"], r["aofunc_us"]))
+    out = []
+    for (name, k, n, dtype), points in sorted(series.items(), key=lambda item: (_format_rank(item[0][0]), item[0])):
+        points.sort()
+        for (m, us), (m_next, us_next) in zip(points, points[1:]):
+            if us > JUMP * us_next:
+                out.append(f"{name} {k}×{n} ({dtype}): {fmt(us)} µs at M = {m}, {fmt(us_next)} at M = {m_next}")
+    return out
 
 
 def _joined(values) -> str:
@@ -138,6 +198,13 @@ def sections(path) -> dict:
             + (f", timed by {timing}" if timing else "") + ". `bf16` is `F.linear` with the bf16 weight (cuBLAS); "
             "ratios are baseline / aofunc (> 1: aofunc faster); \"(tuned)\" marks a stored configuration.\n\n"
             + linear_tables(linear))
+        slower = jumps(linear)
+        out[f"Targets: {card}"] = (
+            f"{source}; do not edit by hand.\n\n"
+            "bf16/aofunc for bf16 x at the rows that have a target, by weight shape K×N; \"✓\" marks a target met.\n\n"
+            + target_table(linear) + f"\n\nNo time may exceed {JUMP} times the time at the next larger M measured; "
+            + ("on this card these do:\n\n" + "\n".join(f"- {line}" for line in slower) if slower
+               else "on this card none does."))
     model = [r for r in data["rows"] if r.get("kind") in MODEL_KINDS]
     if model:
         out[f"Decode: {card}"] = (

@@ -206,7 +206,7 @@ def results(tmp_path):
 
 def test_render_writes_one_table_per_format_and_one_for_decode(results):
     folder, doc = results
-    assert render.render(folder, doc) == ["Linear: NVIDIA H200", "Decode: NVIDIA H200"]
+    assert render.render(folder, doc) == ["Linear: NVIDIA H200", "Targets: NVIDIA H200", "Decode: NVIDIA H200"]
     text = doc.read_text()
     assert text.startswith(HAND_WRITTEN.rstrip())  # hand-written sections stay, first
     linear_body = text.split("## Linear: NVIDIA H200\n\n", 1)[1].split("\n## ", 1)[0]
@@ -234,12 +234,53 @@ def test_render_again_replaces_its_sections_and_drops_those_without_results(resu
     kept = [r for r in common.load_results(path)["rows"] if r["kind"] == "linear"]
     path.write_text(common.dump_results(CARD, kept))
     common.record_rows([linear(m=1, aofunc_us=4.0, tuned=True)], card=CARD, path=path)
-    assert render.render(folder, doc) == ["Linear: NVIDIA H200"]
+    assert render.render(folder, doc) == ["Linear: NVIDIA H200", "Targets: NVIDIA H200"]
     text = doc.read_text()
     assert "## Decode: NVIDIA H200" not in text
     assert "| 4096×4096 | 1 | 16.0 | 4.0 | 4.00 | gemv (tuned) | tinygemm | 7.2 | 1.80 |" in text
     assert "## Kernels: weight-only\n\nCard: NVIDIA H100 80GB HBM3. Measured by hand, kept as history." in text
-    assert re.findall(r"^## (.*)$", text, re.M) == ["Kernels: weight-only", "GPTQ", "Linear: NVIDIA H200"]
+    assert re.findall(r"^## (.*)$", text, re.M) == ["Kernels: weight-only", "GPTQ", "Linear: NVIDIA H200",
+                                                    "Targets: NVIDIA H200"]
+
+
+EXPECTED_TARGETS = """| format | M | target | 4096×4096 | 8192×28672 | met |
+|---|---|---|---|---|---|
+| w4a16 | 1 | ≥ 3.0 | 2.00 ✓ (≥ 2.0) | 3.20 ✓ | 2 of 2 |
+| w4a16 | 16 | ≥ 2.5 | 1.25 | — | 0 of 1 |
+| w8a16 | 16 | ≥ 1.6 | 1.14 | — | 0 of 1 |
+| w8a8 | 2048 | ≥ 1.4 | 1.12 | — | 0 of 1 |"""
+
+
+def test_targets_mark_the_ratios_that_meet_them_by_shape(results):
+    folder, doc = results
+    render.render(folder, doc)
+    body = doc.read_text().split("## Targets: NVIDIA H200\n\n", 1)[1].split("\n## ", 1)[0]
+    assert body.startswith("Generated from `benchmarks/results/nvidia-h200.json`")
+    # 4096 x 4096 at one row has its own target, 2.0, met exactly; rows without a target (none here) are left out
+    assert EXPECTED_TARGETS in body
+    assert body.rstrip().endswith("on this card none does.")
+
+
+def test_targets_take_bf16_x_only_and_a_shape_s_own_figure():
+    rows = [linear(m=1, aofunc_us=8.1), linear(m=1, aofunc_us=1.0, x_dtype="float16"),
+            linear(fmt="w8a16", m=1, aofunc_us=11.0, bf16_us=16.0), linear(fmt="w8a16", k=8192, n=28672, m=64,
+                                                                           aofunc_us=100.0, bf16_us=130.0)]
+    table = render.target_table(rows)
+    assert "| w4a16 | 1 | ≥ 3.0 | 1.98 (≥ 2.0) | — | 0 of 1 |" in table  # the fp16 row's 16x does not count
+    assert "| w8a16 | 1 | ≥ 1.8 | 1.45 ✓ (≥ 1.4) | — | 1 of 1 |" in table
+    assert "| w8a16 | 64 | ≥ 1.3 | — | 1.30 ✓ | 1 of 1 |" in table
+    assert render.target("w4a16", 1, 4096, 4096) == 2.0 and render.target("w4a16", 1, 4096, 14336) == 3.0
+    assert render.target("w4a16", 2, 4096, 4096) is None
+
+
+def test_jumps_list_each_time_above_its_bound_at_the_next_larger_m():
+    rows = [linear(fmt="w8a16", k=4096, n=14336, m=m, aofunc_us=us)
+            for m, us in ((2, 25.0), (4, 28.4), (8, 24.4), (16, 23.3), (32, 27.0))]
+    rows += [linear(m=64, aofunc_us=21.0), linear(m=128, aofunc_us=20.0)]  # 1.05 times exactly: allowed
+    rows += [linear(m=1, aofunc_us=9.0, x_dtype="float16"), linear(m=2, aofunc_us=8.0, x_dtype="float16")]
+    # only the next larger M counts (25.0 at M = 2 is within bounds of 28.4 at M = 4)
+    assert render.jumps(rows) == ["w4a16 4096×4096 (float16): 9.0 µs at M = 1, 8.0 at M = 2",
+                                  "w8a16 4096×14336 (bfloat16): 28.4 µs at M = 4, 24.4 at M = 8"]
 
 
 def test_render_cli_takes_the_folder_and_the_doc(results, capsys):
