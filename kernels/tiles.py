@@ -520,7 +520,8 @@ def mma_in_flight() -> bool:
 def wgmma_configs(m: int, n: int) -> list[dict]:
     """The ``wgmma`` path's search space for m rows of x and n of w: tiles of 64 to 256 rows of x on one or two
     warpgroups, two or three stages of x, the weight tile in registers or through shared memory, splits of K; with
-    an assembler that allows it (mma_in_flight), also the tile in registers with one MMA kept in flight."""
+    an assembler that allows it (mma_in_flight), also the tile in registers with one MMA kept in flight; and two
+    warpgroups DECOUPLED (kernels/wgmma.py), 128 or 256 rows of w, two to four stages."""
     forms = [(False, False), (True, False)] + ([(False, True)] if mma_in_flight() else [])
     out = []
     rows = max(64, triton.next_power_of_2(m))
@@ -537,4 +538,15 @@ def wgmma_configs(m: int, n: int) -> list[dict]:
                         out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
                                         SPLIT_K=split, A_SHARED=shared, num_warps=warps,
                                         **({"IN_FLIGHT": True} if in_flight else {})))
+        # two warpgroups of 4 warps on half the rows of w each, decoupled (each in a partition of its own)
+        for block_n in (128, 256):
+            if block_m == 256 and block_n == 256:  # 128 fp32 sums a thread and more: spills
+                continue
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            for split in (1, 2, 4, 8):
+                for stages in (2, 3, 4):
+                    if (split > 1 and tiles * split > 1024) or block_m * BLOCK_K_WGMMA * 2 * stages > 200_000:
+                        continue
+                    out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split,
+                                    A_SHARED=False, DECOUPLED=True, num_warps=4))
     return out

@@ -36,12 +36,16 @@ from aofunc.kernels.tiles import BLOCK_K_WGMMA, fragment_ordered_x, int32_words,
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# and names its barrier of a partition's threads thread_barrier; later releases barrier
+_thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK_K = BLOCK_K_WGMMA  # a step: 128 codes of a row, 16 words of 4-bit codes or 32 of bytes
 STEP = gl.constexpr(BLOCK_K)
 # the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
 _PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
 _MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+# the registers a thread of the DECOUPLED form's second warpgroup may hold (setmaxnreg), as many as its first's
+DECOUPLED_REGS = 208
 # A word's four int8 bytes as two exact 16-bit pairs (bytes 0 and 1, then 2 and 3; the first of a pair in the low
 # half). An xor makes every byte b + 128, unsigned. fp16: a byte permute puts it under the exponent of 1024 (whose
 # step is 1) and one packed subtraction of 1152 leaves b. bf16 has a bit too few for that: the byte goes under the
@@ -183,6 +187,116 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 
 
 @gluon.jit
+def _store_sums(acc, mma: gl.constexpr, y_ptr, b_ptr, r_ptr, c_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys,
+                HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr):
+    """Store the [BLOCK_N, BLOCK_M] tile of fp32 sums (y^T, rows of w from off_n) as y's, times the scale of its
+    row of w (HAS_COL) and of its row of x (HAS_ROW), plus the bias, in y's dtype; split K: split pid_k's partials."""
+    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    if HAS_COL:  # a scale a row of w (an output column)
+        acc = acc * gl.expand_dims(gl.load(c_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    if HAS_ROW:  # a scale a row of x
+        acc = acc * gl.expand_dims(gl.load(r_ptr + m_out, mask=m_out < M, other=0.0), 0)
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
+    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
+    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
+    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@gluon.jit
+def _decoupled_rows(wg: gl.constexpr, x_smem, ready, empty, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
+                    off_n, off_m, first, n_steps, pid_k, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys,
+                    BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr,
+                    HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr,
+                    ASM: gl.constexpr, MAGIC: gl.constexpr):
+    """One warpgroup of the DECOUPLED form: rows wg * ROWS .. of the program's tile of w, each step's tile built
+    in registers and multiplied by x's stage once the loader has filled it; the stage is handed back (empty) once
+    this warpgroup's MMA on it is done, then its sums are stored. The other warpgroup does the same on its rows at
+    its own pace: nothing but the stages' barriers ties them."""
+    num_warps: gl.constexpr = gl.num_warps()
+    dtype: gl.constexpr = x_smem.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    wl: gl.constexpr = word_layout(ROWS, num_warps, BITS)
+    off_w = off_n + wg * ROWS
+    rows = off_w + gl.arange(0, ROWS, layout=gl.SliceLayout(1, wl))
+    words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
+    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
+    mask = gl.expand_dims(rows < N, 1)
+    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
+    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
+    acc = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
+    q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
+    q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO, BITS)
+    for k in range(n_steps):
+        stage = k % STAGES
+        q2, s2, z2 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 2, n_steps - 1), mask, ZERO, BITS)
+        a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, ROWS, BITS)
+        mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
+        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+        # waited for before the next tile takes the registers (see _wgmma_kernel)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        _thread_barrier()  # (the arrive is one thread's: every warp's MMA is done by then)
+        mbarrier.arrive(empty.index(stage))
+        q, s, z = q1, s1, z1
+        q1, s1, z1 = q2, s2, z2
+    _store_sums(acc, mma, y_ptr, b_ptr, r_ptr, c_ptr, off_w, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
+                HAS_ROW, HAS_COL, BLOCK_M, ROWS)
+
+
+@gluon.jit
+def _decoupled_loader(x_desc, x_smem, ready, empty, off_m, first, n_steps, STAGES: gl.constexpr):
+    """The DECOUPLED form's loading warp: x's tile of each step by TMA into its stage, once both warpgroups have
+    handed the stage back (a fresh barrier passes the first round)."""
+    for k in range(n_steps):
+        stage = k % STAGES
+        mbarrier.wait(empty.index(stage), ((k // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes)
+        _tma_load(x_desc, [off_m, (first + k) * STEP], ready.index(stage), x_smem.index(stage))
+
+
+@gluon.jit
+def _decoupled_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
+                      stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr,
+                      WG_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """_wgmma_kernel's work with its two warpgroups decoupled (DECOUPLED): each takes half the program's rows of w
+    in a partition of its own (the kernel's warps and a worker's, WG_REGS registers a thread), sharing x's stages,
+    which one more warp fills by TMA. In _wgmma_kernel with 8 warps, refilling a stage both warpgroups read takes a
+    barrier of all 8 warps every step, so the two dequantize at the same time and multiply at the same time."""
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    off_n = pid_n * BLOCK_N
+    off_m = pid_m * BLOCK_M
+    first = pid_k * steps_per_split
+    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    # (the partitions' arguments are written out: a tuple held in a variable would not keep its constexprs)
+    gl.warp_specialize([
+        (_decoupled_rows, (0, x_smem, ready, empty, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, off_n, off_m,
+                           first, n_steps, pid_k, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys, BITS, ZERO,
+                           HAS_BIAS, HAS_ROW, HAS_COL, BLOCK_M, BLOCK_N // 2, STAGES, ASM, MAGIC)),
+        (_decoupled_rows, (1, x_smem, ready, empty, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, off_n, off_m,
+                           first, n_steps, pid_k, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys, BITS, ZERO,
+                           HAS_BIAS, HAS_ROW, HAS_COL, BLOCK_M, BLOCK_N // 2, STAGES, ASM, MAGIC)),
+        (_decoupled_loader, (x_desc, x_smem, ready, empty, off_m, first, n_steps, STAGES)),
+    ], [num_warps, 1], [WG_REGS, 24])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+@gluon.jit
 def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
                   stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
                   HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr,
@@ -266,18 +380,8 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
-    n_out = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    m_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    if HAS_COL:  # a scale a row of w (an output column)
-        acc = acc * gl.expand_dims(gl.load(c_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
-    if HAS_ROW:  # a scale a row of x
-        acc = acc * gl.expand_dims(gl.load(r_ptr + m_out, mask=m_out < M, other=0.0), 0)
-    if HAS_BIAS:
-        acc = acc + gl.expand_dims(gl.load(b_ptr + n_out, mask=n_out < N, other=0.0).to(gl.float32), 1)
-    y_ptrs = y_ptr + pid_k * stride_ys + gl.expand_dims(m_out, 0) * stride_ym + gl.expand_dims(n_out, 1)
-    y_mask = gl.expand_dims(m_out < M, 0) & gl.expand_dims(n_out < N, 1)
-    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
+    _store_sums(acc, mma, y_ptr, b_ptr, r_ptr, c_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
+                HAS_ROW, HAS_COL, BLOCK_M, BLOCK_N)
 
 def w4a16_linear(x, qdata, scale, zero, bias, params: dict, row_scale=None, col_scale=None, out_dtype=None,
                  x_fragment_ordered: bool = False) -> torch.Tensor:
@@ -333,14 +437,17 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
     bias, row_scale, col_scale = unit_stride(bias, row_scale, col_scale)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    _wgmma_kernel[grid](
-        x_desc, words, scale, z, y if bias is None else bias, y if row_scale is None else row_scale,
-        y if col_scale is None else col_scale, y, m, n, kp, per_split, words.stride(0), scale.stride(0), z.stride(0),
-        n, m * n, BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
-        HAS_COL=col_scale is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], A_SHARED=params["A_SHARED"],
-        IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), ASM=asm, MAGIC=_MAGIC[x.dtype],
-        num_warps=params["num_warps"])
+    args = (x_desc, words, scale, z, y if bias is None else bias, y if row_scale is None else row_scale,
+            y if col_scale is None else col_scale, y, m, n, kp, per_split, words.stride(0), scale.stride(0),
+            z.stride(0), n, m * n)
+    common = dict(BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
+                  HAS_COL=col_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], ASM=asm,
+                  MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
+    if params.get("DECOUPLED"):
+        _decoupled_kernel[grid](*args, WG_REGS=DECOUPLED_REGS, **common)
+    else:
+        _wgmma_kernel[grid](*args, A_SHARED=params["A_SHARED"],
+                            IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), **common)
     if split == 1:
         return y
     total = y.sum(0)

@@ -153,7 +153,7 @@ for kernel, pointers, constexprs, tensor_cores in CASES:
 # the wgmma path (Gluon): W4A16's weight tile from registers straight to the MMA (no shared memory on its way), or
 # stored to shared memory by stmatrix (A_SHARED), or with one MMA kept in flight while the next tile is built
 # (IN_FLIGHT: a wait for all but one MMA in the loop); W8A16's bytes likewise, in fp16 and bf16, its words in 16-byte
-# loads; 8da4w's fp16 operands without zeros, rows and columns scaled, a bf16 output
+# loads; 8da4w's fp16 operands without zeros, rows and columns scaled, a bf16 output; two warpgroups DECOUPLED
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from aofunc.kernels import wgmma
@@ -182,7 +182,21 @@ for bits, half, shared, in_flight, warps, scaled in FORMS:
     waits = set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx))
     assert waits == ({"0", "1"} if shared or in_flight else {"0"}), f"{form}: {waits}"
     assert bits == 4 or re.search(r"ld.global[^\n]*v4.b32", ptx), f"{form}: no 16-byte loads of the words"
-print("ok", len(CASES) + len(FORMS))
+# the DECOUPLED form: two warpgroups in partitions of their own (setmaxnreg), x's stages filled by a loading warp
+kernel = wgmma._decoupled_kernel
+for bits in (4, 8):
+    layout = gl.NVMMASharedLayout.get_default_for([256, 128], gl.bfloat16)
+    constexprs = dict(BITS=bits, ZERO=0 if bits == 4 else 2, HAS_BIAS=True, HAS_ROW=False, HAS_COL=bits == 8,
+                      BLOCK_M=256, BLOCK_N=128, STAGES=2, MAGIC=128.0, WG_REGS=wgmma.DECOUPLED_REGS, num_warps=4,
+                      ASM=w4a16.pairs_ptx("bf16") if bits == 4 else wgmma._BYTES_ASM[torch.bfloat16])
+    pointers = dict(x_desc=f"tensordesc<bf16[256, 128],{layout!r}>", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
+                    b_ptr="*bf16", r_ptr="*fp32", c_ptr="*bf16", y_ptr="*bf16")
+    signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
+    source = GluonASTSource(kernel, signature, constexprs={(kernel.arg_names.index(p),): v
+                                                           for p, v in constexprs.items()})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "stmatrix" not in ptx, f"DECOUPLED, {bits}-bit"
+print("ok", len(CASES) + len(FORMS) + 2)
 '''
 
 
@@ -192,4 +206,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 43", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 45", done.stderr[-3000:]

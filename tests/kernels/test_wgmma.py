@@ -16,9 +16,9 @@ ON_HOPPER = DEVICE == "cuda" and tiles.wgmma_runs(torch.device(DEVICE))
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU and Triton's Gluon")
 
 
-def _config(block_m=64, block_n=64, stages=2, split=1, shared=False, warps=4):
+def _config(block_m=64, block_n=64, stages=2, split=1, shared=False, warps=4, decoupled=False):
     return dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split, A_SHARED=shared,
-                num_warps=warps)
+                num_warps=warps, **({"DECOUPLED": True} if decoupled else {}))
 
 
 def _weight(n, k, dtype, grid, seed=0):
@@ -32,7 +32,21 @@ def _weight(n, k, dtype, grid, seed=0):
 
 
 CONFIGS = [_config(), _config(128, 128, 3, 1, False, 8), _config(64, 64, 2, 3, True, 4),
-           _config(128, 128, 2, 2, True, 4), _config(64, 128, 3, 1, True, 8)]
+           _config(128, 128, 2, 2, True, 4), _config(64, 128, 3, 1, True, 8),
+           _config(256, 128, 2, 1, decoupled=True), _config(64, 256, 4, 2, decoupled=True)]
+
+
+@hopper_only
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("k", [3968, 4096])  # an odd and an even number of steps
+def test_decoupled_warpgroups_give_the_bits_of_the_coupled_form(split, k):
+    # the same MMAs in the same order on each warpgroup's rows: only when the two run differs
+    qdata, scale, zero = _weight(320, k, torch.bfloat16, "float")
+    x = torch.randn(200, k, device=DEVICE, dtype=torch.bfloat16)
+    coupled = _config(128, 128, 3, split, False, 8)
+    decoupled = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=_config(128, 128, 3, split,
+                                                                                     decoupled=True))
+    assert torch.equal(decoupled, w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=coupled))
 
 
 @hopper_only
