@@ -13,13 +13,18 @@ The tile goes to the tensor cores without touching shared memory. Each step's MM
 step's tile is written: the assembler Triton 3.6 bundles (CUDA 12.8's) can reuse the registers of an MMA still
 reading them. With IN_FLIGHT (only with CUDA 13.3's assembler or later, tiles.mma_in_flight) one MMA runs while
 the next step's tile is built in other registers; with A_SHARED the tile goes through two shared-memory buffers
-instead and one MMA stays in flight. The measurements of each form are in docs/benchmarks.md.
+instead and one MMA stays in flight. With DECOUPLED, two warpgroups take half the program's rows of w each in a
+warp-specialized partition of their own, and a loading warp fills x's stages; each warpgroup hands a stage back
+through a barrier of its own, so neither waits for the other, where the 8 warps of one program otherwise meet at
+a barrier of all of them every step (refilling a stage both read). The measurements of each form are in
+docs/benchmarks.md.
 
 A configuration (``params``): BLOCK_M (64, 128 or 256 rows of x a tile), BLOCK_N (rows of w a tile, 64 a
 warpgroup or more), STAGES (x's tiles in flight), SPLIT_K (programs sharing a tile's steps of K, their fp32
 partial sums added in a fixed order), A_SHARED (the weight tile through shared memory, so one step's MMA runs
 while the next is dequantized), IN_FLIGHT (optional: the same overlap with the tile in registers, taken only where
-tiles.mma_in_flight allows it, else the MMAs are waited for one by one) and num_warps.
+tiles.mma_in_flight allows it, else the MMAs are waited for one by one), DECOUPLED (optional: num_warps 4 a
+warpgroup, BLOCK_N 128 or 256) and num_warps.
 """
 from __future__ import annotations
 
