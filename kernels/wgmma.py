@@ -192,6 +192,30 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 
 
 @gluon.jit
+def _row_pointers(q_ptr, s_ptr, z_ptr, off_w, first, N, stride_qn, stride_sn, stride_zn, ROWS: gl.constexpr,
+                  BITS: gl.constexpr, num_warps: gl.constexpr):
+    """(q_ptrs, s_ptrs, z_ptrs, mask) of rows off_w .. off_w + ROWS - 1 of w at step ``first``: the words of a
+    step in word_layout, each row's scale and zero, and which rows are in the weight."""
+    wl: gl.constexpr = word_layout(ROWS, num_warps, BITS)
+    rows = off_w + gl.arange(0, ROWS, layout=gl.SliceLayout(1, wl))
+    words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
+    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
+    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
+    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
+    return q_ptrs, s_ptrs, z_ptrs, gl.expand_dims(rows < N, 1)
+
+
+@gluon.jit
+def _program_tile(K, steps_per_split, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(off_n, off_m, pid_k, first, n_steps): the program's first rows of w and of x, its split of K, the first of
+    its steps and their number."""
+    pid_k = gl.program_id(2)
+    first = pid_k * steps_per_split
+    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
+    return gl.program_id(0) * BLOCK_N, gl.program_id(1) * BLOCK_M, pid_k, first, n_steps
+
+
+@gluon.jit
 def _store_sums(acc, mma: gl.constexpr, y_ptr, b_ptr, r_ptr, c_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys,
                 HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr):
@@ -225,14 +249,9 @@ def _decoupled_rows(wg: gl.constexpr, x_smem, ready, empty, q_ptr, s_ptr, z_ptr,
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    wl: gl.constexpr = word_layout(ROWS, num_warps, BITS)
     off_w = off_n + wg * ROWS
-    rows = off_w + gl.arange(0, ROWS, layout=gl.SliceLayout(1, wl))
-    words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
-    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
-    mask = gl.expand_dims(rows < N, 1)
-    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
-    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
+    q_ptrs, s_ptrs, z_ptrs, mask = _row_pointers(q_ptr, s_ptr, z_ptr, off_w, first, N, stride_qn, stride_sn,
+                                                 stride_zn, ROWS, BITS, num_warps)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
     q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
     q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO, BITS)
@@ -273,13 +292,7 @@ def _decoupled_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M
     in a partition of its own (the kernel's warps and a worker's, WG_REGS registers a thread), sharing x's stages,
     which one more warp fills by TMA. In _wgmma_kernel with 8 warps, refilling a stage both warpgroups read takes a
     barrier of all 8 warps every step, so the two dequantize at the same time and multiply at the same time."""
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
-    off_n = pid_n * BLOCK_N
-    off_m = pid_m * BLOCK_M
-    first = pid_k * steps_per_split
-    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
+    off_n, off_m, pid_k, first, n_steps = _program_tile(K, steps_per_split, BLOCK_M, BLOCK_N)
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -308,25 +321,13 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
                   MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = x_desc.dtype
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
-    off_n = pid_n * BLOCK_N
-    off_m = pid_m * BLOCK_M
-    first = pid_k * steps_per_split
-    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
+    off_n, off_m, pid_k, first, n_steps = _program_tile(K, steps_per_split, BLOCK_M, BLOCK_N)
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    wl: gl.constexpr = word_layout(BLOCK_N, num_warps, BITS)
-
-    rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, wl))
-    words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
-    q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
-    mask = gl.expand_dims(rows < N, 1)
-    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
-    z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
+    q_ptrs, s_ptrs, z_ptrs, mask = _row_pointers(q_ptr, s_ptr, z_ptr, off_n, first, N, stride_qn, stride_sn,
+                                                 stride_zn, BLOCK_N, BITS, num_warps)
 
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
