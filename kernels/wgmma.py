@@ -49,7 +49,8 @@ STEP = gl.constexpr(BLOCK_K)
 # the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
 _PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
 _MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
-# the registers a thread of the DECOUPLED form's second warpgroup may hold (setmaxnreg), as many as its first's
+# the registers a thread of the DECOUPLED form's second warpgroup may hold (setmaxnreg; the loading warp's
+# warpgroup keeps 24 and the first warpgroup takes what is left)
 DECOUPLED_REGS = 208
 # A word's four int8 bytes as two exact 16-bit pairs (bytes 0 and 1, then 2 and 3; the first of a pair in the low
 # half). An xor makes every byte b + 128, unsigned. fp16: a byte permute puts it under the exponent of 1024 (whose
