@@ -12,6 +12,10 @@ With ``--seed kernels/configs/<other card>.json`` a key times only the default a
 the other card's table hold for the same shape at M/2, M and 2M (and cuBLAS on the dequantized weight from 128
 rows), those among the op's own search candidates: a short search that carries one card's table to another of the
 same architecture.
+
+With ``--only wgmma`` a key times only the configuration ``--out`` holds for it (else the default) against the
+op's own search candidates on the ``wgmma`` path with the tile in registers; ``--only decoupled``, against its
+DECOUPLED forms of two and three stages: searches that bring a new form of the path to keys searched before it.
 """
 from __future__ import annotations
 
@@ -193,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--ms", default="16,64,256,2048")
     parser.add_argument("--out", required=True, help="shipped configuration table to merge the winners into")
     parser.add_argument("--seed", default="", help="another card's shipped table: time only its winners (see above)")
+    parser.add_argument("--only", choices=("wgmma", "decoupled"), help="time the shipped winner against these "
+                        "forms of the wgmma path only (see above)")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     name = autotune.device_name(device)
@@ -208,6 +214,13 @@ def main(argv=None):
                 if args.seed:  # (only what the tuner's search would try: the shipped tables hold nothing else)
                     allowed = tuner_candidates(fmt, m, n, k, device)
                     pool = [c for c in seeded(key, [table, seed], m) + [dict(path="dequant")] if c in allowed]
+                elif args.only:
+                    shipped = table.get(name, {}).get(str(key))
+                    pool = ([shipped] if shipped else []) + [
+                        c for c in tuner_candidates(fmt, m, n, k, device)
+                        if c["path"] == "wgmma" and not c["A_SHARED"] and (
+                            args.only == "wgmma" or (c.get("DECOUPLED") and c["STAGES"] <= 3))]
+                    pool = [c for i, c in enumerate(pool) if c not in pool[:i]]
                 else:
                     pool = candidates(fmt, m, n, k, device)
                 pool = [default] + [c for c in pool if c != default]
