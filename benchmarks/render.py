@@ -54,28 +54,63 @@ def target(name: str, m: int, k: int, n: int):
     return TARGET_SHAPES.get((name, m, k, n), TARGETS.get(name, {}).get(m))
 
 
+# what bounds a quantized linear from below on a card: its weight's bytes at the fastest rate bf16 read a weight
+# (rows of up to 16 rows of x) and its multiply-adds at the fastest rate the card did them (bf16 for the weight-only
+# formats; int8 for W8A8 and 8da4w, from the W8A8 rows, aofunc's or torch._int_mm's)
+WEIGHT_BYTES = {"w4a16": 0.5 + 4 / 128, "w8a16": 1.0, "nf4": 0.5 + 1 / 64, "w8a8": 1.0, "8da4w": 0.5 + 2 / 128}
+INT8_MMA = ("w8a8", "8da4w")
+
+
+def card_rates(rows) -> dict:
+    """{"bytes": bytes a µs, "bf16": and "int8": multiply-adds times two a µs}: the fastest the card's rows show."""
+    def best(pairs):
+        return max((work / us for work, us in pairs if us), default=None)
+
+    rates = {"bytes": best((2 * r["K"] * r["N"], r["bf16_us"]) for r in rows if r["M"] <= 16),
+             "bf16": best((2 * r["M"] * r["K"] * r["N"], r["bf16_us"]) for r in rows)}
+    int8 = [(2 * r["M"] * r["K"] * r["N"], min(us for us in (r["aofunc_us"], r.get("peer_us")) if us))
+            for r in rows if r["format"] == "w8a8"]
+    rates["int8"] = best(int8) or (2 * rates["bf16"] if rates["bf16"] else None)
+    return rates
+
+
+def ceiling(name: str, m: int, k: int, n: int, bf16_us: float, rates: dict):
+    """The largest bf16/aofunc ratio format ``name`` can reach at M rows of a K x N weight on a card with ``rates``
+    (card_rates): bf16's time over the longer of moving the weight and doing the multiply-adds at those rates."""
+    rate = rates["int8" if name in INT8_MMA else "bf16"]
+    if name not in WEIGHT_BYTES or not (rates["bytes"] and rate):
+        return None
+    return bf16_us / max(WEIGHT_BYTES[name] * k * n / rates["bytes"], 2 * m * k * n / rate)
+
+
 def target_table(rows) -> str:
     """Each format's bf16/aofunc ratio (bf16 x) at every M that has a target, a column a weight shape, with "✓"
-    where the target is met, and how many shapes meet it."""
+    where the target is met and the ceiling (in parentheses) no kernel passes on the card, and how many shapes meet
+    the target and how many have a ceiling above it."""
     rows = [r for r in rows if r["x_dtype"] == "bfloat16" and r.get("bf16_us") and r.get("aofunc_us")]
     shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda s: (s[0] * s[1], s))
-    measured = {(r["format"], r["M"], r["K"], r["N"]): ratio(r["bf16_us"], r["aofunc_us"]) for r in rows}
+    rates = card_rates(rows)
+    measured = {(r["format"], r["M"], r["K"], r["N"]): r for r in rows}
     body = []
     for name in [f for f in FORMAT_ORDER if f in TARGETS]:
         for m in TARGETS[name]:
-            cells, met, known = [], 0, 0
+            cells, met, reach, known = [], 0, 0, 0
             for k, n in shapes:
-                got, want = measured.get((name, m, k, n)), target(name, m, k, n)
-                if got is None:
+                row, want = measured.get((name, m, k, n)), target(name, m, k, n)
+                if row is None:
                     cells.append("—")
                     continue
+                got = ratio(row["bf16_us"], row["aofunc_us"])
+                bound = ceiling(name, m, k, n, row["bf16_us"], rates)
                 known += 1
                 met += got >= want
-                own = f" (≥ {want})" if want != TARGETS[name][m] else ""  # this shape's own target
-                cells.append(f"{got:.2f}" + (" ✓" if got >= want else "") + own)
+                reach += bound is not None and bound >= want
+                own = f" [≥ {want}]" if want != TARGETS[name][m] else ""  # this shape's own target
+                cells.append(f"{got:.2f}" + (" ✓" if got >= want else "") + own
+                             + (f" ({bound:.2f})" if bound is not None else ""))
             if known:
-                body.append([name, str(m), f"≥ {TARGETS[name][m]}"] + cells + [f"{met} of {known}"])
-    return markdown_table(["format", "M", "target"] + [f"{k}×{n}" for k, n in shapes] + ["met"], body)
+                body.append([name, str(m), f"≥ {TARGETS[name][m]}"] + cells + [f"{met} of {known}", str(reach)])
+    return markdown_table(["format", "M", "target"] + [f"{k}×{n}" for k, n in shapes] + ["met", "reachable"], body)
 
 
 def jumps(rows) -> list:
@@ -201,7 +236,11 @@ def sections(path) -> dict:
         slower = jumps(linear)
         out[f"Targets: {card}"] = (
             f"{source}; do not edit by hand.\n\n"
-            "bf16/aofunc for bf16 x at the rows that have a target, by weight shape K×N; \"✓\" marks a target met.\n\n"
+            "bf16/aofunc for bf16 x at the rows that have a target, by weight shape K×N; \"✓\" marks a target met. "
+            "In parentheses the ceiling: bf16's time over the least time the card allows the format, the longer of "
+            "reading its weight at the fastest rate bf16 read one (up to 16 rows) and doing its multiply-adds at the "
+            "fastest rate the card's rows show (bf16; int8 for W8A8 and 8da4w, from the W8A8 rows). \"reachable\" "
+            "counts the shapes whose ceiling is at or above the target.\n\n"
             + target_table(linear) + f"\n\nNo time may exceed {JUMP} times the time at the next larger M measured; "
             + ("on this card these do:\n\n" + "\n".join(f"- {line}" for line in slower) if slower
                else "on this card none does."))

@@ -243,12 +243,15 @@ def test_render_again_replaces_its_sections_and_drops_those_without_results(resu
                                                     "Targets: NVIDIA H200"]
 
 
-EXPECTED_TARGETS = """| format | M | target | 4096×4096 | 8192×28672 | met |
-|---|---|---|---|---|---|
-| w4a16 | 1 | ≥ 3.0 | 2.00 ✓ (≥ 2.0) | 3.20 ✓ | 2 of 2 |
-| w4a16 | 16 | ≥ 2.5 | 1.25 | — | 0 of 1 |
-| w8a16 | 16 | ≥ 1.6 | 1.14 | — | 0 of 1 |
-| w8a8 | 2048 | ≥ 1.4 | 1.12 | — | 0 of 1 |"""
+# ceilings: the weight read at 2 * 8192 * 28672 bytes / 160 µs (the fastest bf16 weight read), bf16's
+# multiply-adds at W8A8's bf16 row (2 * 2048 * 4096**2 / 90 µs), int8's at its own 80 µs; e.g. W4A16 4096 x 4096
+# reads 0.53125 * 4096**2 bytes in 3.04 µs: 16 / 3.04 = 5.27, and W8A16 16 / 5.71 = 2.80
+EXPECTED_TARGETS = """| format | M | target | 4096×4096 | 8192×28672 | met | reachable |
+|---|---|---|---|---|---|---|
+| w4a16 | 1 | ≥ 3.0 | 2.00 ✓ [≥ 2.0] (5.27) | 3.20 ✓ (3.76) | 2 of 2 | 2 |
+| w4a16 | 16 | ≥ 2.5 | 1.25 (5.27) | — | 0 of 1 | 1 |
+| w8a16 | 16 | ≥ 1.6 | 1.14 (2.80) | — | 0 of 1 | 1 |
+| w8a8 | 2048 | ≥ 1.4 | 1.12 (1.12) | — | 0 of 1 | 0 |"""
 
 
 def test_targets_mark_the_ratios_that_meet_them_by_shape(results):
@@ -266,11 +269,29 @@ def test_targets_take_bf16_x_only_and_a_shape_s_own_figure():
             linear(fmt="w8a16", m=1, aofunc_us=11.0, bf16_us=16.0), linear(fmt="w8a16", k=8192, n=28672, m=64,
                                                                            aofunc_us=100.0, bf16_us=130.0)]
     table = render.target_table(rows)
-    assert "| w4a16 | 1 | ≥ 3.0 | 1.98 (≥ 2.0) | — | 0 of 1 |" in table  # the fp16 row's 16x does not count
-    assert "| w8a16 | 1 | ≥ 1.8 | 1.45 ✓ (≥ 1.4) | — | 1 of 1 |" in table
-    assert "| w8a16 | 64 | ≥ 1.3 | — | 1.30 ✓ | 1 of 1 |" in table
+    # the fp16 row's 16x does not count; W8A16 at 64 rows takes as long to do its multiply-adds at the bf16 rate
+    # of its own row as bf16 did (a ceiling of 1.00, not reachable for 1.3)
+    assert "| w4a16 | 1 | ≥ 3.0 | 1.98 [≥ 2.0] (3.76) | — | 0 of 1 | 1 |" in table
+    assert "| w8a16 | 1 | ≥ 1.8 | 1.45 ✓ [≥ 1.4] (2.00) | — | 1 of 1 | 1 |" in table
+    assert "| w8a16 | 64 | ≥ 1.3 | — | 1.30 ✓ (1.00) | 1 of 1 | 0 |" in table
     assert render.target("w4a16", 1, 4096, 4096) == 2.0 and render.target("w4a16", 1, 4096, 14336) == 3.0
     assert render.target("w4a16", 2, 4096, 4096) is None
+
+
+def test_ceilings_take_the_card_s_fastest_rates():
+    rows = [linear(k=8192, n=28672, m=1, bf16_us=100.0), linear(m=2048, bf16_us=200.0),
+            linear(fmt="w8a8", m=2048, aofunc_us=100.0, bf16_us=200.0, peer_us=None)]
+    rates = render.card_rates(rows)
+    assert rates == {"bytes": 2 * 8192 * 28672 / 100.0, "bf16": 2 * 2048 * 4096 ** 2 / 200.0,
+                     "int8": 2 * 2048 * 4096 ** 2 / 100.0}
+    # at 2048 rows the multiply-adds bound: bf16's own time for W4A16, half of it for 8da4w (int8 twice as fast)
+    assert render.ceiling("w4a16", 2048, 4096, 4096, 200.0, rates) == pytest.approx(1.0)
+    assert render.ceiling("8da4w", 2048, 4096, 4096, 200.0, rates) == pytest.approx(2.0)
+    # at one row the bytes: a W8A16 weight is half bf16's
+    assert render.ceiling("w8a16", 1, 8192, 28672, 100.0, rates) == pytest.approx(2.0)
+    assert render.ceiling("fp8", 1, 8192, 28672, 100.0, rates) is None
+    # no W8A8 rows: int8 at twice bf16's rate
+    assert render.card_rates(rows[:2])["int8"] == 2 * rates["bf16"]
 
 
 def test_jumps_list_each_time_above_its_bound_at_the_next_larger_m():
