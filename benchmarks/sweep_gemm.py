@@ -218,7 +218,7 @@ def main(argv=None):
                     shipped = table.get(name, {}).get(str(key))
                     pool = ([shipped] if shipped else []) + [
                         c for c in tuner_candidates(fmt, m, n, k, device)
-                        if c["path"] == "wgmma" and not c["A_SHARED"] and (
+                        if c.get("path") == "wgmma" and not c["A_SHARED"] and (
                             args.only == "wgmma" or (c.get("DECOUPLED") and c["STAGES"] <= 3))]
                     pool = [c for i, c in enumerate(pool) if c not in pool[:i]]
                 else:
