@@ -9,7 +9,8 @@ fp32 0-d. A block may straddle rows when k % block_size != 0; padding is never r
 
 ``nf4_linear`` runs, when rows start on whole blocks (k % block_size == 0), an FMA GEMV for a few rows of x
 (block_size % 8 == 0), a ``tl.dot`` GEMM on dequantized tiles for medium M (block_size a power of two >= 16),
-and otherwise dequantizes with the Triton kernel and calls cuBLAS. It has autograd
+and otherwise dequantizes with the Triton kernel and calls cuBLAS; where a search chose it (blocks of 64, K a
+multiple of 128, 16-bit x, Hopper), the ``wgmma`` path of kernels/wgmma.py. It has autograd
 with respect to x and bias (grad_x = grad_y @ W), for LoRA fine-tuning over a frozen base weight.
 """
 from __future__ import annotations
@@ -25,11 +26,12 @@ from aofunc.kernels.packing import NF4_LEVELS, nf4_levels, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
-from aofunc.kernels.tiles import (FLOAT_DTYPES, check_fragment_tile, dequantized_linear, dot_acc, dot_tile_zeros,
-                                  fragment_columns, fragment_ordered_x, fragment_tile_fits, gemm_finish, gemm_grid,
-                                  gemm_tile, gemv_accumulator, gemv_finish, gemv_rows, gemv_split_k, int32_words,
-                                  interleave8, interpreting, load_x, nibble_fragments, pow2_at_most, split_k,
-                                  splitk_buffers, tolerance, unit_stride, word_pairs_fragments)
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, dequantized_linear, dot_acc,
+                                  dot_tile_zeros, fragment_columns, fragment_ordered_x, fragment_tile_fits,
+                                  gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
+                                  gemv_split_k, int32_words, interleave8, interpreting, load_x, nibble_fragments,
+                                  pow2_at_most, split_k, splitk_buffers, tolerance, unit_stride,
+                                  word_pairs_fragments, wgmma_configs, wgmma_runs, wgmma_x_refusal)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -135,7 +137,7 @@ def nf4_level(bits, lut_ptr, USE_SHFL: tl.constexpr):
         return tl.load(lut_ptr + (bits & 15))
 
 
-def _level_pairs_ptx(dtype: torch.dtype) -> str:
+def level_pairs_ptx(dtype: torch.dtype, scaled: bool = False) -> str:
     """PTX from one word ($4, eight codes) to four pairs of 16-bit levels ($0..$3): $b holds the levels of code 2b
     (the high nibble of byte b) in its low half and code 2b + 1 in its high half, each NF4_LEVELS rounded to
     ``dtype`` (bfloat16 or float16), as a cast of the fp32 level rounds it.
@@ -144,6 +146,8 @@ def _level_pairs_ptx(dtype: torch.dtype) -> str:
     four tables (low and high bytes of levels 0-7 and 8-15) give four candidate words, and a byte mask from each
     code's bit 3 (9 where it is set, a nibble prmt reads as "the sign of byte 1", 0x80, so 0xFF) chooses between
     them. Then two prmts interleave low and high bytes into the pairs: 24 instructions for eight codes.
+    ``scaled``: each pair is then multiplied by the pair of scales in $6 (one packed multiply-add with -0, rounded
+    once to ``dtype``).
     """
     halves = torch.tensor(NF4_LEVELS, dtype=torch.float32).to(dtype).view(torch.int16).tolist()
     low = [h & 0xFF for h in halves]
@@ -164,11 +168,14 @@ def _level_pairs_ptx(dtype: torch.dtype) -> str:
                   "prmt.b32 a, h0, h1, idx;", "prmt.b32 b, h2, h3, idx;", "lop3.b32 hi, a, b, m, 0xD8;",
                   # byte 1 of lo/hi is the first code (the high nibble), byte 0 the second; then bytes 3, 2
                   f"prmt.b32 ${2 * half}, lo, hi, 0x4051;", f"prmt.b32 ${2 * half + 1}, lo, hi, 0x6273;"]
+    if scaled:
+        fma = "fma.rn.f16x2" if dtype == torch.float16 else "fma.rn.bf16x2"
+        lines += ["mov.b32 m, 0x80008000;"] + [f"{fma} ${i}, ${i}, $6, m;" for i in range(4)]
     return "\n".join(lines + ["}"])
 
 
-LEVEL_PAIRS_BF16 = tl.constexpr(_level_pairs_ptx(torch.bfloat16))
-LEVEL_PAIRS_FP16 = tl.constexpr(_level_pairs_ptx(torch.float16))
+LEVEL_PAIRS_BF16 = tl.constexpr(level_pairs_ptx(torch.bfloat16))
+LEVEL_PAIRS_FP16 = tl.constexpr(level_pairs_ptx(torch.float16))
 
 
 @triton.jit
@@ -199,6 +206,27 @@ def _nf4_dequant_kernel(q_ptr, sq_ptr, f_ptr, mean_ptr, lut_ptr, w_ptr, numel,
         s = block_scale(sq_ptr, f_ptr, mean, tl.minimum(k // BLOCK, last_block), SCALER_BLOCK)
     codes = q[:, None] >> ((tl.arange(0, 8) ^ 1) * 4)[None, :]  # nf4_level reads the low four bits only
     tl.store(w_ptr + k, (nf4_level(codes, lut_ptr, USE_SHFL) * s).to(w_ptr.dtype.element_ty), mask=k < numel)
+
+
+@triton.jit
+def _block_scales_kernel(sq_ptr, f_ptr, mean_ptr, s_ptr, numel, SCALER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    # the first numel block scales, each rounded once to s's dtype
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = block_scale(sq_ptr, f_ptr, tl.load(mean_ptr), tl.minimum(b, numel - 1), SCALER_BLOCK)
+    tl.store(s_ptr + b, s.to(s_ptr.dtype.element_ty), mask=b < numel)
+
+
+def block_scales_triton(scaler_q, scaler_factor, scaler_mean, n: int, k: int, block_size: int,
+                        scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The block scales of an [n, k] weight whose rows start on whole blocks (k % block_size == 0), [n, k /
+    block_size] in ``dtype``: nf4_block_scales_ref's, rounded once."""
+    numel = n * k // block_size
+    s = torch.empty(n, k // block_size, dtype=dtype, device=scaler_q.device)
+    if numel:
+        scaler_q, scaler_factor = unit_stride(scaler_q, scaler_factor)
+        _block_scales_kernel[(triton.cdiv(numel, 1024),)](scaler_q, scaler_factor, scaler_mean, s, numel,
+                                                          SCALER_BLOCK=scaler_block_size, BLOCK=1024)
+    return s
 
 
 @triton.jit
@@ -391,7 +419,23 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                             for m_fast in (False, True) if m > 64 else (False,):
                                 out.append(dict(path="gemm", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
                                                 M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
+    if m >= 16 and dtype != torch.float32 and wgmma_fits(k, block_size) and wgmma_runs(device):
+        out += wgmma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
+
+
+def wgmma_fits(k: int, block_size: int) -> bool:
+    """Whether the ``wgmma`` path takes this weight: blocks of 64 codes and K a multiple of its 128-deep step."""
+    return block_size == 64 and k % BLOCK_K_WGMMA == 0
+
+
+def wgmma_refusal(x, k: int, block_size: int) -> Optional[str]:
+    """Why the ``wgmma`` path cannot take this x and weight, or None when it can: blocks of 64 codes, K a multiple
+    of 128, fp16 or bf16 x, on a Hopper GPU with Triton's Gluon."""
+    if not wgmma_fits(k, block_size):
+        return (f"the wgmma path takes blocks of 64 codes and K a multiple of {BLOCK_K_WGMMA}, got "
+                f"block_size={block_size}, K={k}")
+    return wgmma_x_refusal(x)
 
 
 def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
@@ -404,6 +448,15 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
                                   scaler_block_size, x.dtype)
         return dequantized_linear(x, w, bias)
     qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
+    if path == "wgmma":
+        refusal = wgmma_refusal(x, k, block_size)
+        if refusal:
+            raise ValueError(refusal)
+        from aofunc.kernels import wgmma  # imports Triton's Gluon
+
+        scales = block_scales_triton(scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size,
+                                     x.dtype)
+        return wgmma.nf4_linear(x, qdata[: n * k // 2].view(n, k // 2), scales, bias, params)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -454,6 +507,9 @@ def nf4_linear_triton(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, k:
             reference=lambda: nf4_linear_ref(*args),
             tolerance=tolerance(x.dtype),
         )
+        if config["path"] == "wgmma" and wgmma_refusal(x, k, block_size):
+            # a stored choice this Triton or these tensors cannot take: the generic path, never an error
+            config = default_config(m, n, k, block_size, x.dtype, x.device)
     return launch(*args, config)
 
 

@@ -11,9 +11,10 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
 - ``fp16_gemm`` (8da4w): the W4A16 tile in packed fp16 pairs on fp16 operands whose products are the twin's
   exactly (centered activations; each weight row's scales divided by a power of two), rows and columns scaled in
   its epilogue.
-- ``wgmma`` (W4A16 and W8A16, only where a search chose it): on Hopper with Triton's Gluon, the warpgroup MMA with
-  the dequantized weight tile as its left operand straight from registers and x's tiles brought by TMA (wgmma);
-  16-bit x; W4A16: scales of its dtype, groups of 128 codes; W8A16: K a multiple of 128.
+- ``wgmma`` (W4A16, W8A16, NF4 and 8da4w, only where a search chose it): on Hopper with Triton's Gluon, the
+  warpgroup MMA with the dequantized weight tile as its left operand straight from registers and x's tiles brought
+  by TMA (wgmma); 16-bit x; W4A16: scales of its dtype, groups of 128 codes; W8A16: K a multiple of 128; NF4:
+  blocks of 64 codes, K a multiple of 128; 8da4w: groups of 128 codes, 16-bit scales.
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).

@@ -1,4 +1,4 @@
-"""W4A16 and W8A16 on Hopper's warpgroup MMA, written in Gluon: y^T = w @ x^T with the dequantized weight tile
+"""W4A16, W8A16 and NF4 on Hopper's warpgroup MMA, written in Gluon: y^T = w @ x^T with the dequantized weight tile
 as the MMA's left operand, straight from registers, and x's tiles brought by TMA into a ring of shared-memory
 stages.
 
@@ -9,6 +9,8 @@ to match (once a call), those are whole int32 words of the row that the thread l
   codes a packed multiply-add become bf16x2 (or f16x2) registers.
 - W8A16 (bytes_ordered_x): the 32 bytes of words 8t .. 8t + 7 of the step's 32, two 16-byte loads; two bytes a
   byte permute become an exact bf16x2 (or f16x2) register, and the row's scale multiplies the sums at the end.
+- NF4 (fragment_ordered_x, as W4A16): the same words; byte permutes look up two codes' levels a register, and a
+  packed multiply by the scale of the word's block of 64 codes (precomputed a call, in x's dtype) finishes them.
 The tile goes to the tensor cores without touching shared memory. Each step's MMA is waited for before the next
 step's tile is written: the assembler Triton 3.6 bundles (CUDA 12.8's) can reuse the registers of an MMA still
 reading them. With IN_FLIGHT (only with CUDA 13.3's assembler or later, tiles.mma_in_flight) one MMA runs while
@@ -36,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from aofunc.kernels import w4a16
+from aofunc.kernels import nf4, w4a16
 from aofunc.kernels.tiles import BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, unit_stride
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
@@ -49,6 +51,10 @@ STEP = gl.constexpr(BLOCK_K)
 # the packed pairs' PTX (w4a16.fragment_tile_pairs) and its magic number, by x's dtype
 _PAIRS_ASM = {torch.bfloat16: w4a16.pairs_ptx("bf16"), torch.float16: w4a16.pairs_ptx("fp16")}
 _MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+# NF4: the zero kind (ZERO) of its 4-bit codes, levels times a 16-bit scale a block of 64 codes (no zeros), and
+# their PTX by x's dtype (nf4.level_pairs_ptx, each pair times its scales)
+NF4_LEVELS: gl.constexpr = gl.constexpr(3)
+_LEVELS_ASM = {dtype: nf4.level_pairs_ptx(dtype, scaled=True) for dtype in (torch.bfloat16, torch.float16)}
 # the registers a thread of the DECOUPLED form's second warpgroup may hold (setmaxnreg; the loading warp's
 # warpgroup keeps 24 and the first warpgroup takes what is left)
 DECOUPLED_REGS = 208
@@ -109,6 +115,32 @@ def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: 
         b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
                                                    dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                    is_pure=True, pack=2)
+    return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS)
+
+
+@gluon.jit
+def _levels_tile(q, s, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+    """NF4: the [ROWS, STEP] tile of levels times their block's scale in the MMA's left-operand layout, from
+    [ROWS, 16] words and the [ROWS, 16] 16-bit scales of their blocks (words 0-7 of a step lie in its first block of
+    64 codes, 8-15 in the second), with nf4.level_pairs_ptx's PTX: each code's level rounded to x's dtype, times
+    the scale, rounded again."""
+    q2 = gl.join(q, q)
+    s2 = gl.join(s, s)
+    if dtype == gl.float16:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
+                                                   dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
+                                                   dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                                   is_pure=True, pack=2)
+    return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS)
+
+
+@gluon.jit
+def _fragment_tile(b0, b1, b2, b3, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+    """The [ROWS, STEP] tile in the MMA's left-operand layout from four [ROWS, 16] tensors of 16-bit pairs, bj[r, w]
+    holding codes 2j and 2j + 1 of word w (the conversion is asserted to move no data)."""
     t = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # t[r, w, j0, j1, j2]: code 4 j2 + 2 j1 + j0 of word w
     t = gl.reshape(t, [ROWS, 4, 4, 2, 2, 2])
     t = gl.permute(t, [0, 1, 5, 4, 2, 3])
@@ -155,11 +187,15 @@ def _mma_in_flight(acc, a, step, x_desc, ready, x_smem, off_m, first, n_steps, S
 @gluon.jit
 def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl.constexpr):
     """One step's words [ROWS, 4 * BITS]; 4-bit codes: the group's scales and zeros [ROWS, 1] (the scales again
-    where there are no zeros); bytes (a scale a row, applied at the end): the words again in their places."""
+    where there are no zeros); NF4: each word's block scale [ROWS, 16], again as zeros; bytes (a scale a row,
+    applied at the end): the words again in their places."""
     q = gl.load(q_ptrs + step * (4 * BITS), mask=mask, other=0)
     if BITS == 8:
         s = q
         z = q
+    elif ZERO == NF4_LEVELS:
+        s = gl.load(s_ptrs + step * 2, mask=mask, other=0.0)
+        z = s
     else:
         s = gl.load(s_ptrs + step, mask=mask, other=0.0)
         if ZERO == 2:
@@ -172,11 +208,14 @@ def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl
 @gluon.jit
 def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr, dtype: gl.constexpr,
                A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr):
-    """The step's dequantized tile: bytes as they are (_bytes_tile), or 4-bit codes in packed pairs with off and
+    """The step's dequantized tile: bytes as they are (_bytes_tile), NF4's levels (_levels_tile), or 4-bit codes in
+    packed pairs with off and
     the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float zeros), -(magic + zero point) and 0 (integer
     zero points), -(magic + 8) and 0 (none)."""
     if BITS == 8:
         a = _bytes_tile(q, ASM, dtype, A_LAYOUT, ROWS)
+    elif ZERO == NF4_LEVELS:
+        a = _levels_tile(q, s, ASM, dtype, A_LAYOUT, ROWS)
     else:
         sf = s.to(gl.float32)
         if ZERO == 0:
@@ -194,14 +233,18 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
 
 @gluon.jit
 def _row_pointers(q_ptr, s_ptr, z_ptr, off_w, first, N, stride_qn, stride_sn, stride_zn, ROWS: gl.constexpr,
-                  BITS: gl.constexpr, num_warps: gl.constexpr):
+                  BITS: gl.constexpr, ZERO: gl.constexpr, num_warps: gl.constexpr):
     """(q_ptrs, s_ptrs, z_ptrs, mask) of rows off_w .. off_w + ROWS - 1 of w at step ``first``: the words of a
-    step in word_layout, each row's scale and zero, and which rows are in the weight."""
+    step in word_layout, each row's scale and zero (NF4: each word's block scale), and which rows are in the
+    weight."""
     wl: gl.constexpr = word_layout(ROWS, num_warps, BITS)
     rows = off_w + gl.arange(0, ROWS, layout=gl.SliceLayout(1, wl))
     words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
     q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
-    s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
+    if ZERO == NF4_LEVELS:  # two blocks of 64 codes a step
+        s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first * 2 + gl.expand_dims(words // 8, 0)
+    else:
+        s_ptrs = s_ptr + gl.expand_dims(rows, 1) * stride_sn + first
     z_ptrs = z_ptr + gl.expand_dims(rows, 1) * stride_zn + first
     return q_ptrs, s_ptrs, z_ptrs, gl.expand_dims(rows < N, 1)
 
@@ -252,7 +295,7 @@ def _decoupled_rows(wg: gl.constexpr, x_smem, ready, empty, q_ptr, s_ptr, z_ptr,
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     off_w = off_n + wg * ROWS
     q_ptrs, s_ptrs, z_ptrs, mask = _row_pointers(q_ptr, s_ptr, z_ptr, off_w, first, N, stride_qn, stride_sn,
-                                                 stride_zn, ROWS, BITS, num_warps)
+                                                 stride_zn, ROWS, BITS, ZERO, num_warps)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, mma)
     q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
     q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(1, n_steps - 1), mask, ZERO, BITS)
@@ -328,7 +371,7 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     q_ptrs, s_ptrs, z_ptrs, mask = _row_pointers(q_ptr, s_ptr, z_ptr, off_n, first, N, stride_qn, stride_sn,
-                                                 stride_zn, BLOCK_N, BITS, num_warps)
+                                                 stride_zn, BLOCK_N, BITS, ZERO, num_warps)
 
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -412,6 +455,17 @@ def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
     (scale,) = unit_stride(scale)
     return _launch(x, lambda: bytes_ordered_x(x), qdata, scale, scale, x.shape[1], bias, params, bits=8, zero_kind=2,
                    asm=_BYTES_ASM[x.dtype], col_scale=scale)
+
+
+def nf4_linear(x, qdata, scales, bias, params: dict) -> torch.Tensor:
+    """y = x @ w.T + bias for the NF4 codes of an [N, K] weight (K a multiple of 128, blocks of 64 codes): qdata
+    uint8 [N, K/2], two codes a byte, the first in the high nibble, and scales [N, K/64] in x's dtype
+    (nf4.block_scales_triton). The inputs are those nf4.wgmma_refusal accepts; ``params`` as in the module's
+    docstring."""
+    kp = qdata.shape[1] * 2
+    (scales,) = unit_stride(scales)
+    return _launch(x, lambda: fragment_ordered_x(x, kp), qdata, scales, scales, kp, bias, params, bits=4,
+                   zero_kind=NF4_LEVELS.value, asm=_LEVELS_ASM[x.dtype])
 
 
 def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from aofunc.kernels import autotune, nf4
 from aofunc.kernels.nf4 import NF4_LEVELS, nf4_dequantize, nf4_dequantize_ref, nf4_linear, nf4_linear_ref
+from aofunc.kernels.tiles import interpreting
 
 from tests.kernels.devices import DEVICE, LINEAR_DTYPES
 
@@ -84,9 +85,10 @@ def test_x_in_tile_order_without_the_fragment_tile_is_refused():
         nf4.nf4_linear_triton(x, *tensors, 8, 64, 64, 2, None, config=config)
 
 
-def run_ptx(text: str, word: int) -> list:
-    """Run the level-pairs PTX (its few instructions: mov, and, shr, mul.lo, prmt, lop3) on one word, in Python."""
-    regs = {"$4": word, "$5": word}
+def run_ptx(text: str, word: int, scales: int = 0, dtype=torch.bfloat16) -> list:
+    """Run the level-pairs PTX (its few instructions: mov, and, shr, mul.lo, prmt, lop3, and the packed fma of its
+    scaled form, on 16-bit floats of ``dtype``) on one word and a pair of scales, in Python."""
+    regs = {"$4": word, "$5": word, "$6": scales}
 
     def value(operand):
         return regs[operand] if operand in regs else int(operand, 0)
@@ -104,8 +106,16 @@ def run_ptx(text: str, word: int) -> list:
     def lop3(a, b, c, lut):
         return sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
 
+    def halves(a):
+        return torch.tensor([a & 0xFFFF, a >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double()
+
+    def fma(a, b, c):  # each half a * b + c, exact in float64, rounded once to dtype
+        out = (halves(a) * halves(b) + halves(c)).to(dtype).view(torch.int16).tolist()
+        return out[0] & 0xFFFF | (out[1] & 0xFFFF) << 16
+
     ops = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "shr.u32": lambda a, b: a >> b,
-           "mul.lo.u32": lambda a, b: a * b & 0xFFFFFFFF, "prmt.b32": prmt, "lop3.b32": lop3}
+           "mul.lo.u32": lambda a, b: a * b & 0xFFFFFFFF, "prmt.b32": prmt, "lop3.b32": lop3,
+           "fma.rn.bf16x2": fma, "fma.rn.f16x2": fma}
     for line in text.splitlines():
         op, _, rest = line.rstrip(";").partition(" ")
         if op in ops:
@@ -125,6 +135,37 @@ def test_level_pairs_ptx_gives_the_rounded_levels(dtype, words):
         codes = [word >> 8 * b + 4 - 4 * j & 15 for b in range(4) for j in (0, 1)]
         want = [bits[codes[2 * b]] & 0xFFFF | (bits[codes[2 * b + 1]] & 0xFFFF) << 16 for b in range(4)]
         assert run_ptx(text, word) == want, hex(word)
+
+
+@settings(max_examples=50)
+@given(words=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=2),
+       scale=st.floats(1e-4, 1.0, allow_subnormal=False))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_level_pairs_ptx_multiplies_each_rounded_level_by_the_scale_once(dtype, words, scale):
+    # the wgmma path's form (kernels/wgmma.py): each 16-bit level times the 16-bit scale of its block, rounded once
+    text = nf4.level_pairs_ptx(dtype, scaled=True)
+    s16 = torch.tensor(scale).to(dtype)
+    pair = (s16.view(torch.int16).item() & 0xFFFF) * 0x10001
+    levels = torch.tensor(NF4_LEVELS).to(dtype)
+    for word in words + [c * 0x11111111 for c in range(16)]:
+        codes = [word >> 8 * b + 4 - 4 * j & 15 for b in range(4) for j in (0, 1)]
+        want = (levels[codes].double() * s16.double()).to(dtype).view(torch.int16).tolist()
+        want = [want[2 * b] & 0xFFFF | (want[2 * b + 1] & 0xFFFF) << 16 for b in range(4)]
+        assert run_ptx(text, word, pair, dtype) == want, hex(word)
+
+
+def test_block_scales_kernel_rounds_the_twin_s_scales_once():
+    # [n, k / block] in x's dtype, blocks of rows that start on whole blocks; the padding's blocks left out
+    tensors = weight(5, 128, 64, 4)
+    exact = nf4.nf4_block_scales_ref(*tensors[1:], 4)[:10].view(5, 2)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = nf4.block_scales_triton(*tensors[1:], 5, 128, 64, 4, dtype)
+        assert got.dtype == dtype and got.shape == (5, 2)
+        if dtype == torch.bfloat16 and interpreting():
+            # Triton's interpreter casts fp32 to bf16 toward zero (a GPU rounds to nearest): within a step of bf16
+            assert torch.equal(got, exact.to(dtype)) or float(((got.float() - exact) / exact).abs().max()) < 2**-7
+        else:
+            assert torch.equal(got, exact.to(dtype))
 
 
 def test_twin_follows_the_format_math():

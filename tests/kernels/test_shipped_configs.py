@@ -34,7 +34,8 @@ def candidates_for(text: str):
         return w8a16.candidate_configs(m, n, k, dtype, cpu) + hopper
     if kernel.startswith("nf4_b"):
         block = int(kernel.removeprefix("nf4_b").split("_")[0])
-        return nf4.candidate_configs(m, n, k, block, dtype, cpu)
+        hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and nf4.wgmma_fits(k, block) else []
+        return nf4.candidate_configs(m, n, k, block, dtype, cpu) + hopper
     if kernel == "w8a8_linear":
         return w8a8.candidate_configs(m)
     if kernel.startswith("int8_int4_g"):

@@ -8,7 +8,7 @@ never searched, and a stored choice of it falls back to the generic path.
 import pytest
 import torch
 
-from aofunc.kernels import autotune, int8_int4, tiles, w4a16, w8a16
+from aofunc.kernels import autotune, int8_int4, nf4, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
 from tests.kernels.devices import DEVICE
 
@@ -287,3 +287,83 @@ def test_a_stored_8da4w_wgmma_choice_the_inputs_cannot_take_runs_the_generic_pat
     got = int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, None)
     default = int8_int4.default_config(5, 64, 256, 128, x.dtype, scale.dtype, x.device)
     assert torch.equal(got, int8_int4.int8_int4_linear_triton(x, qdata, scale, 128, None, config=default))
+
+
+def _nf4_weight(n, k, seed=0):
+    """An NF4 weight (blocks of 64, 4 block scales a scaler): random codes, scales 0.02 +- 0.01."""
+    g = torch.Generator().manual_seed(seed)
+    padded = -(-n * k // 256) * 256
+    qdata = torch.randint(0, 256, (padded // 2,), dtype=torch.uint8, generator=g)
+    scaler_q = torch.randint(-127, 128, (padded // 64,), dtype=torch.int8, generator=g)
+    factor = torch.full((padded // 256,), 12700.0)
+    return tuple(t.to(DEVICE) for t in (qdata, scaler_q, factor, torch.tensor(0.02)))
+
+
+@hopper_only
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (37, 200, 384), (300, 130, 1024), (130, 256, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
+def test_nf4_wgmma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, config):
+    tensors = _nf4_weight(n, k, seed=m)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if m % 2 else None
+    inputs = [t.clone() for t in (x,) + tensors + (() if bias is None else (bias,))]
+    args = (x, *tensors, n, k, 64, 4, bias)
+    want = nf4.nf4_linear_ref(*args).float()
+    got = nf4.nf4_linear_triton(*args, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert float((got.float() - want).norm() / want.norm()) <= tolerance(dtype)
+    assert torch.equal(nf4.nf4_linear_triton(*args, config=config), got)
+    after = [t for t in (x,) + tensors + (bias,) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@hopper_only
+def test_nf4_wgmma_takes_strided_and_empty_x_and_is_searched():
+    tensors = _nf4_weight(96, 256)
+    wide = torch.randn(20, 512, device=DEVICE, dtype=torch.bfloat16)
+    config = _config(128, 128, 3, 2, False, 8)
+    strided = nf4.nf4_linear_triton(wide[:, ::2], *tensors, 96, 256, 64, 4, config=config)
+    assert torch.equal(strided, nf4.nf4_linear_triton(wide[:, ::2].contiguous(), *tensors, 96, 256, 64, 4,
+                                                      config=config))
+    empty = nf4.nf4_linear_triton(wide[:0, :256], *tensors, 96, 256, 64, 4, config=config)
+    assert empty.shape == (0, 96) and empty.dtype == torch.bfloat16
+    device = torch.device(DEVICE)
+    assert any(c["path"] == "wgmma" for c in nf4.candidate_configs(64, 4096, 4096, 64, torch.bfloat16, device))
+    for k, block_size in ((4096, 32), (4032, 64)):
+        configs = nf4.candidate_configs(64, 4096, k, block_size, torch.bfloat16, device)
+        assert not any(c["path"] == "wgmma" for c in configs), (k, block_size)
+
+
+@pytest.mark.parametrize("k,block_size,dtype,why", [(256, 32, torch.bfloat16, "blocks of 64 codes"),
+                                                    (192, 64, torch.bfloat16, "multiple of 128"),
+                                                    (256, 64, torch.float32, "fp16 or bf16 x")])
+def test_nf4_wgmma_refuses_what_it_cannot_take_before_any_work(k, block_size, dtype, why):
+    padded = -(-64 * k // (block_size * 4)) * block_size * 4
+    tensors = (torch.zeros(padded // 2, dtype=torch.uint8, device=DEVICE),
+               torch.ones(padded // block_size, dtype=torch.int8, device=DEVICE),
+               torch.ones(padded // (block_size * 4), device=DEVICE), torch.tensor(0.0, device=DEVICE))
+    x = torch.randn(3, k, device=DEVICE, dtype=dtype)
+    with pytest.raises(ValueError, match=why):
+        nf4.nf4_linear_triton(x, *tensors, 64, k, block_size, 4, config=_config())
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="off Hopper only")
+def test_nf4_wgmma_is_refused_off_hopper_and_never_searched():
+    tensors = _nf4_weight(64, 256)
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Hopper"):
+        nf4.nf4_linear_triton(x, *tensors, 64, 256, 64, 4, config=_config())
+    configs = nf4.candidate_configs(64, 64, 256, 64, torch.bfloat16, torch.device(DEVICE))
+    assert configs and not any(c["path"] == "wgmma" for c in configs)
+
+
+def test_a_stored_nf4_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(monkeypatch):
+    # fp32 x on any device, or any x off Hopper: the stored choice is set aside for the default configuration
+    tensors = _nf4_weight(64, 256)
+    x = torch.randn(5, 256, device=DEVICE)
+    monkeypatch.setattr(autotune, "choose", lambda key, default, **kwargs: _config())
+    got = nf4.nf4_linear_triton(x, *tensors, 64, 256, 64, 4)
+    default = nf4.default_config(5, 64, 256, 64, x.dtype, x.device)
+    assert torch.equal(got, nf4.nf4_linear_triton(x, *tensors, 64, 256, 64, 4, config=default))
