@@ -13,9 +13,9 @@ the other card's table hold for the same shape at M/2, M and 2M (and cuBLAS on t
 rows), those among the op's own search candidates: a short search that carries one card's table to another of the
 same architecture.
 
-With ``--only wgmma`` a key times only the configuration ``--out`` holds for it (else the default) against the
-op's own search candidates on the ``wgmma`` path with the tile in registers; ``--only decoupled``, against its
-DECOUPLED forms of two and three stages: searches that bring a new form of the path to keys searched before it.
+With ``--only wgmma`` a key times only the default and the configuration ``--out`` holds for it against the op's
+own search candidates on the ``wgmma`` path with the tile in registers; ``--only decoupled``, against its DECOUPLED
+forms of two and three stages: searches that bring a new form of the path to keys searched before it.
 """
 from __future__ import annotations
 
