@@ -209,9 +209,8 @@ def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl
 def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr, dtype: gl.constexpr,
                A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr):
     """The step's dequantized tile: bytes as they are (_bytes_tile), NF4's levels (_levels_tile), or 4-bit codes in
-    packed pairs with off and
-    the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float zeros), -(magic + zero point) and 0 (integer
-    zero points), -(magic + 8) and 0 (none)."""
+    packed pairs with off and the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float zeros),
+    -(magic + zero point) and 0 (integer zero points), -(magic + 8) and 0 (none)."""
     if BITS == 8:
         a = _bytes_tile(q, ASM, dtype, A_LAYOUT, ROWS)
     elif ZERO == NF4_LEVELS:
