@@ -491,6 +491,46 @@ def wgmma_x_refusal(x: torch.Tensor) -> str | None:
 
 
 @functools.cache
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def mma_runs(device: torch.device) -> bool:
+    """Whether the ``mma`` path (kernels/mma.py: Gluon, the warp-level m16n8k16 MMA) can run on ``device``: a GPU of
+    compute capability 8.0 or later (A100, H100, ...) and a Triton with Gluon (3.6 and later)."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 0) and \
+        _gluon_ready()
+
+
+def mma_x_refusal(x: torch.Tensor) -> str | None:
+    """Why the ``mma`` path cannot take this x whatever the weight's format, or None: fp16 or bf16 x on a device
+    where mma_runs."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the mma path takes fp16 or bf16 x, got {x.dtype}"
+    if not mma_runs(x.device):
+        return (f"the mma path needs a GPU of compute capability 8.0 or later and Triton's Gluon; x is on "
+                f"{x.device}")
+    return None
+
+
+# the most rows of x the mma path takes: one m16n8k16 MMA's 8 columns
+MMA_ROWS = 8
+
+
+def mma_configs(m: int, n: int) -> list[dict]:
+    """The ``mma`` path's search space for m <= MMA_ROWS rows of x and n of w: 16 or 32 rows of w a warp on 2 to 8
+    warps, splits of K."""
+    out = []
+    for block_n, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (256, 8)):
+        for split in (1, 2, 4, 8):
+            if split == 1 or triton.cdiv(n, block_n) * split <= 4096:
+                out.append(dict(path="mma", BLOCK_M=MMA_ROWS, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps))
+    return out
+
+
+@functools.cache
 def _gluon_ready() -> bool:
     """Whether Triton has the Gluon the wgmma kernel is written against (3.6 and later: its API before differs);
     asked once, as every launch on the path asks."""

@@ -34,7 +34,8 @@ from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_ti
                                   gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k,
                                   int32_words, interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
                                   pow2_at_most, row_expert, scaled_rows, split_by_code, split_k, splitk_buffers,
-                                  tolerance, unit_stride, wgmma_configs, wgmma_runs, wgmma_x_refusal,
+                                  tolerance, unit_stride, wgmma_configs, wgmma_runs, wgmma_x_refusal, MMA_ROWS,
+                                  mma_configs, mma_runs, mma_x_refusal,
                                   word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
@@ -477,6 +478,13 @@ def pairs_ptx(half: str) -> str:
     return _code_pairs_ptx(_PAIRS_TAIL, half)
 
 
+def magic_pairs_ptx(half: str) -> str:
+    """The PTX of the pairs before any arithmetic, for "bf16" or "fp16": per word ($4), four registers $0..$3 of
+    two 16-bit floats magic + code each (kernels/mma.py multiplies those and takes magic + 8 times x's sums off
+    after the MMA)."""
+    return _code_pairs_ptx("mov.b32 ${b}, t;\n", half)
+
+
 PAIRS_BF16: tl.constexpr = tl.constexpr(pairs_ptx("bf16"))
 PAIRS_FP16: tl.constexpr = tl.constexpr(pairs_ptx("fp16"))
 
@@ -872,6 +880,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
                                             num_stages=3, **form))
     if m >= 16 and dtype != torch.float32 and group_size == BLOCK_K_WGMMA and wgmma_runs(device):
         out += wgmma_configs(m, n)
+    if m <= MMA_ROWS and dtype != torch.float32 and group_size == BLOCK_K_WGMMA and mma_runs(device):
+        out += mma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
 
 
@@ -924,6 +934,15 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         return dequantized_linear(x, w, bias)
     if path == "gemv":
         return gemv(x, qdata, scale, zero, group_size, bias, params, row_scale=row_scale)
+    if path == "mma":
+        refusal = mma_refusal(x, qdata, group_size)
+        if refusal:
+            raise ValueError(refusal)
+        if row_scale is not None or col_scale is not None or out_dtype not in (None, x.dtype):
+            raise ValueError("row_scale, col_scale and out_dtype are not taken by the 'mma' path")
+        from aofunc.kernels import mma  # imports Triton's Gluon
+
+        return mma.w4a16_linear(x, qdata, scale, zero, bias, params)
     if path == "wgmma":
         refusal = wgmma_refusal(x, scale, zero, group_size)
         if refusal:
@@ -1038,10 +1057,24 @@ def w4a16_linear_triton(x, qdata, scale, zero, group_size: int, bias: Optional[t
             reference=lambda: w4a16_linear_ref(x, qdata, scale, zero, group_size, bias),
             tolerance=tolerance(x.dtype),
         )
-        if config["path"] == "wgmma" and wgmma_refusal(x, scale, zero, group_size):
+        if (config["path"] == "wgmma" and wgmma_refusal(x, scale, zero, group_size)) or (
+                config["path"] == "mma" and mma_refusal(x, qdata, group_size)):
             # a stored choice this Triton or these tensors cannot take: the generic path, never an error
             config = default_config(m, n, k, group_size, x.dtype, x.device)
     return launch(x, qdata, scale, zero, group_size, bias, config)
+
+
+def mma_refusal(x, qdata, group_size: int) -> Optional[str]:
+    """Why the ``mma`` path cannot take these inputs, or None when it can: at most MMA_ROWS rows of fp16 or bf16 x,
+    groups of 128 codes over a whole number of them a row, on a GPU of compute capability 8.0 or later with Triton's
+    Gluon. Scales and zeros of any float dtype, integer zero points or none."""
+    if group_size != BLOCK_K_WGMMA:
+        return f"the mma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
+    if x.shape[0] > MMA_ROWS:
+        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
+    if qdata.shape[1] * 2 % BLOCK_K_WGMMA:
+        return f"the mma path takes rows of whole groups of codes, got {qdata.shape[1] * 2} codes a row"
+    return mma_x_refusal(x)
 
 
 def wgmma_refusal(x, scale, zero, group_size: int) -> Optional[str]:

@@ -74,11 +74,14 @@ _BYTES_ASM = {
 
 
 @gluon.constexpr_function
-def word_layout(rows, num_warps, bits):
+def word_layout(rows, num_warps, bits, contiguous=False):
     """[rows, 4 * bits] int32 words of a step: warp w (of num_warps, 4 a warpgroup) and lane l hold rows
-    16w + l // 4 and 8 more (and every 16 * num_warps rows after); 4-bit codes: words 4a + l % 4, a = 0..3; bytes:
-    words 8 (l % 4) + a, a = 0..7 (contiguous, for 16-byte loads)."""
-    if bits == 4:
+    16w + l // 4 and 8 more (and every 16 * num_warps rows after); 4-bit codes: words 4a + l % 4, a = 0..3, or
+    with ``contiguous`` words 4 (l % 4) + a (one 16-byte load); bytes: words 8 (l % 4) + a, a = 0..7 (contiguous,
+    for 16-byte loads)."""
+    if bits == 4 and contiguous:
+        reg, lane = [[0, 1], [0, 2], [8, 0]], [[0, 4], [0, 8]]
+    elif bits == 4:
         reg, lane = [[8, 0], [0, 4], [0, 8]], [[0, 1], [0, 2]]
     else:
         reg, lane = [[0, 1], [0, 2], [0, 4], [8, 0]], [[0, 8], [0, 16]]
@@ -96,7 +99,7 @@ def word_layout(rows, num_warps, bits):
 
 @gluon.jit
 def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr,
-                ROWS: gl.constexpr):
+                ROWS: gl.constexpr, CONTIGUOUS: gl.constexpr = False):
     """The dequantized [ROWS, STEP] tile in the MMA's left-operand layout from [ROWS, 16] words and [ROWS, 1]
     scale, zero and offset pairs: w4a16.fragment_tile_pairs in Gluon (a Gluon function cannot call a Triton one),
     with its PTX; here every layout is explicit and the last conversion is asserted to move no data."""
@@ -115,11 +118,12 @@ def _pairs_tile(q, s, z, off, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: 
         b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [q2, s2, z2, off2],
                                                    dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                    is_pure=True, pack=2)
-    return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS)
+    return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS, CONTIGUOUS)
 
 
 @gluon.jit
-def _levels_tile(q, s, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+def _levels_tile(q, s, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr,
+                 CONTIGUOUS: gl.constexpr = False):
     """NF4: the [ROWS, STEP] tile of levels times their block's scale in the MMA's left-operand layout, from
     [ROWS, 16] words and the [ROWS, 16] 16-bit scales of their blocks (words 0-7 of a step lie in its first block of
     64 codes, 8-15 in the second), with nf4.level_pairs_ptx's PTX: each code's level rounded to x's dtype, times
@@ -134,16 +138,21 @@ def _levels_tile(q, s, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.cons
         b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
                                                    dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                    is_pure=True, pack=2)
-    return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS)
+    return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS, CONTIGUOUS)
 
 
 @gluon.jit
-def _fragment_tile(b0, b1, b2, b3, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+def _fragment_tile(b0, b1, b2, b3, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, CONTIGUOUS: gl.constexpr = False):
     """The [ROWS, STEP] tile in the MMA's left-operand layout from four [ROWS, 16] tensors of 16-bit pairs, bj[r, w]
-    holding codes 2j and 2j + 1 of word w (the conversion is asserted to move no data)."""
+    holding codes 2j and 2j + 1 of word w (the conversion is asserted to move no data): word 4a + t (word_layout)
+    at columns 32a + 16 j2 + 8 j1 + 2t + j0 of the tile, or with CONTIGUOUS word 4t + a at the same columns, so that
+    the codes of columns 32t .. 32t + 31 of the step lie where bytes_ordered_x puts x's."""
     t = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # t[r, w, j0, j1, j2]: code 4 j2 + 2 j1 + j0 of word w
     t = gl.reshape(t, [ROWS, 4, 4, 2, 2, 2])
-    t = gl.permute(t, [0, 1, 5, 4, 2, 3])
+    if CONTIGUOUS:
+        t = gl.permute(t, [0, 2, 5, 4, 1, 3])
+    else:
+        t = gl.permute(t, [0, 1, 5, 4, 2, 3])
     return gl.convert_layout(gl.reshape(t, [ROWS, STEP]), A_LAYOUT, assert_trivial=True)
 
 
@@ -185,36 +194,45 @@ def _mma_in_flight(acc, a, step, x_desc, ready, x_smem, off_m, first, n_steps, S
 
 
 @gluon.jit
+def _load(ptrs, mask, other):
+    """gl.load under a mask, or of every pointer where the mask is None."""
+    if mask is None:
+        return gl.load(ptrs)
+    else:
+        return gl.load(ptrs, mask=mask, other=other)
+
+
+@gluon.jit
 def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl.constexpr):
-    """One step's words [ROWS, 4 * BITS]; 4-bit codes: the group's scales and zeros [ROWS, 1] (the scales again
-    where there are no zeros); NF4: each word's block scale [ROWS, 16], again as zeros; bytes (a scale a row,
-    applied at the end): the words again in their places."""
-    q = gl.load(q_ptrs + step * (4 * BITS), mask=mask, other=0)
+    """One step's words [ROWS, 4 * BITS] (under ``mask``, or every one where it is None); 4-bit codes: the group's
+    scales and zeros [ROWS, 1] (the scales again where there are no zeros); NF4: each word's block scale [ROWS,
+    16], again as zeros; bytes (a scale a row, applied at the end): the words again in their places."""
+    q = _load(q_ptrs + step * (4 * BITS), mask, 0)
     if BITS == 8:
         s = q
         z = q
     elif ZERO == NF4_LEVELS:
-        s = gl.load(s_ptrs + step * 2, mask=mask, other=0.0)
+        s = _load(s_ptrs + step * 2, mask, 0.0)
         z = s
     else:
-        s = gl.load(s_ptrs + step, mask=mask, other=0.0)
+        s = _load(s_ptrs + step, mask, 0.0)
         if ZERO == 2:
             z = s
         else:
-            z = gl.load(z_ptrs + step, mask=mask, other=0)
+            z = _load(z_ptrs + step, mask, 0)
     return q, s, z
 
 
 @gluon.jit
 def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr, dtype: gl.constexpr,
-               A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr):
+               A_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr, CONTIGUOUS: gl.constexpr = False):
     """The step's dequantized tile: bytes as they are (_bytes_tile), NF4's levels (_levels_tile), or 4-bit codes in
     packed pairs with off and the float zero as in w4a16.pair_offsets: -(magic + 8) and z (float zeros),
     -(magic + zero point) and 0 (integer zero points), -(magic + 8) and 0 (none)."""
     if BITS == 8:
         a = _bytes_tile(q, ASM, dtype, A_LAYOUT, ROWS)
     elif ZERO == NF4_LEVELS:
-        a = _levels_tile(q, s, ASM, dtype, A_LAYOUT, ROWS)
+        a = _levels_tile(q, s, ASM, dtype, A_LAYOUT, ROWS, CONTIGUOUS)
     else:
         sf = s.to(gl.float32)
         if ZERO == 0:
@@ -226,18 +244,22 @@ def _step_tile(q, s, z, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constex
         else:
             off = (sf * 0.0 - (MAGIC + 8.0)).to(dtype)
             zf = (sf * 0.0).to(dtype)
-        a = _pairs_tile(q, s.to(dtype), zf, off, ASM, dtype, A_LAYOUT, ROWS)
+        a = _pairs_tile(q, s.to(dtype), zf, off, ASM, dtype, A_LAYOUT, ROWS, CONTIGUOUS)
     return a
 
 
 @gluon.jit
 def _row_pointers(q_ptr, s_ptr, z_ptr, off_w, first, N, stride_qn, stride_sn, stride_zn, ROWS: gl.constexpr,
-                  BITS: gl.constexpr, ZERO: gl.constexpr, num_warps: gl.constexpr):
+                  BITS: gl.constexpr, ZERO: gl.constexpr, num_warps: gl.constexpr, CLAMP: gl.constexpr = False,
+                  CONTIGUOUS: gl.constexpr = False):
     """(q_ptrs, s_ptrs, z_ptrs, mask) of rows off_w .. off_w + ROWS - 1 of w at step ``first``: the words of a
     step in word_layout, each row's scale and zero (NF4: each word's block scale), and which rows are in the
-    weight."""
-    wl: gl.constexpr = word_layout(ROWS, num_warps, BITS)
+    weight; with CLAMP, rows past the weight's last read the last one instead (no mask needed); CONTIGUOUS: 4-bit
+    codes in word_layout's contiguous order."""
+    wl: gl.constexpr = word_layout(ROWS, num_warps, BITS, CONTIGUOUS)
     rows = off_w + gl.arange(0, ROWS, layout=gl.SliceLayout(1, wl))
+    if CLAMP:
+        rows = gl.minimum(rows, N - 1)
     words = gl.arange(0, 4 * BITS, layout=gl.SliceLayout(0, wl))
     q_ptrs = q_ptr + gl.expand_dims(rows, 1) * stride_qn + first * (4 * BITS) + gl.expand_dims(words, 0)
     if ZERO == NF4_LEVELS:  # two blocks of 64 codes a step

@@ -1,0 +1,254 @@
+"""W4A16, W8A16 and NF4 for few rows of x on the tensor cores' warp-level MMA (mma.sync m16n8k16, compute capability
+8.0 and up), written in Gluon: y^T = w @ x^T with the dequantized weight tile as the MMA's left operand and up to
+16 rows of x as its right one, both straight from registers.
+
+Each warp owns 16 rows of w (or 32, 48, ...: BLOCK_N / num_warps) and runs the whole loop over its steps of K on its
+own: no shared memory, no barrier, no wait. A thread's share of the left operand for a 128-deep step is the same as
+in kernels/wgmma.py (the warpgroup MMA takes its register operand in the m16n8k16 fragments), so the tiles are
+built by the same functions (wgmma._step_tile). The right operand, x's rows as the MMA's 8 (or 16) columns, is
+loaded by each thread straight from x in 16-byte loads, x in its own column order:
+- 4-bit codes: the thread with lane 4g + t holds row g of x at columns 32b + 8t + j (b < 4, j < 8) of a step, the
+  columns that wgmma's fragment order (tiles.fragment_ordered_x) gives its positions 32b + 8(j // 2) + 2t + j % 2;
+- bytes: row g at columns 32t + j (j < 32), the columns of bytes_ordered_x's positions 16(j // 4) + 8((j // 2) % 2)
+  + 2t + j % 2.
+So no copy of x is made, which at a few rows would cost more than the loads it saves.
+
+The codes, scales and zeros of the next two steps and x's values of the next step are loaded ahead in registers:
+each MMA reads registers that no later instruction writes before it is done, so the steps of several warps and
+the next step's loads overlap the tensor cores with nothing to wait for.
+
+A configuration (``params``): BLOCK_M (8 or 16 rows of x), BLOCK_N (rows of w a program, 16 a warp or more),
+SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added in a fixed order) and num_warps.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from aofunc.kernels import w4a16, wgmma
+from aofunc.kernels.tiles import int32_words, unit_stride
+
+STEP = wgmma.STEP
+_MAGIC_PAIRS_ASM = {torch.bfloat16: w4a16.magic_pairs_ptx("bf16"), torch.float16: w4a16.magic_pairs_ptx("fp16")}
+
+
+@gluon.constexpr_function
+def x_layout(rows, num_warps):
+    """[STEP // 2, rows] words of x (pairs of columns; a step's words by rows of x) as each thread loads them: lane
+    4g + t holds row g (and g + 8) at columns 32t + j (j < 32, its registers' halves), every warp the same."""
+    reg, lane = [[1, 0], [2, 0], [4, 0], [8, 0]], [[16, 0], [32, 0]]
+    if rows == 16:
+        reg.append([0, 8])
+    warp = []
+    w = 1
+    while w < num_warps:
+        warp.append([0, 0])
+        w *= 2
+    return gl.DistributedLinearLayout(reg, lane + [[0, 1], [0, 2], [0, 4]], warp, [], [STEP // 2, rows])
+
+
+@gluon.jit
+def _x_pointers(x_ptr, off_m, first, M, stride_xm, ROWS: gl.constexpr, num_warps: gl.constexpr):
+    """The pointers of x's [STEP // 2, ROWS] words (x_ptr: x as int32 pairs of columns, stride_xm in words) at
+    step ``first`` in x_layout, rows off_m .. of x; rows past x's last read the last one."""
+    xl: gl.constexpr = x_layout(ROWS, num_warps)
+    words = gl.arange(0, STEP // 2, layout=gl.SliceLayout(1, xl))
+    rows = gl.minimum(off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(0, xl)), M - 1)
+    return x_ptr + gl.expand_dims(rows, 0) * stride_xm + first * (STEP // 2) + gl.expand_dims(words, 1)
+
+
+@gluon.jit
+def _x_operand(xw, dtype: gl.constexpr, B_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+    """The MMA's right operand [STEP, ROWS] from x's words as loaded (x_layout; carried through the loop as words,
+    so that each 32-bit register stays whole): column 32t + 4s + 2j1 + j0 of the step at position 16s + 8j1 + 2t +
+    j0, where the left operand holds the codes of that column (the conversion is asserted to move no data)."""
+    if dtype == gl.float16:
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+    xv = gl.reshape(gl.permute(gl.join(lo, hi), [0, 2, 1]), [STEP, ROWS])  # column 2w + e: half e of word w
+    t = gl.permute(gl.reshape(xv, [4, 8, 2, 2, ROWS]), [1, 2, 0, 3, 4])
+    return gl.convert_layout(gl.reshape(t, [STEP, ROWS]), B_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _magic_tile(q, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
+    """The [ROWS, STEP] tile of magic + code (exact 16-bit floats, w4a16.magic_pairs_ptx) in the MMA's left-operand
+    layout from [ROWS, 16] words: a byte permute and a mask-or a pair of codes, nothing else."""
+    q2 = gl.join(q, q)
+    if dtype == gl.float16:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                                   is_pure=True, pack=2)
+    else:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [q2],
+                                                   dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                                   is_pure=True, pack=2)
+    return wgmma._fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS, True)
+
+
+@gluon.jit
+def _group_terms(s, z, ZERO: gl.constexpr, MAGIC: gl.constexpr):
+    """(s, c) in fp32 with w = (code - 8) s + z = (magic + code) s + c: c = z - (magic + 8) s for float zeros,
+    -(magic + zero point) s for integer zero points, -(magic + 8) s for none."""
+    sf = s.to(gl.float32)
+    if ZERO == 0:
+        c = z.to(gl.float32) - (MAGIC + 8.0) * sf
+    elif ZERO == 1:
+        c = -(MAGIC + z.to(gl.float32)) * sf
+    else:
+        c = -(MAGIC + 8.0) * sf
+    return sf, c
+
+
+@gluon.jit
+def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr,
+              dtype: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, MMA: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BITS: gl.constexpr, MAGIC_SUMS: gl.constexpr):
+    """acc plus one step's products: of its codes' words q (scales s, zeros z) and x's words xw."""
+    b = _x_operand(xw, dtype, B_LAYOUT, BLOCK_M)
+    if MAGIC_SUMS:
+        sums = mma_v2(_magic_tile(q, ASM, dtype, A_LAYOUT, BLOCK_N), b, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA))
+        x_sums = mma_v2(ones, b, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA))
+        sf, c = _group_terms(s, z, ZERO, MAGIC)
+        acc += sums * gl.expand_dims(sf, 1) + x_sums * gl.expand_dims(c, 1)
+    else:
+        acc = mma_v2(wgmma._step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, A_LAYOUT, BLOCK_N, BITS, True), b, acc)
+    return acc
+
+
+@gluon.jit
+def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr):
+    """(q, s, z, x's words) of step min(step, last)."""
+    step = gl.minimum(step, last)
+    q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
+    return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
+
+
+@gluon.jit
+def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
+                stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
+                MAGIC: gl.constexpr, num_warps: gl.constexpr):
+    """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
+    multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
+    x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
+    s and (z - (magic + 8) s) times x's sum. NF4 and bytes: the tile of wgmma._step_tile, accumulated by the MMA."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    MAGIC_SUMS: gl.constexpr = BITS == 4 and ZERO != wgmma.NF4_LEVELS
+    off_n, off_m, pid_k, first, n_steps = wgmma._program_tile(K, steps_per_split, BLOCK_M, BLOCK_N)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    # rows past the weight's (and x's) last read the last one: no masks, and nothing of theirs is stored
+    q_ptrs, s_ptrs, z_ptrs, mask = wgmma._row_pointers(q_ptr, s_ptr, z_ptr, off_n, first, N, stride_qn, stride_sn,
+                                                       stride_zn, BLOCK_N, BITS, ZERO, num_warps, CLAMP=True,
+                                                       CONTIGUOUS=True)
+    # x's words: pairs of columns (stride_xm counts them)
+    x_ptrs = _x_pointers(x_ptr.to(gl.pointer_type(gl.int32), bitcast=True), off_m, first, M, stride_xm, BLOCK_M,
+                         num_warps)
+    if MAGIC_SUMS:  # the group's scale and zero of each row where the MMA's sums lie
+        rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma)), N - 1)
+        s_ptrs = s_ptr + rows * stride_sn + first
+        z_ptrs = z_ptr + rows * stride_zn + first
+        ones = gl.full([BLOCK_N, STEP], 1.0, dtype, a_layout)
+    else:
+        ones = 0.0  # (not read)
+
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
+    # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
+    last = n_steps - 1
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS)
+    for j in range(n_steps // 4):
+        k = 4 * j
+        acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS)
+        acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS)
+        acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS)
+        acc = _mma_step(acc, qd, sd, zd, xd, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS)
+    rest = n_steps % 4
+    if rest > 0:
+        acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+    if rest > 1:
+        acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+    if rest > 2:
+        acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                        BLOCK_N, BITS, MAGIC_SUMS)
+    wgmma._store_sums(acc, mma, y_ptr, b_ptr, y_ptr, s_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
+                      False, HAS_COL, BLOCK_M, BLOCK_N)
+
+
+def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
+    """y = x @ w.T + bias for W4A16 g128 codes [N, K/2] (K a multiple of 128) with scales and zeros [N, K/128] of
+    x's dtype (zero None: the integer grid's 8; uint8: integer zero points); ``params`` as in the module's
+    docstring."""
+    scale, zero = unit_stride(scale, zero)
+    z = scale if zero is None else zero
+    return _launch(x, qdata, scale, z, qdata.shape[1] * 2, bias, params, bits=4, zero_kind=w4a16.zero_kind(zero),
+                   asm=_MAGIC_PAIRS_ASM[x.dtype])
+
+
+def w8a16_linear(x, qdata, scale, bias, params: dict) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias for int8 codes [N, K] (K a multiple of 128) with a scale a row [N]."""
+    (scale,) = unit_stride(scale)
+    return _launch(x, qdata, scale, scale, x.shape[1], bias, params, bits=8, zero_kind=2,
+                   asm=wgmma._BYTES_ASM[x.dtype], col_scale=True)
+
+
+def nf4_linear(x, qdata, scales, bias, params: dict) -> torch.Tensor:
+    """y = x @ w.T + bias for NF4 codes [N, K/2] (K a multiple of 128) with the scales [N, K/64] of their blocks of
+    64 codes in x's dtype (nf4.block_scales_triton)."""
+    (scales,) = unit_stride(scales)
+    return _launch(x, qdata, scales, scales, qdata.shape[1] * 2, bias, params, bits=4,
+                   zero_kind=wgmma.NF4_LEVELS.value, asm=wgmma._LEVELS_ASM[x.dtype])
+
+
+def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str,
+            col_scale: bool = False):
+    m, n = x.shape[0], qdata.shape[0]
+    if m == 0:
+        return torch.zeros(0, n, dtype=x.dtype, device=x.device)
+    if x.shape[1] != kp:
+        x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
+    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # read as 32-bit words
+        x = x.clone(memory_format=torch.contiguous_format)
+    block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
+    steps = kp // STEP
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if split == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    (bias,) = unit_stride(bias)
+    words = int32_words(qdata)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
+                      words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
+                      HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], num_warps=params["num_warps"])
+    if split == 1:
+        return y
+    total = y.sum(0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(x.dtype)

@@ -1,0 +1,132 @@
+"""The ``mma`` path of W4A16 (Gluon, the warp-level m16n8k16 MMA, up to 8 rows of x), and the same kernel on W8A16's
+bytes and NF4's levels.
+
+On a GPU of compute capability 8.0 or later with Triton's Gluon: the path against the reference twin on ragged
+shapes, every zero kind, fp16 and bf16 x, with and without bias, K split, strided and empty x; the same bits on
+every run; inputs unchanged. Everywhere else: the path is refused with a reason before any work, never searched,
+and a stored choice of it falls back to the generic path.
+"""
+import pytest
+import torch
+
+from aofunc.kernels import autotune, nf4, tiles, w4a16, w8a16
+from aofunc.kernels.tiles import tolerance
+from tests.kernels.devices import DEVICE
+
+RUNS = DEVICE == "cuda" and tiles.mma_runs(torch.device(DEVICE))
+gpu_only = pytest.mark.skipif(not RUNS, reason="needs a GPU of compute capability 8.0+ and Triton's Gluon")
+
+
+def _config(block_n=64, split=1, warps=4):
+    return dict(path="mma", BLOCK_M=8, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
+
+
+def _weight(n, k, dtype, grid, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kp = -(-k // 128) * 128
+    qdata = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, kp // 128, generator=g) * 0.02 + 1e-3
+    zero = {"float": (torch.randn(n, kp // 128, generator=g) * 0.05).to(dtype),
+            "int": torch.randint(0, 16, (n, kp // 128), dtype=torch.uint8, generator=g), "none": None}[grid]
+    return (qdata.to(DEVICE), scale.to(DEVICE, dtype), None if zero is None else zero.to(DEVICE))
+
+
+CONFIGS = [_config(), _config(32, 1, 2), _config(128, 3, 4), _config(256, 2, 8)]
+
+
+@gpu_only
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (3, 200, 384), (8, 130, 1000), (5, 256, 4096), (2, 48, 640)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid", ["float", "int", "none"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[2:]))
+def test_mma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, grid, config):
+    qdata, scale, zero = _weight(n, k, dtype, grid, seed=m)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if m % 2 else None
+    inputs = [t.clone() for t in (x, qdata, scale) + tuple(t for t in (zero, bias) if t is not None)]
+    want = w4a16.w4a16_linear_ref(x, qdata, scale, zero, 128, bias).float()
+    got = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, bias, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert float((got.float() - want).norm() / want.norm()) <= tolerance(dtype)
+    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, bias, config=config), got)
+    after = [t for t in (x, qdata, scale, zero, bias) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@gpu_only
+def test_mma_takes_strided_misaligned_and_empty_x():
+    qdata, scale, zero = _weight(96, 256, torch.bfloat16, "float")
+    wide = torch.randn(6, 513, device=DEVICE, dtype=torch.bfloat16)
+    config = _config()
+    for view in (wide[:, :512:2], wide[:, 1:257]):  # every other column; an odd offset (not 4-byte aligned)
+        assert torch.equal(w4a16.w4a16_linear_triton(view, qdata, scale, zero, 128, config=config),
+                           w4a16.w4a16_linear_triton(view.contiguous(), qdata, scale, zero, 128, config=config))
+    empty = w4a16.w4a16_linear_triton(wide[:0, :256], qdata, scale, zero, 128, config=config)
+    assert empty.shape == (0, 96)
+
+
+@gpu_only
+def test_mma_is_searched_up_to_eight_rows():
+    for m, searched in ((1, True), (8, True), (9, False)):
+        configs = w4a16.candidate_configs(m, 4096, 4096, 128, torch.bfloat16, torch.device(DEVICE))
+        assert any(c["path"] == "mma" for c in configs) == searched
+    assert not any(c["path"] == "mma" for c in w4a16.candidate_configs(4, 4096, 4096, 64, torch.bfloat16,
+                                                                       torch.device(DEVICE)))
+
+
+@pytest.mark.parametrize("group_size,rows,dtype,why", [(64, 2, torch.bfloat16, "groups of 128"),
+                                                       (128, 9, torch.bfloat16, "at most 8 rows"),
+                                                       (128, 2, torch.float32, "fp16 or bf16")])
+def test_mma_refuses_what_it_cannot_take_before_any_work(group_size, rows, dtype, why):
+    x = torch.randn(rows, 256, dtype=dtype, device=DEVICE)
+    qdata, scale, zero = _weight(64, 256, torch.bfloat16, "float")
+    config = _config()
+    with pytest.raises(ValueError, match=why):
+        w4a16.launch(x, qdata, scale, zero, group_size, None, config)
+
+
+def test_mma_is_refused_off_gpu_and_never_searched():
+    if RUNS:
+        pytest.skip("the path runs here")
+    x = torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE)
+    assert "compute capability 8.0" in w4a16.mma_refusal(x, torch.zeros(4, 128, dtype=torch.uint8), 128)
+    assert not any(c["path"] == "mma" for c in w4a16.candidate_configs(2, 4096, 4096, 128, torch.bfloat16,
+                                                                       torch.device(DEVICE)))
+
+
+def test_a_stored_mma_choice_the_inputs_cannot_take_runs_the_generic_path(monkeypatch):
+    # a table made on a GPU names the path; here (or for fp32 x) it cannot run: the default path answers instead
+    x = torch.randn(2, 256, dtype=torch.float32, device=DEVICE)
+    qdata, scale, zero = _weight(64, 256, torch.float32, "float")
+    monkeypatch.setattr(autotune, "choose", lambda key, default, **kw: _config())
+    got = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128)
+    want = w4a16.w4a16_linear_ref(x, qdata, scale, zero, 128)
+    assert float((got - want).norm() / want.norm()) <= tolerance(torch.float32)
+
+
+@gpu_only
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (7, 200, 1024), (8, 130, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=lambda c: "-".join(str(v) for v in list(c.values())[2:]))
+def test_mma_kernel_on_bytes_and_nf4_levels_matches_the_twins(m, n, k, dtype, config):
+    from aofunc.kernels import mma
+
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g).to(DEVICE)
+    s8 = (torch.rand(n, generator=g) * 1e-3 + 1e-4).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    want = w8a16.w8a16_linear_ref(x, q8, s8, bias).float()
+    got = mma.w8a16_linear(x, q8, s8, bias, config).float()
+    assert float((got - want).norm() / want.norm()) <= tolerance(dtype)
+    # NF4: random codes, a block scale a 64 codes, 4 blocks a scaler (k a multiple of 128: whole blocks a row)
+    padded = -(-n * k // 256) * 256
+    qdata = torch.randint(0, 256, (padded // 2,), dtype=torch.uint8, generator=g).to(DEVICE)
+    scaler_q = torch.randint(-127, 128, (padded // 64,), dtype=torch.int8, generator=g).to(DEVICE)
+    factor = torch.full((padded // 256,), 12700.0, device=DEVICE)
+    mean = torch.tensor(0.02, device=DEVICE)
+    want = nf4.nf4_linear_ref(x, qdata, scaler_q, factor, mean, n, k, 64, 4, bias).float()
+    scales = nf4.block_scales_triton(scaler_q, factor, mean, n, k, 64, 4, dtype)
+    got = mma.nf4_linear(x, qdata[: n * k // 2].view(n, k // 2), scales, bias, config).float()
+    assert float((got - want).norm() / want.norm()) <= tolerance(dtype)
