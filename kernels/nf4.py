@@ -31,7 +31,8 @@ from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_ti
                                   gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
                                   gemv_split_k, int32_words, interleave8, interpreting, load_x, nibble_fragments,
                                   pow2_at_most, split_k, splitk_buffers, tolerance, unit_stride,
-                                  word_pairs_fragments, wgmma_configs, wgmma_runs, wgmma_x_refusal)
+                                  word_pairs_fragments, wgmma_configs, wgmma_runs, wgmma_x_refusal, MMA_ROWS,
+                                  mma_configs, mma_runs, mma_x_refusal)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -421,6 +422,8 @@ def candidate_configs(m: int, n: int, k: int, block_size: int, dtype: torch.dtyp
                                                 M_FAST=m_fast, num_warps=warps, num_stages=stages, **form))
     if m >= 16 and dtype != torch.float32 and wgmma_fits(k, block_size) and wgmma_runs(device):
         out += wgmma_configs(m, n)
+    if m <= MMA_ROWS and dtype != torch.float32 and wgmma_fits(k, block_size) and mma_runs(device):
+        out += mma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
 
 
@@ -438,6 +441,17 @@ def wgmma_refusal(x, k: int, block_size: int) -> Optional[str]:
     return wgmma_x_refusal(x)
 
 
+def mma_refusal(x, k: int, block_size: int) -> Optional[str]:
+    """Why the ``mma`` path cannot take this x and weight, or None when it can: the weights wgmma_fits takes, at
+    most MMA_ROWS rows of fp16 or bf16 x, on a GPU of compute capability 8.0 or later with Triton's Gluon."""
+    if not wgmma_fits(k, block_size):
+        return (f"the mma path takes blocks of 64 codes and K a multiple of {BLOCK_K_WGMMA}, got "
+                f"block_size={block_size}, K={k}")
+    if x.shape[0] > MMA_ROWS:
+        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
+    return mma_x_refusal(x)
+
+
 def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size, bias,
            config: dict) -> torch.Tensor:
     """Run one path with one configuration (no checks, no tuning): y [M, n] in x.dtype."""
@@ -448,15 +462,16 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
                                   scaler_block_size, x.dtype)
         return dequantized_linear(x, w, bias)
     qdata, scaler_q, scaler_factor, bias = unit_stride(qdata, scaler_q, scaler_factor, bias)
-    if path == "wgmma":
-        refusal = wgmma_refusal(x, k, block_size)
+    if path in ("wgmma", "mma"):
+        refusal = wgmma_refusal(x, k, block_size) if path == "wgmma" else mma_refusal(x, k, block_size)
         if refusal:
             raise ValueError(refusal)
-        from aofunc.kernels import wgmma  # imports Triton's Gluon
+        from aofunc.kernels import mma, wgmma  # imports Triton's Gluon
 
         scales = block_scales_triton(scaler_q, scaler_factor, scaler_mean, n, k, block_size, scaler_block_size,
                                      x.dtype)
-        return wgmma.nf4_linear(x, qdata[: n * k // 2].view(n, k // 2), scales, bias, params)
+        return (wgmma if path == "wgmma" else mma).nf4_linear(x, qdata[: n * k // 2].view(n, k // 2), scales, bias,
+                                                              params)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -507,7 +522,8 @@ def nf4_linear_triton(x, qdata, scaler_q, scaler_factor, scaler_mean, n: int, k:
             reference=lambda: nf4_linear_ref(*args),
             tolerance=tolerance(x.dtype),
         )
-        if config["path"] == "wgmma" and wgmma_refusal(x, k, block_size):
+        if (config["path"] == "wgmma" and wgmma_refusal(x, k, block_size)) or (
+                config["path"] == "mma" and mma_refusal(x, k, block_size)):
             # a stored choice this Triton or these tensors cannot take: the generic path, never an error
             config = default_config(m, n, k, block_size, x.dtype, x.device)
     return launch(*args, config)

@@ -20,7 +20,7 @@ from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_ti
                                   gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid,
                                   grouped_split_k, int32_words, interpreting, load_x, pairs_transposed, row_expert,
                                   scaled_rows, split_k, splitk_buffers, tolerance, unit_stride, wgmma_configs,
-                                  wgmma_runs, wgmma_x_refusal)
+                                  wgmma_runs, wgmma_x_refusal, MMA_ROWS, mma_configs, mma_runs, mma_x_refusal)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -349,6 +349,8 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
                                         num_stages=3))
     if m >= 16 and dtype != torch.float32 and k % BLOCK_K_WGMMA == 0 and wgmma_runs(device):
         out += wgmma_configs(m, n)
+    if m <= MMA_ROWS and dtype != torch.float32 and k % BLOCK_K_WGMMA == 0 and mma_runs(device):
+        out += mma_configs(m, n)
     return [c for c in out if fragment_tile_fits(c)]
 
 
@@ -358,6 +360,16 @@ def wgmma_refusal(x) -> Optional[str]:
     if x.shape[1] % BLOCK_K_WGMMA:
         return f"the wgmma path takes K a multiple of {BLOCK_K_WGMMA}, got K={x.shape[1]}"
     return wgmma_x_refusal(x)
+
+
+def mma_refusal(x) -> Optional[str]:
+    """Why the ``mma`` path cannot take this x, or None when it can: at most MMA_ROWS rows of fp16 or bf16 x whose K
+    is a multiple of 128, on a GPU of compute capability 8.0 or later with Triton's Gluon."""
+    if x.shape[1] % BLOCK_K_WGMMA:
+        return f"the mma path takes K a multiple of {BLOCK_K_WGMMA}, got K={x.shape[1]}"
+    if x.shape[0] > MMA_ROWS:
+        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
+    return mma_x_refusal(x)
 
 
 def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
@@ -372,13 +384,13 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         return dequantized_linear(x, w8a16_dequantize(qdata, scale, x.dtype), bias)
     if path == "gemv":
         return gemv(x, qdata, scale, bias, params)
-    if path == "wgmma":
-        refusal = wgmma_refusal(x)
+    if path in ("wgmma", "mma"):
+        refusal = wgmma_refusal(x) if path == "wgmma" else mma_refusal(x)
         if refusal:
             raise ValueError(refusal)
-        from aofunc.kernels import wgmma  # imports Triton's Gluon
+        from aofunc.kernels import mma, wgmma  # imports Triton's Gluon
 
-        return wgmma.w8a16_linear(x, qdata, scale, bias, params)
+        return (wgmma if path == "wgmma" else mma).w8a16_linear(x, qdata, scale, bias, params)
     scale, bias = unit_stride(scale, bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = params.pop("SPLIT_K")
@@ -449,7 +461,7 @@ def w8a16_linear_triton(x, qdata, scale, bias: Optional[torch.Tensor] = None, *,
             reference=lambda: w8a16_linear_ref(x, qdata, scale, bias),
             tolerance=tolerance(x.dtype),
         )
-        if config["path"] == "wgmma" and wgmma_refusal(x):
+        if (config["path"] == "wgmma" and wgmma_refusal(x)) or (config["path"] == "mma" and mma_refusal(x)):
             # a stored choice this Triton or these tensors cannot take: the generic path, never an error
             config = default_config(m, n, k, x.dtype, x.device)
     return launch(x, qdata, scale, bias, config)

@@ -1,5 +1,4 @@
-"""The ``mma`` path of W4A16 (Gluon, the warp-level m16n8k16 MMA, up to 8 rows of x), and the same kernel on W8A16's
-bytes and NF4's levels.
+"""The ``mma`` path of W4A16, W8A16 and NF4 (Gluon, the warp-level m16n8k16 MMA, up to 8 rows of x).
 
 On a GPU of compute capability 8.0 or later with Triton's Gluon: the path against the reference twin on ragged
 shapes, every zero kind, fp16 and bf16 x, with and without bias, K split, strided and empty x; the same bits on
@@ -73,6 +72,10 @@ def test_mma_is_searched_up_to_eight_rows():
         assert any(c["path"] == "mma" for c in configs) == searched
     assert not any(c["path"] == "mma" for c in w4a16.candidate_configs(4, 4096, 4096, 64, torch.bfloat16,
                                                                        torch.device(DEVICE)))
+    assert any(c["path"] == "mma" for c in w8a16.candidate_configs(4, 4096, 4096, torch.bfloat16,
+                                                                   torch.device(DEVICE)))
+    assert any(c["path"] == "mma" for c in nf4.candidate_configs(4, 4096, 4096, 64, torch.bfloat16,
+                                                                 torch.device(DEVICE)))
 
 
 @pytest.mark.parametrize("group_size,rows,dtype,why", [(64, 2, torch.bfloat16, "groups of 128"),
@@ -109,16 +112,14 @@ def test_a_stored_mma_choice_the_inputs_cannot_take_runs_the_generic_path(monkey
 @pytest.mark.parametrize("m,n,k", [(1, 64, 128), (7, 200, 1024), (8, 130, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS[:3], ids=lambda c: "-".join(str(v) for v in list(c.values())[2:]))
-def test_mma_kernel_on_bytes_and_nf4_levels_matches_the_twins(m, n, k, dtype, config):
-    from aofunc.kernels import mma
-
+def test_mma_path_of_w8a16_and_nf4_matches_the_twins(m, n, k, dtype, config):
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g).to(DEVICE)
     s8 = (torch.rand(n, generator=g) * 1e-3 + 1e-4).to(DEVICE, dtype)
     bias = torch.randn(n, generator=g).to(DEVICE, dtype)
     want = w8a16.w8a16_linear_ref(x, q8, s8, bias).float()
-    got = mma.w8a16_linear(x, q8, s8, bias, config).float()
+    got = w8a16.w8a16_linear_triton(x, q8, s8, bias, config=config).float()
     assert float((got - want).norm() / want.norm()) <= tolerance(dtype)
     # NF4: random codes, a block scale a 64 codes, 4 blocks a scaler (k a multiple of 128: whole blocks a row)
     padded = -(-n * k // 256) * 256
@@ -127,6 +128,5 @@ def test_mma_kernel_on_bytes_and_nf4_levels_matches_the_twins(m, n, k, dtype, co
     factor = torch.full((padded // 256,), 12700.0, device=DEVICE)
     mean = torch.tensor(0.02, device=DEVICE)
     want = nf4.nf4_linear_ref(x, qdata, scaler_q, factor, mean, n, k, 64, 4, bias).float()
-    scales = nf4.block_scales_triton(scaler_q, factor, mean, n, k, 64, 4, dtype)
-    got = mma.nf4_linear(x, qdata[: n * k // 2].view(n, k // 2), scales, bias, config).float()
+    got = nf4.nf4_linear_triton(x, qdata, scaler_q, factor, mean, n, k, 64, 4, bias, config=config).float()
     assert float((got - want).norm() / want.norm()) <= tolerance(dtype)
