@@ -79,7 +79,8 @@ def _x_operand(xw, dtype: gl.constexpr, B_LAYOUT: gl.constexpr, ROWS: gl.constex
 @gluon.jit
 def _magic_tile(q, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.constexpr, ROWS: gl.constexpr):
     """The [ROWS, STEP] tile of magic + code (exact 16-bit floats, w4a16.magic_pairs_ptx) in the MMA's left-operand
-    layout from [ROWS, 16] words: a byte permute and a mask-or a pair of codes, nothing else."""
+    layout from [ROWS, 16] words: a byte permute and a mask-or a pair of codes, nothing else (tiles.
+    word_pairs_fragments' packing in Gluon, which cannot call a Triton function)."""
     q2 = gl.join(q, q)
     if dtype == gl.float16:
         b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [q2],

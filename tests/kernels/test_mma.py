@@ -11,6 +11,7 @@ import torch
 from aofunc.kernels import autotune, nf4, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
 from tests.kernels.devices import DEVICE
+from tests.kernels.test_wgmma import _weight, assert_w4a16_path_matches_the_twin
 
 RUNS = DEVICE == "cuda" and tiles.mma_runs(torch.device(DEVICE))
 gpu_only = pytest.mark.skipif(not RUNS, reason="needs a GPU of compute capability 8.0+ and Triton's Gluon")
@@ -18,16 +19,6 @@ gpu_only = pytest.mark.skipif(not RUNS, reason="needs a GPU of compute capabilit
 
 def _config(block_n=64, split=1, warps=4):
     return dict(path="mma", BLOCK_M=8, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
-
-
-def _weight(n, k, dtype, grid, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    kp = -(-k // 128) * 128
-    qdata = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, generator=g)
-    scale = torch.rand(n, kp // 128, generator=g) * 0.02 + 1e-3
-    zero = {"float": (torch.randn(n, kp // 128, generator=g) * 0.05).to(dtype),
-            "int": torch.randint(0, 16, (n, kp // 128), dtype=torch.uint8, generator=g), "none": None}[grid]
-    return (qdata.to(DEVICE), scale.to(DEVICE, dtype), None if zero is None else zero.to(DEVICE))
 
 
 CONFIGS = [_config(), _config(32, 1, 2), _config(128, 3, 4), _config(256, 2, 8)]
@@ -39,18 +30,7 @@ CONFIGS = [_config(), _config(32, 1, 2), _config(128, 3, 4), _config(256, 2, 8)]
 @pytest.mark.parametrize("grid", ["float", "int", "none"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[2:]))
 def test_mma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, grid, config):
-    qdata, scale, zero = _weight(n, k, dtype, grid, seed=m)
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if m % 2 else None
-    inputs = [t.clone() for t in (x, qdata, scale) + tuple(t for t in (zero, bias) if t is not None)]
-    want = w4a16.w4a16_linear_ref(x, qdata, scale, zero, 128, bias).float()
-    got = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, bias, config=config)
-    assert got.dtype == dtype and got.shape == (m, n)
-    assert float((got.float() - want).norm() / want.norm()) <= tolerance(dtype)
-    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, bias, config=config), got)
-    after = [t for t in (x, qdata, scale, zero, bias) if t is not None]
-    assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+    assert_w4a16_path_matches_the_twin(m, n, k, dtype, grid, config)
 
 
 @gpu_only
