@@ -1,24 +1,29 @@
-"""W4A16, W8A16 and NF4 for few rows of x on the tensor cores' warp-level MMA (mma.sync m16n8k16, compute capability
-8.0 and up), written in Gluon: y^T = w @ x^T with the dequantized weight tile as the MMA's left operand and up to
-16 rows of x as its right one, both straight from registers.
+"""W4A16, W8A16 and NF4 for a few rows of x on the tensor cores' warp-level MMA (mma.sync m16n8k16, compute
+capability 8.0 and up), written in Gluon: y^T = w @ x^T with the dequantized weight tile as the MMA's left operand
+and up to 8 rows of x as its right one (its 8 columns), both straight from registers.
 
-Each warp owns 16 rows of w (or 32, 48, ...: BLOCK_N / num_warps) and runs the whole loop over its steps of K on its
-own: no shared memory, no barrier, no wait. A thread's share of the left operand for a 128-deep step is the same as
-in kernels/wgmma.py (the warpgroup MMA takes its register operand in the m16n8k16 fragments), so the tiles are
-built by the same functions (wgmma._step_tile). The right operand, x's rows as the MMA's 8 (or 16) columns, is
-loaded by each thread straight from x in 16-byte loads, x in its own column order:
-- 4-bit codes: the thread with lane 4g + t holds row g of x at columns 32b + 8t + j (b < 4, j < 8) of a step, the
-  columns that wgmma's fragment order (tiles.fragment_ordered_x) gives its positions 32b + 8(j // 2) + 2t + j % 2;
-- bytes: row g at columns 32t + j (j < 32), the columns of bytes_ordered_x's positions 16(j // 4) + 8((j // 2) % 2)
-  + 2t + j % 2.
-So no copy of x is made, which at a few rows would cost more than the loads it saves.
+Each warp owns 16 rows of w (or 32, 64: BLOCK_N / num_warps) and runs the whole loop over its steps of K on its own:
+no shared memory, no barrier, no wait. A thread's share of the left operand for a 128-deep step is the m16n8k16
+fragment that kernels/wgmma.py also builds (the warpgroup MMA takes its register operand in the same fragments), so
+the tiles come from the same functions, with the words of a step taken in their contiguous order
+(wgmma.word_layout's ``contiguous``): the thread with lane 4g + t holds, for each of its rows, the codes of the
+step's columns 32t .. 32t + 31 (four words of 4-bit codes, one 16-byte load; eight words of bytes, two). The right
+operand is loaded the same way, straight from x: row g of x at columns 32t .. 32t + 31, four 16-byte loads, the
+column that each position of the left operand multiplies at that position of the right one (_x_operand). So no
+copy of x is made, which at a few rows would cost more than the loads it saves.
 
-The codes, scales and zeros of the next two steps and x's values of the next step are loaded ahead in registers:
-each MMA reads registers that no later instruction writes before it is done, so the steps of several warps and
-the next step's loads overlap the tensor cores with nothing to wait for.
+W4A16 multiplies its codes as magic + code, exact in 16 bits (a byte permute and a mask-or a pair of codes), into
+sums of each step's own, and a second MMA of a tile of ones sums x's columns of the step; the group's scale and
+zero fold both into the fp32 accumulator (_group_terms). W8A16 and NF4 take wgmma._step_tile's tiles (exact bytes
+with the row's scale at the end; levels times their block's scale).
 
-A configuration (``params``): BLOCK_M (8 or 16 rows of x), BLOCK_N (rows of w a program, 16 a warp or more),
-SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added in a fixed order) and num_warps.
+Four steps an iteration, each with registers of its own that are loaded again, four steps ahead, once its MMA has
+read them: four steps' codes in flight per warp and no register copied from one step's set to another's. Rows of
+w and x past the last read the last one, so no load is masked; nothing of theirs is stored.
+
+A configuration (``params``): BLOCK_M (8: rows of x a tile), BLOCK_N (rows of w a program, 16 a warp or more),
+SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added in a fixed order) and num_warps. The
+measurements are in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -199,9 +204,9 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
 
 
 def w4a16_linear(x, qdata, scale, zero, bias, params: dict) -> torch.Tensor:
-    """y = x @ w.T + bias for W4A16 g128 codes [N, K/2] (K a multiple of 128) with scales and zeros [N, K/128] of
-    x's dtype (zero None: the integer grid's 8; uint8: integer zero points); ``params`` as in the module's
-    docstring."""
+    """y = x @ w.T + bias for W4A16 g128 codes [N, K/2] (K a multiple of 128) with scales and float zeros [N, K/128]
+    of any float dtype (zero None: the integer grid's 8; uint8: integer zero points), applied in fp32; ``params``
+    as in the module's docstring."""
     scale, zero = unit_stride(scale, zero)
     z = scale if zero is None else zero
     return _launch(x, qdata, scale, z, qdata.shape[1] * 2, bias, params, bits=4, zero_kind=w4a16.zero_kind(zero),
@@ -225,6 +230,8 @@ def nf4_linear(x, qdata, scales, bias, params: dict) -> torch.Tensor:
 
 def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_kind: int, asm: str,
             col_scale: bool = False):
+    """The kernel on x (padded to kp columns, its rows read as 32-bit words) and a weight of ``bits``-bit codes:
+    the output's buffers, the split of K, the partial sums added up (then the bias) in a fixed order."""
     m, n = x.shape[0], qdata.shape[0]
     if m == 0:
         return torch.zeros(0, n, dtype=x.dtype, device=x.device)
