@@ -240,13 +240,7 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # read as 32-bit words
         x = x.clone(memory_format=torch.contiguous_format)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
-    steps = kp // STEP
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    if split == 1:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    y, split, per_split = wgmma.split_output(m, n, kp // STEP, split, x.dtype, x.device)
     (bias,) = unit_stride(bias)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
@@ -254,9 +248,4 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
                       ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], num_warps=params["num_warps"])
-    if split == 1:
-        return y
-    total = y.sum(0)
-    if bias is not None:
-        total += bias.float()
-    return total.to(x.dtype)
+    return wgmma.split_total(y, split, bias, x.dtype)

@@ -447,8 +447,6 @@ def mma_refusal(x, k: int, block_size: int) -> Optional[str]:
     if not wgmma_fits(k, block_size):
         return (f"the mma path takes blocks of 64 codes and K a multiple of {BLOCK_K_WGMMA}, got "
                 f"block_size={block_size}, K={k}")
-    if x.shape[0] > MMA_ROWS:
-        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
     return mma_x_refusal(x)
 
 

@@ -463,8 +463,8 @@ BLOCK_K_WGMMA = 128
 
 
 @functools.cache
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
 
 
 def wgmma_runs(device: torch.device) -> bool:
@@ -472,7 +472,8 @@ def wgmma_runs(device: torch.device) -> bool:
     and a Triton with Gluon (3.6 and later)."""
     if device.type != "cuda" or interpreting():
         return False
-    return _hopper(torch.cuda.current_device() if device.index is None else device.index) and _gluon_ready()
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] == 9 and \
+        _gluon_ready()
 
 
 def wgmma_device_refusal(device: torch.device) -> str | None:
@@ -490,11 +491,6 @@ def wgmma_x_refusal(x: torch.Tensor) -> str | None:
     return wgmma_device_refusal(x.device)
 
 
-@functools.cache
-def _capability(index: int) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
 def mma_runs(device: torch.device) -> bool:
     """Whether the ``mma`` path (kernels/mma.py: Gluon, the warp-level m16n8k16 MMA) can run on ``device``: a GPU of
     compute capability 8.0 or later (A100, H100, ...) and a Triton with Gluon (3.6 and later)."""
@@ -505,8 +501,10 @@ def mma_runs(device: torch.device) -> bool:
 
 
 def mma_x_refusal(x: torch.Tensor) -> str | None:
-    """Why the ``mma`` path cannot take this x whatever the weight's format, or None: fp16 or bf16 x on a device
-    where mma_runs."""
+    """Why the ``mma`` path cannot take this x whatever the weight's format, or None: at most MMA_ROWS rows of fp16
+    or bf16 x on a device where mma_runs."""
+    if x.shape[0] > MMA_ROWS:
+        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the mma path takes fp16 or bf16 x, got {x.dtype}"
     if not mma_runs(x.device):

@@ -1070,8 +1070,6 @@ def mma_refusal(x, qdata, group_size: int) -> Optional[str]:
     Gluon. Scales and zeros of any float dtype, integer zero points or none."""
     if group_size != BLOCK_K_WGMMA:
         return f"the mma path takes groups of {BLOCK_K_WGMMA} codes, got group_size={group_size}"
-    if x.shape[0] > MMA_ROWS:
-        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
     if qdata.shape[1] * 2 % BLOCK_K_WGMMA:
         return f"the mma path takes rows of whole groups of codes, got {qdata.shape[1] * 2} codes a row"
     return mma_x_refusal(x)

@@ -367,8 +367,6 @@ def mma_refusal(x) -> Optional[str]:
     is a multiple of 128, on a GPU of compute capability 8.0 or later with Triton's Gluon."""
     if x.shape[1] % BLOCK_K_WGMMA:
         return f"the mma path takes K a multiple of {BLOCK_K_WGMMA}, got K={x.shape[1]}"
-    if x.shape[0] > MMA_ROWS:
-        return f"the mma path takes at most {MMA_ROWS} rows of x, got {x.shape[0]}"
     return mma_x_refusal(x)
 
 

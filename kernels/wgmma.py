@@ -509,13 +509,7 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
     half = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(ordered_x(), [block_m, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [block_m, BLOCK_K], half))
-    steps = kp // BLOCK_K
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    if split == 1:
-        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    else:
-        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    y, split, per_split = split_output(m, n, kp // BLOCK_K, split, out_dtype, x.device)
     bias, row_scale, col_scale = unit_stride(bias, row_scale, col_scale)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
@@ -530,6 +524,22 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
     else:
         _wgmma_kernel[grid](*args, A_SHARED=params["A_SHARED"],
                             IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), **common)
+    return split_total(y, split, bias, out_dtype)
+
+
+def split_output(m: int, n: int, steps: int, split: int, out_dtype, device):
+    """(y, split, steps a split) for ``steps`` steps of K over ``split`` programs a tile (fewer where the steps run
+    out): y [M, N] in out_dtype without a split, else the fp32 partial sums [split, M, N]."""
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if split == 1:
+        return torch.empty(m, n, dtype=out_dtype, device=device), split, per_split
+    return torch.empty(split, m, n, dtype=torch.float32, device=device), split, per_split
+
+
+def split_total(y, split: int, bias, out_dtype):
+    """split_output's y as the output: the partial sums added in a fixed order, then the bias, in out_dtype (the
+    kernels add the bias themselves without a split)."""
     if split == 1:
         return y
     total = y.sum(0)
