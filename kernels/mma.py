@@ -129,18 +129,23 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 
 @gluon.jit
+def _x_step(x_ptrs, step, last):
+    """x's words of step min(step, last)."""
+    return gl.load(x_ptrs + gl.minimum(step, last) * (STEP // 2))
+
+
+@gluon.jit
 def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr):
     """(q, s, z, x's words) of step min(step, last)."""
-    step = gl.minimum(step, last)
-    q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
-    return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
+    q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(step, last), None, ZERO, BITS)
+    return q, s, z, _x_step(x_ptrs, step, last)
 
 
 @gluon.jit
 def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
                 stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
-                MAGIC: gl.constexpr, num_warps: gl.constexpr):
+                MAGIC: gl.constexpr, X_AHEAD: gl.constexpr, num_warps: gl.constexpr):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
@@ -173,22 +178,44 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     last = n_steps - 1
     qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS)
     qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS)
+    qc, sc, zc = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(2, last), None, ZERO, BITS)
+    qd, sd, zd = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(3, last), None, ZERO, BITS)
+    if X_AHEAD == 4:
+        xc = _x_step(x_ptrs, 2, last)
+        xd = _x_step(x_ptrs, 3, last)
+    else:  # (not read: loaded again two steps before theirs)
+        xc = xa
+        xd = xb
     for j in range(n_steps // 4):
         k = 4 * j
         acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS)
+        qa, sa, za = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 4, last), None, ZERO, BITS)
+        if X_AHEAD == 4:
+            xa = _x_step(x_ptrs, k + 4, last)
+        else:
+            xc = _x_step(x_ptrs, k + 2, last)
         acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS)
+        qb, sb, zb = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 5, last), None, ZERO, BITS)
+        if X_AHEAD == 4:
+            xb = _x_step(x_ptrs, k + 5, last)
+        else:
+            xd = _x_step(x_ptrs, k + 3, last)
         acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS)
+        qc, sc, zc = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 6, last), None, ZERO, BITS)
+        if X_AHEAD == 4:
+            xc = _x_step(x_ptrs, k + 6, last)
+        else:
+            xa = _x_step(x_ptrs, k + 4, last)
         acc = _mma_step(acc, qd, sd, zd, xd, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS)
+        qd, sd, zd = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 7, last), None, ZERO, BITS)
+        if X_AHEAD == 4:
+            xd = _x_step(x_ptrs, k + 7, last)
+        else:
+            xb = _x_step(x_ptrs, k + 5, last)
     rest = n_steps % 4
     if rest > 0:
         acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
@@ -247,5 +274,6 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], num_warps=params["num_warps"])
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], X_AHEAD=params.get("X_AHEAD", 4),
+                      num_warps=params["num_warps"])
     return wgmma.split_total(y, split, bias, x.dtype)
