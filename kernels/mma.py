@@ -31,7 +31,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from aofunc.kernels import w4a16, wgmma
 from aofunc.kernels.tiles import int32_words, unit_stride
@@ -129,86 +129,18 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 
 @gluon.jit
-def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr,
-                   RING: gl.constexpr):
-    """(q, s, z, x's words) of step min(step, last); with a RING, its codes come from the ring (q: 0)."""
+def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr):
+    """(q, s, z, x's words) of step min(step, last)."""
     step = gl.minimum(step, last)
-    if RING == 0:
-        q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
-    else:
-        q = 0
-        s, z = wgmma._scale_loads(s_ptrs, z_ptrs, step, None, 0, ZERO, BITS)
+    q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
     return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
-
-
-@gluon.jit
-def _ring_copy(ring, q_ptrs, step, last, RING: gl.constexpr, BITS: gl.constexpr):
-    """Start copying step min(step, last)'s words into its stage of the ring: each thread its own 16-byte pieces,
-    which it alone reads back (_ring_take), so no barrier is needed; one group of copies a step."""
-    async_copy.async_copy_global_to_shared(ring.index(step % RING), q_ptrs + gl.minimum(step, last) * (4 * BITS))
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _ring_copy(ring, q_ptrs, step, last, RING: gl.constexpr, BITS: gl.constexpr):
-    """Start copying step min(step, last)'s words into its stage of the ring: each thread its own 16-byte pieces,
-    which it alone reads back."""
-    async_copy.async_copy_global_to_shared(ring.index(step % RING), q_ptrs + gl.minimum(step, last) * (4 * BITS))
-
-
-@gluon.jit
-def _ring_fill(ring, q_ptrs, last, RING: gl.constexpr, GROUP: gl.constexpr, BITS: gl.constexpr):
-    """The copies of the first RING - GROUP steps, a group of copies every GROUP steps."""
-    for i in gl.static_range(RING - GROUP):
-        _ring_copy(ring, q_ptrs, i, last, RING, BITS)
-        if i % GROUP == GROUP - 1:
-            async_copy.commit_group()
-
-
-@gluon.jit
-def _ring_wait(ring, q_ptrs, step, last, RING: gl.constexpr, GROUP: gl.constexpr, BITS: gl.constexpr):
-    """Wait for the group of steps from ``step``."""
-    async_copy.wait_group(RING // GROUP - 2)
-
-
-@gluon.jit
-def _ring_next(ring, q_ptrs, step, last, RING: gl.constexpr, GROUP: gl.constexpr, BITS: gl.constexpr):
-    """Start the group of copies RING - GROUP steps after ``step``'s group (into the stages the group before read)."""
-    for i in gl.static_range(GROUP):
-        _ring_copy(ring, q_ptrs, step + RING - GROUP + i, last, RING, BITS)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _codes(q, ring, q_ptrs, step, last, RING: gl.constexpr, GROUP: gl.constexpr, BITS: gl.constexpr,
-           Q_LAYOUT: gl.constexpr):
-    """Step ``step``'s words: q as loaded (or taken by _codes_four), or with a RING of one-step groups, from it."""
-    if RING > 0 and GROUP == 1:
-        _ring_wait(ring, q_ptrs, step, last, RING, GROUP, BITS)
-        q = ring.index(step % RING).load(Q_LAYOUT)
-        _ring_next(ring, q_ptrs, step, last, RING, GROUP, BITS)
-    return q
-
-
-@gluon.jit
-def _codes_four(qa, qb, qc, qd, ring, q_ptrs, step, last, RING: gl.constexpr, GROUP: gl.constexpr,
-                BITS: gl.constexpr, Q_LAYOUT: gl.constexpr):
-    """Steps step .. step + 3's words: as loaded, or with a RING of four-step groups, from it."""
-    if RING > 0 and GROUP == 4:
-        _ring_wait(ring, q_ptrs, step, last, RING, GROUP, BITS)
-        qa = ring.index(step % RING).load(Q_LAYOUT)
-        qb = ring.index((step + 1) % RING).load(Q_LAYOUT)
-        qc = ring.index((step + 2) % RING).load(Q_LAYOUT)
-        qd = ring.index((step + 3) % RING).load(Q_LAYOUT)
-        _ring_next(ring, q_ptrs, step, last, RING, GROUP, BITS)
-    return qa, qb, qc, qd
 
 
 @gluon.jit
 def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
                 stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
-                MAGIC: gl.constexpr, RING: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
+                MAGIC: gl.constexpr, num_warps: gl.constexpr):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
@@ -236,50 +168,37 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
         ones = 0.0  # (not read)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    last = n_steps - 1
-    if RING > 0:  # the codes RING - 1 steps ahead in shared memory
-        ql: gl.constexpr = wgmma.word_layout(BLOCK_N, num_warps, BITS, True)
-        ring = gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N, 4 * BITS],
-                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        _ring_fill(ring, q_ptrs, last, RING, GROUP, BITS)
-    else:
-        ql: gl.constexpr = 0
-        ring = 0
     # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
     # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
-    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, RING)
-    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, RING)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, RING)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, RING)
+    last = n_steps - 1
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS)
     for j in range(n_steps // 4):
         k = 4 * j
-        ta, tb, tc, td = _codes_four(qa, qb, qc, qd, ring, q_ptrs, k, last, RING, GROUP, BITS, ql)
-        acc = _mma_step(acc, _codes(ta, ring, q_ptrs, k, last, RING, GROUP, BITS, ql), sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, RING)
-        acc = _mma_step(acc, _codes(tb, ring, q_ptrs, k + 1, last, RING, GROUP, BITS, ql), sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS)
+        acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, RING)
-        acc = _mma_step(acc, _codes(tc, ring, q_ptrs, k + 2, last, RING, GROUP, BITS, ql), sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS)
+        acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, RING)
-        acc = _mma_step(acc, _codes(td, ring, q_ptrs, k + 3, last, RING, GROUP, BITS, ql), sd, zd, xd, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS)
+        acc = _mma_step(acc, qd, sd, zd, xd, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, RING)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS)
     rest = n_steps % 4
-    tail = n_steps - rest
-    ta, tb, tc, td = _codes_four(qa, qb, qc, qd, ring, q_ptrs, tail, last, RING, GROUP, BITS, ql)
     if rest > 0:
-        acc = _mma_step(acc, _codes(ta, ring, q_ptrs, tail, last, RING, GROUP, BITS, ql), sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
     if rest > 1:
-        acc = _mma_step(acc, _codes(tb, ring, q_ptrs, tail + 1, last, RING, GROUP, BITS, ql), sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
     if rest > 2:
-        acc = _mma_step(acc, _codes(tc, ring, q_ptrs, tail + 2, last, RING, GROUP, BITS, ql), sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+        acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                         BLOCK_N, BITS, MAGIC_SUMS)
-    if RING > 0:
-        async_copy.wait_group(0)  # no copy outlives the program
     wgmma._store_sums(acc, mma, y_ptr, b_ptr, y_ptr, s_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
                       False, HAS_COL, BLOCK_M, BLOCK_N)
 
@@ -328,6 +247,5 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], RING=params.get("RING", 0), GROUP=params.get("GROUP", 1),
-                      num_warps=params["num_warps"])
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], num_warps=params["num_warps"])
     return wgmma.split_total(y, split, bias, x.dtype)

@@ -204,16 +204,10 @@ def _load(ptrs, mask, other):
 
 @gluon.jit
 def _step_loads(q_ptrs, s_ptrs, z_ptrs, step, mask, ZERO: gl.constexpr, BITS: gl.constexpr):
-    """One step's words [ROWS, 4 * BITS] (under ``mask``, or every one where it is None) and _scale_loads' (s, z)."""
+    """One step's words [ROWS, 4 * BITS] (under ``mask``, or every one where it is None); 4-bit codes: the group's
+    scales and zeros [ROWS, 1] (the scales again where there are no zeros); NF4: each word's block scale [ROWS,
+    16], again as zeros; bytes (a scale a row, applied at the end): the words again in their places."""
     q = _load(q_ptrs + step * (4 * BITS), mask, 0)
-    s, z = _scale_loads(s_ptrs, z_ptrs, step, mask, q, ZERO, BITS)
-    return q, s, z
-
-
-@gluon.jit
-def _scale_loads(s_ptrs, z_ptrs, step, mask, q, ZERO: gl.constexpr, BITS: gl.constexpr):
-    """One step's (s, z): 4-bit codes: the group's scales and zeros [ROWS, 1] (the scales again where there are no
-    zeros); NF4: each word's block scale [ROWS, 16], again as zeros; bytes (a scale a row, applied at the end): q."""
     if BITS == 8:
         s = q
         z = q
@@ -226,7 +220,7 @@ def _scale_loads(s_ptrs, z_ptrs, step, mask, q, ZERO: gl.constexpr, BITS: gl.con
             z = s
         else:
             z = _load(z_ptrs + step, mask, 0)
-    return s, z
+    return q, s, z
 
 
 @gluon.jit
