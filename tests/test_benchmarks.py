@@ -382,3 +382,40 @@ def test_the_one_row_sweep_times_gemv_candidates_of_every_format():
         assert any(c["path"] == "gemv" for c in pool)
     searched = w8a16.candidate_configs(1, 4096, 4096, torch.bfloat16, device)
     assert all(c in searched for c in sweep_gemm.candidates("w8a16", 1, 4096, 4096, device))
+
+
+# ------------------------------------------------------------------------------------------------ bench_override
+
+def test_override_settings_read_python_literals_and_refuse_what_is_not_name_equals_value():
+    import argparse
+
+    import bench_override
+
+    assert bench_override.parse_setting("FOUR=False") == ("FOUR", False)
+    assert bench_override.parse_setting("STAGES=3") == ("STAGES", 3)
+    assert bench_override.parse_setting("SCALE=2.5") == ("SCALE", 2.5)
+    assert bench_override.parse_setting("path=gemm") == ("path", "gemm")  # not a literal: the text itself
+    assert bench_override.parse_setting("EMPTY=") == ("EMPTY", "")
+    for bad in ("FOUR", "=3", "2X=1", "A B=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
+            bench_override.parse_setting(bad)
+
+
+def test_an_override_is_a_new_config_and_the_shipped_one_is_left_as_it_is():
+    import bench_override
+
+    config = {"path": "mma", "BLOCK_N": 64}
+    assert bench_override.overridden(config, ("BLOCK_N", 128)) == {"path": "mma", "BLOCK_N": 128}
+    assert bench_override.overridden(config, ("FOUR", False)) == {"path": "mma", "BLOCK_N": 64, "FOUR": False}
+    assert config == {"path": "mma", "BLOCK_N": 64}
+
+
+def test_override_outputs_are_compared_bit_for_bit():
+    import torch
+
+    import bench_override
+
+    base = torch.tensor([1.0, -4.0, 2.0], dtype=torch.bfloat16)
+    assert bench_override.difference(base.clone(), base) == "same bits"
+    assert bench_override.difference(base + torch.tensor([0.0, 0.0, 0.5], dtype=torch.bfloat16), base) == \
+        "differs by 1.2e-01"

@@ -1,0 +1,99 @@
+"""One kernel parameter against the configuration each key runs: the configuration the op would use (the shipped or
+cached table, else the default) timed as it is and with each setting applied, one process, bf16 cuBLAS timed
+alongside; each variant's output compared with the configuration's own, bit for bit.
+
+    python benchmarks/bench_override.py --formats w4a16 --path mma --ms 1,2,4,8 --set FOUR=False
+    python benchmarks/bench_override.py --formats w4a16,w8a16 --ms 64,256 --set STAGES=2 --set STAGES=3
+
+Each line: the key, bf16's µs, the configuration (µs, × bf16), then each setting's µs, × bf16 and whether its output
+equals the configuration's ("same bits") or its largest relative difference. ``--path`` keeps only the keys whose
+configuration runs that path (a parameter of one kernel means nothing to another's). Nothing is recorded: these are
+forms of one configuration, not rows of ``benchmarks/results``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+
+import torch
+import torch.nn.functional as F
+
+from bench_kernels import SHAPES, ours
+from common import card_name, cold_us
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """``"NAME=VALUE"`` -> (NAME, VALUE) with VALUE a Python literal where it reads as one (0, 2.5, True), else the
+    text itself."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def overridden(config: dict, setting: tuple[str, object]) -> dict:
+    """A copy of ``config`` with the setting applied (``config`` itself is left as it is)."""
+    name, value = setting
+    return {**config, name: value}
+
+
+def difference(y: torch.Tensor, base: torch.Tensor) -> str:
+    """"same bits", or the largest difference relative to the largest magnitude of ``base``."""
+    if torch.equal(y, base):
+        return "same bits"
+    scale = base.float().abs().max().clamp_min(1e-30)
+    return f"differs by {float((y.float() - base.float()).abs().max() / scale):.1e}"
+
+
+def compare(fmts, shapes, ms, settings, path=None) -> None:
+    from aofunc.kernels import autotune
+
+    print(f"card: {card_name()}, torch {torch.__version__}", flush=True)
+    for fmt in fmts:
+        for shape in shapes:
+            k, n = (int(v) for v in shape.split("x"))
+            run, ref, key, _, default = ours(fmt, n, k)
+            weight = None
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                config = autotune.lookup(key(x)) or default(x)
+                if path is not None and config.get("path") != path:
+                    continue
+                if weight is None:  # the bf16 weight the format stands for
+                    weight = ref(torch.eye(k, device="cuda", dtype=torch.bfloat16)).T.contiguous()
+                bf16_us = cold_us(lambda: F.linear(x, weight))
+                base = run(x, config)
+                us = cold_us(lambda: run(x, config))
+                cells = [f"{fmt} {k}x{n} M={m}: bf16 {bf16_us:.1f}", f"{config} {us:.1f} ({bf16_us / us:.2f}x)"]
+                for setting in settings:
+                    variant = overridden(config, setting)
+                    try:
+                        same = difference(run(x, variant), base)
+                        variant_us = cold_us(lambda: run(x, variant))
+                    except Exception as error:  # a setting the kernel refuses: say so, go on with the next
+                        cells.append(f"{setting[0]}={setting[1]!r} failed: {str(error)[:120]}")
+                        continue
+                    cells.append(f"{setting[0]}={setting[1]!r} {variant_us:.1f} ({bf16_us / variant_us:.2f}x, {same})")
+                print(" | ".join(cells), flush=True)
+            del weight
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="w4a16")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--ms", default="1,2,4,8")
+    parser.add_argument("--path", help="only the keys whose configuration runs this path (gemv, gemm, mma, ...)")
+    parser.add_argument("--set", action="append", required=True, type=parse_setting, dest="settings",
+                        metavar="NAME=VALUE", help="a setting to time against the configuration (repeatable)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    compare(args.formats.split(","), args.shapes.split(","), [int(m) for m in args.ms.split(",")], args.settings,
+            args.path)
+
+
+if __name__ == "__main__":
+    main()
