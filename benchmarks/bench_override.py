@@ -2,11 +2,11 @@
 cached table, else the default) timed as it is and with each setting applied, one process, bf16 cuBLAS timed
 alongside; each variant's output compared with the configuration's own, bit for bit.
 
-    python benchmarks/bench_override.py --formats w4a16 --path mma --ms 1,2,4,8 --set FOUR=False
-    python benchmarks/bench_override.py --formats w4a16,w8a16 --ms 64,256 --set STAGES=2 --set STAGES=3
+    python benchmarks/bench_override.py --formats w4a16 --path mma --ms 1,2,4,8 --set SPLIT_K=2 --set SPLIT_K=4
+    python benchmarks/bench_override.py --formats w4a16,w8a16 --path wgmma --ms 64,256 --set STAGES=2 --set STAGES=3
 
-Each line: the key, bf16's µs, the configuration (µs, × bf16), then each setting's µs, × bf16 and whether its output
-equals the configuration's ("same bits") or its largest relative difference. ``--path`` keeps only the keys whose
+Each line: the key, bf16's µs, the configuration (µs, × bf16), then each setting's µs, × bf16 and whether its
+output equals the configuration's ("same bits") or its largest relative difference. ``--path`` keeps only the keys whose
 configuration runs that path (a parameter of one kernel means nothing to another's). Nothing is recorded: these are
 forms of one configuration, not rows of ``benchmarks/results``.
 """
@@ -48,22 +48,24 @@ def difference(y: torch.Tensor, base: torch.Tensor) -> str:
     return f"differs by {float((y.float() - base.float()).abs().max() / scale):.1e}"
 
 
-def compare(fmts, shapes, ms, settings, path=None) -> None:
+def compare(fmts, shapes, ms, settings, path=None, device="cuda") -> list[str]:
+    """Print (and return) a line for each key of the formats, shapes and rows ``ms`` whose configuration runs
+    ``path`` (every key where it is None)."""
     from aofunc.kernels import autotune
 
-    print(f"card: {card_name()}, torch {torch.__version__}", flush=True)
+    lines = []
     for fmt in fmts:
         for shape in shapes:
             k, n = (int(v) for v in shape.split("x"))
             run, ref, key, _, default = ours(fmt, n, k)
             weight = None
             for m in ms:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 config = autotune.lookup(key(x)) or default(x)
                 if path is not None and config.get("path") != path:
                     continue
                 if weight is None:  # the bf16 weight the format stands for
-                    weight = ref(torch.eye(k, device="cuda", dtype=torch.bfloat16)).T.contiguous()
+                    weight = ref(torch.eye(k, device=device, dtype=torch.bfloat16)).T.contiguous()
                 bf16_us = cold_us(lambda: F.linear(x, weight))
                 base = run(x, config)
                 us = cold_us(lambda: run(x, config))
@@ -77,8 +79,10 @@ def compare(fmts, shapes, ms, settings, path=None) -> None:
                         cells.append(f"{setting[0]}={setting[1]!r} failed: {str(error)[:120]}")
                         continue
                     cells.append(f"{setting[0]}={setting[1]!r} {variant_us:.1f} ({bf16_us / variant_us:.2f}x, {same})")
-                print(" | ".join(cells), flush=True)
+                lines.append(" | ".join(cells))
+                print(lines[-1], flush=True)
             del weight
+    return lines
 
 
 def main(argv=None):
@@ -91,6 +95,7 @@ def main(argv=None):
                         metavar="NAME=VALUE", help="a setting to time against the configuration (repeatable)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    print(f"card: {card_name()}, torch {torch.__version__}", flush=True)
     compare(args.formats.split(","), args.shapes.split(","), [int(m) for m in args.ms.split(",")], args.settings,
             args.path)
 

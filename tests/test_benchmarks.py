@@ -419,3 +419,34 @@ def test_override_outputs_are_compared_bit_for_bit():
     assert bench_override.difference(base.clone(), base) == "same bits"
     assert bench_override.difference(base + torch.tensor([0.0, 0.0, 0.5], dtype=torch.bfloat16), base) == \
         "differs by 1.2e-01"
+
+
+def test_override_times_each_setting_on_the_keys_of_its_path_and_reports_failures(monkeypatch):
+    import torch
+
+    import bench_override
+    from aofunc.kernels import autotune
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, dtype=torch.bfloat16)
+
+    def run(x, config):
+        if config.get("BAD"):
+            raise ValueError("BAD is not a parameter of this kernel")
+        return x @ (w * config.get("SCALE", 1)).T
+
+    def ours(fmt, n, k):
+        return (run, lambda x: x @ w.T, lambda x: x.shape[0], {},
+                lambda x: {"path": "mma" if x.shape[0] <= 2 else "gemm"})
+
+    monkeypatch.setattr(bench_override, "ours", ours)
+    monkeypatch.setattr(bench_override, "cold_us", lambda fn: (fn(), 10.0)[1])
+    monkeypatch.setattr(autotune, "lookup", lambda key: None)
+    lines = bench_override.compare(["w4a16"], ["8x6"], [1, 2, 4], [("SCALE", 1), ("SCALE", 2), ("BAD", True)],
+                                   path="mma", device="cpu")
+    assert [line.split(":")[0] for line in lines] == ["w4a16 8x6 M=1", "w4a16 8x6 M=2"]  # M=4 runs gemm
+    cells = lines[0].split(" | ")
+    assert cells[1] == "{'path': 'mma'} 10.0 (1.00x)"
+    assert cells[2] == "SCALE=1 10.0 (1.00x, same bits)"
+    assert cells[3].startswith("SCALE=2 10.0 (1.00x, differs by 1.0e+00")
+    assert cells[4].startswith("BAD=True failed: BAD is not a parameter")
