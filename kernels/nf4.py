@@ -138,25 +138,7 @@ def nf4_level(bits, lut_ptr, USE_SHFL: tl.constexpr):
         return tl.load(lut_ptr + (bits & 15))
 
 
-def level_table_words(dtype: torch.dtype) -> list[int]:
-    """The eight 32-bit words of level_pairs_ptx's lookup tables: the low bytes of NF4_LEVELS 0-3, 4-7, 8-11,
-    12-15 rounded to ``dtype``, then their high bytes."""
-    halves = torch.tensor(NF4_LEVELS, dtype=torch.float32).to(dtype).view(torch.int16).tolist()
-    low = [h & 0xFF for h in halves]
-    high = [(h >> 8) & 0xFF for h in halves]
-    return [sum(b << (8 * i) for i, b in enumerate(table[j:j + 4])) for table in (low, high) for j in (0, 4, 8, 12)]
-
-
-def level_tables_ptx(dtype: torch.dtype) -> str:
-    """PTX of the eight table words ($0..$7) as values the assembler cannot fold: each is xor-ed with the SM's id
-    shifted right by 30, which is 0. As constants, ptxas keeps the tables in uniform registers and copies two into
-    ordinary ones before every byte permute (one copy a permute in the mma loop); as these values they stay in
-    ordinary registers."""
-    words = " ".join(f"xor.b32 ${i}, z, {w:#010x};" for i, w in enumerate(level_table_words(dtype)))
-    return "{ .reg .b32 z; mov.u32 z, %smid; shr.u32 z, z, 30; " + words + " }"
-
-
-def level_pairs_ptx(dtype: torch.dtype, scaled: bool = False, tables: bool = False) -> str:
+def level_pairs_ptx(dtype: torch.dtype, scaled: bool = False) -> str:
     """PTX from one word ($4, eight codes) to four pairs of 16-bit levels ($0..$3): $b holds the levels of code 2b
     (the high nibble of byte b) in its low half and code 2b + 1 in its high half, each NF4_LEVELS rounded to
     ``dtype`` (bfloat16 or float16), as a cast of the fp32 level rounds it.
@@ -166,15 +148,14 @@ def level_pairs_ptx(dtype: torch.dtype, scaled: bool = False, tables: bool = Fal
     code's bit 3 (9 where it is set, a nibble prmt reads as "the sign of byte 1", 0x80, so 0xFF) chooses between
     them. Then two prmts interleave low and high bytes into the pairs: 24 instructions for eight codes.
     ``scaled``: each pair is then multiplied by the pair of scales in $6 (one packed multiply-add with -0, rounded
-    once to ``dtype``). ``tables``: the eight table words are operands $7, $9, .. $21 (level_tables_ptx's, each
-    given twice by an elementwise call that packs two elements) in place of constants.
+    once to ``dtype``).
     """
+    halves = torch.tensor(NF4_LEVELS, dtype=torch.float32).to(dtype).view(torch.int16).tolist()
+    low = [h & 0xFF for h in halves]
+    high = [(h >> 8) & 0xFF for h in halves]
+    words = [sum(b << (8 * i) for i, b in enumerate(table[j:j + 4])) for table in (low, high) for j in (0, 4, 8, 12)]
     lines = ["{", ".reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, sign, idx, sel, m, a, b, lo, hi;"]
-    names = ("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3")
-    if tables:
-        lines += [f"mov.b32 {name}, ${7 + 2 * i};" for i, name in enumerate(names)]
-    else:
-        lines += [f"mov.b32 {name}, {w:#010x};" for name, w in zip(names, level_table_words(dtype))]
+    lines += [f"mov.b32 {name}, {w:#010x};" for name, w in zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), words)]
     lines += ["mov.b32 sign, 0x00008000;",
               "and.b32 idx, $4, 0x77777777;",     # each code's index within its half of the table
               "shr.u32 sel, $4, 3;",

@@ -54,9 +54,7 @@ _MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
 # NF4: the zero kind (ZERO) of its 4-bit codes, levels times a 16-bit scale a block of 64 codes (no zeros), and
 # their PTX by x's dtype (nf4.level_pairs_ptx, each pair times its scales)
 NF4_LEVELS: gl.constexpr = gl.constexpr(3)
-_LEVELS_ASM = {dtype: nf4.level_pairs_ptx(dtype, scaled=True, tables=True) for dtype in (torch.bfloat16, torch.float16)}
-_TABLES_FP16 = gl.constexpr(nf4.level_tables_ptx(torch.float16))
-_TABLES_BF16 = gl.constexpr(nf4.level_tables_ptx(torch.bfloat16))
+_LEVELS_ASM = {dtype: nf4.level_pairs_ptx(dtype, scaled=True) for dtype in (torch.bfloat16, torch.float16)}
 # the registers a thread of the DECOUPLED form's second warpgroup may hold (setmaxnreg; the loading warp's
 # warpgroup keeps 24 and the first warpgroup takes what is left)
 DECOUPLED_REGS = 208
@@ -132,18 +130,12 @@ def _levels_tile(q, s, ASM: gl.constexpr, dtype: gl.constexpr, A_LAYOUT: gl.cons
     the scale, rounded again."""
     q2 = gl.join(q, q)
     s2 = gl.join(s, s)
-    # the lookup tables in ordinary registers (nf4.level_tables_ptx), made once: the call is pure and loop-invariant
-    TABLES: gl.constexpr = _TABLES_FP16 if dtype == gl.float16 else _TABLES_BF16
-    t0, t1, t2, t3, t4, t5, t6, t7 = gl.inline_asm_elementwise(
-        TABLES, "=r,=r,=r,=r,=r,=r,=r,=r,r", [gl.full_like(q2, 0)],
-        dtype=(gl.int32, gl.int32, gl.int32, gl.int32, gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
-    OPERANDS: gl.constexpr = "=r,=r,=r,=r,r,r,r" + ",r,r" * 8
     if dtype == gl.float16:
-        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, OPERANDS, [q2, s2, t0, t1, t2, t3, t4, t5, t6, t7],
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
                                                    dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
                                                    is_pure=True, pack=2)
     else:
-        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, OPERANDS, [q2, s2, t0, t1, t2, t3, t4, t5, t6, t7],
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [q2, s2],
                                                    dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                    is_pure=True, pack=2)
     return _fragment_tile(b0, b1, b2, b3, A_LAYOUT, ROWS, CONTIGUOUS)
