@@ -55,6 +55,23 @@ def x_layout(rows, num_warps):
     return gl.DistributedLinearLayout(reg, lane + [[0, 1], [0, 2], [0, 4]], warp, [], [STEP // 2, rows])
 
 
+@gluon.constexpr_function
+def scales_layout(rows, num_warps):
+    """[rows, 4]: four consecutive steps' scales (or zeros) of each row of w in registers, the rows where the MMA's
+    sums lie (an m16n8 tile's rows g and g + 8 in lanes 4g .. 4g + 3, a warp's 16-row tiles one after another)."""
+    reg = [[0, 1], [0, 2], [8, 0]]
+    r = 16 * num_warps
+    while r < rows:
+        reg.append([r, 0])
+        r *= 2
+    warp = []
+    w = 16
+    while w < 16 * num_warps:
+        warp.append([w, 0])
+        w *= 2
+    return gl.DistributedLinearLayout(reg, [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]], warp, [], [rows, 4])
+
+
 @gluon.jit
 def _x_pointers(x_ptr, off_m, first, M, stride_xm, ROWS: gl.constexpr, num_warps: gl.constexpr):
     """The pointers of x's [STEP // 2, ROWS] words (x_ptr: x as int32 pairs of columns, stride_xm in words) at
@@ -129,18 +146,69 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 
 @gluon.jit
-def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr):
-    """(q, s, z, x's words) of step min(step, last)."""
+def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, stride_qk, ZERO: gl.constexpr, BITS: gl.constexpr,
+                   FOUR: gl.constexpr):
+    """(q, s, z, x's words) of step min(step, last), a row's steps stride_qk words apart; with FOUR (scales four
+    steps a load, _scales_four), s and z are 0."""
     step = gl.minimum(step, last)
-    q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
+    q = gl.load(q_ptrs + step * stride_qk)
+    if FOUR:
+        s = 0.0
+        z = 0.0
+    else:
+        _, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
     return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
 
 
 @gluon.jit
-def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
-                stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
-                MAGIC: gl.constexpr, num_warps: gl.constexpr):
+def _scales_four(s_ptrs, z_ptrs, step, stride_s4, ZERO: gl.constexpr, FOUR: gl.constexpr):
+    """The scales and zeros [BLOCK_N, 4] of steps step .. step + 3 (step a multiple of 4; a row's groups of four
+    steps stride_s4 apart) in scales_layout (an 8-byte load a row), or (0, 0) without FOUR."""
+    if FOUR:
+        offset = gl.multiple_of((step // 4) * stride_s4, 4)
+        sv = gl.load(s_ptrs + offset)
+        zv = sv if ZERO == 2 else gl.load(z_ptrs + offset)
+    else:
+        sv = 0.0
+        zv = 0.0
+    return sv, zv
+
+
+@gluon.jit
+def _four_steps(v, FOUR: gl.constexpr, MMA: gl.constexpr):
+    """A [BLOCK_N, 4] tile's four columns as the MMA's rows (no data moved), or four 0s without FOUR."""
+    if FOUR:
+        even, odd = gl.split(gl.reshape(v, [v.shape[0], 2, 2]))
+        v0, v2 = gl.split(even)
+        v1, v3 = gl.split(odd)
+        rows: gl.constexpr = gl.SliceLayout(1, MMA)
+        v0 = gl.convert_layout(v0, rows, assert_trivial=True)
+        v1 = gl.convert_layout(v1, rows, assert_trivial=True)
+        v2 = gl.convert_layout(v2, rows, assert_trivial=True)
+        v3 = gl.convert_layout(v3, rows, assert_trivial=True)
+    else:
+        v0 = 0.0
+        v1 = 0.0
+        v2 = 0.0
+        v3 = 0.0
+    return v0, v1, v2, v3
+
+
+@gluon.jit
+def _pick(loaded, four, FOUR: gl.constexpr):
+    """A step's scales (zeros): from the four-step load with FOUR, else as loaded with the step."""
+    if FOUR:
+        out = four
+    else:
+        out = loaded
+    return out
+
+
+@gluon.jit
+def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_qk,
+                stride_sn, stride_zn, stride_s4, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
+                HAS_BIAS: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                ASM: gl.constexpr, MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
@@ -156,13 +224,21 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     q_ptrs, s_ptrs, z_ptrs, mask = wgmma._row_pointers(q_ptr, s_ptr, z_ptr, off_n, first, N, stride_qn, stride_sn,
                                                        stride_zn, BLOCK_N, BITS, ZERO, num_warps, CLAMP=True,
                                                        CONTIGUOUS=True)
+    q_ptrs += first * (stride_qk - 4 * BITS)  # (_row_pointers places a row's steps 4 * BITS words apart)
     # x's words: pairs of columns (stride_xm counts them)
     x_ptrs = _x_pointers(x_ptr.to(gl.pointer_type(gl.int32), bitcast=True), off_m, first, M, stride_xm, BLOCK_M,
                          num_warps)
-    if MAGIC_SUMS:  # the group's scale and zero of each row where the MMA's sums lie
+    if FOUR:  # four steps' scales and zeros of each row where the MMA's sums lie, in one load
+        sl: gl.constexpr = scales_layout(BLOCK_N, num_warps)
+        rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sl)), N - 1)
+        steps = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, sl)), 0)
+        s_ptrs = s_ptr + gl.expand_dims(gl.multiple_of(rows * stride_sn + first // 4 * stride_s4, 4), 1) + steps
+        z_ptrs = z_ptr + gl.expand_dims(gl.multiple_of(rows * stride_zn + first // 4 * stride_s4, 4), 1) + steps
+    elif MAGIC_SUMS:  # the group's scale and zero of each row where the MMA's sums lie
         rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma)), N - 1)
         s_ptrs = s_ptr + rows * stride_sn + first
         z_ptrs = z_ptr + rows * stride_zn + first
+    if MAGIC_SUMS:
         ones = gl.full([BLOCK_N, STEP], 1.0, dtype, a_layout)
     else:
         ones = 0.0  # (not read)
@@ -171,34 +247,40 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
     # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
     last = n_steps - 1
-    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS)
-    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS)
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, stride_qk, ZERO, BITS, FOUR)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, stride_qk, ZERO, BITS, FOUR)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, stride_qk, ZERO, BITS, FOUR)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, stride_qk, ZERO, BITS, FOUR)
+    sv, zv = _scales_four(s_ptrs, z_ptrs, 0, stride_s4, ZERO, FOUR)
     for j in range(n_steps // 4):
         k = 4 * j
-        acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS)
-        acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS)
-        acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS)
-        acc = _mma_step(acc, qd, sd, zd, xd, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS)
-    rest = n_steps % 4
-    if rest > 0:
-        acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
-    if rest > 1:
-        acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
-    if rest > 2:
-        acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                        BLOCK_N, BITS, MAGIC_SUMS)
+        s0, s1, s2, s3 = _four_steps(sv, FOUR, mma)
+        z0, z1, z2, z3 = _four_steps(zv, FOUR, mma)
+        sv, zv = _scales_four(s_ptrs, z_ptrs, gl.multiple_of(gl.minimum(k + 4, n_steps - 4), 4), stride_s4, ZERO,
+                              FOUR)
+        acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR), xa, ones, ZERO, ASM, MAGIC, dtype,
+                        a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, stride_qk, ZERO, BITS, FOUR)
+        acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR), xb, ones, ZERO, ASM, MAGIC, dtype,
+                        a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, stride_qk, ZERO, BITS, FOUR)
+        acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR), xc, ones, ZERO, ASM, MAGIC, dtype,
+                        a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, stride_qk, ZERO, BITS, FOUR)
+        acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR), xd, ones, ZERO, ASM, MAGIC, dtype,
+                        a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, stride_qk, ZERO, BITS, FOUR)
+    rest = n_steps % 4  # (0 with FOUR: every program's steps come in fours)
+    if not FOUR:
+        if rest > 0:
+            acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                            BLOCK_N, BITS, MAGIC_SUMS)
+        if rest > 1:
+            acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                            BLOCK_N, BITS, MAGIC_SUMS)
+        if rest > 2:
+            acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+                            BLOCK_N, BITS, MAGIC_SUMS)
     wgmma._store_sums(acc, mma, y_ptr, b_ptr, y_ptr, s_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
                       False, HAS_COL, BLOCK_M, BLOCK_N)
 
@@ -241,11 +323,16 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
         x = x.clone(memory_format=torch.contiguous_format)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
     y, split, per_split = wgmma.split_output(m, n, kp // STEP, split, x.dtype, x.device)
+    # W4A16's scales and zeros four steps a load where every program's steps come in fours and the loads align
+    four = params.get("FOUR", True) and bits == 4 and zero_kind != wgmma.NF4_LEVELS.value and per_split % 4 == 0 and (
+        kp // STEP) % 4 == 0 and all(t.stride(0) % 4 == 0 and t.data_ptr() % (4 * t.element_size()) == 0
+                                     for t in (scale, z))
     (bias,) = unit_stride(bias)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
-                      words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
+                      words.stride(0), 4 * bits, scale.stride(0), z.stride(0), 4, n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], num_warps=params["num_warps"])
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four,
+                      num_warps=params["num_warps"])
     return wgmma.split_total(y, split, bias, x.dtype)

@@ -212,24 +212,26 @@ for kernel, warps in ((wgmma._wgmma_kernel, 4), (wgmma._decoupled_kernel, 4)):
     # a thread's words a step: 4 rows of 128 (in the decoupled form 2 rows of each warpgroup's 64), 4 words a row
     assert ptx.count("prmt.b32") == 14 * 16 and ptx.count("fma.rn.f16x2") == 4 * 16, kernel.__name__
 # the mma path (Gluon, m16n8k16, also for sm_80): W4A16 as magic + code with x's sums from a second MMA (16 MMAs a
-# 128-deep step for 16 rows of w a warp), the codes and x each in 16-byte loads, four steps an iteration; NF4's levels
+# 128-deep step for 16 rows of w a warp), the codes and x each in 16-byte loads, four steps an iteration, the scales
+# and zeros four steps a load (8 bytes a row; no tail: the steps come in fours); NF4's levels with a tail of 3 steps
 from aofunc.kernels import mma
 
 kernel = mma._mma_kernel
-for zero, half, asm, capability in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90),
-                                    (wgmma.NF4_LEVELS.value, "fp16", wgmma._LEVELS_ASM[torch.float16], 80)):
+for zero, half, asm, capability, four in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90, True),
+                                          (wgmma.NF4_LEVELS.value, "fp16", wgmma._LEVELS_ASM[torch.float16], 80, False)):
     constexprs = dict(BITS=4, ZERO=zero, HAS_BIAS=True, HAS_COL=False, BLOCK_M=8, BLOCK_N=64, ASM=asm,
-                      MAGIC=1024.0 if half == "fp16" else 128.0, num_warps=4)
+                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, num_warps=4)
     pointers = dict(x_ptr=f"*{half}", q_ptr="*i32", s_ptr=f"*{half}", z_ptr=f"*{half}", b_ptr=f"*{half}",
                     y_ptr=f"*{half}")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
-    aligned = {(kernel.arg_names.index(p),): [["tt.divisibility", 16]] for p in ("q_ptr", "stride_qn", "x_ptr",
-                                                                               "stride_xm")}
+    aligned = {(kernel.arg_names.index(p),): [["tt.divisibility", 16]]
+               for p in ("q_ptr", "stride_qn", "x_ptr", "stride_xm", "s_ptr", "z_ptr")}
     source = GluonASTSource(kernel, signature, constexprs={(kernel.arg_names.index(p),): v
                                                            for p, v in constexprs.items()}, attrs=aligned)
     ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4)).asm["ptx"]
-    steps = 4 + 3  # the loop's four and the tail's three
+    steps = 4 if four else 4 + 3  # the loop's four and the tail's three
     assert ptx.count("mma.sync.aligned.m16n8k16") == steps * (16 if zero == 0 else 8), (zero, half)
+    assert ptx.count("ld.global.v2.b32") == (8 if four else 0), (zero, half)  # 2 rows: scales, zeros; prologue and loop
     assert len(re.findall(r"ld.global[^\n]*v4", ptx)) >= steps * 2 and "wgmma.mma_async" not in ptx, (zero, half)
 print("ok", len(CASES) + len(FORMS) + 6)
 '''
