@@ -19,11 +19,15 @@ with the row's scale at the end; levels times their block's scale).
 
 Four steps an iteration, each with registers of its own that are loaded again, four steps ahead, once its MMA has
 read them: four steps' codes in flight per warp and no register copied from one step's set to another's. Rows of
-w and x past the last read the last one, so no load is masked; nothing of theirs is stored.
+w and x past the last read the last one, so no load is masked; nothing of theirs is stored. W4A16's scales and
+zeros come four steps a load (8 bytes a row, scales_layout) wherever every program's steps come in fours and the
+rows' scales start on 8 bytes: a load of two bytes a row touches a sector of each of a warp's 16 rows, and the
+four-step loads took 8192 x 28672 at 2-8 rows from 52-58 to 46-51 us on an H200.
 
 A configuration (``params``): BLOCK_M (8: rows of x a tile), BLOCK_N (rows of w a program, 16 a warp or more),
-SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added in a fixed order) and num_warps. The
-measurements are in docs/benchmarks.md.
+SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added in a fixed order), num_warps, and
+FOUR (default True; False keeps the scales' loads a step at a time, for comparison). The measurements are in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -146,28 +150,27 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 
 @gluon.jit
-def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, stride_qk, ZERO: gl.constexpr, BITS: gl.constexpr,
+def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr,
                    FOUR: gl.constexpr):
-    """(q, s, z, x's words) of step min(step, last), a row's steps stride_qk words apart; with FOUR (scales four
-    steps a load, _scales_four), s and z are 0."""
+    """(q, s, z, x's words) of step min(step, last); with FOUR (scales four steps a load, _scales_four), s and z
+    are 0."""
     step = gl.minimum(step, last)
-    q = gl.load(q_ptrs + step * stride_qk)
     if FOUR:
+        q = gl.load(q_ptrs + step * (4 * BITS))
         s = 0.0
         z = 0.0
     else:
-        _, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
+        q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
     return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
 
 
 @gluon.jit
-def _scales_four(s_ptrs, z_ptrs, step, stride_s4, ZERO: gl.constexpr, FOUR: gl.constexpr):
-    """The scales and zeros [BLOCK_N, 4] of steps step .. step + 3 (step a multiple of 4; a row's groups of four
-    steps stride_s4 apart) in scales_layout (an 8-byte load a row), or (0, 0) without FOUR."""
+def _scales_four(s_ptrs, z_ptrs, step, ZERO: gl.constexpr, FOUR: gl.constexpr):
+    """The scales and zeros [BLOCK_N, 4] of steps step .. step + 3 (step a multiple of 4) in scales_layout (an
+    8-byte load a row), or (0, 0) without FOUR."""
     if FOUR:
-        offset = gl.multiple_of((step // 4) * stride_s4, 4)
-        sv = gl.load(s_ptrs + offset)
-        zv = sv if ZERO == 2 else gl.load(z_ptrs + offset)
+        sv = gl.load(s_ptrs + step)
+        zv = sv if ZERO == 2 else gl.load(z_ptrs + step)
     else:
         sv = 0.0
         zv = 0.0
@@ -205,10 +208,10 @@ def _pick(loaded, four, FOUR: gl.constexpr):
 
 
 @gluon.jit
-def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_qk,
-                stride_sn, stride_zn, stride_s4, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
-                HAS_BIAS: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                ASM: gl.constexpr, MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr):
+def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
+                stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
+                MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
@@ -224,7 +227,6 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     q_ptrs, s_ptrs, z_ptrs, mask = wgmma._row_pointers(q_ptr, s_ptr, z_ptr, off_n, first, N, stride_qn, stride_sn,
                                                        stride_zn, BLOCK_N, BITS, ZERO, num_warps, CLAMP=True,
                                                        CONTIGUOUS=True)
-    q_ptrs += first * (stride_qk - 4 * BITS)  # (_row_pointers places a row's steps 4 * BITS words apart)
     # x's words: pairs of columns (stride_xm counts them)
     x_ptrs = _x_pointers(x_ptr.to(gl.pointer_type(gl.int32), bitcast=True), off_m, first, M, stride_xm, BLOCK_M,
                          num_warps)
@@ -232,8 +234,8 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
         sl: gl.constexpr = scales_layout(BLOCK_N, num_warps)
         rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sl)), N - 1)
         steps = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, sl)), 0)
-        s_ptrs = s_ptr + gl.expand_dims(gl.multiple_of(rows * stride_sn + first // 4 * stride_s4, 4), 1) + steps
-        z_ptrs = z_ptr + gl.expand_dims(gl.multiple_of(rows * stride_zn + first // 4 * stride_s4, 4), 1) + steps
+        s_ptrs = s_ptr + gl.expand_dims(gl.multiple_of(rows * stride_sn + first, 4), 1) + steps
+        z_ptrs = z_ptr + gl.expand_dims(gl.multiple_of(rows * stride_zn + first, 4), 1) + steps
     elif MAGIC_SUMS:  # the group's scale and zero of each row where the MMA's sums lie
         rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma)), N - 1)
         s_ptrs = s_ptr + rows * stride_sn + first
@@ -247,29 +249,28 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
     # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
     last = n_steps - 1
-    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, stride_qk, ZERO, BITS, FOUR)
-    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, stride_qk, ZERO, BITS, FOUR)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, stride_qk, ZERO, BITS, FOUR)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, stride_qk, ZERO, BITS, FOUR)
-    sv, zv = _scales_four(s_ptrs, z_ptrs, 0, stride_s4, ZERO, FOUR)
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, FOUR)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, FOUR)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, FOUR)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, FOUR)
+    sv, zv = _scales_four(s_ptrs, z_ptrs, 0, ZERO, FOUR)
     for j in range(n_steps // 4):
         k = 4 * j
         s0, s1, s2, s3 = _four_steps(sv, FOUR, mma)
         z0, z1, z2, z3 = _four_steps(zv, FOUR, mma)
-        sv, zv = _scales_four(s_ptrs, z_ptrs, gl.multiple_of(gl.minimum(k + 4, n_steps - 4), 4), stride_s4, ZERO,
-                              FOUR)
+        sv, zv = _scales_four(s_ptrs, z_ptrs, gl.multiple_of(gl.minimum(k + 4, n_steps - 4), 4), ZERO, FOUR)
         acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR), xa, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, stride_qk, ZERO, BITS, FOUR)
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, FOUR)
         acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR), xb, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, stride_qk, ZERO, BITS, FOUR)
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, FOUR)
         acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR), xc, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, stride_qk, ZERO, BITS, FOUR)
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, FOUR)
         acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR), xd, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, stride_qk, ZERO, BITS, FOUR)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, FOUR)
     rest = n_steps % 4  # (0 with FOUR: every program's steps come in fours)
     if not FOUR:
         if rest > 0:
@@ -331,7 +332,7 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
-                      words.stride(0), 4 * bits, scale.stride(0), z.stride(0), 4, n, m * n, BITS=bits, ZERO=zero_kind,
+                      words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
                       ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four,
                       num_warps=params["num_warps"])

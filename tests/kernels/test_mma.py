@@ -21,7 +21,7 @@ def _config(block_n=64, split=1, warps=4):
     return dict(path="mma", BLOCK_M=8, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
 
 
-CONFIGS = [_config(), _config(32, 1, 2), _config(128, 3, 4), _config(256, 2, 8)]
+CONFIGS = [_config(), _config(32, 1, 2), _config(128, 3, 4), _config(256, 2, 8), _config(16, 4, 1), _config(32, 1, 1)]
 
 
 @gpu_only
