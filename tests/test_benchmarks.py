@@ -450,3 +450,27 @@ def test_override_times_each_setting_on_the_keys_of_its_path_and_reports_failure
     assert cells[2] == "SCALE=1 10.0 (1.00x, same bits)"
     assert cells[3].startswith("SCALE=2 10.0 (1.00x, differs by 1.0e+00")
     assert cells[4].startswith("BAD=True failed: BAD is not a parameter")
+
+
+# ------------------------------------------------------------------------------------------------ bench_read
+
+@pytest.mark.parametrize("step_major", [False, True])
+@pytest.mark.parametrize("rows,chunk,ahead", [(4, 4, 2), (8, 2, 4)])
+def test_read_kernel_reads_every_word_of_its_rows_once(step_major, rows, chunk, ahead):
+    import torch
+
+    import bench_read
+
+    torch.manual_seed(0)
+    w = torch.randint(-2 ** 31, 2 ** 31 - 1, (16, 32), dtype=torch.int32)
+    before = w.clone()
+    got = bench_read.read_rows(w, rows, chunk, ahead, step_major)
+    assert torch.equal(got, bench_read.expected(w, rows, chunk, step_major))
+    assert torch.equal(w, before)
+    if not step_major:  # a row's own words, in any order
+        want = torch.zeros(16, dtype=torch.int32)
+        for column in w.unbind(1):
+            want ^= column
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="multiple of"):
+        bench_read.read_rows(w[:15], rows, chunk, ahead, step_major)
