@@ -63,17 +63,9 @@ def x_layout(rows, num_warps):
 def scales_layout(rows, num_warps):
     """[rows, 4]: four consecutive steps' scales (or zeros) of each row of w in registers, the rows where the MMA's
     sums lie (an m16n8 tile's rows g and g + 8 in lanes 4g .. 4g + 3, a warp's 16-row tiles one after another)."""
-    reg = [[0, 1], [0, 2], [8, 0]]
-    r = 16 * num_warps
-    while r < rows:
-        reg.append([r, 0])
-        r *= 2
-    warp = []
-    w = 16
-    while w < 16 * num_warps:
-        warp.append([w, 0])
-        w *= 2
-    return gl.DistributedLinearLayout(reg, [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]], warp, [], [rows, 4])
+    tiles, warp = wgmma.row_tile_bases(rows, num_warps)
+    lane = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
+    return gl.DistributedLinearLayout([[0, 1], [0, 2], [8, 0]] + tiles, lane, warp, [], [rows, 4])
 
 
 @gluon.jit

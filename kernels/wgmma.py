@@ -74,6 +74,23 @@ _BYTES_ASM = {
 
 
 @gluon.constexpr_function
+def row_tile_bases(rows, num_warps):
+    """(register bases, warp bases) of ``rows`` rows of w in the MMA's 16-row tiles: the warps on consecutive tiles,
+    then each warp's further tiles (every 16 * num_warps rows) in its registers."""
+    reg = []
+    r = 16 * num_warps
+    while r < rows:
+        reg.append([r, 0])
+        r *= 2
+    warp = []
+    r = 16
+    while r < 16 * num_warps:
+        warp.append([r, 0])
+        r *= 2
+    return reg, warp
+
+
+@gluon.constexpr_function
 def word_layout(rows, num_warps, bits, contiguous=False):
     """[rows, 4 * bits] int32 words of a step: warp w (of num_warps, 4 a warpgroup) and lane l hold rows
     16w + l // 4 and 8 more (and every 16 * num_warps rows after); 4-bit codes: words 4a + l % 4, a = 0..3, or
@@ -85,16 +102,8 @@ def word_layout(rows, num_warps, bits, contiguous=False):
         reg, lane = [[8, 0], [0, 4], [0, 8]], [[0, 1], [0, 2]]
     else:
         reg, lane = [[0, 1], [0, 2], [0, 4], [8, 0]], [[0, 8], [0, 16]]
-    r = 16 * num_warps
-    while r < rows:
-        reg.append([r, 0])
-        r *= 2
-    warp = []
-    r = 16
-    while r < 16 * num_warps:
-        warp.append([r, 0])
-        r *= 2
-    return gl.DistributedLinearLayout(reg, lane + [[1, 0], [2, 0], [4, 0]], warp, [], [rows, 4 * bits])
+    tiles, warp = row_tile_bases(rows, num_warps)
+    return gl.DistributedLinearLayout(reg + tiles, lane + [[1, 0], [2, 0], [4, 0]], warp, [], [rows, 4 * bits])
 
 
 @gluon.jit
