@@ -70,14 +70,12 @@ def scales_layout(rows, num_warps):
 
 @gluon.jit
 def _x_pointers(x_ptr, off_m, first, M, stride_xm, ROWS: gl.constexpr, num_warps: gl.constexpr):
-    """(pointers, mask) of x's [STEP // 2, ROWS] words (x_ptr: x as int32 pairs of columns, stride_xm in words)
-    at step ``first`` in x_layout, rows off_m .. of x; rows past x's last are masked (read as 0, so the MMA's
-    padded columns cost no loads), their pointers on the last row."""
+    """The pointers of x's [STEP // 2, ROWS] words (x_ptr: x as int32 pairs of columns, stride_xm in words) at
+    step ``first`` in x_layout, rows off_m .. of x; rows past x's last read the last one."""
     xl: gl.constexpr = x_layout(ROWS, num_warps)
-    words = gl.expand_dims(gl.arange(0, STEP // 2, layout=gl.SliceLayout(1, xl)), 1)
-    rows = gl.expand_dims(off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(0, xl)), 0)
-    pointers = x_ptr + gl.minimum(rows, M - 1) * stride_xm + first * (STEP // 2) + words
-    return pointers, (rows < M) & (words >= 0)
+    words = gl.arange(0, STEP // 2, layout=gl.SliceLayout(1, xl))
+    rows = gl.minimum(off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(0, xl)), M - 1)
+    return x_ptr + gl.expand_dims(rows, 0) * stride_xm + first * (STEP // 2) + gl.expand_dims(words, 1)
 
 
 @gluon.jit
@@ -144,7 +142,7 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 
 @gluon.jit
-def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, step, last, ZERO: gl.constexpr, BITS: gl.constexpr,
+def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr,
                    FOUR: gl.constexpr):
     """(q, s, z, x's words) of step min(step, last); with FOUR (scales four steps a load, _scales_four), s and z
     are 0."""
@@ -155,7 +153,7 @@ def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, step, last, ZERO: gl.
         z = 0.0
     else:
         q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
-    return q, s, z, gl.load(x_ptrs + step * (STEP // 2), mask=x_mask, other=0)
+    return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
 
 
 @gluon.jit
@@ -222,8 +220,8 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
                                                        stride_zn, BLOCK_N, BITS, ZERO, num_warps, CLAMP=True,
                                                        CONTIGUOUS=True)
     # x's words: pairs of columns (stride_xm counts them)
-    x_ptrs, x_mask = _x_pointers(x_ptr.to(gl.pointer_type(gl.int32), bitcast=True), off_m, first, M, stride_xm,
-                                 BLOCK_M, num_warps)
+    x_ptrs = _x_pointers(x_ptr.to(gl.pointer_type(gl.int32), bitcast=True), off_m, first, M, stride_xm, BLOCK_M,
+                         num_warps)
     if FOUR:  # four steps' scales and zeros of each row where the MMA's sums lie, in one load
         sl: gl.constexpr = scales_layout(BLOCK_N, num_warps)
         rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sl)), N - 1)
@@ -243,10 +241,10 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
     # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
     last = n_steps - 1
-    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, 0, last, ZERO, BITS, FOUR)
-    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, 1, last, ZERO, BITS, FOUR)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, 2, last, ZERO, BITS, FOUR)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, 3, last, ZERO, BITS, FOUR)
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, FOUR)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, FOUR)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, FOUR)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, FOUR)
     sv, zv = _scales_four(s_ptrs, z_ptrs, 0, ZERO, FOUR)
     for j in range(n_steps // 4):
         k = 4 * j
@@ -255,16 +253,16 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
         sv, zv = _scales_four(s_ptrs, z_ptrs, gl.multiple_of(gl.minimum(k + 4, n_steps - 4), 4), ZERO, FOUR)
         acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR), xa, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, k + 4, last, ZERO, BITS, FOUR)
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, FOUR)
         acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR), xb, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, k + 5, last, ZERO, BITS, FOUR)
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, FOUR)
         acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR), xc, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, k + 6, last, ZERO, BITS, FOUR)
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, FOUR)
         acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR), xd, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, x_mask, k + 7, last, ZERO, BITS, FOUR)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, FOUR)
     rest = n_steps % 4  # (0 with FOUR: every program's steps come in fours)
     if not FOUR:
         if rest > 0:
