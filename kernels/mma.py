@@ -35,7 +35,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from aofunc.kernels import w4a16, wgmma
 from aofunc.kernels.tiles import int32_words, unit_stride
@@ -47,13 +47,10 @@ _MAGIC_PAIRS_ASM = {torch.bfloat16: w4a16.magic_pairs_ptx("bf16"), torch.float16
 @gluon.constexpr_function
 def x_layout(rows, num_warps):
     """[STEP // 2, rows] words of x (pairs of columns; a step's words by rows of x) as each thread loads them: lane
-    4g + t holds row g (and g + 8, g + 16, ...) at columns 32t + j (j < 32, its registers' halves), every warp the
-    same."""
+    4g + t holds row g (and g + 8) at columns 32t + j (j < 32, its registers' halves), every warp the same."""
     reg, lane = [[1, 0], [2, 0], [4, 0], [8, 0]], [[16, 0], [32, 0]]
-    r = 8
-    while r < rows:
-        reg.append([0, r])
-        r *= 2
+    if rows == 16:
+        reg.append([0, 8])
     warp = []
     w = 1
     while w < num_warps:
@@ -69,57 +66,6 @@ def scales_layout(rows, num_warps):
     tiles, warp = wgmma.row_tile_bases(rows, num_warps)
     lane = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
     return gl.DistributedLinearLayout([[0, 1], [0, 2], [8, 0]] + tiles, lane, warp, [], [rows, 4])
-
-
-@gluon.constexpr_function
-def x_shared_layout(rows, num_warps):
-    """[rows // 2, 4, 2, 4, 4]: one step of x's words as x_copy stores them in shared memory, in 16-byte pieces
-    [a, i, g0, t] of row 2a + g0 at words 16t + 4i .. + 3, and each thread reads its x_layout words from them. The 8
-    threads of a 16-byte load's phase (lanes 4g + t, g < 2) read 8 consecutive pieces: no bank conflict."""
-    reg = [[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0]]
-    a = 4
-    while 2 * a < rows:
-        reg.append([a, 0, 0, 0, 0])
-        a *= 2
-    lane = [[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 1, 0, 0], [1, 0, 0, 0, 0], [2, 0, 0, 0, 0]]
-    warp = []
-    w = 1
-    while w < num_warps:
-        warp.append([0, 0, 0, 0, 0])
-        w *= 2
-    return gl.DistributedLinearLayout(reg, lane, warp, [], [rows // 2, 4, 2, 4, 4])
-
-
-@gluon.jit
-def _x_copy(xs, x_ptr, off_m, first, chunk, last_chunk, M, stride_xm, ROWS: gl.constexpr, X_STAGES: gl.constexpr,
-            num_warps: gl.constexpr):
-    """Start copying x's words of four steps (chunk min(chunk, last_chunk) of the program's) into stage chunk %
-    X_STAGES of xs, in x_shared_layout's pieces, 16 bytes a copy, the program's threads sharing the work: one
-    group of copies. Rows past x's last read the last one."""
-    PIECES: gl.constexpr = 64 * ROWS
-    cl: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [num_warps, 1], [1, 0])
-    p = gl.arange(0, PIECES, layout=gl.SliceLayout(1, cl))
-    t = p % 4
-    g0 = (p // 4) % 2
-    i = (p // 8) % 4
-    a = (p // 32) % (ROWS // 2)
-    step = p // (16 * ROWS)
-    rows = gl.minimum(off_m + 2 * a + g0, M - 1)
-    words = (first + 4 * gl.minimum(chunk, last_chunk) + step) * (STEP // 2) + 16 * t + 4 * i
-    ptrs = x_ptr + gl.expand_dims(rows * stride_xm + words, 1) + gl.expand_dims(
-        gl.arange(0, 4, layout=gl.SliceLayout(0, cl)), 0)
-    async_copy.async_copy_global_to_shared(xs.index(chunk % X_STAGES), ptrs)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _x_shared(xs, stage, step: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr):
-    """Step ``step`` (of four) of the stage's x words, [STEP // 2, ROWS] in x_layout."""
-    steps = xs._reinterpret(gl.int32, [xs.shape[0] * 4, ROWS // 2, 4, 2, 4, 4],
-                            gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
-    v = steps.index(4 * stage + step).load(x_shared_layout(ROWS, num_warps))
-    v = gl.reshape(gl.permute(v, [3, 1, 4, 0, 2]), [STEP // 2, ROWS])  # [t, i, w, a, g0]: word 16t + 4i + w
-    return gl.convert_layout(v, x_layout(ROWS, num_warps), assert_trivial=True)
 
 
 @gluon.jit
@@ -197,9 +143,9 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 @gluon.jit
 def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr,
-                   FOUR: gl.constexpr, X_STAGES: gl.constexpr):
+                   FOUR: gl.constexpr):
     """(q, s, z, x's words) of step min(step, last); with FOUR (scales four steps a load, _scales_four), s and z
-    are 0; with X_STAGES (x from shared memory, _x_shared), x's words are 0."""
+    are 0."""
     step = gl.minimum(step, last)
     if FOUR:
         q = gl.load(q_ptrs + step * (4 * BITS))
@@ -207,20 +153,7 @@ def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexp
         z = 0.0
     else:
         q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
-    if X_STAGES > 0:
-        xw = 0
-    else:
-        xw = gl.load(x_ptrs + step * (STEP // 2))
-    return q, s, z, xw
-
-
-@gluon.jit
-def _x_words(xw, xs, stage, step: gl.constexpr, ROWS: gl.constexpr, X_STAGES: gl.constexpr,
-             num_warps: gl.constexpr):
-    """A step's x words: as loaded with the step, or with X_STAGES from the stage in shared memory."""
-    if X_STAGES > 0:
-        xw = _x_shared(xs, stage, step, ROWS, num_warps)
-    return xw
+    return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
 
 
 @gluon.jit
@@ -270,7 +203,7 @@ def _pick(loaded, four, FOUR: gl.constexpr):
 def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
                 stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
-                MAGIC: gl.constexpr, FOUR: gl.constexpr, X_STAGES: gl.constexpr, X_ALL: gl.constexpr, num_warps: gl.constexpr):
+                MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
@@ -305,53 +238,33 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
         ones = 0.0  # (not read)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    last = n_steps - 1
-    if X_STAGES > 0:  # x's words four steps a stage, copied X_STAGES - 1 stages ahead by all the program's warps
-        xs = gl.allocate_shared_memory(gl.int32, [X_STAGES, 64 * BLOCK_M, 4], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        x_words = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-        for c in gl.static_range(X_STAGES if X_ALL else X_STAGES - 1):
-            _x_copy(xs, x_words, off_m, first, c, last // 4, M, stride_xm, BLOCK_M, X_STAGES, num_warps)
-        if X_ALL:
-            async_copy.wait_group(0)
-    else:
-        xs = 0
     # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
     # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
-    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, FOUR, X_STAGES)
-    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, FOUR, X_STAGES)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, FOUR, X_STAGES)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, FOUR, X_STAGES)
+    last = n_steps - 1
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, FOUR)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, FOUR)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, FOUR)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, FOUR)
     sv, zv = _scales_four(s_ptrs, z_ptrs, 0, ZERO, FOUR)
     for j in range(n_steps // 4):
         k = 4 * j
-        stage = j % X_STAGES if X_STAGES > 0 else 0
-        if X_STAGES > 0 and not X_ALL:  # this stage's copies done (every thread's, by the barrier that follows), the next started
-            async_copy.wait_group(X_STAGES - 2)
-            _x_copy(xs, x_words, off_m, first, j + X_STAGES - 1, last // 4, M, stride_xm, BLOCK_M, X_STAGES,
-                    num_warps)
         s0, s1, s2, s3 = _four_steps(sv, FOUR, mma)
         z0, z1, z2, z3 = _four_steps(zv, FOUR, mma)
         sv, zv = _scales_four(s_ptrs, z_ptrs, gl.multiple_of(gl.minimum(k + 4, n_steps - 4), 4), ZERO, FOUR)
-        acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR),
-                        _x_words(xa, xs, stage, 0, BLOCK_M, X_STAGES, num_warps), ones, ZERO, ASM, MAGIC, dtype,
+        acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR), xa, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, FOUR, X_STAGES)
-        acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR),
-                        _x_words(xb, xs, stage, 1, BLOCK_M, X_STAGES, num_warps), ones, ZERO, ASM, MAGIC, dtype,
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, FOUR)
+        acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR), xb, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, FOUR, X_STAGES)
-        acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR),
-                        _x_words(xc, xs, stage, 2, BLOCK_M, X_STAGES, num_warps), ones, ZERO, ASM, MAGIC, dtype,
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, FOUR)
+        acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR), xc, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, FOUR, X_STAGES)
-        acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR),
-                        _x_words(xd, xs, stage, 3, BLOCK_M, X_STAGES, num_warps), ones, ZERO, ASM, MAGIC, dtype,
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, FOUR)
+        acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR), xd, ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, FOUR, X_STAGES)
-    if X_STAGES > 0:
-        async_copy.wait_group(0)  # no copy outlives the program
-    rest = n_steps % 4  # (0 with FOUR or X_STAGES: every program's steps come in fours)
-    if not FOUR and X_STAGES == 0:
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, FOUR)
+    rest = n_steps % 4  # (0 with FOUR: every program's steps come in fours)
+    if not FOUR:
         if rest > 0:
             acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                             BLOCK_N, BITS, MAGIC_SUMS)
@@ -407,19 +320,12 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     four = params.get("FOUR", True) and bits == 4 and zero_kind != wgmma.NF4_LEVELS.value and per_split % 4 == 0 and (
         kp // STEP) % 4 == 0 and all(t.stride(0) % 4 == 0 and t.data_ptr() % (4 * t.element_size()) == 0
                                      for t in (scale, z))
-    # x through shared memory where every program's steps come in fours and x's rows start on 16 bytes
-    x_stages = params.get("X_STAGES", 0) if per_split % 4 == 0 and (kp // STEP) % 4 == 0 and x.stride(0) % 8 == 0 \
-        and x.data_ptr() % 16 == 0 else 0
-    x_all = x_stages == -1
-    if x_all:
-        x_stages = per_split // 4 if per_split * 256 * block_m <= 160 * 1024 else 0
-        x_all = x_stages > 0
     (bias,) = unit_stride(bias)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, X_STAGES=x_stages, X_ALL=x_all,
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four,
                       num_warps=params["num_warps"])
     return wgmma.split_total(y, split, bias, x.dtype)

@@ -220,8 +220,7 @@ kernel = mma._mma_kernel
 for zero, half, asm, capability, four in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90, True),
                                           (wgmma.NF4_LEVELS.value, "fp16", wgmma._LEVELS_ASM[torch.float16], 80, False)):
     constexprs = dict(BITS=4, ZERO=zero, HAS_BIAS=True, HAS_COL=False, BLOCK_M=8, BLOCK_N=64, ASM=asm,
-                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, X_STAGES=0, X_ALL=False,
-                      num_warps=4)
+                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, num_warps=4)
     pointers = dict(x_ptr=f"*{half}", q_ptr="*i32", s_ptr=f"*{half}", z_ptr=f"*{half}", b_ptr=f"*{half}",
                     y_ptr=f"*{half}")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
