@@ -193,6 +193,33 @@ def splitk_buffers(y: torch.Tensor, split: int, tiles: int, dtype: torch.dtype =
 
 
 @triton.jit
+def _split_sum_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = (ws[0] + ws[1] + ... + ws[SPLIT - 1] + bias) in y's dtype, over BLOCK of y's M * N elements."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    total = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        total += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def split_sum(ws: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 partial sums ws [split, M, N] of a split-K launch added in the order of their splits, then the bias
+    [N] (any float dtype, unit stride) in fp32, rounded once to out_dtype: one kernel, where adding and rounding
+    in torch takes two to four."""
+    split, m, n = ws.shape
+    y = torch.empty(m, n, dtype=out_dtype, device=ws.device)
+    if m * n == 0:
+        return y
+    block = 1024
+    _split_sum_kernel[(triton.cdiv(m * n, block),)](ws, y if bias is None else bias, y, m * n, n, SPLIT=split,
+                                                  HAS_BIAS=bias is not None, BLOCK=block)
+    return y
+
+
+@triton.jit
 def interleave8(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """[ROWS, 8 * WORDS] tile whose column 8w + j is cj[:, w], from eight [ROWS, WORDS] tiles (one per code j)."""
     # tl.join appends its choice as the last axis, so pair codes j and j + 4 first: t[..., a, b, c] = code 4a+2b+c.

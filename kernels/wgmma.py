@@ -39,7 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from aofunc.kernels import nf4, w4a16
-from aofunc.kernels.tiles import BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, unit_stride
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, split_sum,
+                                  unit_stride)
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -549,9 +550,4 @@ def split_output(m: int, n: int, steps: int, split: int, out_dtype, device):
 def split_total(y, split: int, bias, out_dtype):
     """split_output's y as the output: the partial sums added in a fixed order, then the bias, in out_dtype (the
     kernels add the bias themselves without a split)."""
-    if split == 1:
-        return y
-    total = y.sum(0)
-    if bias is not None:
-        total += bias.float()
-    return total.to(out_dtype)
+    return y if split == 1 else split_sum(y, bias, out_dtype)

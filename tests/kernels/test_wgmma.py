@@ -10,7 +10,7 @@ import torch
 
 from aofunc.kernels import autotune, int8_int4, nf4, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
-from tests.kernels.devices import DEVICE
+from tests.kernels.devices import DEVICE, LINEAR_DTYPES
 
 ON_HOPPER = DEVICE == "cuda" and tiles.wgmma_runs(torch.device(DEVICE))
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU and Triton's Gluon")
@@ -373,3 +373,21 @@ def test_a_stored_nf4_wgmma_choice_the_inputs_cannot_take_runs_the_generic_path(
     got = nf4.nf4_linear_triton(x, *tensors, 64, 256, 64, 4)
     default = nf4.default_config(5, 64, 256, 64, x.dtype, x.device)
     assert torch.equal(got, nf4.nf4_linear_triton(x, *tensors, 64, 256, 64, 4, config=default))
+
+
+@pytest.mark.parametrize("split,m,n", [(2, 1, 1), (3, 5, 64), (8, 2, 40), (4, 0, 16)])
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_sum_adds_the_splits_in_order_then_the_bias_rounding_once(split, m, n, dtype, with_bias):
+    g = torch.Generator().manual_seed(split * 100 + m)
+    ws = torch.randn(split, m, n, generator=g).to(DEVICE)
+    bias = (torch.randn(n, generator=g) * 4).to(DEVICE, dtype) if with_bias else None
+    before = ws.clone()
+    want = ws[0].clone()
+    for s in range(1, split):
+        want += ws[s]
+    if bias is not None:
+        want += bias.float()
+    got = tiles.split_sum(ws, bias, dtype)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype)) and torch.equal(ws, before)
