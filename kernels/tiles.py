@@ -192,6 +192,9 @@ def splitk_buffers(y: torch.Tensor, split: int, tiles: int, dtype: torch.dtype =
 
 
 
+SPLIT_SUM_ELEMENTS = 2 ** 31  # the largest workspace split_sum's kernel indexes, plus one
+
+
 @triton.jit
 def _split_sum_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y = (ws[0] + ws[1] + ... + ws[SPLIT - 1] + bias) in y's dtype, over BLOCK of y's M * N elements."""
@@ -210,7 +213,7 @@ def split_sum(ws: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:
     [N] (any float dtype, unit stride) in fp32, rounded once to out_dtype: one kernel, where adding and rounding
     in torch takes two to four."""
     split, m, n = ws.shape
-    if ws.numel() >= 2 ** 31:  # past the kernel's 32-bit offsets: the same sums, in the same order, in torch
+    if ws.numel() >= SPLIT_SUM_ELEMENTS:  # past the kernel's 32-bit offsets: the same sums and order, in torch
         total = ws[0].clone()
         for s in range(1, split):
             total += ws[s]

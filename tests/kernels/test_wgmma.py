@@ -391,3 +391,12 @@ def test_split_sum_adds_the_splits_in_order_then_the_bias_rounding_once(split, m
     got = tiles.split_sum(ws, bias, dtype)
     assert got.shape == (m, n) and got.dtype == dtype
     assert torch.equal(got, want.to(dtype)) and torch.equal(ws, before)
+
+
+def test_split_sum_past_the_kernels_offsets_gives_the_same_bits(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    ws = torch.randn(5, 3, 40, generator=g).to(DEVICE)
+    bias = torch.randn(40, generator=g).to(DEVICE, torch.float16)
+    want = tiles.split_sum(ws, bias, torch.float16)
+    monkeypatch.setattr(tiles, "SPLIT_SUM_ELEMENTS", ws.numel())
+    assert torch.equal(tiles.split_sum(ws, bias, torch.float16), want)
