@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from aofunc.kernels import w4a16, wgmma
-from aofunc.kernels.tiles import int32_words, unit_stride
+from aofunc.kernels.tiles import int32_words, split_output, split_total, unit_stride
 
 STEP = wgmma.STEP
 _MAGIC_PAIRS_ASM = {torch.bfloat16: w4a16.magic_pairs_ptx("bf16"), torch.float16: w4a16.magic_pairs_ptx("fp16")}
@@ -315,7 +315,7 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # read as 32-bit words
         x = x.clone(memory_format=torch.contiguous_format)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
-    y, split, per_split = wgmma.split_output(m, n, kp // STEP, split, x.dtype, x.device)
+    y, split, per_split = split_output(m, n, kp // STEP, split, x.dtype, x.device)
     # W4A16's scales and zeros four steps a load where every program's steps come in fours and the loads align
     four = params.get("FOUR", True) and bits == 4 and zero_kind != wgmma.NF4_LEVELS.value and per_split % 4 == 0 and (
         kp // STEP) % 4 == 0 and all(t.stride(0) % 4 == 0 and t.data_ptr() % (4 * t.element_size()) == 0
@@ -328,4 +328,4 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
                       ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four,
                       num_warps=params["num_warps"])
-    return wgmma.split_total(y, split, bias, x.dtype)
+    return split_total(y, split, bias, x.dtype)

@@ -191,7 +191,6 @@ def splitk_buffers(y: torch.Tensor, split: int, tiles: int, dtype: torch.dtype =
             torch.zeros(tiles, dtype=torch.int32, device=y.device))
 
 
-
 SPLIT_SUM_ELEMENTS = 2 ** 31  # the largest workspace split_sum's kernel indexes, plus one
 
 
@@ -225,6 +224,22 @@ def split_sum(ws: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:
     _split_sum_kernel[(triton.cdiv(m * n, block),)](ws, y if bias is None else bias, y, m * n, n, SPLIT=split,
                                                   HAS_BIAS=bias is not None, BLOCK=block)
     return y
+
+
+def split_output(m: int, n: int, steps: int, split: int, out_dtype, device):
+    """(y, split, steps a split) for ``steps`` steps of K over ``split`` programs a tile (fewer where the steps run
+    out): y [M, N] in out_dtype without a split, else the fp32 partial sums [split, M, N]."""
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if split == 1:
+        return torch.empty(m, n, dtype=out_dtype, device=device), split, per_split
+    return torch.empty(split, m, n, dtype=torch.float32, device=device), split, per_split
+
+
+def split_total(y, split: int, bias, out_dtype):
+    """split_output's y as the output: the partial sums added in a fixed order, then the bias, in out_dtype (the
+    kernels add the bias themselves without a split)."""
+    return y if split == 1 else split_sum(y, bias, out_dtype)
 
 
 @triton.jit

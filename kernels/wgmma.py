@@ -39,8 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from aofunc.kernels import nf4, w4a16
-from aofunc.kernels.tiles import (BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, split_sum,
-                                  unit_stride)
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, split_output,
+                                  split_total, unit_stride)
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -536,18 +536,3 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
                             IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), **common)
     return split_total(y, split, bias, out_dtype)
 
-
-def split_output(m: int, n: int, steps: int, split: int, out_dtype, device):
-    """(y, split, steps a split) for ``steps`` steps of K over ``split`` programs a tile (fewer where the steps run
-    out): y [M, N] in out_dtype without a split, else the fp32 partial sums [split, M, N]."""
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    if split == 1:
-        return torch.empty(m, n, dtype=out_dtype, device=device), split, per_split
-    return torch.empty(split, m, n, dtype=torch.float32, device=device), split, per_split
-
-
-def split_total(y, split: int, bias, out_dtype):
-    """split_output's y as the output: the partial sums added in a fixed order, then the bias, in out_dtype (the
-    kernels add the bias themselves without a split)."""
-    return y if split == 1 else split_sum(y, bias, out_dtype)
