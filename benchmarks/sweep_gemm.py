@@ -15,9 +15,8 @@ same architecture.
 
 With ``--only wgmma`` a key times only the default and the configuration ``--out`` holds for it against the op's
 own search candidates on the ``wgmma`` path with the tile in registers; ``--only decoupled``, against its DECOUPLED
-forms of two and three stages; ``--only fed``, against its FED forms: searches that bring a new form of the path to
-keys searched before it. ``--only mma`` likewise times the shipped configuration against the op's candidates on the
-``mma`` path (up to 8 rows).
+forms of two and three stages: searches that bring a new form of the path to keys searched before it. ``--only
+mma`` likewise times the shipped configuration against the op's candidates on the ``mma`` path (up to 8 rows).
 """
 from __future__ import annotations
 
@@ -199,7 +198,7 @@ def main(argv=None):
     parser.add_argument("--ms", default="16,64,256,2048")
     parser.add_argument("--out", required=True, help="shipped configuration table to merge the winners into")
     parser.add_argument("--seed", default="", help="another card's shipped table: time only its winners (see above)")
-    parser.add_argument("--only", choices=("wgmma", "decoupled", "fed", "mma"), help="time the shipped winner against "
+    parser.add_argument("--only", choices=("wgmma", "decoupled", "mma"), help="time the shipped winner against "
                         "these forms of the wgmma path, or the mma path, only (see above)")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -220,8 +219,8 @@ def main(argv=None):
                     shipped = table.get(name, {}).get(str(key))
                     pool = ([shipped] if shipped else []) + [
                         c for c in tuner_candidates(fmt, m, n, k, device)
-                        if (args.only == "mma" and c.get("path") == "mma") or (args.only == "fed" and c.get("FED")) or (
-                            c.get("path") == "wgmma" and not c["A_SHARED"] and not c.get("FED") and (
+                        if (args.only == "mma" and c.get("path") == "mma") or (
+                            c.get("path") == "wgmma" and not c["A_SHARED"] and (
                                 args.only == "wgmma" or (c.get("DECOUPLED") and c["STAGES"] <= 3)))]
                     pool = [c for i, c in enumerate(pool) if c not in pool[:i]]
                 else:

@@ -639,20 +639,3 @@ def wgmma_configs(m: int, n: int) -> list[dict]:
                     out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split,
                                     A_SHARED=False, DECOUPLED=True, num_warps=4))
     return out
-
-
-def fed_configs(m: int, n: int, block_m: int) -> list[dict]:
-    """The ``wgmma`` path's FED forms for tiles of block_m rows of x (kernels/wgmma.py): the weight tile dequantized
-    into shared memory by warps of its own, one or two warpgroups multiplying (64 or 128 rows of w), as many stages
-    as shared memory holds up to four, K split up to 4, one program a tile or one a multiprocessor (PERSISTENT)."""
-    out = []
-    for block_n, warps in ((64, 4), (128, 8)):
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        for split in (1, 2, 4):
-            for stages in (2, 3, 4):
-                if (split > 1 and tiles * split > 1024) or stages * (block_m + block_n) * BLOCK_K_WGMMA * 2 > 200_000:
-                    continue
-                for persistent in (False, True):
-                    out.append(dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split,
-                                    A_SHARED=False, FED=True, PERSISTENT=persistent, num_warps=warps))
-    return out

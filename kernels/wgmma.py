@@ -30,8 +30,6 @@ warpgroup, BLOCK_N 128 or 256) and num_warps.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -61,9 +59,6 @@ _LEVELS_ASM = {dtype: nf4.level_pairs_ptx(dtype, scaled=True) for dtype in (torc
 # the registers a thread of the DECOUPLED form's second warpgroup may hold (setmaxnreg; the loading warp's
 # warpgroup keeps 24 and the first warpgroup takes what is left)
 DECOUPLED_REGS = 208
-# the FED form's dequantizing warps and the registers each of their threads may hold
-FED_WARPS: gl.constexpr = gl.constexpr(4)
-FED_REGS: gl.constexpr = gl.constexpr(152)
 # A word's four int8 bytes as two exact 16-bit pairs (bytes 0 and 1, then 2 and 3; the first of a pair in the low
 # half). An xor makes every byte b + 128, unsigned. fp16: a byte permute puts it under the exponent of 1024 (whose
 # step is 1) and one packed subtraction of 1152 leaves b. bf16 has a bit too few for that: the byte goes under the
@@ -395,120 +390,6 @@ def _decoupled_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M
 
 
 @gluon.jit
-def _fed_tile(t, M, N, K, steps_per_split, splits, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """(off_n, off_m, pid_k, first, n_steps) of the FED form's tile t: tiles of x vary fastest, so the programs
-    running together read the same codes, then the splits of K, then the rows of w."""
-    tiles_m = gl.cdiv(M, BLOCK_M)
-    pid_m = t % tiles_m
-    pid_k = (t // tiles_m) % splits
-    pid_n = t // (tiles_m * splits)
-    first = pid_k * steps_per_split
-    n_steps = gl.minimum(gl.cdiv(K, STEP) - first, steps_per_split)
-    return pid_n * BLOCK_N, pid_m * BLOCK_M, pid_k, first, n_steps
-
-
-@gluon.jit
-def _fed_producer(a_smem, x_smem, w_ready, x_ready, empty, x_desc, q_ptr, s_ptr, z_ptr, M, N, K, steps_per_split,
-                  splits, stride_qn, stride_sn, stride_zn, BITS: gl.constexpr, ZERO: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
-                  MAGIC: gl.constexpr):
-    """The FED form's dequantizing warps, over the program's tiles: once the MMAs have handed a stage back, the
-    copy of x's tile for the step into it is started (TMA) and the step's tile of w, already built in registers
-    (one step's codes loaded ahead), is stored into it."""
-    num_warps: gl.constexpr = gl.num_warps()
-    dtype: gl.constexpr = a_smem.dtype
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    n_tiles = gl.cdiv(N, BLOCK_N) * splits * gl.cdiv(M, BLOCK_M)
-    it = 0  # the steps this program has run, over all its tiles: their stages and phases follow from it
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        off_n, off_m, pid_k, first, n_steps = _fed_tile(t, M, N, K, steps_per_split, splits, BLOCK_M, BLOCK_N)
-        q_ptrs, s_ptrs, z_ptrs, mask = _row_pointers(q_ptr, s_ptr, z_ptr, off_n, first, N, stride_qn, stride_sn,
-                                                     stride_zn, BLOCK_N, BITS, ZERO, num_warps)
-        q, s, z = _step_loads(q_ptrs, s_ptrs, z_ptrs, 0, mask, ZERO, BITS)
-        for k in range(n_steps):
-            stage = it % STAGES
-            q1, s1, z1 = _step_loads(q_ptrs, s_ptrs, z_ptrs, gl.minimum(k + 1, n_steps - 1), mask, ZERO, BITS)
-            a = _step_tile(q, s, z, ZERO, ASM, MAGIC, dtype, a_layout, BLOCK_N, BITS)
-            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes)
-            _tma_load(x_desc, [off_m, (first + k) * STEP], x_ready.index(stage), x_smem.index(stage))
-            a_smem.index(stage).store(a)
-            fence_async_shared()
-            _thread_barrier()  # every warp's part of the tile is stored before the one thread's arrive
-            mbarrier.arrive(w_ready.index(stage))
-            q, s, z = q1, s1, z1
-            it += 1
-
-
-@gluon.jit
-def _fed_mma(a_smem, x_smem, w_ready, x_ready, empty, y_ptr, b_ptr, r_ptr, c_ptr, M, N, K, steps_per_split, splits,
-             stride_ym, stride_ys, HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The FED form's multiplying warps, over the program's tiles: both operands of each step in shared memory, so
-    one MMA stays in flight while the next is issued; a stage is handed back (to the dequantizing warps) once the
-    MMA that read it is done. A tile's sums are stored while the next tile's first stages fill."""
-    num_warps: gl.constexpr = gl.num_warps()
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    n_tiles = gl.cdiv(N, BLOCK_N) * splits * gl.cdiv(M, BLOCK_M)
-    it = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        off_n, off_m, pid_k, first, n_steps = _fed_tile(t, M, N, K, steps_per_split, splits, BLOCK_M, BLOCK_N)
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-        for k in range(n_steps):
-            stage = it % STAGES
-            mbarrier.wait(w_ready.index(stage), (it // STAGES) & 1)
-            mbarrier.wait(x_ready.index(stage), (it // STAGES) & 1)
-            acc = warpgroup_mma(a_smem.index(stage), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            _thread_barrier()  # every warpgroup's MMA of the step before is done before its stage is handed back
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=k > 0)
-            it += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        _thread_barrier()
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        _store_sums(acc, mma, y_ptr, b_ptr, r_ptr, c_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
-                    HAS_ROW, HAS_COL, BLOCK_M, BLOCK_N)
-
-
-@gluon.jit
-def _fed_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
-                stride_sn, stride_zn, stride_ym, stride_ys, splits, BITS: gl.constexpr, ZERO: gl.constexpr,
-                HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr,
-                num_warps: gl.constexpr):
-    """_wgmma_kernel's work with the weight tile fed to the MMAs through shared memory (FED): FED_WARPS warps
-    dequantize each step's tile into a ring of stages and start the copies of x's tiles (TMA) into stages beside
-    them, and the kernel's warps only multiply, one MMA in flight, with both operands in shared memory (so no
-    register of an MMA in flight is ever written, whatever the assembler). A program takes the tiles t, t + P,
-    t + 2P, ... of the P launched (PERSISTENT: one a multiprocessor; else one tile each)."""
-    dtype: gl.constexpr = x_desc.dtype
-    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
-    a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, STEP], dtype)
-    a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, STEP], a_shared)
-    w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(w_ready.index(i), count=1)
-        mbarrier.init(x_ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_fed_mma, (a_smem, x_smem, w_ready, x_ready, empty, y_ptr, b_ptr, r_ptr, c_ptr, M, N, K, steps_per_split,
-                    splits, stride_ym, stride_ys, HAS_BIAS, HAS_ROW, HAS_COL, BLOCK_M, BLOCK_N, STAGES)),
-        (_fed_producer, (a_smem, x_smem, w_ready, x_ready, empty, x_desc, q_ptr, s_ptr, z_ptr, M, N, K,
-                         steps_per_split, splits, stride_qn, stride_sn, stride_zn, BITS, ZERO, BLOCK_M, BLOCK_N,
-                         STAGES, ASM, MAGIC)),
-    ], [FED_WARPS], [FED_REGS])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(w_ready.index(i))
-        mbarrier.invalidate(x_ready.index(i))
-        mbarrier.invalidate(empty.index(i))
-
-
-@gluon.jit
 def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N, K, steps_per_split, stride_qn,
                   stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
                   HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr,
@@ -618,11 +499,6 @@ def nf4_linear(x, qdata, scales, bias, params: dict) -> torch.Tensor:
                    zero_kind=NF4_LEVELS.value, asm=_LEVELS_ASM[x.dtype])
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def bytes_ordered_x(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] (K a multiple of 128) with its columns in the W8A16 tile's order, a copy: within every 128 columns,
     column 16s + 8 j1 + 2t + j0 of the copy is column 32t + 4s + 2 j1 + j0 of x (t < 4, s < 8, j0 and j1 < 2)."""
@@ -655,10 +531,6 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
                   MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
     if params.get("DECOUPLED"):
         _decoupled_kernel[grid](*args, WG_REGS=DECOUPLED_REGS, **common)
-    elif params.get("FED"):
-        tiles = grid[0] * grid[1] * grid[2]
-        programs = min(tiles, _multiprocessors(x.device)) if params.get("PERSISTENT") else tiles
-        _fed_kernel[(programs,)](*args, split, **common)
     else:
         _wgmma_kernel[grid](*args, A_SHARED=params["A_SHARED"],
                             IN_FLIGHT=params.get("IN_FLIGHT", False) and mma_in_flight(), **common)

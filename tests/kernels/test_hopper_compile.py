@@ -196,23 +196,6 @@ for bits in (4, 8):
                                                            for p, v in constexprs.items()})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "stmatrix" not in ptx, f"DECOUPLED, {bits}-bit"
-# the FED form: the tile dequantized into shared memory by warps of their own (setmaxnreg), both operands of the MMA
-# in shared memory with one MMA in flight; over several tiles a program (the split count a runtime argument)
-kernel = wgmma._fed_kernel
-for bits, warps in ((4, 8), (8, 4)):
-    layout = gl.NVMMASharedLayout.get_default_for([256, 128], gl.bfloat16)
-    constexprs = dict(BITS=bits, ZERO=0 if bits == 4 else 2, HAS_BIAS=True, HAS_ROW=False, HAS_COL=bits == 8,
-                      BLOCK_M=256, BLOCK_N=128 if warps == 8 else 64, STAGES=2, MAGIC=128.0, num_warps=warps,
-                      ASM=w4a16.pairs_ptx("bf16") if bits == 4 else wgmma._BYTES_ASM[torch.bfloat16])
-    pointers = dict(x_desc=f"tensordesc<bf16[256, 128],{layout!r}>", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
-                    b_ptr="*bf16", r_ptr="*fp32", c_ptr="*bf16", y_ptr="*bf16")
-    signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
-    source = GluonASTSource(kernel, signature, constexprs={(kernel.arg_names.index(p),): v
-                                                           for p, v in constexprs.items()})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
-    form = f"FED, {bits}-bit, {warps} warps"
-    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "stmatrix" in ptx, form
-    assert set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)) == {"0", "1"}, form
 # NF4 in both forms: its levels from byte permutes (14 a word), each pair times its block's scale (4 a word)
 for kernel, warps in ((wgmma._wgmma_kernel, 4), (wgmma._decoupled_kernel, 4)):
     layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float16)

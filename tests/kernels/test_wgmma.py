@@ -16,11 +16,9 @@ ON_HOPPER = DEVICE == "cuda" and tiles.wgmma_runs(torch.device(DEVICE))
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU and Triton's Gluon")
 
 
-def _config(block_m=64, block_n=64, stages=2, split=1, shared=False, warps=4, decoupled=False, fed=False,
-            persistent=False):
+def _config(block_m=64, block_n=64, stages=2, split=1, shared=False, warps=4, decoupled=False):
     return dict(path="wgmma", BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split, A_SHARED=shared,
-                num_warps=warps, **({"DECOUPLED": True} if decoupled else {}), **({"FED": True} if fed else {}),
-                **({"PERSISTENT": True} if persistent else {}))
+                num_warps=warps, **({"DECOUPLED": True} if decoupled else {}))
 
 
 def _weight(n, k, dtype, grid, seed=0):
@@ -35,8 +33,7 @@ def _weight(n, k, dtype, grid, seed=0):
 
 CONFIGS = [_config(), _config(128, 128, 3, 1, False, 8), _config(64, 64, 2, 3, True, 4),
            _config(128, 128, 2, 2, True, 4), _config(64, 128, 3, 1, True, 8),
-           _config(256, 128, 2, 1, decoupled=True), _config(64, 256, 4, 2, decoupled=True),
-           _config(256, 128, 2, 1, warps=8, fed=True), _config(128, 64, 3, 3, fed=True, persistent=True)]
+           _config(256, 128, 2, 1, decoupled=True), _config(64, 256, 4, 2, decoupled=True)]
 
 
 @hopper_only
@@ -50,23 +47,6 @@ def test_decoupled_warpgroups_give_the_bits_of_the_coupled_form(split, k):
     decoupled = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=_config(128, 128, 3, split,
                                                                                      decoupled=True))
     assert torch.equal(decoupled, w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=coupled))
-
-
-@hopper_only
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("k", [3968, 4096])
-def test_the_tile_fed_through_shared_memory_gives_the_bits_of_the_waited_form(split, persistent, k, monkeypatch):
-    # the same MMAs in the same order, the tile read from shared memory instead of registers; persistent programs
-    # on a card of two multiprocessors run 4 to 14 tiles each, so stages and phases carry across tiles
-    from aofunc.kernels import wgmma
-
-    monkeypatch.setattr(wgmma, "_multiprocessors", lambda device: 2)
-    qdata, scale, zero = _weight(320, k, torch.bfloat16, "float")
-    x = torch.randn(300, k, device=DEVICE, dtype=torch.bfloat16)
-    waited = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=_config(128, 128, 3, split, False, 8))
-    fed = _config(128, 128, 3, split, warps=8, fed=True, persistent=persistent)
-    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=fed), waited)
 
 
 @hopper_only
@@ -184,23 +164,6 @@ def _int8_weight(n, k, scale_dtype, seed=0):
 
 
 @hopper_only
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("k", [3968, 4096])
-def test_the_tile_fed_through_shared_memory_gives_the_bits_of_the_waited_form(split, persistent, k, monkeypatch):
-    # the same MMAs in the same order, the tile read from shared memory instead of registers; persistent programs
-    # on a card of two multiprocessors run 4 to 14 tiles each, so stages and phases carry across tiles
-    from aofunc.kernels import wgmma
-
-    monkeypatch.setattr(wgmma, "_multiprocessors", lambda device: 2)
-    qdata, scale, zero = _weight(320, k, torch.bfloat16, "float")
-    x = torch.randn(300, k, device=DEVICE, dtype=torch.bfloat16)
-    waited = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=_config(128, 128, 3, split, False, 8))
-    fed = _config(128, 128, 3, split, warps=8, fed=True, persistent=persistent)
-    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=fed), waited)
-
-
-@hopper_only
 @pytest.mark.parametrize("m,n,k", [(1, 64, 128), (37, 200, 384), (300, 130, 1024), (130, 256, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
@@ -261,23 +224,6 @@ def _8da4w_twin(x, qdata, scale, bias):
     """The 8da4w twin with the bias added in fp32 before the one rounding to x's dtype, as the wgmma path does."""
     return int8_int4.int8_int4_linear_ref(x.float(), qdata, scale, 128, None if bias is None else bias.float()
                                           ).to(x.dtype)
-
-
-@hopper_only
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("k", [3968, 4096])
-def test_the_tile_fed_through_shared_memory_gives_the_bits_of_the_waited_form(split, persistent, k, monkeypatch):
-    # the same MMAs in the same order, the tile read from shared memory instead of registers; persistent programs
-    # on a card of two multiprocessors run 4 to 14 tiles each, so stages and phases carry across tiles
-    from aofunc.kernels import wgmma
-
-    monkeypatch.setattr(wgmma, "_multiprocessors", lambda device: 2)
-    qdata, scale, zero = _weight(320, k, torch.bfloat16, "float")
-    x = torch.randn(300, k, device=DEVICE, dtype=torch.bfloat16)
-    waited = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=_config(128, 128, 3, split, False, 8))
-    fed = _config(128, 128, 3, split, warps=8, fed=True, persistent=persistent)
-    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=fed), waited)
 
 
 @hopper_only
@@ -357,23 +303,6 @@ def _nf4_weight(n, k, seed=0):
     scaler_q = torch.randint(-127, 128, (padded // 64,), dtype=torch.int8, generator=g)
     factor = torch.full((padded // 256,), 12700.0)
     return tuple(t.to(DEVICE) for t in (qdata, scaler_q, factor, torch.tensor(0.02)))
-
-
-@hopper_only
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("k", [3968, 4096])
-def test_the_tile_fed_through_shared_memory_gives_the_bits_of_the_waited_form(split, persistent, k, monkeypatch):
-    # the same MMAs in the same order, the tile read from shared memory instead of registers; persistent programs
-    # on a card of two multiprocessors run 4 to 14 tiles each, so stages and phases carry across tiles
-    from aofunc.kernels import wgmma
-
-    monkeypatch.setattr(wgmma, "_multiprocessors", lambda device: 2)
-    qdata, scale, zero = _weight(320, k, torch.bfloat16, "float")
-    x = torch.randn(300, k, device=DEVICE, dtype=torch.bfloat16)
-    waited = w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=_config(128, 128, 3, split, False, 8))
-    fed = _config(128, 128, 3, split, warps=8, fed=True, persistent=persistent)
-    assert torch.equal(w4a16.w4a16_linear_triton(x, qdata, scale, zero, 128, config=fed), waited)
 
 
 @hopper_only
