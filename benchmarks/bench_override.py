@@ -22,22 +22,29 @@ from bench_kernels import SHAPES, ours
 from common import card_name, cold_us
 
 
-def parse_setting(text: str) -> tuple[str, object]:
-    """``"NAME=VALUE"`` -> (NAME, VALUE) with VALUE a Python literal where it reads as one (0, 2.5, True), else the
-    text itself."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE, got {text!r}")
-    try:
-        return name, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return name, value
+def parse_setting(text: str) -> tuple[tuple[str, object], ...]:
+    """``"NAME=VALUE"`` -> ((NAME, VALUE),) with VALUE a Python literal where it reads as one (0, 2.5, True), else
+    the text itself; several at once joined by ``;`` (``"LOOP_STAGES=8;SPLIT_K=2"``)."""
+    pairs = []
+    for part in text.split(";"):
+        name, sep, value = part.partition("=")
+        if not sep or not name.isidentifier():
+            raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE[;NAME=VALUE...], got {text!r}")
+        try:
+            pairs.append((name, ast.literal_eval(value)))
+        except (ValueError, SyntaxError):
+            pairs.append((name, value))
+    return tuple(pairs)
 
 
-def overridden(config: dict, setting: tuple[str, object]) -> dict:
-    """A copy of ``config`` with the setting applied (``config`` itself is left as it is)."""
-    name, value = setting
-    return {**config, name: value}
+def overridden(config: dict, setting: tuple[tuple[str, object], ...]) -> dict:
+    """A copy of ``config`` with the setting's values applied (``config`` itself is left as it is)."""
+    return {**config, **dict(setting)}
+
+
+def setting_text(setting: tuple[tuple[str, object], ...]) -> str:
+    """``"LOOP_STAGES=8;SPLIT_K=2"`` for the setting's pairs."""
+    return ";".join(f"{name}={value!r}" for name, value in setting)
 
 
 def difference(y: torch.Tensor, base: torch.Tensor) -> str:
@@ -74,9 +81,9 @@ def compare(fmts, shapes, ms, settings, path=None, device="cuda") -> list[str]:
                         same = difference(run(x, variant), base)
                         variant_us = cold_us(lambda: run(x, variant))
                     except Exception as error:  # a setting the kernel refuses: say so, go on with the next
-                        cells.append(f"{setting[0]}={setting[1]!r} failed: {str(error)[:120]}")
+                        cells.append(f"{setting_text(setting)} failed: {str(error)[:120]}")
                         continue
-                    cells.append(f"{setting[0]}={setting[1]!r} {variant_us:.1f} ({bf16_us / variant_us:.2f}x, {same})")
+                    cells.append(f"{setting_text(setting)} {variant_us:.1f} ({bf16_us / variant_us:.2f}x, {same})")
                 lines.append(" | ".join(cells))
                 print(lines[-1], flush=True)
     return lines
@@ -89,7 +96,9 @@ def main(argv=None):
     parser.add_argument("--ms", default="1,2,4,8")
     parser.add_argument("--path", help="only the keys whose configuration runs this path (gemv, gemm, mma, ...)")
     parser.add_argument("--set", action="append", required=True, type=parse_setting, dest="settings",
-                        metavar="NAME=VALUE", help="a setting to time against the configuration (repeatable)")
+                        metavar="NAME=VALUE",
+                        help="a setting to time against the configuration (repeatable; the values of one variant "
+                             "joined by ';')")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"card: {card_name()}, torch {torch.__version__}", flush=True)

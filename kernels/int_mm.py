@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from . import autotune
-from .tiles import gemv_rows, grouped_tile, int32_words, interpreting, split_k, splitk_buffers, splitk_total
+from .tiles import (follow_previous, gemv_rows, grouped_tile, int32_words, interpreting, pdl_options, split_k,
+                    splitk_buffers, splitk_total)
 from .triton_compat import tensor_descriptor, tl, triton
 
 
@@ -84,8 +85,10 @@ def _int8_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # A tile of C over this program's split of K's steps (program_id(1) of split_k), finished by _finish_tile.
+    follow_previous(PDL)
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,9 +125,11 @@ def _int8_matmul_tma_kernel(
     M, N, K, split_k, stride_cm, stride_cn,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The same product with A [M, K] and B^T [N, K] read through tensor descriptors (Hopper's copy engine), K split
     among programs as in _int8_matmul_kernel."""
+    follow_previous(PDL)
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     n_steps = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(n_steps, split_k)
@@ -220,13 +225,14 @@ def int8_matmul_triton(
         b_desc = tensor_descriptor().from_tensor(b.t(), [launch["BLOCK_N"], launch["BLOCK_K"]])
         _int8_matmul_tma_kernel[grid](
             a_desc, b_desc, out, *epilogue, ws, counters, m, n, k, split, out.stride(0), out.stride(1),
-            SCALED=scaled, HAS_BIAS=bias is not None, SPLIT=split > 1, **launch,
+            SCALED=scaled, HAS_BIAS=bias is not None, SPLIT=split > 1, **launch, **pdl_options(a.device),
         )
         return out
     _int8_matmul_kernel[grid](
         a, b, out, *epilogue, ws, counters, m, n, k, split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, SPLIT=split > 1, **launch,
+        **pdl_options(a.device),
     )
     return out
 
@@ -268,7 +274,9 @@ def _int8_gemv_kernel(
     M, N, K_words, split_k, stride_am, stride_bn, stride_cm, stride_cn,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DP4A: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    follow_previous(PDL)
     # ROWS rows of A against BLOCK_N rows of B (both as int32 words of four int8 values along K) over this program's
     # split of K's steps (program_id(2) of split_k), a step being BLOCK_W words: each word of B is loaded once for
     # all ROWS rows. Each word pair adds its four products to an int32 accumulator per word; the row sums are exact,
@@ -352,7 +360,7 @@ def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[to
         a_words, b_words, out, *epilogue, ws, counters, m, n, k_words, split,
         a_words.stride(0), b_words.stride(0), out.stride(0), out.stride(1),
         SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k_words % params["BLOCK_W"] == 0, SPLIT=split > 1,
-        DP4A=params.pop("DP4A", True) and not interpreting(), **params,
+        DP4A=params.pop("DP4A", True) and not interpreting(), **params, **pdl_options(a.device),
     )
     return out
 

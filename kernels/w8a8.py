@@ -25,7 +25,7 @@ from . import autotune, int_mm
 from .activations import per_token_block, round_half_even
 from .int_mm import dot4_acc, gemv_sums, int8_gemv_triton, int8_matmul_triton, scaled_tile
 from .selector import Problem, default_path
-from .tiles import gemv_launch, gemv_rows, int32_words, interpreting, unit_stride
+from .tiles import follow_previous, gemv_launch, gemv_rows, int32_words, interpreting, pdl_options, unit_stride
 from .triton_compat import tl, triton
 
 
@@ -48,8 +48,9 @@ def _load_smoothed(x_ptrs, act_ptrs, mask, k_mask, HAS_ACT: tl.constexpr):
 def _quantize_per_token_int8_kernel(
     x_ptr, act_ptr, xq_ptr, s_ptr,
     K, stride_xm, stride_xk, stride_qm,
-    HAS_ACT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ACT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    follow_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
@@ -122,7 +123,9 @@ def _w8a8_gemv_kernel(
     M, N, K, K_words, split_k, stride_xm, stride_xk, stride_bn, stride_ym, stride_yn,
     HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DP4A: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    follow_previous(PDL)
     # int_mm's int8 GEMV with the per-token quantization inside: each program finds its ROWS rows' absolute maxima
     # over all of K (every split too), then quantizes each step's 4 * BLOCK_W values of x into BLOCK_W int32 words
     # of four codes as it multiplies them with BLOCK_N rows of the weight (b_ptr: qdata as int32 words). Scales and
@@ -247,7 +250,7 @@ def quantize_per_token_int8_triton(
         x, act_scale if act_scale is not None else x, xq, s,
         k, x.stride(0), x.stride(1), xq.stride(0),
         HAS_ACT=act_scale is not None, ONE_PASS=one_pass, BLOCK_K=block_k,
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_options(x.device),
     )
     return xq, s
 
@@ -396,7 +399,7 @@ def _w8a8_gemv(x, qdata, scale, bias, act_scale, config: dict) -> torch.Tensor:
         x, act_scale if act_scale is not None else x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, k_words, split, x.stride(0), x.stride(1), words.stride(0), y.stride(0), y.stride(1),
         HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k_words % params["BLOCK_W"] == 0,
-        SPLIT=split > 1, DP4A=params.pop("DP4A", True) and not interpreting(), **params,
+        SPLIT=split > 1, DP4A=params.pop("DP4A", True) and not interpreting(), **params, **pdl_options(x.device),
     )
     return y
 

@@ -391,12 +391,14 @@ def test_override_settings_read_python_literals_and_refuse_what_is_not_name_equa
 
     import bench_override
 
-    assert bench_override.parse_setting("FOUR=False") == ("FOUR", False)
-    assert bench_override.parse_setting("STAGES=3") == ("STAGES", 3)
-    assert bench_override.parse_setting("SCALE=2.5") == ("SCALE", 2.5)
-    assert bench_override.parse_setting("path=gemm") == ("path", "gemm")  # not a literal: the text itself
-    assert bench_override.parse_setting("EMPTY=") == ("EMPTY", "")
-    for bad in ("FOUR", "=3", "2X=1", "A B=1"):
+    assert bench_override.parse_setting("FOUR=False") == (("FOUR", False),)
+    assert bench_override.parse_setting("STAGES=3") == (("STAGES", 3),)
+    assert bench_override.parse_setting("SCALE=2.5") == (("SCALE", 2.5),)
+    assert bench_override.parse_setting("path=gemm") == (("path", "gemm"),)  # not a literal: the text itself
+    assert bench_override.parse_setting("EMPTY=") == (("EMPTY", ""),)
+    assert bench_override.parse_setting("LOOP_STAGES=8;SPLIT_K=2") == (("LOOP_STAGES", 8), ("SPLIT_K", 2))
+    assert bench_override.setting_text((("LOOP_STAGES", 8), ("path", "gemv"))) == "LOOP_STAGES=8;path='gemv'"
+    for bad in ("FOUR", "=3", "2X=1", "A B=1", "A=1;", "A=1;B"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
             bench_override.parse_setting(bad)
 
@@ -405,8 +407,10 @@ def test_an_override_is_a_new_config_and_the_shipped_one_is_left_as_it_is():
     import bench_override
 
     config = {"path": "mma", "BLOCK_N": 64}
-    assert bench_override.overridden(config, ("BLOCK_N", 128)) == {"path": "mma", "BLOCK_N": 128}
-    assert bench_override.overridden(config, ("FOUR", False)) == {"path": "mma", "BLOCK_N": 64, "FOUR": False}
+    assert bench_override.overridden(config, (("BLOCK_N", 128),)) == {"path": "mma", "BLOCK_N": 128}
+    assert bench_override.overridden(config, (("FOUR", False),)) == {"path": "mma", "BLOCK_N": 64, "FOUR": False}
+    assert bench_override.overridden(config, (("BLOCK_N", 32), ("SPLIT_K", 2))) == {"path": "mma", "BLOCK_N": 32,
+                                                                                   "SPLIT_K": 2}
     assert config == {"path": "mma", "BLOCK_N": 64}
 
 
@@ -442,8 +446,8 @@ def test_override_times_each_setting_on_the_keys_of_its_path_and_reports_failure
     monkeypatch.setattr(bench_override, "ours", ours)
     monkeypatch.setattr(bench_override, "cold_us", lambda fn: (fn(), 10.0)[1])
     monkeypatch.setattr(autotune, "lookup", lambda key: None)
-    lines = bench_override.compare(["w4a16"], ["8x6"], [1, 2, 4], [("SCALE", 1), ("SCALE", 2), ("BAD", True)],
-                                   path="mma", device="cpu")
+    settings = [(("SCALE", 1),), (("SCALE", 2),), (("BAD", True),)]
+    lines = bench_override.compare(["w4a16"], ["8x6"], [1, 2, 4], settings, path="mma", device="cpu")
     assert [line.split(":")[0] for line in lines] == ["w4a16 8x6 M=1", "w4a16 8x6 M=2"]  # M=4 runs gemm
     cells = lines[0].split(" | ")
     assert cells[1] == "{'path': 'mma'} 10.0 (1.00x)"

@@ -259,3 +259,12 @@ def test_int_mm_is_exact_on_cpu_for_a_single_column_of_k(n):
     a = torch.randint(-128, 128, (5, 1), dtype=torch.int8)
     b = torch.randint(-128, 128, (1, n), dtype=torch.int8)
     assert torch.equal(int_mm(a, b), (a.long() @ b.long()).to(torch.int32))
+
+
+def test_programmatic_dependent_launch_only_on_compute_capability_9_and_up():
+    from aofunc.kernels.tiles import pdl_options
+
+    assert pdl_options(torch.device("cpu")) == {}
+    if ON_GPU:
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert pdl_options(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if hopper else {})

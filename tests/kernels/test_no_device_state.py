@@ -1,7 +1,8 @@
-"""Kernels keep no tensors between calls: nothing a launch allocates outlives it in a module of aofunc.kernels.
+"""Kernels keep no tensors between calls but the split-K arrival counters (tiles.ARRIVALS), which every launch leaves
+zeroed, which a stream has of its own, and which are never made while a CUDA graph is being captured.
 
-A tensor kept in a module global (a lazily made split-K buffer, a cached table) would land in a CUDA-graph pool
-when first made during capture, and would be shared by launches on several streams.
+Any other tensor kept in a module global (a lazily made split-K workspace, a cached table) would land in a
+CUDA-graph pool when first made during capture, and would be shared by launches on several streams.
 """
 import sys
 
@@ -9,7 +10,10 @@ import torch
 
 from aofunc.kernels import int8_int4, int_mm, nf4, w4a16, w8a8, w8a16
 
-from tests.kernels.devices import DEVICE
+from aofunc.kernels import tiles
+from aofunc.kernels.tiles import ArrivalCounters
+
+from tests.kernels.devices import DEVICE, gpu_only
 
 
 def tensors_in(value, seen) -> list:
@@ -67,3 +71,42 @@ def test_no_kernel_module_keeps_a_tensor():
     found = {name: len(tensors_in(value, set())) for m in modules for name, value in vars(m).items()
              if not name.startswith("__") and tensors_in(value, set())}
     assert found == {}
+
+
+def test_every_split_k_launch_leaves_its_counters_zeroed():
+    run_every_launcher()
+    kept = list(tiles.ARRIVALS._regions.values()) + [block for block, _ in tiles.ARRIVALS._blocks.values()]
+    assert kept, "the split-K launches above took no counters"
+    for counters in kept:
+        assert counters.dtype == torch.int32 and not counters.any()
+
+
+def test_a_stream_keeps_its_counters_and_a_longer_launch_gets_more():
+    counters = ArrivalCounters()
+    device = torch.device(DEVICE)
+    first = counters.take(device, 4)
+    assert first.numel() == 4 and not first.any()
+    assert counters.take(device, 7).data_ptr() == first.data_ptr()  # the same stream's, again
+    longer = counters.take(device, ArrivalCounters.REGION + 1)
+    assert longer.numel() == ArrivalCounters.REGION + 1 and not longer.any()
+    assert counters.take(device, 4).data_ptr() == longer.data_ptr()
+
+
+@gpu_only
+def test_streams_never_share_counters_and_a_captured_launch_takes_counters_of_its_own():
+    counters = ArrivalCounters()
+    device = torch.device("cuda", torch.cuda.current_device())
+    here = counters.take(device, 8)
+    other = torch.cuda.Stream()
+    with torch.cuda.stream(other):
+        there = counters.take(device, 8)
+    assert here.data_ptr() != there.data_ptr()
+    block, _ = counters._blocks[device]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a = counters.take(device, 8)
+        b = counters.take(device, 8)
+    taken = {t.data_ptr() for t in (a, b)}
+    assert len(taken) == 2 and here.data_ptr() not in taken and there.data_ptr() not in taken
+    assert all(block.data_ptr() <= p < block.data_ptr() + block.numel() * 4 for p in taken)
+    assert counters._blocks[device][1] == 16
