@@ -48,9 +48,8 @@ def _load_smoothed(x_ptrs, act_ptrs, mask, k_mask, HAS_ACT: tl.constexpr):
 def _quantize_per_token_int8_kernel(
     x_ptr, act_ptr, xq_ptr, s_ptr,
     K, stride_xm, stride_xk, stride_qm,
-    HAS_ACT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_ACT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    follow_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
@@ -250,7 +249,7 @@ def quantize_per_token_int8_triton(
         x, act_scale if act_scale is not None else x, xq, s,
         k, x.stride(0), x.stride(1), xq.stride(0),
         HAS_ACT=act_scale is not None, ONE_PASS=one_pass, BLOCK_K=block_k,
-        num_warps=num_warps, **pdl_options(x.device),
+        num_warps=num_warps,
     )
     return xq, s
 
