@@ -263,8 +263,10 @@ SPLIT_SUM_ELEMENTS = 2 ** 31  # the largest workspace split_sum's kernel indexes
 
 
 @triton.jit
-def _split_sum_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """y = (ws[0] + ws[1] + ... + ws[SPLIT - 1] + bias) in y's dtype, over BLOCK of y's M * N elements."""
+    follow_previous(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     total = tl.load(ws_ptr + offs, mask=mask, other=0.0)
@@ -290,7 +292,7 @@ def split_sum(ws: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:
         return y
     block = 1024
     _split_sum_kernel[(triton.cdiv(m * n, block),)](ws, y if bias is None else bias, y, m * n, n, SPLIT=split,
-                                                  HAS_BIAS=bias is not None, BLOCK=block)
+                                                  HAS_BIAS=bias is not None, BLOCK=block, **pdl_options(ws.device))
     return y
 
 
