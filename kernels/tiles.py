@@ -88,7 +88,6 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device) if device.type == "cuda" else 4
 
 
-
 def pdl_options(device: torch.device) -> dict:
     """The launch options that make a kernel calling follow_previous first a programmatic dependent launch: it
     launches once the programs of the kernel before it on the stream have all ended, and waits at follow_previous
