@@ -110,3 +110,28 @@ def test_streams_never_share_counters_and_a_captured_launch_takes_counters_of_it
     assert len(taken) == 2 and here.data_ptr() not in taken and there.data_ptr() not in taken
     assert all(block.data_ptr() <= p < block.data_ptr() + block.numel() * 4 for p in taken)
     assert counters._blocks[device][1] == 16
+
+
+@gpu_only
+def test_a_split_k_launch_replayed_from_a_graph_gives_the_eager_bits_every_time():
+    torch.manual_seed(0)
+    x = torch.randn(3, 128, device="cuda")
+    q = torch.randint(0, 256, (32, 64), dtype=torch.uint8, device="cuda")
+    scale = torch.rand(32, 4, device="cuda") * 0.1
+    zero = torch.randn(32, 4, device="cuda") * 0.1
+    config = dict(path="gemm", BLOCK_M=16, BLOCK_N=16, SPLIT_K=2, SWAP=True, FULL_DQ=True, num_warps=2, num_stages=1)
+    eager = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, config=config)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # a warm-up off the capturing stream, as CUDA graphs ask
+        w4a16.w4a16_linear_triton(x, q, scale, zero, 32, config=config)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16.w4a16_linear_triton(x, q, scale, zero, 32, config=config)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
+    block, taken = tiles.ARRIVALS._blocks[x.device]
+    assert taken > 0 and not block.any()
