@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 from . import autotune
-from .tiles import (follow_previous, gemv_rows, grouped_tile, int32_words, interpreting, pdl_options, split_k,
-                    splitk_buffers, splitk_total)
+from .tiles import (follow_previous, gemv_rows, grouped_tile, hopper_or_newer, int32_words, interpreting,
+                    pdl_options, split_k, splitk_buffers, splitk_total)
 from .triton_compat import tensor_descriptor, tl, triton
 
 
@@ -225,14 +225,14 @@ def int8_matmul_triton(
         b_desc = tensor_descriptor().from_tensor(b.t(), [launch["BLOCK_N"], launch["BLOCK_K"]])
         _int8_matmul_tma_kernel[grid](
             a_desc, b_desc, out, *epilogue, ws, counters, m, n, k, split, out.stride(0), out.stride(1),
-            SCALED=scaled, HAS_BIAS=bias is not None, SPLIT=split > 1, **launch, **pdl_options(a.device),
+            SCALED=scaled, HAS_BIAS=bias is not None, SPLIT=split > 1, **pdl_options(a.device, launch), **launch,
         )
         return out
     _int8_matmul_kernel[grid](
         a, b, out, *epilogue, ws, counters, m, n, k, split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, SPLIT=split > 1, **launch,
-        **pdl_options(a.device),
+        SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k % launch["BLOCK_K"] == 0, SPLIT=split > 1,
+        **pdl_options(a.device, launch), **launch,
     )
     return out
 
@@ -360,7 +360,7 @@ def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[to
         a_words, b_words, out, *epilogue, ws, counters, m, n, k_words, split,
         a_words.stride(0), b_words.stride(0), out.stride(0), out.stride(1),
         SCALED=scaled, HAS_BIAS=bias is not None, EVEN_K=k_words % params["BLOCK_W"] == 0, SPLIT=split > 1,
-        DP4A=params.pop("DP4A", True) and not interpreting(), **params, **pdl_options(a.device),
+        DP4A=params.pop("DP4A", True) and not interpreting(), **pdl_options(a.device, params), **params,
     )
     return out
 
@@ -368,7 +368,7 @@ def int8_gemv_triton(a: torch.Tensor, b: torch.Tensor, *, row_scale: Optional[to
 def has_tma(device: torch.device) -> bool:
     """Whether the device has Hopper's tensor-memory copies (compute capability 9 and up; Triton's interpreter
     emulates them on the CPU). A TMA configuration elsewhere runs the pointer-load kernel: same tiles, same sums."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type != "cuda" or hopper_or_newer(device)
 
 
 def tma_compatible(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from aofunc.kernels import w4a16, wgmma
-from aofunc.kernels.tiles import int32_words, split_output, split_total, unit_stride
+from aofunc.kernels.tiles import int32_words, pdl_options, split_output, split_total, unit_stride
 
 STEP = wgmma.STEP
 _MAGIC_PAIRS_ASM = {torch.bfloat16: w4a16.magic_pairs_ptx("bf16"), torch.float16: w4a16.magic_pairs_ptx("fp16")}
@@ -203,11 +203,12 @@ def _pick(loaded, four, FOUR: gl.constexpr):
 def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
                 stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
-                MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr):
+                MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
     s and (z - (magic + 8) s) times x's sum. NF4 and bytes: the tile of wgmma._step_tile, accumulated by the MMA."""
+    wgmma.follow_previous(PDL)
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     MAGIC_SUMS: gl.constexpr = BITS == 4 and ZERO != wgmma.NF4_LEVELS
     off_n, off_m, pid_k, first, n_steps = wgmma._program_tile(K, steps_per_split, BLOCK_M, BLOCK_N)
@@ -326,6 +327,6 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four,
-                      num_warps=params["num_warps"])
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, num_warps=params["num_warps"],
+                      **pdl_options(x.device, dict(params)))
     return split_total(y, split, bias, x.dtype)

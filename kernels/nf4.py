@@ -27,12 +27,12 @@ from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.selector import nf4_gemm_fits as gemm_fits
 from aofunc.kernels.selector import nf4_gemv_fits as gemv_fits
 from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, dequantized_linear, dot_acc,
-                                  dot_tile_zeros, fragment_columns, fragment_ordered_x, fragment_tile_fits,
-                                  gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish, gemv_rows,
-                                  gemv_split_k, int32_words, interleave8, interpreting, load_x, nibble_fragments,
-                                  pow2_at_most, split_k, splitk_buffers, tolerance, unit_stride,
-                                  word_pairs_fragments, wgmma_configs, wgmma_runs, wgmma_x_refusal, MMA_ROWS,
-                                  mma_configs, mma_runs, mma_x_refusal)
+                                  dot_tile_zeros, follow_previous, fragment_columns, fragment_ordered_x,
+                                  fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator,
+                                  gemv_finish, gemv_rows, gemv_split_k, int32_words, interleave8, interpreting,
+                                  load_x, nibble_fragments, pdl_options, pow2_at_most, split_k, splitk_buffers,
+                                  tolerance, unit_stride, word_pairs_fragments, wgmma_configs, wgmma_runs,
+                                  wgmma_x_refusal, MMA_ROWS, mma_configs, mma_runs, mma_x_refusal)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -236,7 +236,7 @@ def _nf4_gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym, split_k,
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_SHFL: tl.constexpr,
-    REDUCE_W: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    REDUCE_W: tl.constexpr, LOOP_STAGES: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # One row of x, BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS NF4 blocks of a row).
     # REDUCE_W: each step's products are summed over the words of a block before scaling, so the accumulator
@@ -244,6 +244,7 @@ def _nf4_gemv_kernel(
     # copied into shared memory asynchronously by the compiler's software pipeline.
     # Rows start on whole blocks (K % BLOCK == 0), so row n holds blocks n*K/BLOCK.. and int32 words
     # n*K/8..; word w holds codes 8w..8w+7, code 8w+j in bits 4*(j^1)..+3.
+    follow_previous(PDL)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
@@ -313,6 +314,7 @@ def _nf4_gemm_kernel(
     BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, USE_SHFL: tl.constexpr,
     M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PAIRS: tl.constexpr, X_ORDERED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # A BLOCK_M x BLOCK_N tile of y, one NF4 block of K per step: d = dot(x, levels) in fp32, times the block's
     # scale per column. Rows start on whole blocks (K % BLOCK == 0): row n holds blocks n*K/BLOCK.. . GATHER_X
@@ -320,6 +322,7 @@ def _nf4_gemm_kernel(
     # (with GATHER_X, 16-bit x, CUDA): those levels from nf4_level_pairs, two codes a few byte permutes, in place
     # of a warp shuffle and a conversion a code; the same levels, so the same sums. X_ORDERED (with GATHER_X): x's
     # columns are already in that order (tiles.fragment_ordered_x), read as they lie.
+    follow_previous(PDL)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK // 8
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
@@ -497,7 +500,7 @@ def launch(x, qdata, scaler_q, scaler_factor, scaler_mean, n, k, block_size, sca
         x, qdata.view(torch.int32), scaler_q, scaler_factor, scaler_mean, levels_operand(x),
         bias if bias is not None else y, y, ws, counters, m, n, k, x.stride(0), x.stride(1), y.stride(0),
         BLOCK=block_size, SCALER_BLOCK=scaler_block_size, split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None,
-        USE_SHFL=not interpreting(), **extra, **params,
+        USE_SHFL=not interpreting(), **extra, **pdl_options(x.device, params), **params,
     )
     return y
 

@@ -30,6 +30,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device) -> tuple:
+    """A CUDA device's compute capability, (9, 0) for an H100 or H200; (0, 0) for any other device."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def hopper_or_newer(device: torch.device) -> bool:
+    """Whether a CUDA device has compute capability 9.0 or more (Hopper's TMA copies, warpgroup MMAs and
+    programmatic dependent launches); False for any other device."""
+    return capability(device) >= (9, 0)
+
+
 def unit_stride(*tensors):
     """The tensors as the kernels index them, each with its last dimension at unit stride: a contiguous copy of one
     held otherwise (a column-major scale, a bias that is every other element of a larger tensor), the others (and
@@ -88,14 +106,17 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device) if device.type == "cuda" else 4
 
 
-def pdl_options(device: torch.device) -> dict:
+def pdl_options(device: torch.device, params: dict | None = None) -> dict:
     """The launch options that make a kernel calling follow_previous first a programmatic dependent launch: it
     launches once the programs of the kernel before it on the stream have all ended, and waits at follow_previous
-    for that kernel's writes (compute capability 9.0 and up; nothing elsewhere, nor in the interpreter). On an H200
-    in a CUDA graph, W8A8's int8 GEMM after the quantization kernel saved 0.4 to 1.2 µs of 11 to 44; letting it launch
-    earlier still (the quantization kernel calling griddepcontrol.launch_dependents as it starts) lost up to 7 µs,
-    its programs then waiting on the multiprocessors while the quantization ran."""
-    if device.type != "cuda" or interpreting() or torch.cuda.get_device_capability(device) < (9, 0):
+    for that kernel's writes (compute capability 9.0 and up; nothing elsewhere, nor in the interpreter). A
+    configuration's ``PDL`` (taken out of ``params``; default True) set False launches plainly, for comparison.
+
+    On an H200 in a CUDA graph, W8A8's int8 GEMM after the quantization kernel saved 0.4 to 1.2 µs of 11 to 44;
+    letting it launch earlier still (the quantization kernel calling griddepcontrol.launch_dependents as it starts)
+    lost up to 7 µs, its programs then waiting on the multiprocessors while the quantization ran."""
+    wanted = params.pop("PDL", True) if params is not None else True
+    if not wanted or interpreting() or not hopper_or_newer(device):
         return {}
     return {"PDL": True, "launch_pdl": True}
 
@@ -581,18 +602,12 @@ def tolerance(dtype: torch.dtype) -> float:
 BLOCK_K_WGMMA = 128
 
 
-@functools.cache
-def _capability(index: int) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
 def wgmma_runs(device: torch.device) -> bool:
     """Whether the ``wgmma`` path (kernels/wgmma.py) can run on ``device``: a Hopper GPU (compute capability 9.x)
     and a Triton with Gluon (3.6 and later)."""
     if device.type != "cuda" or interpreting():
         return False
-    return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] == 9 and \
-        _gluon_ready()
+    return capability(device)[0] == 9 and _gluon_ready()
 
 
 def wgmma_device_refusal(device: torch.device) -> str | None:
@@ -615,8 +630,7 @@ def mma_runs(device: torch.device) -> bool:
     compute capability 8.0 or later (A100, H100, ...) and a Triton with Gluon (3.6 and later)."""
     if device.type != "cuda" or interpreting():
         return False
-    return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 0) and \
-        _gluon_ready()
+    return capability(device) >= (8, 0) and _gluon_ready()
 
 
 def mma_x_refusal(x: torch.Tensor) -> str | None:

@@ -30,13 +30,13 @@ from aofunc.kernels.packing import GROUP_SIZES, pack_uint4, unpack_uint4
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear,
                                   dot_acc, dot_tile_zeros, expert_rows, fragment_column_of, fragment_columns,
-                                  fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile, gemv_accumulator, gemv_finish,
-                                  gemv_launch, gemv_rows, gemv_split_k, grouped_by_rows, grouped_grid, grouped_split_k,
-                                  int32_words, interleave8, interpreting, load_x, nibble_fragments, fragment_ordered_x,
+                                  follow_previous, fragment_tile_fits, gemm_finish, gemm_grid, gemm_tile,
+                                  gemv_accumulator, gemv_finish, gemv_launch, gemv_rows, gemv_split_k,
+                                  grouped_by_rows, grouped_grid, grouped_split_k, int32_words, interleave8,
+                                  interpreting, load_x, nibble_fragments, fragment_ordered_x, pdl_options,
                                   pow2_at_most, row_expert, scaled_rows, split_by_code, split_k, splitk_buffers,
                                   tolerance, unit_stride, wgmma_configs, wgmma_runs, wgmma_x_refusal, MMA_ROWS,
-                                  mma_configs, mma_runs, mma_x_refusal,
-                                  word_pairs_fragments)
+                                  mma_configs, mma_runs, mma_x_refusal, word_pairs_fragments)
 from aofunc.kernels.triton_compat import tl, triton
 
 # The smallest group whose eighth is a whole tl.dot depth (16): the GEMM's SPLIT_X form needs it.
@@ -275,7 +275,7 @@ def _w4a16_gemv_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, REDUCE_W: tl.constexpr,
     COARSE: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr, ZERO: tl.constexpr,
     GROUPED: tl.constexpr, ROW_SCALE: tl.constexpr, PREPACKED: tl.constexpr, TWO_ROWS: tl.constexpr,
-    QUANT_X: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    QUANT_X: tl.constexpr, SCAN_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # One row of x (two with TWO_ROWS), BLOCK_N rows of w, a slice of the steps along K (a step is GROUPS groups).
     # q_ptr is qdata viewed as int32 words: word w of a row holds codes 8w..8w+7. EVEN_K: K is a whole number of
@@ -296,6 +296,7 @@ def _w4a16_gemv_kernel(
     # scale and zero point over all of K (SCAN_BLOCK columns at a time; every split does), then multiplies the
     # centered codes xq - zp in place of x, and scales each row's products by its scale as ROW_SCALE does: the
     # quantization kernel's numbers, so y is the two-kernel path's bit for bit.
+    follow_previous(PDL)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = GROUP // 8
@@ -664,11 +665,12 @@ def _w4a16_gemm_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_X: tl.constexpr,
     FULL_DQ: tl.constexpr, M_FAST: tl.constexpr, GATHER_X: tl.constexpr, PREFETCH: tl.constexpr,
     PAIRS: tl.constexpr, EVEN_K: tl.constexpr, ZERO: tl.constexpr, PREPACKED: tl.constexpr,
-    ROW_SCALE: tl.constexpr, COL_SCALE: tl.constexpr, CENTERED: tl.constexpr,
+    ROW_SCALE: tl.constexpr, COL_SCALE: tl.constexpr, CENTERED: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w4a16_tile says what the forms do). ROW_SCALE:
     # each row's products times rs_ptr[row] (fp32) before the bias (8da4w's activation scales; a split's partial
     # sums are scaled alike, so their total is); COL_SCALE: each column's times cs_ptr[column] (fp32) likewise.
+    follow_previous(PDL)
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     n_groups = tl.cdiv(K, GROUP)
     per_split = tl.cdiv(n_groups, split_k)
@@ -976,7 +978,8 @@ def launch(x, qdata, scale, zero, group_size, bias, config: dict, row_scale=None
         m, n, k, x.stride(0), x.stride(1), qdata.shape[1] // 4, scale.stride(0), z.stride(0), y.stride(0),
         split, y if row_scale is None else row_scale, y if col_scale is None else col_scale,
         zero_sums(x, zero, group_size, forms), GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None,
-        ROW_SCALE=row_scale is not None, COL_SCALE=col_scale is not None, **forms, **params,
+        ROW_SCALE=row_scale is not None, COL_SCALE=col_scale is not None, **forms, **pdl_options(x.device, params),
+        **params,
     )
     return y
 
@@ -1025,7 +1028,7 @@ def gemv(x, qdata, scale, zero, group_size: int, bias, params: dict, *, row_scal
         GROUP=group_size, SPLIT=split > 1, HAS_BIAS=bias is not None, GROUPED=stacked, ROW_SCALE=row_scale is not None,
         TWO_ROWS=two_rows, QUANT_X=quantize_x,
         SCAN_BLOCK=params.pop("SCAN_BLOCK", min(triton.next_power_of_2(k), 1024 * params.get("num_warps", 4))),
-        **gemv_forms(params, k, group_size, x, zero), **params)
+        **gemv_forms(params, k, group_size, x, zero), **pdl_options(x.device, params), **params)
     return y
 
 

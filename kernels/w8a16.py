@@ -16,11 +16,12 @@ import torch
 from aofunc.kernels import autotune
 from aofunc.kernels.selector import Problem, default_path
 from aofunc.kernels.tiles import (BLOCK_K_WGMMA, FLOAT_DTYPES, check_fragment_tile, check_offsets, dequantized_linear,
-                                  dot_acc, dot_tile_zeros, expert_rows, fragment_tile_fits, gemm_finish, gemm_grid,
-                                  gemm_tile, gemv_finish, gemv_launch, gemv_rows, grouped_by_rows, grouped_grid,
-                                  grouped_split_k, int32_words, interpreting, load_x, pairs_transposed, row_expert,
-                                  scaled_rows, split_k, splitk_buffers, tolerance, unit_stride, wgmma_configs,
-                                  wgmma_runs, wgmma_x_refusal, MMA_ROWS, mma_configs, mma_runs, mma_x_refusal)
+                                  dot_acc, dot_tile_zeros, expert_rows, follow_previous, fragment_tile_fits,
+                                  gemm_finish, gemm_grid, gemm_tile, gemv_finish, gemv_launch, gemv_rows,
+                                  grouped_by_rows, grouped_grid, grouped_split_k, int32_words, interpreting, load_x,
+                                  pairs_transposed, pdl_options, row_expert, scaled_rows, split_k, splitk_buffers,
+                                  tolerance, unit_stride, wgmma_configs, wgmma_runs, wgmma_x_refusal, MMA_ROWS,
+                                  mma_configs, mma_runs, mma_x_refusal)
 from aofunc.kernels.triton_compat import tl, triton
 
 
@@ -117,6 +118,7 @@ def _w8a16_gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, split_k, offs_ptr, E, stride_qe, stride_se,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, GROUPED: tl.constexpr, XVEC: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # One row of x, BLOCK_N rows of q, a slice of the steps along K (a step is BLOCK_W int32 words = 4 * BLOCK_W
     # values of a row). q_ptr is qdata viewed as int32 words when K % 4 == 0 (the launcher pads otherwise).
@@ -125,6 +127,7 @@ def _w8a16_gemv_kernel(
     # XVEC: x loaded once a step as contiguous vectors and split by byte position, in place of four strided
     # loads. LOOP_STAGES > 1: the compiler's software pipeline copies the next steps' words into shared memory
     # asynchronously.
+    follow_previous(PDL)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n, rows = gemv_rows(N, BLOCK_N)
@@ -216,9 +219,11 @@ def _w8a16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr, M_FAST: tl.constexpr,
     GATHER_X: tl.constexpr, EVEN_K: tl.constexpr, BYTE_PRMT: tl.constexpr, X_ORDERED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # A BLOCK_M x BLOCK_N tile of y over this program's split of K (w8a16_tile); the per-row scale is applied once
     # at the end.
+    follow_previous(PDL)
     offs_m, m_mask, offs_n, rows = gemm_tile(M, N, BLOCK_M, BLOCK_N, M_FAST)
     n_steps = tl.cdiv(tl.cdiv(K, 4), BLOCK_W)
     per_split = tl.cdiv(n_steps, split_k)
@@ -412,7 +417,7 @@ def launch(x, qdata, scale, bias, config: dict) -> torch.Tensor:
         split_k=split, SPLIT=split > 1, HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32 or interpreting(),
         M_FAST=params.pop("M_FAST", False), GATHER_X=gather_x, X_ORDERED=permute_x,
         EVEN_K=params.pop("EVEN_K", True) and k % (4 * params["BLOCK_W"]) == 0,
-        BYTE_PRMT=params.pop("BYTE_PRMT", True) and not interpreting(), **params,
+        BYTE_PRMT=params.pop("BYTE_PRMT", True) and not interpreting(), **pdl_options(x.device, params), **params,
     )
     return y
 
@@ -438,7 +443,8 @@ def gemv(x, qdata, scale, bias, params: dict, *, offs=None) -> torch.Tensor:
         words.stride(-2), y.stride(0), split, offs if stacked else scale, qdata.shape[0] if stacked else 1,
         words.stride(0) if stacked else 0, scale.stride(0) if stacked else 0, SPLIT=split > 1,
         HAS_BIAS=bias is not None, EVEN_K=k % (4 * params["BLOCK_W"]) == 0, GROUPED=stacked,
-        XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", None), **params)
+        XVEC=params.pop("XVEC", False), LOOP_STAGES=params.pop("LOOP_STAGES", None), **pdl_options(x.device, params),
+        **params)
     return y
 
 

@@ -398,7 +398,8 @@ def _w8a8_gemv(x, qdata, scale, bias, act_scale, config: dict) -> torch.Tensor:
         x, act_scale if act_scale is not None else x, words, scale, bias if bias is not None else y, y, ws, counters,
         m, n, k, k_words, split, x.stride(0), x.stride(1), words.stride(0), y.stride(0), y.stride(1),
         HAS_ACT=act_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k_words % params["BLOCK_W"] == 0,
-        SPLIT=split > 1, DP4A=params.pop("DP4A", True) and not interpreting(), **params, **pdl_options(x.device),
+        SPLIT=split > 1, DP4A=params.pop("DP4A", True) and not interpreting(), **pdl_options(x.device, params),
+        **params,
     )
     return y
 

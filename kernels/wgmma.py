@@ -39,8 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from aofunc.kernels import nf4, w4a16
-from aofunc.kernels.tiles import (BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, split_output,
-                                  split_total, unit_stride)
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, fragment_ordered_x, int32_words, mma_in_flight, pdl_options,
+                                  split_output, split_total, unit_stride)
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -72,6 +72,14 @@ _BYTES_ASM = {
                                for j in range(4))
                      + "cvt.rn.bf16x2.f32 $0, f1, f0;\ncvt.rn.bf16x2.f32 $1, f3, f2;\n}"),
 }
+
+
+@gluon.jit
+def follow_previous(PDL: gl.constexpr):
+    """Gluon's tiles.follow_previous: with PDL (the kernel launched with tiles.pdl_options), wait until the kernel
+    before it on the stream is done and its writes are visible. A kernel calls it first."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.constexpr_function
@@ -362,11 +370,12 @@ def _decoupled_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M
                       stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
                       HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr, MAGIC: gl.constexpr,
-                      WG_REGS: gl.constexpr, num_warps: gl.constexpr):
+                      WG_REGS: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
     """_wgmma_kernel's work with its two warpgroups decoupled (DECOUPLED): each takes half the program's rows of w
     in a partition of its own (the kernel's warps and a worker's, WG_REGS registers a thread), sharing x's stages,
     which one more warp fills by TMA. In _wgmma_kernel with 8 warps, refilling a stage both warpgroups read takes a
     barrier of all 8 warps every step, so the two dequantize at the same time and multiply at the same time."""
+    follow_previous(PDL)
     off_n, off_m, pid_k, first, n_steps = _program_tile(K, steps_per_split, BLOCK_M, BLOCK_N)
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, STEP], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -394,7 +403,9 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, b_ptr, r_ptr, c_ptr, y_ptr, M, N,
                   stride_sn, stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr,
                   HAS_BIAS: gl.constexpr, HAS_ROW: gl.constexpr, HAS_COL: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
-                  MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
+                  MAGIC: gl.constexpr, A_SHARED: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
+                  PDL: gl.constexpr = False):
+    follow_previous(PDL)
     dtype: gl.constexpr = x_desc.dtype
     off_n, off_m, pid_k, first, n_steps = _program_tile(K, steps_per_split, BLOCK_M, BLOCK_N)
 
@@ -528,7 +539,7 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
             z.stride(0), n, m * n)
     common = dict(BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
                   HAS_COL=col_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], ASM=asm,
-                  MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"])
+                  MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"], **pdl_options(x.device, dict(params)))
     if params.get("DECOUPLED"):
         _decoupled_kernel[grid](*args, WG_REGS=DECOUPLED_REGS, **common)
     else:

@@ -143,12 +143,15 @@ CASES = [
 ]
 for kernel, pointers, constexprs, tensor_cores in CASES:
     names = list(inspect.signature(kernel.fn).parameters)
+    if "PDL" in names:  # launched as a programmatic dependent launch on sm_90: it waits for the kernel before it
+        constexprs = dict(constexprs, PDL=True)
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
     ptx = compiled.asm["ptx"]
     assert not tensor_cores or "wgmma" in ptx, f"{kernel.__name__}: no wgmma in its PTX"
     assert constexprs.get("DP4A") is not True or "dp4a.s32.s32" in ptx, f"{kernel.__name__}: no dp4a in its PTX"
+    assert ("griddepcontrol.wait" in ptx) == ("PDL" in names), f"{kernel.__name__}: griddepcontrol.wait"
 
 # the wgmma path (Gluon): W4A16's weight tile from registers straight to the MMA (no shared memory on its way), or
 # stored to shared memory by stmatrix (A_SHARED), or with one MMA kept in flight while the next tile is built
@@ -168,7 +171,8 @@ for bits, half, shared, in_flight, warps, scaled in FORMS:
     asm = w4a16.pairs_ptx(half) if bits == 4 else wgmma._BYTES_ASM[torch_dtype]
     constexprs = dict(BITS=bits, ZERO=0 if bits == 4 and not scaled else 2, HAS_BIAS=True, HAS_ROW=scaled,
                       HAS_COL=bits == 8 or scaled, BLOCK_M=64, BLOCK_N=128, STAGES=3, A_SHARED=shared,
-                      IN_FLIGHT=in_flight, ASM=asm, MAGIC=1024.0 if half == "fp16" else 128.0, num_warps=warps)
+                      IN_FLIGHT=in_flight, ASM=asm, MAGIC=1024.0 if half == "fp16" else 128.0, num_warps=warps,
+                      PDL=True)
     pointers = dict(x_desc=f"tensordesc<{half}[64, 128],{layout!r}>", q_ptr="*i32", s_ptr=f"*{half}",
                     z_ptr=f"*{half}", b_ptr=f"*{half}", r_ptr="*fp32", c_ptr="*fp32" if scaled else f"*{half}",
                     y_ptr="*bf16" if scaled else f"*{half}")
@@ -178,7 +182,7 @@ for bits, half, shared, in_flight, warps, scaled in FORMS:
                                                            for p, v in constexprs.items()}, attrs=aligned)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
     form = f"wgmma path, {bits}-bit codes, A_SHARED={shared}, IN_FLIGHT={in_flight}, scaled={scaled}"
-    assert "wgmma.mma_async" in ptx and ("stmatrix" in ptx) == shared, form
+    assert "wgmma.mma_async" in ptx and ("stmatrix" in ptx) == shared and "griddepcontrol.wait" in ptx, form
     waits = set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx))
     assert waits == ({"0", "1"} if shared or in_flight else {"0"}), f"{form}: {waits}"
     assert bits == 4 or re.search(r"ld.global[^\n]*v4.b32", ptx), f"{form}: no 16-byte loads of the words"
@@ -188,7 +192,7 @@ for bits in (4, 8):
     layout = gl.NVMMASharedLayout.get_default_for([256, 128], gl.bfloat16)
     constexprs = dict(BITS=bits, ZERO=0 if bits == 4 else 2, HAS_BIAS=True, HAS_ROW=False, HAS_COL=bits == 8,
                       BLOCK_M=256, BLOCK_N=128, STAGES=2, MAGIC=128.0, WG_REGS=wgmma.DECOUPLED_REGS, num_warps=4,
-                      ASM=w4a16.pairs_ptx("bf16") if bits == 4 else wgmma._BYTES_ASM[torch.bfloat16])
+                      PDL=bits == 4, ASM=w4a16.pairs_ptx("bf16") if bits == 4 else wgmma._BYTES_ASM[torch.bfloat16])
     pointers = dict(x_desc=f"tensordesc<bf16[256, 128],{layout!r}>", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
                     b_ptr="*bf16", r_ptr="*fp32", c_ptr="*bf16", y_ptr="*bf16")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
@@ -196,12 +200,13 @@ for bits in (4, 8):
                                                            for p, v in constexprs.items()})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "stmatrix" not in ptx, f"DECOUPLED, {bits}-bit"
+    assert ("griddepcontrol.wait" in ptx) == (bits == 4), f"DECOUPLED, {bits}-bit: griddepcontrol.wait"
 # NF4 in both forms: its levels from byte permutes (14 a word), each pair times its block's scale (4 a word)
 for kernel, warps in ((wgmma._wgmma_kernel, 4), (wgmma._decoupled_kernel, 4)):
     layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float16)
     constexprs = dict(BITS=4, ZERO=wgmma.NF4_LEVELS.value, HAS_BIAS=True, HAS_ROW=False, HAS_COL=False,
                       BLOCK_M=128, BLOCK_N=128, STAGES=2, MAGIC=1024.0, ASM=wgmma._LEVELS_ASM[torch.float16],
-                      num_warps=warps, **({"WG_REGS": wgmma.DECOUPLED_REGS} if kernel is wgmma._decoupled_kernel
+                      num_warps=warps, PDL=False, **({"WG_REGS": wgmma.DECOUPLED_REGS} if kernel is wgmma._decoupled_kernel
                                           else dict(A_SHARED=False, IN_FLIGHT=False)))
     pointers = dict(x_desc=f"tensordesc<fp16[128, 128],{layout!r}>", q_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16",
                     b_ptr="*fp16", r_ptr="*fp32", c_ptr="*fp16", y_ptr="*fp16")
@@ -220,7 +225,7 @@ kernel = mma._mma_kernel
 for zero, half, asm, capability, four in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90, True),
                                           (wgmma.NF4_LEVELS.value, "fp16", wgmma._LEVELS_ASM[torch.float16], 80, False)):
     constexprs = dict(BITS=4, ZERO=zero, HAS_BIAS=True, HAS_COL=False, BLOCK_M=8, BLOCK_N=64, ASM=asm,
-                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, num_warps=4)
+                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, num_warps=4, PDL=capability >= 90)
     pointers = dict(x_ptr=f"*{half}", q_ptr="*i32", s_ptr=f"*{half}", z_ptr=f"*{half}", b_ptr=f"*{half}",
                     y_ptr=f"*{half}")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
@@ -233,6 +238,7 @@ for zero, half, asm, capability, four in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch
     assert ptx.count("mma.sync.aligned.m16n8k16") == steps * (16 if zero == 0 else 8), (zero, half)
     assert ptx.count("ld.global.v2.b32") == (8 if four else 0), (zero, half)  # 2 rows: scales, zeros; prologue and loop
     assert len(re.findall(r"ld.global[^\n]*v4", ptx)) >= steps * 2 and "wgmma.mma_async" not in ptx, (zero, half)
+    assert ("griddepcontrol.wait" in ptx) == (capability >= 90), (zero, half)  # sm_80 has no dependent launches
 print("ok", len(CASES) + len(FORMS) + 6)
 '''
 

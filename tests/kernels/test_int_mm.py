@@ -198,14 +198,15 @@ def test_descriptor_path_equals_exact_product(m, k, n, split):
 
 
 def test_tma_configurations_run_the_generic_kernel_before_hopper(monkeypatch):
+    from aofunc.kernels import tiles
     from aofunc.kernels.int_mm import has_tma
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(tiles, "capability", lambda device: (8, 0) if device.type == "cuda" else (0, 0))
     assert not has_tma(cuda) and has_tma(torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tiles, "capability", lambda device: (9, 0) if device.type == "cuda" else (0, 0))
     assert has_tma(cuda)
     if ON_GPU:  # an A100-class card as the H200 sees it: the TMA tile runs as pointer loads, exactly
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        monkeypatch.setattr(tiles, "capability", lambda device: (8, 0) if device.type == "cuda" else (0, 0))
         a, w = _int8(300, 256), _int8(200, 256)
         config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
                   "TMA": True}
@@ -261,10 +262,20 @@ def test_int_mm_is_exact_on_cpu_for_a_single_column_of_k(n):
     assert torch.equal(int_mm(a, b), (a.long() @ b.long()).to(torch.int32))
 
 
-def test_programmatic_dependent_launch_only_on_compute_capability_9_and_up():
-    from aofunc.kernels.tiles import pdl_options
+def test_programmatic_dependent_launch_only_on_compute_capability_9_and_up(monkeypatch):
+    from aofunc.kernels import tiles
 
-    assert pdl_options(torch.device("cpu")) == {}
+    assert tiles.pdl_options(torch.device("cpu")) == {}
     if ON_GPU:
         hopper = torch.cuda.get_device_capability() >= (9, 0)
-        assert pdl_options(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if hopper else {})
+        assert tiles.pdl_options(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if hopper else {})
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for card, launched in (((8, 0), {}), ((9, 0), {"PDL": True, "launch_pdl": True})):
+        monkeypatch.setattr(tiles, "capability", lambda device, card=card: card)
+        assert tiles.pdl_options(cuda) == launched
+        # a configuration's PDL=False launches plainly; the knob is taken out of the configuration, nothing else
+        config = {"PDL": False, "BLOCK_N": 64}
+        assert tiles.pdl_options(cuda, config) == {} and config == {"BLOCK_N": 64}
+        config = {"BLOCK_N": 64}
+        assert tiles.pdl_options(cuda, config) == launched and config == {"BLOCK_N": 64}
