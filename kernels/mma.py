@@ -328,5 +328,5 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
                       ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, num_warps=params["num_warps"],
-                      **pdl_options(x.device, dict(params)))
+                      **pdl_options(x.device, dict(params)))  # (a copy: the caller's params stay whole)
     return split_total(y, split, bias, x.dtype)

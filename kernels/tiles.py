@@ -605,9 +605,7 @@ BLOCK_K_WGMMA = 128
 def wgmma_runs(device: torch.device) -> bool:
     """Whether the ``wgmma`` path (kernels/wgmma.py) can run on ``device``: a Hopper GPU (compute capability 9.x)
     and a Triton with Gluon (3.6 and later)."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return capability(device)[0] == 9 and _gluon_ready()
+    return not interpreting() and capability(device)[0] == 9 and _gluon_ready()
 
 
 def wgmma_device_refusal(device: torch.device) -> str | None:
@@ -628,9 +626,7 @@ def wgmma_x_refusal(x: torch.Tensor) -> str | None:
 def mma_runs(device: torch.device) -> bool:
     """Whether the ``mma`` path (kernels/mma.py: Gluon, the warp-level m16n8k16 MMA) can run on ``device``: a GPU of
     compute capability 8.0 or later (A100, H100, ...) and a Triton with Gluon (3.6 and later)."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return capability(device) >= (8, 0) and _gluon_ready()
+    return not interpreting() and capability(device) >= (8, 0) and _gluon_ready()
 
 
 def mma_x_refusal(x: torch.Tensor) -> str | None:

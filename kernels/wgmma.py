@@ -539,7 +539,8 @@ def _launch(x, ordered_x, qdata, scale, z, kp: int, bias, params: dict, *, bits:
             z.stride(0), n, m * n)
     common = dict(BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None and split == 1, HAS_ROW=row_scale is not None,
                   HAS_COL=col_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=params["STAGES"], ASM=asm,
-                  MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"], **pdl_options(x.device, dict(params)))
+                  MAGIC=_MAGIC[x.dtype], num_warps=params["num_warps"],
+                  **pdl_options(x.device, dict(params)))  # (a copy: the caller's params stay whole)
     if params.get("DECOUPLED"):
         _decoupled_kernel[grid](*args, WG_REGS=DECOUPLED_REGS, **common)
     else:
