@@ -16,7 +16,8 @@ same architecture.
 With ``--only wgmma`` a key times only the default and the configuration ``--out`` holds for it against the op's
 own search candidates on the ``wgmma`` path with the tile in registers; ``--only decoupled``, against its DECOUPLED
 forms of two and three stages: searches that bring a new form of the path to keys searched before it. ``--only
-mma`` likewise times the shipped configuration against the op's candidates on the ``mma`` path (up to 8 rows).
+mma`` likewise times the shipped configuration against the op's candidates on the ``mma`` path (up to 32 rows).
+These lines also give the shipped configuration's own time.
 """
 from __future__ import annotations
 
@@ -230,10 +231,11 @@ def main(argv=None):
                 default_us = trials[0].us
                 rejected = [t for t in trials if t.us is None]
                 best_us = min(t.us for t in trials if t.us is not None) if best else None
+                shipped_us = next((t.us for t in trials if args.only and t.config == shipped), None)
                 print(f"{fmt:6s} {shape:>11s} {m:5d} {bf16_us:8.1f} {default_us or float('nan'):8.1f} "
                       f"{best_us or float('nan'):8.1f} {bf16_us / best_us if best_us else 0:6.2f}  {best}"
-                      f"  ({len(rejected)} rejected{': ' + rejected[0].reason[:80] if rejected else ''})",
-                      flush=True)
+                      f"  ({len(rejected)} rejected{': ' + rejected[0].reason[:80] if rejected else ''})"
+                      + (f"  shipped {shipped_us:.1f}" if shipped_us else ""), flush=True)
                 if best is not None:
                     table.setdefault(name, {})[str(key)] = best
                 autotune.write_table(autotune.Path(args.out), table)

@@ -35,22 +35,30 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from aofunc.kernels import w4a16, wgmma
-from aofunc.kernels.tiles import int32_words, pdl_options, split_output, split_total, unit_stride
+from aofunc.kernels.tiles import (BLOCK_K_WGMMA, int32_words, mma_x_steps, pdl_options, split_output, split_total,
+                                  unit_stride)
 
 STEP = wgmma.STEP
+# Gluon's copy of global memory into shared memory without registers (cp.async) and its barrier of all the program's
+# threads, under the names of the Triton that runs (3.6 names them so; later releases async_load and barrier)
+_copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _MAGIC_PAIRS_ASM = {torch.bfloat16: w4a16.magic_pairs_ptx("bf16"), torch.float16: w4a16.magic_pairs_ptx("fp16")}
 
 
 @gluon.constexpr_function
 def x_layout(rows, num_warps):
     """[STEP // 2, rows] words of x (pairs of columns; a step's words by rows of x) as each thread loads them: lane
-    4g + t holds row g (and g + 8) at columns 32t + j (j < 32, its registers' halves), every warp the same."""
+    4g + t holds row g (and g + 8, 16, 24 for 16 or 32 rows) at columns 32t + j (j < 32, its registers' halves),
+    every warp the same."""
     reg, lane = [[1, 0], [2, 0], [4, 0], [8, 0]], [[16, 0], [32, 0]]
-    if rows == 16:
-        reg.append([0, 8])
+    r = 8
+    while r < rows:  # 16 or 32 rows: the MMA's further 8-column tiles
+        reg.append([0, r])
+        r *= 2
     warp = []
     w = 1
     while w < num_warps:
@@ -66,6 +74,46 @@ def scales_layout(rows, num_warps):
     tiles, warp = wgmma.row_tile_bases(rows, num_warps)
     lane = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
     return gl.DistributedLinearLayout([[0, 1], [0, 2], [8, 0]] + tiles, lane, warp, [], [rows, 4])
+
+
+@gluon.constexpr_function
+def x_shared_layout():
+    """[steps, STEP // 2, rows] words of x in shared memory: a row's words of a step contiguous, in 16-byte pieces
+    whose place among a row's eight pieces of 128 bytes is xored with the row's index (mod 8), so that the eight
+    rows a load of x_layout reads at once fall on different banks."""
+    return gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[0, 1])
+
+
+@gluon.jit
+def _x_to_shared(x_ptr, off_m, first, last, M, stride_xm, X_STEPS: gl.constexpr, ROWS: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """The program's X_STEPS steps of x's rows off_m .. (words; steps past ``last`` read the last) copied into shared
+    memory (x_shared_layout) by 16-byte asynchronous copies, which hold no registers; returns the buffer, which the
+    caller reads after _x_ready."""
+    fill: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
+    words = gl.arange(0, STEP // 2, layout=gl.SliceLayout(1, fill))
+    rows = gl.minimum(off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(0, fill)), M - 1)
+    at = x_ptr + first * (STEP // 2) + gl.expand_dims(words, 1) + gl.expand_dims(rows * stride_xm, 0)
+    x_smem = gl.allocate_shared_memory(gl.int32, [X_STEPS, STEP // 2, ROWS], x_shared_layout())
+    for i in gl.static_range(X_STEPS):
+        _copy_to_shared(x_smem.index(i), at + gl.minimum(i, last) * (STEP // 2))
+    async_copy.commit_group()
+    return x_smem
+
+
+@gluon.jit
+def _x_ready():
+    """Wait for this thread's copies of _x_to_shared, then for every thread's."""
+    async_copy.wait_group(0)
+    _barrier()
+
+
+@gluon.jit
+def _x_words(xw, x_smem, step, X_STEPS: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr):
+    """A step's words of x in x_layout: as loaded with its codes (xw), or with X_STEPS read from shared memory."""
+    if X_STEPS > 0:
+        xw = x_smem.index(step).load(x_layout(ROWS, num_warps))
+    return xw
 
 
 @gluon.jit
@@ -143,9 +191,9 @@ def _mma_step(acc, q, s, z, xw, ones, ZERO: gl.constexpr, ASM: gl.constexpr, MAG
 
 @gluon.jit
 def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexpr, BITS: gl.constexpr,
-                   FOUR: gl.constexpr):
+                   FOUR: gl.constexpr, X_STEPS: gl.constexpr):
     """(q, s, z, x's words) of step min(step, last); with FOUR (scales four steps a load, _scales_four), s and z
-    are 0."""
+    are 0; with X_STEPS (x in shared memory, read when the step is multiplied), x's words are 0."""
     step = gl.minimum(step, last)
     if FOUR:
         q = gl.load(q_ptrs + step * (4 * BITS))
@@ -153,7 +201,11 @@ def _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, step, last, ZERO: gl.constexp
         z = 0.0
     else:
         q, s, z = wgmma._step_loads(q_ptrs, s_ptrs, z_ptrs, step, None, ZERO, BITS)
-    return q, s, z, gl.load(x_ptrs + step * (STEP // 2))
+    if X_STEPS > 0:
+        xw = 0
+    else:
+        xw = gl.load(x_ptrs + step * (STEP // 2))
+    return q, s, z, xw
 
 
 @gluon.jit
@@ -203,7 +255,8 @@ def _pick(loaded, four, FOUR: gl.constexpr):
 def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_split, stride_xm, stride_qn, stride_sn,
                 stride_zn, stride_ym, stride_ys, BITS: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_COL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ASM: gl.constexpr,
-                MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
+                MAGIC: gl.constexpr, FOUR: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False,
+                X_STEPS: gl.constexpr = 0):
     """y^T's [BLOCK_N, BLOCK_M] tile over the program's steps of K. W4A16 (BITS 4, ZERO 0-2): each step's MMA
     multiplies the codes as magic + code, exact, into sums of their own, and a second MMA of a tile of ones sums
     x's columns of the step; the group's scale and zero then fold both into the fp32 accumulator, (magic + code)
@@ -221,8 +274,12 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
                                                        stride_zn, BLOCK_N, BITS, ZERO, num_warps, CLAMP=True,
                                                        CONTIGUOUS=True)
     # x's words: pairs of columns (stride_xm counts them)
-    x_ptrs = _x_pointers(x_ptr.to(gl.pointer_type(gl.int32), bitcast=True), off_m, first, M, stride_xm, BLOCK_M,
-                         num_warps)
+    x_words = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+    x_ptrs = _x_pointers(x_words, off_m, first, M, stride_xm, BLOCK_M, num_warps)
+    if X_STEPS > 0:  # the program's steps of x in shared memory, read by every warp
+        x_smem = _x_to_shared(x_words, off_m, first, n_steps - 1, M, stride_xm, X_STEPS, BLOCK_M, num_warps)
+    else:
+        x_smem = 0
     if FOUR:  # four steps' scales and zeros of each row where the MMA's sums lie, in one load
         sl: gl.constexpr = scales_layout(BLOCK_N, num_warps)
         rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sl)), N - 1)
@@ -242,38 +299,49 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
     # four steps an iteration, each with registers of its own that are loaded again (four steps ahead) once its
     # MMA has read them: four steps' codes in flight, and no register copied from one step's to another's
     last = n_steps - 1
-    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, FOUR)
-    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, FOUR)
-    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, FOUR)
-    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, FOUR)
+    qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 0, last, ZERO, BITS, FOUR, X_STEPS)
+    qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 1, last, ZERO, BITS, FOUR, X_STEPS)
+    qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 2, last, ZERO, BITS, FOUR, X_STEPS)
+    qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, 3, last, ZERO, BITS, FOUR, X_STEPS)
     sv, zv = _scales_four(s_ptrs, z_ptrs, 0, ZERO, FOUR)
+    if X_STEPS > 0:
+        _x_ready()
     for j in range(n_steps // 4):
         k = 4 * j
         s0, s1, s2, s3 = _four_steps(sv, FOUR, mma)
         z0, z1, z2, z3 = _four_steps(zv, FOUR, mma)
         sv, zv = _scales_four(s_ptrs, z_ptrs, gl.multiple_of(gl.minimum(k + 4, n_steps - 4), 4), ZERO, FOUR)
-        acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR), xa, ones, ZERO, ASM, MAGIC, dtype,
+        acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR),
+                        _x_words(xa, x_smem, k, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, FOUR)
-        acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR), xb, ones, ZERO, ASM, MAGIC, dtype,
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS,
+                                        FOUR, X_STEPS)
+        acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR),
+                        _x_words(xb, x_smem, k + 1, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, FOUR)
-        acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR), xc, ones, ZERO, ASM, MAGIC, dtype,
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS,
+                                        FOUR, X_STEPS)
+        acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR),
+                        _x_words(xc, x_smem, k + 2, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, FOUR)
-        acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR), xd, ones, ZERO, ASM, MAGIC, dtype,
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS,
+                                        FOUR, X_STEPS)
+        acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR),
+                        _x_words(xd, x_smem, k + 3, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, FOUR)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS,
+                                        FOUR, X_STEPS)
     rest = n_steps % 4  # (0 with FOUR: every program's steps come in fours)
+    k = n_steps - rest
     if not FOUR:
         if rest > 0:
-            acc = _mma_step(acc, qa, sa, za, xa, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+            acc = _mma_step(acc, qa, sa, za, _x_words(xa, x_smem, k, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                             BLOCK_N, BITS, MAGIC_SUMS)
         if rest > 1:
-            acc = _mma_step(acc, qb, sb, zb, xb, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+            acc = _mma_step(acc, qb, sb, zb, _x_words(xb, x_smem, k + 1, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                             BLOCK_N, BITS, MAGIC_SUMS)
         if rest > 2:
-            acc = _mma_step(acc, qc, sc, zc, xc, ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
+            acc = _mma_step(acc, qc, sc, zc, _x_words(xc, x_smem, k + 2, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
                             BLOCK_N, BITS, MAGIC_SUMS)
     wgmma._store_sums(acc, mma, y_ptr, b_ptr, y_ptr, s_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
                       False, HAS_COL, BLOCK_M, BLOCK_N)
@@ -316,17 +384,18 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # read as 32-bit words
         x = x.clone(memory_format=torch.contiguous_format)
     block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
-    y, split, per_split = split_output(m, n, kp // STEP, split, x.dtype, x.device)
+    steps = kp // BLOCK_K_WGMMA  # (a Python int: STEP is the kernels' constexpr)
+    y, split, per_split = split_output(m, n, steps, split, x.dtype, x.device)
+    x_steps = mma_x_steps(block_m, per_split)
     # W4A16's scales and zeros four steps a load where every program's steps come in fours and the loads align
-    four = params.get("FOUR", True) and bits == 4 and zero_kind != wgmma.NF4_LEVELS.value and per_split % 4 == 0 and (
-        kp // STEP) % 4 == 0 and all(t.stride(0) % 4 == 0 and t.data_ptr() % (4 * t.element_size()) == 0
-                                     for t in (scale, z))
+    four = params.get("FOUR", True) and bits == 4 and zero_kind != wgmma.NF4_LEVELS.value and per_split % 4 == 0 and \
+        steps % 4 == 0 and all(t.stride(0) % 4 == 0 and t.data_ptr() % (4 * t.element_size()) == 0 for t in (scale, z))
     (bias,) = unit_stride(bias)
     words = int32_words(qdata)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, num_warps=params["num_warps"],
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, X_STEPS=x_steps, num_warps=params["num_warps"],
                       **pdl_options(x.device, dict(params)))  # (a copy: the caller's params stay whole)
     return split_total(y, split, bias, x.dtype)

@@ -642,19 +642,45 @@ def mma_x_refusal(x: torch.Tensor) -> str | None:
     return None
 
 
-# the most rows of x the mma path takes: one m16n8k16 MMA's 8 columns
-MMA_ROWS = 8
+# the most rows of x the mma path takes: 8 with x's rows in registers (one m16n8k16 MMA's 8 columns), 16 or 32 with
+# the program's steps of x in shared memory
+MMA_ROWS = 32
+# the most shared memory a program of the mma path gives x: a third of a multiprocessor of compute capability 9.0
+# (228 KB), two fifths of one of 8.0 (164 KB)
+MMA_SHARED_X_BYTES = 64 * 1024
 
 
-def mma_configs(m: int, n: int) -> list[dict]:
-    """The ``mma`` path's search space for m <= MMA_ROWS rows of x and n of w: 16 or 32 rows of w a warp on 1 to 8
-    warps, splits of K (one-warp programs won some H200 keys: 4096 x 14336 at 8 rows of W4A16, 18.4 us against
-    19.6 for the best of 2-8 warps)."""
+def mma_x_steps(block_m: int, steps: int) -> int:
+    """The steps of x that a program of the ``mma`` path with ``block_m`` rows of x and ``steps`` steps of K holds in
+    shared memory: 0 for 8 rows (x's words loaded with the codes, into registers), else a power of two >= steps."""
+    if block_m not in (8, 16, 32):
+        raise ValueError(f"the mma path takes tiles of 8, 16 or 32 rows of x, got BLOCK_M={block_m}")
+    if block_m == 8:
+        return 0
+    x_steps = max(2, triton.next_power_of_2(steps))
+    if x_steps * block_m * BLOCK_K_WGMMA * 2 > MMA_SHARED_X_BYTES:
+        raise ValueError(f"the mma path holds a program's {steps} steps of {block_m} rows of x in shared memory, "
+                         f"{x_steps * block_m * BLOCK_K_WGMMA * 2} bytes, over its {MMA_SHARED_X_BYTES}: split K "
+                         f"further (SPLIT_K)")
+    return x_steps
+
+
+def mma_configs(m: int, n: int, k: int) -> list[dict]:
+    """The ``mma`` path's search space for m <= MMA_ROWS rows of x, n rows of w and k columns: 16 or 32 rows of w a
+    warp on 1 to 8 warps, splits of K (one-warp programs won some H200 keys: 4096 x 14336 at 8 rows of W4A16, 18.4
+    us against 19.6 for the best of 2-8 warps); from 9 rows, tiles of 16 or 32 rows of x whose steps of x fit in
+    shared memory (mma_x_steps)."""
+    block_m = 8 if m <= 8 else triton.next_power_of_2(m)
+    steps = triton.cdiv(k, BLOCK_K_WGMMA)
     out = []
     for block_n, warps in ((16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4), (256, 8)):
-        for split in (1, 2, 4, 8):
+        for split in (1, 2, 4, 8) if block_m == 8 else (1, 2, 4, 8, 16):
+            per_split = triton.cdiv(steps, split)
+            if block_m > 8 and max(2, triton.next_power_of_2(per_split)) * block_m * BLOCK_K_WGMMA * 2 > \
+                    MMA_SHARED_X_BYTES:
+                continue
             if split == 1 or triton.cdiv(n, block_n) * split <= 4096:
-                out.append(dict(path="mma", BLOCK_M=MMA_ROWS, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps))
+                out.append(dict(path="mma", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps))
     return out
 
 

@@ -883,7 +883,7 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, dtype: torch.dtyp
     if m >= 16 and dtype != torch.float32 and group_size == BLOCK_K_WGMMA and wgmma_runs(device):
         out += wgmma_configs(m, n)
     if m <= MMA_ROWS and dtype != torch.float32 and group_size == BLOCK_K_WGMMA and mma_runs(device):
-        out += mma_configs(m, n)
+        out += mma_configs(m, n, k)
     return [c for c in out if fragment_tile_fits(c)]
 
 

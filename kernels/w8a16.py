@@ -358,7 +358,7 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.
     if m >= 16 and dtype != torch.float32 and k % BLOCK_K_WGMMA == 0 and wgmma_runs(device):
         out += wgmma_configs(m, n)
     if m <= MMA_ROWS and dtype != torch.float32 and k % BLOCK_K_WGMMA == 0 and mma_runs(device):
-        out += mma_configs(m, n)
+        out += mma_configs(m, n, k)
     return [c for c in out if fragment_tile_fits(c)]
 
 

@@ -218,14 +218,19 @@ for kernel, warps in ((wgmma._wgmma_kernel, 4), (wgmma._decoupled_kernel, 4)):
     assert ptx.count("prmt.b32") == 14 * 16 and ptx.count("fma.rn.f16x2") == 4 * 16, kernel.__name__
 # the mma path (Gluon, m16n8k16, also for sm_80): W4A16 as magic + code with x's sums from a second MMA (16 MMAs a
 # 128-deep step for 16 rows of w a warp), the codes and x each in 16-byte loads, four steps an iteration, the scales
-# and zeros four steps a load (8 bytes a row; no tail: the steps come in fours); NF4's levels with a tail of 3 steps
+# and zeros four steps a load (8 bytes a row; no tail: the steps come in fours); NF4's levels with a tail of 3 steps;
+# 16 rows of x through shared memory: the program's 16 steps of x copied in by cp.async (16 bytes a copy, no
+# registers), one barrier, then each step's words read back in 16-byte loads, 32 MMAs a step
 from aofunc.kernels import mma
 
 kernel = mma._mma_kernel
-for zero, half, asm, capability, four in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90, True),
-                                          (wgmma.NF4_LEVELS.value, "fp16", wgmma._LEVELS_ASM[torch.float16], 80, False)):
-    constexprs = dict(BITS=4, ZERO=zero, HAS_BIAS=True, HAS_COL=False, BLOCK_M=8, BLOCK_N=64, ASM=asm,
-                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, num_warps=4, PDL=capability >= 90)
+for zero, half, asm, capability, four, block_m, x_steps in (
+        (0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90, True, 8, 0),
+        (wgmma.NF4_LEVELS.value, "fp16", wgmma._LEVELS_ASM[torch.float16], 80, False, 8, 0),
+        (0, "bf16", mma._MAGIC_PAIRS_ASM[torch.bfloat16], 90, True, 16, 16)):
+    constexprs = dict(BITS=4, ZERO=zero, HAS_BIAS=True, HAS_COL=False, BLOCK_M=block_m, BLOCK_N=64, ASM=asm,
+                      MAGIC=1024.0 if half == "fp16" else 128.0, FOUR=four, num_warps=4, PDL=capability >= 90,
+                      X_STEPS=x_steps)
     pointers = dict(x_ptr=f"*{half}", q_ptr="*i32", s_ptr=f"*{half}", z_ptr=f"*{half}", b_ptr=f"*{half}",
                     y_ptr=f"*{half}")
     signature = {p: pointers.get(p, "constexpr" if p in constexprs else "i32") for p in kernel.arg_names}
@@ -235,11 +240,15 @@ for zero, half, asm, capability, four in ((0, "bf16", mma._MAGIC_PAIRS_ASM[torch
                                                            for p, v in constexprs.items()}, attrs=aligned)
     ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4)).asm["ptx"]
     steps = 4 if four else 4 + 3  # the loop's four and the tail's three
-    assert ptx.count("mma.sync.aligned.m16n8k16") == steps * (16 if zero == 0 else 8), (zero, half)
+    assert ptx.count("mma.sync.aligned.m16n8k16") == steps * (16 if zero == 0 else 8) * block_m // 8, (zero, half)
     assert ptx.count("ld.global.v2.b32") == (8 if four else 0), (zero, half)  # 2 rows: scales, zeros; prologue and loop
-    assert len(re.findall(r"ld.global[^\n]*v4", ptx)) >= steps * 2 and "wgmma.mma_async" not in ptx, (zero, half)
-    assert ("griddepcontrol.wait" in ptx) == (capability >= 90), (zero, half)  # sm_80 has no dependent launches
-print("ok", len(CASES) + len(FORMS) + 6)
+    assert "wgmma.mma_async" not in ptx and ("griddepcontrol.wait" in ptx) == (capability >= 90), (zero, half)
+    if x_steps:  # 16 rows of 64 words a step over 128 threads: 2 copies of 16 bytes a thread a step
+        assert len(re.findall(r"cp.async.c[ag].shared.global[^\n]*0x10, 0x10;", ptx)) == x_steps * 2, block_m
+        assert len(re.findall(r"ld.shared.v4", ptx)) == steps * 8 and ptx.count("bar.sync") == 1, block_m
+    else:  # sm_80 has no dependent launches
+        assert len(re.findall(r"ld.global[^\n]*v4", ptx)) >= steps * 2 and "ld.shared" not in ptx, (zero, half)
+print("ok", len(CASES) + len(FORMS) + 7)
 '''
 
 
@@ -249,4 +258,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0 and "No module named 'triton" in done.stderr:
         pytest.skip("Triton is not installed")
-    assert done.returncode == 0 and done.stdout.strip() == "ok 49", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "ok 50", done.stderr[-3000:]

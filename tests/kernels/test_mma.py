@@ -1,4 +1,5 @@
-"""The ``mma`` path of W4A16, W8A16 and NF4 (Gluon, the warp-level m16n8k16 MMA, up to 8 rows of x).
+"""The ``mma`` path of W4A16, W8A16 and NF4 (Gluon, the warp-level m16n8k16 MMA, up to 32 rows of x: 8 from
+registers, 16 or 32 through shared memory).
 
 On a GPU of compute capability 8.0 or later with Triton's Gluon: the path against the reference twin on ragged
 shapes, every zero kind, fp16 and bf16 x, with and without bias, K split, strided and empty x; the same bits on
@@ -17,11 +18,24 @@ RUNS = DEVICE == "cuda" and tiles.mma_runs(torch.device(DEVICE))
 gpu_only = pytest.mark.skipif(not RUNS, reason="needs a GPU of compute capability 8.0+ and Triton's Gluon")
 
 
-def _config(block_n=64, split=1, warps=4):
-    return dict(path="mma", BLOCK_M=8, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
+def _config(block_n=64, split=1, warps=4, block_m=8):
+    return dict(path="mma", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
 
 
 CONFIGS = [_config(), _config(32, 1, 2), _config(128, 3, 4), _config(256, 2, 8), _config(16, 4, 1), _config(32, 1, 1)]
+# x through shared memory: 16 rows of x on 16 or 32 rows of w a warp, K split so that x's steps fit; 32 rows of x
+SHARED = [_config(64, 1, 4, 16), _config(64, 3, 2, 16), _config(128, 2, 8, 16), _config(64, 4, 4, 32),
+          _config(32, 2, 1, 32)]
+
+
+@gpu_only
+@pytest.mark.parametrize("m,n,k", [(9, 64, 128), (16, 200, 384), (13, 130, 1000), (32, 256, 2048), (27, 48, 640),
+                                   (17, 96, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid", ["float", "int", "none"])
+@pytest.mark.parametrize("config", SHARED, ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
+def test_mma_with_x_in_shared_memory_matches_the_twin(m, n, k, dtype, grid, config):
+    assert_w4a16_path_matches_the_twin(m, n, k, dtype, grid, config)
 
 
 @gpu_only
@@ -34,10 +48,11 @@ def test_mma_matches_the_twin_every_run_inputs_unchanged(m, n, k, dtype, grid, c
 
 
 @gpu_only
-def test_mma_takes_strided_misaligned_and_empty_x():
+@pytest.mark.parametrize("rows,block_m", [(6, 8), (20, 32)])
+def test_mma_takes_strided_misaligned_and_empty_x(rows, block_m):
     qdata, scale, zero = _weight(96, 256, torch.bfloat16, "float")
-    wide = torch.randn(6, 513, device=DEVICE, dtype=torch.bfloat16)
-    config = _config()
+    wide = torch.randn(rows, 513, device=DEVICE, dtype=torch.bfloat16)
+    config = _config(block_m=block_m)
     for view in (wide[:, :512:2], wide[:, 1:257]):  # every other column; an odd offset (not 4-byte aligned)
         assert torch.equal(w4a16.w4a16_linear_triton(view, qdata, scale, zero, 128, config=config),
                            w4a16.w4a16_linear_triton(view.contiguous(), qdata, scale, zero, 128, config=config))
@@ -46,8 +61,8 @@ def test_mma_takes_strided_misaligned_and_empty_x():
 
 
 @gpu_only
-def test_mma_is_searched_up_to_eight_rows():
-    for m, searched in ((1, True), (8, True), (9, False)):
+def test_mma_is_searched_up_to_32_rows():
+    for m, searched in ((1, True), (8, True), (9, True), (32, True), (33, False)):
         configs = w4a16.candidate_configs(m, 4096, 4096, 128, torch.bfloat16, torch.device(DEVICE))
         assert any(c["path"] == "mma" for c in configs) == searched
     assert not any(c["path"] == "mma" for c in w4a16.candidate_configs(4, 4096, 4096, 64, torch.bfloat16,
@@ -58,13 +73,16 @@ def test_mma_is_searched_up_to_eight_rows():
                                                                  torch.device(DEVICE)))
 
 
-@pytest.mark.parametrize("group_size,rows,dtype,why", [(64, 2, torch.bfloat16, "groups of 128"),
-                                                       (128, 9, torch.bfloat16, "at most 8 rows"),
-                                                       (128, 2, torch.float32, "fp16 or bf16")])
-def test_mma_refuses_what_it_cannot_take_before_any_work(group_size, rows, dtype, why):
-    x = torch.randn(rows, 256, dtype=dtype, device=DEVICE)
-    qdata, scale, zero = _weight(64, 256, torch.bfloat16, "float")
-    config = _config()
+@pytest.mark.parametrize("group_size,rows,dtype,block_m,why", [
+    (64, 2, torch.bfloat16, 8, "groups of 128"), (128, 33, torch.bfloat16, 8, "at most 32 rows"),
+    (128, 2, torch.float32, 8, "fp16 or bf16"), (128, 2, torch.bfloat16, 64, "8, 16 or 32 rows of x"),
+    (128, 20, torch.bfloat16, 32, "split K further")])
+def test_mma_refuses_what_it_cannot_take_before_any_work(group_size, rows, dtype, block_m, why):
+    if block_m != 8 and not RUNS:
+        pytest.skip("the tile's checks follow the device's (the path is refused first)")
+    x = torch.randn(rows, 4096, dtype=dtype, device=DEVICE)
+    qdata, scale, zero = _weight(64, 4096, torch.bfloat16, "float")
+    config = _config(block_m=block_m)
     with pytest.raises(ValueError, match=why):
         w4a16.launch(x, qdata, scale, zero, group_size, None, config)
 
@@ -89,9 +107,10 @@ def test_a_stored_mma_choice_the_inputs_cannot_take_runs_the_generic_path(monkey
 
 
 @gpu_only
-@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (7, 200, 1024), (8, 130, 4096)])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (7, 200, 1024), (8, 130, 4096), (20, 72, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", CONFIGS[:3], ids=lambda c: "-".join(str(v) for v in list(c.values())[2:]))
+@pytest.mark.parametrize("config", CONFIGS[:3] + SHARED[1:2] + SHARED[3:4],
+                         ids=lambda c: "-".join(str(v) for v in list(c.values())[1:]))
 def test_mma_path_of_w8a16_and_nf4_matches_the_twins(m, n, k, dtype, config):
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)

@@ -28,14 +28,14 @@ def candidates_for(text: str):
         group = int(kernel.removeprefix("w4a16_g"))
         # the tables are Hopper cards', whose searches add the wgmma and mma paths where they take the key
         hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and group == 128 else []
-        return w4a16.candidate_configs(m, n, k, group, dtype, cpu) + hopper + mma(m, n, dtype, group == 128)
+        return w4a16.candidate_configs(m, n, k, group, dtype, cpu) + hopper + mma(m, n, k, dtype, group == 128)
     if kernel == "w8a16":
         hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and k % 128 == 0 else []
-        return w8a16.candidate_configs(m, n, k, dtype, cpu) + hopper + mma(m, n, dtype, k % 128 == 0)
+        return w8a16.candidate_configs(m, n, k, dtype, cpu) + hopper + mma(m, n, k, dtype, k % 128 == 0)
     if kernel.startswith("nf4_b"):
         block = int(kernel.removeprefix("nf4_b").split("_")[0])
         hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and nf4.wgmma_fits(k, block) else []
-        return nf4.candidate_configs(m, n, k, block, dtype, cpu) + hopper + mma(m, n, dtype, nf4.wgmma_fits(k, block))
+        return nf4.candidate_configs(m, n, k, block, dtype, cpu) + hopper + mma(m, n, k, dtype, nf4.wgmma_fits(k, block))
     if kernel == "w8a8_linear":
         return w8a8.candidate_configs(m)
     if kernel.startswith("int8_int4_g"):
@@ -49,9 +49,9 @@ def candidates_for(text: str):
     return None
 
 
-def mma(m: int, n: int, dtype: torch.dtype, fits: bool) -> list:
-    """The mma path's candidates where a GPU's search adds them (up to 8 rows of 16-bit x, a weight it takes)."""
-    return tiles.mma_configs(m, n) if m <= tiles.MMA_ROWS and dtype != torch.float32 and fits else []
+def mma(m: int, n: int, k: int, dtype: torch.dtype, fits: bool) -> list:
+    """The mma path's candidates where a GPU's search adds them (up to 32 rows of 16-bit x, a weight it takes)."""
+    return tiles.mma_configs(m, n, k) if m <= tiles.MMA_ROWS and dtype != torch.float32 and fits else []
 
 
 def without_split(config: dict) -> dict:
