@@ -1,6 +1,6 @@
 """W4A16, W8A16 and NF4 for a few rows of x on the tensor cores' warp-level MMA (mma.sync m16n8k16, compute
 capability 8.0 and up), written in Gluon: y^T = w @ x^T with the dequantized weight tile as the MMA's left operand
-and up to 8 rows of x as its right one (its 8 columns), both straight from registers.
+and up to 32 rows of x as its right one (8 columns an MMA), both from registers.
 
 Each warp owns 16 rows of w (or 32, 64: BLOCK_N / num_warps) and runs the whole loop over its steps of K on its own:
 no shared memory, no barrier, no wait. A thread's share of the left operand for a 128-deep step is the m16n8k16
@@ -24,10 +24,18 @@ zeros come four steps a load (8 bytes a row, scales_layout) wherever every progr
 rows' scales start on 8 bytes: a load of two bytes a row touches a sector of each of a warp's 16 rows, and the
 four-step loads took 8192 x 28672 at 2-8 rows from 52-58 to 46-51 us on an H200.
 
-A configuration (``params``): BLOCK_M (8: rows of x a tile), BLOCK_N (rows of w a program, 16 a warp or more),
-SPLIT_K (programs sharing a tile's steps of K, their fp32 partial sums added in a fixed order), num_warps, and
-FOUR (default True; False keeps the scales' loads a step at a time, for comparison). The measurements are in
-docs/benchmarks.md.
+Past 8 rows, each warp loading x's tile for itself would hold four steps of 16 or 32 rows of x in registers
+(spills, or fewer steps in flight). With BLOCK_M 16 or 32 the program instead copies its steps of x into shared
+memory once, before its loop (cp.async, 16 bytes a copy, no registers held; X_STEPS steps, a power of two, at most
+tiles.MMA_SHARED_X_BYTES, so K is split until they fit), waits for the copies and one barrier, and every warp reads
+each step's words back in x_layout when it multiplies the step (16-byte loads, the rows' 16-byte pieces xored by
+the row so that a load's eight rows fall on different banks). The codes stay four steps ahead in registers as
+before; no barrier follows the first.
+
+A configuration (``params``): BLOCK_M (rows of x a tile: 8 from registers, 16 or 32 through shared memory),
+BLOCK_N (rows of w a program, 16 a warp or more), SPLIT_K (programs sharing a tile's steps of K, their fp32 partial
+sums added in a fixed order), num_warps, and FOUR (default True; False keeps the scales' loads a step at a time, for
+comparison). The measurements are in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -314,35 +322,31 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
         acc = _mma_step(acc, qa, _pick(sa, s0, FOUR), _pick(za, z0, FOUR),
                         _x_words(xa, x_smem, k, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS,
-                                        FOUR, X_STEPS)
+        qa, sa, za, xa = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 4, last, ZERO, BITS, FOUR, X_STEPS)
         acc = _mma_step(acc, qb, _pick(sb, s1, FOUR), _pick(zb, z1, FOUR),
                         _x_words(xb, x_smem, k + 1, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS,
-                                        FOUR, X_STEPS)
+        qb, sb, zb, xb = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 5, last, ZERO, BITS, FOUR, X_STEPS)
         acc = _mma_step(acc, qc, _pick(sc, s2, FOUR), _pick(zc, z2, FOUR),
                         _x_words(xc, x_smem, k + 2, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS,
-                                        FOUR, X_STEPS)
+        qc, sc, zc, xc = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 6, last, ZERO, BITS, FOUR, X_STEPS)
         acc = _mma_step(acc, qd, _pick(sd, s3, FOUR), _pick(zd, z3, FOUR),
                         _x_words(xd, x_smem, k + 3, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype,
                         a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
-        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS,
-                                        FOUR, X_STEPS)
+        qd, sd, zd, xd = _step_operands(q_ptrs, s_ptrs, z_ptrs, x_ptrs, k + 7, last, ZERO, BITS, FOUR, X_STEPS)
     rest = n_steps % 4  # (0 with FOUR: every program's steps come in fours)
     k = n_steps - rest
     if not FOUR:
         if rest > 0:
-            acc = _mma_step(acc, qa, sa, za, _x_words(xa, x_smem, k, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                            BLOCK_N, BITS, MAGIC_SUMS)
+            acc = _mma_step(acc, qa, sa, za, _x_words(xa, x_smem, k, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM,
+                            MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
         if rest > 1:
-            acc = _mma_step(acc, qb, sb, zb, _x_words(xb, x_smem, k + 1, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                            BLOCK_N, BITS, MAGIC_SUMS)
+            acc = _mma_step(acc, qb, sb, zb, _x_words(xb, x_smem, k + 1, X_STEPS, BLOCK_M, num_warps), ones, ZERO,
+                            ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
         if rest > 2:
-            acc = _mma_step(acc, qc, sc, zc, _x_words(xc, x_smem, k + 2, X_STEPS, BLOCK_M, num_warps), ones, ZERO, ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M,
-                            BLOCK_N, BITS, MAGIC_SUMS)
+            acc = _mma_step(acc, qc, sc, zc, _x_words(xc, x_smem, k + 2, X_STEPS, BLOCK_M, num_warps), ones, ZERO,
+                            ASM, MAGIC, dtype, a_layout, b_layout, mma, BLOCK_M, BLOCK_N, BITS, MAGIC_SUMS)
     wgmma._store_sums(acc, mma, y_ptr, b_ptr, y_ptr, s_ptr, off_n, off_m, pid_k, M, N, stride_ym, stride_ys, HAS_BIAS,
                       False, HAS_COL, BLOCK_M, BLOCK_N)
 
@@ -396,6 +400,7 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     _mma_kernel[grid](x, words, scale, z, y if bias is None else bias, y, m, n, kp, per_split, x.stride(0) // 2,
                       words.stride(0), scale.stride(0), z.stride(0), n, m * n, BITS=bits, ZERO=zero_kind,
                       HAS_BIAS=bias is not None and split == 1, HAS_COL=col_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, X_STEPS=x_steps, num_warps=params["num_warps"],
+                      ASM=asm, MAGIC=wgmma._MAGIC[x.dtype], FOUR=four, X_STEPS=x_steps,
+                      num_warps=params["num_warps"],
                       **pdl_options(x.device, dict(params)))  # (a copy: the caller's params stay whole)
     return split_total(y, split, bias, x.dtype)

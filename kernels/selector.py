@@ -15,10 +15,10 @@ table; the table gives each format's default for a problem nobody tuned. Paths:
   warpgroup MMA with the dequantized weight tile as its left operand straight from registers and x's tiles brought
   by TMA (wgmma); 16-bit x; W4A16: scales of its dtype, groups of 128 codes; W8A16: K a multiple of 128; NF4:
   blocks of 64 codes, K a multiple of 128; 8da4w: groups of 128 codes, 16-bit scales.
-- ``mma`` (W4A16, W8A16 and NF4, only where a search chose it): up to 8 rows of 16-bit x on the warp-level
+- ``mma`` (W4A16, W8A16 and NF4, only where a search chose it): up to 32 rows of 16-bit x on the warp-level
   m16n8k16 MMA (compute capability 8.0 and up, Triton's Gluon), each warp running its own rows of w with the
-  dequantized tile and x's rows both in registers (kernels/mma.py); groups (NF4: blocks) of 128 (64) codes over
-  whole 128-deep steps.
+  dequantized tile in registers, x's rows loaded into registers (8 rows a tile) or held in shared memory for the
+  program (16 or 32; kernels/mma.py); groups (NF4: blocks) of 128 (64) codes over whole 128-deep steps.
 - ``dequant``: one kernel writes the float weight, then cuBLAS multiplies (large M, and fp32 x on CUDA).
 - ``fused``: activations quantized inside the int8 GEMM; ``two_pass``: a per-token quantization kernel, then the
   int8 GEMM (W8A8 and 8da4w).

@@ -34,8 +34,9 @@ def candidates_for(text: str):
         return w8a16.candidate_configs(m, n, k, dtype, cpu) + hopper + mma(m, n, k, dtype, k % 128 == 0)
     if kernel.startswith("nf4_b"):
         block = int(kernel.removeprefix("nf4_b").split("_")[0])
-        hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and nf4.wgmma_fits(k, block) else []
-        return nf4.candidate_configs(m, n, k, block, dtype, cpu) + hopper + mma(m, n, k, dtype, nf4.wgmma_fits(k, block))
+        fits = nf4.wgmma_fits(k, block)
+        hopper = tiles.wgmma_configs(m, n) if m >= 16 and dtype != torch.float32 and fits else []
+        return nf4.candidate_configs(m, n, k, block, dtype, cpu) + hopper + mma(m, n, k, dtype, fits)
     if kernel == "w8a8_linear":
         return w8a8.candidate_configs(m)
     if kernel.startswith("int8_int4_g"):
