@@ -3,14 +3,14 @@ capability 8.0 and up), written in Gluon: y^T = w @ x^T with the dequantized wei
 and up to 32 rows of x as its right one (8 columns an MMA), both from registers.
 
 Each warp owns 16 rows of w (or 32, 64: BLOCK_N / num_warps) and runs the whole loop over its steps of K on its own:
-no shared memory, no barrier, no wait. A thread's share of the left operand for a 128-deep step is the m16n8k16
-fragment that kernels/wgmma.py also builds (the warpgroup MMA takes its register operand in the same fragments), so
-the tiles come from the same functions, with the words of a step taken in their contiguous order
-(wgmma.word_layout's ``contiguous``): the thread with lane 4g + t holds, for each of its rows, the codes of the
-step's columns 32t .. 32t + 31 (four words of 4-bit codes, one 16-byte load; eight words of bytes, two). The right
-operand is loaded the same way, straight from x: row g of x at columns 32t .. 32t + 31, four 16-byte loads, the
-column that each position of the left operand multiplies at that position of the right one (_x_operand). So no
-copy of x is made, which at a few rows would cost more than the loads it saves.
+no barrier in the loop, no wait (and at 8 rows of x no shared memory; more rows below). A thread's share of the left
+operand for a 128-deep step is the m16n8k16 fragment that kernels/wgmma.py also builds (the warpgroup MMA takes its
+register operand in the same fragments), so the tiles come from the same functions, with the words of a step taken
+in their contiguous order (wgmma.word_layout's ``contiguous``): the thread with lane 4g + t holds, for each of its
+rows, the codes of the step's columns 32t .. 32t + 31 (four words of 4-bit codes, one 16-byte load; eight words of
+bytes, two). The right operand is loaded the same way, straight from x: row g of x at columns 32t .. 32t + 31,
+four 16-byte loads, the column that each position of the left operand multiplies at that position of the right one
+(_x_operand). So no copy of x is made, which at a few rows would cost more than the loads it saves.
 
 W4A16 multiplies its codes as magic + code, exact in 16 bits (a byte permute and a mask-or a pair of codes), into
 sums of each step's own, and a second MMA of a tile of ones sums x's columns of the step; the group's scale and

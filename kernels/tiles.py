@@ -645,9 +645,15 @@ def mma_x_refusal(x: torch.Tensor) -> str | None:
 # the most rows of x the mma path takes: 8 with x's rows in registers (one m16n8k16 MMA's 8 columns), 16 or 32 with
 # the program's steps of x in shared memory
 MMA_ROWS = 32
-# the most shared memory a program of the mma path gives x: a third of a multiprocessor of compute capability 9.0
-# (228 KB), two fifths of one of 8.0 (164 KB)
+# the most shared memory a program of the mma path gives x: three programs a multiprocessor of compute capability 9.0
+# (228 KB), two of 8.0 (164 KB)
 MMA_SHARED_X_BYTES = 64 * 1024
+
+
+def _mma_x_bytes(block_m: int, steps: int) -> int:
+    """The shared memory that x takes in a program of the ``mma`` path with 16 or 32 rows of x and ``steps`` steps
+    of K: a power of two of steps, at least 2."""
+    return max(2, triton.next_power_of_2(steps)) * block_m * BLOCK_K_WGMMA * 2
 
 
 def mma_x_steps(block_m: int, steps: int) -> int:
@@ -657,12 +663,11 @@ def mma_x_steps(block_m: int, steps: int) -> int:
         raise ValueError(f"the mma path takes tiles of 8, 16 or 32 rows of x, got BLOCK_M={block_m}")
     if block_m == 8:
         return 0
-    x_steps = max(2, triton.next_power_of_2(steps))
-    if x_steps * block_m * BLOCK_K_WGMMA * 2 > MMA_SHARED_X_BYTES:
+    if _mma_x_bytes(block_m, steps) > MMA_SHARED_X_BYTES:
         raise ValueError(f"the mma path holds a program's {steps} steps of {block_m} rows of x in shared memory, "
-                         f"{x_steps * block_m * BLOCK_K_WGMMA * 2} bytes, over its {MMA_SHARED_X_BYTES}: split K "
-                         f"further (SPLIT_K)")
-    return x_steps
+                         f"{_mma_x_bytes(block_m, steps)} bytes, over its {MMA_SHARED_X_BYTES}: split K further "
+                         f"(SPLIT_K)")
+    return _mma_x_bytes(block_m, steps) // (block_m * BLOCK_K_WGMMA * 2)
 
 
 def mma_configs(m: int, n: int, k: int) -> list[dict]:
@@ -675,9 +680,7 @@ def mma_configs(m: int, n: int, k: int) -> list[dict]:
     out = []
     for block_n, warps in ((16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4), (256, 8)):
         for split in (1, 2, 4, 8) if block_m == 8 else (1, 2, 4, 8, 16):
-            per_split = triton.cdiv(steps, split)
-            if block_m > 8 and max(2, triton.next_power_of_2(per_split)) * block_m * BLOCK_K_WGMMA * 2 > \
-                    MMA_SHARED_X_BYTES:
+            if block_m > 8 and _mma_x_bytes(block_m, triton.cdiv(steps, split)) > MMA_SHARED_X_BYTES:
                 continue
             if split == 1 or triton.cdiv(n, block_n) * split <= 4096:
                 out.append(dict(path="mma", BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps))
