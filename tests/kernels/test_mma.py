@@ -8,6 +8,7 @@ and a stored choice of it falls back to the generic path.
 """
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 from aofunc.kernels import autotune, nf4, tiles, w4a16, w8a16
 from aofunc.kernels.tiles import tolerance
@@ -71,6 +72,21 @@ def test_mma_is_searched_up_to_32_rows():
                                                                    torch.device(DEVICE)))
     assert any(c["path"] == "mma" for c in nf4.candidate_configs(4, 4096, 4096, 64, torch.bfloat16,
                                                                  torch.device(DEVICE)))
+
+
+@given(m=st.integers(1, tiles.MMA_ROWS), n=st.integers(1, 1 << 16), k=st.integers(1, 1 << 16))
+def test_mma_search_offers_only_tiles_whose_x_fits(m, n, k):
+    # 8 rows from registers; 16 or 32 (the next power of two of m) through shared memory, K split until x fits
+    configs = tiles.mma_configs(m, n, k)
+    steps = -(-k // 128)
+    for config in configs:
+        assert config["BLOCK_M"] == (8 if m <= 8 else 16 if m <= 16 else 32)
+        x_steps = tiles.mma_x_steps(config["BLOCK_M"], -(-steps // config["SPLIT_K"]))  # raises where x does not fit
+        assert x_steps * config["BLOCK_M"] * 128 * 2 <= tiles.MMA_SHARED_X_BYTES
+    # every row count finds a tile where K split 16 ways leaves at most 64 KB of x a program (for up to 65536 rows of
+    # w, 16 splits of 256-row programs stay within the search's 4096 programs)
+    most = 16 if m <= 16 else 8  # steps of x a program can hold
+    assert bool(configs) == (m <= 8 or -(-steps // 16) <= most)
 
 
 @pytest.mark.parametrize("group_size,rows,dtype,block_m,why", [
