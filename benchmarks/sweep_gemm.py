@@ -231,7 +231,7 @@ def main(argv=None):
                 default_us = trials[0].us
                 rejected = [t for t in trials if t.us is None]
                 best_us = min(t.us for t in trials if t.us is not None) if best else None
-                shipped_us = next((t.us for t in trials if args.only and t.config == shipped), None)
+                shipped_us = next((t.us for t in trials if t.config == shipped), None) if args.only else None
                 print(f"{fmt:6s} {shape:>11s} {m:5d} {bf16_us:8.1f} {default_us or float('nan'):8.1f} "
                       f"{best_us or float('nan'):8.1f} {bf16_us / best_us if best_us else 0:6.2f}  {best}"
                       f"  ({len(rejected)} rejected{': ' + rejected[0].reason[:80] if rejected else ''})"

@@ -283,11 +283,12 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, steps_per_spl
                                                        CONTIGUOUS=True)
     # x's words: pairs of columns (stride_xm counts them)
     x_words = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-    x_ptrs = _x_pointers(x_words, off_m, first, M, stride_xm, BLOCK_M, num_warps)
     if X_STEPS > 0:  # the program's steps of x in shared memory, read by every warp
         x_smem = _x_to_shared(x_words, off_m, first, n_steps - 1, M, stride_xm, X_STEPS, BLOCK_M, num_warps)
+        x_ptrs = 0  # (not read)
     else:
-        x_smem = 0
+        x_smem = 0  # (not read)
+        x_ptrs = _x_pointers(x_words, off_m, first, M, stride_xm, BLOCK_M, num_warps)
     if FOUR:  # four steps' scales and zeros of each row where the MMA's sums lie, in one load
         sl: gl.constexpr = scales_layout(BLOCK_N, num_warps)
         rows = gl.minimum(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sl)), N - 1)
@@ -381,16 +382,16 @@ def _launch(x, qdata, scale, z, kp: int, bias, params: dict, *, bits: int, zero_
     """The kernel on x (padded to kp columns, its rows read as 32-bit words) and a weight of ``bits``-bit codes:
     the output's buffers, the split of K, the partial sums added up (then the bias) in a fixed order."""
     m, n = x.shape[0], qdata.shape[0]
+    block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
+    steps = kp // BLOCK_K_WGMMA  # (a Python int: STEP is the kernels' constexpr)
+    x_steps = mma_x_steps(block_m, -(-steps // split))  # (a tile whose x does not fit is refused before any work)
     if m == 0:
         return torch.zeros(0, n, dtype=x.dtype, device=x.device)
     if x.shape[1] != kp:
         x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
     if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # read as 32-bit words
         x = x.clone(memory_format=torch.contiguous_format)
-    block_m, block_n, split = params["BLOCK_M"], params["BLOCK_N"], params["SPLIT_K"]
-    steps = kp // BLOCK_K_WGMMA  # (a Python int: STEP is the kernels' constexpr)
     y, split, per_split = split_output(m, n, steps, split, x.dtype, x.device)
-    x_steps = mma_x_steps(block_m, per_split)
     # W4A16's scales and zeros four steps a load where every program's steps come in fours and the loads align
     four = params.get("FOUR", True) and bits == 4 and zero_kind != wgmma.NF4_LEVELS.value and per_split % 4 == 0 and \
         steps % 4 == 0 and all(t.stride(0) % 4 == 0 and t.data_ptr() % (4 * t.element_size()) == 0 for t in (scale, z))

@@ -652,13 +652,19 @@ MMA_SHARED_X_BYTES = 64 * 1024
 
 def _mma_x_bytes(block_m: int, steps: int) -> int:
     """The shared memory that x takes in a program of the ``mma`` path with 16 or 32 rows of x and ``steps`` steps
-    of K: a power of two of steps, at least 2."""
-    return max(2, triton.next_power_of_2(steps)) * block_m * BLOCK_K_WGMMA * 2
+    of K (held as _mma_held_steps)."""
+    return _mma_held_steps(steps) * block_m * BLOCK_K_WGMMA * 2
+
+
+def _mma_held_steps(steps: int) -> int:
+    """The steps of x a program of the ``mma`` path holds in shared memory for ``steps`` steps of K: a power of
+    two, at least 2."""
+    return max(2, triton.next_power_of_2(steps))
 
 
 def mma_x_steps(block_m: int, steps: int) -> int:
     """The steps of x that a program of the ``mma`` path with ``block_m`` rows of x and ``steps`` steps of K holds in
-    shared memory: 0 for 8 rows (x's words loaded with the codes, into registers), else a power of two >= steps."""
+    shared memory: 0 for 8 rows (x's words loaded with the codes, into registers), else _mma_held_steps."""
     if block_m not in (8, 16, 32):
         raise ValueError(f"the mma path takes tiles of 8, 16 or 32 rows of x, got BLOCK_M={block_m}")
     if block_m == 8:
@@ -667,7 +673,7 @@ def mma_x_steps(block_m: int, steps: int) -> int:
         raise ValueError(f"the mma path holds a program's {steps} steps of {block_m} rows of x in shared memory, "
                          f"{_mma_x_bytes(block_m, steps)} bytes, over its {MMA_SHARED_X_BYTES}: split K further "
                          f"(SPLIT_K)")
-    return _mma_x_bytes(block_m, steps) // (block_m * BLOCK_K_WGMMA * 2)
+    return _mma_held_steps(steps)
 
 
 def mma_configs(m: int, n: int, k: int) -> list[dict]:
