@@ -87,6 +87,11 @@ def test_mma_search_offers_only_tiles_whose_x_fits(m, n, k):
     # w, 16 splits of 256-row programs stay within the search's 4096 programs)
     most = 16 if m <= 16 else 8  # steps of x a program can hold
     assert bool(configs) == (m <= 8 or -(-steps // 16) <= most)
+    # and every split of K that leaves each program a multiple of four steps (W4A16's scales four steps a load)
+    splits = {config["SPLIT_K"] for config in configs}
+    for per in (4, 8, 16):
+        if steps % per == 0 and steps // per <= (8 if m <= 8 else 16) and (m <= 8 or per <= most):
+            assert steps // per in splits
 
 
 @pytest.mark.parametrize("group_size,rows,dtype,block_m,why", [
