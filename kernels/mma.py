@@ -54,6 +54,8 @@ STEP = wgmma.STEP
 # threads, under the names of the Triton that runs (3.6 names them so; later releases async_load and barrier)
 _copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# a shared-memory view of other bytes' shape: `reinterpret` in later releases, `_reinterpret` in 3.6
+_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 _MAGIC_PAIRS_ASM = {torch.bfloat16: w4a16.magic_pairs_ptx("bf16"), torch.float16: w4a16.magic_pairs_ptx("fp16")}
 
 
@@ -96,15 +98,24 @@ def x_shared_layout():
 def _x_to_shared(x_ptr, off_m, first, last, M, stride_xm, X_STEPS: gl.constexpr, ROWS: gl.constexpr,
                  num_warps: gl.constexpr):
     """The program's X_STEPS steps of x's rows off_m .. (words; steps past ``last`` read the last) copied into shared
-    memory (x_shared_layout) by 16-byte asynchronous copies, which hold no registers; returns the buffer, which the
-    caller reads after _x_ready."""
+    memory (x_shared_layout) by 16-byte asynchronous copies, which hold no registers, all in one operation; returns
+    the buffer, which the caller reads after _x_ready."""
     fill: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
     words = gl.arange(0, STEP // 2, layout=gl.SliceLayout(1, fill))
-    rows = gl.minimum(off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(0, fill)), M - 1)
-    at = x_ptr + first * (STEP // 2) + gl.expand_dims(words, 1) + gl.expand_dims(rows * stride_xm, 0)
+    column = gl.arange(0, X_STEPS * ROWS, layout=gl.SliceLayout(0, fill))  # step column // ROWS, row column % ROWS
+    rows = gl.minimum(off_m + column % ROWS, M - 1)
+    steps = gl.minimum(column // ROWS, last)
+    at = x_ptr + first * (STEP // 2) + gl.expand_dims(words, 1) + \
+        gl.expand_dims(rows * stride_xm + steps * (STEP // 2), 0)
     x_smem = gl.allocate_shared_memory(gl.int32, [X_STEPS, STEP // 2, ROWS], x_shared_layout())
-    for i in gl.static_range(X_STEPS):
-        _copy_to_shared(x_smem.index(i), at + gl.minimum(i, last) * (STEP // 2))
+    # one copy of all the steps, into the same bytes seen as [STEP // 2, X_STEPS * ROWS] (a step's rows one after
+    # another, each row's 16-byte pieces xored as before, since ROWS is a multiple of 8): copies into each step's
+    # view one after another would each be fenced off from the one before by a barrier of the program (Triton 3.6)
+    if _REINTERPRET:
+        flat = x_smem.reinterpret(gl.int32, [STEP // 2, X_STEPS * ROWS], x_shared_layout())
+    else:
+        flat = x_smem._reinterpret(gl.int32, [STEP // 2, X_STEPS * ROWS], x_shared_layout())
+    _copy_to_shared(flat, at)
     async_copy.commit_group()
     return x_smem
 
