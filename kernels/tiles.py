@@ -683,12 +683,12 @@ def mma_configs(m: int, n: int, k: int) -> list[dict]:
     shared memory (mma_x_steps)."""
     block_m = 8 if m <= 8 else triton.next_power_of_2(m)
     steps = triton.cdiv(k, BLOCK_K_WGMMA)
-    most = 8 if block_m == 8 else 16
+    most_ways = 8 if block_m == 8 else 16  # the largest split of K the search tries
     # besides the powers of two, the splits that leave every program a multiple of four steps, so that W4A16's
     # scales come four steps a load (K x N = 14336 x 4096 at 16 rows of x on an H200: 23.0 us with K split 14 ways,
     # 23.9 split 16 ways)
-    fours = {steps // per for per in (4, 8, 16) if steps % per == 0 and steps // per <= most}
-    splits = sorted({1, 2, 4, 8, most} | fours)
+    fours = {steps // per for per in (4, 8, 16) if steps % per == 0 and steps // per <= most_ways}
+    splits = sorted({1, 2, 4, 8, most_ways} | fours)
     out = []
     for block_n, warps in ((16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4), (256, 8)):
         for split in splits:
